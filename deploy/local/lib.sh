@@ -1,0 +1,175 @@
+# Shared by deploy/local/up, down and test. Source it; do not run it.
+# Everything lives under $SLUICE_STATE (default: <repo>/.sluice): logs, pid files, data.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+STATE="${SLUICE_STATE:-$ROOT/.sluice}"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice-target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+KAFKA_PORT="${SLUICE_KAFKA_PORT:-9092}"
+CLICKHOUSE_HTTP_PORT="${SLUICE_CLICKHOUSE_HTTP_PORT:-8123}"
+CLICKHOUSE_TCP_PORT="${SLUICE_CLICKHOUSE_TCP_PORT:-19000}"
+PG_HOST="${SLUICE_PG_HOST:-127.0.0.1}"
+PG_PORT="${SLUICE_PG_PORT:-5432}"
+EDGE_PORT="${SLUICE_EDGE_PORT:-8080}"
+REGISTRY_PORT="${SLUICE_REGISTRY_PORT:-8081}"
+# memory://tansu/ is about 25x faster but forgets everything when the broker stops.
+BROKER_STORAGE="${SLUICE_BROKER_STORAGE:-sqlite://tansu.db}"
+SLUICE_PROFILE="${SLUICE_PROFILE:-debug}"
+
+mkdir -p "$LOGS" "$PIDS"
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: retries COMMAND every 0.25 s.
+wait_for() {
+  local what="$1" seconds="$2"; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS >= deadline )); then
+      die "$what did not come up within ${seconds}s (logs: $LOGS)"
+    fi
+    sleep 0.25
+  done
+}
+
+# running NAME: whether the process we started as NAME is alive.
+running() {
+  local pidfile="$PIDS/$1.pid"
+  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+# start NAME DIR COMMAND...: starts COMMAND in DIR in the background, in its own session,
+# logging to $LOGS/NAME.log and recording its pid.
+start() {
+  local name="$1" dir="$2"; shift 2
+  ( cd "$dir" && exec setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null ) &
+  echo $! >"$PIDS/$name.pid"
+}
+
+# stop NAME: stops what we started as NAME (TERM, then KILL after 15 s).
+stop() {
+  local name="$1" pidfile="$PIDS/$1.pid"
+  [[ -f "$pidfile" ]] || return 0
+  local pid; pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    say "stopping $name (pid $pid)"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  (( ${#missing[@]} )) || return 0
+  say "installing ${missing[*]} (apt)"
+  if (( APT_UPDATED == 0 )); then
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_missing() {
+  command -v apt-get >/dev/null || die "this script installs with apt-get (Debian/Ubuntu)"
+  apt_install clickhouse-server clickhouse-client gcc g++ make pkg-config libssl-dev zlib1g-dev \
+    postgresql-client curl python3
+  command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
+  if ! command -v tansu >/dev/null; then
+    say "installing the tansu broker (cargo install; about 10 minutes on 2 cores)"
+    cargo install tansu --locked --features libsql,dynostore
+  fi
+  if ! command -v cargo-nextest >/dev/null; then
+    say "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+  fi
+}
+
+pg_superuser() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+
+start_postgres() {
+  if ! pg_superuser -c 'select 1' >/dev/null 2>&1; then
+    say "starting PostgreSQL"
+    if command -v pg_ctlcluster >/dev/null && ls /etc/postgresql >/dev/null 2>&1; then
+      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    fi
+    wait_for "PostgreSQL" 30 pg_superuser -c 'select 1'
+  fi
+  # Roles: sluice owns the schema and runs migrations; sluice_app is what services use, and
+  # row-level security applies to it.
+  pg_superuser <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sluice') THEN CREATE ROLE sluice LOGIN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sluice_app') THEN CREATE ROLE sluice_app LOGIN NOSUPERUSER NOBYPASSRLS; END IF;
+END $$;
+SQL
+  if [[ "$(pg_superuser -c "select 1 from pg_database where datname = 'sluice'")" != "1" ]]; then
+    say "creating database sluice"
+    pg_superuser -c 'CREATE DATABASE sluice OWNER sluice'
+  fi
+}
+
+clickhouse_ping() { curl -fsS "http://127.0.0.1:$CLICKHOUSE_HTTP_PORT/ping" | grep -q Ok; }
+
+start_clickhouse() {
+  if clickhouse_ping 2>/dev/null; then return 0; fi
+  say "starting ClickHouse on :$CLICKHOUSE_HTTP_PORT"
+  local dir="$STATE/clickhouse"
+  mkdir -p "$dir"/{data,tmp,log,user_files,format_schemas}
+  cp "$ROOT/deploy/local/clickhouse/users.xml" "$dir/users.xml"
+  sed -e "s#@STATE@#$STATE#g" -e "s#@HTTP_PORT@#$CLICKHOUSE_HTTP_PORT#g" -e "s#@TCP_PORT@#$CLICKHOUSE_TCP_PORT#g" \
+    "$ROOT/deploy/local/clickhouse/config.xml.in" >"$dir/config.xml"
+  start clickhouse "$dir" clickhouse-server --config-file="$dir/config.xml"
+  wait_for "ClickHouse" 60 clickhouse_ping
+}
+
+start_broker() {
+  if port_open "$KAFKA_PORT"; then return 0; fi
+  say "starting the tansu broker on :$KAFKA_PORT ($BROKER_STORAGE)"
+  mkdir -p "$STATE/tansu"
+  # A relative sqlite path, resolved in $STATE/tansu (tansu doubles absolute ones).
+  start broker "$STATE/tansu" tansu broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "$BROKER_STORAGE"
+  wait_for "the broker" 60 port_open "$KAFKA_PORT"
+}
+
+build_sluice() {
+  say "building sluice ($SLUICE_PROFILE)"
+  local flags=()
+  [[ "$SLUICE_PROFILE" == release ]] && flags+=(--release)
+  (cd "$ROOT" && cargo build --bin sluice "${flags[@]}")
+  SLUICE_BIN="$CARGO_TARGET_DIR/$SLUICE_PROFILE/sluice"
+  export SLUICE_BIN
+}
+
+# The environment every sluice command of the local stack runs with.
+export_sluice_env() {
+  export SLUICE_KAFKA__BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+  export SLUICE_CLICKHOUSE__URL="http://127.0.0.1:$CLICKHOUSE_HTTP_PORT"
+  export SLUICE_POSTGRES__URL="postgres://sluice_app@$PG_HOST:$PG_PORT/sluice"
+  export SLUICE_POSTGRES__ADMIN_URL="postgres://sluice@$PG_HOST:$PG_PORT/sluice"
+  export SLUICE_EDGE__LISTEN="127.0.0.1:$EDGE_PORT"
+  export SLUICE_REGISTRY__LISTEN="127.0.0.1:$REGISTRY_PORT"
+  export SLUICE_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT"
+}
+
+start_stack() {
+  start_postgres
+  start_clickhouse
+  start_broker
+}

@@ -1,0 +1,223 @@
+//! The edge: Sluice's HTTP face.
+//!
+//! - `POST /v1/chat/completions` — OpenAI's chat API, plain or SSE ([`chat`]).
+//! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
+//! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
+//! - `/healthz`, `/readyz`, `/metrics`.
+//!
+//! The edge talks to the rest of Sluice only through topics and stores: it writes each request
+//! to `sluice.requests` and reads its replies from the replies partition it owns ([`replies`]).
+//! Errors are answered in OpenAI's error shape from one place ([`error`]).
+
+pub mod auth;
+pub mod chat;
+pub mod error;
+pub mod replies;
+pub mod usage;
+pub mod ws;
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+use sluice_clickhouse_sink::ClickHouseConfig;
+use sluice_pipelines::{
+    control::ModelCatalog,
+    kafka::{self, ProducerProfile},
+    metrics::Metrics,
+    ops::{self, Readiness},
+    runtime::DeadLetters,
+    KafkaConfig, Topics,
+};
+use sluice_schemas::Codec;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{auth::AuthCache, error::ApiError, replies::ReplyRouter};
+
+/// Edge settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// Largest request body accepted (bytes); larger gets 413.
+    pub max_body_bytes: usize,
+    /// Seconds to wait for a model's next reply chunk before answering 504.
+    pub reply_timeout_secs: u64,
+    /// Seconds a successful API-key lookup is cached.
+    pub auth_cache_secs: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1 << 20,
+            reply_timeout_secs: 120,
+            auth_cache_secs: 30,
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Every problem with the settings.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "edge.listen {:?} is not a socket address",
+                self.listen
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            problems.push("edge.max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.reply_timeout_secs == 0 {
+            problems.push("edge.reply_timeout_secs must be at least 1".to_owned());
+        }
+        problems
+    }
+}
+
+/// Everything a request handler needs.
+pub struct EdgeState {
+    pub config: EdgeConfig,
+    pub app_pool: PgPool,
+    pub catalog: Arc<ModelCatalog>,
+    pub producer: FutureProducer,
+    pub codec: Arc<Codec>,
+    pub topics: Topics,
+    pub replies: Arc<ReplyRouter>,
+    pub metrics: Arc<Metrics>,
+    pub clickhouse: clickhouse::Client,
+    pub auth: AuthCache,
+}
+
+/// What the edge is built from.
+pub struct EdgeDeps {
+    pub kafka: KafkaConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub app_pool: PgPool,
+    pub catalog: Arc<ModelCatalog>,
+    pub codec: Arc<Codec>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+}
+
+/// Runs the edge on `listener` until `cancel` fires: claims a replies partition, starts the
+/// reply dispatcher, serves HTTP, and on shutdown stops accepting before the dispatcher stops.
+pub async fn run(
+    config: EdgeConfig,
+    deps: EdgeDeps,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    deps.readiness.register("edge");
+    let topics = deps.kafka.topics();
+    let consumer = kafka::assigned_consumer(&deps.kafka, 5)?;
+    let partitions = kafka::partition_count(&consumer, &topics.replies)?;
+    let (partition, claim) =
+        replies::claim_partition(&deps.app_pool, &topics.replies, partitions).await?;
+    let router = ReplyRouter::new(&topics.replies, partition, deps.metrics.clone());
+    replies::assign_at_end(&consumer, &router)?;
+    tracing::info!(topic = %topics.replies, partition, "edge owns its replies partition");
+
+    let producer = kafka::producer(&deps.kafka, ProducerProfile::Latency)?;
+    let dead_letters = DeadLetters::new(
+        producer.clone(),
+        deps.codec.clone(),
+        &topics.dlq,
+        "edge",
+        deps.metrics.clone(),
+    );
+    let dispatcher_cancel = CancellationToken::new();
+    let dispatcher = tokio::spawn(replies::run_dispatcher(
+        router.clone(),
+        consumer,
+        deps.codec.clone(),
+        dead_letters,
+        dispatcher_cancel.clone(),
+    ));
+
+    let state = Arc::new(EdgeState {
+        auth: AuthCache::new(Duration::from_secs(config.auth_cache_secs)),
+        config,
+        app_pool: deps.app_pool,
+        catalog: deps.catalog,
+        producer,
+        codec: deps.codec,
+        topics,
+        replies: router,
+        metrics: deps.metrics.clone(),
+        clickhouse: deps.clickhouse.client(),
+    });
+    let app = app(state, deps.metrics, deps.readiness.clone());
+    deps.readiness.set("edge", true);
+    let served = ops::serve(listener, app, cancel.clone()).await;
+    deps.readiness.set("edge", false);
+    dispatcher_cancel.cancel();
+    if let Err(e) = dispatcher.await {
+        tracing::error!(error = %e, "reply dispatcher failed");
+    }
+    drop(claim);
+    served?;
+    Ok(())
+}
+
+/// The edge's routes.
+pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/chat/stream", get(ws::upgrade))
+        .route("/v1/models", get(usage::models))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/me", get(usage::me))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    api.merge(ops::router(metrics, readiness))
+        .layer(middleware::from_fn_with_state(state, record_http))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "unknown_url", "Unknown request URL.")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This method is not allowed on this URL.",
+    )
+}
+
+async fn record_http(
+    State(state): State<Arc<EdgeState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &state.metrics;
+    m.http_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    m.http_requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response.into_response()
+}

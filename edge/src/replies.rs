@@ -1,0 +1,243 @@
+//! Getting replies back to the edge instance that holds the caller's connection.
+//!
+//! Each edge instance owns one partition of `sluice.replies`, claimed with a PostgreSQL
+//! advisory lock held for the life of the process (a crashed instance's lock goes with its
+//! connection, and a new instance can take the partition). Requests name that partition in
+//! `reply_to`; the orchestrator writes there; this instance reads only that partition, from its
+//! end, and hands each chunk to the request waiting for it. So edge instances scale up to the
+//! number of replies partitions, with no broadcast and no shared connection directory.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    message::Message,
+    Offset, TopicPartitionList,
+};
+use sluice_pipelines::{metrics::Metrics, runtime::DeadLetters};
+use sluice_schemas::{Codec, ReplyChunk};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Chunks buffered per waiting request before the caller counts as too slow.
+const WAITER_BUFFER: usize = 1024;
+
+struct Waiter {
+    tx: mpsc::Sender<ReplyChunk>,
+    next_seq: i32,
+}
+
+/// Routes reply chunks from this instance's replies partition to the requests waiting for them.
+pub struct ReplyRouter {
+    topic: String,
+    partition: i32,
+    waiters: Mutex<HashMap<String, Waiter>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A request's reply stream; dropping it stops the routing of its chunks.
+pub struct Subscription {
+    pub rx: mpsc::Receiver<ReplyChunk>,
+    router: Arc<ReplyRouter>,
+    request_id: String,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut waiters) = self.router.waiters.lock() {
+            waiters.remove(&self.request_id);
+        }
+    }
+}
+
+impl ReplyRouter {
+    /// A router for `topic`/`partition`.
+    pub fn new(topic: &str, partition: i32, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            topic: topic.to_owned(),
+            partition,
+            waiters: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The replies topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition this instance reads.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Starts waiting for `request_id`'s chunks. Call before sending the request.
+    pub fn subscribe(self: &Arc<Self>, request_id: &str) -> Subscription {
+        let (tx, rx) = mpsc::channel(WAITER_BUFFER);
+        if let Ok(mut waiters) = self.waiters.lock() {
+            waiters.insert(request_id.to_owned(), Waiter { tx, next_seq: 0 });
+        }
+        Subscription {
+            rx,
+            router: self.clone(),
+            request_id: request_id.to_owned(),
+        }
+    }
+
+    /// Hands `chunk` to its request. Chunks seen before (a redelivery upstream) are dropped;
+    /// a request whose buffer is full loses its stream (it ends without DONE, and the caller
+    /// gets an error) rather than growing memory without bound.
+    pub fn dispatch(&self, chunk: ReplyChunk) {
+        let Ok(mut waiters) = self.waiters.lock() else {
+            return;
+        };
+        let Some(waiter) = waiters.get_mut(&chunk.request_id) else {
+            self.metrics.orphan_replies.inc();
+            return;
+        };
+        if chunk.seq < waiter.next_seq {
+            return;
+        }
+        waiter.next_seq = chunk.seq + 1;
+        let request_id = chunk.request_id.clone();
+        if let Err(e) = waiter.tx.try_send(chunk) {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                tracing::warn!(%request_id, "caller is not reading its reply; dropping its stream");
+            }
+            waiters.remove(&request_id);
+        }
+    }
+}
+
+/// Claims a free partition of `topic` (of `partitions`) for this instance, returning it and the
+/// connection that holds the claim (keep it open for as long as the instance runs).
+pub async fn claim_partition(
+    pool: &PgPool,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<(i32, PgConnection)> {
+    let mut conn = pool.acquire().await?.detach();
+    for partition in 0..partitions {
+        let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(format!("sluice-replies:{topic}:{partition}"))
+            .fetch_one(&mut conn)
+            .await?;
+        if claimed {
+            return Ok((partition, conn));
+        }
+    }
+    anyhow::bail!(
+        "all {partitions} partitions of {topic} are held by other edge instances; add partitions to run more"
+    )
+}
+
+/// Positions `consumer` at the current end of the router's partition (replies for requests
+/// made before this instance started are not ours).
+pub fn assign_at_end(consumer: &StreamConsumer, router: &ReplyRouter) -> anyhow::Result<()> {
+    let (_, high) =
+        consumer.fetch_watermarks(router.topic(), router.partition(), Duration::from_secs(10))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(router.topic(), router.partition(), Offset::Offset(high))?;
+    consumer.assign(&list)?;
+    Ok(())
+}
+
+/// Reads the partition and dispatches chunks until `cancel` fires. Chunks that do not decode go
+/// to the DLQ.
+pub async fn run_dispatcher(
+    router: Arc<ReplyRouter>,
+    consumer: StreamConsumer,
+    codec: Arc<Codec>,
+    dead_letters: DeadLetters,
+    cancel: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!(error = %e, "replies consumer failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match codec
+            .decode::<ReplyChunk>(message.payload().unwrap_or_default())
+            .await
+        {
+            Ok(chunk) => router.dispatch(chunk),
+            Err(e) => {
+                dead_letters
+                    .send(&message, &format!("undecodable reply: {e}"), &cancel)
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_schemas::{ChatRequest, ReplyAddress, ReplyKind};
+
+    fn chunk(request_id: &str, seq: i32) -> ReplyChunk {
+        let request = ChatRequest {
+            request_id: request_id.into(),
+            tenant_id: "t".into(),
+            session_id: "s".into(),
+            model: "m".into(),
+            messages: vec![],
+            max_tokens: None,
+            temperature: None,
+            stream: true,
+            reply_to: ReplyAddress {
+                topic: "r".into(),
+                partition: 0,
+            },
+            received_at_ms: 0,
+        };
+        ReplyChunk::new(&request, "m", seq, ReplyKind::Delta)
+    }
+
+    #[tokio::test]
+    async fn chunks_reach_their_request_once_and_in_order() {
+        let router = ReplyRouter::new("r", 0, Arc::new(Metrics::new().unwrap()));
+        let mut a = router.subscribe("a");
+        let mut b = router.subscribe("b");
+        router.dispatch(chunk("a", 0));
+        router.dispatch(chunk("b", 0));
+        router.dispatch(chunk("a", 1));
+        router.dispatch(chunk("a", 0)); // redelivered
+        router.dispatch(chunk("a", 1)); // redelivered
+        router.dispatch(chunk("nobody", 0));
+        assert_eq!(a.rx.recv().await.unwrap().seq, 0);
+        assert_eq!(a.rx.recv().await.unwrap().seq, 1);
+        assert!(a.rx.try_recv().is_err());
+        assert_eq!(b.rx.recv().await.unwrap().request_id, "b");
+        drop(a);
+        router.dispatch(chunk("a", 2));
+        assert!(router.waiters.lock().unwrap().get("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_reading_loses_its_stream_not_our_memory() {
+        let router = ReplyRouter::new("r", 0, Arc::new(Metrics::new().unwrap()));
+        let mut slow = router.subscribe("slow");
+        for seq in 0..(WAITER_BUFFER as i32 + 10) {
+            router.dispatch(chunk("slow", seq));
+        }
+        let mut received = 0;
+        while slow.rx.recv().await.is_some() {
+            received += 1;
+        }
+        assert_eq!(received, WAITER_BUFFER);
+    }
+}

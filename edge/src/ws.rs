@@ -1,0 +1,213 @@
+//! `GET /v1/chat/stream`: chat over a WebSocket.
+//!
+//! The client sends text frames, each a chat completion request body (as for
+//! `/v1/chat/completions`; `stream` is implied). Several requests may be in flight on one
+//! socket. The server answers each with `chat.completion.chunk` frames (the same objects SSE
+//! carries, `id` telling requests apart), a final chunk with `finish_reason` and `usage`, and
+//! errors as `{"id": ..., "error": {...}}` frames. Authentication: the `Authorization` header,
+//! or `?api_key=` for browsers, which cannot set headers on a WebSocket.
+//!
+//! One task reads the socket and one writes it; they end together. Outgoing frames pass through
+//! a bounded queue, so a client that stops reading slows its own replies instead of growing the
+//! server's memory.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{
+        ws::{Message, WebSocket, WebSocketUpgrade},
+        Query, State,
+    },
+    http::request::Parts,
+    response::Response,
+};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_schemas::ReplyKind;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{self, TenantId},
+    chat::{self, chunk_json, usage_json, OpenStream},
+    error::ApiError,
+    EdgeState,
+};
+
+/// Frames queued for a socket before its request tasks wait.
+const OUTBOX: usize = 256;
+/// Requests one socket may have in flight.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// Query parameters of the upgrade request.
+#[derive(Deserialize)]
+pub struct WsQuery {
+    api_key: Option<String>,
+}
+
+/// The upgrade handler.
+pub async fn upgrade(
+    State(state): State<Arc<EdgeState>>,
+    Query(query): Query<WsQuery>,
+    parts: Parts,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let key = auth::bearer(&parts).map(str::to_owned).or(query.api_key);
+    let tenant = auth::tenant_for_key(&state, key.as_deref()).await?;
+    let max = state.config.max_body_bytes;
+    Ok(ws
+        .max_message_size(max)
+        .on_upgrade(move |socket| session(state, tenant, socket)))
+}
+
+async fn session(state: Arc<EdgeState>, tenant: TenantId, socket: WebSocket) {
+    let _open = OpenStream::new(&state, "websocket");
+    let (mut sink, mut source) = socket.split();
+    let (outbox, mut outgoing) = mpsc::channel::<Value>(OUTBOX);
+    let done = CancellationToken::new();
+
+    let writer_done = done.clone();
+    let writer = async move {
+        while let Some(frame) = outgoing.recv().await {
+            if sink
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+        writer_done.cancel();
+    };
+
+    let reader_state = state.clone();
+    let reader_done = done.clone();
+    let reader = async move {
+        let mut requests = tokio::task::JoinSet::new();
+        loop {
+            let frame = tokio::select! {
+                _ = reader_done.cancelled() => break,
+                frame = source.next() => frame,
+            };
+            let text = match frame {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(_))) => {
+                    let e = ApiError::invalid("Send requests as text frames holding JSON.");
+                    if outbox
+                        .send(json!({ "id": Value::Null, "error": e.body()["error"] }))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            };
+            while requests.len() >= MAX_IN_FLIGHT {
+                requests.join_next().await;
+            }
+            let state = reader_state.clone();
+            let outbox = outbox.clone();
+            requests
+                .spawn(async move { run_request(&state, tenant, text.as_bytes(), &outbox).await });
+        }
+        // Let requests in flight finish writing, then stop the writer.
+        while requests.join_next().await.is_some() {}
+        drop(outbox);
+    };
+
+    tokio::join!(writer, reader);
+}
+
+async fn run_request(
+    state: &EdgeState,
+    tenant: TenantId,
+    body: &[u8],
+    outbox: &mpsc::Sender<Value>,
+) {
+    let error_frame =
+        |id: Option<&str>, e: &ApiError| json!({ "id": id, "error": e.body()["error"] });
+    let (request, messages) = match chat::parse(body) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let _ = outbox.send(error_frame(None, &e)).await;
+            return;
+        }
+    };
+    let mut submitted = match chat::submit(
+        state,
+        tenant,
+        &request,
+        messages,
+        request.user.clone(),
+        None,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = outbox.send(error_frame(None, &e)).await;
+            return;
+        }
+    };
+    let id = submitted.request_id.clone();
+    let created = submitted.created;
+    let timeout = Duration::from_secs(state.config.reply_timeout_secs);
+    let mut started = false;
+    loop {
+        let chunk = match chat::next_chunk(&mut submitted.subscription, timeout).await {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = outbox.send(error_frame(Some(&id), &e)).await;
+                return;
+            }
+        };
+        if !started && chunk.kind != ReplyKind::Error {
+            started = true;
+            let first = chunk_json(
+                &id,
+                created,
+                &chunk.model,
+                json!({ "role": "assistant", "content": "" }),
+                None,
+            );
+            if outbox.send(first).await.is_err() {
+                return;
+            }
+        }
+        let frame = match chunk.kind {
+            ReplyKind::Delta => chunk_json(
+                &id,
+                created,
+                &chunk.model,
+                json!({ "content": chunk.delta }),
+                None,
+            ),
+            ReplyKind::Error => {
+                let _ = outbox
+                    .send(error_frame(Some(&id), &chat::chunk_error(&chunk)))
+                    .await;
+                return;
+            }
+            ReplyKind::Done => {
+                let mut last = chunk_json(
+                    &id,
+                    created,
+                    &chunk.model,
+                    json!({}),
+                    Some(chunk.finish_reason.as_deref().unwrap_or("stop")),
+                );
+                last["usage"] = usage_json(chunk.input_tokens, chunk.output_tokens);
+                let _ = outbox.send(last).await;
+                return;
+            }
+        };
+        if outbox.send(frame).await.is_err() {
+            return;
+        }
+    }
+}

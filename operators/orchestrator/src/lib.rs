@@ -1,0 +1,213 @@
+//! The orchestrator: for each routed request on `sluice.routed`, call the chosen model through
+//! its provider, stream the reply as [`ReplyChunk`]s to the edge instance that holds the caller
+//! (the request's `reply_to` partition of `sluice.replies`), and emit one [`UsageEvent`] per
+//! model call to `sluice.usage`.
+//!
+//! # Exactly-once billing
+//! The usage event id is `request_id:call_index`, so if the orchestrator crashes and the
+//! routed record is redelivered, the repeated call produces the same event id and the metering
+//! sink counts it once. Reply chunks carry a `seq`; the edge drops chunks it has seen.
+
+pub mod providers;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sluice_pipelines::{tokens, Emitter, Operator, ProcessError, RecordContext, Topics};
+use sluice_schemas::{ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
+
+use providers::{
+    openai::{OpenAiConfig, OpenAiProvider},
+    sim::{self, SimConfig},
+    EventStream, ModelCall, ProviderError, ProviderEvent,
+};
+
+/// Orchestrator settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrchestratorConfig {
+    /// The simulator's pace and reply length.
+    pub sim: SimConfig,
+    /// Calls to OpenAI-compatible upstreams.
+    pub openai: OpenAiConfig,
+}
+
+impl OrchestratorConfig {
+    /// Every problem with the settings.
+    pub fn validate(&self) -> Vec<String> {
+        self.sim.validate()
+    }
+}
+
+/// The orchestrator as a stream operator.
+pub struct Orchestrator {
+    config: OrchestratorConfig,
+    openai: OpenAiProvider,
+    topics: Topics,
+}
+
+impl Orchestrator {
+    /// Builds the orchestrator and its provider clients.
+    pub fn new(config: OrchestratorConfig, topics: Topics) -> Result<Self, ProviderError> {
+        let openai = OpenAiProvider::new(&config.openai)?;
+        Ok(Self {
+            config,
+            openai,
+            topics,
+        })
+    }
+
+    async fn start_call(&self, routed: &RoutedRequest) -> Result<EventStream, ProviderError> {
+        let request = &routed.request;
+        let decision = &routed.decision;
+        let api_key = match decision.api_key_env.as_deref() {
+            Some(var) => Some(std::env::var(var).map_err(|_| ProviderError {
+                status: 503,
+                code: "upstream_not_configured".into(),
+                message: format!(
+                    "the key for model {} is not configured on this server",
+                    decision.model
+                ),
+            })?),
+            None => None,
+        };
+        let call = ModelCall {
+            upstream_model: decision.upstream_model.clone(),
+            messages: request.messages.clone(),
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            base_url: decision.base_url.clone(),
+            api_key,
+        };
+        match decision.provider.as_str() {
+            "sim" => Ok(sim::complete(&call, &self.config.sim)),
+            "openai" => self.openai.complete(&call).await,
+            other => Err(ProviderError {
+                status: 500,
+                code: "provider_unavailable".into(),
+                message: format!("no provider of kind {other:?} on this server"),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Operator for Orchestrator {
+    type Input = RoutedRequest;
+
+    async fn process(
+        &self,
+        routed: RoutedRequest,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let request = &routed.request;
+        let decision = &routed.decision;
+        let reply_topic = request.reply_to.topic.as_str();
+        let reply_partition = Some(request.reply_to.partition);
+        let reply_key = request.request_id.as_bytes();
+        let mut seq = 0i32;
+
+        let mut events = match self.start_call(&routed).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(request_id = %request.request_id, error = %e, "model call failed");
+                let chunk =
+                    ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message);
+                return out
+                    .emit(reply_topic, reply_partition, reply_key, &chunk)
+                    .await;
+            }
+        };
+
+        let mut text = String::new();
+        let mut finish: Option<(String, Option<i64>, Option<i64>)> = None;
+        let mut failure: Option<ProviderError> = None;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(ProviderEvent::Delta(delta)) => {
+                    let mut chunk =
+                        ReplyChunk::new(request, &decision.model, seq, ReplyKind::Delta);
+                    chunk.delta = delta;
+                    text.push_str(&chunk.delta);
+                    out.emit(reply_topic, reply_partition, reply_key, &chunk)
+                        .await?;
+                    seq += 1;
+                }
+                Ok(ProviderEvent::Done {
+                    finish_reason,
+                    input_tokens,
+                    output_tokens,
+                }) => {
+                    finish = Some((finish_reason, input_tokens, output_tokens));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if finish.is_none() && failure.is_none() {
+            failure = Some(ProviderError::upstream(
+                "upstream ended the stream without finishing",
+            ));
+        }
+
+        let (finish_reason, reported_in, reported_out) = finish
+            .clone()
+            .unwrap_or_else(|| ("error".into(), None, None));
+        let counted_in = || {
+            i64::try_from(tokens::count_prompt(
+                request
+                    .messages
+                    .iter()
+                    .map(|m| (m.role.as_str(), m.content.as_str())),
+            ))
+            .unwrap_or(i64::MAX)
+        };
+        let input_tokens = reported_in.unwrap_or_else(counted_in);
+        let output_tokens =
+            reported_out.unwrap_or_else(|| i64::try_from(tokens::count(&text)).unwrap_or(i64::MAX));
+        if finish.is_some() && (reported_in.is_none() || reported_out.is_none()) {
+            tracing::info!(model = %decision.model, "upstream reported no usage; billed by Sluice's token counter");
+        }
+
+        // Bill what was generated, even when the stream broke part-way.
+        if finish.is_some() || output_tokens > 0 {
+            let usage = UsageEvent {
+                event_id: UsageEvent::event_id_for(&request.request_id, 0),
+                request_id: request.request_id.clone(),
+                tenant_id: request.tenant_id.clone(),
+                model: decision.model.clone(),
+                provider: decision.provider.clone(),
+                input_tokens,
+                output_tokens,
+                occurred_at_ms: request.received_at_ms,
+            };
+            out.emit(
+                &self.topics.usage,
+                None,
+                request.tenant_id.as_bytes(),
+                &usage,
+            )
+            .await?;
+        }
+
+        let last = match failure {
+            Some(e) => {
+                tracing::warn!(request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(), error = %e, "model stream failed");
+                ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message)
+            }
+            None => {
+                let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
+                done.finish_reason = Some(finish_reason);
+                done.input_tokens = input_tokens;
+                done.output_tokens = output_tokens;
+                done
+            }
+        };
+        out.emit(reply_topic, reply_partition, reply_key, &last)
+            .await
+    }
+}

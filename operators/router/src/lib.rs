@@ -1,0 +1,292 @@
+//! The router: for each chat request on `sluice.requests`, choose a concrete model from the
+//! catalogue and write the request with its [`RoutingDecision`] to `sluice.routed`.
+//!
+//! # The rule (v0)
+//! - An explicit model must exist in the catalogue and be enabled (else 404 `model_not_found`)
+//!   and its context window must hold the prompt plus `max_tokens` (else 400
+//!   `context_length_exceeded`).
+//! - `auto` picks the cheapest enabled model (input + output price per million tokens) whose
+//!   context window holds the prompt plus `max_tokens` (or [`RouterConfig::assumed_output_tokens`]
+//!   when the caller set none). Ties go to the name that sorts first, so the rule is
+//!   deterministic.
+//!
+//! A request the router refuses gets an ERROR reply chunk on its reply address, so the caller
+//! hears why at once; nothing goes to `sluice.routed`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sluice_pipelines::{
+    control::{ModelCatalog, ModelSpec},
+    now_ms, tokens, Emitter, Operator, ProcessError, RecordContext, Topics,
+};
+use sluice_schemas::{ChatRequest, ReplyChunk, RoutedRequest, RoutingDecision};
+
+/// The model name that asks the router to choose.
+pub const AUTO: &str = sluice_pipelines::control::AUTO_MODEL;
+
+/// Router settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Completion tokens assumed for `auto` when the request sets no `max_tokens`.
+    pub assumed_output_tokens: i32,
+    /// Seconds between model-catalogue refreshes.
+    pub catalog_refresh_secs: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            assumed_output_tokens: 512,
+            catalog_refresh_secs: 10,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Every problem with the settings.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.assumed_output_tokens < 1 {
+            problems.push("router.assumed_output_tokens must be at least 1".to_owned());
+        }
+        if self.catalog_refresh_secs < 1 {
+            problems.push("router.catalog_refresh_secs must be at least 1".to_owned());
+        }
+        problems
+    }
+}
+
+/// Why a request cannot be routed: the HTTP status and OpenAI error code the caller gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Chooses a model for `request` from `models` (cheapest first). Pure: no I/O.
+pub fn decide(
+    request: &ChatRequest,
+    models: &[ModelSpec],
+    config: &RouterConfig,
+    now_ms: i64,
+) -> Result<RoutingDecision, Refusal> {
+    let prompt = tokens::count_prompt(
+        request
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str())),
+    );
+    let prompt = i64::try_from(prompt).unwrap_or(i64::MAX);
+    let output = i64::from(request.max_tokens.unwrap_or(config.assumed_output_tokens));
+    let needed = prompt.saturating_add(output);
+    let decision = |model: &ModelSpec, reason: String| RoutingDecision {
+        model: model.name.clone(),
+        provider: model.provider.clone(),
+        upstream_model: model.upstream_model.clone(),
+        base_url: model.base_url.clone(),
+        api_key_env: model.api_key_env.clone(),
+        reason,
+        decided_at_ms: now_ms,
+    };
+    if request.model == AUTO {
+        return models
+            .iter()
+            .find(|m| i64::from(m.context_window) >= needed)
+            .map(|m| {
+                decision(
+                    m,
+                    format!(
+                        "auto: cheapest model whose context window ({}) holds the prompt (~{prompt} tokens) plus {output} output tokens",
+                        m.context_window
+                    ),
+                )
+            })
+            .ok_or_else(|| Refusal {
+                status: 400,
+                code: "context_length_exceeded",
+                message: format!(
+                    "No model can hold a prompt of ~{prompt} tokens plus {output} output tokens."
+                ),
+            });
+    }
+    let model = models
+        .iter()
+        .find(|m| m.name == request.model)
+        .ok_or_else(|| Refusal {
+            status: 404,
+            code: "model_not_found",
+            message: format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                request.model
+            ),
+        })?;
+    if i64::from(model.context_window) < needed {
+        return Err(Refusal {
+            status: 400,
+            code: "context_length_exceeded",
+            message: format!(
+                "This model's maximum context length is {} tokens; the request needs ~{needed} ({prompt} in the prompt, {output} for the completion).",
+                model.context_window
+            ),
+        });
+    }
+    Ok(decision(model, "requested explicitly".to_owned()))
+}
+
+/// The router as a stream operator.
+pub struct Router {
+    catalog: Arc<ModelCatalog>,
+    config: RouterConfig,
+    topics: Topics,
+}
+
+impl Router {
+    /// A router reading models from `catalog` and writing to `topics.routed`.
+    pub fn new(catalog: Arc<ModelCatalog>, config: RouterConfig, topics: Topics) -> Self {
+        Self {
+            catalog,
+            config,
+            topics,
+        }
+    }
+}
+
+#[async_trait]
+impl Operator for Router {
+    type Input = ChatRequest;
+
+    async fn process(
+        &self,
+        request: ChatRequest,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let models = self.catalog.snapshot();
+        match decide(&request, &models, &self.config, now_ms()) {
+            Ok(decision) => {
+                tracing::info!(
+                    request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(),
+                    model = %decision.model, reason = %decision.reason, "routed"
+                );
+                let key = request.session_id.clone();
+                let routed = RoutedRequest { request, decision };
+                out.emit(&self.topics.routed, None, key.as_bytes(), &routed)
+                    .await
+            }
+            Err(refusal) => {
+                tracing::info!(request_id = %request.request_id, code = refusal.code, "refused");
+                let chunk = ReplyChunk::error(
+                    &request,
+                    &request.model,
+                    0,
+                    refusal.status,
+                    refusal.code,
+                    refusal.message,
+                );
+                out.emit(
+                    &request.reply_to.topic,
+                    Some(request.reply_to.partition),
+                    request.request_id.as_bytes(),
+                    &chunk,
+                )
+                .await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_schemas::{ChatMessage, ReplyAddress};
+
+    fn model(name: &str, context: i32, price: i64) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            provider: "sim".into(),
+            upstream_model: name.into(),
+            base_url: None,
+            api_key_env: None,
+            context_window: context,
+            input_price_micros: price,
+            output_price_micros: price,
+            created_at: 0,
+        }
+    }
+
+    fn request(model: &str, words: usize, max_tokens: Option<i32>) -> ChatRequest {
+        ChatRequest {
+            request_id: "r".into(),
+            tenant_id: "t".into(),
+            session_id: "s".into(),
+            model: model.into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: vec!["word"; words].join(" "),
+                name: None,
+            }],
+            max_tokens,
+            temperature: None,
+            stream: false,
+            reply_to: ReplyAddress {
+                topic: "replies".into(),
+                partition: 0,
+            },
+            received_at_ms: 0,
+        }
+    }
+
+    fn catalogue() -> Vec<ModelSpec> {
+        vec![model("small", 100, 1), model("large", 1000, 10)]
+    }
+
+    #[test]
+    fn auto_picks_the_cheapest_model_that_fits() {
+        let config = RouterConfig::default();
+        let d = decide(&request(AUTO, 10, Some(20)), &catalogue(), &config, 5).unwrap();
+        assert_eq!(d.model, "small");
+        assert_eq!(d.decided_at_ms, 5);
+        assert!(d.reason.starts_with("auto"));
+        let d = decide(&request(AUTO, 200, Some(20)), &catalogue(), &config, 0).unwrap();
+        assert_eq!(d.model, "large");
+        // With no max_tokens, the assumed 512 output tokens rule out the small model.
+        let d = decide(&request(AUTO, 10, None), &catalogue(), &config, 0).unwrap();
+        assert_eq!(d.model, "large");
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_served() {
+        let config = RouterConfig::default();
+        let r = decide(&request(AUTO, 5000, Some(1)), &catalogue(), &config, 0).unwrap_err();
+        assert_eq!((r.status, r.code), (400, "context_length_exceeded"));
+        let r = decide(&request("nope", 1, Some(1)), &catalogue(), &config, 0).unwrap_err();
+        assert_eq!((r.status, r.code), (404, "model_not_found"));
+        let r = decide(&request("small", 90, Some(50)), &catalogue(), &config, 0).unwrap_err();
+        assert_eq!(r.code, "context_length_exceeded");
+        assert!(decide(&request(AUTO, 1, Some(1)), &[], &config, 0).is_err());
+    }
+
+    #[test]
+    fn explicit_models_are_honoured() {
+        let d = decide(
+            &request("large", 1, Some(1)),
+            &catalogue(),
+            &RouterConfig::default(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(d.model, "large");
+        assert_eq!(d.reason, "requested explicitly");
+    }
+
+    #[test]
+    fn config_parses_and_validates() {
+        let c: RouterConfig = toml::from_str("assumed_output_tokens = 0").unwrap();
+        assert_eq!(c.validate().len(), 1);
+        assert!(toml::from_str::<RouterConfig>("unknown = 1").is_err());
+    }
+}

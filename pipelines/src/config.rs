@@ -1,0 +1,145 @@
+//! Configuration shared by every stage: where the broker is and what the topics are called.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How to reach the Kafka-protocol broker and how topics are laid out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub bootstrap: String,
+    /// Prefix of every topic name (`sluice` gives `sluice.requests`, ...).
+    pub topic_prefix: String,
+    /// Partitions per topic when Sluice creates topics. Consumers of a stage scale up to this.
+    pub partitions: i32,
+    /// Replication factor when Sluice creates topics (1 on one machine, 3 in production).
+    pub replication_factor: i32,
+    /// Extra librdkafka properties for every client (e.g. `security.protocol`).
+    pub client_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap: "127.0.0.1:9092".into(),
+            topic_prefix: "sluice".into(),
+            partitions: 8,
+            replication_factor: 1,
+            client_properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Every problem with the settings, at once.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.bootstrap.trim().is_empty() {
+            problems.push("kafka.bootstrap must name at least one broker".to_owned());
+        }
+        if self.partitions < 1 {
+            problems.push("kafka.partitions must be at least 1".to_owned());
+        }
+        if self.replication_factor < 1 {
+            problems.push("kafka.replication_factor must be at least 1".to_owned());
+        }
+        if self
+            .topic_prefix
+            .contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+        {
+            problems.push(
+                "kafka.topic_prefix may hold only letters, digits, '.', '_' and '-'".to_owned(),
+            );
+        }
+        problems
+    }
+
+    /// The topic names under this config's prefix.
+    pub fn topics(&self) -> Topics {
+        Topics::with_prefix(&self.topic_prefix)
+    }
+}
+
+/// The names of Sluice's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Chat requests from the edge, keyed by session.
+    pub requests: String,
+    /// Requests with the router's decision, keyed by session.
+    pub routed: String,
+    /// Reply chunks, one partition per edge instance.
+    pub replies: String,
+    /// Billable usage events, keyed by tenant.
+    pub usage: String,
+    /// Records a stage gave up on.
+    pub dlq: String,
+}
+
+impl Topics {
+    /// Topic names under `prefix` (`sluice` → `sluice.requests`).
+    pub fn with_prefix(prefix: &str) -> Self {
+        let name = |suffix: &str| {
+            if prefix.is_empty() {
+                suffix.to_owned()
+            } else {
+                format!("{prefix}.{suffix}")
+            }
+        };
+        Self {
+            requests: name("requests"),
+            routed: name("routed"),
+            replies: name("replies"),
+            usage: name("usage"),
+            dlq: name("dlq"),
+        }
+    }
+
+    /// Every topic, for creation.
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.requests,
+            &self.routed,
+            &self.replies,
+            &self.usage,
+            &self.dlq,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_from_toml_with_defaults_and_refuses_unknown_fields() {
+        let config: KafkaConfig =
+            toml::from_str("bootstrap = \"broker:9092\"\npartitions = 4").unwrap();
+        assert_eq!(config.bootstrap, "broker:9092");
+        assert_eq!(config.partitions, 4);
+        assert_eq!(config.topic_prefix, "sluice");
+        assert!(config.validate().is_empty());
+        assert!(toml::from_str::<KafkaConfig>("bootstrapp = \"x\"").is_err());
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let config = KafkaConfig {
+            bootstrap: " ".into(),
+            partitions: 0,
+            replication_factor: 0,
+            topic_prefix: "a b".into(),
+            ..KafkaConfig::default()
+        };
+        assert_eq!(config.validate().len(), 4);
+    }
+
+    #[test]
+    fn topic_names_follow_the_prefix() {
+        let topics = Topics::with_prefix("t42");
+        assert_eq!(topics.requests, "t42.requests");
+        assert_eq!(topics.dlq, "t42.dlq");
+        assert_eq!(Topics::with_prefix("").usage, "usage");
+    }
+}

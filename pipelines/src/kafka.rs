@@ -1,0 +1,136 @@
+//! Kafka client settings and helpers, keeping to the plain Kafka protocol so the local broker
+//! and Apache Kafka or Redpanda are interchangeable.
+//!
+//! Two producer profiles: the latency path (replies, requests: no linger, Nagle off) and the
+//! throughput path (usage, DLQ: a few milliseconds of linger to batch). Consumers store offsets
+//! explicitly (`enable.auto.offset.store=false`) so the runtime decides what is done; the
+//! background auto-commit then commits only what was stored.
+
+use std::time::Duration;
+
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    config::ClientConfig,
+    consumer::StreamConsumer,
+    error::RDKafkaErrorCode,
+    producer::FutureProducer,
+};
+
+use crate::{config::KafkaConfig, Error, Result};
+
+/// Which producer profile to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerProfile {
+    /// Each record leaves at once: replies and requests on the interactive path.
+    Latency,
+    /// Records batch for a few milliseconds: usage, DLQ, bulk.
+    Throughput,
+}
+
+/// The base settings every client gets.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("socket.nagle.disable", "true")
+        .set("broker.address.family", "v4");
+    for (key, value) in &config.client_properties {
+        client.set(key, value);
+    }
+    client
+}
+
+/// An idempotent producer (no duplicates or reordering from the producer's own retries).
+pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<FutureProducer> {
+    let mut client = client_config(config);
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .set("compression.type", "none");
+    match profile {
+        ProducerProfile::Latency => client.set("linger.ms", "0"),
+        ProducerProfile::Throughput => client
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000"),
+    };
+    Ok(client.create()?)
+}
+
+/// A consumer in `group` that only commits offsets the runtime stored.
+/// `fetch_wait_ms` bounds how long a fetch waits for data: small on the latency path.
+pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result<StreamConsumer> {
+    let mut client = client_config(config);
+    client
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("enable.partition.eof", "false");
+    Ok(client.create()?)
+}
+
+/// A consumer with no group, for reading assigned partitions (the edge's replies partition).
+pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<StreamConsumer> {
+    let mut client = client_config(config);
+    client
+        .set("group.id", "sluice-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("enable.partition.eof", "false");
+    Ok(client.create()?)
+}
+
+/// Creates `topics` with the configured partitions and replication; existing topics are left
+/// alone. Returns the topics that were created.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(new_topics.iter(), &options).await?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(Error::Config(format!("cannot create topic {name}: {code}")));
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Number of partitions of `topic`, as the broker reports it.
+pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<i32> {
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let count = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if count == 0 {
+        return Err(Error::Config(format!(
+            "topic {topic} has no partitions; run `sluice setup`"
+        )));
+    }
+    i32::try_from(count)
+        .map_err(|_| Error::Config(format!("topic {topic} has too many partitions")))
+}

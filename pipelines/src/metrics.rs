@@ -1,0 +1,133 @@
+//! Prometheus metrics: every name in one place, shared by the code and `dashboards/`.
+//!
+//! One [`Metrics`] value per process, registered in its own registry and served on `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Records a stage consumed, by `stage`.
+pub const RECORDS_IN: &str = "sluice_records_in_total";
+/// Records a stage produced and the broker acknowledged, by `stage` and `topic`.
+pub const RECORDS_OUT: &str = "sluice_records_out_total";
+/// Records sent to the DLQ, by `stage`.
+pub const DLQ_RECORDS: &str = "sluice_dlq_records_total";
+/// Retries after a retriable failure, by `stage`.
+pub const RETRIES: &str = "sluice_retries_total";
+/// Seconds from a record's arrival at a stage to its outputs being acknowledged, by `stage`.
+pub const PROCESS_SECONDS: &str = "sluice_process_seconds";
+/// Records being processed right now, by `stage`.
+pub const IN_FLIGHT: &str = "sluice_in_flight_records";
+/// Rows a sink wrote, by `sink`.
+pub const SINK_ROWS: &str = "sluice_sink_rows_total";
+/// Rows a sink skipped because they were already stored (redeliveries), by `sink`.
+pub const SINK_DUPLICATES: &str = "sluice_sink_duplicates_total";
+/// Seconds a sink batch took to write, by `sink`.
+pub const SINK_BATCH_SECONDS: &str = "sluice_sink_batch_seconds";
+/// HTTP requests the edge answered, by `route` and `status`.
+pub const HTTP_REQUESTS: &str = "sluice_http_requests_total";
+/// Seconds the edge took to answer (to the first byte for streams), by `route`.
+pub const HTTP_SECONDS: &str = "sluice_http_request_seconds";
+/// Reply chunks the edge received for requests no longer waiting (client gone), total.
+pub const ORPHAN_REPLIES: &str = "sluice_edge_orphan_replies_total";
+/// Open streams (SSE and WebSocket) on the edge.
+pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
+/// Tokens metered, by `kind` (input/output) and `model`.
+pub const TOKENS: &str = "sluice_tokens_total";
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub records_in: IntCounterVec,
+    pub records_out: IntCounterVec,
+    pub dlq_records: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub process_seconds: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub sink_rows: IntCounterVec,
+    pub sink_duplicates: IntCounterVec,
+    pub sink_batch_seconds: HistogramVec,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+    pub orphan_replies: IntCounter,
+    pub open_streams: IntGaugeVec,
+    pub tokens: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<HistogramVec> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            records_in: counter(RECORDS_IN, "Records a stage consumed.", &["stage"])?,
+            records_out: counter(
+                RECORDS_OUT,
+                "Records a stage produced (acknowledged).",
+                &["stage", "topic"],
+            )?,
+            dlq_records: counter(DLQ_RECORDS, "Records sent to the DLQ.", &["stage"])?,
+            retries: counter(RETRIES, "Retries after retriable failures.", &["stage"])?,
+            process_seconds: histogram(
+                PROCESS_SECONDS,
+                "Record arrival to outputs acknowledged.",
+                &["stage"],
+            )?,
+            in_flight: gauge(IN_FLIGHT, "Records being processed.", &["stage"])?,
+            sink_rows: counter(SINK_ROWS, "Rows a sink wrote.", &["sink"])?,
+            sink_duplicates: counter(
+                SINK_DUPLICATES,
+                "Rows skipped as already stored.",
+                &["sink"],
+            )?,
+            sink_batch_seconds: histogram(SINK_BATCH_SECONDS, "Sink batch write time.", &["sink"])?,
+            http_requests: counter(
+                HTTP_REQUESTS,
+                "HTTP requests answered.",
+                &["route", "status"],
+            )?,
+            http_seconds: histogram(HTTP_SECONDS, "HTTP time to response head.", &["route"])?,
+            orphan_replies: {
+                let c = IntCounter::new(ORPHAN_REPLIES, "Reply chunks with nobody waiting.")?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            open_streams: gauge(OPEN_STREAMS, "Open SSE and WebSocket streams.", &["kind"])?,
+            tokens: counter(TOKENS, "Tokens metered.", &["kind", "model"])?,
+            registry,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,252 @@
+//! The sink loop: consume records into batches (by count and linger time), write each batch to
+//! a store, and store the offsets only after the store accepted the batch.
+//!
+//! Sinks make their writes idempotent (keyed by event id or source coordinates), so the
+//! redelivery that follows a crash between the write and the offset commit changes nothing.
+//! A store outage is retried with backoff for as long as it lasts (never dropped); a batch the
+//! store refuses as invalid is sent record by record to the DLQ.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use rdkafka::{
+    consumer::{CommitMode, Consumer},
+    message::{Message, OwnedMessage},
+    Offset, TopicPartitionList,
+};
+use sluice_schemas::Record;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    kafka::{self, ProducerProfile},
+    runtime::{backoff, DeadLetters, StageDeps},
+    ProcessError, Result,
+};
+
+/// A store that accepts batches of records.
+#[async_trait]
+pub trait BatchSink: Send + 'static {
+    /// The record type the sink stores.
+    type Input: Record;
+
+    /// Writes `batch` (which may contain records already written before a crash: the write
+    /// must be idempotent). Returns the number of records that were new.
+    async fn write(&mut self, batch: &[Self::Input]) -> Result<usize, ProcessError>;
+}
+
+/// How a sink runs.
+#[derive(Debug, Clone)]
+pub struct SinkSpec {
+    /// Sink name for metrics, logs and DLQ records.
+    pub name: String,
+    /// Consumer group.
+    pub group: String,
+    /// Topic to consume.
+    pub input_topic: String,
+    /// DLQ topic.
+    pub dlq_topic: String,
+    /// Largest batch written at once.
+    pub max_batch: usize,
+    /// Longest a record waits for its batch to fill.
+    pub linger: Duration,
+}
+
+impl SinkSpec {
+    /// A spec with the defaults: batches of up to 1000 records or 200 ms.
+    pub fn new(name: &str, group: &str, input_topic: &str, dlq_topic: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            input_topic: input_topic.to_owned(),
+            dlq_topic: dlq_topic.to_owned(),
+            max_batch: 1000,
+            linger: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Runs `sink` until `cancel` fires; the batch in hand is written before returning.
+pub async fn run_sink<S: BatchSink>(
+    mut sink: S,
+    spec: SinkSpec,
+    deps: StageDeps,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let consumer = kafka::consumer(&deps.kafka, &spec.group, 100)?;
+    consumer.subscribe(&[&spec.input_topic])?;
+    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
+    let dead_letters = DeadLetters::new(
+        producer,
+        deps.codec.clone(),
+        &spec.dlq_topic,
+        &spec.name,
+        deps.metrics.clone(),
+    );
+    // Until shutdown the DLQ and store retries wait on `cancel`; the final flush must finish,
+    // so it waits on a token that never fires.
+    let never = CancellationToken::new();
+    deps.readiness.set(&spec.name, true);
+    tracing::info!(sink = %spec.name, topic = %spec.input_topic, group = %spec.group, "sink started");
+
+    let mut stopping = false;
+    while !stopping {
+        let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while messages.len() < spec.max_batch {
+            let wait = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => { stopping = true; break; }
+                _ = wait => break,
+                received = consumer.recv() => match received {
+                    Ok(m) => {
+                        messages.push(m.detach());
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
+                    }
+                    Err(e) => {
+                        tracing::warn!(sink = %spec.name, error = %e, "consume failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        deps.metrics
+            .records_in
+            .with_label_values(&[&spec.name])
+            .inc_by(messages.len() as u64);
+        let wait_token = if stopping { &never } else { &cancel };
+        if !write_batch(
+            &mut sink,
+            &spec,
+            &deps,
+            &dead_letters,
+            &messages,
+            wait_token,
+        )
+        .await
+        {
+            // Shutdown interrupted a retry: nothing is stored, the batch will be redelivered.
+            break;
+        }
+        store_batch_offsets(&consumer, &messages);
+    }
+    deps.readiness.set(&spec.name, false);
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(sink = %spec.name, error = %e, "final commit had nothing to do");
+    }
+    tracing::info!(sink = %spec.name, "sink stopped");
+    Ok(())
+}
+
+/// Decodes and writes one batch; false if `cancel` interrupted it before it was done.
+async fn write_batch<S: BatchSink>(
+    sink: &mut S,
+    spec: &SinkSpec,
+    deps: &StageDeps,
+    dead_letters: &DeadLetters,
+    messages: &[OwnedMessage],
+    cancel: &CancellationToken,
+) -> bool {
+    let mut records = Vec::with_capacity(messages.len());
+    let mut sources = Vec::with_capacity(messages.len());
+    for message in messages {
+        let payload = message.payload().unwrap_or_default();
+        let mut attempt = 0;
+        loop {
+            match deps.codec.decode::<S::Input>(payload).await {
+                Ok(record) => {
+                    records.push(record);
+                    sources.push(message);
+                    break;
+                }
+                Err(e) if e.is_retriable() => {
+                    attempt += 1;
+                    tracing::warn!(sink = %spec.name, error = %e, "cannot decode yet; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                    }
+                }
+                Err(e) => {
+                    if !dead_letters
+                        .send(message, &format!("undecodable: {e}"), cancel)
+                        .await
+                    {
+                        return false;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    if records.is_empty() {
+        return true;
+    }
+    let mut attempt = 0;
+    loop {
+        let started = Instant::now();
+        match sink.write(&records).await {
+            Ok(new_rows) => {
+                let m = &deps.metrics;
+                m.sink_batch_seconds
+                    .with_label_values(&[&spec.name])
+                    .observe(started.elapsed().as_secs_f64());
+                m.sink_rows
+                    .with_label_values(&[&spec.name])
+                    .inc_by(new_rows as u64);
+                m.sink_duplicates
+                    .with_label_values(&[&spec.name])
+                    .inc_by(records.len().saturating_sub(new_rows) as u64);
+                return true;
+            }
+            Err(ProcessError::Poison(reason)) => {
+                for message in &sources {
+                    if !dead_letters.send(message, &reason, cancel).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+            Err(ProcessError::Retriable(reason)) => {
+                attempt += 1;
+                deps.metrics.retries.with_label_values(&[&spec.name]).inc();
+                tracing::warn!(sink = %spec.name, reason, attempt, "batch write failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff(attempt)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Stores, per partition, the offset after the last record of the batch.
+fn store_batch_offsets(consumer: &rdkafka::consumer::StreamConsumer, messages: &[OwnedMessage]) {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in messages {
+        let entry = next.entry((m.topic(), m.partition())).or_insert(0);
+        *entry = (*entry).max(m.offset() + 1);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        if list
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .is_err()
+        {
+            continue;
+        }
+    }
+    if let Err(e) = consumer.store_offsets(&list) {
+        tracing::debug!(error = %e, "offsets not stored (partition moved in a rebalance)");
+    }
+}

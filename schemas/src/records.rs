@@ -1,0 +1,306 @@
+//! Rust types for the records in `schemas/avro/`. Field names and order follow the `.avsc`
+//! files exactly; a unit test encodes each type against its schema.
+
+use std::sync::OnceLock;
+
+use apache_avro::Schema;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A record type with a schema in `schemas/avro/`.
+///
+/// Its subject in the registry is its full Avro name (Confluent's RecordNameStrategy), so the
+/// same record can flow through topics whose names carry a deployment prefix.
+pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Full Avro name, e.g. `sluice.v1.ChatRequest`; also the registry subject.
+    const NAME: &'static str;
+    /// The `.avsc` text compiled into the binary.
+    const AVSC: &'static str;
+    /// The parsed schema (parsed once per process).
+    fn schema() -> Result<&'static Schema>;
+    /// The schema's Parsing Canonical Form (computed once per process).
+    fn canonical() -> Result<&'static str>;
+}
+
+/// Parses an embedded schema once and keeps it for the life of the process.
+fn parse_once(cell: &'static OnceLock<Schema>, avsc: &str) -> Result<&'static Schema> {
+    if let Some(schema) = cell.get() {
+        return Ok(schema);
+    }
+    let parsed =
+        Schema::parse_str(avsc).map_err(|e| Error::Bug(format!("embedded schema: {e}")))?;
+    Ok(cell.get_or_init(|| parsed))
+}
+
+macro_rules! record {
+    ($ty:ident, $name:literal, $file:literal) => {
+        impl Record for $ty {
+            const NAME: &'static str = $name;
+            const AVSC: &'static str = include_str!(concat!("../avro/", $file));
+            fn schema() -> Result<&'static Schema> {
+                static CELL: OnceLock<Schema> = OnceLock::new();
+                parse_once(&CELL, Self::AVSC)
+            }
+            fn canonical() -> Result<&'static str> {
+                static CELL: OnceLock<String> = OnceLock::new();
+                if let Some(found) = CELL.get() {
+                    return Ok(found);
+                }
+                let canonical = Self::schema()?.canonical_form();
+                Ok(CELL.get_or_init(|| canonical))
+            }
+        }
+    };
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+    pub name: Option<String>,
+}
+
+/// Where a reply must be written: the replies partition of the edge instance holding the caller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyAddress {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// A tenant's chat request (`sluice.requests`, keyed by `session_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub request_id: String,
+    pub tenant_id: String,
+    pub session_id: String,
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<i32>,
+    pub temperature: Option<f64>,
+    pub stream: bool,
+    pub reply_to: ReplyAddress,
+    pub received_at_ms: i64,
+}
+record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
+
+/// The router's choice for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingDecision {
+    pub model: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub reason: String,
+    pub decided_at_ms: i64,
+}
+
+/// A request with its routing decision (`sluice.routed`, keyed by `session_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutedRequest {
+    pub request: ChatRequest,
+    pub decision: RoutingDecision,
+}
+record!(
+    RoutedRequest,
+    "sluice.v1.RoutedRequest",
+    "routed_request.avsc"
+);
+
+/// What a reply chunk carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyKind {
+    #[serde(rename = "DELTA")]
+    Delta,
+    #[serde(rename = "DONE")]
+    Done,
+    #[serde(rename = "ERROR")]
+    Error,
+}
+
+/// One piece of a reply (`sluice.replies`, partition from the request's `reply_to`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyChunk {
+    pub request_id: String,
+    pub tenant_id: String,
+    pub seq: i32,
+    pub kind: ReplyKind,
+    pub model: String,
+    pub delta: String,
+    pub finish_reason: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub error_status: i32,
+}
+record!(ReplyChunk, "sluice.v1.ReplyChunk", "reply_chunk.avsc");
+
+impl ReplyChunk {
+    /// A chunk of the given kind with every optional part empty.
+    pub fn new(request: &ChatRequest, model: &str, seq: i32, kind: ReplyKind) -> Self {
+        Self {
+            request_id: request.request_id.clone(),
+            tenant_id: request.tenant_id.clone(),
+            seq,
+            kind,
+            model: model.to_owned(),
+            delta: String::new(),
+            finish_reason: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            error_code: None,
+            error_message: None,
+            error_status: 0,
+        }
+    }
+
+    /// An ERROR chunk telling the edge to answer with `status`.
+    pub fn error(
+        request: &ChatRequest,
+        model: &str,
+        seq: i32,
+        status: u16,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        let mut chunk = Self::new(request, model, seq, ReplyKind::Error);
+        chunk.error_status = i32::from(status);
+        chunk.error_code = Some(code.to_owned());
+        chunk.error_message = Some(message.into());
+        chunk
+    }
+}
+
+/// One billable model call (`sluice.usage`, keyed by `tenant_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub model: String,
+    pub provider: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub occurred_at_ms: i64,
+}
+record!(UsageEvent, "sluice.v1.UsageEvent", "usage_event.avsc");
+
+impl UsageEvent {
+    /// The deterministic event id of the `call_index`-th model call of a request, so a
+    /// re-executed call produces the same id and is counted once.
+    pub fn event_id_for(request_id: &str, call_index: u32) -> String {
+        format!("{request_id}:{call_index}")
+    }
+}
+
+/// A record a stage gave up on (`sluice.dlq`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub stage: String,
+    pub reason: String,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub key: Option<Vec<u8>>,
+    #[serde(with = "apache_avro::serde::bytes_opt")]
+    pub payload: Option<Vec<u8>>,
+    pub failed_at_ms: i64,
+}
+record!(DeadLetter, "sluice.v1.DeadLetter", "dead_letter.avsc");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_body, encode_body};
+
+    pub(crate) fn sample_request() -> ChatRequest {
+        ChatRequest {
+            request_id: "req-1".into(),
+            tenant_id: "t-1".into(),
+            session_id: "s-1".into(),
+            model: "auto".into(),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hello".into(),
+                name: None,
+            }],
+            max_tokens: Some(16),
+            temperature: None,
+            stream: true,
+            reply_to: ReplyAddress {
+                topic: "sluice.replies".into(),
+                partition: 3,
+            },
+            received_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn round_trip<T: Record + PartialEq + std::fmt::Debug>(value: T) {
+        let body = encode_body(&value).unwrap();
+        let back: T = decode_body(T::schema().unwrap(), &body).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn every_record_round_trips_through_its_schema() {
+        let request = sample_request();
+        round_trip(request.clone());
+        round_trip(RoutedRequest {
+            request: request.clone(),
+            decision: RoutingDecision {
+                model: "sim-small".into(),
+                provider: "sim".into(),
+                upstream_model: "sim-small".into(),
+                base_url: Some("http://127.0.0.1:1/v1".into()),
+                api_key_env: None,
+                reason: "cheapest".into(),
+                decided_at_ms: 1,
+            },
+        });
+        let mut chunk = ReplyChunk::new(&request, "sim-small", 2, ReplyKind::Done);
+        chunk.finish_reason = Some("stop".into());
+        round_trip(chunk);
+        round_trip(ReplyChunk::error(
+            &request,
+            "m",
+            0,
+            404,
+            "model_not_found",
+            "no",
+        ));
+        round_trip(UsageEvent {
+            event_id: UsageEvent::event_id_for("req-1", 0),
+            request_id: "req-1".into(),
+            tenant_id: "t-1".into(),
+            model: "sim-small".into(),
+            provider: "sim".into(),
+            input_tokens: 5,
+            output_tokens: 7,
+            occurred_at_ms: 3,
+        });
+        round_trip(DeadLetter {
+            source_topic: "sluice.requests".into(),
+            source_partition: 1,
+            source_offset: 42,
+            stage: "router".into(),
+            reason: "bad".into(),
+            key: Some(b"k".to_vec()),
+            payload: None,
+            failed_at_ms: 9,
+        });
+    }
+
+    #[test]
+    fn routed_request_embeds_exactly_the_chat_request_schema() {
+        let routed: serde_json::Value = serde_json::from_str(RoutedRequest::AVSC).unwrap();
+        let embedded = &routed["fields"][0]["type"];
+        let standalone: serde_json::Value = serde_json::from_str(ChatRequest::AVSC).unwrap();
+        let embedded = Schema::parse(embedded).unwrap();
+        let standalone = Schema::parse(&standalone).unwrap();
+        assert_eq!(embedded.canonical_form(), standalone.canonical_form());
+    }
+}

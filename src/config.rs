@@ -1,0 +1,273 @@
+//! Sluice's configuration: defaults in code, then a TOML file (`--config` or `SLUICE_CONFIG`),
+//! then environment variables `SLUICE_<SECTION>__<FIELD>` (e.g. `SLUICE_KAFKA__BOOTSTRAP`,
+//! `SLUICE_EDGE__LISTEN`, `SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sluice_clickhouse_sink::ClickHouseConfig;
+use sluice_edge::EdgeConfig;
+use sluice_orchestrator::OrchestratorConfig;
+use sluice_pipelines::KafkaConfig;
+use sluice_router::RouterConfig;
+
+/// Every setting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The Kafka-protocol broker and topic layout.
+    pub kafka: KafkaConfig,
+    /// The schema registry (served by `sluice registry` / `sluice up`, or an external one).
+    pub registry: RegistryConfig,
+    /// PostgreSQL, the control plane.
+    pub postgres: PostgresConfig,
+    /// ClickHouse, the facts.
+    pub clickhouse: ClickHouseConfig,
+    /// The HTTP API.
+    pub edge: EdgeConfig,
+    /// Model choice.
+    pub router: RouterConfig,
+    /// Model calls.
+    pub orchestrator: OrchestratorConfig,
+    /// Parallelism and batching of the stages.
+    pub stages: StagesConfig,
+    /// Where stage-only processes serve `/metrics`, `/healthz` and `/readyz`.
+    pub ops: OpsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Schema registry settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Address Sluice's own registry listens on.
+    pub listen: String,
+    /// URL clients use to reach the registry (Sluice's own or an external one).
+    pub url: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            url: "http://127.0.0.1:8081".into(),
+        }
+    }
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// The runtime role (subject to row-level security).
+    pub url: String,
+    /// The owning role, for migrations and administrative commands.
+    pub admin_url: String,
+    /// Connections per pool.
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://sluice_app@127.0.0.1:5432/sluice".into(),
+            admin_url: "postgres://sluice@127.0.0.1:5432/sluice".into(),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Stage parallelism and batching.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagesConfig {
+    /// Requests the router handles concurrently.
+    pub router_lanes: usize,
+    /// Model calls the orchestrator runs concurrently.
+    pub orchestrator_lanes: usize,
+    /// Largest batch the metering sink writes to ClickHouse.
+    pub metering_max_batch: usize,
+    /// Longest a usage event waits for its batch (milliseconds).
+    pub metering_linger_ms: u64,
+}
+
+impl Default for StagesConfig {
+    fn default() -> Self {
+        Self {
+            router_lanes: 32,
+            orchestrator_lanes: 64,
+            metering_max_batch: 1000,
+            metering_linger_ms: 200,
+        }
+    }
+}
+
+/// Operations endpoint of stage-only processes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    pub listen: String,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Logging settings (the level comes from `RUST_LOG`, default `info`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `pretty`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "json".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `SLUICE_…` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut tree = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<toml::Table>(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix("SLUICE_") else {
+                continue;
+            };
+            if !path.contains("__") {
+                continue;
+            }
+            let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut tree, &keys, scalar(&value));
+        }
+        let config: Config = toml::Value::Table(tree)
+            .try_into()
+            .context("invalid configuration")?;
+        let problems = config.validate();
+        if !problems.is_empty() {
+            anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        }
+        Ok(config)
+    }
+
+    /// Every problem with the configuration, at once.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = self.kafka.validate();
+        problems.extend(self.clickhouse.validate());
+        problems.extend(self.edge.validate());
+        problems.extend(self.router.validate());
+        problems.extend(self.orchestrator.validate());
+        if !["json", "pretty"].contains(&self.log.format.as_str()) {
+            problems.push("log.format must be json or pretty".to_owned());
+        }
+        if self.stages.router_lanes == 0
+            || self.stages.orchestrator_lanes == 0
+            || self.stages.metering_max_batch == 0
+        {
+            problems.push("stages: lanes and batch sizes must be at least 1".to_owned());
+        }
+        problems
+    }
+}
+
+/// An environment value as a TOML scalar: integer, float or boolean when it parses as one.
+fn scalar(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        if value.contains('.') {
+            return toml::Value::Float(f);
+        }
+    }
+    match value {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(value.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) {
+    match keys {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(inner) = entry {
+                set_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_then_environment() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sluice.toml");
+        std::fs::write(&file, "[kafka]\nbootstrap = \"file:9092\"\npartitions = 3\n[edge]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let env = [
+            ("SLUICE_KAFKA__BOOTSTRAP".to_owned(), "env:9092".to_owned()),
+            (
+                "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
+                "0.5".to_owned(),
+            ),
+            ("SLUICE_EDGE__REPLY_TIMEOUT_SECS".to_owned(), "7".to_owned()),
+            ("SLUICE_URL".to_owned(), "ignored: no section".to_owned()),
+            ("OTHER__X".to_owned(), "ignored".to_owned()),
+        ];
+        let config = Config::load(Some(&file), env).unwrap();
+        assert_eq!(config.kafka.bootstrap, "env:9092");
+        assert_eq!(config.kafka.partitions, 3);
+        assert_eq!(config.edge.listen, "127.0.0.1:1");
+        assert_eq!(config.edge.reply_timeout_secs, 7);
+        assert_eq!(config.orchestrator.sim.tokens_per_second, 0.5);
+        assert_eq!(config.registry, RegistryConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_every_problem() {
+        let env = [("SLUICE_KAFKA__BOOTSTRAPP".to_owned(), "x".to_owned())];
+        assert!(Config::load(None, env).is_err());
+        let env = [
+            ("SLUICE_KAFKA__PARTITIONS".to_owned(), "0".to_owned()),
+            ("SLUICE_LOG__FORMAT".to_owned(), "xml".to_owned()),
+        ];
+        let message = format!("{:#}", Config::load(None, env).unwrap_err());
+        assert!(
+            message.contains("partitions") && message.contains("log.format"),
+            "{message}"
+        );
+    }
+}

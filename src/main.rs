@@ -1,0 +1,254 @@
+//! `sluice`: the one binary. Everything in one process for one machine (`sluice up`), each part
+//! on its own so it scales as its own consumer group (`sluice edge`, `sluice run router`, ...),
+//! and the tools around them (setup, tenants, models).
+
+mod config;
+mod stages;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use config::Config;
+use sluice_pipelines::control;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Multi-tenant AI as a streaming dataflow"
+)]
+struct Cli {
+    /// TOML configuration file (settings not in it take their defaults, and `SLUICE_<SECTION>__<FIELD>`
+    /// environment variables override both).
+    #[arg(long, env = "SLUICE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every part in one process: registry, edge, router, orchestrator, metering.
+    Up,
+    /// Run the HTTP edge alone.
+    Edge,
+    /// Run the schema registry alone.
+    Registry,
+    /// Run one stage alone (scale by running more: they share the stage's consumer group).
+    Run {
+        #[arg(value_enum)]
+        stage: Stage,
+    },
+    /// Prepare the stores: PostgreSQL migrations, ClickHouse tables and Kafka topics.
+    Setup,
+    /// Apply PostgreSQL migrations and ClickHouse DDL.
+    Migrate,
+    /// Create Sluice's topics (existing ones are left alone).
+    Topics,
+    /// Register every record schema with the registry (it must be running).
+    Schemas,
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage the model catalogue.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Stage {
+    Router,
+    Orchestrator,
+    Metering,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and print its API key (shown once).
+    Create {
+        name: String,
+        /// Print JSON (`{"tenant_id", "name", "api_key"}`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue another API key for an existing tenant.
+    Key {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Add or replace a model.
+    Add {
+        /// Catalogue name callers use.
+        name: String,
+        /// `sim` or `openai`.
+        #[arg(long)]
+        provider: String,
+        /// Model name sent upstream (default: the catalogue name).
+        #[arg(long)]
+        upstream_model: Option<String>,
+        /// Base URL of an OpenAI-compatible upstream (provider openai).
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Environment variable holding the upstream key.
+        #[arg(long)]
+        api_key_env: Option<String>,
+        #[arg(long, default_value_t = 8192)]
+        context_window: i32,
+        /// Micro-dollars per million input tokens.
+        #[arg(long, default_value_t = 0)]
+        input_price_micros: i64,
+        /// Micro-dollars per million output tokens.
+        #[arg(long, default_value_t = 0)]
+        output_price_micros: i64,
+    },
+    /// List enabled models.
+    List,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli.command, config))
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Up => stages::up(config).await,
+        Command::Edge => stages::edge_only(config).await,
+        Command::Registry => stages::registry_only(config).await,
+        Command::Run { stage } => {
+            let stage = match stage {
+                Stage::Router => stages::StageKind::Router,
+                Stage::Orchestrator => stages::StageKind::Orchestrator,
+                Stage::Metering => stages::StageKind::Metering,
+            };
+            stages::stage_only(config, stage).await
+        }
+        Command::Setup => {
+            stages::migrate(&config).await?;
+            stages::create_topics(&config).await
+        }
+        Command::Migrate => stages::migrate(&config).await,
+        Command::Topics => stages::create_topics(&config).await,
+        Command::Schemas => {
+            let codec = stages::codec(&config)?;
+            codec.register_all().await?;
+            println!("registered every schema with {}", config.registry.url);
+            Ok(())
+        }
+        Command::Tenant { command } => tenant(config, command).await,
+        Command::Model { command } => model(config, command).await,
+    }
+}
+
+async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()> {
+    let admin = control::connect(&config.postgres.admin_url, 2).await?;
+    let (tenant, key, json) = match command {
+        TenantCommand::Create { name, json } => {
+            let (tenant, key) = control::create_tenant(&admin, &name).await?;
+            (tenant, key, json)
+        }
+        TenantCommand::Key { name, json } => {
+            let tenant = control::find_tenant(&admin, &name)
+                .await?
+                .with_context(|| format!("no tenant named {name:?}"))?;
+            let key = control::create_api_key(&admin, tenant.id, "cli").await?;
+            (tenant, key, json)
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "tenant_id": tenant.id, "name": tenant.name, "api_key": key })
+        );
+    } else {
+        println!("tenant  {} ({})", tenant.name, tenant.id);
+        println!("api key {key}");
+        println!("(the key is shown once; Sluice stores only its hash)");
+    }
+    Ok(())
+}
+
+async fn model(config: Config, command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Add {
+            name,
+            provider,
+            upstream_model,
+            base_url,
+            api_key_env,
+            context_window,
+            input_price_micros,
+            output_price_micros,
+        } => {
+            if !["sim", "openai"].contains(&provider.as_str()) {
+                anyhow::bail!("--provider must be sim or openai");
+            }
+            if provider == "openai" && base_url.is_none() {
+                anyhow::bail!("--base-url is required for provider openai");
+            }
+            let admin = control::connect(&config.postgres.admin_url, 2).await?;
+            let spec = control::ModelSpec {
+                upstream_model: upstream_model.unwrap_or_else(|| name.clone()),
+                name,
+                provider,
+                base_url,
+                api_key_env,
+                context_window,
+                input_price_micros,
+                output_price_micros,
+                created_at: 0,
+            };
+            control::upsert_model(&admin, &spec).await?;
+            println!(
+                "model {} saved (routers pick it up within their refresh interval)",
+                spec.name
+            );
+        }
+        ModelCommand::List => {
+            let app = control::connect(&config.postgres.url, 2).await?;
+            for m in control::enabled_models(&app).await? {
+                println!(
+                    "{:<24} {:<7} context {:>7}  in {:>9}  out {:>9} µ$/Mtok  {}",
+                    m.name,
+                    m.provider,
+                    m.context_window,
+                    m.input_price_micros,
+                    m.output_price_micros,
+                    m.base_url.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}

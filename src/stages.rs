@@ -1,0 +1,354 @@
+//! Wiring: builds each part from the configuration and runs it until a shutdown signal.
+//!
+//! Shutdown order: stop accepting HTTP, then let each stage drain its in-flight records, flush
+//! its sink and commit its offsets.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use sluice_clickhouse_sink::UsageSink;
+use sluice_edge::EdgeDeps;
+use sluice_orchestrator::Orchestrator;
+use sluice_pipelines::{
+    control::{self, ModelCatalog},
+    kafka,
+    metrics::Metrics,
+    ops::{self, Readiness},
+    runtime::{self, StageDeps, StageSpec},
+    sink::{self, SinkSpec},
+};
+use sluice_router::Router;
+use sluice_schemas::{registry, Codec, RegistryClient};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// The stages that run as consumer groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageKind {
+    Router,
+    Orchestrator,
+    Metering,
+}
+
+impl StageKind {
+    fn name(self) -> &'static str {
+        match self {
+            StageKind::Router => "router",
+            StageKind::Orchestrator => "orchestrator",
+            StageKind::Metering => "metering",
+        }
+    }
+}
+
+/// A codec talking to the configured registry.
+pub fn codec(config: &Config) -> anyhow::Result<Arc<Codec>> {
+    Ok(Arc::new(Codec::new(RegistryClient::new(
+        &config.registry.url,
+    )?)))
+}
+
+/// Registers our schemas, waiting for the registry to come up (bounded).
+async fn register_schemas(codec: &Codec) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match codec.register_all().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retriable() && attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "schema registry not reachable yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("registering schemas"),
+        }
+    }
+}
+
+/// Applies PostgreSQL migrations and ClickHouse DDL.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let admin = control::connect(&config.postgres.admin_url, 2)
+        .await
+        .context("connecting to PostgreSQL as the owner")?;
+    let applied = control::migrate(&admin).await?;
+    println!("postgres: {} migration(s) applied", applied.len());
+    sluice_clickhouse_sink::schema::migrate(&config.clickhouse)
+        .await
+        .context("creating ClickHouse tables")?;
+    println!("clickhouse: database {} ready", config.clickhouse.database);
+    Ok(())
+}
+
+/// Creates the topics.
+pub async fn create_topics(config: &Config) -> anyhow::Result<()> {
+    let topics = config.kafka.topics();
+    let created = kafka::ensure_topics(&config.kafka, &topics.all()).await?;
+    println!(
+        "kafka: {} topic(s) created, {} already there",
+        created.len(),
+        topics.all().len() - created.len()
+    );
+    Ok(())
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Shared pieces of a process.
+struct Process {
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    cancel: CancellationToken,
+    tasks: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+impl Process {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            metrics: Arc::new(Metrics::new()?),
+            readiness: Readiness::default(),
+            cancel: CancellationToken::new(),
+            tasks: JoinSet::new(),
+        })
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let name = name.to_owned();
+        self.tasks.spawn(async move { (name, task.await) });
+    }
+
+    /// Waits for a signal or for any task to end, then cancels everything and waits for all.
+    async fn run_until_shutdown(mut self) -> anyhow::Result<()> {
+        let mut failure = None;
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("shutting down"),
+            Some(joined) = self.tasks.join_next() => {
+                match joined {
+                    Ok((name, Ok(()))) => tracing::warn!(part = %name, "part stopped; shutting down"),
+                    Ok((name, Err(e))) => {
+                        tracing::error!(part = %name, error = %format!("{e:#}"), "part failed; shutting down");
+                        failure = Some(e.context(name));
+                    }
+                    Err(e) => failure = Some(anyhow::anyhow!("task panicked: {e}")),
+                }
+            }
+        }
+        self.cancel.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok((name, Err(e))) = joined {
+                tracing::error!(part = %name, error = %format!("{e:#}"), "part failed while stopping");
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn stage_deps(config: &Config, codec: Arc<Codec>, process: &Process) -> StageDeps {
+    StageDeps {
+        kafka: config.kafka.clone(),
+        codec,
+        metrics: process.metrics.clone(),
+        readiness: process.readiness.clone(),
+    }
+}
+
+/// Starts one stage in `process`.
+async fn start_stage(
+    config: &Config,
+    kind: StageKind,
+    codec: Arc<Codec>,
+    process: &mut Process,
+) -> anyhow::Result<()> {
+    let topics = config.kafka.topics();
+    let deps = stage_deps(config, codec, process);
+    let cancel = process.cancel.clone();
+    let group = |stage: &str| format!("{}.{stage}", config.kafka.topic_prefix);
+    process.readiness.register(kind.name());
+    match kind {
+        StageKind::Router => {
+            let app_pool = control::connect(&config.postgres.url, 4).await?;
+            let catalog = ModelCatalog::load(app_pool).await?;
+            let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
+            process.spawn("catalog", {
+                let (catalog, cancel) = (catalog.clone(), cancel.clone());
+                async move {
+                    catalog.refresh_every(refresh, cancel).await;
+                    Ok(())
+                }
+            });
+            let router = Arc::new(Router::new(catalog, config.router.clone(), topics.clone()));
+            let mut spec =
+                StageSpec::new("router", &group("router"), &topics.requests, &topics.dlq);
+            spec.lanes = config.stages.router_lanes;
+            process.spawn("router", async move {
+                Ok(runtime::run_operator(router, spec, deps, cancel).await?)
+            });
+        }
+        StageKind::Orchestrator => {
+            let orchestrator = Arc::new(
+                Orchestrator::new(config.orchestrator.clone(), topics.clone())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            let mut spec = StageSpec::new(
+                "orchestrator",
+                &group("orchestrator"),
+                &topics.routed,
+                &topics.dlq,
+            );
+            spec.lanes = config.stages.orchestrator_lanes;
+            process.spawn("orchestrator", async move {
+                Ok(runtime::run_operator(orchestrator, spec, deps, cancel).await?)
+            });
+        }
+        StageKind::Metering => {
+            let sink = UsageSink::new(config.clickhouse.client());
+            let mut spec =
+                SinkSpec::new("metering", &group("metering"), &topics.usage, &topics.dlq);
+            spec.max_batch = config.stages.metering_max_batch;
+            spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
+            process.spawn("metering", async move {
+                Ok(sink::run_sink(sink, spec, deps, cancel).await?)
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn bind(address: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for the {what}"))
+}
+
+fn start_registry(process: &mut Process, listener: TcpListener, app_pool: sqlx::PgPool) {
+    process.readiness.set("registry", true);
+    let cancel = process.cancel.clone();
+    process.spawn("registry", async move {
+        Ok(ops::serve(listener, registry::service::router(app_pool), cancel).await?)
+    });
+}
+
+async fn start_edge(
+    config: &Config,
+    codec: Arc<Codec>,
+    process: &mut Process,
+) -> anyhow::Result<()> {
+    let app_pool = control::connect(&config.postgres.url, config.postgres.max_connections).await?;
+    let catalog = ModelCatalog::load(app_pool.clone()).await?;
+    let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
+    process.spawn("edge-catalog", {
+        let (catalog, cancel) = (catalog.clone(), process.cancel.clone());
+        async move {
+            catalog.refresh_every(refresh, cancel).await;
+            Ok(())
+        }
+    });
+    let listener = bind(&config.edge.listen, "edge").await?;
+    let deps = EdgeDeps {
+        kafka: config.kafka.clone(),
+        clickhouse: config.clickhouse.clone(),
+        app_pool,
+        catalog,
+        codec,
+        metrics: process.metrics.clone(),
+        readiness: process.readiness.clone(),
+    };
+    process.readiness.register("edge");
+    let edge_config = config.edge.clone();
+    let cancel = process.cancel.clone();
+    process.spawn("edge", async move {
+        sluice_edge::run(edge_config, deps, listener, cancel).await
+    });
+    tracing::info!(listen = %config.edge.listen, "edge listening");
+    Ok(())
+}
+
+/// `sluice up`: everything in one process.
+pub async fn up(config: Config) -> anyhow::Result<()> {
+    let mut process = Process::new()?;
+    for part in ["registry", "router", "orchestrator", "metering", "edge"] {
+        process.readiness.register(part);
+    }
+    let app_pool = control::connect(&config.postgres.url, 4).await?;
+    let registry_listener = bind(&config.registry.listen, "schema registry").await?;
+    start_registry(&mut process, registry_listener, app_pool);
+    let codec = codec(&config)?;
+    register_schemas(&codec).await?;
+    for kind in [
+        StageKind::Router,
+        StageKind::Orchestrator,
+        StageKind::Metering,
+    ] {
+        start_stage(&config, kind, codec.clone(), &mut process).await?;
+    }
+    start_edge(&config, codec, &mut process).await?;
+    process.run_until_shutdown().await
+}
+
+/// `sluice edge`.
+pub async fn edge_only(config: Config) -> anyhow::Result<()> {
+    let mut process = Process::new()?;
+    let codec = codec(&config)?;
+    register_schemas(&codec).await?;
+    start_edge(&config, codec, &mut process).await?;
+    process.run_until_shutdown().await
+}
+
+/// `sluice registry`.
+pub async fn registry_only(config: Config) -> anyhow::Result<()> {
+    let mut process = Process::new()?;
+    process.readiness.register("registry");
+    let app_pool = control::connect(&config.postgres.url, 8).await?;
+    let listener = bind(&config.registry.listen, "schema registry").await?;
+    start_registry(&mut process, listener, app_pool);
+    serve_ops(&config, &mut process).await?;
+    process.run_until_shutdown().await
+}
+
+/// `sluice run <stage>`.
+pub async fn stage_only(config: Config, kind: StageKind) -> anyhow::Result<()> {
+    let mut process = Process::new()?;
+    let codec = codec(&config)?;
+    register_schemas(&codec).await?;
+    start_stage(&config, kind, codec, &mut process).await?;
+    serve_ops(&config, &mut process).await?;
+    process.run_until_shutdown().await
+}
+
+async fn serve_ops(config: &Config, process: &mut Process) -> anyhow::Result<()> {
+    let listener = bind(&config.ops.listen, "metrics endpoint").await?;
+    let app = ops::router(process.metrics.clone(), process.readiness.clone());
+    let cancel = process.cancel.clone();
+    process.spawn("ops", async move {
+        Ok(ops::serve(listener, app, cancel).await?)
+    });
+    Ok(())
+}

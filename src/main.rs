@@ -111,6 +111,8 @@ enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         output_price_micros: i64,
     },
+    /// Disable a model (its rows in usage and invoices stay).
+    Remove { name: String },
     /// List enabled models.
     List,
 }
@@ -234,6 +236,13 @@ async fn model(config: Config, command: ModelCommand) -> anyhow::Result<()> {
                 "model {} saved (routers pick it up within their refresh interval)",
                 spec.name
             );
+        }
+        ModelCommand::Remove { name } => {
+            let admin = control::connect(&config.postgres.admin_url, 2).await?;
+            if !control::disable_model(&admin, &name).await? {
+                anyhow::bail!("no enabled model named {name:?}");
+            }
+            println!("model {name} disabled");
         }
         ModelCommand::List => {
             let app = control::connect(&config.postgres.url, 2).await?;

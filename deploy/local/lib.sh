@@ -92,6 +92,10 @@ install_missing() {
     say "installing the tansu broker (cargo install; about 10 minutes on 2 cores)"
     cargo install tansu --locked --features libsql,dynostore
   fi
+  if ! python3 -c 'import openai' 2>/dev/null; then
+    say "installing the OpenAI Python SDK (pip), for the SDK example and its test"
+    python3 -m pip install --quiet --disable-pip-version-check openai
+  fi
   if ! command -v cargo-nextest >/dev/null; then
     say "installing cargo-nextest"
     cargo install cargo-nextest --locked

@@ -388,6 +388,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             "request_too_large",
             format!("The request body is larger than {limit} bytes."),
         )
+        .closing()
     })
 }
 

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// Ask the client not to reuse the connection (the request body was left unread).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -25,7 +27,15 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some(code.to_owned()),
+            close_connection: false,
         }
+    }
+
+    /// Marks the response `Connection: close`: the body was not read, so the connection cannot
+    /// carry another request.
+    pub fn closing(mut self) -> Self {
+        self.close_connection = true;
+        self
     }
 
     /// Names the request parameter at fault.
@@ -90,7 +100,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.close_connection {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

@@ -294,21 +294,13 @@ pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_random_prefixed_and_hash_stably() {
-        let a = generate_api_key();
-        let b = generate_api_key();
-        assert_ne!(a, b);
-        assert!(a.starts_with(API_KEY_PREFIX));
-        assert_eq!(a.len(), API_KEY_PREFIX.len() + 64);
-        assert_eq!(hash_api_key(&a), hash_api_key(&a));
-        assert_ne!(hash_api_key(&a), hash_api_key(&b));
-        assert_eq!(hash_api_key(&a).len(), 64);
-    }
+/// Disables a model (owner role); callers get 404 for it once catalogues refresh.
+pub async fn disable_model(admin: &PgPool, name: &str) -> Result<bool> {
+    let result = sqlx::query("UPDATE models SET enabled = false WHERE name = $1 AND enabled")
+        .bind(name)
+        .execute(admin)
+        .await?;
+    Ok(result.rows_affected() == 1)
 }
 
 /// The model catalogue, held in memory and refreshed from PostgreSQL in the background, so the
@@ -365,5 +357,22 @@ impl ModelCatalog {
                 tracing::warn!(error = %e, "model catalogue refresh failed; keeping the last one");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_prefixed_and_hash_stably() {
+        let a = generate_api_key();
+        let b = generate_api_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(API_KEY_PREFIX));
+        assert_eq!(a.len(), API_KEY_PREFIX.len() + 64);
+        assert_eq!(hash_api_key(&a), hash_api_key(&a));
+        assert_ne!(hash_api_key(&a), hash_api_key(&b));
+        assert_eq!(hash_api_key(&a).len(), 64);
     }
 }

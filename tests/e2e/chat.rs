@@ -1,0 +1,294 @@
+//! Chat through the whole pipeline: plain, streamed (SSE), over a WebSocket, through the
+//! official OpenAI Python SDK, and through the `openai` provider to an OpenAI-compatible
+//! upstream.
+
+use futures::{SinkExt, StreamExt};
+use rdkafka::Message;
+use serde_json::{json, Value};
+use sluice_schemas::{Codec, RegistryClient, RoutedRequest};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn plain_completion_is_routed_answered_and_metered() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let (status, body) = chat(
+        &sluice,
+        &tenant.key,
+        json!({"model": "auto", "messages": [{"role": "user", "content": "Hello, Sluice"}], "max_tokens": 50}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("chatcmpl-"));
+    assert_eq!(
+        body["model"], "sim-small",
+        "auto picks the cheapest model that fits"
+    );
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty());
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let usage = &body["usage"];
+    let (prompt, completion) = (
+        usage["prompt_tokens"].as_i64().unwrap(),
+        usage["completion_tokens"].as_i64().unwrap(),
+    );
+    assert_eq!(
+        prompt,
+        3 + 4,
+        "`Hello`, `,`, `Sluice` and 4 for the message framing"
+    );
+    assert_eq!(
+        completion,
+        sluice_pipelines::tokens::count(content) as i64,
+        "honest count"
+    );
+    assert_eq!(usage["total_tokens"].as_i64().unwrap(), prompt + completion);
+
+    // The routing decision is on the routed topic.
+    let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
+    let reader = topic_reader(&sluice.topic("routed"));
+    let mut decoded = Vec::new();
+    while decoded.is_empty() {
+        let message = find_record(&reader, 20, |m| m.payload().map(<[u8]>::to_vec)).await;
+        let routed: RoutedRequest = codec.decode(&message).await.unwrap();
+        if routed.request.request_id == id {
+            decoded.push(routed);
+        }
+    }
+    let routed = &decoded[0];
+    assert_eq!(routed.decision.model, "sim-small");
+    assert_eq!(routed.decision.provider, "sim");
+    assert!(
+        routed.decision.reason.starts_with("auto"),
+        "{}",
+        routed.decision.reason
+    );
+    assert_eq!(routed.request.tenant_id, tenant.id);
+
+    // Exactly one usage row, and /v1/usage reports it.
+    let event_id = format!("{id}:0");
+    let rows = eventually(30, "the usage row", || {
+        let event_id = event_id.clone();
+        async move {
+            let n = sluice_clickhouse_sink::queries::event_count(&clickhouse(), &event_id)
+                .await
+                .ok()?;
+            (n > 0).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(rows, 1);
+    let (status, usage) = get_json(&sluice.v1("/usage"), &tenant.key).await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["totals"]["requests"], 1);
+    assert_eq!(usage["totals"]["input_tokens"].as_i64(), Some(prompt));
+    assert_eq!(usage["totals"]["output_tokens"].as_i64(), Some(completion));
+    assert_eq!(usage["data"][0]["model"], "sim-small");
+}
+
+/// Parses an SSE body into its `data` payloads.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn streamed_completion_ends_with_a_usage_chunk() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .json(&json!({
+            "model": "sim-large", "stream": true, "stream_options": {"include_usage": true},
+            "max_tokens": 6, "messages": [{"role": "user", "content": "Stream please"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let body = response.text().await.unwrap();
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .unwrap();
+    assert_eq!(finish, "length", "max_tokens=6 cuts the reply");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 6);
+    assert_eq!(sluice_pipelines::tokens::count(&text), 6);
+    assert!(chunks
+        .iter()
+        .all(|c| c["model"] == "sim-large" && c["object"] == "chat.completion.chunk"));
+}
+
+#[tokio::test]
+async fn websocket_chat_streams_the_same_chunks() {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message as Frame};
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let url = format!(
+        "ws://{}/v1/chat/stream",
+        sluice.url.trim_start_matches("http://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", tenant.key).parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    for content in ["first question", "second question"] {
+        let body = json!({"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": content}]});
+        socket
+            .send(Frame::Text(body.to_string().into()))
+            .await
+            .unwrap();
+    }
+    socket.send(Frame::Text("not json".into())).await.unwrap();
+    let mut finished = std::collections::HashMap::new();
+    let mut errors = 0;
+    while finished.len() < 2 || errors < 1 {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+            .unwrap();
+        let Frame::Text(text) = frame else { continue };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v.get("error").is_some() {
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            errors += 1;
+            continue;
+        }
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if v["choices"][0]["finish_reason"].is_string() {
+            finished.insert(
+                v["id"].as_str().unwrap().to_owned(),
+                v["usage"]["completion_tokens"].clone(),
+            );
+        }
+    }
+    assert_eq!(finished.len(), 2);
+    assert!(finished.values().all(|u| u.as_i64() == Some(8)));
+
+    // Without a key the upgrade is refused with a JSON 401.
+    let err = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/chat/stream",
+        sluice.url.trim_start_matches("http://")
+    ))
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+#[tokio::test]
+async fn the_official_openai_python_sdk_works_unchanged() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let script = r#"
+from openai import OpenAI
+client = OpenAI()
+r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+print(r.choices[0].message.content)
+print(r.usage.completion_tokens)
+parts = []
+usage = None
+for chunk in client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True, stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = chunk.usage.completion_tokens
+print("".join(parts))
+print(usage)
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "Hi"}])
+except Exception as e:
+    print(type(e).__name__, getattr(e, "status_code", None))
+"#;
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .env("OPENAI_BASE_URL", sluice.v1(""))
+        .env("OPENAI_API_KEY", &tenant.key)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(!lines[0].is_empty());
+    assert_eq!(lines[1], "5");
+    assert!(!lines[2].is_empty());
+    assert_eq!(lines[3], "4");
+    assert_eq!(lines[4], "NotFoundError 404");
+}
+
+#[tokio::test]
+async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
+    // The upstream is a second, independent Sluice: a real OpenAI-compatible server on loopback.
+    let upstream = Sluice::start();
+    let upstream_tenant = create_tenant(&upstream.prefix);
+
+    let prefix = unique("t");
+    let model = unique("relay-");
+    let key_var = format!("RELAY_KEY_{}", prefix.to_uppercase());
+    run_cli(
+        &prefix,
+        &[
+            "model",
+            "add",
+            &model,
+            "--provider",
+            "openai",
+            "--upstream-model",
+            "sim-small",
+            "--base-url",
+            &upstream.v1(""),
+            "--api-key-env",
+            &key_var,
+            "--context-window",
+            "8192",
+            // Priced so that `auto` in other tests never picks it.
+            "--input-price-micros",
+            "999000000",
+            "--output-price-micros",
+            "999000000",
+        ],
+    );
+    let sluice = Sluice::start_with(&prefix, vec![(key_var, upstream_tenant.key.clone())]);
+    let tenant = create_tenant(&sluice.prefix);
+    let request = json!({"model": model, "max_tokens": 7, "messages": [{"role": "user", "content": "relay this"}]});
+    let (status, relayed) = chat(&sluice, &tenant.key, request.clone()).await;
+    assert_eq!(status, 200, "{relayed}");
+    let (_, direct) = chat(&upstream, &upstream_tenant.key, json!({"model": "sim-small", "max_tokens": 7, "messages": [{"role": "user", "content": "relay this"}]})).await;
+    assert_eq!(
+        relayed["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
+    );
+    assert_eq!(relayed["model"], model.as_str());
+    assert_eq!(
+        relayed["usage"], direct["usage"],
+        "billed by the upstream's own counts"
+    );
+    run_cli(&prefix, &["model", "remove", &model]);
+}

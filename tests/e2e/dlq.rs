@@ -1,0 +1,111 @@
+//! Poison records go to the DLQ with their reason and source coordinates, and the stream goes on.
+
+use std::time::Duration;
+
+use rdkafka::{
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Message,
+};
+use serde_json::json;
+use sluice_schemas::{Codec, DeadLetter, RegistryClient};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let requests = sluice.topic("requests");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let poisons: Vec<(&str, Vec<u8>)> = vec![
+        ("not the wire format", b"{\"model\": \"auto\"}".to_vec()),
+        (
+            "unknown schema id",
+            vec![0, 0x7f, 0xff, 0xff, 0xf0, 1, 2, 3],
+        ),
+        ("truncated avro body", {
+            // A real ChatRequest frame with its body cut short.
+            let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
+            codec
+                .register::<sluice_schemas::ChatRequest>()
+                .await
+                .unwrap();
+            let request = sluice_schemas::ChatRequest {
+                request_id: "x".into(),
+                tenant_id: tenant.id.clone(),
+                session_id: "s".into(),
+                model: "auto".into(),
+                messages: vec![],
+                max_tokens: None,
+                temperature: None,
+                stream: false,
+                reply_to: sluice_schemas::ReplyAddress {
+                    topic: sluice.topic("replies"),
+                    partition: 0,
+                },
+                received_at_ms: 0,
+            };
+            let bytes = codec.encode(&request).unwrap();
+            bytes[..bytes.len() / 2].to_vec()
+        }),
+    ];
+    let mut sent = Vec::new();
+    for (what, payload) in &poisons {
+        let delivery = producer
+            .send(
+                FutureRecord::to(&requests).key("poison").payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("{what}: {e}"));
+        sent.push((*what, delivery.partition, delivery.offset, payload.clone()));
+    }
+
+    // The pipeline still answers.
+    let (status, body) = chat(&sluice, &tenant.key, json!({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "after the poison"}]})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Each poison record is in the DLQ with where it came from, why, and its bytes.
+    let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
+    let reader = topic_reader(&sluice.topic("dlq"));
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    while letters.len() < sent.len() {
+        let bytes = find_record(&reader, 30, |m| m.payload().map(<[u8]>::to_vec)).await;
+        letters.push(codec.decode(&bytes).await.unwrap());
+    }
+    for (what, partition, offset, payload) in sent {
+        let letter = letters
+            .iter()
+            .find(|l| l.source_partition == partition && l.source_offset == offset)
+            .unwrap_or_else(|| {
+                panic!("{what}: no dead letter for {partition}/{offset}: {letters:?}")
+            });
+        assert_eq!(letter.source_topic, requests, "{what}");
+        assert_eq!(letter.stage, "router", "{what}");
+        assert!(
+            letter.reason.starts_with("undecodable"),
+            "{what}: {}",
+            letter.reason
+        );
+        assert_eq!(letter.payload.as_deref(), Some(&payload[..]), "{what}");
+        assert_eq!(letter.key.as_deref(), Some(&b"poison"[..]), "{what}");
+    }
+
+    // The DLQ count is on /metrics.
+    let metrics = http()
+        .get(format!("{}/metrics", sluice.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_dlq_records_total{stage=\"router\"}"))
+        .expect("dlq metric");
+    assert!(line.ends_with(" 3"), "{line}");
+}

@@ -1,0 +1,348 @@
+//! The end-to-end harness: starts a real `sluice up` process against the local stack (broker,
+//! ClickHouse, PostgreSQL, all started by `deploy/local/up`) with its own topic prefix, ports
+//! and tenants, so tests run in parallel without seeing each other.
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    ClientConfig, Message,
+};
+use serde_json::Value;
+
+/// Settings of the local stack, from the environment `deploy/local/test` exports.
+pub fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn bootstrap() -> String {
+    env_or("SLUICE_KAFKA__BOOTSTRAP", "127.0.0.1:9092")
+}
+
+pub fn clickhouse_url() -> String {
+    env_or("SLUICE_CLICKHOUSE__URL", "http://127.0.0.1:8123")
+}
+
+pub fn app_database_url() -> String {
+    env_or(
+        "SLUICE_POSTGRES__URL",
+        "postgres://sluice_app@127.0.0.1:5432/sluice",
+    )
+}
+
+pub fn admin_database_url() -> String {
+    env_or(
+        "SLUICE_POSTGRES__ADMIN_URL",
+        "postgres://sluice@127.0.0.1:5432/sluice",
+    )
+}
+
+/// The `sluice` binary cargo built for these tests.
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A `sluice` command with the stack's settings and this test's prefix.
+pub fn sluice(prefix: &str) -> Command {
+    let mut command = Command::new(sluice_bin());
+    command
+        .env("SLUICE_KAFKA__BOOTSTRAP", bootstrap())
+        .env("SLUICE_KAFKA__TOPIC_PREFIX", prefix)
+        .env("SLUICE_KAFKA__PARTITIONS", "3")
+        .env("SLUICE_CLICKHOUSE__URL", clickhouse_url())
+        .env("SLUICE_POSTGRES__URL", app_database_url())
+        .env("SLUICE_POSTGRES__ADMIN_URL", admin_database_url())
+        .env("SLUICE_LOG__FORMAT", "json")
+        .env("SLUICE_ORCHESTRATOR__SIM__FIRST_TOKEN_MS", "5")
+        .env("SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND", "2000.0");
+    command
+}
+
+/// Runs a `sluice` command to completion and returns its stdout.
+pub fn run_cli(prefix: &str, args: &[&str]) -> String {
+    let output = sluice(prefix).args(args).output().expect("running sluice");
+    assert!(
+        output.status.success(),
+        "sluice {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A tenant and its API key.
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub key: String,
+}
+
+/// Creates a tenant through the CLI.
+pub fn create_tenant(prefix: &str) -> Tenant {
+    let name = unique("tenant-");
+    let out = run_cli(prefix, &["tenant", "create", &name, "--json"]);
+    let v: Value = serde_json::from_str(out.trim()).expect("tenant JSON");
+    Tenant {
+        id: v["tenant_id"].as_str().expect("id").to_owned(),
+        name,
+        key: v["api_key"].as_str().expect("key").to_owned(),
+    }
+}
+
+/// A running `sluice up`.
+pub struct Sluice {
+    pub prefix: String,
+    pub url: String,
+    pub registry_url: String,
+    edge_port: u16,
+    registry_port: u16,
+    child: Option<Child>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Sluice {
+    /// Prepares topics for a fresh prefix and starts `sluice up`.
+    pub fn start() -> Self {
+        Self::start_with(&unique("t"), Vec::new())
+    }
+
+    /// Starts `sluice up` for `prefix` with extra environment variables.
+    pub fn start_with(prefix: &str, extra_env: Vec<(String, String)>) -> Self {
+        run_cli(prefix, &["setup"]);
+        let edge_port = free_port();
+        let registry_port = free_port();
+        let mut sluice = Self {
+            prefix: prefix.to_owned(),
+            url: format!("http://127.0.0.1:{edge_port}"),
+            registry_url: format!("http://127.0.0.1:{registry_port}"),
+            edge_port,
+            registry_port,
+            child: None,
+            extra_env,
+        };
+        sluice.spawn();
+        sluice
+    }
+
+    fn spawn(&mut self) {
+        let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sluice/logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log = std::fs::File::create(log_dir.join(format!("test-{}.log", self.prefix)))
+            .expect("log file");
+        let mut command = sluice(&self.prefix);
+        command
+            .arg("up")
+            .env(
+                "SLUICE_EDGE__LISTEN",
+                format!("127.0.0.1:{}", self.edge_port),
+            )
+            .env(
+                "SLUICE_REGISTRY__LISTEN",
+                format!("127.0.0.1:{}", self.registry_port),
+            )
+            .env("SLUICE_REGISTRY__URL", &self.registry_url)
+            .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            command.env(k, v);
+        }
+        self.child = Some(command.spawn().expect("starting sluice up"));
+        self.wait_ready();
+    }
+
+    /// Waits until `/readyz` is green (at most 60 s).
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "sluice up exited early with {status}; see .sluice/logs/test-{}.log",
+                        self.prefix
+                    );
+                }
+            }
+            if ready(&self.url) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sluice up did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process without warning (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again with the same prefix (new ports are not needed).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn v1(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.url)
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn ready(url: &str) -> bool {
+    // A bare blocking probe keeps the harness free of a runtime.
+    use std::io::{Read, Write};
+    let Some(address) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+/// An async HTTP client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
+/// POSTs a chat completion; returns status and JSON body.
+pub async fn chat(sluice: &Sluice, key: &str, body: Value) -> (u16, Value) {
+    let response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// GETs a JSON endpoint with a key.
+pub async fn get_json(url: &str, key: &str) -> (u16, Value) {
+    let response = http()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Polls `check` every 200 ms until it returns Some, for at most `seconds`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A consumer reading `topic` from the beginning, in its own group.
+pub fn topic_reader(topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader-"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    consumer
+}
+
+/// Reads records from `consumer` until `found` accepts one (at most `seconds`).
+pub async fn find_record<T>(
+    consumer: &StreamConsumer,
+    seconds: u64,
+    mut found: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "record not found in time");
+        if let Ok(Ok(message)) = tokio::time::timeout(left, consumer.recv()).await {
+            if let Some(value) = found(&message) {
+                return value;
+            }
+            let _ = message.offset();
+        }
+    }
+}
+
+/// A ClickHouse client for the `sluice` database.
+pub fn clickhouse() -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(clickhouse_url())
+        .with_database("sluice")
+        .with_validation(false)
+}

@@ -1,0 +1,13 @@
+//! End-to-end suite: every test starts a real `sluice up` against the local stack (tansu,
+//! ClickHouse, PostgreSQL) with its own topics, ports and tenants.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod bad_input;
+mod billing;
+mod chat;
+mod dlq;
+mod isolation;
+mod registry;

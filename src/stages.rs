@@ -119,8 +119,31 @@ async fn shutdown_signal() {
 struct Process {
     metrics: Arc<Metrics>,
     readiness: Readiness,
+    /// Stops the parts that accept work from outside (the edge); fired first.
+    front_cancel: CancellationToken,
+    front_tasks: JoinSet<(String, anyhow::Result<()>)>,
+    /// Stops the stages, the registry and background loops, once the front has drained.
     cancel: CancellationToken,
     tasks: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+/// How long the edge may take to finish the requests in flight at shutdown.
+const FRONT_DRAIN: Duration = Duration::from_secs(30);
+
+fn report(
+    joined: Result<(String, anyhow::Result<()>), tokio::task::JoinError>,
+) -> Option<anyhow::Error> {
+    match joined {
+        Ok((name, Ok(()))) => {
+            tracing::info!(part = %name, "part stopped");
+            None
+        }
+        Ok((name, Err(e))) => {
+            tracing::error!(part = %name, error = %format!("{e:#}"), "part failed");
+            Some(e.context(name))
+        }
+        Err(e) => Some(anyhow::anyhow!("task panicked: {e}")),
+    }
 }
 
 impl Process {
@@ -128,6 +151,8 @@ impl Process {
         Ok(Self {
             metrics: Arc::new(Metrics::new()?),
             readiness: Readiness::default(),
+            front_cancel: CancellationToken::new(),
+            front_tasks: JoinSet::new(),
             cancel: CancellationToken::new(),
             tasks: JoinSet::new(),
         })
@@ -142,26 +167,43 @@ impl Process {
         self.tasks.spawn(async move { (name, task.await) });
     }
 
-    /// Waits for a signal or for any task to end, then cancels everything and waits for all.
+    /// Spawns a part that accepts work from outside; it stops first at shutdown.
+    fn spawn_front(
+        &mut self,
+        name: &str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let name = name.to_owned();
+        self.front_tasks.spawn(async move { (name, task.await) });
+    }
+
+    /// Waits for a signal or for any part to end, then shuts down in order: stop accepting
+    /// (the edge finishes the requests in flight, while the stages still run to answer them),
+    /// then stop the stages, which drain their lanes, flush their sinks and commit offsets.
     async fn run_until_shutdown(mut self) -> anyhow::Result<()> {
         let mut failure = None;
         tokio::select! {
             _ = shutdown_signal() => tracing::info!("shutting down"),
-            Some(joined) = self.tasks.join_next() => {
-                match joined {
-                    Ok((name, Ok(()))) => tracing::warn!(part = %name, "part stopped; shutting down"),
-                    Ok((name, Err(e))) => {
-                        tracing::error!(part = %name, error = %format!("{e:#}"), "part failed; shutting down");
-                        failure = Some(e.context(name));
-                    }
-                    Err(e) => failure = Some(anyhow::anyhow!("task panicked: {e}")),
+            Some(joined) = self.tasks.join_next() => failure = report(joined),
+            Some(joined) = self.front_tasks.join_next() => failure = report(joined),
+        }
+        self.front_cancel.cancel();
+        let drained = tokio::time::timeout(FRONT_DRAIN, async {
+            while let Some(joined) = self.front_tasks.join_next().await {
+                if let Some(e) = report(joined) {
+                    failure.get_or_insert(e);
                 }
             }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("requests still in flight after {FRONT_DRAIN:?}; stopping anyway");
+            self.front_tasks.abort_all();
         }
         self.cancel.cancel();
         while let Some(joined) = self.tasks.join_next().await {
-            if let Ok((name, Err(e))) = joined {
-                tracing::error!(part = %name, error = %format!("{e:#}"), "part failed while stopping");
+            if let Some(e) = report(joined) {
+                failure.get_or_insert(e);
             }
         }
         match failure {
@@ -283,8 +325,8 @@ async fn start_edge(
     };
     process.readiness.register("edge");
     let edge_config = config.edge.clone();
-    let cancel = process.cancel.clone();
-    process.spawn("edge", async move {
+    let cancel = process.front_cancel.clone();
+    process.spawn_front("edge", async move {
         sluice_edge::run(edge_config, deps, listener, cancel).await
     });
     tracing::info!(listen = %config.edge.listen, "edge listening");

@@ -33,8 +33,6 @@ pub const HTTP_SECONDS: &str = "sluice_http_request_seconds";
 pub const ORPHAN_REPLIES: &str = "sluice_edge_orphan_replies_total";
 /// Open streams (SSE and WebSocket) on the edge.
 pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
-/// Tokens metered, by `kind` (input/output) and `model`.
-pub const TOKENS: &str = "sluice_tokens_total";
 
 /// The process's metrics.
 pub struct Metrics {
@@ -52,7 +50,6 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub orphan_replies: IntCounter,
     pub open_streams: IntGaugeVec,
-    pub tokens: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -117,7 +114,6 @@ impl Metrics {
                 c
             },
             open_streams: gauge(OPEN_STREAMS, "Open SSE and WebSocket streams.", &["kind"])?,
-            tokens: counter(TOKENS, "Tokens metered.", &["kind", "model"])?,
             registry,
         })
     }

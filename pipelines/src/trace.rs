@@ -44,6 +44,7 @@ impl TraceContext {
         let span = parts.next()?;
         let flags = parts.next()?;
         if version.len() != 2
+            || u8::from_str_radix(version, 16).is_err()
             || version == "ff"
             || trace.len() != 32
             || span.len() != 16

@@ -146,3 +146,41 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
         .unwrap();
     assert!(raw >= expected.len() as u64);
 }
+
+#[tokio::test]
+async fn sigterm_lets_requests_in_flight_finish_then_exits_cleanly() {
+    let prefix = unique("t");
+    let slow = vec![(
+        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
+        "40.0".to_owned(),
+    )];
+    let mut sluice = Sluice::start_with(&prefix, slow);
+    let tenant = create_tenant(&prefix);
+    let url = sluice.v1("/chat/completions");
+    let key = tenant.key.clone();
+    // About half a second of streaming at 40 tokens/s.
+    let request = tokio::spawn(async move {
+        let response = http()
+            .post(url)
+            .bearer_auth(key)
+            .json(&json!({"model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "finish me"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let clean = tokio::task::spawn_blocking(move || {
+        let clean = sluice.terminate();
+        (clean, sluice)
+    });
+    let (status, body) = request.await.unwrap();
+    assert_eq!(
+        status, 200,
+        "the request in flight is answered during shutdown: {body}"
+    );
+    assert_eq!(body["usage"]["completion_tokens"], 20);
+    let (clean, _sluice) = clean.await.unwrap();
+    assert!(clean, "sluice up exits with status 0 after SIGTERM");
+}

@@ -204,14 +204,17 @@ impl Sluice {
         self.spawn();
     }
 
-    /// Asks the process to stop (SIGTERM) and waits for it.
-    pub fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let _ = child.wait();
+    /// Asks the process to stop (SIGTERM) and waits for it; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status();
+                child.wait().map(|s| s.success()).unwrap_or(false)
+            }
+            None => true,
         }
     }
 

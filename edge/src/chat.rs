@@ -310,6 +310,67 @@ pub fn chunk_json(
     })
 }
 
+/// Turns one request's reply chunks into OpenAI's streaming objects, for SSE and WebSocket
+/// alike: a first chunk with the assistant role, one per delta, a last one with
+/// `finish_reason`, then (when asked for) a usage chunk with no choices.
+pub struct StreamTranslator {
+    id: String,
+    created: i64,
+    include_usage: bool,
+    started: bool,
+}
+
+/// What one reply chunk becomes.
+pub enum Translated {
+    /// More objects; the stream goes on.
+    More(Vec<Value>),
+    /// The last objects; the stream is complete.
+    Finished(Vec<Value>),
+    /// The model call failed; send this error and end.
+    Failed(ApiError),
+}
+
+impl StreamTranslator {
+    /// A translator for the request `id`, created at `created` (Unix seconds).
+    pub fn new(id: &str, created: i64, include_usage: bool) -> Self {
+        Self {
+            id: id.to_owned(),
+            created,
+            include_usage,
+            started: false,
+        }
+    }
+
+    /// Translates the next chunk.
+    pub fn translate(&mut self, chunk: &ReplyChunk) -> Translated {
+        if chunk.kind == ReplyKind::Error {
+            return Translated::Failed(chunk_error(chunk));
+        }
+        let mut out = Vec::with_capacity(3);
+        if !self.started {
+            self.started = true;
+            out.push(self.object(chunk, json!({ "role": "assistant", "content": "" }), None));
+        }
+        if chunk.kind == ReplyKind::Delta {
+            out.push(self.object(chunk, json!({ "content": chunk.delta }), None));
+            return Translated::More(out);
+        }
+        let finish = chunk.finish_reason.as_deref().unwrap_or("stop");
+        out.push(self.object(chunk, json!({}), Some(finish)));
+        if self.include_usage {
+            let mut usage = self.object(chunk, json!({}), None);
+            usage["choices"] = json!([]);
+            usage["usage"] = usage_json(chunk.input_tokens, chunk.output_tokens);
+            out.push(usage);
+        }
+        Translated::Finished(out)
+    }
+
+    fn object(&self, chunk: &ReplyChunk, delta: Value, finish_reason: Option<&str>) -> Value {
+        chunk_json(&self.id, self.created, &chunk.model, delta, finish_reason)
+    }
+}
+
 /// The handler.
 pub async fn completions(
     State(state): State<Arc<EdgeState>>,
@@ -405,19 +466,19 @@ fn sse_events(
     state: Arc<EdgeState>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     struct Cursor {
+        translator: StreamTranslator,
         submitted: Submitted,
         pending: Option<ReplyChunk>,
-        started: bool,
         finished: bool,
         _open: OpenStream,
     }
-    let open = OpenStream::new(&state, "sse");
+    const DONE: &[u8] = b"data: [DONE]\n\n";
     let cursor = Cursor {
+        translator: StreamTranslator::new(&submitted.request_id, submitted.created, include_usage),
         submitted,
         pending: Some(first),
-        started: false,
         finished: false,
-        _open: open,
+        _open: OpenStream::new(&state, "sse"),
     };
     stream::unfold(cursor, move |mut c| async move {
         if c.finished {
@@ -427,60 +488,18 @@ fn sse_events(
             Some(chunk) => Ok(chunk),
             None => next_chunk(&mut c.submitted.subscription, timeout).await,
         };
-        let id = c.submitted.request_id.clone();
-        let created = c.submitted.created;
         let mut out = Vec::new();
-        match chunk {
-            Err(e) => {
-                out.push(sse(&e.body()));
-                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        match chunk.map(|chunk| c.translator.translate(&chunk)) {
+            Ok(Translated::More(objects)) => out.extend(objects.iter().map(sse)),
+            Ok(Translated::Finished(objects)) => {
+                out.extend(objects.iter().map(sse));
+                out.push(Bytes::from_static(DONE));
                 c.finished = true;
             }
-            Ok(chunk) => {
-                if !c.started {
-                    c.started = true;
-                    out.push(sse(&chunk_json(
-                        &id,
-                        created,
-                        &chunk.model,
-                        json!({ "role": "assistant", "content": "" }),
-                        None,
-                    )));
-                }
-                match chunk.kind {
-                    ReplyKind::Delta => {
-                        out.push(sse(&chunk_json(
-                            &id,
-                            created,
-                            &chunk.model,
-                            json!({ "content": chunk.delta }),
-                            None,
-                        )));
-                    }
-                    ReplyKind::Error => {
-                        out.push(sse(&chunk_error(&chunk).body()));
-                        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                        c.finished = true;
-                    }
-                    ReplyKind::Done => {
-                        out.push(sse(&chunk_json(
-                            &id,
-                            created,
-                            &chunk.model,
-                            json!({}),
-                            Some(chunk.finish_reason.as_deref().unwrap_or("stop")),
-                        )));
-                        if include_usage {
-                            out.push(sse(&json!({
-                                "id": id, "object": "chat.completion.chunk", "created": created,
-                                "model": chunk.model, "system_fingerprint": Value::Null, "choices": [],
-                                "usage": usage_json(chunk.input_tokens, chunk.output_tokens),
-                            })));
-                        }
-                        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                        c.finished = true;
-                    }
-                }
+            Ok(Translated::Failed(e)) | Err(e) => {
+                out.push(sse(&e.body()));
+                out.push(Bytes::from_static(DONE));
+                c.finished = true;
             }
         }
         let bytes: Bytes = out.concat().into();
@@ -570,6 +589,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn translator_frames_a_reply_like_openai() {
+        let request = ChatRequest {
+            request_id: "chatcmpl-1".into(),
+            tenant_id: "t".into(),
+            session_id: "s".into(),
+            model: "auto".into(),
+            messages: vec![],
+            max_tokens: None,
+            temperature: None,
+            stream: true,
+            reply_to: ReplyAddress {
+                topic: "r".into(),
+                partition: 0,
+            },
+            received_at_ms: 0,
+        };
+        let mut t = StreamTranslator::new("chatcmpl-1", 7, true);
+        let mut delta = ReplyChunk::new(&request, "sim-small", 0, ReplyKind::Delta);
+        delta.delta = "Hi".into();
+        let Translated::More(first) = t.translate(&delta) else {
+            panic!("more")
+        };
+        assert_eq!(first.len(), 2, "role chunk, then the delta");
+        assert_eq!(first[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(first[1]["choices"][0]["delta"]["content"], "Hi");
+        let mut done = ReplyChunk::new(&request, "sim-small", 1, ReplyKind::Done);
+        done.finish_reason = Some("length".into());
+        done.input_tokens = 3;
+        done.output_tokens = 1;
+        let Translated::Finished(last) = t.translate(&done) else {
+            panic!("finished")
+        };
+        assert_eq!(last[0]["choices"][0]["finish_reason"], "length");
+        assert_eq!(last[1]["choices"], json!([]));
+        assert_eq!(last[1]["usage"]["total_tokens"], 4);
+        assert!(last
+            .iter()
+            .all(|o| o["id"] == "chatcmpl-1" && o["created"] == 7 && o["model"] == "sim-small"));
+        let error = ReplyChunk::error(&request, "m", 0, 429, "upstream_rate_limited", "slow down");
+        let Translated::Failed(e) = StreamTranslator::new("x", 0, false).translate(&error) else {
+            panic!("failed")
+        };
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! The client sends text frames, each a chat completion request body (as for
 //! `/v1/chat/completions`; `stream` is implied). Several requests may be in flight on one
 //! socket. The server answers each with `chat.completion.chunk` frames (the same objects SSE
-//! carries, `id` telling requests apart), a final chunk with `finish_reason` and `usage`, and
-//! errors as `{"id": ..., "error": {...}}` frames. Authentication: the `Authorization` header,
+//! carries, `id` telling requests apart): deltas, a chunk with `finish_reason`, then a usage
+//! chunk with no choices. Errors come as `{"id": ..., "error": {...}}` frames. Authentication: the `Authorization` header,
 //! or `?api_key=` for browsers, which cannot set headers on a WebSocket.
 //!
 //! One task reads the socket and one writes it; they end together. Outgoing frames pass through
@@ -24,13 +24,12 @@ use axum::{
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_schemas::ReplyKind;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{self, TenantId},
-    chat::{self, chunk_json, usage_json, OpenStream},
+    chat::{self, OpenStream, StreamTranslator, Translated},
     error::ApiError,
     EdgeState,
 };
@@ -155,58 +154,27 @@ async fn run_request(
         }
     };
     let id = submitted.request_id.clone();
-    let created = submitted.created;
+    let mut translator = StreamTranslator::new(&id, submitted.created, true);
     let timeout = Duration::from_secs(state.config.reply_timeout_secs);
-    let mut started = false;
     loop {
-        let chunk = match chat::next_chunk(&mut submitted.subscription, timeout).await {
-            Ok(chunk) => chunk,
-            Err(e) => {
+        let translated = match chat::next_chunk(&mut submitted.subscription, timeout).await {
+            Ok(chunk) => translator.translate(&chunk),
+            Err(e) => Translated::Failed(e),
+        };
+        let (objects, last) = match translated {
+            Translated::More(objects) => (objects, false),
+            Translated::Finished(objects) => (objects, true),
+            Translated::Failed(e) => {
                 let _ = outbox.send(error_frame(Some(&id), &e)).await;
                 return;
             }
         };
-        if !started && chunk.kind != ReplyKind::Error {
-            started = true;
-            let first = chunk_json(
-                &id,
-                created,
-                &chunk.model,
-                json!({ "role": "assistant", "content": "" }),
-                None,
-            );
-            if outbox.send(first).await.is_err() {
+        for object in objects {
+            if outbox.send(object).await.is_err() {
                 return;
             }
         }
-        let frame = match chunk.kind {
-            ReplyKind::Delta => chunk_json(
-                &id,
-                created,
-                &chunk.model,
-                json!({ "content": chunk.delta }),
-                None,
-            ),
-            ReplyKind::Error => {
-                let _ = outbox
-                    .send(error_frame(Some(&id), &chat::chunk_error(&chunk)))
-                    .await;
-                return;
-            }
-            ReplyKind::Done => {
-                let mut last = chunk_json(
-                    &id,
-                    created,
-                    &chunk.model,
-                    json!({}),
-                    Some(chunk.finish_reason.as_deref().unwrap_or("stop")),
-                );
-                last["usage"] = usage_json(chunk.input_tokens, chunk.output_tokens);
-                let _ = outbox.send(last).await;
-                return;
-            }
-        };
-        if outbox.send(frame).await.is_err() {
+        if last {
             return;
         }
     }

@@ -178,7 +178,23 @@ async fn websocket_chat_streams_the_same_chunks() {
             continue;
         }
         assert_eq!(v["object"], "chat.completion.chunk");
+        let id = v["id"].as_str().unwrap().to_owned();
         if v["choices"][0]["finish_reason"].is_string() {
+            assert!(!finished.contains_key(&id));
+            finished.insert(id, Value::Null);
+        } else if v["choices"] == json!([]) {
+            // The usage chunk follows the finish chunk.
+            assert_eq!(finished.get(&id), Some(&Value::Null));
+            finished.insert(id, v["usage"]["completion_tokens"].clone());
+        }
+    }
+    // Wait for the second usage chunk if it has not come yet.
+    while finished.values().any(Value::is_null) {
+        let Some(Ok(Frame::Text(text))) = socket.next().await else {
+            panic!("socket closed")
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v["choices"] == json!([]) {
             finished.insert(
                 v["id"].as_str().unwrap().to_owned(),
                 v["usage"]["completion_tokens"].clone(),

@@ -20,14 +20,21 @@ use crate::{registry::RegistryClient, wire, Error, Record, Result};
 
 /// Avro-encodes `value` with its own schema (no framing).
 pub fn encode_body<T: Record>(value: &T) -> Result<Vec<u8>> {
-    let schema = T::schema()?;
-    let writer = GenericDatumWriter::builder(schema)
+    let mut out = Vec::with_capacity(256);
+    write_body(value, &mut out)?;
+    Ok(out)
+}
+
+/// Appends `value`'s Avro encoding to `out`.
+fn write_body<T: Record>(value: &T, out: &mut Vec<u8>) -> Result<()> {
+    let writer = GenericDatumWriter::builder(T::schema()?)
         .human_readable(false)
         .build()
         .map_err(|e| Error::Encode(e.to_string()))?;
     writer
-        .write_ser_to_vec(value)
-        .map_err(|e| Error::Encode(format!("{}: {e}", T::NAME)))
+        .write_ser(out, value)
+        .map_err(|e| Error::Encode(format!("{}: {e}", T::NAME)))?;
+    Ok(())
 }
 
 /// Decodes an Avro body written with `writer_schema` into `T`, resolving against `T`'s schema
@@ -127,14 +134,7 @@ impl Codec {
             .ok_or_else(|| Error::Bug(format!("{} was not registered before encoding", T::NAME)))?;
         let mut out = Vec::with_capacity(256);
         wire::write_header(id, &mut out);
-        let schema = T::schema()?;
-        let writer = GenericDatumWriter::builder(schema)
-            .human_readable(false)
-            .build()
-            .map_err(|e| Error::Encode(e.to_string()))?;
-        writer
-            .write_ser(&mut out, value)
-            .map_err(|e| Error::Encode(format!("{}: {e}", T::NAME)))?;
+        write_body(value, &mut out)?;
         Ok(out)
     }
 

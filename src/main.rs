@@ -58,6 +58,27 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Measure Sluice against the limits of the machine it runs on.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Records through the operator runtime vs. raw librdkafka consume+produce on the same broker.
+    Passthrough {
+        /// Records per path.
+        #[arg(long, default_value_t = 20_000)]
+        records: u64,
+        /// Approximate encoded size of each record (bytes).
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        /// Records the pipeline processes concurrently.
+        #[arg(long, default_value_t = 32)]
+        lanes: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -170,6 +191,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Tenant { command } => tenant(config, command).await,
         Command::Model { command } => model(config, command).await,
+        Command::Bench { command } => bench(config, command).await,
     }
 }
 
@@ -197,6 +219,39 @@ async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()> {
         println!("tenant  {} ({})", tenant.name, tenant.id);
         println!("api key {key}");
         println!("(the key is shown once; Sluice stores only its hash)");
+    }
+    Ok(())
+}
+
+async fn bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Passthrough {
+            records,
+            record_bytes,
+            lanes,
+        } => {
+            let options = sluice_pipelines::bench::PassthroughOptions {
+                records,
+                record_bytes,
+                lanes,
+            };
+            let codec = stages::codec(&config)?;
+            let report =
+                sluice_pipelines::bench::passthrough(&config.kafka, codec, &options).await?;
+            println!(
+                "records: {} of {} bytes",
+                report.records, report.record_bytes
+            );
+            println!(
+                "raw librdkafka consume+produce: {:.0} records/s",
+                report.raw_per_sec
+            );
+            println!(
+                "pipeline (decode, operator, encode, ordered commit): {:.0} records/s",
+                report.pipeline_per_sec
+            );
+            println!("ratio={:.3}", report.ratio());
+        }
     }
     Ok(())
 }

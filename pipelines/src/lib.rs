@@ -13,6 +13,7 @@
 //!   model catalogue, with row-level security on tenant-owned tables.
 //! - [`config`]: the configuration types these pieces share.
 
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod kafka;

@@ -17,8 +17,9 @@ PG_HOST="${SLUICE_PG_HOST:-127.0.0.1}"
 PG_PORT="${SLUICE_PG_PORT:-5432}"
 EDGE_PORT="${SLUICE_EDGE_PORT:-8080}"
 REGISTRY_PORT="${SLUICE_REGISTRY_PORT:-8081}"
-# memory://tansu/ is about 25x faster but forgets everything when the broker stops.
-BROKER_STORAGE="${SLUICE_BROKER_STORAGE:-sqlite://tansu.db}"
+# memory://tansu/ keeps topics in memory: fast, and light on CPU while consumers poll, but a
+# broker restart empties them (up recreates the topics). sqlite://tansu.db is durable and slower.
+BROKER_STORAGE="${SLUICE_BROKER_STORAGE:-memory://tansu/}"
 SLUICE_PROFILE="${SLUICE_PROFILE:-debug}"
 
 mkdir -p "$LOGS" "$PIDS"

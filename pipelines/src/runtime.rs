@@ -161,6 +161,11 @@ impl Emitter {
         }
     }
 
+    /// The queued sends and their acknowledgements, for the caller to await.
+    pub fn into_pending(self) -> Vec<(String, DeliveryFuture)> {
+        self.pending
+    }
+
     /// Waits for every queued send; returns the topics written, one entry per record.
     pub async fn flush(&mut self) -> Result<Vec<String>, ProcessError> {
         let mut written = Vec::with_capacity(self.pending.len());
@@ -201,6 +206,8 @@ pub struct StageSpec {
     pub lane_capacity: usize,
     /// Attempts on retriable failures before a record goes to the DLQ.
     pub max_attempts: u32,
+    /// Processed records per lane whose outputs may await the broker's acknowledgement at once.
+    pub max_unacked: usize,
     /// Broker fetch wait; small on the interactive path.
     pub fetch_wait_ms: u32,
 }
@@ -216,6 +223,7 @@ impl StageSpec {
             lanes: 32,
             lane_capacity: 16,
             max_attempts: 6,
+            max_unacked: 256,
             fetch_wait_ms: 5,
         }
     }
@@ -475,45 +483,69 @@ struct Lane<O: Operator> {
     cancel: CancellationToken,
 }
 
+/// How handling one record ended.
+enum Handled {
+    /// Processed (or dead-lettered); its outputs are on their way to the broker.
+    Sent(Vec<(String, DeliveryFuture)>),
+    /// Interrupted by shutdown: not done, to be redelivered.
+    Redeliver,
+}
+
+/// A processed record whose outputs await the broker's acknowledgement.
+struct Unacked {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    started: Instant,
+    deliveries: Vec<(String, DeliveryFuture)>,
+}
+
 impl<O: Operator> Lane<O> {
+    /// Processes the lane's records one after another. Waiting for the broker's
+    /// acknowledgements is left to a companion task, so the lane moves on to its next record
+    /// while earlier outputs are in flight; the acknowledger completes offsets in order.
     async fn run(self, mut rx: mpsc::Receiver<OwnedMessage>) {
-        let stage = self.spec.name.as_str();
+        let stage = self.spec.name.clone();
+        let (unacked_tx, unacked_rx) = mpsc::channel::<Unacked>(self.spec.max_unacked.max(1));
+        let acknowledger = tokio::spawn(acknowledge(
+            unacked_rx,
+            self.consumer.clone(),
+            self.tracker.clone(),
+            self.producer.clone(),
+            self.deps.metrics.clone(),
+            stage.clone(),
+            self.cancel.clone(),
+        ));
         while let Some(message) = rx.recv().await {
             if self.cancel.is_cancelled() {
                 // Not done: it will be redelivered to whoever owns the partition next.
                 continue;
             }
             let started = Instant::now();
-            let in_flight = self.deps.metrics.in_flight.with_label_values(&[stage]);
+            let in_flight = self.deps.metrics.in_flight.with_label_values(&[&stage]);
             in_flight.inc();
-            let done = self.handle(&message).await;
+            let handled = self.handle(&message).await;
             in_flight.dec();
-            if !done {
-                continue;
+            let Handled::Sent(deliveries) = handled else { continue };
+            let unacked = Unacked {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                started,
+                deliveries,
+            };
+            if unacked_tx.send(unacked).await.is_err() {
+                break;
             }
-            self.deps
-                .metrics
-                .process_seconds
-                .with_label_values(&[stage])
-                .observe(started.elapsed().as_secs_f64());
-            let position = self
-                .tracker
-                .lock()
-                .ok()
-                .and_then(|mut t| t.complete(message.partition(), message.offset()));
-            if let Some(position) = position {
-                store_position(
-                    &self.consumer,
-                    message.topic(),
-                    message.partition(),
-                    position,
-                );
-            }
+        }
+        drop(unacked_tx);
+        if let Err(e) = acknowledger.await {
+            tracing::error!(stage, error = %e, "acknowledger failed");
         }
     }
 
-    /// Processes one record to completion; false if it must be redelivered (shutdown).
-    async fn handle(&self, message: &OwnedMessage) -> bool {
+    /// Processes one record; its outputs are queued, not yet acknowledged.
+    async fn handle(&self, message: &OwnedMessage) -> Handled {
         let stage = self.spec.name.as_str();
         let ctx = RecordContext::of(message);
         let span = tracing::info_span!(
@@ -523,7 +555,15 @@ impl<O: Operator> Lane<O> {
         self.handle_traced(message, &ctx).instrument(span).await
     }
 
-    async fn handle_traced(&self, message: &OwnedMessage, ctx: &RecordContext) -> bool {
+    async fn dead_letter(&self, message: &OwnedMessage, reason: &str) -> Handled {
+        if self.dead_letters.send(message, reason, &self.cancel).await {
+            Handled::Sent(Vec::new())
+        } else {
+            Handled::Redeliver
+        }
+    }
+
+    async fn handle_traced(&self, message: &OwnedMessage, ctx: &RecordContext) -> Handled {
         let stage = self.spec.name.as_str();
         let payload = message.payload().unwrap_or_default();
         let mut attempt = 0u32;
@@ -535,52 +575,29 @@ impl<O: Operator> Lane<O> {
                     self.deps.metrics.retries.with_label_values(&[stage]).inc();
                     tracing::warn!(stage, error = %e, attempt, "cannot decode yet; retrying");
                     if !self.pause(attempt).await {
-                        return false;
+                        return Handled::Redeliver;
                     }
                 }
-                Err(e) => {
-                    return self
-                        .dead_letters
-                        .send(message, &format!("undecodable: {e}"), &self.cancel)
-                        .await;
-                }
+                Err(e) => return self.dead_letter(message, &format!("undecodable: {e}")).await,
             }
         };
         let mut attempt = 0u32;
         loop {
             let mut out = Emitter::new(self.producer.clone(), self.deps.codec.clone(), ctx.trace);
-            let result = match self.operator.process(input.clone(), ctx, &mut out).await {
-                Ok(()) => out.flush().await,
-                Err(e) => {
-                    // Outputs already queued still leave; downstream dedups them on retry.
-                    let _ = out.flush().await;
-                    Err(e)
-                }
-            };
-            match result {
-                Ok(written) => {
-                    for topic in written {
-                        self.deps
-                            .metrics
-                            .records_out
-                            .with_label_values(&[stage, &topic])
-                            .inc();
-                    }
-                    return true;
-                }
-                Err(ProcessError::Poison(reason)) => {
-                    return self.dead_letters.send(message, &reason, &self.cancel).await;
-                }
+            // Outputs queued before a failure still leave; downstream dedups them on retry.
+            match self.operator.process(input.clone(), ctx, &mut out).await {
+                Ok(()) => return Handled::Sent(out.into_pending()),
+                Err(ProcessError::Poison(reason)) => return self.dead_letter(message, &reason).await,
                 Err(ProcessError::Retriable(reason)) => {
                     attempt += 1;
                     if attempt >= self.spec.max_attempts {
                         let reason = format!("gave up after {attempt} attempts: {reason}");
-                        return self.dead_letters.send(message, &reason, &self.cancel).await;
+                        return self.dead_letter(message, &reason).await;
                     }
                     self.deps.metrics.retries.with_label_values(&[stage]).inc();
                     tracing::warn!(stage, reason, attempt, trace_id = %ctx.trace.trace_id_hex(), "processing failed; retrying");
                     if !self.pause(attempt).await {
-                        return false;
+                        return Handled::Redeliver;
                     }
                 }
             }
@@ -593,6 +610,78 @@ impl<O: Operator> Lane<O> {
             _ = self.cancel.cancelled() => false,
             _ = tokio::time::sleep(backoff(attempt)) => true,
         }
+    }
+}
+
+/// Waits, record by record in lane order, for the broker to acknowledge each record's outputs,
+/// then marks the record done so its offset can be committed. An output the broker refused
+/// after the producer's own retries is sent again until it is acknowledged (or shutdown
+/// leaves the record to be redelivered).
+async fn acknowledge(
+    mut unacked: mpsc::Receiver<Unacked>,
+    consumer: Arc<StreamConsumer>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    stage: String,
+    cancel: CancellationToken,
+) {
+    'records: while let Some(record) = unacked.recv().await {
+        for (topic, delivery) in record.deliveries {
+            let mut outcome = delivery.await;
+            let mut attempt = 0;
+            loop {
+                let failed = match outcome {
+                    Ok(Ok(_)) => break,
+                    Ok(Err((e, message))) => {
+                        tracing::error!(stage, topic, error = %e, "output not acknowledged; sending again");
+                        message
+                    }
+                    Err(_) => {
+                        tracing::error!(stage, topic, "delivery report lost; leaving the record for redelivery");
+                        continue 'records;
+                    }
+                };
+                attempt += 1;
+                tokio::select! {
+                    _ = cancel.cancelled() => continue 'records,
+                    _ = tokio::time::sleep(backoff(attempt)) => {}
+                }
+                outcome = resend(&producer, &failed).await;
+            }
+            metrics.records_out.with_label_values(&[&stage, &topic]).inc();
+        }
+        metrics
+            .process_seconds
+            .with_label_values(&[&stage])
+            .observe(record.started.elapsed().as_secs_f64());
+        let position = tracker
+            .lock()
+            .ok()
+            .and_then(|mut t| t.complete(record.partition, record.offset));
+        if let Some(position) = position {
+            store_position(&consumer, &record.topic, record.partition, position);
+        }
+    }
+}
+
+/// Produces `message` again, to the same partition, and waits for the outcome.
+async fn resend(
+    producer: &FutureProducer,
+    message: &OwnedMessage,
+) -> Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled> {
+    let mut record = FutureRecord::to(message.topic())
+        .payload(message.payload().unwrap_or_default())
+        .partition(message.partition());
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(headers) = message.headers() {
+        record = record.headers(headers.clone());
+    }
+    match producer.send_result(record) {
+        Ok(delivery) => delivery.await,
+        Err((e, _)) => Ok(Err((e, message.clone()))),
     }
 }
 

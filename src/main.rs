@@ -58,10 +58,39 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Inspect the dead-letter queue and replay records from it.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Measure Sluice against the limits of the machine it runs on.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters: position in the DLQ, source topic/partition/offset, stage, reason.
+    List {
+        /// Only letters from this source topic.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters' original records back to their source topics.
+    Replay {
+        /// DLQ positions (`partition:offset`, as `list` prints them) to replay.
+        positions: Vec<String>,
+        /// Replay every letter (from `--source` only, if given).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only letters from this source topic.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -191,6 +220,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Tenant { command } => tenant(config, command).await,
         Command::Model { command } => model(config, command).await,
+        Command::Dlq { command } => dlq(config, command).await,
         Command::Bench { command } => bench(config, command).await,
     }
 }
@@ -219,6 +249,69 @@ async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()> {
         println!("tenant  {} ({})", tenant.name, tenant.id);
         println!("api key {key}");
         println!("(the key is shown once; Sluice stores only its hash)");
+    }
+    Ok(())
+}
+
+async fn dlq(config: Config, command: DlqCommand) -> anyhow::Result<()> {
+    use sluice_pipelines::dlq;
+    let codec = stages::codec(&config)?;
+    let topic = config.kafka.topics().dlq;
+    let entries = dlq::read_all(&config.kafka, &codec, &topic).await?;
+    let from = |source: &Option<String>, e: &dlq::Entry| {
+        source.as_ref().is_none_or(|s| *s == e.letter.source_topic)
+    };
+    match command {
+        DlqCommand::List { source, json } => {
+            for e in entries.iter().filter(|e| from(&source, e)) {
+                let l = &e.letter;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "position": e.position(), "source_topic": l.source_topic,
+                            "source_partition": l.source_partition, "source_offset": l.source_offset,
+                            "stage": l.stage, "reason": l.reason, "failed_at_ms": l.failed_at_ms,
+                            "bytes": l.payload.as_ref().map_or(0, Vec::len),
+                        })
+                    );
+                } else {
+                    println!(
+                        "{:<10} {}[{}]@{}  {}: {}",
+                        e.position(),
+                        l.source_topic,
+                        l.source_partition,
+                        l.source_offset,
+                        l.stage,
+                        l.reason
+                    );
+                }
+            }
+        }
+        DlqCommand::Replay {
+            positions,
+            all,
+            source,
+        } => {
+            if all != positions.is_empty() {
+                anyhow::bail!("name DLQ positions to replay, or --all (not both)");
+            }
+            let chosen: Vec<dlq::Entry> = if all {
+                entries.into_iter().filter(|e| from(&source, e)).collect()
+            } else {
+                let mut chosen = Vec::new();
+                for position in &positions {
+                    let entry = entries
+                        .iter()
+                        .find(|e| &e.position() == position)
+                        .with_context(|| format!("no dead letter at {position}"))?;
+                    chosen.push(entry.clone());
+                }
+                chosen
+            };
+            let replayed = dlq::replay(&config.kafka, &chosen).await?;
+            println!("replayed {replayed} record(s)");
+        }
     }
     Ok(())
 }

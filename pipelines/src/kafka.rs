@@ -134,3 +134,57 @@ pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<i32> {
     i32::try_from(count)
         .map_err(|_| Error::Config(format!("topic {topic} has too many partitions")))
 }
+
+/// Every `every`, sets `sluice_consumer_lag` for each partition assigned to `consumer`: the
+/// partition's high watermark minus the group's committed offset. Runs until `cancel` fires.
+pub async fn report_lag(
+    consumer: std::sync::Arc<StreamConsumer>,
+    group: String,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let consumer = consumer.clone();
+        // The client calls block on the broker: keep them off the async workers.
+        let lags = tokio::task::spawn_blocking(move || partition_lags(&consumer)).await;
+        match lags {
+            Ok(Ok(lags)) => {
+                for (topic, partition, lag) in lags {
+                    metrics
+                        .consumer_lag
+                        .with_label_values(&[&group, &topic, &partition.to_string()])
+                        .set(lag);
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%group, error = %e, "lag not measured this time"),
+            Err(e) => tracing::debug!(%group, error = %e, "lag task failed"),
+        }
+    }
+}
+
+/// (topic, partition, lag) for every assigned partition.
+fn partition_lags(consumer: &StreamConsumer) -> Result<Vec<(String, i32, i64)>> {
+    use rdkafka::{consumer::Consumer, Offset};
+    let timeout = Duration::from_secs(5);
+    let committed = consumer.committed(timeout)?;
+    let mut lags = Vec::new();
+    for element in committed.elements() {
+        let (low, high) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+        let done = match element.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lags.push((
+            element.topic().to_owned(),
+            element.partition(),
+            (high - done).max(0),
+        ));
+    }
+    Ok(lags)
+}

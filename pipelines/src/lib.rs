@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod dlq;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

@@ -19,6 +19,10 @@ pub const RETRIES: &str = "sluice_retries_total";
 pub const PROCESS_SECONDS: &str = "sluice_process_seconds";
 /// Records being processed right now, by `stage`.
 pub const IN_FLIGHT: &str = "sluice_in_flight_records";
+/// Records not yet committed by a consumer group, by `group`, `topic` and `partition`
+/// (high watermark minus committed offset). Scale a stage on this (e.g. KEDA's Prometheus
+/// scaler on `sum by (group) (sluice_consumer_lag)`).
+pub const CONSUMER_LAG: &str = "sluice_consumer_lag";
 /// Rows a sink wrote, by `sink`.
 pub const SINK_ROWS: &str = "sluice_sink_rows_total";
 /// Rows a sink skipped because they were already stored (redeliveries), by `sink`.
@@ -43,6 +47,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub process_seconds: HistogramVec,
     pub in_flight: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
     pub sink_rows: IntCounterVec,
     pub sink_duplicates: IntCounterVec,
     pub sink_batch_seconds: HistogramVec,
@@ -95,6 +100,11 @@ impl Metrics {
                 &["stage"],
             )?,
             in_flight: gauge(IN_FLIGHT, "Records being processed.", &["stage"])?,
+            consumer_lag: gauge(
+                CONSUMER_LAG,
+                "Records not yet committed by a consumer group.",
+                &["group", "topic", "partition"],
+            )?,
             sink_rows: counter(SINK_ROWS, "Rows a sink wrote.", &["sink"])?,
             sink_duplicates: counter(
                 SINK_DUPLICATES,

@@ -238,6 +238,9 @@ pub struct StageDeps {
     pub readiness: Readiness,
 }
 
+/// How often consumer lag is measured.
+pub const LAG_EVERY: Duration = Duration::from_secs(5);
+
 /// Exponential backoff with full jitter: attempt 1 waits up to 100 ms, doubling to 5 s.
 pub fn backoff(attempt: u32) -> Duration {
     let cap_ms = (100u64 << attempt.min(6)).min(5_000);
@@ -418,6 +421,14 @@ pub async fn run_operator<O: Operator>(
         };
         workers.spawn(lane.run(rx));
     }
+    let lag_cancel = CancellationToken::new();
+    let lag = tokio::spawn(kafka::report_lag(
+        consumer.clone(),
+        spec.group.clone(),
+        deps.metrics.clone(),
+        LAG_EVERY,
+        lag_cancel.clone(),
+    ));
     deps.readiness.set(&spec.name, true);
     tracing::info!(stage = %spec.name, topic = %spec.input_topic, group = %spec.group, lanes = lanes_count, "stage started");
 
@@ -450,6 +461,8 @@ pub async fn run_operator<O: Operator>(
     }
 
     deps.readiness.set(&spec.name, false);
+    lag_cancel.cancel();
+    let _ = lag.await;
     drop(lanes);
     while let Some(joined) = workers.join_next().await {
         if let Err(e) = joined {
@@ -526,7 +539,9 @@ impl<O: Operator> Lane<O> {
             in_flight.inc();
             let handled = self.handle(&message).await;
             in_flight.dec();
-            let Handled::Sent(deliveries) = handled else { continue };
+            let Handled::Sent(deliveries) = handled else {
+                continue;
+            };
             let unacked = Unacked {
                 topic: message.topic().to_owned(),
                 partition: message.partition(),
@@ -578,7 +593,11 @@ impl<O: Operator> Lane<O> {
                         return Handled::Redeliver;
                     }
                 }
-                Err(e) => return self.dead_letter(message, &format!("undecodable: {e}")).await,
+                Err(e) => {
+                    return self
+                        .dead_letter(message, &format!("undecodable: {e}"))
+                        .await
+                }
             }
         };
         let mut attempt = 0u32;
@@ -587,7 +606,9 @@ impl<O: Operator> Lane<O> {
             // Outputs queued before a failure still leave; downstream dedups them on retry.
             match self.operator.process(input.clone(), ctx, &mut out).await {
                 Ok(()) => return Handled::Sent(out.into_pending()),
-                Err(ProcessError::Poison(reason)) => return self.dead_letter(message, &reason).await,
+                Err(ProcessError::Poison(reason)) => {
+                    return self.dead_letter(message, &reason).await
+                }
                 Err(ProcessError::Retriable(reason)) => {
                     attempt += 1;
                     if attempt >= self.spec.max_attempts {
@@ -638,7 +659,11 @@ async fn acknowledge(
                         message
                     }
                     Err(_) => {
-                        tracing::error!(stage, topic, "delivery report lost; leaving the record for redelivery");
+                        tracing::error!(
+                            stage,
+                            topic,
+                            "delivery report lost; leaving the record for redelivery"
+                        );
                         continue 'records;
                     }
                 };
@@ -649,7 +674,10 @@ async fn acknowledge(
                 }
                 outcome = resend(&producer, &failed).await;
             }
-            metrics.records_out.with_label_values(&[&stage, &topic]).inc();
+            metrics
+                .records_out
+                .with_label_values(&[&stage, &topic])
+                .inc();
         }
         metrics
             .process_seconds
@@ -669,7 +697,10 @@ async fn acknowledge(
 async fn resend(
     producer: &FutureProducer,
     message: &OwnedMessage,
-) -> Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled> {
+) -> Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+> {
     let mut record = FutureRecord::to(message.topic())
         .payload(message.payload().unwrap_or_default())
         .partition(message.partition());

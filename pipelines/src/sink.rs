@@ -8,6 +8,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     kafka::{self, ProducerProfile},
-    runtime::{backoff, DeadLetters, StageDeps},
+    runtime::{backoff, DeadLetters, StageDeps, LAG_EVERY},
     ProcessError, Result,
 };
 
@@ -75,8 +76,16 @@ pub async fn run_sink<S: BatchSink>(
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let consumer = kafka::consumer(&deps.kafka, &spec.group, 100)?;
+    let consumer = Arc::new(kafka::consumer(&deps.kafka, &spec.group, 100)?);
     consumer.subscribe(&[&spec.input_topic])?;
+    let lag_cancel = CancellationToken::new();
+    let lag = tokio::spawn(kafka::report_lag(
+        consumer.clone(),
+        spec.group.clone(),
+        deps.metrics.clone(),
+        LAG_EVERY,
+        lag_cancel.clone(),
+    ));
     let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
     let dead_letters = DeadLetters::new(
         producer,
@@ -141,6 +150,8 @@ pub async fn run_sink<S: BatchSink>(
         store_batch_offsets(&consumer, &messages);
     }
     deps.readiness.set(&spec.name, false);
+    lag_cancel.cancel();
+    let _ = lag.await;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = %spec.name, error = %e, "final commit had nothing to do");
     }

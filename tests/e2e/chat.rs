@@ -87,6 +87,30 @@ async fn plain_completion_is_routed_answered_and_metered() {
     assert_eq!(usage["totals"]["input_tokens"].as_i64(), Some(prompt));
     assert_eq!(usage["totals"]["output_tokens"].as_i64(), Some(completion));
     assert_eq!(usage["data"][0]["model"], "sim-small");
+
+    // Each stage's consumer lag is on /metrics, per group/topic/partition, and drains to 0.
+    let group = format!("{}.router", sluice.prefix);
+    let requests = sluice.topic("requests");
+    eventually(30, "router lag on /metrics", || {
+        let (url, group, requests) = (
+            format!("{}/metrics", sluice.url),
+            group.clone(),
+            requests.clone(),
+        );
+        async move {
+            let text = http().get(url).send().await.ok()?.text().await.ok()?;
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("sluice_consumer_lag{")
+                        && l.contains(&format!("group=\"{group}\""))
+                        && l.contains(&format!("topic=\"{requests}\""))
+                })
+                .collect();
+            (!lines.is_empty() && lines.iter().all(|l| l.ends_with(" 0"))).then_some(())
+        }
+    })
+    .await;
 }
 
 /// Parses an SSE body into its `data` payloads.

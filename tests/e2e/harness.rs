@@ -218,6 +218,21 @@ impl Sluice {
         }
     }
 
+    /// Runs a `sluice` command against this instance (its topics and registry).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = sluice(&self.prefix)
+            .env("SLUICE_REGISTRY__URL", &self.registry_url)
+            .args(args)
+            .output()
+            .expect("running sluice");
+        assert!(
+            output.status.success(),
+            "sluice {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     pub fn v1(&self, path: &str) -> String {
         format!("{}/v1{path}", self.url)
     }

@@ -6,6 +6,7 @@
 mod harness;
 
 mod bad_input;
+mod bench;
 mod billing;
 mod chat;
 mod dlq;

@@ -1,0 +1,37 @@
+//! The passthrough benchmark runs end to end (small, so it is a check, not a measurement).
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
+    let sluice = Sluice::start();
+    let out = sluice.cli(&[
+        "bench",
+        "passthrough",
+        "--records",
+        "300",
+        "--record-bytes",
+        "512",
+    ]);
+    let last = out.lines().last().unwrap_or_default();
+    let ratio: f64 = last
+        .strip_prefix("ratio=")
+        .expect("last line is ratio=")
+        .parse()
+        .unwrap();
+    assert!(ratio > 0.0, "{out}");
+    let rate = |label: &str| -> f64 {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} line in {out}"))
+    };
+    let (raw, pipeline) = (rate("raw"), rate("pipeline"));
+    assert!(raw > 0.0 && pipeline > 0.0);
+    assert!(
+        (pipeline / raw - ratio).abs() < 0.01,
+        "ratio is pipeline/raw: {out}"
+    );
+}

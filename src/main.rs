@@ -107,6 +107,9 @@ enum BenchCommand {
         /// Records the pipeline processes concurrently.
         #[arg(long, default_value_t = 32)]
         lanes: usize,
+        /// Runs of each path (alternating); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -322,26 +325,28 @@ async fn bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             records,
             record_bytes,
             lanes,
+            rounds,
         } => {
             let options = sluice_pipelines::bench::PassthroughOptions {
                 records,
                 record_bytes,
                 lanes,
+                rounds,
             };
             let codec = stages::codec(&config)?;
             let report =
                 sluice_pipelines::bench::passthrough(&config.kafka, codec, &options).await?;
             println!(
-                "records: {} of {} bytes",
+                "records: {} of {} bytes, median of {rounds} rounds per path",
                 report.records, report.record_bytes
             );
             println!(
-                "raw librdkafka consume+produce: {:.0} records/s",
-                report.raw_per_sec
+                "raw librdkafka consume+produce: {:.0} records/s (rounds {:.0}..{:.0})",
+                report.raw_per_sec, report.raw_range.0, report.raw_range.1
             );
             println!(
-                "pipeline (decode, operator, encode, ordered commit): {:.0} records/s",
-                report.pipeline_per_sec
+                "pipeline (decode, operator, encode, ordered commit): {:.0} records/s (rounds {:.0}..{:.0})",
+                report.pipeline_per_sec, report.pipeline_range.0, report.pipeline_range.1
             );
             println!("ratio={:.3}", report.ratio());
         }

@@ -39,6 +39,8 @@ pub struct PassthroughOptions {
     pub record_bytes: usize,
     /// Concurrency of the pipeline path.
     pub lanes: usize,
+    /// Times each path runs (alternating, each with a fresh consumer group); the median counts.
+    pub rounds: usize,
 }
 
 /// The measurements.
@@ -46,8 +48,12 @@ pub struct PassthroughOptions {
 pub struct PassthroughReport {
     pub records: u64,
     pub record_bytes: usize,
+    /// Median records/s of the raw path, and its slowest and fastest round.
     pub raw_per_sec: f64,
+    pub raw_range: (f64, f64),
+    /// Median records/s of the pipeline path, and its slowest and fastest round.
     pub pipeline_per_sec: f64,
+    pub pipeline_range: (f64, f64),
 }
 
 impl PassthroughReport {
@@ -164,12 +170,25 @@ async fn raw(
     let consumer: StreamConsumer = kafka::consumer(kafka, group, 100)?;
     consumer.subscribe(&[input])?;
     let producer: FutureProducer = kafka::producer(kafka, ProducerProfile::Throughput)?;
-    let started = Instant::now();
+    // Acknowledgements are awaited off the consume loop, so it never stalls on them.
+    let (acks, mut pending) = tokio::sync::mpsc::channel(100_000);
+    let acknowledger = tokio::spawn(async move {
+        let mut failed = 0u64;
+        while let Some(delivery) = pending.recv().await {
+            let delivery: rdkafka::producer::DeliveryFuture = delivery;
+            if !matches!(delivery.await, Ok(Ok(_))) {
+                failed += 1;
+            }
+        }
+        failed
+    });
+    // The clock starts at the first record, so joining the group is not counted.
+    let mut started: Option<Instant> = None;
     let mut last_report = Instant::now();
-    let mut pending = Vec::with_capacity(4096);
     let mut done = 0u64;
     while done < total {
         let message = consumer.recv().await?;
+        let clock = *started.get_or_insert_with(Instant::now);
         loop {
             let mut record =
                 FutureRecord::to(output).payload(message.payload().unwrap_or_default());
@@ -178,29 +197,31 @@ async fn raw(
             }
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    pending.push(delivery);
+                    acks.send(delivery)
+                        .await
+                        .map_err(|_| Error::Invalid("acknowledger stopped".into()))?;
                     break;
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
         done += 1;
-        if pending.len() >= 4096 {
-            for d in pending.drain(..) {
-                let _ = d.await;
-            }
-        }
         if last_report.elapsed() >= Duration::from_secs(1) {
-            progress("raw", done, total, started);
+            progress("raw", done, total, clock);
             last_report = Instant::now();
         }
     }
-    for d in pending {
-        d.await
-            .map_err(|_| Error::Invalid("delivery cancelled".into()))?
-            .map_err(|(e, _)| Error::Kafka(e))?;
+    drop(acks);
+    let failed = acknowledger
+        .await
+        .map_err(|e| Error::Invalid(format!("acknowledger: {e}")))?;
+    if failed > 0 {
+        return Err(Error::Invalid(format!("{failed} raw deliveries failed")));
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let elapsed = started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or(f64::MAX);
+    Ok(total as f64 / elapsed)
 }
 
 async fn pipeline(
@@ -224,8 +245,18 @@ async fn pipeline(
         output: output.to_owned(),
     });
     let cancel = CancellationToken::new();
-    let started = Instant::now();
     let stage = tokio::spawn(runtime::run_operator(operator, spec, deps, cancel.clone()));
+    // The clock starts at the first record, so joining the group is not counted.
+    let consumed = metrics.records_in.with_label_values(&["bench"]);
+    while consumed.get() == 0 {
+        if stage.is_finished() {
+            return Err(Error::Invalid(
+                "the pipeline stopped before its first record".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let started = Instant::now();
     let written = metrics.records_out.with_label_values(&["bench", output]);
     let dead = metrics.dlq_records.with_label_values(&["bench"]);
     let mut last_report = Instant::now();
@@ -274,28 +305,75 @@ pub async fn passthrough(
     kafka::ensure_topics(kafka, &[&input, &raw_out, &pipe_out, &dlq]).await?;
     eprintln!("filling {input} with {} records...", options.records);
     let record_bytes = fill(kafka, &codec, &input, options).await?;
-    eprintln!("raw librdkafka consume + produce...");
-    let raw_per_sec = raw(
-        kafka,
-        &input,
-        &raw_out,
-        &format!("{id}.raw"),
-        options.records,
-    )
-    .await?;
-    eprintln!("pipeline consume -> decode -> operator -> encode -> produce -> commit...");
-    let pipeline_per_sec = pipeline(
-        kafka,
-        codec,
-        (&input, &pipe_out, &dlq),
-        &format!("{id}.pipeline"),
-        options,
-    )
-    .await?;
+    let mut raws = Vec::new();
+    let mut pipelines = Vec::new();
+    for round in 1..=options.rounds.max(1) {
+        eprintln!("round {round}: raw librdkafka consume + produce...");
+        let raw_rate = raw(
+            kafka,
+            &input,
+            &raw_out,
+            &format!("{id}.raw.{round}"),
+            options.records,
+        )
+        .await?;
+        eprintln!("round {round}: pipeline consume -> decode -> operator -> encode -> produce -> commit...");
+        let group = format!("{id}.pipeline.{round}");
+        let pipeline_rate = pipeline(
+            kafka,
+            codec.clone(),
+            (&input, &pipe_out, &dlq),
+            &group,
+            options,
+        )
+        .await?;
+        eprintln!("round {round}: raw {raw_rate:.0}/s, pipeline {pipeline_rate:.0}/s");
+        raws.push(raw_rate);
+        pipelines.push(pipeline_rate);
+    }
+    let raw_per_sec = median(&mut raws);
+    let pipeline_per_sec = median(&mut pipelines);
+    let range = |v: &[f64]| {
+        (
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0),
+        )
+    };
+    let (raw_range, pipeline_range) = (range(&raws), range(&pipelines));
     Ok(PassthroughReport {
         records: options.records,
         record_bytes,
         raw_per_sec,
+        raw_range,
         pipeline_per_sec,
+        pipeline_range,
     })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn sample_records_are_about_the_asked_size() {
+        let record = sample(7, 1024);
+        let bytes = sluice_schemas::codec::encode_body(&record).unwrap();
+        assert!((900..1200).contains(&bytes.len()), "{}", bytes.len());
+    }
 }

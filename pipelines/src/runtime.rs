@@ -432,6 +432,7 @@ pub async fn run_operator<O: Operator>(
     deps.readiness.set(&spec.name, true);
     tracing::info!(stage = %spec.name, topic = %spec.input_topic, group = %spec.group, lanes = lanes_count, "stage started");
 
+    let records_in = deps.metrics.records_in.with_label_values(&[&spec.name]);
     loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -445,10 +446,7 @@ pub async fn run_operator<O: Operator>(
                 continue;
             }
         };
-        deps.metrics
-            .records_in
-            .with_label_values(&[&spec.name])
-            .inc();
+        records_in.inc();
         if let Ok(mut t) = tracker.lock() {
             t.begin(message.partition(), message.offset());
         }
@@ -529,13 +527,13 @@ impl<O: Operator> Lane<O> {
             stage.clone(),
             self.cancel.clone(),
         ));
+        let in_flight = self.deps.metrics.in_flight.with_label_values(&[&stage]);
         while let Some(message) = rx.recv().await {
             if self.cancel.is_cancelled() {
                 // Not done: it will be redelivered to whoever owns the partition next.
                 continue;
             }
             let started = Instant::now();
-            let in_flight = self.deps.metrics.in_flight.with_label_values(&[&stage]);
             in_flight.inc();
             let handled = self.handle(&message).await;
             in_flight.dec();
@@ -563,7 +561,7 @@ impl<O: Operator> Lane<O> {
     async fn handle(&self, message: &OwnedMessage) -> Handled {
         let stage = self.spec.name.as_str();
         let ctx = RecordContext::of(message);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "record", stage, trace_id = %ctx.trace.trace_id_hex(),
             partition = ctx.partition, offset = ctx.offset
         );
@@ -647,7 +645,25 @@ async fn acknowledge(
     stage: String,
     cancel: CancellationToken,
 ) {
-    'records: while let Some(record) = unacked.recv().await {
+    let process_seconds = metrics.process_seconds.with_label_values(&[&stage]);
+    let mut records_out: HashMap<String, prometheus::IntCounter> = HashMap::new();
+    // Positions to store, per (topic, partition); stored once the channel has nothing ready,
+    // so a burst of records costs one store per partition rather than one per record.
+    let mut to_store: HashMap<(String, i32), i64> = HashMap::new();
+    'records: loop {
+        let record = match unacked.try_recv() {
+            Ok(record) => record,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                for ((topic, partition), position) in to_store.drain() {
+                    store_position(&consumer, &topic, partition, position);
+                }
+                match unacked.recv().await {
+                    Some(record) => record,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
         for (topic, delivery) in record.deliveries {
             let mut outcome = delivery.await;
             let mut attempt = 0;
@@ -674,22 +690,22 @@ async fn acknowledge(
                 }
                 outcome = resend(&producer, &failed).await;
             }
-            metrics
-                .records_out
-                .with_label_values(&[&stage, &topic])
+            records_out
+                .entry(topic)
+                .or_insert_with_key(|topic| metrics.records_out.with_label_values(&[&stage, topic]))
                 .inc();
         }
-        metrics
-            .process_seconds
-            .with_label_values(&[&stage])
-            .observe(record.started.elapsed().as_secs_f64());
+        process_seconds.observe(record.started.elapsed().as_secs_f64());
         let position = tracker
             .lock()
             .ok()
             .and_then(|mut t| t.complete(record.partition, record.offset));
         if let Some(position) = position {
-            store_position(&consumer, &record.topic, record.partition, position);
+            to_store.insert((record.topic, record.partition), position);
         }
+    }
+    for ((topic, partition), position) in to_store {
+        store_position(&consumer, &topic, partition, position);
     }
 }
 

@@ -11,10 +11,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use apache_avro::{
-    reader::datum::GenericDatumReader, schema::ResolvedSchema, writer::datum::GenericDatumWriter,
-    Schema,
-};
+use apache_avro::{reader::datum::GenericDatumReader, schema::ResolvedSchema, Schema};
 
 use crate::{registry::RegistryClient, wire, Error, Record, Result};
 
@@ -27,11 +24,7 @@ pub fn encode_body<T: Record>(value: &T) -> Result<Vec<u8>> {
 
 /// Appends `value`'s Avro encoding to `out`.
 fn write_body<T: Record>(value: &T, out: &mut Vec<u8>) -> Result<()> {
-    let writer = GenericDatumWriter::builder(T::schema()?)
-        .human_readable(false)
-        .build()
-        .map_err(|e| Error::Encode(e.to_string()))?;
-    writer
+    T::writer()?
         .write_ser(out, value)
         .map_err(|e| Error::Encode(format!("{}: {e}", T::NAME)))?;
     Ok(())
@@ -49,11 +42,7 @@ fn decode_with<T: Record>(writer_schema: &Schema, same: bool, body: &[u8]) -> Re
     let reader_schema = T::schema()?;
     let mut input = body;
     if same {
-        let reader = GenericDatumReader::builder(writer_schema)
-            .human_readable(false)
-            .build()
-            .map_err(|e| Error::Decode(e.to_string()))?;
-        return reader
+        return T::reader()?
             .read_deser(&mut input)
             .map_err(|e| Error::Decode(format!("{}: {e}", T::NAME)));
     }

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use apache_avro::Schema;
+use apache_avro::{reader::datum::GenericDatumReader, writer::datum::GenericDatumWriter, Schema};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -21,6 +21,10 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn schema() -> Result<&'static Schema>;
     /// The schema's Parsing Canonical Form (computed once per process).
     fn canonical() -> Result<&'static str>;
+    /// A writer for the schema, built once per process (building resolves every named type).
+    fn writer() -> Result<&'static GenericDatumWriter<'static>>;
+    /// A reader for data written with exactly this schema, built once per process.
+    fn reader() -> Result<&'static GenericDatumReader<'static>>;
 }
 
 /// Parses an embedded schema once and keeps it for the life of the process.
@@ -49,6 +53,28 @@ macro_rules! record {
                 }
                 let canonical = Self::schema()?.canonical_form();
                 Ok(CELL.get_or_init(|| canonical))
+            }
+            fn writer() -> Result<&'static GenericDatumWriter<'static>> {
+                static CELL: OnceLock<GenericDatumWriter<'static>> = OnceLock::new();
+                if let Some(found) = CELL.get() {
+                    return Ok(found);
+                }
+                let writer = GenericDatumWriter::builder(Self::schema()?)
+                    .human_readable(false)
+                    .build()
+                    .map_err(|e| Error::Bug(format!("writer for {}: {e}", Self::NAME)))?;
+                Ok(CELL.get_or_init(|| writer))
+            }
+            fn reader() -> Result<&'static GenericDatumReader<'static>> {
+                static CELL: OnceLock<GenericDatumReader<'static>> = OnceLock::new();
+                if let Some(found) = CELL.get() {
+                    return Ok(found);
+                }
+                let reader = GenericDatumReader::builder(Self::schema()?)
+                    .human_readable(false)
+                    .build()
+                    .map_err(|e| Error::Bug(format!("reader for {}: {e}", Self::NAME)))?;
+                Ok(CELL.get_or_init(|| reader))
             }
         }
     };

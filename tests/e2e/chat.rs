@@ -332,3 +332,72 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
     );
     run_cli(&prefix, &["model", "remove", &model]);
 }
+
+/// Reads a counter or gauge without labels from a `/metrics` page.
+async fn metric(base: &str, name: &str) -> f64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn two_edge_instances_each_get_their_own_replies() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let port = free_port();
+    let _second = sluice.spawn_part(
+        &["edge"],
+        &[("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    let second_url = format!("http://127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let url = second_url.clone();
+        move || wait_ready(&url)
+    })
+    .await
+    .unwrap();
+
+    let mut calls = Vec::new();
+    for i in 0..12 {
+        let base = if i % 2 == 0 {
+            sluice.url.clone()
+        } else {
+            second_url.clone()
+        };
+        let key = tenant.key.clone();
+        calls.push(tokio::spawn(async move {
+            let response = http()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": format!("edge call {i}")}]}))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }));
+    }
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 4);
+    }
+    // Each instance read only its own partition: no reply reached an instance that was not
+    // waiting for it.
+    assert_eq!(
+        metric(&sluice.url, "sluice_edge_orphan_replies_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&second_url, "sluice_edge_orphan_replies_total").await,
+        0.0
+    );
+}

@@ -233,12 +233,54 @@ impl Sluice {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Starts another `sluice` part (e.g. `edge`) on this instance's topics and registry; it is
+    /// killed when the returned guard drops.
+    pub fn spawn_part(&self, args: &[&str], env: &[(&str, String)]) -> Part {
+        let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sluice/logs");
+        let log = std::fs::File::create(log_dir.join(format!(
+            "test-{}-{}.log",
+            self.prefix,
+            args.join("-")
+        )))
+        .expect("log file");
+        let mut command = sluice(&self.prefix);
+        command
+            .args(args)
+            .env("SLUICE_REGISTRY__URL", &self.registry_url)
+            .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Part(command.spawn().expect("starting a sluice part"))
+    }
+
     pub fn v1(&self, path: &str) -> String {
         format!("{}/v1{path}", self.url)
     }
 
     pub fn topic(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
+    }
+}
+
+/// A `sluice` part started by [`Sluice::spawn_part`].
+pub struct Part(Child);
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `url`'s `/readyz` is green (at most 60 s).
+pub fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready(url) {
+        assert!(Instant::now() < deadline, "{url} did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -153,7 +153,23 @@ start_broker() {
   wait_for "the broker" 60 port_open "$KAFKA_PORT"
 }
 
+# Cargo decides what to rebuild from file times, so a target directory shared by two checkouts
+# can hand one checkout the other's build of Sluice's own crates. When the checkout changes,
+# drop those crates' artifacts (dependencies stay cached).
+claim_target_dir() {
+  local marker="$CARGO_TARGET_DIR/.sluice-checkout"
+  mkdir -p "$CARGO_TARGET_DIR"
+  if [[ -f "$marker" && "$(cat "$marker")" != "$ROOT" ]]; then
+    say "the build cache was last used by $(cat "$marker"); rebuilding Sluice's own crates"
+    local crates=(-p sluice -p sluice-schemas -p sluice-pipelines -p sluice-router -p sluice-orchestrator
+      -p sluice-clickhouse-sink -p sluice-edge)
+    (cd "$ROOT" && cargo clean -q "${crates[@]}" && cargo clean -q --release "${crates[@]}")
+  fi
+  echo "$ROOT" >"$marker"
+}
+
 build_sluice() {
+  claim_target_dir
   say "building sluice ($SLUICE_PROFILE)"
   local flags=()
   [[ "$SLUICE_PROFILE" == release ]] && flags+=(--release)

@@ -13,12 +13,8 @@ use std::{
     time::Duration,
 };
 
-use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
-    message::Message,
-    Offset, TopicPartitionList,
-};
-use sluice_pipelines::{metrics::Metrics, runtime::DeadLetters};
+use rdkafka::{consumer::Consumer, message::Message, Offset, TopicPartitionList};
+use sluice_pipelines::{kafka::KafkaConsumer, metrics::Metrics, runtime::DeadLetters};
 use sluice_schemas::{Codec, ReplyChunk};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
@@ -138,7 +134,7 @@ pub async fn claim_partition(
 
 /// Positions `consumer` at the current end of the router's partition (replies for requests
 /// made before this instance started are not ours).
-pub fn assign_at_end(consumer: &StreamConsumer, router: &ReplyRouter) -> anyhow::Result<()> {
+pub fn assign_at_end(consumer: &KafkaConsumer, router: &ReplyRouter) -> anyhow::Result<()> {
     let (_, high) =
         consumer.fetch_watermarks(router.topic(), router.partition(), Duration::from_secs(10))?;
     let mut list = TopicPartitionList::new();
@@ -151,7 +147,7 @@ pub fn assign_at_end(consumer: &StreamConsumer, router: &ReplyRouter) -> anyhow:
 /// to the DLQ.
 pub async fn run_dispatcher(
     router: Arc<ReplyRouter>,
-    consumer: StreamConsumer,
+    consumer: KafkaConsumer,
     codec: Arc<Codec>,
     dead_letters: DeadLetters,
     cancel: CancellationToken,

@@ -14,7 +14,7 @@ use std::{
 
 use async_trait::async_trait;
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
+    consumer::Consumer,
     message::Message,
     producer::{FutureProducer, FutureRecord},
 };
@@ -167,7 +167,7 @@ async fn raw(
     group: &str,
     total: u64,
 ) -> Result<f64> {
-    let consumer: StreamConsumer = kafka::consumer(kafka, group, 100)?;
+    let consumer: kafka::KafkaConsumer = kafka::consumer(kafka, group, 100)?;
     consumer.subscribe(&[input])?;
     let producer: FutureProducer = kafka::producer(kafka, ProducerProfile::Throughput)?;
     // Acknowledgements are awaited off the consume loop, so it never stalls on them.

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
+    consumer::Consumer,
     message::{Header, Message, OwnedHeaders},
     producer::FutureRecord,
     Offset, TopicPartitionList,
@@ -88,7 +88,7 @@ pub async fn read_all(config: &KafkaConfig, codec: &Codec, topic: &str) -> Resul
     Ok(entries)
 }
 
-async fn read_next(consumer: &StreamConsumer) -> Result<rdkafka::message::OwnedMessage> {
+async fn read_next(consumer: &kafka::KafkaConsumer) -> Result<rdkafka::message::OwnedMessage> {
     match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
         Ok(Ok(message)) => Ok(message.detach()),
         Ok(Err(e)) => Err(Error::Kafka(e)),

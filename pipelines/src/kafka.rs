@@ -19,6 +19,65 @@ use rdkafka::{
 
 use crate::{config::KafkaConfig, Error, Result};
 
+/// The context of Sluice's consumers: logs rebalances and client errors through `tracing`.
+pub struct StageContext {
+    group: String,
+}
+
+impl rdkafka::client::ClientContext for StageContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(group = %self.group, fac, message, "librdkafka")
+            }
+            L::Warning => tracing::warn!(group = %self.group, fac, message, "librdkafka"),
+            _ => tracing::debug!(group = %self.group, fac, message, "librdkafka"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(group = %self.group, %error, reason, "kafka client error");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for StageContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        tracing::info!(group = %self.group, rebalance = %describe(rebalance), "rebalance starting");
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        tracing::info!(group = %self.group, rebalance = %describe(rebalance), "rebalance done");
+    }
+}
+
+fn describe(rebalance: &rdkafka::consumer::Rebalance<'_>) -> String {
+    use rdkafka::consumer::Rebalance;
+    let list = |tpl: &rdkafka::TopicPartitionList| {
+        tpl.elements()
+            .iter()
+            .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match rebalance {
+        Rebalance::Assign(tpl) => format!("assign {}", list(tpl)),
+        Rebalance::Revoke(tpl) => format!("revoke {}", list(tpl)),
+        Rebalance::Error(e) => format!("error {e}"),
+    }
+}
+
+/// A consumer with Sluice's context.
+pub type KafkaConsumer = StreamConsumer<StageContext>;
+
 /// Which producer profile to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProducerProfile {
@@ -60,7 +119,7 @@ pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<Future
 
 /// A consumer in `group` that only commits offsets the runtime stored.
 /// `fetch_wait_ms` bounds how long a fetch waits for data: small on the latency path.
-pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result<StreamConsumer> {
+pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result<KafkaConsumer> {
     let mut client = client_config(config);
     client
         .set("group.id", group)
@@ -71,12 +130,17 @@ pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        // Bounds what librdkafka prefetches while a stage is paused by backpressure
+        // (the default allows 64 MiB per consumer).
+        .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false");
-    Ok(client.create()?)
+    Ok(client.create_with_context(StageContext {
+        group: group.to_owned(),
+    })?)
 }
 
 /// A consumer with no group, for reading assigned partitions (the edge's replies partition).
-pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<StreamConsumer> {
+pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<KafkaConsumer> {
     let mut client = client_config(config);
     client
         .set("group.id", "sluice-unused")
@@ -84,7 +148,9 @@ pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<Str
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("enable.partition.eof", "false");
-    Ok(client.create()?)
+    Ok(client.create_with_context(StageContext {
+        group: "(assigned)".to_owned(),
+    })?)
 }
 
 /// Creates `topics` with the configured partitions and replication; existing topics are left
@@ -117,7 +183,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
 }
 
 /// Number of partitions of `topic`, as the broker reports it.
-pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<i32> {
+pub fn partition_count(consumer: &KafkaConsumer, topic: &str) -> Result<i32> {
     use rdkafka::consumer::Consumer;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let count = metadata
@@ -138,7 +204,7 @@ pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<i32> {
 /// Every `every`, sets `sluice_consumer_lag` for each partition assigned to `consumer`: the
 /// partition's high watermark minus the group's committed offset. Runs until `cancel` fires.
 pub async fn report_lag(
-    consumer: std::sync::Arc<StreamConsumer>,
+    consumer: std::sync::Arc<KafkaConsumer>,
     group: String,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     every: Duration,
@@ -168,7 +234,7 @@ pub async fn report_lag(
 }
 
 /// (topic, partition, lag) for every assigned partition.
-fn partition_lags(consumer: &StreamConsumer) -> Result<Vec<(String, i32, i64)>> {
+fn partition_lags(consumer: &KafkaConsumer) -> Result<Vec<(String, i32, i64)>> {
     use rdkafka::{consumer::Consumer, Offset};
     let timeout = Duration::from_secs(5);
     let committed = consumer.committed(timeout)?;

@@ -28,7 +28,7 @@ use std::{
 use async_trait::async_trait;
 use rand::Rng;
 use rdkafka::{
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    consumer::{CommitMode, Consumer},
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{future_producer::Delivery, DeliveryFuture, FutureProducer, FutureRecord},
@@ -42,7 +42,7 @@ use tracing::Instrument;
 
 use crate::{
     config::KafkaConfig,
-    kafka::{self, ProducerProfile},
+    kafka::{self, KafkaConsumer, ProducerProfile},
     metrics::Metrics,
     now_ms,
     ops::Readiness,
@@ -284,7 +284,7 @@ impl OffsetTracker {
 }
 
 /// Stores `position` as the commit offset of `topic`/`partition`.
-fn store_position(consumer: &StreamConsumer, topic: &str, partition: i32, position: i64) {
+fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, position: i64) {
     let mut list = TopicPartitionList::new();
     if list
         .add_partition_offset(topic, partition, Offset::Offset(position))
@@ -488,7 +488,7 @@ struct Lane<O: Operator> {
     spec: StageSpec,
     deps: StageDeps,
     producer: FutureProducer,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<KafkaConsumer>,
     tracker: Arc<Mutex<OffsetTracker>>,
     dead_letters: DeadLetters,
     cancel: CancellationToken,
@@ -638,7 +638,7 @@ impl<O: Operator> Lane<O> {
 /// leaves the record to be redelivered).
 async fn acknowledge(
     mut unacked: mpsc::Receiver<Unacked>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<KafkaConsumer>,
     tracker: Arc<Mutex<OffsetTracker>>,
     producer: FutureProducer,
     metrics: Arc<Metrics>,

@@ -242,7 +242,7 @@ async fn write_batch<S: BatchSink>(
 }
 
 /// Stores, per partition, the offset after the last record of the batch.
-fn store_batch_offsets(consumer: &rdkafka::consumer::StreamConsumer, messages: &[OwnedMessage]) {
+fn store_batch_offsets(consumer: &kafka::KafkaConsumer, messages: &[OwnedMessage]) {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
     for m in messages {
         let entry = next.entry((m.topic(), m.partition())).or_insert(0);

@@ -243,17 +243,21 @@ impl Sluice {
             args.join("-")
         )))
         .expect("log file");
+        let ops_port = free_port();
         let mut command = sluice(&self.prefix);
         command
             .args(args)
             .env("SLUICE_REGISTRY__URL", &self.registry_url)
-            .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{ops_port}"))
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in env {
             command.env(k, v);
         }
-        Part(command.spawn().expect("starting a sluice part"))
+        Part {
+            child: command.spawn().expect("starting a sluice part"),
+            ops_url: format!("http://127.0.0.1:{ops_port}"),
+        }
     }
 
     pub fn v1(&self, path: &str) -> String {
@@ -266,12 +270,28 @@ impl Sluice {
 }
 
 /// A `sluice` part started by [`Sluice::spawn_part`].
-pub struct Part(Child);
+pub struct Part {
+    child: Child,
+    /// Where a stage-only part serves `/metrics`, `/healthz` and `/readyz`.
+    pub ops_url: String,
+}
+
+impl Part {
+    /// Asks the part to stop (SIGTERM: it leaves its consumer groups) and waits; true if it
+    /// exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
 
 impl Drop for Part {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

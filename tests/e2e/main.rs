@@ -12,3 +12,4 @@ mod chat;
 mod dlq;
 mod isolation;
 mod registry;
+mod scaling;

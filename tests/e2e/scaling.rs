@@ -1,0 +1,97 @@
+//! Stages scale by consumer group: a second orchestrator process joins the group and shares
+//! the partitions; when it stops, the first takes its partitions back, and every request is
+//! still answered and billed exactly once.
+//!
+//! The instance stops with SIGTERM, leaving the group. A member killed with SIGKILL is evicted
+//! by Apache Kafka and Redpanda when its session times out; the local broker (tansu 0.6)
+//! rebalances then but keeps assigning the dead member its partitions, so that case cannot be
+//! tested here (see deploy/local/README.md).
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_twice() {
+    let prefix = unique("t");
+    let slow = vec![(
+        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
+        "200.0".to_owned(),
+    )];
+    let sluice = Sluice::start_with(&prefix, slow);
+    let tenant = create_tenant(&prefix);
+    let mut second = sluice.spawn_part(
+        &["run", "orchestrator"],
+        &[(
+            "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND",
+            "200.0".to_owned(),
+        )],
+    );
+
+    // Requests flow while the group rebalances to two members, and while one of them dies.
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let url = sluice.v1("/chat/completions");
+        let key = tenant.key.clone();
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250 * i)).await;
+            let response = http()
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": format!("scale {i}")}]}))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }));
+    }
+    // The second instance takes a share of the partitions and processes records...
+    let ops = format!("{}/metrics", second.ops_url);
+    eventually(20, "the second orchestrator to process records", || {
+        let ops = ops.clone();
+        async move {
+            let text = http().get(ops).send().await.ok()?.text().await.ok()?;
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("sluice_records_in_total{stage=\"orchestrator\"}"))?;
+            (line.rsplit(' ').next()?.parse::<u64>().ok()? > 0).then_some(())
+        }
+    })
+    .await;
+    // ...then stops while requests are in flight: it finishes what it holds, commits and leaves
+    // the group, and the first instance takes all the partitions again.
+    let stopped = tokio::task::spawn_blocking(move || second.terminate());
+    assert!(
+        stopped.await.unwrap(),
+        "the second orchestrator exits cleanly"
+    );
+
+    let mut ids = HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 10);
+        ids.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 24);
+
+    let ch = clickhouse();
+    let billed: Vec<(String, u64)> = eventually(60, "all 24 requests metered", || {
+        let (ch, tenant_id) = (ch.clone(), tenant.id.clone());
+        async move {
+            let rows: Vec<(String, u64)> = ch
+                .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")
+                .bind(tenant_id.as_str())
+                .fetch_all()
+                .await
+                .ok()?;
+            (rows.len() >= 24).then_some(rows)
+        }
+    })
+    .await;
+    let billed_ids: HashSet<String> = billed.iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(billed_ids, ids);
+    assert!(billed.iter().all(|(_, n)| *n == 1), "{billed:?}");
+}

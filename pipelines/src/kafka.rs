@@ -22,6 +22,8 @@ use crate::{config::KafkaConfig, Error, Result};
 /// The context of Sluice's consumers: logs rebalances and client errors through `tracing`.
 pub struct StageContext {
     group: String,
+    /// Counts rebalances that assigned or revoked partitions (`sluice_rebalances_total`).
+    rebalances: Option<prometheus::IntCounter>,
 }
 
 impl rdkafka::client::ClientContext for StageContext {
@@ -56,6 +58,9 @@ impl rdkafka::consumer::ConsumerContext for StageContext {
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
         tracing::info!(group = %self.group, rebalance = %describe(rebalance), "rebalance done");
+        if let Some(counter) = &self.rebalances {
+            counter.inc();
+        }
     }
 }
 
@@ -119,7 +124,13 @@ pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<Future
 
 /// A consumer in `group` that only commits offsets the runtime stored.
 /// `fetch_wait_ms` bounds how long a fetch waits for data: small on the latency path.
-pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result<KafkaConsumer> {
+/// Rebalances are logged and, given `metrics`, counted.
+pub fn consumer(
+    config: &KafkaConfig,
+    group: &str,
+    fetch_wait_ms: u32,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> Result<KafkaConsumer> {
     let mut client = client_config(config);
     client
         .set("group.id", group)
@@ -136,6 +147,7 @@ pub fn consumer(config: &KafkaConfig, group: &str, fetch_wait_ms: u32) -> Result
         .set("enable.partition.eof", "false");
     Ok(client.create_with_context(StageContext {
         group: group.to_owned(),
+        rebalances: metrics.map(|m| m.rebalances.with_label_values(&[group])),
     })?)
 }
 
@@ -150,6 +162,7 @@ pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<Kaf
         .set("enable.partition.eof", "false");
     Ok(client.create_with_context(StageContext {
         group: "(assigned)".to_owned(),
+        rebalances: None,
     })?)
 }
 

@@ -23,6 +23,8 @@ pub const IN_FLIGHT: &str = "sluice_in_flight_records";
 /// (high watermark minus committed offset). Scale a stage on this (e.g. KEDA's Prometheus
 /// scaler on `sum by (group) (sluice_consumer_lag)`).
 pub const CONSUMER_LAG: &str = "sluice_consumer_lag";
+/// Rebalances a consumer went through (partitions assigned or revoked), by `group`.
+pub const REBALANCES: &str = "sluice_rebalances_total";
 /// Rows a sink wrote, by `sink`.
 pub const SINK_ROWS: &str = "sluice_sink_rows_total";
 /// Rows a sink skipped because they were already stored (redeliveries), by `sink`.
@@ -48,6 +50,7 @@ pub struct Metrics {
     pub process_seconds: HistogramVec,
     pub in_flight: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
+    pub rebalances: IntCounterVec,
     pub sink_rows: IntCounterVec,
     pub sink_duplicates: IntCounterVec,
     pub sink_batch_seconds: HistogramVec,
@@ -105,6 +108,7 @@ impl Metrics {
                 "Records not yet committed by a consumer group.",
                 &["group", "topic", "partition"],
             )?,
+            rebalances: counter(REBALANCES, "Rebalances (assign or revoke).", &["group"])?,
             sink_rows: counter(SINK_ROWS, "Rows a sink wrote.", &["sink"])?,
             sink_duplicates: counter(
                 SINK_DUPLICATES,

@@ -76,7 +76,12 @@ pub async fn run_sink<S: BatchSink>(
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let consumer = Arc::new(kafka::consumer(&deps.kafka, &spec.group, 100)?);
+    let consumer = Arc::new(kafka::consumer(
+        &deps.kafka,
+        &spec.group,
+        100,
+        Some(&deps.metrics),
+    )?);
     consumer.subscribe(&[&spec.input_topic])?;
     let lag_cancel = CancellationToken::new();
     let lag = tokio::spawn(kafka::report_lag(

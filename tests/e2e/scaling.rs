@@ -60,6 +60,28 @@ async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_t
         }
     })
     .await;
+    // The first instance saw the group rebalance.
+    let metrics = http()
+        .get(format!("{}/metrics", sluice.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rebalances: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "sluice_rebalances_total{{group=\"{prefix}.orchestrator\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        rebalances >= 2,
+        "initial assignment plus the join: {rebalances}"
+    );
     // ...then stops while requests are in flight: it finishes what it holds, commits and leaves
     // the group, and the first instance takes all the partitions again.
     let stopped = tokio::task::spawn_blocking(move || second.terminate());

@@ -11,5 +11,6 @@ mod billing;
 mod chat;
 mod dlq;
 mod isolation;
+mod ordering;
 mod registry;
 mod scaling;

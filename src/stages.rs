@@ -222,6 +222,63 @@ fn stage_deps(config: &Config, codec: Arc<Codec>, process: &Process) -> StageDep
     }
 }
 
+fn build_router(config: &Config, catalog: Arc<ModelCatalog>) -> Router {
+    Router::new(catalog, config.router.clone(), config.kafka.topics())
+}
+
+fn build_orchestrator(config: &Config) -> anyhow::Result<Orchestrator> {
+    Orchestrator::new(config.orchestrator.clone(), config.kafka.topics())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `sluice replay`: the records of the stage's input topic (or `topic`) with timestamps in
+/// `[from_ms, to_ms)`, through the stage, outside its consumer group.
+pub async fn replay(
+    config: &Config,
+    kind: StageKind,
+    topic: Option<String>,
+    from_ms: i64,
+    to_ms: i64,
+) -> anyhow::Result<sluice_pipelines::replay::ReplayReport> {
+    use sluice_pipelines::replay::{self, ReplayDeps};
+    let topics = config.kafka.topics();
+    let codec = codec(config)?;
+    register_schemas(&codec).await?;
+    let deps = ReplayDeps {
+        kafka: config.kafka.clone(),
+        codec,
+        metrics: Arc::new(Metrics::new()?),
+        dlq_topic: topics.dlq.clone(),
+    };
+    let stage = kind.name();
+    Ok(match kind {
+        StageKind::Router => {
+            let app_pool = control::connect(&config.postgres.url, 2).await?;
+            let router = build_router(config, ModelCatalog::load(app_pool).await?);
+            let topic = topic.unwrap_or(topics.requests);
+            replay::replay_operator(&router, stage, &topic, from_ms, to_ms, &deps).await?
+        }
+        StageKind::Orchestrator => {
+            let topic = topic.unwrap_or(topics.routed);
+            replay::replay_operator(
+                &build_orchestrator(config)?,
+                stage,
+                &topic,
+                from_ms,
+                to_ms,
+                &deps,
+            )
+            .await?
+        }
+        StageKind::Metering => {
+            let mut sink = UsageSink::new(config.clickhouse.client());
+            let topic = topic.unwrap_or(topics.usage);
+            let batch = config.stages.metering_max_batch;
+            replay::replay_sink(&mut sink, stage, &topic, from_ms, to_ms, batch, &deps).await?
+        }
+    })
+}
+
 /// Starts one stage in `process`.
 async fn start_stage(
     config: &Config,
@@ -246,7 +303,7 @@ async fn start_stage(
                     Ok(())
                 }
             });
-            let router = Arc::new(Router::new(catalog, config.router.clone(), topics.clone()));
+            let router = Arc::new(build_router(config, catalog));
             let mut spec =
                 StageSpec::new("router", &group("router"), &topics.requests, &topics.dlq);
             spec.lanes = config.stages.router_lanes;
@@ -255,10 +312,7 @@ async fn start_stage(
             });
         }
         StageKind::Orchestrator => {
-            let orchestrator = Arc::new(
-                Orchestrator::new(config.orchestrator.clone(), topics.clone())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
+            let orchestrator = Arc::new(build_orchestrator(config)?);
             let mut spec = StageSpec::new(
                 "orchestrator",
                 &group("orchestrator"),

@@ -20,6 +20,7 @@ pub mod dlq;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod replay;
 pub mod runtime;
 pub mod sink;
 pub mod tokens;

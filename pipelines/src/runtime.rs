@@ -82,7 +82,7 @@ pub struct RecordContext {
 }
 
 impl RecordContext {
-    fn of(message: &OwnedMessage) -> Self {
+    pub fn of(message: &OwnedMessage) -> Self {
         let parent = message.headers().and_then(|headers| {
             headers
                 .iter()

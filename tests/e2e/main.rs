@@ -13,4 +13,5 @@ mod dlq;
 mod isolation;
 mod ordering;
 mod registry;
+mod replay;
 mod scaling;

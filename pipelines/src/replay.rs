@@ -1,0 +1,264 @@
+//! `sluice replay`: re-read a topic between two timestamps and feed the records through a
+//! stage — for backfills (metering a time range into ClickHouse again is safe: the sink is
+//! idempotent) and offline evaluation. Replay reads by assignment, outside the stage's
+//! consumer group, so the live stage's offsets are untouched.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{consumer::Consumer, message::OwnedMessage, Message, Offset, TopicPartitionList};
+use sluice_schemas::Codec;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::KafkaConfig,
+    kafka::{self, KafkaConsumer, ProducerProfile},
+    metrics::Metrics,
+    runtime::{DeadLetters, RecordContext},
+    BatchSink, Emitter, Error, Operator, ProcessError, Result,
+};
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Records read in the range.
+    pub read: u64,
+    /// Records processed (operators) or written as new rows (sinks).
+    pub processed: u64,
+    /// Records that went to the DLQ.
+    pub dead_lettered: u64,
+}
+
+/// The records of `topic` with timestamps in `[from_ms, to_ms)`, per partition in order.
+///
+/// The broker's offset-for-timestamp lookup only chooses where to start reading; every record
+/// is still checked against the range, and each partition is read up to its high watermark at
+/// the start. (The local broker answers timestamp lookups with the earliest offset, so the
+/// check is what makes the range exact there.)
+struct RangeReader {
+    consumer: KafkaConsumer,
+    from_ms: i64,
+    to_ms: i64,
+    /// Offset to stop before, per partition still being read.
+    ends: HashMap<i32, i64>,
+    total: i64,
+}
+
+impl RangeReader {
+    async fn open(config: &KafkaConfig, topic: &str, from_ms: i64, to_ms: i64) -> Result<Self> {
+        let consumer = kafka::assigned_consumer(config, 100)?;
+        let partitions = kafka::partition_count(&consumer, topic)?;
+        let timeout = Duration::from_secs(10);
+        let mut starts = TopicPartitionList::new();
+        for p in 0..partitions {
+            starts.add_partition_offset(topic, p, Offset::Offset(from_ms))?;
+        }
+        let starts = consumer.offsets_for_times(starts, timeout)?;
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        let mut total = 0;
+        for p in 0..partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+            let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o.clamp(low, high),
+                _ => high,
+            };
+            tracing::debug!(topic, partition = p, start, high, "replay range");
+            if high > start {
+                assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
+                ends.insert(p, high);
+                total += high - start;
+            }
+        }
+        if !ends.is_empty() {
+            consumer.assign(&assignment)?;
+        }
+        Ok(Self {
+            consumer,
+            from_ms,
+            to_ms,
+            ends,
+            total,
+        })
+    }
+
+    /// The next record in range, or `None` when every partition reached its end.
+    async fn next(&mut self) -> Result<Option<OwnedMessage>> {
+        loop {
+            if self.ends.is_empty() {
+                return Ok(None);
+            }
+            let message =
+                match tokio::time::timeout(Duration::from_secs(30), self.consumer.recv()).await {
+                    Ok(Ok(m)) => m.detach(),
+                    Ok(Err(e)) => return Err(Error::Kafka(e)),
+                    Err(_) => {
+                        return Err(Error::Invalid(
+                            "the broker stopped answering mid-replay".into(),
+                        ))
+                    }
+                };
+            let partition = message.partition();
+            let Some(end) = self.ends.get(&partition).copied() else {
+                continue;
+            };
+            if message.offset() + 1 >= end {
+                self.ends.remove(&partition);
+                if let Err(e) = self.consumer.incremental_unassign(&{
+                    let mut done = TopicPartitionList::new();
+                    done.add_partition(message.topic(), partition);
+                    done
+                }) {
+                    tracing::debug!(error = %e, "cannot unassign a finished partition");
+                }
+            }
+            let in_range = message
+                .timestamp()
+                .to_millis()
+                .is_some_and(|t| t >= self.from_ms && t < self.to_ms);
+            if message.offset() < end && in_range {
+                return Ok(Some(message));
+            }
+        }
+    }
+}
+
+fn progress(done: u64, total: i64, started: Instant, last: &mut Instant) {
+    if last.elapsed() >= Duration::from_secs(1) {
+        eprintln!(
+            "replayed {done}/{total} records ({:.0}/s)",
+            done as f64 / started.elapsed().as_secs_f64()
+        );
+        *last = Instant::now();
+    }
+}
+
+/// Everything a replay needs besides the stage itself.
+pub struct ReplayDeps {
+    pub kafka: KafkaConfig,
+    pub codec: Arc<Codec>,
+    pub metrics: Arc<Metrics>,
+    /// Where records that fail go.
+    pub dlq_topic: String,
+}
+
+/// Feeds the records of `topic` in `[from_ms, to_ms)` through `operator`; its outputs are
+/// produced as the live stage would produce them.
+pub async fn replay_operator<O: Operator>(
+    operator: &O,
+    stage: &str,
+    topic: &str,
+    from_ms: i64,
+    to_ms: i64,
+    deps: &ReplayDeps,
+) -> Result<ReplayReport> {
+    let mut reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
+    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
+    let stage_name = format!("replay-{stage}");
+    let dead = DeadLetters::new(
+        producer.clone(),
+        deps.codec.clone(),
+        &deps.dlq_topic,
+        &stage_name,
+        deps.metrics.clone(),
+    );
+    let never = CancellationToken::new();
+    let mut report = ReplayReport::default();
+    let (started, mut last) = (Instant::now(), Instant::now());
+    while let Some(message) = reader.next().await? {
+        report.read += 1;
+        let ctx = RecordContext::of(&message);
+        let outcome = match deps
+            .codec
+            .decode::<O::Input>(message.payload().unwrap_or_default())
+            .await
+        {
+            Err(e) => Err(ProcessError::Poison(format!("undecodable: {e}"))),
+            Ok(input) => {
+                let mut out = Emitter::new(producer.clone(), deps.codec.clone(), ctx.trace);
+                match operator.process(input, &ctx, &mut out).await {
+                    Ok(()) => out.flush().await.map(|_| ()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => report.processed += 1,
+            Err(e) => {
+                dead.send(&message, &e.to_string(), &never).await;
+                report.dead_lettered += 1;
+            }
+        }
+        progress(report.read, reader.total, started, &mut last);
+    }
+    Ok(report)
+}
+
+/// Writes the records of `topic` in `[from_ms, to_ms)` to `sink` in batches of `batch`.
+pub async fn replay_sink<S: BatchSink>(
+    sink: &mut S,
+    stage: &str,
+    topic: &str,
+    from_ms: i64,
+    to_ms: i64,
+    batch: usize,
+    deps: &ReplayDeps,
+) -> Result<ReplayReport> {
+    let mut reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
+    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
+    let stage_name = format!("replay-{stage}");
+    let dead = DeadLetters::new(
+        producer,
+        deps.codec.clone(),
+        &deps.dlq_topic,
+        &stage_name,
+        deps.metrics.clone(),
+    );
+    let never = CancellationToken::new();
+    let mut report = ReplayReport::default();
+    let (started, mut last) = (Instant::now(), Instant::now());
+    let mut pending: Vec<S::Input> = Vec::with_capacity(batch);
+    loop {
+        let next = reader.next().await?;
+        if let Some(message) = &next {
+            report.read += 1;
+            match deps
+                .codec
+                .decode::<S::Input>(message.payload().unwrap_or_default())
+                .await
+            {
+                Ok(record) => pending.push(record),
+                Err(e) => {
+                    dead.send(message, &format!("undecodable: {e}"), &never)
+                        .await;
+                    report.dead_lettered += 1;
+                }
+            }
+        }
+        if pending.len() >= batch.max(1) || (next.is_none() && !pending.is_empty()) {
+            let mut attempt = 0;
+            loop {
+                match sink.write(&pending).await {
+                    Ok(new) => {
+                        report.processed += new as u64;
+                        break;
+                    }
+                    Err(ProcessError::Retriable(reason)) if attempt < 10 => {
+                        attempt += 1;
+                        tracing::warn!(reason, attempt, "replay batch failed; retrying");
+                        tokio::time::sleep(crate::runtime::backoff(attempt)).await;
+                    }
+                    Err(e) => return Err(Error::Invalid(format!("replay stopped: {e}"))),
+                }
+            }
+            pending.clear();
+        }
+        progress(report.read, reader.total, started, &mut last);
+        if next.is_none() {
+            return Ok(report);
+        }
+    }
+}

@@ -214,9 +214,41 @@ pub fn partition_count(consumer: &KafkaConsumer, topic: &str) -> Result<i32> {
         .map_err(|_| Error::Config(format!("topic {topic} has too many partitions")))
 }
 
+/// A background task measuring a consumer's lag; stop it with [`LagReporter::stop`].
+pub struct LagReporter {
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LagReporter {
+    /// Starts measuring `consumer`'s lag every `every` under `group`.
+    pub fn start(
+        consumer: std::sync::Arc<KafkaConsumer>,
+        group: &str,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        every: Duration,
+    ) -> Self {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(report_lag(
+            consumer,
+            group.to_owned(),
+            metrics,
+            every,
+            cancel.clone(),
+        ));
+        Self { cancel, task }
+    }
+
+    /// Stops measuring and waits for the task.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Every `every`, sets `sluice_consumer_lag` for each partition assigned to `consumer`: the
 /// partition's high watermark minus the group's committed offset. Runs until `cancel` fires.
-pub async fn report_lag(
+async fn report_lag(
     consumer: std::sync::Arc<KafkaConsumer>,
     group: String,
     metrics: std::sync::Arc<crate::metrics::Metrics>,

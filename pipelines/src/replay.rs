@@ -126,13 +126,62 @@ impl RangeReader {
     }
 }
 
-fn progress(done: u64, total: i64, started: Instant, last: &mut Instant) {
-    if last.elapsed() >= Duration::from_secs(1) {
-        eprintln!(
-            "replayed {done}/{total} records ({:.0}/s)",
-            done as f64 / started.elapsed().as_secs_f64()
+/// One replay's reader, DLQ writer and counts.
+struct Session {
+    reader: RangeReader,
+    producer: rdkafka::producer::FutureProducer,
+    dead_letters: DeadLetters,
+    report: ReplayReport,
+    started: Instant,
+    last_progress: Instant,
+}
+
+impl Session {
+    async fn open(
+        deps: &ReplayDeps,
+        stage: &str,
+        topic: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Self> {
+        let reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
+        let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
+        let dead_letters = DeadLetters::new(
+            producer.clone(),
+            deps.codec.clone(),
+            &deps.dlq_topic,
+            &format!("replay-{stage}"),
+            deps.metrics.clone(),
         );
-        *last = Instant::now();
+        Ok(Self {
+            reader,
+            producer,
+            dead_letters,
+            report: ReplayReport::default(),
+            started: Instant::now(),
+            last_progress: Instant::now(),
+        })
+    }
+
+    /// Sends `message` to the DLQ (retrying until the broker takes it) and counts it.
+    async fn dead_letter(&mut self, message: &OwnedMessage, reason: &str) {
+        self.dead_letters
+            .send(message, reason, &CancellationToken::new())
+            .await;
+        self.report.dead_lettered += 1;
+    }
+
+    /// Prints progress at most once a second.
+    fn progress(&mut self) {
+        if self.last_progress.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "replayed {} records of at most {} scanned ({:.0}/s)",
+                self.report.read,
+                self.reader.total,
+                self.report.read as f64 / self.started.elapsed().as_secs_f64()
+            );
+            self.last_progress = Instant::now();
+        }
     }
 }
 
@@ -155,21 +204,9 @@ pub async fn replay_operator<O: Operator>(
     to_ms: i64,
     deps: &ReplayDeps,
 ) -> Result<ReplayReport> {
-    let mut reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
-    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
-    let stage_name = format!("replay-{stage}");
-    let dead = DeadLetters::new(
-        producer.clone(),
-        deps.codec.clone(),
-        &deps.dlq_topic,
-        &stage_name,
-        deps.metrics.clone(),
-    );
-    let never = CancellationToken::new();
-    let mut report = ReplayReport::default();
-    let (started, mut last) = (Instant::now(), Instant::now());
-    while let Some(message) = reader.next().await? {
-        report.read += 1;
+    let mut session = Session::open(deps, stage, topic, from_ms, to_ms).await?;
+    while let Some(message) = session.reader.next().await? {
+        session.report.read += 1;
         let ctx = RecordContext::of(&message);
         let outcome = match deps
             .codec
@@ -178,7 +215,7 @@ pub async fn replay_operator<O: Operator>(
         {
             Err(e) => Err(ProcessError::Poison(format!("undecodable: {e}"))),
             Ok(input) => {
-                let mut out = Emitter::new(producer.clone(), deps.codec.clone(), ctx.trace);
+                let mut out = Emitter::new(session.producer.clone(), deps.codec.clone(), ctx.trace);
                 match operator.process(input, &ctx, &mut out).await {
                     Ok(()) => out.flush().await.map(|_| ()),
                     Err(e) => Err(e),
@@ -186,15 +223,14 @@ pub async fn replay_operator<O: Operator>(
             }
         };
         match outcome {
-            Ok(()) => report.processed += 1,
+            Ok(()) => session.report.processed += 1,
             Err(e) => {
-                dead.send(&message, &e.to_string(), &never).await;
-                report.dead_lettered += 1;
+                session.dead_letter(&message, &e.to_string()).await;
             }
         }
-        progress(report.read, reader.total, started, &mut last);
+        session.progress();
     }
-    Ok(report)
+    Ok(session.report)
 }
 
 /// Writes the records of `topic` in `[from_ms, to_ms)` to `sink` in batches of `batch`.
@@ -207,24 +243,12 @@ pub async fn replay_sink<S: BatchSink>(
     batch: usize,
     deps: &ReplayDeps,
 ) -> Result<ReplayReport> {
-    let mut reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
-    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
-    let stage_name = format!("replay-{stage}");
-    let dead = DeadLetters::new(
-        producer,
-        deps.codec.clone(),
-        &deps.dlq_topic,
-        &stage_name,
-        deps.metrics.clone(),
-    );
-    let never = CancellationToken::new();
-    let mut report = ReplayReport::default();
-    let (started, mut last) = (Instant::now(), Instant::now());
+    let mut session = Session::open(deps, stage, topic, from_ms, to_ms).await?;
     let mut pending: Vec<S::Input> = Vec::with_capacity(batch);
     loop {
-        let next = reader.next().await?;
+        let next = session.reader.next().await?;
         if let Some(message) = &next {
-            report.read += 1;
+            session.report.read += 1;
             match deps
                 .codec
                 .decode::<S::Input>(message.payload().unwrap_or_default())
@@ -232,9 +256,9 @@ pub async fn replay_sink<S: BatchSink>(
             {
                 Ok(record) => pending.push(record),
                 Err(e) => {
-                    dead.send(message, &format!("undecodable: {e}"), &never)
+                    session
+                        .dead_letter(message, &format!("undecodable: {e}"))
                         .await;
-                    report.dead_lettered += 1;
                 }
             }
         }
@@ -243,7 +267,7 @@ pub async fn replay_sink<S: BatchSink>(
             loop {
                 match sink.write(&pending).await {
                     Ok(new) => {
-                        report.processed += new as u64;
+                        session.report.processed += new as u64;
                         break;
                     }
                     Err(ProcessError::Retriable(reason)) if attempt < 10 => {
@@ -256,9 +280,9 @@ pub async fn replay_sink<S: BatchSink>(
             }
             pending.clear();
         }
-        progress(report.read, reader.total, started, &mut last);
+        session.progress();
         if next.is_none() {
-            return Ok(report);
+            return Ok(session.report);
         }
     }
 }

@@ -422,14 +422,12 @@ pub async fn run_operator<O: Operator>(
         };
         workers.spawn(lane.run(rx));
     }
-    let lag_cancel = CancellationToken::new();
-    let lag = tokio::spawn(kafka::report_lag(
+    let lag = kafka::LagReporter::start(
         consumer.clone(),
-        spec.group.clone(),
+        &spec.group,
         deps.metrics.clone(),
         LAG_EVERY,
-        lag_cancel.clone(),
-    ));
+    );
     deps.readiness.set(&spec.name, true);
     tracing::info!(stage = %spec.name, topic = %spec.input_topic, group = %spec.group, lanes = lanes_count, "stage started");
 
@@ -460,8 +458,7 @@ pub async fn run_operator<O: Operator>(
     }
 
     deps.readiness.set(&spec.name, false);
-    lag_cancel.cancel();
-    let _ = lag.await;
+    lag.stop().await;
     drop(lanes);
     while let Some(joined) = workers.join_next().await {
         if let Err(e) = joined {

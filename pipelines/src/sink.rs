@@ -83,14 +83,12 @@ pub async fn run_sink<S: BatchSink>(
         Some(&deps.metrics),
     )?);
     consumer.subscribe(&[&spec.input_topic])?;
-    let lag_cancel = CancellationToken::new();
-    let lag = tokio::spawn(kafka::report_lag(
+    let lag = kafka::LagReporter::start(
         consumer.clone(),
-        spec.group.clone(),
+        &spec.group,
         deps.metrics.clone(),
         LAG_EVERY,
-        lag_cancel.clone(),
-    ));
+    );
     let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
     let dead_letters = DeadLetters::new(
         producer,
@@ -155,8 +153,7 @@ pub async fn run_sink<S: BatchSink>(
         store_batch_offsets(&consumer, &messages);
     }
     deps.readiness.set(&spec.name, false);
-    lag_cancel.cancel();
-    let _ = lag.await;
+    lag.stop().await;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = %spec.name, error = %e, "final commit had nothing to do");
     }

@@ -104,20 +104,10 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
     sluice.restart();
 
     // Wait until every request is metered.
-    let ch = clickhouse();
-    let tenant_id = tenant.id.clone();
-    let billed: Vec<(String, u64)> = eventually(90, "every request to be metered", || {
-        let (ch, tenant_id, expected) = (ch.clone(), tenant_id.clone(), expected.clone());
-        async move {
-            let rows: Vec<(String, u64)> = ch
-                .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")
-                .bind(tenant_id.as_str())
-                .fetch_all()
-                .await
-                .ok()?;
-            let seen: HashSet<String> = rows.iter().map(|(r, _)| r.clone()).collect();
-            expected.is_subset(&seen).then_some(rows)
-        }
+    let billed = eventually(90, "every request to be metered", || async {
+        let rows = billed_per_request(&tenant.id).await?;
+        let seen: HashSet<String> = rows.iter().map(|(r, _)| r.clone()).collect();
+        expected.is_subset(&seen).then_some(rows)
     })
     .await;
     let billed_ids: HashSet<String> = billed.iter().map(|(r, _)| r.clone()).collect();
@@ -138,7 +128,7 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
         Some(expected.len() as u64),
         "{usage}"
     );
-    let raw: u64 = ch
+    let raw: u64 = clickhouse()
         .query("SELECT count() FROM usage_events WHERE tenant_id = ?")
         .bind(tenant.id.as_str())
         .fetch_one()

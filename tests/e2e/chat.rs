@@ -333,22 +333,6 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
     run_cli(&prefix, &["model", "remove", &model]);
 }
 
-/// Reads a counter or gauge without labels from a `/metrics` page.
-async fn metric(base: &str, name: &str) -> f64 {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn two_edge_instances_each_get_their_own_replies() {
     let sluice = Sluice::start();

@@ -122,17 +122,8 @@ async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
     assert_eq!(again.source_topic, requests);
 
     // The DLQ count is on /metrics.
-    let metrics = http()
-        .get(format!("{}/metrics", sluice.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("sluice_dlq_records_total{stage=\"router\"}"))
-        .expect("dlq metric");
-    assert!(line.ends_with(" 4"), "{line}");
+    assert_eq!(
+        metric(&sluice.url, "sluice_dlq_records_total{stage=\"router\"}").await,
+        4.0
+    );
 }

@@ -426,3 +426,26 @@ pub fn clickhouse() -> clickhouse::Client {
         .with_database("sluice")
         .with_validation(false)
 }
+
+/// The value of one series (name with its labels, as `/metrics` prints it) on `base`'s
+/// `/metrics` page; 0 when absent.
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// (request_id, rows) for every request billed to `tenant_id`, read through `FINAL`.
+pub async fn billed_per_request(tenant_id: &str) -> Option<Vec<(String, u64)>> {
+    clickhouse()
+        .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")
+        .bind(tenant_id)
+        .fetch_all()
+        .await
+        .ok()
+}

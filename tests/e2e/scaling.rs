@@ -48,40 +48,14 @@ async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_t
         }));
     }
     // The second instance takes a share of the partitions and processes records...
-    let ops = format!("{}/metrics", second.ops_url);
-    eventually(20, "the second orchestrator to process records", || {
-        let ops = ops.clone();
-        async move {
-            let text = http().get(ops).send().await.ok()?.text().await.ok()?;
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("sluice_records_in_total{stage=\"orchestrator\"}"))?;
-            (line.rsplit(' ').next()?.parse::<u64>().ok()? > 0).then_some(())
-        }
+    let processed = "sluice_records_in_total{stage=\"orchestrator\"}";
+    eventually(20, "the second orchestrator to process records", || async {
+        (metric(&second.ops_url, processed).await > 0.0).then_some(())
     })
     .await;
-    // The first instance saw the group rebalance.
-    let metrics = http()
-        .get(format!("{}/metrics", sluice.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rebalances: u64 = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!(
-                "sluice_rebalances_total{{group=\"{prefix}.orchestrator\"}}"
-            ))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0);
-    assert!(
-        rebalances >= 2,
-        "initial assignment plus the join: {rebalances}"
-    );
+    // The first instance saw the group rebalance: its first assignment, then the join.
+    let rebalances = format!("sluice_rebalances_total{{group=\"{prefix}.orchestrator\"}}");
+    assert!(metric(&sluice.url, &rebalances).await >= 2.0);
     // ...then stops while requests are in flight: it finishes what it holds, commits and leaves
     // the group, and the first instance takes all the partitions again.
     let stopped = tokio::task::spawn_blocking(move || second.terminate());
@@ -99,18 +73,10 @@ async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_t
     }
     assert_eq!(ids.len(), 24);
 
-    let ch = clickhouse();
-    let billed: Vec<(String, u64)> = eventually(60, "all 24 requests metered", || {
-        let (ch, tenant_id) = (ch.clone(), tenant.id.clone());
-        async move {
-            let rows: Vec<(String, u64)> = ch
-                .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")
-                .bind(tenant_id.as_str())
-                .fetch_all()
-                .await
-                .ok()?;
-            (rows.len() >= 24).then_some(rows)
-        }
+    let billed = eventually(60, "all 24 requests metered", || async {
+        billed_per_request(&tenant.id)
+            .await
+            .filter(|rows| rows.len() >= 24)
     })
     .await;
     let billed_ids: HashSet<String> = billed.iter().map(|(r, _)| r.clone()).collect();

@@ -116,7 +116,8 @@ pub struct Sluice {
     edge_port: u16,
     registry_port: u16,
     child: Option<Child>,
-    extra_env: Vec<(String, String)>,
+    /// Extra environment for the process (applies from the next start).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Sluice {
@@ -188,6 +189,19 @@ impl Sluice {
             assert!(Instant::now() < deadline, "sluice up did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The process's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().map(Child::id).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
     }
 
     /// Kills the process without warning (SIGKILL), as a crash would.

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod backpressure;
 mod bad_input;
 mod bench;
 mod billing;

@@ -167,7 +167,7 @@ async fn raw(
     group: &str,
     total: u64,
 ) -> Result<f64> {
-    let consumer: kafka::KafkaConsumer = kafka::consumer(kafka, group, 100, None)?;
+    let consumer: kafka::KafkaConsumer = kafka::consumer(kafka, group, 100, None, None)?;
     consumer.subscribe(&[input])?;
     let producer: FutureProducer = kafka::producer(kafka, ProducerProfile::Throughput)?;
     // Acknowledgements are awaited off the consume loop, so it never stalls on them.

@@ -392,6 +392,7 @@ pub async fn run_operator<O: Operator>(
         &deps.kafka,
         &spec.group,
         spec.fetch_wait_ms,
+        None,
         Some(&deps.metrics),
     )?);
     consumer.subscribe(&[&spec.input_topic])?;

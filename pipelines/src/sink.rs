@@ -53,6 +53,8 @@ pub struct SinkSpec {
     pub max_batch: usize,
     /// Longest a record waits for its batch to fill.
     pub linger: Duration,
+    /// Most the consumer fetches ahead of the sink (KiB), so a stalled store bounds memory.
+    pub max_prefetch_kib: u32,
 }
 
 impl SinkSpec {
@@ -65,6 +67,7 @@ impl SinkSpec {
             dlq_topic: dlq_topic.to_owned(),
             max_batch: 1000,
             linger: Duration::from_millis(200),
+            max_prefetch_kib: 16 * 1024,
         }
     }
 }
@@ -80,6 +83,7 @@ pub async fn run_sink<S: BatchSink>(
         &deps.kafka,
         &spec.group,
         100,
+        Some(spec.max_prefetch_kib),
         Some(&deps.metrics),
     )?);
     consumer.subscribe(&[&spec.input_topic])?;

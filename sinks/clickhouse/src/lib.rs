@@ -11,7 +11,7 @@
 pub mod queries;
 pub mod schema;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -133,21 +133,33 @@ impl UsageSink {
         Self { client }
     }
 
+    /// The batch's event ids already in the table. Each query names one tenant, the leading
+    /// column of the table's sort key, so it reads that tenant's index range, not the table.
     async fn stored_ids(
         &self,
         batch: &[UsageEvent],
     ) -> Result<HashSet<String>, clickhouse::error::Error> {
+        let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+        for event in batch {
+            by_tenant
+                .entry(&event.tenant_id)
+                .or_default()
+                .push(&event.event_id);
+        }
         let mut stored = HashSet::new();
-        // Bounded IN lists keep each query small.
-        for chunk in batch.chunks(500) {
-            let placeholders = vec!["?"; chunk.len()].join(",");
-            let sql =
-                format!("SELECT event_id FROM usage_events WHERE event_id IN ({placeholders})");
-            let mut query = self.client.query(&sql);
-            for event in chunk {
-                query = query.bind(event.event_id.as_str());
+        for (tenant, ids) in by_tenant {
+            // Bounded IN lists keep each query small.
+            for chunk in ids.chunks(500) {
+                let placeholders = vec!["?"; chunk.len()].join(",");
+                let sql = format!(
+                    "SELECT event_id FROM usage_events WHERE tenant_id = ? AND event_id IN ({placeholders})"
+                );
+                let mut query = self.client.query(&sql).bind(tenant);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                stored.extend(query.fetch_all::<String>().await?);
             }
-            stored.extend(query.fetch_all::<String>().await?);
         }
         Ok(stored)
     }

@@ -141,3 +141,50 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 }
+
+/// Every metric name, for checks that dashboards and alerts use only real names.
+pub const ALL: &[&str] = &[
+    RECORDS_IN,
+    RECORDS_OUT,
+    DLQ_RECORDS,
+    RETRIES,
+    PROCESS_SECONDS,
+    IN_FLIGHT,
+    CONSUMER_LAG,
+    REBALANCES,
+    SINK_ROWS,
+    SINK_DUPLICATES,
+    SINK_BATCH_SECONDS,
+    HTTP_REQUESTS,
+    HTTP_SECONDS,
+    ORPHAN_REPLIES,
+    OPEN_STREAMS,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashboards_and_alerts_use_only_defined_names() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("sluice_") && !word.ends_with('_') {
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| word.strip_suffix(suffix))
+                        .unwrap_or(word);
+                    assert!(
+                        ALL.contains(&base),
+                        "{word} in {dir:?} is not a Sluice metric"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 0, "no metric names found in dashboards/");
+    }
+}

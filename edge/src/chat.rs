@@ -593,21 +593,7 @@ mod tests {
 
     #[test]
     fn translator_frames_a_reply_like_openai() {
-        let request = ChatRequest {
-            request_id: "chatcmpl-1".into(),
-            tenant_id: "t".into(),
-            session_id: "s".into(),
-            model: "auto".into(),
-            messages: vec![],
-            max_tokens: None,
-            temperature: None,
-            stream: true,
-            reply_to: ReplyAddress {
-                topic: "r".into(),
-                partition: 0,
-            },
-            received_at_ms: 0,
-        };
+        let request = crate::test_support::request("chatcmpl-1");
         let mut t = StreamTranslator::new("chatcmpl-1", 7, true);
         let mut delta = ReplyChunk::new(&request, "sim-small", 0, ReplyKind::Delta);
         delta.delta = "Hi".into();

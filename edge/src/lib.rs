@@ -16,6 +16,30 @@ pub mod replies;
 pub mod usage;
 pub mod ws;
 
+#[cfg(test)]
+mod test_support {
+    use sluice_schemas::{ChatRequest, ReplyAddress};
+
+    /// A streaming request with no messages, replying to partition 0 of topic `r`.
+    pub fn request(request_id: &str) -> ChatRequest {
+        ChatRequest {
+            request_id: request_id.to_owned(),
+            tenant_id: "t".into(),
+            session_id: "s".into(),
+            model: "auto".into(),
+            messages: vec![],
+            max_tokens: None,
+            temperature: None,
+            stream: true,
+            reply_to: ReplyAddress {
+                topic: "r".into(),
+                partition: 0,
+            },
+            received_at_ms: 0,
+        }
+    }
+}
+
 use std::{sync::Arc, time::Duration, time::Instant};
 
 use axum::{

@@ -182,24 +182,10 @@ pub async fn run_dispatcher(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_schemas::{ChatRequest, ReplyAddress, ReplyKind};
+    use sluice_schemas::ReplyKind;
 
     fn chunk(request_id: &str, seq: i32) -> ReplyChunk {
-        let request = ChatRequest {
-            request_id: request_id.into(),
-            tenant_id: "t".into(),
-            session_id: "s".into(),
-            model: "m".into(),
-            messages: vec![],
-            max_tokens: None,
-            temperature: None,
-            stream: true,
-            reply_to: ReplyAddress {
-                topic: "r".into(),
-                partition: 0,
-            },
-            received_at_ms: 0,
-        };
+        let request = crate::test_support::request(request_id);
         ReplyChunk::new(&request, "m", seq, ReplyKind::Delta)
     }
 

@@ -385,3 +385,30 @@ async fn two_edge_instances_each_get_their_own_replies() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn models_lists_auto_and_the_catalogue_to_authenticated_callers() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let (status, body) = get_json(&sluice.v1("/models"), &tenant.key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids[0], "auto");
+    assert!(
+        ids.contains(&"sim-small") && ids.contains(&"sim-large"),
+        "{ids:?}"
+    );
+    assert!(body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["object"] == "model"));
+    let (status, body) = get_json(&sluice.v1("/models"), "sk-sluice-not-a-key").await;
+    assert_eq!(status, 401, "{body}");
+}

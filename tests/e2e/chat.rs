@@ -228,6 +228,26 @@ async fn websocket_chat_streams_the_same_chunks() {
     assert_eq!(finished.len(), 2);
     assert!(finished.values().all(|u| u.as_i64() == Some(8)));
 
+    // Browsers cannot set headers on a WebSocket: the key may come as `?api_key=`.
+    let url = format!(
+        "ws://{}/v1/chat/stream?api_key={}",
+        sluice.url.trim_start_matches("http://"),
+        tenant.key
+    );
+    let (mut browser, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let body = json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "from a browser"}]});
+    browser
+        .send(Frame::Text(body.to_string().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Frame::Text(first))) = browser.next().await else {
+        panic!("no frame")
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["object"],
+        "chat.completion.chunk"
+    );
+
     // Without a key the upgrade is refused with a JSON 401.
     let err = tokio_tungstenite::connect_async(format!(
         "ws://{}/v1/chat/stream",

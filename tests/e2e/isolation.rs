@@ -103,3 +103,20 @@ async fn row_level_security_filters_queries_that_forget_the_tenant() {
         sluice_pipelines::control::hash_api_key(&alice.key)
     );
 }
+
+#[tokio::test]
+async fn analysts_read_clickhouse_but_cannot_change_it() {
+    let analyst = clickhouse().with_user("analyst");
+    analyst
+        .query("SELECT count() FROM usage_events FINAL")
+        .fetch_one::<u64>()
+        .await
+        .expect("the analyst user reads the facts");
+    let refused = analyst.query("DROP TABLE usage_events").execute().await;
+    assert!(refused.is_err(), "the analyst user is read-only");
+    let refused = analyst
+        .query("INSERT INTO usage_events (event_id) VALUES ('x')")
+        .execute()
+        .await;
+    assert!(refused.is_err(), "the analyst user cannot write");
+}

@@ -108,7 +108,8 @@ impl RecordContext {
 pub struct Emitter {
     producer: FutureProducer,
     codec: Arc<Codec>,
-    trace: TraceContext,
+    /// The `traceparent` every output carries, formatted once.
+    traceparent: String,
     pending: Vec<(String, DeliveryFuture)>,
 }
 
@@ -118,7 +119,7 @@ impl Emitter {
         Self {
             producer,
             codec,
-            trace,
+            traceparent: trace.to_header(),
             pending: Vec::new(),
         }
     }
@@ -133,11 +134,10 @@ impl Emitter {
         record: &T,
     ) -> Result<(), ProcessError> {
         let payload = self.codec.encode(record)?;
-        let header = self.trace.to_header();
         loop {
             let headers = OwnedHeaders::new().insert(Header {
                 key: TRACEPARENT,
-                value: Some(header.as_bytes()),
+                value: Some(self.traceparent.as_bytes()),
             });
             let mut future = FutureRecord::to(topic)
                 .key(key)
@@ -181,11 +181,6 @@ impl Emitter {
             Some(reason) => Err(ProcessError::Retriable(reason)),
             None => Ok(written),
         }
-    }
-
-    /// The trace context outputs carry.
-    pub fn trace(&self) -> &TraceContext {
-        &self.trace
     }
 }
 

@@ -82,11 +82,6 @@ impl Codec {
         }
     }
 
-    /// The registry this codec talks to.
-    pub fn registry(&self) -> &RegistryClient {
-        &self.registry
-    }
-
     /// Registers `T`'s schema under its subject (idempotent) and remembers its id for encoding.
     pub async fn register<T: Record>(&self) -> Result<u32> {
         let id = self.registry.register(T::NAME, T::AVSC).await?;

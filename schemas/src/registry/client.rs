@@ -27,11 +27,6 @@ struct SchemaBody {
 }
 
 #[derive(Deserialize)]
-struct CompatibilityBody {
-    is_compatible: bool,
-}
-
-#[derive(Deserialize)]
 struct ErrorBody {
     error_code: Option<i64>,
     message: Option<String>,
@@ -54,11 +49,6 @@ impl RegistryClient {
         })
     }
 
-    /// The registry's base URL.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
-    }
-
     /// Registers `schema` under `subject` and returns its id; registering an existing schema
     /// returns the existing id.
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
@@ -74,18 +64,6 @@ impl RegistryClient {
         let url = format!("{}/schemas/ids/{id}", self.base_url);
         let body: SchemaBody = self.send(self.http.get(url)).await?;
         Ok(body.schema)
-    }
-
-    /// Whether `schema` could be registered under `subject` given its compatibility level.
-    pub async fn is_compatible(&self, subject: &str, schema: &str) -> Result<bool> {
-        let url = format!(
-            "{}/compatibility/subjects/{subject}/versions/latest",
-            self.base_url
-        );
-        let body: CompatibilityBody = self
-            .send(self.http.post(url).json(&json!({ "schema": schema })))
-            .await?;
-        Ok(body.is_compatible)
     }
 
     async fn send<T: for<'de> Deserialize<'de>>(

@@ -88,6 +88,14 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
         "memory grew by {grown_kib} KiB while the sink was stalled"
     );
     assert!(metric(&sluice.url, "sluice_retries_total{stage=\"metering\"}").await >= 1.0);
+    // The usage API says ClickHouse is unavailable, in OpenAI's error shape.
+    let key = create_tenant(&prefix).key;
+    let (status, body) = get_json(&sluice.v1("/usage"), &key).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("service_unavailable")),
+        "{body}"
+    );
 
     // ClickHouse is back (the process restarts with the right address): every event is written once.
     sluice.extra_env.clear();

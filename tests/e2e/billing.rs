@@ -29,11 +29,7 @@ async fn drain(consumer: &StreamConsumer, quiet: Duration) -> Vec<(Option<Vec<u8
 async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
     let prefix = unique("t");
     // A slow model, so the kill lands while replies are streaming.
-    let slow = vec![(
-        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
-        "40.0".to_owned(),
-    )];
-    let mut sluice = Sluice::start_with(&prefix, slow);
+    let mut sluice = Sluice::start_with(&prefix, sim_speed(40.0));
     let tenant = create_tenant(&prefix);
 
     // Some requests finish before the crash...
@@ -42,21 +38,20 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
         assert_eq!(status, 200, "{body}");
     }
     // ...and more are in flight when the process is killed.
-    let mut in_flight = Vec::new();
-    for i in 0..10 {
-        let url = sluice.v1("/chat/completions");
-        let key = tenant.key.clone();
-        in_flight.push(tokio::spawn(async move {
-            let _ = http()
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!({"model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": format!("in flight {i}")}]}))
-                .send()
-                .await;
-        }));
-    }
+    let in_flight: Vec<_> = (0..10)
+        .map(|i| {
+            spawn_chat(
+                &sluice,
+                &tenant.key,
+                format!("in flight {i}"),
+                20,
+                Duration::ZERO,
+            )
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     sluice.kill();
+    let killed_at = std::time::Instant::now();
     for task in in_flight {
         let _ = task.await;
     }
@@ -101,7 +96,7 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
             .unwrap();
     }
 
-    sluice.restart();
+    sluice.restart_after_crash(killed_at).await;
 
     // Wait until every request is metered.
     let billed = eventually(90, "every request to be metered", || async {
@@ -140,26 +135,10 @@ async fn every_request_is_billed_exactly_once_through_kill_9_and_redelivery() {
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish_then_exits_cleanly() {
     let prefix = unique("t");
-    let slow = vec![(
-        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
-        "40.0".to_owned(),
-    )];
-    let mut sluice = Sluice::start_with(&prefix, slow);
+    let mut sluice = Sluice::start_with(&prefix, sim_speed(40.0));
     let tenant = create_tenant(&prefix);
-    let url = sluice.v1("/chat/completions");
-    let key = tenant.key.clone();
     // About half a second of streaming at 40 tokens/s.
-    let request = tokio::spawn(async move {
-        let response = http()
-            .post(url)
-            .bearer_auth(key)
-            .json(&json!({"model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "finish me"}]}))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json::<serde_json::Value>().await.unwrap())
-    });
+    let request = spawn_chat(&sluice, &tenant.key, "finish me".into(), 20, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let clean = tokio::task::spawn_blocking(move || {
         let clean = sluice.terminate();

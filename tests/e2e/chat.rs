@@ -310,31 +310,38 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
     let upstream_tenant = create_tenant(&upstream.prefix);
 
     let prefix = unique("t");
-    let model = unique("relay-");
     let key_var = format!("RELAY_KEY_{}", prefix.to_uppercase());
-    run_cli(
-        &prefix,
-        &[
-            "model",
-            "add",
-            &model,
-            "--provider",
-            "openai",
-            "--upstream-model",
-            "sim-small",
-            "--base-url",
-            &upstream.v1(""),
-            "--api-key-env",
-            &key_var,
-            "--context-window",
-            "8192",
-            // Priced so that `auto` in other tests never picks it.
-            "--input-price-micros",
-            "999000000",
-            "--output-price-micros",
-            "999000000",
-        ],
-    );
+    let add_model = |upstream_model: &str, key_env: &str| {
+        let name = unique("relay-");
+        run_cli(
+            &prefix,
+            &[
+                "model",
+                "add",
+                &name,
+                "--provider",
+                "openai",
+                "--upstream-model",
+                upstream_model,
+                "--base-url",
+                &upstream.v1(""),
+                "--api-key-env",
+                key_env,
+                "--context-window",
+                "8192",
+                // Priced so that `auto` in other tests never picks it.
+                "--input-price-micros",
+                "999000000",
+                "--output-price-micros",
+                "999000000",
+            ],
+        );
+        name
+    };
+    let model = add_model("sim-small", &key_var);
+    // Error paths: the upstream does not know the model; the key's variable is not set here.
+    let unknown_upstream = add_model("no-such-model", &key_var);
+    let unconfigured = add_model("sim-small", "SLUICE_TEST_UNSET_KEY");
     let sluice = Sluice::start_with(&prefix, vec![(key_var, upstream_tenant.key.clone())]);
     let tenant = create_tenant(&sluice.prefix);
     let request = json!({"model": model, "max_tokens": 7, "messages": [{"role": "user", "content": "relay this"}]});
@@ -350,7 +357,23 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
         relayed["usage"], direct["usage"],
         "billed by the upstream's own counts"
     );
-    run_cli(&prefix, &["model", "remove", &model]);
+
+    let ask = |model: &str| json!({"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]});
+    let (status, body) = chat(&sluice, &tenant.key, ask(&unknown_upstream)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("upstream_rejected")),
+        "{body}"
+    );
+    let (status, body) = chat(&sluice, &tenant.key, ask(&unconfigured)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("upstream_not_configured")),
+        "{body}"
+    );
+    for name in [&model, &unknown_upstream, &unconfigured] {
+        run_cli(&prefix, &["model", "remove", name]);
+    }
 }
 
 #[tokio::test]

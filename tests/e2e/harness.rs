@@ -145,10 +145,7 @@ impl Sluice {
     }
 
     fn spawn(&mut self) {
-        let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sluice/logs");
-        std::fs::create_dir_all(&log_dir).expect("log dir");
-        let log = std::fs::File::create(log_dir.join(format!("test-{}.log", self.prefix)))
-            .expect("log file");
+        let log = log_file(&format!("test-{}.log", self.prefix));
         let mut command = sluice(&self.prefix);
         command
             .arg("up")
@@ -204,6 +201,15 @@ impl Sluice {
             .unwrap_or(0)
     }
 
+    /// Starts the process again after a [`Sluice::kill`], once the broker has expired the dead
+    /// process's group memberships: tansu hands a dead member's partitions back to it while its
+    /// session lasts (10 s), so a new member joining earlier would get none.
+    pub async fn restart_after_crash(&mut self, killed_at: Instant) {
+        let expired = killed_at + Duration::from_secs(12);
+        tokio::time::sleep_until(expired.into()).await;
+        self.spawn();
+    }
+
     /// Kills the process without warning (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -212,9 +218,10 @@ impl Sluice {
         }
     }
 
-    /// Starts the process again with the same prefix (new ports are not needed).
+    /// Stops the process (SIGTERM, so it leaves its consumer groups) if it runs, and starts it
+    /// again with the same prefix and ports.
     pub fn restart(&mut self) {
-        self.kill();
+        self.terminate();
         self.spawn();
     }
 
@@ -250,13 +257,7 @@ impl Sluice {
     /// Starts another `sluice` part (e.g. `edge`) on this instance's topics and registry; it is
     /// killed when the returned guard drops.
     pub fn spawn_part(&self, args: &[&str], env: &[(&str, String)]) -> Part {
-        let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sluice/logs");
-        let log = std::fs::File::create(log_dir.join(format!(
-            "test-{}-{}.log",
-            self.prefix,
-            args.join("-")
-        )))
-        .expect("log file");
+        let log = log_file(&format!("test-{}-{}.log", self.prefix, args.join("-")));
         let ops_port = free_port();
         let mut command = sluice(&self.prefix);
         command
@@ -281,6 +282,17 @@ impl Sluice {
     pub fn topic(&self, name: &str) -> String {
         format!("{}.{name}", self.prefix)
     }
+}
+
+/// A log file under `.sluice/logs/`, appended to, so a restarted process keeps its history.
+fn log_file(name: &str) -> std::fs::File {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sluice/logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .expect("log file")
 }
 
 /// A `sluice` part started by [`Sluice::spawn_part`].
@@ -366,6 +378,40 @@ pub async fn chat(sluice: &Sluice, key: &str, body: Value) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Environment for a simulated model that streams `tokens_per_second`.
+pub fn sim_speed(tokens_per_second: f64) -> Vec<(String, String)> {
+    vec![(
+        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
+        format!("{tokens_per_second:.1}"),
+    )]
+}
+
+/// Sends an `auto` chat completion in the background after `delay`; resolves to its status and
+/// JSON body, or status 0 if the connection failed (the process was killed, say).
+pub fn spawn_chat(
+    sluice: &Sluice,
+    key: &str,
+    content: String,
+    max_tokens: u32,
+    delay: Duration,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let (url, key) = (sluice.v1("/chat/completions"), key.to_owned());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let body = serde_json::json!({
+            "model": "auto", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}],
+        });
+        match http().post(url).bearer_auth(key).json(&body).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    })
 }
 
 /// GETs a JSON endpoint with a key.

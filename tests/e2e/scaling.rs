@@ -9,44 +9,28 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use serde_json::{json, Value};
-
 use crate::harness::*;
 
 #[tokio::test]
 async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_twice() {
     let prefix = unique("t");
-    let slow = vec![(
-        "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND".to_owned(),
-        "200.0".to_owned(),
-    )];
-    let sluice = Sluice::start_with(&prefix, slow);
+    let sluice = Sluice::start_with(&prefix, sim_speed(200.0));
     let tenant = create_tenant(&prefix);
-    let mut second = sluice.spawn_part(
-        &["run", "orchestrator"],
-        &[(
-            "SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND",
-            "200.0".to_owned(),
-        )],
-    );
+    let speed = sim_speed(200.0).remove(0);
+    let mut second = sluice.spawn_part(&["run", "orchestrator"], &[(&speed.0, speed.1.clone())]);
 
-    // Requests flow while the group rebalances to two members, and while one of them dies.
-    let mut calls = Vec::new();
-    for i in 0..24 {
-        let url = sluice.v1("/chat/completions");
-        let key = tenant.key.clone();
-        calls.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(250 * i)).await;
-            let response = http()
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": format!("scale {i}")}]}))
-                .send()
-                .await
-                .unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
-        }));
-    }
+    // Requests flow while the group rebalances to two members, and while one of them leaves.
+    let calls: Vec<_> = (0..24u64)
+        .map(|i| {
+            spawn_chat(
+                &sluice,
+                &tenant.key,
+                format!("scale {i}"),
+                10,
+                Duration::from_millis(250 * i),
+            )
+        })
+        .collect();
     // The second instance takes a share of the partitions and processes records...
     let processed = "sluice_records_in_total{stage=\"orchestrator\"}";
     eventually(20, "the second orchestrator to process records", || async {

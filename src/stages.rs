@@ -14,7 +14,7 @@ use sluice_pipelines::{
     kafka,
     metrics::Metrics,
     ops::{self, Readiness},
-    runtime::{self, StageDeps, StageSpec},
+    runtime::{self, PerRecord, StageDeps, StageSpec},
     sink::{self, SinkSpec},
 };
 use sluice_router::Router;
@@ -256,12 +256,20 @@ pub async fn replay(
             let app_pool = control::connect(&config.postgres.url, 2).await?;
             let router = build_router(config, ModelCatalog::load(app_pool).await?);
             let topic = topic.unwrap_or(topics.requests);
-            replay::replay_operator(&router, stage, &topic, from_ms, to_ms, &deps).await?
+            replay::replay_operator(
+                &mut PerRecord(Arc::new(router)),
+                stage,
+                &topic,
+                from_ms,
+                to_ms,
+                &deps,
+            )
+            .await?
         }
         StageKind::Orchestrator => {
             let topic = topic.unwrap_or(topics.routed);
             replay::replay_operator(
-                &build_orchestrator(config)?,
+                &mut PerRecord(Arc::new(build_orchestrator(config)?)),
                 stage,
                 &topic,
                 from_ms,
@@ -308,7 +316,10 @@ async fn start_stage(
                 StageSpec::new("router", &group("router"), &topics.requests, &topics.dlq);
             spec.lanes = config.stages.router_lanes;
             process.spawn("router", async move {
-                Ok(runtime::run_operator(router, spec, deps, cancel).await?)
+                Ok(
+                    runtime::run_operator(|_| PerRecord(router.clone()), spec, deps, cancel)
+                        .await?,
+                )
             });
         }
         StageKind::Orchestrator => {
@@ -321,7 +332,10 @@ async fn start_stage(
             );
             spec.lanes = config.stages.orchestrator_lanes;
             process.spawn("orchestrator", async move {
-                Ok(runtime::run_operator(orchestrator, spec, deps, cancel).await?)
+                Ok(
+                    runtime::run_operator(|_| PerRecord(orchestrator.clone()), spec, deps, cancel)
+                        .await?,
+                )
             });
         }
         StageKind::Metering => {
@@ -331,7 +345,7 @@ async fn start_stage(
             spec.max_batch = config.stages.metering_max_batch;
             spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
             process.spawn("metering", async move {
-                Ok(sink::run_sink(sink, spec, deps, cancel).await?)
+                Ok(sink::run_effectively_once(sink, spec, deps, cancel).await?)
             });
         }
     }

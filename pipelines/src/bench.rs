@@ -27,7 +27,7 @@ use crate::{
     metrics::Metrics,
     ops::Readiness,
     runtime::{self, StageDeps, StageSpec},
-    Emitter, Error, Operator, ProcessError, RecordContext, Result,
+    BatchError, Emitter, Error, Input, Operator, Result,
 };
 
 /// What to run.
@@ -68,6 +68,7 @@ impl PassthroughReport {
 }
 
 /// The operator under test: decodes and re-emits each record unchanged.
+#[derive(Clone)]
 struct Passthrough {
     output: String,
 }
@@ -77,13 +78,17 @@ impl Operator for Passthrough {
     type Input = ChatRequest;
 
     async fn process(
-        &self,
-        input: ChatRequest,
-        ctx: &RecordContext,
+        &mut self,
+        batch: &[Input<ChatRequest>],
         out: &mut Emitter,
-    ) -> Result<(), ProcessError> {
-        let key = ctx.key.clone().unwrap_or_default();
-        out.emit(&self.output, None, &key, &input).await
+    ) -> Result<(), BatchError> {
+        for (completed, input) in batch.iter().enumerate() {
+            let key = input.ctx.key.as_deref().unwrap_or_default();
+            out.emit(&self.output, None, key, &input.record)
+                .await
+                .map_err(|error| BatchError { completed, error })?;
+        }
+        Ok(())
     }
 }
 
@@ -241,11 +246,16 @@ async fn pipeline(
     };
     let mut spec = StageSpec::new("bench", group, input, dlq);
     spec.lanes = options.lanes;
-    let operator = Arc::new(Passthrough {
+    let operator = Passthrough {
         output: output.to_owned(),
-    });
+    };
     let cancel = CancellationToken::new();
-    let stage = tokio::spawn(runtime::run_operator(operator, spec, deps, cancel.clone()));
+    let stage = tokio::spawn(runtime::run_operator(
+        move |_| operator.clone(),
+        spec,
+        deps,
+        cancel.clone(),
+    ));
     // The clock starts at the first record, so joining the group is not counted.
     let consumed = metrics.records_in.with_label_values(&["bench"]);
     while consumed.get() == 0 {

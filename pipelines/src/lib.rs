@@ -2,8 +2,8 @@
 //!
 //! - [`kafka`]: client settings (latency path vs throughput path), topic creation, a producer
 //!   that hands back delivery acknowledgements.
-//! - [`runtime`]: the [`Operator`] trait and the loop that runs it — consume, decode, process,
-//!   produce, and store offsets only once every output was acknowledged, in partition order;
+//! - [`runtime`]: the batch [`Operator`] trait (and the per-record [`RecordOperator`]) and the
+//!   loop that runs it — consume, decode, process in batches, produce, and store offsets only once every output was acknowledged, in partition order;
 //!   records that cannot be decoded or processed go to the DLQ with their source coordinates.
 //! - [`sink`]: the same for sinks that write batches to a store.
 //! - [`trace`]: W3C trace context carried in Kafka headers.
@@ -30,7 +30,7 @@ mod error;
 
 pub use config::{KafkaConfig, Topics};
 pub use error::{Error, ProcessError, Result};
-pub use runtime::{Emitter, Operator, RecordContext};
+pub use runtime::{BatchError, Emitter, Input, Operator, PerRecord, RecordContext, RecordOperator};
 pub use sink::BatchSink;
 
 /// Milliseconds since the Unix epoch, now.

@@ -15,8 +15,20 @@ pub const RECORDS_OUT: &str = "sluice_records_out_total";
 pub const DLQ_RECORDS: &str = "sluice_dlq_records_total";
 /// Retries after a retriable failure, by `stage`.
 pub const RETRIES: &str = "sluice_retries_total";
-/// Seconds from a record's arrival at a stage to its outputs being acknowledged, by `stage`.
+/// Seconds from a batch's arrival at a stage to its outputs being acknowledged, by `stage`.
 pub const PROCESS_SECONDS: &str = "sluice_process_seconds";
+/// Records per batch an operator processed, by `stage`.
+pub const BATCH_RECORDS: &str = "sluice_batch_records";
+/// Partitions a stage paused because its lanes were full (backpressure), by `stage`.
+pub const PAUSED_PARTITIONS: &str = "sluice_paused_partitions";
+/// Event-time watermark of a stage's input partition (ms since the epoch), by `stage` and
+/// `partition`; now minus this is how far behind event time the stage is.
+pub const WATERMARK_MS: &str = "sluice_watermark_ms";
+/// Records that arrived after their window closed (beyond the allowed lateness), counted and
+/// left out of the window's result, by `stage`.
+pub const LATE_RECORDS: &str = "sluice_late_records_total";
+/// Rows of window results a streaming SQL stage emitted, by `stage`.
+pub const WINDOW_ROWS: &str = "sluice_window_rows_total";
 /// Records being processed right now, by `stage`.
 pub const IN_FLIGHT: &str = "sluice_in_flight_records";
 /// Records not yet committed by a consumer group, by `group`, `topic` and `partition`
@@ -49,6 +61,11 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub process_seconds: HistogramVec,
     pub in_flight: IntGaugeVec,
+    pub batch_records: HistogramVec,
+    pub paused_partitions: IntGaugeVec,
+    pub watermark_ms: IntGaugeVec,
+    pub late_records: IntCounterVec,
+    pub window_rows: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub rebalances: IntCounterVec,
     pub sink_rows: IntCounterVec,
@@ -99,10 +116,36 @@ impl Metrics {
             retries: counter(RETRIES, "Retries after retriable failures.", &["stage"])?,
             process_seconds: histogram(
                 PROCESS_SECONDS,
-                "Record arrival to outputs acknowledged.",
+                "Batch arrival to outputs acknowledged.",
                 &["stage"],
             )?,
             in_flight: gauge(IN_FLIGHT, "Records being processed.", &["stage"])?,
+            batch_records: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(BATCH_RECORDS, "Records per processed batch.").buckets(
+                        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                    ),
+                    &["stage"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            paused_partitions: gauge(
+                PAUSED_PARTITIONS,
+                "Partitions paused by backpressure.",
+                &["stage"],
+            )?,
+            watermark_ms: gauge(
+                WATERMARK_MS,
+                "Event-time watermark per input partition.",
+                &["stage", "partition"],
+            )?,
+            late_records: counter(
+                LATE_RECORDS,
+                "Records later than the allowed lateness.",
+                &["stage"],
+            )?,
+            window_rows: counter(WINDOW_ROWS, "Window result rows emitted.", &["stage"])?,
             consumer_lag: gauge(
                 CONSUMER_LAG,
                 "Records not yet committed by a consumer group.",
@@ -150,6 +193,11 @@ pub const ALL: &[&str] = &[
     RETRIES,
     PROCESS_SECONDS,
     IN_FLIGHT,
+    BATCH_RECORDS,
+    PAUSED_PARTITIONS,
+    WATERMARK_MS,
+    LATE_RECORDS,
+    WINDOW_ROWS,
     CONSUMER_LAG,
     REBALANCES,
     SINK_ROWS,

@@ -18,7 +18,7 @@ use crate::{
     kafka::{self, KafkaConsumer, ProducerProfile},
     metrics::Metrics,
     runtime::{DeadLetters, RecordContext},
-    BatchSink, Emitter, Error, Operator, ProcessError, Result,
+    BatchSink, Emitter, Error, Input, Operator, ProcessError, Result,
 };
 
 /// What a replay did.
@@ -197,7 +197,7 @@ pub struct ReplayDeps {
 /// Feeds the records of `topic` in `[from_ms, to_ms)` through `operator`; its outputs are
 /// produced as the live stage would produce them.
 pub async fn replay_operator<O: Operator>(
-    operator: &O,
+    operator: &mut O,
     stage: &str,
     topic: &str,
     from_ms: i64,
@@ -214,11 +214,15 @@ pub async fn replay_operator<O: Operator>(
             .await
         {
             Err(e) => Err(ProcessError::Poison(format!("undecodable: {e}"))),
-            Ok(input) => {
+            Ok(record) => {
                 let mut out = Emitter::new(session.producer.clone(), deps.codec.clone(), ctx.trace);
-                match operator.process(input, &ctx, &mut out).await {
-                    Ok(()) => out.flush().await.map(|_| ()),
-                    Err(e) => Err(e),
+                let batch = [Input { record, ctx }];
+                match operator.process(&batch, &mut out).await {
+                    Ok(()) => match out.take_rejected().pop() {
+                        Some(rejected) => Err(ProcessError::Poison(rejected.reason)),
+                        None => out.flush().await.map(|_| ()),
+                    },
+                    Err(e) => Err(e.error),
                 }
             }
         };

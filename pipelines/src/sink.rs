@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     kafka::{self, ProducerProfile},
-    runtime::{backoff, DeadLetters, StageDeps, LAG_EVERY},
+    runtime::{backoff, DeadLetters, EffectivelyOnce, Guarantee, StageDeps, LAG_EVERY},
     ProcessError, Result,
 };
 
@@ -32,6 +32,11 @@ use crate::{
 pub trait BatchSink: Send + 'static {
     /// The record type the sink stores.
     type Input: Record;
+
+    /// What a write guarantees when a batch is delivered again after a crash:
+    /// [`EffectivelyOnce`](crate::runtime::EffectivelyOnce) for writes keyed by event id or
+    /// source coordinates, [`AtLeastOnce`](crate::runtime::AtLeastOnce) otherwise.
+    type Delivery: Guarantee;
 
     /// Writes `batch` (which may contain records already written before a crash: the write
     /// must be idempotent). Returns the number of records that were new.
@@ -72,6 +77,16 @@ impl SinkSpec {
     }
 }
 
+/// Runs a sink whose writes are idempotent, as billing requires: the type refuses any other.
+pub async fn run_effectively_once<S: BatchSink<Delivery = EffectivelyOnce>>(
+    sink: S,
+    spec: SinkSpec,
+    deps: StageDeps,
+    cancel: CancellationToken,
+) -> Result<()> {
+    run_sink(sink, spec, deps, cancel).await
+}
+
 /// Runs `sink` until `cancel` fires; the batch in hand is written before returning.
 pub async fn run_sink<S: BatchSink>(
     mut sink: S,
@@ -105,7 +120,10 @@ pub async fn run_sink<S: BatchSink>(
     // so it waits on a token that never fires.
     let never = CancellationToken::new();
     deps.readiness.set(&spec.name, true);
-    tracing::info!(sink = %spec.name, topic = %spec.input_topic, group = %spec.group, "sink started");
+    tracing::info!(
+        sink = %spec.name, topic = %spec.input_topic, group = %spec.group,
+        delivery = S::Delivery::NAME, "sink started"
+    );
 
     let mut stopping = false;
     while !stopping {

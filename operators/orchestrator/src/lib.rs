@@ -13,7 +13,7 @@ pub mod providers;
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use sluice_pipelines::{tokens, Emitter, Operator, ProcessError, RecordContext, Topics};
+use sluice_pipelines::{tokens, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
 use sluice_schemas::{ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
 
 use providers::{
@@ -92,7 +92,7 @@ impl Orchestrator {
 }
 
 #[async_trait]
-impl Operator for Orchestrator {
+impl RecordOperator for Orchestrator {
     type Input = RoutedRequest;
 
     async fn process(

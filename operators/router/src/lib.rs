@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{
     control::{ModelCatalog, ModelSpec},
-    now_ms, tokens, Emitter, Operator, ProcessError, RecordContext, Topics,
+    now_ms, tokens, Emitter, ProcessError, RecordContext, RecordOperator, Topics,
 };
 use sluice_schemas::{ChatRequest, ReplyChunk, RoutedRequest, RoutingDecision};
 
@@ -156,7 +156,7 @@ impl Router {
 }
 
 #[async_trait]
-impl Operator for Router {
+impl RecordOperator for Router {
     type Input = ChatRequest;
 
     async fn process(

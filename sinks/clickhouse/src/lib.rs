@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sluice_pipelines::{BatchSink, ProcessError};
+use sluice_pipelines::{runtime::EffectivelyOnce, BatchSink, ProcessError};
 use sluice_schemas::UsageEvent;
 
 /// How to reach ClickHouse.
@@ -174,6 +174,9 @@ fn retriable(e: clickhouse::error::Error) -> ProcessError {
 #[async_trait]
 impl BatchSink for UsageSink {
     type Input = UsageEvent;
+    /// Rows are keyed by event id: already stored ids are skipped, and the table's
+    /// ReplacingMergeTree folds any that race in.
+    type Delivery = EffectivelyOnce;
 
     async fn write(&mut self, batch: &[UsageEvent]) -> Result<usize, ProcessError> {
         let stored = self.stored_ids(batch).await.map_err(retriable)?;

@@ -11,6 +11,8 @@ use sluice_edge::EdgeConfig;
 use sluice_orchestrator::OrchestratorConfig;
 use sluice_pipelines::KafkaConfig;
 use sluice_router::RouterConfig;
+use sluice_schemas::UsageEvent;
+use sluice_sql::{Pipeline, PipelineConfig};
 
 /// Every setting.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -32,6 +34,8 @@ pub struct Config {
     pub orchestrator: OrchestratorConfig,
     /// Parallelism and batching of the stages.
     pub stages: StagesConfig,
+    /// Streaming SQL pipelines (stage `sql`).
+    pub sql: SqlConfig,
     /// Where stage-only processes serve `/metrics`, `/healthz` and `/readyz`.
     pub ops: OpsConfig,
     /// Logging.
@@ -101,6 +105,51 @@ impl Default for StagesConfig {
             metering_max_batch: 1000,
             metering_linger_ms: 200,
         }
+    }
+}
+
+/// Streaming SQL pipelines.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlConfig {
+    /// Lanes per pipeline (each owns the windows of the partitions it is given).
+    pub lanes: usize,
+    /// The pipelines; by default per-tenant usage rates and per-model latency percentiles per
+    /// minute. A `[[sql.pipelines]]` list in the file replaces them.
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        Self {
+            lanes: 4,
+            pipelines: sluice_sql::builtin::pipelines(),
+        }
+    }
+}
+
+impl SqlConfig {
+    /// Problems with the pipelines' definitions (queries are planned when the stage starts).
+    fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.lanes == 0 {
+            problems.push("sql.lanes must be at least 1".to_owned());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for pipeline in &self.pipelines {
+            if !names.insert(pipeline.name.as_str()) {
+                problems.push(format!("sql.pipelines: {} is defined twice", pipeline.name));
+            }
+            if pipeline.source != "usage" {
+                problems.push(format!(
+                    "sql.pipelines: {} reads {:?}; the SQL sources are: usage",
+                    pipeline.name, pipeline.source
+                ));
+            } else if let Err(e) = Pipeline::compile::<UsageEvent>(pipeline) {
+                problems.push(e);
+            }
+        }
+        problems
     }
 }
 
@@ -177,6 +226,7 @@ impl Config {
         problems.extend(self.edge.validate());
         problems.extend(self.router.validate());
         problems.extend(self.orchestrator.validate());
+        problems.extend(self.sql.validate());
         if !["json", "pretty"].contains(&self.log.format.as_str()) {
             problems.push("log.format must be json or pretty".to_owned());
         }

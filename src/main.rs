@@ -133,6 +133,8 @@ enum Stage {
     Router,
     Orchestrator,
     Metering,
+    /// The streaming SQL pipelines (`[sql]` in the configuration).
+    Sql,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +203,7 @@ fn stage_kind(stage: Stage) -> stages::StageKind {
         Stage::Router => stages::StageKind::Router,
         Stage::Orchestrator => stages::StageKind::Orchestrator,
         Stage::Metering => stages::StageKind::Metering,
+        Stage::Sql => stages::StageKind::Sql,
     }
 }
 

@@ -14,11 +14,11 @@ use sluice_pipelines::{
     kafka,
     metrics::Metrics,
     ops::{self, Readiness},
-    runtime::{self, PerRecord, StageDeps, StageSpec},
+    runtime::{self, LaneBy, PerRecord, StageDeps, StageSpec},
     sink::{self, SinkSpec},
 };
 use sluice_router::Router;
-use sluice_schemas::{registry, Codec, RegistryClient};
+use sluice_schemas::{registry, Codec, RegistryClient, UsageEvent};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,8 @@ pub enum StageKind {
     Router,
     Orchestrator,
     Metering,
+    /// Every configured streaming SQL pipeline, each its own consumer group.
+    Sql,
 }
 
 impl StageKind {
@@ -38,6 +40,7 @@ impl StageKind {
             StageKind::Router => "router",
             StageKind::Orchestrator => "orchestrator",
             StageKind::Metering => "metering",
+            StageKind::Sql => "sql",
         }
     }
 }
@@ -284,6 +287,10 @@ pub async fn replay(
             let batch = config.stages.metering_max_batch;
             replay::replay_sink(&mut sink, stage, &topic, from_ms, to_ms, batch, &deps).await?
         }
+        StageKind::Sql => anyhow::bail!(
+            "SQL pipelines rebuild their windows from their consumer group's position; \
+             to recompute a range, reset the group `<prefix>.sql.<name>` to the range's start"
+        ),
     })
 }
 
@@ -298,7 +305,9 @@ async fn start_stage(
     let deps = stage_deps(config, codec, process);
     let cancel = process.cancel.clone();
     let group = |stage: &str| format!("{}.{stage}", config.kafka.topic_prefix);
-    process.readiness.register(kind.name());
+    if kind != StageKind::Sql {
+        process.readiness.register(kind.name());
+    }
     match kind {
         StageKind::Router => {
             let app_pool = control::connect(&config.postgres.url, 4).await?;
@@ -348,6 +357,76 @@ async fn start_stage(
                 Ok(sink::run_effectively_once(sink, spec, deps, cancel).await?)
             });
         }
+        StageKind::Sql => start_sql(config, deps, process).await?,
+    }
+    Ok(())
+}
+
+/// Starts every configured SQL pipeline as its own stage (`sql.<name>`), lanes by partition.
+async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> anyhow::Result<()> {
+    use sluice_sql::{ClickHouseTarget, Output, OutputConfig, Pipeline, SqlOperator};
+    if config.sql.pipelines.is_empty() {
+        return Ok(());
+    }
+    let topics = config.kafka.topics();
+    let app_pool = control::connect(&config.postgres.url, 2).await?;
+    let catalog = ModelCatalog::load(app_pool).await?;
+    let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
+    process.spawn("sql catalog", {
+        let (catalog, cancel) = (catalog.clone(), process.cancel.clone());
+        async move {
+            catalog.refresh_every(refresh, cancel).await;
+            Ok(())
+        }
+    });
+    for definition in &config.sql.pipelines {
+        let pipeline =
+            Arc::new(Pipeline::compile::<UsageEvent>(definition).map_err(anyhow::Error::msg)?);
+        pipeline
+            .check_query(Some(&catalog.snapshot()))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let output = Arc::new(match &pipeline.output {
+            OutputConfig::Clickhouse(table) => Output::clickhouse(ClickHouseTarget {
+                url: config.clickhouse.url.clone(),
+                database: config.clickhouse.database.clone(),
+                user: config.clickhouse.user.clone(),
+                password: config.clickhouse.password.clone(),
+                table: table.clone(),
+            }),
+            OutputConfig::Topic(name) => {
+                let topic = format!("{}.{name}", config.kafka.topic_prefix);
+                kafka::ensure_topics(&config.kafka, &[topic.as_str()]).await?;
+                Output::Topic { topic }
+            }
+        });
+        let stage = format!("sql.{}", pipeline.name);
+        let group = format!("{}.{stage}", config.kafka.topic_prefix);
+        process.readiness.register(&stage);
+        let mut spec = StageSpec::new(&stage, &group, &topics.usage, &topics.dlq);
+        spec.lanes = config.sql.lanes;
+        spec.lane_by = LaneBy::Partition;
+        spec.max_batch = 512;
+        spec.lane_capacity = 1024;
+        spec.fetch_wait_ms = 100;
+        spec.tick = Some(sluice_sql::TICK);
+        spec.watermarks = Some(pipeline.watermarks);
+        let (deps, cancel) = (deps.clone(), process.cancel.clone());
+        let catalog = catalog.clone();
+        let name = stage.clone();
+        process.spawn(&stage, async move {
+            let metrics = deps.metrics.clone();
+            let make = |_| {
+                SqlOperator::<UsageEvent>::new(
+                    pipeline.clone(),
+                    output.clone(),
+                    Some(catalog.clone()),
+                    &metrics,
+                    &name,
+                )
+            };
+            Ok(runtime::run_operator(make, spec, deps, cancel).await?)
+        });
     }
     Ok(())
 }
@@ -416,6 +495,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         StageKind::Router,
         StageKind::Orchestrator,
         StageKind::Metering,
+        StageKind::Sql,
     ] {
         start_stage(&config, kind, codec.clone(), &mut process).await?;
     }

@@ -105,6 +105,7 @@ impl Codec {
         self.register::<crate::ReplyChunk>().await?;
         self.register::<crate::UsageEvent>().await?;
         self.register::<crate::DeadLetter>().await?;
+        self.register::<crate::WindowResult>().await?;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ pub mod wire;
 pub use codec::Codec;
 pub use records::{
     ChatMessage, ChatRequest, DeadLetter, Record, ReplyAddress, ReplyChunk, ReplyKind,
-    RoutedRequest, RoutingDecision, UsageEvent,
+    RoutedRequest, RoutingDecision, UsageEvent, WindowResult,
 };
 pub use registry::RegistryClient;
 

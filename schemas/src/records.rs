@@ -211,6 +211,8 @@ pub struct UsageEvent {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub occurred_at_ms: i64,
+    #[serde(default)]
+    pub latency_ms: Option<i64>,
 }
 record!(UsageEvent, "sluice.v1.UsageEvent", "usage_event.avsc");
 
@@ -237,6 +239,18 @@ pub struct DeadLetter {
     pub failed_at_ms: i64,
 }
 record!(DeadLetter, "sluice.v1.DeadLetter", "dead_letter.avsc");
+
+/// One result row of a streaming SQL pipeline for one window of one source partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowResult {
+    pub pipeline: String,
+    pub source_partition: i32,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub records: i64,
+    pub row_json: String,
+}
+record!(WindowResult, "sluice.v1.WindowResult", "window_result.avsc");
 
 #[cfg(test)]
 mod tests {
@@ -307,6 +321,7 @@ mod tests {
             input_tokens: 5,
             output_tokens: 7,
             occurred_at_ms: 3,
+            latency_ms: Some(12),
         });
         round_trip(DeadLetter {
             source_topic: "sluice.requests".into(),

@@ -45,6 +45,7 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
             input_tokens: 1,
             output_tokens: 1,
             occurred_at_ms: sluice_pipelines::now_ms(),
+            latency_ms: None,
         };
         let bytes = codec.encode(&event).unwrap();
         loop {

@@ -52,6 +52,7 @@ async fn replay_backfills_only_the_time_range_and_only_once() {
             input_tokens: 10,
             output_tokens: minute,
             occurred_at_ms: base + minute * 60_000,
+            latency_ms: None,
         };
         let bytes = codec.encode(&event).unwrap();
         producer

@@ -107,6 +107,7 @@ impl RecordOperator for Orchestrator {
         let reply_partition = Some(request.reply_to.partition);
         let reply_key = request.request_id.as_bytes();
         let mut seq = 0i32;
+        let call_started = std::time::Instant::now();
 
         let mut events = match self.start_call(&routed).await {
             Ok(events) => events,
@@ -184,6 +185,9 @@ impl RecordOperator for Orchestrator {
                 input_tokens,
                 output_tokens,
                 occurred_at_ms: request.received_at_ms,
+                latency_ms: Some(
+                    i64::try_from(call_started.elapsed().as_millis()).unwrap_or(i64::MAX),
+                ),
             };
             out.emit(
                 &self.topics.usage,

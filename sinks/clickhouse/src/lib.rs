@@ -211,6 +211,7 @@ mod tests {
             input_tokens: 3,
             output_tokens: 4,
             occurred_at_ms: 1_700_000_000_123,
+            latency_ms: None,
         }
     }
 

@@ -22,6 +22,36 @@ const STATEMENTS: &[&str] = &[
     ) ENGINE = ReplacingMergeTree()
     PARTITION BY toYYYYMM(occurred_at)
     ORDER BY (tenant_id, event_id)",
+    // Streaming SQL results (pipelines/sql): one row per window, group and source partition.
+    // A window emitted again (late records, or a restart that re-read its records) has at least
+    // as many `records`; ReplacingMergeTree(records) keeps the most complete row, readers use
+    // FINAL and sum over source partitions.
+    "CREATE TABLE IF NOT EXISTS {db}.tenant_usage_1m (
+        window_start     DateTime('UTC'),
+        window_end       DateTime('UTC'),
+        tenant_id        String,
+        source_partition Int32,
+        records          UInt64,
+        requests         UInt64,
+        input_tokens     Int64,
+        output_tokens    Int64,
+        cost_micros      Float64
+    ) ENGINE = ReplacingMergeTree(records)
+    PARTITION BY toYYYYMM(window_start)
+    ORDER BY (tenant_id, window_start, source_partition)",
+    "CREATE TABLE IF NOT EXISTS {db}.model_latency_1m (
+        window_start     DateTime('UTC'),
+        window_end       DateTime('UTC'),
+        model            String,
+        source_partition Int32,
+        records          UInt64,
+        p50_ms           Float64,
+        p95_ms           Float64,
+        p99_ms           Float64,
+        max_ms           Int64
+    ) ENGINE = ReplacingMergeTree(records)
+    PARTITION BY toYYYYMM(window_start)
+    ORDER BY (model, window_start, source_partition)",
 ];
 
 /// Creates the database and tables if they are missing.

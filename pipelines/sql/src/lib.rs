@@ -1,0 +1,608 @@
+//! Streaming SQL: a pipeline is a SQL query over a topic, grouped by an event-time window
+//! (`tumble(...)` or `hop(...)`), run by [`SqlOperator`] on the operator runtime and written to
+//! ClickHouse or to a topic.
+//!
+//! Records are decoded from Avro and kept per source partition and window as rows; when a
+//! partition's watermark passes a window's end, the window's rows become an Arrow batch and
+//! DataFusion runs the query over it. Records up to `allowed_lateness` behind the watermark
+//! still join their window, which is then emitted again; later ones are counted in
+//! `sluice_late_records_total` and left out.
+//!
+//! # Exactness through restarts
+//! Offsets of records still held in windows are not committed ([`Operator::retained`]), so a
+//! crash re-reads them and rebuilds the windows. Every result row carries `records`, the number
+//! of input records it aggregates: a window re-emitted after a restart or a late record has at
+//! least as many, and the ClickHouse tables are `ReplacingMergeTree(records)` read with `FINAL`,
+//! so the most complete row wins and nothing is counted twice. Rows are computed per source
+//! partition (`source_partition`): sums add up across partitions; `sluice.usage` is keyed by
+//! tenant, so per-tenant rows are complete in one partition.
+
+pub mod builtin;
+pub mod table;
+pub mod window;
+
+mod output;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    marker::PhantomData,
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use datafusion::{
+    arrow::{
+        array::{Int64Array, RecordBatch, StringArray},
+        datatypes::{DataType, Field, Schema as ArrowSchema},
+    },
+    prelude::{SessionConfig, SessionContext},
+};
+use serde::{Deserialize, Serialize};
+use sluice_pipelines::{
+    control::{ModelCatalog, ModelSpec},
+    metrics::Metrics,
+    runtime::{Input, WatermarkSpec},
+    BatchError, Emitter, Operator, ProcessError,
+};
+use sluice_schemas::Record;
+
+pub use output::{ClickHouseTarget, Output};
+use table::{Cell, Columns};
+use window::WindowedQuery;
+
+/// A streaming SQL pipeline as configured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Name: the stage is `sql.<name>`, its consumer group `<prefix>.sql.<name>`.
+    pub name: String,
+    /// The topic read (`usage`: `sluice.usage` as UsageEvent rows); also the table name in the
+    /// query.
+    pub source: String,
+    /// The query; must group by `tumble(...)` or `hop(...)` and select `window_start` and
+    /// `count(*) AS records`.
+    pub sql: String,
+    /// The integer column (ms since the epoch) that is the event time.
+    pub event_time: String,
+    /// How far out of order records arrive; the watermark trails the latest event time by it.
+    #[serde(default = "default_out_of_orderness")]
+    pub max_out_of_orderness: String,
+    /// How long after its end a window still takes late records (and is emitted again).
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness: String,
+    /// After this long without records, a partition's watermark follows the wall clock.
+    #[serde(default = "default_idle_after")]
+    pub idle_after: String,
+    /// Where results go.
+    pub output: OutputConfig,
+}
+
+fn default_out_of_orderness() -> String {
+    "2 seconds".into()
+}
+fn default_lateness() -> String {
+    "30 seconds".into()
+}
+fn default_idle_after() -> String {
+    "5 seconds".into()
+}
+
+/// Where a pipeline's rows go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputConfig {
+    /// A ClickHouse table in Sluice's database (`ReplacingMergeTree(records)`).
+    Clickhouse(String),
+    /// A topic (name without the prefix) of `WindowResult` records.
+    Topic(String),
+}
+
+/// A pipeline ready to run: query parsed, columns known, durations read.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub source: String,
+    pub query: WindowedQuery,
+    pub columns: Columns,
+    event_time: usize,
+    pub lateness_ms: i64,
+    pub watermarks: WatermarkSpec,
+    pub output: OutputConfig,
+}
+
+impl Pipeline {
+    /// Checks `config` against the source's record type `T`; the query itself is checked by
+    /// [`Pipeline::check_query`].
+    pub fn compile<T: Record>(config: &PipelineConfig) -> Result<Self, String> {
+        let context = |e: String| format!("SQL pipeline {}: {e}", config.name);
+        let schema = T::schema().map_err(|e| context(e.to_string()))?;
+        let columns = Columns::of(schema).map_err(context)?;
+        let event_time = columns.int_column(&config.event_time).ok_or_else(|| {
+            context(format!(
+                "event_time {} is not an integer column of {}",
+                config.event_time,
+                T::NAME
+            ))
+        })?;
+        let duration = |what: &str, text: &str| {
+            window::parse_duration(text)
+                .ok_or_else(|| context(format!("cannot read {what} {text:?}")))
+        };
+        let lateness = duration("allowed_lateness", &config.allowed_lateness)?;
+        Ok(Self {
+            name: config.name.clone(),
+            source: config.source.clone(),
+            query: window::parse(&config.sql).map_err(context)?,
+            columns,
+            event_time,
+            lateness_ms: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX),
+            watermarks: WatermarkSpec {
+                max_out_of_orderness: duration(
+                    "max_out_of_orderness",
+                    &config.max_out_of_orderness,
+                )?,
+                idle_after: duration("idle_after", &config.idle_after)?,
+            },
+            output: config.output.clone(),
+        })
+    }
+
+    /// Plans the query over an empty window and checks it returns `window_start` and
+    /// `records`, so a broken query fails at start-up rather than at the first window.
+    pub async fn check_query(&self, models: Option<&[ModelSpec]>) -> Result<Vec<String>, String> {
+        let empty = self
+            .columns
+            .batch(std::iter::empty())
+            .map_err(|e| format!("SQL pipeline {}: {e}", self.name))?;
+        let session = session(&self.source, empty, models).map_err(|e| e.to_string())?;
+        let frame = session
+            .sql(&self.query.sql)
+            .await
+            .map_err(|e| format!("SQL pipeline {}: {e}", self.name))?;
+        let names: Vec<String> = frame
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        for required in ["window_start", "records"] {
+            if !names.iter().any(|n| n == required) {
+                return Err(format!(
+                    "SQL pipeline {}: the query must select {required} (window rows are keyed by window_start and versioned by records = count(*))",
+                    self.name
+                ));
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// A DataFusion session with `table` holding `batch` and, given the catalogue's models, `models`
+/// (name, provider, input_price_micros, output_price_micros; prices per million tokens).
+fn session(
+    table: &str,
+    batch: RecordBatch,
+    models: Option<&[ModelSpec]>,
+) -> datafusion::error::Result<SessionContext> {
+    let session = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    session.register_batch(table, batch)?;
+    if let Some(models) = models {
+        let schema = Arc::new(ArrowSchema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("provider", DataType::Utf8, false),
+            Field::new("input_price_micros", DataType::Int64, false),
+            Field::new("output_price_micros", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    models.iter().map(|m| m.name.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    models.iter().map(|m| m.provider.as_str()),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    models.iter().map(|m| m.input_price_micros),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    models.iter().map(|m| m.output_price_micros),
+                )),
+            ],
+        )?;
+        session.register_batch("models", batch)?;
+    }
+    Ok(session)
+}
+
+/// The rows of one window of one source partition.
+struct WindowState {
+    rows: Vec<Vec<Cell>>,
+    /// Lowest offset among the rows: the runtime commits no further while the window lives.
+    first_offset: i64,
+    /// Rows the window had when last emitted.
+    emitted: Option<usize>,
+}
+
+/// Runs a [`Pipeline`] over records of type `T`; one instance per lane, lanes by partition.
+pub struct SqlOperator<T> {
+    pipeline: Arc<Pipeline>,
+    output: Arc<Output>,
+    catalog: Option<Arc<ModelCatalog>>,
+    /// Open windows by (source partition, window start).
+    windows: BTreeMap<(i32, i64), WindowState>,
+    watermarks: HashMap<i32, i64>,
+    late: prometheus::IntCounter,
+    rows_out: prometheus::IntCounter,
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T> SqlOperator<T> {
+    /// An operator for `pipeline` writing to `output`; `catalog` provides the `models` table.
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        output: Arc<Output>,
+        catalog: Option<Arc<ModelCatalog>>,
+        metrics: &Metrics,
+        stage: &str,
+    ) -> Self {
+        Self {
+            late: metrics.late_records.with_label_values(&[stage]),
+            rows_out: metrics.window_rows.with_label_values(&[stage]),
+            pipeline,
+            output,
+            catalog,
+            windows: BTreeMap::new(),
+            watermarks: HashMap::new(),
+            _record: PhantomData,
+        }
+    }
+
+    /// Emits every closed window of `partition` that has rows not yet emitted, then forgets
+    /// the windows past their lateness.
+    async fn emit(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
+        let Some(&watermark) = self.watermarks.get(&partition) else {
+            return Ok(());
+        };
+        let size = self.pipeline.query.window.size_ms();
+        let due: Vec<(i32, i64)> = self
+            .windows
+            .range((partition, i64::MIN)..=(partition, i64::MAX))
+            .filter(|((_, start), w)| start + size <= watermark && w.emitted != Some(w.rows.len()))
+            .map(|(key, _)| *key)
+            .collect();
+        if !due.is_empty() {
+            let rows = due.iter().filter_map(|key| {
+                self.windows.get(key).map(|w| {
+                    w.rows
+                        .iter()
+                        .map(move |row| (row.as_slice(), key.1, key.1 + size))
+                })
+            });
+            let batch = self
+                .pipeline
+                .columns
+                .batch(rows.flatten())
+                .map_err(ProcessError::Poison)?;
+            let results = self.run_query(batch).await?;
+            let written = self
+                .output
+                .write(&self.pipeline, partition, &results, out)
+                .await?;
+            self.rows_out.inc_by(written as u64);
+            for key in &due {
+                if let Some(w) = self.windows.get_mut(key) {
+                    w.emitted = Some(w.rows.len());
+                }
+            }
+        }
+        let lateness = self.pipeline.lateness_ms;
+        self.windows.retain(|(p, start), w| {
+            *p != partition
+                || start + size + lateness > watermark
+                || w.emitted != Some(w.rows.len())
+        });
+        Ok(())
+    }
+
+    async fn run_query(&self, batch: RecordBatch) -> Result<Vec<RecordBatch>, ProcessError> {
+        let failed = |e: datafusion::error::DataFusionError| {
+            ProcessError::Retriable(format!("SQL pipeline {}: {e}", self.pipeline.name))
+        };
+        let models = self.catalog.as_ref().map(|c| c.snapshot());
+        let session = session(
+            &self.pipeline.source,
+            batch,
+            models.as_deref().map(Vec::as_slice),
+        )
+        .map_err(failed)?;
+        let frame = session
+            .sql(&self.pipeline.query.sql)
+            .await
+            .map_err(failed)?;
+        frame.collect().await.map_err(failed)
+    }
+}
+
+#[async_trait]
+impl<T: Record + Clone> Operator for SqlOperator<T> {
+    type Input = T;
+
+    async fn process(&mut self, batch: &[Input<T>], out: &mut Emitter) -> Result<(), BatchError> {
+        let window = self.pipeline.query.window;
+        let size = window.size_ms();
+        for input in batch {
+            let row = match self.pipeline.columns.row(&input.record) {
+                Ok(row) => row,
+                Err(reason) => {
+                    out.reject(&input.ctx, format!("cannot read as a SQL row: {reason}"));
+                    continue;
+                }
+            };
+            let Some(Cell::Int(at)) = row.get(self.pipeline.event_time).cloned() else {
+                out.reject(&input.ctx, "record has no event time");
+                continue;
+            };
+            let partition = input.ctx.partition;
+            let watermark = self.watermarks.get(&partition).copied();
+            let mut placed = false;
+            for start in window.starts(at) {
+                if watermark.is_some_and(|w| start + size + self.pipeline.lateness_ms <= w) {
+                    continue;
+                }
+                let state = self
+                    .windows
+                    .entry((partition, start))
+                    .or_insert(WindowState {
+                        rows: Vec::new(),
+                        first_offset: input.ctx.offset,
+                        emitted: None,
+                    });
+                state.rows.push(row.clone());
+                state.first_offset = state.first_offset.min(input.ctx.offset);
+                placed = true;
+            }
+            if !placed {
+                self.late.inc();
+                tracing::debug!(
+                    pipeline = %self.pipeline.name, partition, offset = input.ctx.offset,
+                    event_time_ms = at, "record later than the allowed lateness; left out"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn event_time_ms(&self, input: &Input<T>) -> Option<i64> {
+        match self
+            .pipeline
+            .columns
+            .row(&input.record)
+            .ok()?
+            .get(self.pipeline.event_time)
+        {
+            Some(Cell::Int(at)) => Some(*at),
+            _ => None,
+        }
+    }
+
+    async fn on_watermark(
+        &mut self,
+        partition: i32,
+        watermark_ms: i64,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        self.watermarks.insert(partition, watermark_ms);
+        self.emit(partition, out).await
+    }
+
+    /// Windows that could not be written (store down) or took late records are emitted on
+    /// the next tick.
+    async fn on_tick(&mut self, out: &mut Emitter) -> Result<(), ProcessError> {
+        let partitions: Vec<i32> = self.watermarks.keys().copied().collect();
+        let mut failure = None;
+        for partition in partitions {
+            if let Err(e) = self.emit(partition, out).await {
+                failure = Some(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn retained(&self) -> Vec<(i32, i64)> {
+        let mut held: BTreeMap<i32, i64> = BTreeMap::new();
+        for ((partition, _), w) in &self.windows {
+            let first = held.entry(*partition).or_insert(w.first_offset);
+            *first = (*first).min(w.first_offset);
+        }
+        held.into_iter().collect()
+    }
+}
+
+/// Default tick of SQL stages: how soon a window refused by its store is tried again.
+pub const TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_schemas::UsageEvent;
+
+    fn usage(
+        tenant: &str,
+        model: &str,
+        input: i64,
+        output: i64,
+        at: i64,
+        latency: i64,
+    ) -> UsageEvent {
+        UsageEvent {
+            event_id: format!("{tenant}-{at}:0"),
+            request_id: format!("{tenant}-{at}"),
+            tenant_id: tenant.into(),
+            model: model.into(),
+            provider: "sim".into(),
+            input_tokens: input,
+            output_tokens: output,
+            occurred_at_ms: at,
+            latency_ms: Some(latency),
+        }
+    }
+
+    fn models() -> Vec<ModelSpec> {
+        vec![ModelSpec {
+            name: "sim-small".into(),
+            provider: "sim".into(),
+            upstream_model: "sim-small".into(),
+            base_url: None,
+            api_key_env: None,
+            context_window: 8192,
+            input_price_micros: 100_000,
+            output_price_micros: 400_000,
+            created_at: 0,
+        }]
+    }
+
+    async fn run(
+        pipeline: &Pipeline,
+        events: &[UsageEvent],
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let rows: Vec<(Vec<Cell>, i64)> = events
+            .iter()
+            .flat_map(|e| {
+                let row = pipeline.columns.row(e).unwrap();
+                pipeline
+                    .query
+                    .window
+                    .starts(e.occurred_at_ms)
+                    .into_iter()
+                    .map(move |start| (row.clone(), start))
+            })
+            .collect();
+        let size = pipeline.query.window.size_ms();
+        let batch = pipeline
+            .columns
+            .batch(
+                rows.iter()
+                    .map(|(row, start)| (row.as_slice(), *start, start + size)),
+            )
+            .unwrap();
+        let models = models();
+        let session = session("usage", batch, Some(&models)).unwrap();
+        let results = session
+            .sql(&pipeline.query.sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for batch in &results {
+            out.extend(table::json_rows(batch).unwrap());
+        }
+        out.sort_by_key(|r| {
+            let group = r.get("tenant_id").or(r.get("model")).map(|v| v.to_string());
+            (r["window_start"].as_i64(), group)
+        });
+        out
+    }
+
+    #[tokio::test]
+    async fn the_builtin_pipelines_plan_and_count_exactly() {
+        let [tenants, latency] = <[PipelineConfig; 2]>::try_from(builtin::pipelines()).unwrap();
+        let tenants = Pipeline::compile::<UsageEvent>(&tenants).unwrap();
+        let latency = Pipeline::compile::<UsageEvent>(&latency).unwrap();
+        assert!(tenants.check_query(Some(&models())).await.is_ok());
+        assert!(latency.check_query(Some(&models())).await.is_ok());
+
+        let events = [
+            usage("a", "sim-small", 10, 20, 60_000, 100),
+            usage("a", "sim-small", 10, 20, 61_000, 200),
+            usage("b", "sim-small", 1_000_000, 0, 62_000, 300),
+            usage("a", "unknown", 5, 5, 125_000, 400),
+        ];
+        let rows = run(&tenants, &events).await;
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let a1 = &rows[0];
+        assert_eq!(
+            (a1["tenant_id"].as_str(), a1["records"].as_i64()),
+            (Some("a"), Some(2))
+        );
+        assert_eq!(a1["input_tokens"], 20);
+        assert_eq!(a1["output_tokens"], 40);
+        // 20 input tokens at 0.1 $/M and 40 output at 0.4 $/M: 18 micro-dollars.
+        assert_eq!(a1["cost_micros"].as_f64(), Some(18.0));
+        assert_eq!(rows[1]["cost_micros"].as_f64(), Some(100_000.0));
+        assert_eq!(
+            rows[2]["cost_micros"].as_f64(),
+            Some(0.0),
+            "unknown model: no price"
+        );
+
+        let rows = run(&latency, &events).await;
+        let first = &rows[0];
+        assert_eq!(
+            (first["model"].as_str(), first["records"].as_i64()),
+            (Some("sim-small"), Some(3))
+        );
+        assert_eq!(first["max_ms"], 300);
+        assert_eq!(first["p50_ms"].as_f64(), Some(200.0));
+    }
+
+    #[tokio::test]
+    async fn hopping_windows_count_a_record_in_each_window_it_falls_in() {
+        let config = PipelineConfig {
+            name: "hop".into(),
+            source: "usage".into(),
+            sql: "SELECT window_start, count(*) AS records FROM usage \
+                  GROUP BY hop(interval '30 seconds', interval '1 minute')"
+                .into(),
+            event_time: "occurred_at_ms".into(),
+            max_out_of_orderness: default_out_of_orderness(),
+            allowed_lateness: default_lateness(),
+            idle_after: default_idle_after(),
+            output: OutputConfig::Topic("hop".into()),
+        };
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let rows = run(
+            &pipeline,
+            &[
+                usage("a", "m", 1, 1, 45_000, 1),
+                usage("a", "m", 1, 1, 75_000, 1),
+            ],
+        )
+        .await;
+        let counts: Vec<(i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["window_start"].as_i64().unwrap(),
+                    r["records"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(counts, vec![(0, 1), (30_000, 2), (60_000, 1)]);
+    }
+
+    #[test]
+    fn broken_definitions_are_refused_with_the_pipeline_name() {
+        let mut config = builtin::pipelines().remove(0);
+        config.event_time = "tenant_id".into();
+        let error = Pipeline::compile::<UsageEvent>(&config).unwrap_err();
+        assert!(
+            error.contains("tenant_usage_1m") && error.contains("event_time"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_query_without_records_is_refused_at_start() {
+        let mut config = builtin::pipelines().remove(1);
+        config.sql =
+            "SELECT window_start, model FROM usage GROUP BY tumble(interval '1 minute'), model"
+                .into();
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let error = pipeline.check_query(None).await.unwrap_err();
+        assert!(error.contains("records"), "{error}");
+    }
+}

@@ -1,0 +1,180 @@
+//! Where window results go: a ClickHouse table (one HTTP insert per emission, `JSONEachRow`,
+//! window bounds as UTC `DateTime`s) or a topic of `WindowResult` records.
+
+use datafusion::arrow::array::RecordBatch;
+use serde_json::{Map, Value};
+use sluice_pipelines::{Emitter, ProcessError};
+use sluice_schemas::WindowResult;
+
+use crate::{table::json_rows, Pipeline};
+
+/// How to reach the ClickHouse table a pipeline writes.
+#[derive(Debug, Clone)]
+pub struct ClickHouseTarget {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub table: String,
+}
+
+/// A pipeline's output.
+pub enum Output {
+    ClickHouse {
+        target: ClickHouseTarget,
+        http: reqwest::Client,
+    },
+    Topic {
+        /// Full topic name.
+        topic: String,
+    },
+}
+
+impl Output {
+    /// A ClickHouse output.
+    pub fn clickhouse(target: ClickHouseTarget) -> Self {
+        Output::ClickHouse {
+            target,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Writes `results` (rows of windows of source `partition`); returns the rows written.
+    /// ClickHouse writes are done when this returns; topic writes are queued on `out`, whose
+    /// acknowledgements the runtime awaits before committing.
+    pub(crate) async fn write(
+        &self,
+        pipeline: &Pipeline,
+        partition: i32,
+        results: &[RecordBatch],
+        out: &mut Emitter,
+    ) -> Result<usize, ProcessError> {
+        let mut rows = Vec::new();
+        for batch in results {
+            rows.extend(json_rows(batch).map_err(ProcessError::Poison)?);
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let size = pipeline.query.window.size_ms();
+        match self {
+            Output::ClickHouse { target, http } => {
+                let mut body = String::new();
+                for mut row in rows.iter().cloned() {
+                    for bound in ["window_start", "window_end"] {
+                        if let Some(ms) = row.get(bound).and_then(Value::as_i64) {
+                            row.insert(bound.into(), Value::String(datetime(ms)));
+                        }
+                    }
+                    row.insert("source_partition".into(), partition.into());
+                    body.push_str(&Value::Object(row).to_string());
+                    body.push('\n');
+                }
+                insert(http, target, body).await?;
+            }
+            Output::Topic { topic } => {
+                for row in &rows {
+                    let start = int(row, "window_start");
+                    let result = WindowResult {
+                        pipeline: pipeline.name.clone(),
+                        source_partition: partition,
+                        window_start_ms: start,
+                        window_end_ms: row
+                            .get("window_end")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(start + size),
+                        records: int(row, "records"),
+                        row_json: Value::Object(row.clone()).to_string(),
+                    };
+                    out.emit(
+                        topic,
+                        None,
+                        key(&pipeline.name, partition, row).as_bytes(),
+                        &result,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(rows.len())
+    }
+}
+
+fn int(row: &Map<String, Value>, name: &str) -> i64 {
+    row.get(name).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The key of a result row: pipeline, partition, window and the row's text columns (its group
+/// values), so a compacted topic keeps the latest row of each group.
+fn key(pipeline: &str, partition: i32, row: &Map<String, Value>) -> String {
+    let mut key = format!("{pipeline}/{partition}/{}", int(row, "window_start"));
+    for value in row.values() {
+        if let Value::String(text) = value {
+            key.push('/');
+            key.push_str(text);
+        }
+    }
+    key
+}
+
+/// `ms` since the epoch as ClickHouse's `DateTime` text, in UTC.
+fn datetime(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "1970-01-01 00:00:00".into())
+}
+
+async fn insert(
+    http: &reqwest::Client,
+    target: &ClickHouseTarget,
+    body: String,
+) -> Result<(), ProcessError> {
+    let query = format!(
+        "INSERT INTO {}.{} FORMAT JSONEachRow",
+        target.database, target.table
+    );
+    let response = http
+        .post(&target.url)
+        .query(&[
+            ("query", query.as_str()),
+            ("user", target.user.as_str()),
+            ("password", target.password.as_str()),
+        ])
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            ProcessError::Retriable(format!("ClickHouse insert into {}: {e}", target.table))
+        })?;
+    if response.status().is_success() {
+        return Ok(());
+    }
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    // The store answering is no reason to lose the window: keep it and try again.
+    Err(ProcessError::Retriable(format!(
+        "ClickHouse refused rows for {} ({status}): {}",
+        target.table,
+        text.trim()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_bounds_are_utc_datetimes() {
+        assert_eq!(datetime(0), "1970-01-01 00:00:00");
+        assert_eq!(datetime(1_764_118_860_000), "2025-11-26 01:01:00");
+    }
+
+    #[test]
+    fn keys_name_the_window_and_the_group() {
+        let row: Map<String, Value> =
+            serde_json::from_str(r#"{"window_start": 60000, "tenant_id": "t1", "records": 3}"#)
+                .unwrap();
+        assert_eq!(key("rates", 2, &row), "rates/2/60000/t1");
+    }
+}

@@ -126,6 +126,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Usage events through the per-tenant per-minute SQL aggregate (to ClickHouse) vs. raw
+    /// librdkafka consume on the same broker.
+    Window {
+        /// Usage events per path.
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// Distinct tenants.
+        #[arg(long, default_value_t = 100)]
+        tenants: u64,
+        /// Minutes of event time the records span.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Lanes of the SQL stage.
+        #[arg(long, default_value_t = 4)]
+        lanes: usize,
+        /// Runs of each path (alternating); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -383,6 +402,43 @@ async fn bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             println!(
                 "pipeline (decode, operator, encode, ordered commit): {:.0} records/s (rounds {:.0}..{:.0})",
                 report.pipeline_per_sec, report.pipeline_range.0, report.pipeline_range.1
+            );
+            println!("ratio={:.3}", report.ratio());
+        }
+        BenchCommand::Window {
+            records,
+            tenants,
+            minutes,
+            lanes,
+            rounds,
+        } => {
+            let options = sluice_sql::bench::WindowOptions {
+                records,
+                tenants,
+                minutes,
+                rounds,
+                lanes,
+            };
+            let codec = stages::codec(&config)?;
+            let target = sluice_sql::ClickHouseTarget {
+                url: config.clickhouse.url.clone(),
+                database: config.clickhouse.database.clone(),
+                user: config.clickhouse.user.clone(),
+                password: config.clickhouse.password.clone(),
+                table: "tenant_usage_1m".into(),
+            };
+            let report = sluice_sql::bench::window(&config.kafka, codec, target, &options).await?;
+            println!(
+                "records: {} usage events, {tenants} tenants over {minutes} minutes, median of {rounds} rounds per path",
+                report.records
+            );
+            println!(
+                "raw librdkafka consume: {:.0} records/s (rounds {:.0}..{:.0})",
+                report.raw_per_sec, report.raw_range.0, report.raw_range.1
+            );
+            println!(
+                "SQL tenant_usage_1m (decode, window, DataFusion, ClickHouse, ordered commit): {:.0} records/s (rounds {:.0}..{:.0}), {} rows",
+                report.sql_per_sec, report.sql_range.0, report.sql_range.1, report.rows
             );
             println!("ratio={:.3}", report.ratio());
         }

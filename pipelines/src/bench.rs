@@ -116,7 +116,8 @@ fn sample(i: u64, record_bytes: usize) -> ChatRequest {
     }
 }
 
-fn progress(label: &str, done: u64, total: u64, started: Instant) {
+/// Prints `label`'s progress: records done of `total`, and the rate since `started`.
+pub fn progress(label: &str, done: u64, total: u64, started: Instant) {
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     eprintln!(
         "  {label}: {done}/{total} records, {:.0}/s",
@@ -360,7 +361,8 @@ pub async fn passthrough(
     })
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// The median (sorts `values`).
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => 0.0,

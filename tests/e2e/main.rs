@@ -16,3 +16,4 @@ mod ordering;
 mod registry;
 mod replay;
 mod scaling;
+mod sql;

@@ -17,6 +17,7 @@
 //! partition (`source_partition`): sums add up across partitions; `sluice.usage` is keyed by
 //! tenant, so per-tenant rows are complete in one partition.
 
+pub mod bench;
 pub mod builtin;
 pub mod table;
 pub mod window;

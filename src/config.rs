@@ -112,6 +112,8 @@ impl Default for StagesConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqlConfig {
+    /// Whether `sluice up` runs the pipelines (`sluice run sql` always does).
+    pub enabled: bool,
     /// Lanes per pipeline (each owns the windows of the partitions it is given).
     pub lanes: usize,
     /// The pipelines; by default per-tenant usage rates and per-model latency percentiles per
@@ -122,6 +124,7 @@ pub struct SqlConfig {
 impl Default for SqlConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             lanes: 4,
             pipelines: sluice_sql::builtin::pipelines(),
         }

@@ -497,6 +497,9 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         StageKind::Metering,
         StageKind::Sql,
     ] {
+        if kind == StageKind::Sql && !config.sql.enabled {
+            continue;
+        }
         start_stage(&config, kind, codec.clone(), &mut process).await?;
     }
     start_edge(&config, codec, &mut process).await?;

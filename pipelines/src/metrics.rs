@@ -19,8 +19,8 @@ pub const RETRIES: &str = "sluice_retries_total";
 pub const PROCESS_SECONDS: &str = "sluice_process_seconds";
 /// Records per batch an operator processed, by `stage`.
 pub const BATCH_RECORDS: &str = "sluice_batch_records";
-/// Partitions a stage paused because its lanes were full (backpressure), by `stage`.
-pub const PAUSED_PARTITIONS: &str = "sluice_paused_partitions";
+/// Times a stage's consumer waited for room in a full lane (backpressure), by `stage`.
+pub const LANE_FULL_WAITS: &str = "sluice_lane_full_waits_total";
 /// Event-time watermark of a stage's input partition (ms since the epoch), by `stage` and
 /// `partition`; now minus this is how far behind event time the stage is.
 pub const WATERMARK_MS: &str = "sluice_watermark_ms";
@@ -62,7 +62,7 @@ pub struct Metrics {
     pub process_seconds: HistogramVec,
     pub in_flight: IntGaugeVec,
     pub batch_records: HistogramVec,
-    pub paused_partitions: IntGaugeVec,
+    pub lane_full_waits: IntCounterVec,
     pub watermark_ms: IntGaugeVec,
     pub late_records: IntCounterVec,
     pub window_rows: IntCounterVec,
@@ -130,9 +130,9 @@ impl Metrics {
                 registry.register(Box::new(h.clone()))?;
                 h
             },
-            paused_partitions: gauge(
-                PAUSED_PARTITIONS,
-                "Partitions paused by backpressure.",
+            lane_full_waits: counter(
+                LANE_FULL_WAITS,
+                "Waits for room in a full lane (backpressure).",
                 &["stage"],
             )?,
             watermark_ms: gauge(
@@ -194,7 +194,7 @@ pub const ALL: &[&str] = &[
     PROCESS_SECONDS,
     IN_FLIGHT,
     BATCH_RECORDS,
-    PAUSED_PARTITIONS,
+    LANE_FULL_WAITS,
     WATERMARK_MS,
     LATE_RECORDS,
     WINDOW_ROWS,

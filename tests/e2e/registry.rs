@@ -258,6 +258,26 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
     assert_eq!(chunk.error_status, 0, "filled from the default");
     assert_eq!(chunk.finish_reason.as_deref(), Some("stop"));
 
+    // A usage event from before `latency_ms` existed reads as "not measured".
+    let framed = written_with_older_schema(
+        &sluice,
+        UsageEvent::AVSC,
+        &["latency_ms"],
+        Avro::Record(vec![
+            ("event_id".into(), Avro::String("e".into())),
+            ("request_id".into(), Avro::String("r".into())),
+            ("tenant_id".into(), Avro::String("t".into())),
+            ("model".into(), Avro::String("m".into())),
+            ("provider".into(), Avro::String("sim".into())),
+            ("input_tokens".into(), Avro::Long(1)),
+            ("output_tokens".into(), Avro::Long(2)),
+            ("occurred_at_ms".into(), Avro::TimestampMillis(3)),
+        ]),
+    )
+    .await;
+    let event: UsageEvent = codec.decode(&framed).await.unwrap();
+    assert_eq!((event.output_tokens, event.latency_ms), (2, None));
+
     // A field with no default cannot be invented: such a record fails to decode (and a stage
     // sends it to the DLQ) rather than being read wrongly.
     let framed = written_with_older_schema(
@@ -272,6 +292,7 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
             ("input_tokens".into(), Avro::Long(1)),
             ("output_tokens".into(), Avro::Long(2)),
             ("occurred_at_ms".into(), Avro::TimestampMillis(3)),
+            ("latency_ms".into(), Avro::Union(0, Box::new(Avro::Null))),
         ]),
     )
     .await;

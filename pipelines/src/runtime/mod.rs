@@ -14,9 +14,10 @@
 //! partition); each lane owns one operator instance and hands it batches of the records that
 //! are ready (up to `max_batch`, waiting at most `linger` for more), so one key's records stay
 //! in order while different keys proceed in parallel. Lane queues are bounded: when a lane is
-//! full the consumer pauses the partition the record came from and keeps serving the others
-//! (and the group's heartbeats); it resumes it once the lane has room. Nothing buffers without
-//! limit.
+//! full the consumer waits for room (counted in `sluice_lane_full_waits_total`), so a slow
+//! downstream stops consumption; nothing buffers without limit. (Pausing only the full lane's
+//! partitions would let the others go on; librdkafka 2.x's StreamConsumer stopped delivering a
+//! partition after pause and resume in our tests, so the runtime does not pause.)
 //!
 //! # Failures
 //! A record that does not decode, or that the operator rejects as poison, goes to the DLQ with
@@ -33,7 +34,7 @@ mod offsets;
 mod operator;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     hash::{Hash, Hasher},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -104,7 +105,7 @@ pub struct StageSpec {
     pub lanes: usize,
     /// How records are spread over the lanes.
     pub lane_by: LaneBy,
-    /// Records queued per lane before the consumer pauses the partition.
+    /// Records queued per lane before the consumer waits for room.
     pub lane_capacity: usize,
     /// Most records handed to the operator at once.
     pub max_batch: usize,
@@ -156,9 +157,6 @@ pub struct StageDeps {
 
 /// How often consumer lag is measured.
 pub const LAG_EVERY: Duration = Duration::from_secs(5);
-
-/// How often a stage with paused partitions retries handing their records to the lanes.
-const PAUSED_RETRY: Duration = Duration::from_millis(10);
 
 /// Exponential backoff with full jitter: attempt 1 waits up to 100 ms, doubling to 5 s.
 pub fn backoff(attempt: u32) -> Duration {
@@ -252,9 +250,8 @@ pub async fn run_operator<O: Operator>(
     Ok(())
 }
 
-/// The consume loop: hands each record to its lane. A full lane pauses the record's partition
-/// (its records wait, in order, in `parked`) while the other partitions go on; the partition
-/// resumes once its parked records are all handed over.
+/// The consume loop: hands each record to its lane, waiting while the lane is full (so a
+/// slow lane stops consumption instead of filling memory).
 async fn consume(
     consumer: &KafkaConsumer,
     lanes: &[mpsc::Sender<OwnedMessage>],
@@ -264,85 +261,41 @@ async fn consume(
     cancel: &CancellationToken,
 ) {
     let records_in = deps.metrics.records_in.with_label_values(&[&spec.name]);
-    let paused_gauge = deps
+    let waiting = deps
         .metrics
-        .paused_partitions
+        .lane_full_waits
         .with_label_values(&[&spec.name]);
-    let mut parked: HashMap<i32, VecDeque<OwnedMessage>> = HashMap::new();
-    let lane_for = |message: &OwnedMessage| match spec.lane_by {
-        LaneBy::Key => lane_of(message.key(), message.partition(), lanes.len()),
-        LaneBy::Partition => lane_of(None, message.partition(), lanes.len()),
-    };
     loop {
-        let received = tokio::select! {
+        let message = tokio::select! {
             _ = cancel.cancelled() => break,
-            message = consumer.recv() => Some(message),
-            _ = tokio::time::sleep(PAUSED_RETRY), if !parked.is_empty() => None,
+            message = consumer.recv() => message,
         };
-        match received {
-            Some(Ok(message)) => {
-                let message = message.detach();
-                records_in.inc();
-                if let Ok(mut t) = tracker.lock() {
-                    t.begin(message.partition(), message.offset());
-                }
-                let partition = message.partition();
-                if let Some(queue) = parked.get_mut(&partition) {
-                    queue.push_back(message);
-                    continue;
-                }
-                match lanes[lane_for(&message)].try_send(message) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(message)) => {
-                        set_paused(consumer, &spec.input_topic, partition, true);
-                        parked.insert(partition, VecDeque::from([message]));
-                        paused_gauge.set(parked.len() as i64);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
-                }
-            }
-            Some(Err(e)) => {
+        let message = match message {
+            Ok(m) => m.detach(),
+            Err(e) => {
                 tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            None => {}
+        };
+        records_in.inc();
+        if let Ok(mut t) = tracker.lock() {
+            t.begin(message.partition(), message.offset());
         }
-        if !parked.is_empty() {
-            parked.retain(|partition, queue| {
-                while let Some(message) = queue.pop_front() {
-                    match lanes[lane_for(&message)].try_send(message) {
-                        Ok(()) => {}
-                        Err(
-                            mpsc::error::TrySendError::Full(message)
-                            | mpsc::error::TrySendError::Closed(message),
-                        ) => {
-                            queue.push_front(message);
-                            return true;
-                        }
-                    }
-                }
-                set_paused(consumer, &spec.input_topic, *partition, false);
-                false
-            });
-            paused_gauge.set(parked.len() as i64);
+        let lane = match spec.lane_by {
+            LaneBy::Key => lane_of(message.key(), message.partition(), lanes.len()),
+            LaneBy::Partition => lane_of(None, message.partition(), lanes.len()),
+        };
+        let message = match lanes[lane].try_send(message) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
+        waiting.inc();
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            sent = lanes[lane].send(message) => if sent.is_err() { break },
         }
-    }
-    // Parked records were never processed: whoever owns their partitions next reads them again.
-    paused_gauge.set(0);
-}
-
-fn set_paused(consumer: &KafkaConsumer, topic: &str, partition: i32, paused: bool) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    let result = if paused {
-        consumer.pause(&list)
-    } else {
-        consumer.resume(&list)
-    };
-    match result {
-        Ok(()) => tracing::debug!(topic, partition, paused, "partition flow changed"),
-        // The partition may have been revoked meanwhile; its next owner starts unpaused.
-        Err(e) => tracing::debug!(topic, partition, paused, error = %e, "pause/resume refused"),
     }
 }
 

@@ -383,7 +383,7 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
         let pipeline =
             Arc::new(Pipeline::compile::<UsageEvent>(definition).map_err(anyhow::Error::msg)?);
         pipeline
-            .check_query(Some(&catalog.snapshot()))
+            .check_query(&catalog.snapshot())
             .await
             .map_err(anyhow::Error::msg)?;
         let output = Arc::new(match &pipeline.output {

@@ -151,7 +151,7 @@ impl Pipeline {
 
     /// Plans the query over an empty window and checks it returns `window_start` and
     /// `records`, so a broken query fails at start-up rather than at the first window.
-    pub async fn check_query(&self, models: Option<&[ModelSpec]>) -> Result<Vec<String>, String> {
+    pub async fn check_query(&self, models: &[ModelSpec]) -> Result<Vec<String>, String> {
         let empty = self
             .columns
             .batch(std::iter::empty())
@@ -179,16 +179,16 @@ impl Pipeline {
     }
 }
 
-/// A DataFusion session with `table` holding `batch` and, given the catalogue's models, `models`
-/// (name, provider, input_price_micros, output_price_micros; prices per million tokens).
+/// A DataFusion session with `table` holding `batch`, and `models` holding the catalogue's
+/// models (name, provider, input_price_micros, output_price_micros; prices per million tokens).
 fn session(
     table: &str,
     batch: RecordBatch,
-    models: Option<&[ModelSpec]>,
+    models: &[ModelSpec],
 ) -> datafusion::error::Result<SessionContext> {
     let session = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     session.register_batch(table, batch)?;
-    if let Some(models) = models {
+    {
         let schema = Arc::new(ArrowSchema::new(vec![
             Field::new("name", DataType::Utf8, false),
             Field::new("provider", DataType::Utf8, false),
@@ -315,7 +315,7 @@ impl<T> SqlOperator<T> {
         let session = session(
             &self.pipeline.source,
             batch,
-            models.as_deref().map(Vec::as_slice),
+            models.as_deref().map_or(&[][..], Vec::as_slice),
         )
         .map_err(failed)?;
         let frame = session
@@ -489,7 +489,7 @@ mod tests {
             )
             .unwrap();
         let models = models();
-        let session = session("usage", batch, Some(&models)).unwrap();
+        let session = session("usage", batch, &models).unwrap();
         let results = session
             .sql(&pipeline.query.sql)
             .await
@@ -513,8 +513,8 @@ mod tests {
         let [tenants, latency] = <[PipelineConfig; 2]>::try_from(builtin::pipelines()).unwrap();
         let tenants = Pipeline::compile::<UsageEvent>(&tenants).unwrap();
         let latency = Pipeline::compile::<UsageEvent>(&latency).unwrap();
-        assert!(tenants.check_query(Some(&models())).await.is_ok());
-        assert!(latency.check_query(Some(&models())).await.is_ok());
+        assert!(tenants.check_query(&models()).await.is_ok());
+        assert!(latency.check_query(&models()).await.is_ok());
 
         let events = [
             usage("a", "sim-small", 10, 20, 60_000, 100),
@@ -603,7 +603,7 @@ mod tests {
             "SELECT window_start, model FROM usage GROUP BY tumble(interval '1 minute'), model"
                 .into();
         let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
-        let error = pipeline.check_query(None).await.unwrap_err();
+        let error = pipeline.check_query(&[]).await.unwrap_err();
         assert!(error.contains("records"), "{error}");
     }
 }

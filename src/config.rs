@@ -116,6 +116,9 @@ pub struct SqlConfig {
     pub enabled: bool,
     /// Lanes per pipeline (each owns the windows of the partitions it is given).
     pub lanes: usize,
+    /// Rows a lane holds in windows beyond which, while window writes fail, it takes no more
+    /// records (they wait in the topic) until writes succeed again.
+    pub max_held_rows: usize,
     /// The pipelines; by default per-tenant usage rates and per-model latency percentiles per
     /// minute. A `[[sql.pipelines]]` list in the file replaces them.
     pub pipelines: Vec<PipelineConfig>,
@@ -126,6 +129,7 @@ impl Default for SqlConfig {
         Self {
             enabled: true,
             lanes: 4,
+            max_held_rows: sluice_sql::DEFAULT_MAX_HELD_ROWS,
             pipelines: sluice_sql::builtin::pipelines(),
         }
     }

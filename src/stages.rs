@@ -14,7 +14,7 @@ use sluice_pipelines::{
     kafka,
     metrics::Metrics,
     ops::{self, Readiness},
-    runtime::{self, LaneBy, PerRecord, StageDeps, StageSpec},
+    runtime::{self, PerRecord, StageDeps, StageSpec},
     sink::{self, SinkSpec},
 };
 use sluice_router::Router;
@@ -403,14 +403,15 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
         let stage = format!("sql.{}", pipeline.name);
         let group = format!("{}.{stage}", config.kafka.topic_prefix);
         process.readiness.register(&stage);
-        let mut spec = StageSpec::new(&stage, &group, &topics.usage, &topics.dlq);
-        spec.lanes = config.sql.lanes;
-        spec.lane_by = LaneBy::Partition;
-        spec.max_batch = 512;
-        spec.lane_capacity = 1024;
-        spec.fetch_wait_ms = 100;
-        spec.tick = Some(sluice_sql::TICK);
-        spec.watermarks = Some(pipeline.watermarks);
+        let spec = sluice_sql::stage_spec(
+            &pipeline,
+            &stage,
+            &group,
+            &topics.usage,
+            &topics.dlq,
+            config.sql.lanes,
+        );
+        let max_held_rows = config.sql.max_held_rows;
         let (deps, cancel) = (deps.clone(), process.cancel.clone());
         let catalog = catalog.clone();
         let name = stage.clone();
@@ -424,6 +425,7 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
                     &metrics,
                     &name,
                 )
+                .with_max_held_rows(max_held_rows)
             };
             Ok(runtime::run_operator(make, spec, deps, cancel).await?)
         });

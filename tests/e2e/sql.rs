@@ -261,3 +261,65 @@ output = { topic = "late-results" }
     .await;
     let _ = std::fs::remove_file(config);
 }
+
+#[tokio::test]
+async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_them() {
+    let prefix = unique("t");
+    let dead_clickhouse = format!("http://127.0.0.1:{}", free_port());
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![
+            ("SLUICE_CLICKHOUSE__URL".into(), dead_clickhouse),
+            ("SLUICE_SQL__MAX_HELD_ROWS".into(), "200000000".into()),
+            ("SLUICE_SQL__LANES".into(), "1".into()),
+        ],
+    );
+    let writer = UsageWriter::new(&sluice).await;
+    let tenant = unique("outage-");
+    let total = 20_000i64;
+    // Ten minutes of event time, in order: the first window closes (and fails to be written)
+    // after about 2,000 records.
+    let base = (sluice_pipelines::now_ms() / 60_000 - 30) * 60_000;
+    let mut deliveries = Vec::new();
+    for i in 0..total {
+        let event = UsageEvent {
+            event_id: format!("{tenant}-{i}:0"),
+            request_id: format!("{tenant}-{i}"),
+            tenant_id: tenant.clone(),
+            model: "sim-small".into(),
+            provider: "sim".into(),
+            input_tokens: 1,
+            output_tokens: 1,
+            occurred_at_ms: base + i * 30,
+            latency_ms: Some(5),
+        };
+        let bytes = writer.codec.encode(&event).unwrap();
+        loop {
+            let record = FutureRecord::to(&writer.topic).key(&tenant).payload(&bytes);
+            match writer.producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    let consumed = r#"sluice_records_in_total{stage="sql.tenant_usage_1m"}"#;
+    let waits = r#"sluice_lane_full_waits_total{stage="sql.tenant_usage_1m"}"#;
+    eventually(60, "the SQL stage to stop taking records", || async {
+        (metric(&sluice.url, waits).await >= 1.0).then_some(())
+    })
+    .await;
+    let held = metric(&sluice.url, consumed).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = metric(&sluice.url, consumed).await;
+    assert_eq!(held, later, "no more records taken while the store is down");
+    assert!(
+        later < (total / 2) as f64,
+        "{later} of {total} records taken while the store was down"
+    );
+}

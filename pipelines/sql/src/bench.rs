@@ -19,7 +19,7 @@ use sluice_pipelines::{
     kafka::{self, ProducerProfile},
     metrics::Metrics,
     ops::Readiness,
-    runtime::{self, LaneBy, StageDeps, StageSpec},
+    runtime::{self, StageDeps},
     Error, Result,
 };
 use sluice_schemas::{Codec, UsageEvent};
@@ -206,14 +206,7 @@ async fn sql(
         metrics: metrics.clone(),
         readiness: Readiness::default(),
     };
-    let mut spec = StageSpec::new("bench", group, input, dlq);
-    spec.lanes = options.lanes;
-    spec.lane_by = LaneBy::Partition;
-    spec.max_batch = 512;
-    spec.lane_capacity = 1024;
-    spec.fetch_wait_ms = 100;
-    spec.tick = Some(crate::TICK);
-    spec.watermarks = Some(pipeline.watermarks);
+    let spec = crate::stage_spec(pipeline, "bench", group, input, dlq, options.lanes);
     let output = Arc::new(Output::clickhouse(clickhouse.clone()));
     let cancel = CancellationToken::new();
     let stage = tokio::spawn({

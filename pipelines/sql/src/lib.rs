@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use sluice_pipelines::{
     control::{ModelCatalog, ModelSpec},
     metrics::Metrics,
-    runtime::{Input, WatermarkSpec},
+    runtime::{Input, LaneBy, StageSpec, WatermarkSpec},
     BatchError, Emitter, Operator, ProcessError,
 };
 use sluice_schemas::Record;
@@ -234,6 +234,14 @@ pub struct SqlOperator<T> {
     /// Open windows by (source partition, window start).
     windows: BTreeMap<(i32, i64), WindowState>,
     watermarks: HashMap<i32, i64>,
+    /// Event times of the batch being processed, so the runtime's watermark pass does not read
+    /// each record again.
+    batch_event_times: HashMap<(i32, i64), i64>,
+    /// Rows held in all windows, against `max_held_rows`.
+    held_rows: usize,
+    max_held_rows: usize,
+    /// Whether the last write of window rows failed.
+    failing: bool,
     late: prometheus::IntCounter,
     rows_out: prometheus::IntCounter,
     _record: PhantomData<fn() -> T>,
@@ -256,13 +264,30 @@ impl<T> SqlOperator<T> {
             catalog,
             windows: BTreeMap::new(),
             watermarks: HashMap::new(),
+            batch_event_times: HashMap::new(),
+            held_rows: 0,
+            max_held_rows: DEFAULT_MAX_HELD_ROWS,
+            failing: false,
             _record: PhantomData,
         }
+    }
+
+    /// Rows held beyond which, while writes fail, the operator takes no more records (memory
+    /// stays bounded through a store outage; the records wait in the topic).
+    pub fn with_max_held_rows(mut self, rows: usize) -> Self {
+        self.max_held_rows = rows.max(1);
+        self
     }
 
     /// Emits every closed window of `partition` that has rows not yet emitted, then forgets
     /// the windows past their lateness.
     async fn emit(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
+        let result = self.emit_due(partition, out).await;
+        self.failing = result.is_err();
+        result
+    }
+
+    async fn emit_due(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
         let Some(&watermark) = self.watermarks.get(&partition) else {
             return Ok(());
         };
@@ -299,11 +324,17 @@ impl<T> SqlOperator<T> {
             }
         }
         let lateness = self.pipeline.lateness_ms;
+        let mut released = 0;
         self.windows.retain(|(p, start), w| {
-            *p != partition
+            let keep = *p != partition
                 || start + size + lateness > watermark
-                || w.emitted != Some(w.rows.len())
+                || w.emitted != Some(w.rows.len());
+            if !keep {
+                released += w.rows.len();
+            }
+            keep
         });
+        self.held_rows = self.held_rows.saturating_sub(released);
         Ok(())
     }
 
@@ -333,6 +364,7 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
     async fn process(&mut self, batch: &[Input<T>], out: &mut Emitter) -> Result<(), BatchError> {
         let window = self.pipeline.query.window;
         let size = window.size_ms();
+        self.batch_event_times.clear();
         for input in batch {
             let row = match self.pipeline.columns.row(&input.record) {
                 Ok(row) => row,
@@ -346,6 +378,8 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 continue;
             };
             let partition = input.ctx.partition;
+            self.batch_event_times
+                .insert((partition, input.ctx.offset), at);
             let watermark = self.watermarks.get(&partition).copied();
             let mut placed = false;
             for start in window.starts(at) {
@@ -361,6 +395,7 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                         emitted: None,
                     });
                 state.rows.push(row.clone());
+                self.held_rows += 1;
                 state.first_offset = state.first_offset.min(input.ctx.offset);
                 placed = true;
             }
@@ -376,6 +411,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
     }
 
     fn event_time_ms(&self, input: &Input<T>) -> Option<i64> {
+        if let Some(at) = self
+            .batch_event_times
+            .get(&(input.ctx.partition, input.ctx.offset))
+        {
+            return Some(*at);
+        }
         match self
             .pipeline
             .columns
@@ -408,7 +449,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 failure = Some(e);
             }
         }
+        self.failing = failure.is_some();
         failure.map_or(Ok(()), Err)
+    }
+
+    fn saturated(&self) -> bool {
+        self.failing && self.held_rows >= self.max_held_rows
     }
 
     fn retained(&self) -> Vec<(i32, i64)> {
@@ -420,6 +466,30 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
         held.into_iter().collect()
     }
 }
+
+/// The runtime settings of a SQL stage: lanes by partition (windows are per partition), large
+/// batches, a tick to retry refused writes, and the pipeline's watermarks.
+pub fn stage_spec(
+    pipeline: &Pipeline,
+    stage: &str,
+    group: &str,
+    input: &str,
+    dlq: &str,
+    lanes: usize,
+) -> StageSpec {
+    let mut spec = StageSpec::new(stage, group, input, dlq);
+    spec.lanes = lanes;
+    spec.lane_by = LaneBy::Partition;
+    spec.max_batch = 512;
+    spec.lane_capacity = 1024;
+    spec.fetch_wait_ms = 100;
+    spec.tick = Some(TICK);
+    spec.watermarks = Some(pipeline.watermarks);
+    spec
+}
+
+/// Rows an operator holds before it stops taking records while its writes fail.
+pub const DEFAULT_MAX_HELD_ROWS: usize = 1_000_000;
 
 /// Default tick of SQL stages: how soon a window refused by its store is tried again.
 pub const TICK: Duration = Duration::from_secs(1);

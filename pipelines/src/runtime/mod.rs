@@ -155,6 +155,9 @@ pub struct StageDeps {
     pub readiness: Readiness,
 }
 
+/// How often a saturated operator without ticks is given one.
+const SATURATED_RETRY: Duration = Duration::from_secs(1);
+
 /// How often consumer lag is measured.
 pub const LAG_EVERY: Duration = Duration::from_secs(5);
 
@@ -358,8 +361,9 @@ impl<O: Operator> Lane<O> {
             interval
         });
         loop {
+            let saturated = self.operator.saturated();
             let unacked = tokio::select! {
-                first = rx.recv() => match first {
+                first = rx.recv(), if !saturated => match first {
                     Some(first) => {
                         let batch = self.collect(first, &mut rx).await;
                         if self.cancel.is_cancelled() {
@@ -371,6 +375,10 @@ impl<O: Operator> Lane<O> {
                     None => break,
                 },
                 _ = next_tick(&mut tick) => self.tick().await,
+                _ = tokio::time::sleep(SATURATED_RETRY), if saturated && tick.is_none() => {
+                    self.tick().await
+                }
+                _ = self.cancel.cancelled(), if saturated => break,
                 positions = next_commit(&mut commits) => {
                     self.operator.on_commit(&positions);
                     None

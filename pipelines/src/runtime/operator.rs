@@ -155,6 +155,13 @@ pub trait Operator: Send + Sync + 'static {
     fn retained(&self) -> Vec<(i32, i64)> {
         Vec::new()
     }
+
+    /// Whether the operator can take no more records for now (its state is over budget and
+    /// cannot be flushed). The lane then stops taking records, which fills its queue and stops
+    /// the consumer, and runs ticks until this clears.
+    fn saturated(&self) -> bool {
+        false
+    }
 }
 
 /// An operator written one record at a time, run through [`PerRecord`]; most stages are.

@@ -360,8 +360,20 @@ impl<O: Operator> Lane<O> {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval
         });
+        let mut was_saturated = false;
         loop {
             let saturated = self.operator.saturated();
+            if saturated != was_saturated {
+                was_saturated = saturated;
+                if saturated {
+                    tracing::warn!(
+                        stage,
+                        "operator saturated: not taking records until it can flush"
+                    );
+                } else {
+                    tracing::info!(stage, "operator can take records again");
+                }
+            }
             let unacked = tokio::select! {
                 first = rx.recv(), if !saturated => match first {
                     Some(first) => {

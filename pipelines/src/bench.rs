@@ -131,18 +131,29 @@ async fn fill(
     topic: &str,
     options: &PassthroughOptions,
 ) -> Result<usize> {
-    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
-    let mut pending = Vec::new();
     let mut size = 0;
-    for i in 0..options.records {
+    let records = (0..options.records).map(|i| {
         let record = sample(i, options.record_bytes);
         let bytes = codec.encode(&record)?;
         size = bytes.len();
+        Ok((record.session_id, bytes))
+    });
+    produce_all(kafka, topic, records).await?;
+    Ok(size)
+}
+
+/// Produces every (key, payload) to `topic` and waits until the broker acknowledged them all.
+pub async fn produce_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    records: impl Iterator<Item = Result<(String, Vec<u8>)>>,
+) -> Result<()> {
+    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
+    let mut pending = Vec::new();
+    for record in records {
+        let (key, bytes) = record?;
         loop {
-            let future = FutureRecord::to(topic)
-                .key(&record.session_id)
-                .payload(&bytes);
-            match producer.send_result(future) {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&bytes)) {
                 Ok(delivery) => {
                     pending.push(delivery);
                     break;
@@ -151,19 +162,40 @@ async fn fill(
             }
         }
         if pending.len() >= 10_000 {
-            for d in pending.drain(..) {
-                d.await
-                    .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
-                    .map_err(|(e, _)| Error::Kafka(e))?;
+            for delivery in pending.drain(..) {
+                acknowledged(delivery).await?;
             }
         }
     }
-    for d in pending {
-        d.await
-            .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
-            .map_err(|(e, _)| Error::Kafka(e))?;
+    for delivery in pending {
+        acknowledged(delivery).await?;
     }
-    Ok(size)
+    Ok(())
+}
+
+async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
+    delivery
+        .await
+        .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
+        .map(|_| ())
+        .map_err(|(e, _)| Error::Kafka(e))
+}
+
+/// Waits for a stage's first record (its clock starts there, so joining the group is not
+/// counted); fails if the stage stops first.
+pub async fn first_record<T>(
+    consumed: &prometheus::IntCounter,
+    stage: &tokio::task::JoinHandle<T>,
+) -> Result<Instant> {
+    while consumed.get() == 0 {
+        if stage.is_finished() {
+            return Err(Error::Invalid(
+                "the stage stopped before its first record".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(Instant::now())
 }
 
 async fn raw(
@@ -257,17 +289,8 @@ async fn pipeline(
         deps,
         cancel.clone(),
     ));
-    // The clock starts at the first record, so joining the group is not counted.
     let consumed = metrics.records_in.with_label_values(&["bench"]);
-    while consumed.get() == 0 {
-        if stage.is_finished() {
-            return Err(Error::Invalid(
-                "the pipeline stopped before its first record".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    let started = Instant::now();
+    let started = first_record(&consumed, &stage).await?;
     let written = metrics.records_out.with_label_values(&["bench", output]);
     let dead = metrics.dlq_records.with_label_values(&["bench"]);
     let mut last_report = Instant::now();

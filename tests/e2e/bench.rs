@@ -39,3 +39,40 @@ async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
         "ratio is pipeline/raw: {out}"
     );
 }
+
+#[tokio::test]
+async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
+    let sluice = Sluice::start();
+    let args = [
+        "bench",
+        "window",
+        "--records",
+        "3000",
+        "--tenants",
+        "10",
+        "--minutes",
+        "3",
+        "--rounds",
+        "1",
+    ];
+    let out = sluice.cli(&args);
+    let last = out.lines().last().unwrap_or_default();
+    let ratio: f64 = last
+        .strip_prefix("ratio=")
+        .expect("last line is ratio=")
+        .parse()
+        .unwrap();
+    assert!(ratio > 0.0, "{out}");
+    // Ten tenants, two closed minutes each (the third closes when the partition goes quiet).
+    let sql = out
+        .lines()
+        .find(|l| l.starts_with("SQL tenant_usage_1m"))
+        .unwrap_or_else(|| panic!("no SQL line in {out}"));
+    let rows: u64 = sql
+        .rsplit(", ")
+        .next()
+        .and_then(|r| r.strip_suffix(" rows"))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no row count in {sql}"));
+    assert!(rows >= 20, "{out}");
+}

@@ -12,11 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::{consumer::Consumer, producer::FutureRecord};
+use rdkafka::consumer::Consumer;
 use sluice_pipelines::{
-    bench::{median, progress},
+    bench::{first_record, median, produce_all, progress},
     config::KafkaConfig,
-    kafka::{self, ProducerProfile},
+    kafka,
     metrics::Metrics,
     ops::Readiness,
     runtime::{self, StageDeps},
@@ -123,13 +123,11 @@ async fn fill(
     id: &str,
     options: &WindowOptions,
 ) -> Result<()> {
-    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
     let span_ms = i64::try_from(options.minutes.max(1) * 60_000).unwrap_or(i64::MAX);
     let records = i64::try_from(options.records.max(1)).unwrap_or(i64::MAX);
     // Whole minutes, ending an hour ago.
     let base = (sluice_pipelines::now_ms() / 60_000 - 60) * 60_000 - span_ms;
-    let mut pending = Vec::new();
-    for i in 0..records {
+    let events = (0..records).map(|i| {
         let tenant = format!("{id}-{}", i.unsigned_abs() % options.tenants.max(1));
         let event = UsageEvent {
             event_id: format!("{id}-{i}:0"),
@@ -142,34 +140,9 @@ async fn fill(
             occurred_at_ms: base + i * span_ms / records,
             latency_ms: Some(20 + i % 200),
         };
-        let bytes = codec.encode(&event)?;
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(&tenant).payload(&bytes)) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-        if pending.len() >= 10_000 {
-            for delivery in pending.drain(..) {
-                acked(delivery).await?;
-            }
-        }
-    }
-    for delivery in pending {
-        acked(delivery).await?;
-    }
-    Ok(())
-}
-
-async fn acked(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
-    delivery
-        .await
-        .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
-        .map(|_| ())
-        .map_err(|(e, _)| Error::Kafka(e))
+        Ok((tenant, codec.encode(&event)?))
+    });
+    produce_all(kafka, topic, events).await
 }
 
 async fn raw(kafka: &KafkaConfig, input: &str, group: &str, total: u64) -> Result<f64> {
@@ -225,15 +198,7 @@ async fn sql(
     let consumed = metrics.records_in.with_label_values(&["bench"]);
     let in_flight = metrics.in_flight.with_label_values(&["bench"]);
     let rows = metrics.window_rows.with_label_values(&["bench"]);
-    while consumed.get() == 0 {
-        if stage.is_finished() {
-            return Err(Error::Invalid(
-                "the SQL stage stopped before its first record".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    let started = Instant::now();
+    let started = first_record(&consumed, &stage).await?;
     // Every tenant has a row for every minute but the last (closed when the partition idles).
     let expected_rows = options.tenants.min(options.records) * options.minutes.saturating_sub(1);
     let mut last_report = Instant::now();

@@ -1,6 +1,18 @@
-//! The passthrough benchmark runs end to end (small, so it is a check, not a measurement).
+//! The benchmarks run end to end (small, so it is a check, not a measurement).
 
 use crate::harness::*;
+
+/// The `ratio=<x>` every benchmark prints last; positive.
+fn last_line_ratio(out: &str) -> f64 {
+    let last = out.lines().last().unwrap_or_default();
+    let ratio: f64 = last
+        .strip_prefix("ratio=")
+        .expect("last line is ratio=")
+        .parse()
+        .unwrap();
+    assert!(ratio > 0.0, "{out}");
+    ratio
+}
 
 #[tokio::test]
 async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
@@ -16,13 +28,7 @@ async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
         "1",
     ];
     let out = sluice.cli(&args);
-    let last = out.lines().last().unwrap_or_default();
-    let ratio: f64 = last
-        .strip_prefix("ratio=")
-        .expect("last line is ratio=")
-        .parse()
-        .unwrap();
-    assert!(ratio > 0.0, "{out}");
+    let ratio = last_line_ratio(&out);
     let rate = |label: &str| -> f64 {
         out.lines()
             .find(|l| l.starts_with(label))
@@ -56,13 +62,7 @@ async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
         "1",
     ];
     let out = sluice.cli(&args);
-    let last = out.lines().last().unwrap_or_default();
-    let ratio: f64 = last
-        .strip_prefix("ratio=")
-        .expect("last line is ratio=")
-        .parse()
-        .unwrap();
-    assert!(ratio > 0.0, "{out}");
+    last_line_ratio(&out);
     // Ten tenants, two closed minutes each (the third closes when the partition goes quiet).
     let sql = out
         .lines()

@@ -234,6 +234,8 @@ pub struct SqlOperator<T> {
     /// Open windows by (source partition, window start).
     windows: BTreeMap<(i32, i64), WindowState>,
     watermarks: HashMap<i32, i64>,
+    /// Per partition, the highest offset already taken into the windows.
+    placed_up_to: HashMap<i32, i64>,
     /// Event times of the batch being processed, so the runtime's watermark pass does not read
     /// each record again.
     batch_event_times: HashMap<(i32, i64), i64>,
@@ -264,6 +266,7 @@ impl<T> SqlOperator<T> {
             catalog,
             windows: BTreeMap::new(),
             watermarks: HashMap::new(),
+            placed_up_to: HashMap::new(),
             batch_event_times: HashMap::new(),
             held_rows: 0,
             max_held_rows: DEFAULT_MAX_HELD_ROWS,
@@ -295,7 +298,9 @@ impl<T> SqlOperator<T> {
         let due: Vec<(i32, i64)> = self
             .windows
             .range((partition, i64::MIN)..=(partition, i64::MAX))
-            .filter(|((_, start), w)| start + size <= watermark && w.emitted != Some(w.rows.len()))
+            .filter(|((_, start), w)| {
+                start.saturating_add(size) <= watermark && w.emitted != Some(w.rows.len())
+            })
             .map(|(key, _)| *key)
             .collect();
         if !due.is_empty() {
@@ -303,7 +308,7 @@ impl<T> SqlOperator<T> {
                 self.windows.get(key).map(|w| {
                     w.rows
                         .iter()
-                        .map(move |row| (row.as_slice(), key.1, key.1 + size))
+                        .map(move |row| (row.as_slice(), key.1, key.1.saturating_add(size)))
                 })
             });
             let batch = self
@@ -327,7 +332,7 @@ impl<T> SqlOperator<T> {
         let mut released = 0;
         self.windows.retain(|(p, start), w| {
             let keep = *p != partition
-                || start + size + lateness > watermark
+                || start.saturating_add(size).saturating_add(lateness) > watermark
                 || w.emitted != Some(w.rows.len());
             if !keep {
                 released += w.rows.len();
@@ -365,7 +370,19 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
         let window = self.pipeline.query.window;
         let size = window.size_ms();
         self.batch_event_times.clear();
+        let latest_allowed = sluice_pipelines::now_ms().saturating_add(MAX_FUTURE_SKEW_MS);
         for input in batch {
+            let partition = input.ctx.partition;
+            // After a rebalance hands a partition back, records from the committed offset on
+            // come again; those already in a window must not be counted twice.
+            if self
+                .placed_up_to
+                .get(&partition)
+                .is_some_and(|last| input.ctx.offset <= *last)
+            {
+                continue;
+            }
+            self.placed_up_to.insert(partition, input.ctx.offset);
             let row = match self.pipeline.columns.row(&input.record) {
                 Ok(row) => row,
                 Err(reason) => {
@@ -377,13 +394,26 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 out.reject(&input.ctx, "record has no event time");
                 continue;
             };
-            let partition = input.ctx.partition;
+            // A clock far ahead would drag the partition's watermark along and close every
+            // window early: such a record goes to the DLQ instead.
+            if at > latest_allowed || at < 0 {
+                out.reject(
+                    &input.ctx,
+                    format!(
+                        "event time {at} is before 1970 or more than an hour ahead of the clock"
+                    ),
+                );
+                continue;
+            }
             self.batch_event_times
                 .insert((partition, input.ctx.offset), at);
             let watermark = self.watermarks.get(&partition).copied();
             let mut placed = false;
             for start in window.starts(at) {
-                if watermark.is_some_and(|w| start + size + self.pipeline.lateness_ms <= w) {
+                let closes = start
+                    .saturating_add(size)
+                    .saturating_add(self.pipeline.lateness_ms);
+                if watermark.is_some_and(|w| closes <= w) {
                     continue;
                 }
                 let state = self
@@ -410,23 +440,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
         Ok(())
     }
 
+    /// The event time `process` read (records it rejected or skipped have none, so they do
+    /// not move the watermark).
     fn event_time_ms(&self, input: &Input<T>) -> Option<i64> {
-        if let Some(at) = self
-            .batch_event_times
+        self.batch_event_times
             .get(&(input.ctx.partition, input.ctx.offset))
-        {
-            return Some(*at);
-        }
-        match self
-            .pipeline
-            .columns
-            .row(&input.record)
-            .ok()?
-            .get(self.pipeline.event_time)
-        {
-            Some(Cell::Int(at)) => Some(*at),
-            _ => None,
-        }
+            .copied()
     }
 
     async fn on_watermark(
@@ -487,6 +506,9 @@ pub fn stage_spec(
     spec.watermarks = Some(pipeline.watermarks);
     spec
 }
+
+/// How far ahead of the clock an event time may be before its record goes to the DLQ.
+pub const MAX_FUTURE_SKEW_MS: i64 = 3_600_000;
 
 /// Rows an operator holds before it stops taking records while its writes fail.
 pub const DEFAULT_MAX_HELD_ROWS: usize = 1_000_000;
@@ -653,6 +675,87 @@ mod tests {
             })
             .collect();
         assert_eq!(counts, vec![(0, 1), (30_000, 2), (60_000, 1)]);
+    }
+
+    fn input(event: UsageEvent, partition: i32, offset: i64) -> Input<UsageEvent> {
+        Input {
+            record: event,
+            ctx: sluice_pipelines::RecordContext {
+                topic: "usage".into(),
+                partition,
+                offset,
+                key: None,
+                timestamp_ms: None,
+                trace: sluice_pipelines::trace::TraceContext::new_root(),
+            },
+        }
+    }
+
+    /// An emitter that is never asked to send (nothing here reaches a broker).
+    fn idle_emitter() -> Emitter {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let registry = sluice_schemas::RegistryClient::new("http://127.0.0.1:1").unwrap();
+        Emitter::new(
+            producer,
+            Arc::new(sluice_schemas::Codec::new(registry)),
+            sluice_pipelines::trace::TraceContext::new_root(),
+        )
+    }
+
+    #[tokio::test]
+    async fn records_read_again_after_a_rebalance_are_not_counted_twice() {
+        let pipeline =
+            Arc::new(Pipeline::compile::<UsageEvent>(&builtin::pipelines().remove(0)).unwrap());
+        let output = Arc::new(Output::Topic {
+            topic: "unused".into(),
+        });
+        let metrics = Metrics::new().unwrap();
+        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        let mut out = idle_emitter();
+        let batch: Vec<Input<UsageEvent>> = (0..3)
+            .map(|i| input(usage("a", "m", 1, 1, 60_000 + i * 1_000, 1), 2, 10 + i))
+            .collect();
+        operator.process(&batch, &mut out).await.unwrap();
+        assert_eq!(operator.held_rows, 3);
+        assert_eq!(
+            operator.retained(),
+            vec![(2, 10)],
+            "the window holds offset 10 back"
+        );
+        assert_eq!(operator.event_time_ms(&batch[1]), Some(61_000));
+        // The group hands partition 2 back and it is read again from the commit position.
+        operator.process(&batch, &mut out).await.unwrap();
+        assert_eq!(operator.held_rows, 3);
+        assert!(
+            operator.event_time_ms(&batch[1]).is_none(),
+            "skipped: no watermark move"
+        );
+    }
+
+    #[tokio::test]
+    async fn event_times_far_ahead_or_before_1970_go_to_the_dlq() {
+        let pipeline =
+            Arc::new(Pipeline::compile::<UsageEvent>(&builtin::pipelines().remove(0)).unwrap());
+        let output = Arc::new(Output::Topic {
+            topic: "unused".into(),
+        });
+        let metrics = Metrics::new().unwrap();
+        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        let mut out = idle_emitter();
+        let ahead = sluice_pipelines::now_ms() + 2 * 3_600_000;
+        let batch = vec![
+            input(usage("a", "m", 1, 1, ahead, 1), 0, 1),
+            input(usage("a", "m", 1, 1, -5, 1), 0, 2),
+            input(usage("a", "m", 1, 1, i64::MAX, 1), 0, 3),
+        ];
+        operator.process(&batch, &mut out).await.unwrap();
+        let rejected: Vec<i64> = out.take_rejected().iter().map(|r| r.offset).collect();
+        assert_eq!(rejected, vec![1, 2, 3]);
+        assert_eq!(operator.held_rows, 0);
+        assert!(operator.retained().is_empty());
     }
 
     #[test]

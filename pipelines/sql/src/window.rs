@@ -32,9 +32,12 @@ impl Window {
                 let last = at.div_euclid(slide_ms) * slide_ms;
                 let mut starts = Vec::new();
                 let mut start = last;
-                while start > at - size_ms {
+                while start > at.saturating_sub(size_ms) {
                     starts.push(start);
-                    start -= slide_ms;
+                    start = start.saturating_sub(slide_ms);
+                    if start == i64::MIN {
+                        break;
+                    }
                 }
                 starts.reverse();
                 starts

@@ -70,7 +70,7 @@ impl Emitter {
     }
 
     /// The inputs rejected so far, taken out.
-    pub(crate) fn take_rejected(&mut self) -> Vec<Rejected> {
+    pub fn take_rejected(&mut self) -> Vec<Rejected> {
         std::mem::take(&mut self.rejected)
     }
 

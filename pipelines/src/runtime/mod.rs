@@ -36,7 +36,10 @@ mod operator;
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -193,6 +196,7 @@ pub async fn run_operator<O: Operator>(
         deps.metrics.clone(),
     );
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let consumer_waiting = Arc::new(AtomicBool::new(false));
     let (commits, _) = watch::channel(Vec::<(i32, i64)>::new());
     let commits = Arc::new(commits);
     let lanes_count = spec.lanes.max(1);
@@ -209,6 +213,7 @@ pub async fn run_operator<O: Operator>(
             dead_letters: dead_letters.clone(),
             cancel: cancel.clone(),
             time: EventTime::default(),
+            consumer_waiting: consumer_waiting.clone(),
             held_back: false,
         };
         let acks = Acknowledger {
@@ -236,7 +241,16 @@ pub async fn run_operator<O: Operator>(
         lanes = lanes_count, max_batch = spec.max_batch, "stage started"
     );
 
-    consume(&consumer, &lanes, &tracker, &spec, &deps, &cancel).await;
+    consume(
+        &consumer,
+        &lanes,
+        &tracker,
+        &consumer_waiting,
+        &spec,
+        &deps,
+        &cancel,
+    )
+    .await;
 
     deps.readiness.set(&spec.name, false);
     lag.stop().await;
@@ -259,6 +273,7 @@ async fn consume(
     consumer: &KafkaConsumer,
     lanes: &[mpsc::Sender<OwnedMessage>],
     tracker: &Mutex<OffsetTracker>,
+    consumer_waiting: &AtomicBool,
     spec: &StageSpec,
     deps: &StageDeps,
     cancel: &CancellationToken,
@@ -295,9 +310,14 @@ async fn consume(
             Err(mpsc::error::TrySendError::Full(message)) => message,
         };
         waiting.inc();
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            sent = lanes[lane].send(message) => if sent.is_err() { break },
+        consumer_waiting.store(true, Ordering::Relaxed);
+        let stop = tokio::select! {
+            _ = cancel.cancelled() => true,
+            sent = lanes[lane].send(message) => sent.is_err(),
+        };
+        consumer_waiting.store(false, Ordering::Relaxed);
+        if stop {
+            break;
         }
     }
 }
@@ -327,6 +347,8 @@ struct Lane<O: Operator> {
     dead_letters: DeadLetters,
     cancel: CancellationToken,
     time: EventTime,
+    /// Set while the consumer waits for room in a full lane.
+    consumer_waiting: Arc<AtomicBool>,
     /// Whether the operator held offsets back the last time it was asked.
     held_back: bool,
 }
@@ -386,9 +408,16 @@ impl<O: Operator> Lane<O> {
                     }
                     None => break,
                 },
-                _ = next_tick(&mut tick) => self.tick().await,
+                _ = next_tick(&mut tick) => {
+                    // A partition is quiet only if nothing of it waits: not while this lane
+                    // is not taking records, nor while the consumer waits on a full lane.
+                    let quiet = !saturated
+                        && rx.is_empty()
+                        && !self.consumer_waiting.load(Ordering::Relaxed);
+                    self.tick(quiet).await
+                }
                 _ = tokio::time::sleep(SATURATED_RETRY), if saturated && tick.is_none() => {
-                    self.tick().await
+                    self.tick(false).await
                 }
                 _ = self.cancel.cancelled(), if saturated => break,
                 positions = next_commit(&mut commits) => {
@@ -500,6 +529,7 @@ impl<O: Operator> Lane<O> {
         }
         let mut out = Emitter::new(self.producer.clone(), self.deps.codec.clone(), trace);
         let processed = self.process(&inputs, messages, &mut out).await;
+        done.extend(processed);
         for rejected in out.take_rejected() {
             let reason = rejected.reason;
             let Some(message) = messages
@@ -509,10 +539,10 @@ impl<O: Operator> Lane<O> {
                 continue;
             };
             if !self.dead_letters.send(message, &reason, &self.cancel).await {
+                // Neither processed nor dead-lettered: not done, redelivered later.
                 done.retain(|d| *d != (rejected.partition, rejected.offset));
             }
         }
-        done.extend(processed);
         if self.spec.watermarks.is_some() {
             for input in &inputs {
                 if let Some(at) = self.operator.event_time_ms(input) {
@@ -617,8 +647,9 @@ impl<O: Operator> Lane<O> {
         }
     }
 
-    /// Runs the operator's tick hook, and moves the watermarks of idle partitions.
-    async fn tick(&mut self) -> Option<Unacked> {
+    /// Runs the operator's tick hook, and (when `quiet`) moves the watermarks of idle
+    /// partitions.
+    async fn tick(&mut self, quiet: bool) -> Option<Unacked> {
         let started = Instant::now();
         let mut out = Emitter::new(
             self.producer.clone(),
@@ -629,7 +660,7 @@ impl<O: Operator> Lane<O> {
             tracing::warn!(stage = %self.spec.name, error = %e, "tick failed");
         }
         if self.spec.watermarks.is_some() {
-            self.advance_watermarks(true, &mut out).await;
+            self.advance_watermarks(quiet, &mut out).await;
         }
         Some(self.unacked(Vec::new(), started, &mut out))
     }
@@ -751,6 +782,9 @@ impl Acknowledger {
         // Positions to store, per (topic, partition); stored once the channel has nothing
         // ready, so a burst of batches costs one store per partition.
         let mut to_store: HashMap<(String, i32), i64> = HashMap::new();
+        // Once a batch is left unacknowledged, nothing after it in this lane may complete
+        // (its offsets and its operator's releases would skip past the gap).
+        let mut blocked = false;
         'batches: loop {
             let batch = match unacked.try_recv() {
                 Ok(batch) => batch,
@@ -779,12 +813,16 @@ impl Acknowledger {
                                 topic,
                                 "delivery report lost; leaving the batch for redelivery"
                             );
+                            blocked = true;
                             continue 'batches;
                         }
                     };
                     attempt += 1;
                     tokio::select! {
-                        _ = self.cancel.cancelled() => continue 'batches,
+                        _ = self.cancel.cancelled() => {
+                            blocked = true;
+                            continue 'batches;
+                        }
                         _ = tokio::time::sleep(backoff(attempt)) => {}
                     }
                     outcome = resend(&self.producer, &failed).await;
@@ -798,6 +836,9 @@ impl Acknowledger {
             }
             if !batch.records.is_empty() {
                 process_seconds.observe(batch.started.elapsed().as_secs_f64());
+            }
+            if blocked {
+                continue;
             }
             let moved = self
                 .tracker

@@ -27,6 +27,9 @@ pub const WATERMARK_MS: &str = "sluice_watermark_ms";
 /// Records that arrived after their window closed (beyond the allowed lateness), counted and
 /// left out of the window's result, by `stage`.
 pub const LATE_RECORDS: &str = "sluice_late_records_total";
+/// Windows a streaming SQL stage's query failed on (logged with their partition and first
+/// offset, and left out), by `stage`.
+pub const WINDOW_FAILURES: &str = "sluice_window_failures_total";
 /// Rows of window results a streaming SQL stage emitted, by `stage`.
 pub const WINDOW_ROWS: &str = "sluice_window_rows_total";
 /// Records being processed right now, by `stage`.
@@ -66,6 +69,7 @@ pub struct Metrics {
     pub watermark_ms: IntGaugeVec,
     pub late_records: IntCounterVec,
     pub window_rows: IntCounterVec,
+    pub window_failures: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub rebalances: IntCounterVec,
     pub sink_rows: IntCounterVec,
@@ -146,6 +150,11 @@ impl Metrics {
                 &["stage"],
             )?,
             window_rows: counter(WINDOW_ROWS, "Window result rows emitted.", &["stage"])?,
+            window_failures: counter(
+                WINDOW_FAILURES,
+                "Windows the query failed on, left out.",
+                &["stage"],
+            )?,
             consumer_lag: gauge(
                 CONSUMER_LAG,
                 "Records not yet committed by a consumer group.",
@@ -198,6 +207,7 @@ pub const ALL: &[&str] = &[
     WATERMARK_MS,
     LATE_RECORDS,
     WINDOW_ROWS,
+    WINDOW_FAILURES,
     CONSUMER_LAG,
     REBALANCES,
     SINK_ROWS,

@@ -245,6 +245,7 @@ pub struct SqlOperator<T> {
     /// Whether the last write of window rows failed.
     failing: bool,
     late: prometheus::IntCounter,
+    failed_windows: prometheus::IntCounter,
     rows_out: prometheus::IntCounter,
     _record: PhantomData<fn() -> T>,
 }
@@ -260,6 +261,7 @@ impl<T> SqlOperator<T> {
     ) -> Self {
         Self {
             late: metrics.late_records.with_label_values(&[stage]),
+            failed_windows: metrics.window_failures.with_label_values(&[stage]),
             rows_out: metrics.window_rows.with_label_values(&[stage]),
             pipeline,
             output,
@@ -304,19 +306,21 @@ impl<T> SqlOperator<T> {
             .map(|(key, _)| *key)
             .collect();
         if !due.is_empty() {
-            let rows = due.iter().filter_map(|key| {
-                self.windows.get(key).map(|w| {
-                    w.rows
-                        .iter()
-                        .map(move |row| (row.as_slice(), key.1, key.1.saturating_add(size)))
-                })
-            });
-            let batch = self
-                .pipeline
-                .columns
-                .batch(rows.flatten())
-                .map_err(ProcessError::Poison)?;
-            let results = self.run_query(batch).await?;
+            // One query for all due windows; if it fails, each window alone, so a window whose
+            // rows the query cannot take (a division by zero, say) does not hold up the others.
+            let results = match self.query_windows(&due).await {
+                Ok(results) => results,
+                Err(_) => {
+                    let mut results = Vec::new();
+                    for key in &due {
+                        match self.query_windows(std::slice::from_ref(key)).await {
+                            Ok(batches) => results.extend(batches),
+                            Err(error) => self.give_up_on(*key, &error),
+                        }
+                    }
+                    results
+                }
+            };
             let written = self
                 .output
                 .write(&self.pipeline, partition, &results, out)
@@ -343,22 +347,44 @@ impl<T> SqlOperator<T> {
         Ok(())
     }
 
-    async fn run_query(&self, batch: RecordBatch) -> Result<Vec<RecordBatch>, ProcessError> {
-        let failed = |e: datafusion::error::DataFusionError| {
-            ProcessError::Retriable(format!("SQL pipeline {}: {e}", self.pipeline.name))
-        };
+    /// Runs the query over the rows of the windows `keys`. The query runs in memory, so a
+    /// failure comes from the rows themselves and would come again.
+    async fn query_windows(&self, keys: &[(i32, i64)]) -> Result<Vec<RecordBatch>, String> {
+        let size = self.pipeline.query.window.size_ms();
+        let rows = keys.iter().filter_map(|key| {
+            self.windows.get(key).map(|w| {
+                w.rows
+                    .iter()
+                    .map(move |row| (row.as_slice(), key.1, key.1.saturating_add(size)))
+            })
+        });
+        let batch = self.pipeline.columns.batch(rows.flatten())?;
         let models = self.catalog.as_ref().map(|c| c.snapshot());
         let session = session(
             &self.pipeline.source,
             batch,
             models.as_deref().map_or(&[][..], Vec::as_slice),
         )
-        .map_err(failed)?;
+        .map_err(|e| e.to_string())?;
         let frame = session
             .sql(&self.pipeline.query.sql)
             .await
-            .map_err(failed)?;
-        frame.collect().await.map_err(failed)
+            .map_err(|e| e.to_string())?;
+        frame.collect().await.map_err(|e| e.to_string())
+    }
+
+    /// A window the query cannot compute: logged with where its records are, counted in
+    /// `sluice_window_failures_total`, and written as done (no row) so the stream goes on.
+    fn give_up_on(&self, (partition, start): (i32, i64), error: &str) {
+        let first_offset = self
+            .windows
+            .get(&(partition, start))
+            .map(|w| w.first_offset);
+        tracing::error!(
+            pipeline = %self.pipeline.name, partition, window_start_ms = start, first_offset,
+            error, "the query failed on this window's rows; the window is left out"
+        );
+        self.failed_windows.inc();
     }
 }
 
@@ -756,6 +782,36 @@ mod tests {
         assert_eq!(rejected, vec![1, 2, 3]);
         assert_eq!(operator.held_rows, 0);
         assert!(operator.retained().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_window_the_query_fails_on_does_not_hold_up_the_others() {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records, \
+                      sum(input_tokens) / sum(output_tokens) AS per_output \
+                      FROM usage GROUP BY tumble(interval '1 minute')"
+            .into();
+        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
+        let output = Arc::new(Output::Topic {
+            topic: "unused".into(),
+        });
+        let metrics = Metrics::new().unwrap();
+        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        let batch = vec![
+            // Minute 0 has no output tokens: its division fails.
+            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
+            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
+        ];
+        operator.process(&batch, &mut idle_emitter()).await.unwrap();
+        assert!(operator
+            .query_windows(&[(0, 0), (0, 60_000)])
+            .await
+            .is_err());
+        let error = operator.query_windows(&[(0, 0)]).await.unwrap_err();
+        assert!(error.to_lowercase().contains("divide by zero"), "{error}");
+        let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
+        let rows = table::json_rows(&rows[0]).unwrap();
+        assert_eq!(rows[0]["per_output"], 2);
     }
 
     #[test]

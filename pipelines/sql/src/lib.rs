@@ -731,15 +731,18 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn records_read_again_after_a_rebalance_are_not_counted_twice() {
-        let pipeline =
-            Arc::new(Pipeline::compile::<UsageEvent>(&builtin::pipelines().remove(0)).unwrap());
+    /// An operator for `config` whose output is never reached in these tests.
+    fn operator(config: PipelineConfig) -> SqlOperator<UsageEvent> {
+        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
         let output = Arc::new(Output::Topic {
             topic: "unused".into(),
         });
-        let metrics = Metrics::new().unwrap();
-        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        SqlOperator::new(pipeline, output, None, &Metrics::new().unwrap(), "t")
+    }
+
+    #[tokio::test]
+    async fn records_read_again_after_a_rebalance_are_not_counted_twice() {
+        let mut operator = operator(builtin::pipelines().remove(0));
         let mut out = idle_emitter();
         let batch: Vec<Input<UsageEvent>> = (0..3)
             .map(|i| input(usage("a", "m", 1, 1, 60_000 + i * 1_000, 1), 2, 10 + i))
@@ -763,13 +766,7 @@ mod tests {
 
     #[tokio::test]
     async fn event_times_far_ahead_or_before_1970_go_to_the_dlq() {
-        let pipeline =
-            Arc::new(Pipeline::compile::<UsageEvent>(&builtin::pipelines().remove(0)).unwrap());
-        let output = Arc::new(Output::Topic {
-            topic: "unused".into(),
-        });
-        let metrics = Metrics::new().unwrap();
-        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        let mut operator = operator(builtin::pipelines().remove(0));
         let mut out = idle_emitter();
         let ahead = sluice_pipelines::now_ms() + 2 * 3_600_000;
         let batch = vec![
@@ -791,12 +788,7 @@ mod tests {
                       sum(input_tokens) / sum(output_tokens) AS per_output \
                       FROM usage GROUP BY tumble(interval '1 minute')"
             .into();
-        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
-        let output = Arc::new(Output::Topic {
-            topic: "unused".into(),
-        });
-        let metrics = Metrics::new().unwrap();
-        let mut operator = SqlOperator::<UsageEvent>::new(pipeline, output, None, &metrics, "t");
+        let mut operator = operator(config);
         let batch = vec![
             // Minute 0 has no output tokens: its division fails.
             input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),

@@ -140,11 +140,50 @@ impl Sluice {
             child: None,
             extra_env,
         };
-        sluice.spawn();
-        sluice
+        // A port chosen free can be taken by a parallel test before `sluice up` binds it:
+        // then it exits at once, and it is started again on other ports.
+        for _ in 0..3 {
+            sluice.spawn_child();
+            match sluice.ready_or_exit() {
+                Ok(()) => return sluice,
+                Err(status) if sluice.log_says("cannot listen on") => {
+                    eprintln!("sluice up lost a port race ({status}); new ports");
+                    sluice.edge_port = free_port();
+                    sluice.registry_port = free_port();
+                    sluice.url = format!("http://127.0.0.1:{}", sluice.edge_port);
+                    sluice.registry_url = format!("http://127.0.0.1:{}", sluice.registry_port);
+                }
+                Err(status) => sluice.exited(status),
+            }
+        }
+        panic!("sluice up could not get free ports three times");
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".sluice/logs")
+            .join(format!("test-{}.log", self.prefix))
+    }
+
+    fn log_says(&self, text: &str) -> bool {
+        std::fs::read_to_string(self.log_path())
+            .map(|log| log.contains(text))
+            .unwrap_or(false)
+    }
+
+    fn exited(&self, status: std::process::ExitStatus) -> ! {
+        panic!(
+            "sluice up exited early with {status}; see .sluice/logs/test-{}.log",
+            self.prefix
+        );
     }
 
     fn spawn(&mut self) {
+        self.spawn_child();
+        self.wait_ready();
+    }
+
+    fn spawn_child(&mut self) {
         let log = log_file(&format!("test-{}.log", self.prefix));
         let mut command = sluice(&self.prefix);
         command
@@ -165,23 +204,27 @@ impl Sluice {
             command.env(k, v);
         }
         self.child = Some(command.spawn().expect("starting sluice up"));
-        self.wait_ready();
     }
 
     /// Waits until `/readyz` is green (at most 60 s).
     pub fn wait_ready(&mut self) {
+        if let Err(status) = self.ready_or_exit() {
+            self.exited(status);
+        }
+    }
+
+    /// Waits until `/readyz` is green (at most 60 s), or the process exits.
+    fn ready_or_exit(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "sluice up exited early with {status}; see .sluice/logs/test-{}.log",
-                        self.prefix
-                    );
+                    self.child = None;
+                    return Err(status);
                 }
             }
             if ready(&self.url) {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "sluice up did not become ready");
             std::thread::sleep(Duration::from_millis(100));

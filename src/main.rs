@@ -421,10 +421,7 @@ async fn bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             };
             let codec = stages::codec(&config)?;
             let target = sluice_sql::ClickHouseTarget {
-                url: config.clickhouse.url.clone(),
-                database: config.clickhouse.database.clone(),
-                user: config.clickhouse.user.clone(),
-                password: config.clickhouse.password.clone(),
+                clickhouse: config.clickhouse.clone(),
                 table: "tenant_usage_1m".into(),
             };
             let report = sluice_sql::bench::window(&config.kafka, codec, target, &options).await?;

@@ -388,10 +388,7 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
             .map_err(anyhow::Error::msg)?;
         let output = Arc::new(match &pipeline.output {
             OutputConfig::Clickhouse(table) => Output::clickhouse(ClickHouseTarget {
-                url: config.clickhouse.url.clone(),
-                database: config.clickhouse.database.clone(),
-                user: config.clickhouse.user.clone(),
-                password: config.clickhouse.password.clone(),
+                clickhouse: config.clickhouse.clone(),
                 table: table.clone(),
             }),
             OutputConfig::Topic(name) => {

@@ -3,19 +3,16 @@
 
 use datafusion::arrow::array::RecordBatch;
 use serde_json::{Map, Value};
+use sluice_clickhouse_sink::ClickHouseConfig;
 use sluice_pipelines::{Emitter, ProcessError};
 use sluice_schemas::WindowResult;
 
 use crate::{table::json_rows, Pipeline};
 
-/// How to reach the ClickHouse table a pipeline writes.
+/// The ClickHouse table a pipeline writes, in the database Sluice's settings name.
 #[derive(Debug, Clone)]
 pub struct ClickHouseTarget {
-    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
-    pub url: String,
-    pub database: String,
-    pub user: String,
-    pub password: String,
+    pub clickhouse: ClickHouseConfig,
     pub table: String,
 }
 
@@ -130,16 +127,17 @@ async fn insert(
     target: &ClickHouseTarget,
     body: String,
 ) -> Result<(), ProcessError> {
+    let server = &target.clickhouse;
     let query = format!(
         "INSERT INTO {}.{} FORMAT JSONEachRow",
-        target.database, target.table
+        server.database, target.table
     );
     let response = http
-        .post(&target.url)
+        .post(&server.url)
         .query(&[
             ("query", query.as_str()),
-            ("user", target.user.as_str()),
-            ("password", target.password.as_str()),
+            ("user", server.user.as_str()),
+            ("password", server.password.as_str()),
         ])
         .body(body)
         .send()

@@ -59,11 +59,7 @@ pub struct PassthroughReport {
 impl PassthroughReport {
     /// Pipeline throughput over raw throughput.
     pub fn ratio(&self) -> f64 {
-        if self.raw_per_sec > 0.0 {
-            self.pipeline_per_sec / self.raw_per_sec
-        } else {
-            0.0
-        }
+        ratio(self.pipeline_per_sec, self.raw_per_sec)
     }
 }
 
@@ -365,15 +361,8 @@ pub async fn passthrough(
         raws.push(raw_rate);
         pipelines.push(pipeline_rate);
     }
-    let raw_per_sec = median(&mut raws);
-    let pipeline_per_sec = median(&mut pipelines);
-    let range = |v: &[f64]| {
-        (
-            v.first().copied().unwrap_or(0.0),
-            v.last().copied().unwrap_or(0.0),
-        )
-    };
-    let (raw_range, pipeline_range) = (range(&raws), range(&pipelines));
+    let (raw_per_sec, raw_range) = summarize(&mut raws);
+    let (pipeline_per_sec, pipeline_range) = summarize(&mut pipelines);
     Ok(PassthroughReport {
         records: options.records,
         record_bytes,
@@ -382,6 +371,23 @@ pub async fn passthrough(
         pipeline_per_sec,
         pipeline_range,
     })
+}
+
+/// The median of per-round rates and their (slowest, fastest) round.
+pub fn summarize(rates: &mut [f64]) -> (f64, (f64, f64)) {
+    let median = median(rates);
+    let slowest = rates.first().copied().unwrap_or(0.0);
+    let fastest = rates.last().copied().unwrap_or(0.0);
+    (median, (slowest, fastest))
+}
+
+/// `part` over `limit`; zero when the limit is zero.
+pub fn ratio(part: f64, limit: f64) -> f64 {
+    if limit > 0.0 {
+        part / limit
+    } else {
+        0.0
+    }
 }
 
 /// The median (sorts `values`).

@@ -14,7 +14,7 @@ use std::{
 
 use rdkafka::consumer::Consumer;
 use sluice_pipelines::{
-    bench::{first_record, median, produce_all, progress},
+    bench::{first_record, produce_all, progress, ratio, summarize},
     config::KafkaConfig,
     kafka,
     metrics::Metrics,
@@ -53,11 +53,7 @@ pub struct WindowReport {
 impl WindowReport {
     /// SQL throughput over raw consume throughput.
     pub fn ratio(&self) -> f64 {
-        if self.raw_per_sec > 0.0 {
-            self.sql_per_sec / self.raw_per_sec
-        } else {
-            0.0
-        }
+        ratio(self.sql_per_sec, self.raw_per_sec)
     }
 }
 
@@ -98,20 +94,14 @@ pub async fn window(
         sqls.push(sql_rate);
         rows = written;
     }
-    let raw_per_sec = median(&mut raws);
-    let sql_per_sec = median(&mut sqls);
-    let range = |v: &[f64]| {
-        (
-            v.first().copied().unwrap_or(0.0),
-            v.last().copied().unwrap_or(0.0),
-        )
-    };
+    let (raw_per_sec, raw_range) = summarize(&mut raws);
+    let (sql_per_sec, sql_range) = summarize(&mut sqls);
     Ok(WindowReport {
         records: options.records,
         raw_per_sec,
-        raw_range: range(&raws),
+        raw_range,
         sql_per_sec,
-        sql_range: range(&sqls),
+        sql_range,
         rows,
     })
 }

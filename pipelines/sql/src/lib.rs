@@ -434,14 +434,24 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
             self.batch_event_times
                 .insert((partition, input.ctx.offset), at);
             let watermark = self.watermarks.get(&partition).copied();
-            let mut placed = false;
-            for start in window.starts(at) {
-                let closes = start
-                    .saturating_add(size)
-                    .saturating_add(self.pipeline.lateness_ms);
-                if watermark.is_some_and(|w| closes <= w) {
-                    continue;
-                }
+            let open: Vec<i64> = window
+                .starts(at)
+                .into_iter()
+                .filter(|start| {
+                    let closes = start
+                        .saturating_add(size)
+                        .saturating_add(self.pipeline.lateness_ms);
+                    watermark.is_none_or(|w| closes > w)
+                })
+                .collect();
+            // The row is copied only into the windows before the last (hopping windows).
+            let mut row = row;
+            for (index, start) in open.iter().copied().enumerate() {
+                let this = if index + 1 == open.len() {
+                    std::mem::take(&mut row)
+                } else {
+                    row.clone()
+                };
                 let state = self
                     .windows
                     .entry((partition, start))
@@ -450,12 +460,11 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                         first_offset: input.ctx.offset,
                         emitted: None,
                     });
-                state.rows.push(row.clone());
+                state.rows.push(this);
                 self.held_rows += 1;
                 state.first_offset = state.first_offset.min(input.ctx.offset);
-                placed = true;
             }
-            if !placed {
+            if open.is_empty() {
                 self.late.inc();
                 tracing::debug!(
                     pipeline = %self.pipeline.name, partition, offset = input.ctx.offset,

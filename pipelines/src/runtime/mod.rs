@@ -213,6 +213,7 @@ pub async fn run_operator<O: Operator>(
             dead_letters: dead_letters.clone(),
             cancel: cancel.clone(),
             time: EventTime::default(),
+            meters: LaneMeters::new(&deps.metrics, &spec.name),
             consumer_waiting: consumer_waiting.clone(),
             held_back: false,
         };
@@ -331,6 +332,23 @@ fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {
     usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
 }
 
+/// A lane's metric handles, looked up once rather than per batch.
+struct LaneMeters {
+    in_flight: prometheus::IntGauge,
+    batch_records: prometheus::Histogram,
+    retries: prometheus::IntCounter,
+}
+
+impl LaneMeters {
+    fn new(metrics: &Metrics, stage: &str) -> Self {
+        Self {
+            in_flight: metrics.in_flight.with_label_values(&[stage]),
+            batch_records: metrics.batch_records.with_label_values(&[stage]),
+            retries: metrics.retries.with_label_values(&[stage]),
+        }
+    }
+}
+
 /// Per-partition event time seen by one lane.
 #[derive(Default)]
 struct EventTime {
@@ -347,6 +365,7 @@ struct Lane<O: Operator> {
     dead_letters: DeadLetters,
     cancel: CancellationToken,
     time: EventTime,
+    meters: LaneMeters,
     /// Set while the consumer waits for room in a full lane.
     consumer_waiting: Arc<AtomicBool>,
     /// Whether the operator held offsets back the last time it was asked.
@@ -486,43 +505,37 @@ impl<O: Operator> Lane<O> {
     /// Decodes and processes one batch; its outputs are queued, not yet acknowledged.
     async fn handle(&mut self, messages: Vec<OwnedMessage>) -> Option<Unacked> {
         let started = Instant::now();
-        let stage = self.spec.name.clone();
-        let in_flight = self.deps.metrics.in_flight.with_label_values(&[&stage]);
-        in_flight.add(messages.len() as i64);
-        self.deps
-            .metrics
-            .batch_records
-            .with_label_values(&[&stage])
-            .observe(messages.len() as f64);
-        let trace = match messages.as_slice() {
-            [only] => RecordContext::of(only).trace,
+        self.meters.in_flight.add(messages.len() as i64);
+        self.meters.batch_records.observe(messages.len() as f64);
+        let contexts: Vec<RecordContext> = messages.iter().map(RecordContext::of).collect();
+        let trace = match contexts.as_slice() {
+            [only] => only.trace,
             _ => TraceContext::new_root(),
         };
         let span = tracing::debug_span!(
-            "batch", stage, records = messages.len(), trace_id = %trace.trace_id_hex()
+            "batch", stage = %self.spec.name, records = messages.len(),
+            trace_id = %trace.trace_id_hex()
         );
         let unacked = self
-            .handle_traced(&messages, trace, started)
+            .handle_traced(&messages, contexts, trace, started)
             .instrument(span)
             .await;
-        in_flight.sub(messages.len() as i64);
+        self.meters.in_flight.sub(messages.len() as i64);
         Some(unacked)
     }
 
     async fn handle_traced(
         &mut self,
         messages: &[OwnedMessage],
+        contexts: Vec<RecordContext>,
         trace: TraceContext,
         started: Instant,
     ) -> Unacked {
         let mut done: Vec<(i32, i64)> = Vec::with_capacity(messages.len());
         let mut inputs: Vec<Input<O::Input>> = Vec::with_capacity(messages.len());
-        for message in messages {
+        for (message, ctx) in messages.iter().zip(contexts) {
             match self.decode(message).await {
-                Decoded::Ok(record) => inputs.push(Input {
-                    record,
-                    ctx: RecordContext::of(message),
-                }),
+                Decoded::Ok(record) => inputs.push(Input { record, ctx }),
                 Decoded::DeadLettered => done.push((message.partition(), message.offset())),
                 Decoded::Interrupted => {}
             }
@@ -591,7 +604,7 @@ impl<O: Operator> Lane<O> {
                     if attempt >= self.spec.max_attempts {
                         Some(format!("gave up after {attempt} attempts: {reason}"))
                     } else {
-                        self.deps.metrics.retries.with_label_values(&[&stage]).inc();
+                        self.meters.retries.inc();
                         tracing::warn!(
                             stage, reason, attempt, trace_id = %head.ctx.trace.trace_id_hex(),
                             "processing failed; retrying"
@@ -629,7 +642,7 @@ impl<O: Operator> Lane<O> {
                 Ok(input) => return Decoded::Ok(input),
                 Err(e) if e.is_retriable() => {
                     attempt += 1;
-                    self.deps.metrics.retries.with_label_values(&[stage]).inc();
+                    self.meters.retries.inc();
                     tracing::warn!(stage, error = %e, attempt, "cannot decode yet; retrying");
                     if !self.pause(attempt).await {
                         return Decoded::Interrupted;

@@ -128,6 +128,8 @@ struct Process {
     /// Stops the stages, the registry and background loops, once the front has drained.
     cancel: CancellationToken,
     tasks: JoinSet<(String, anyhow::Result<()>)>,
+    /// The model catalogue, loaded once and kept fresh for every part that needs it.
+    catalog: Option<Arc<ModelCatalog>>,
 }
 
 /// How long the edge may take to finish the requests in flight at shutdown.
@@ -158,7 +160,27 @@ impl Process {
             front_tasks: JoinSet::new(),
             cancel: CancellationToken::new(),
             tasks: JoinSet::new(),
+            catalog: None,
         })
+    }
+
+    /// The process's model catalogue: loaded on first use, then refreshed in the background.
+    async fn catalog(&mut self, config: &Config) -> anyhow::Result<Arc<ModelCatalog>> {
+        if let Some(catalog) = &self.catalog {
+            return Ok(catalog.clone());
+        }
+        let pool = control::connect(&config.postgres.url, 2).await?;
+        let catalog = ModelCatalog::load(pool).await?;
+        let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
+        self.spawn("catalog", {
+            let (catalog, cancel) = (catalog.clone(), self.cancel.clone());
+            async move {
+                catalog.refresh_every(refresh, cancel).await;
+                Ok(())
+            }
+        });
+        self.catalog = Some(catalog.clone());
+        Ok(catalog)
     }
 
     fn spawn(
@@ -310,16 +332,7 @@ async fn start_stage(
     }
     match kind {
         StageKind::Router => {
-            let app_pool = control::connect(&config.postgres.url, 4).await?;
-            let catalog = ModelCatalog::load(app_pool).await?;
-            let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
-            process.spawn("catalog", {
-                let (catalog, cancel) = (catalog.clone(), cancel.clone());
-                async move {
-                    catalog.refresh_every(refresh, cancel).await;
-                    Ok(())
-                }
-            });
+            let catalog = process.catalog(config).await?;
             let router = Arc::new(build_router(config, catalog));
             let mut spec =
                 StageSpec::new("router", &group("router"), &topics.requests, &topics.dlq);
@@ -369,16 +382,7 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
         return Ok(());
     }
     let topics = config.kafka.topics();
-    let app_pool = control::connect(&config.postgres.url, 2).await?;
-    let catalog = ModelCatalog::load(app_pool).await?;
-    let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
-    process.spawn("sql catalog", {
-        let (catalog, cancel) = (catalog.clone(), process.cancel.clone());
-        async move {
-            catalog.refresh_every(refresh, cancel).await;
-            Ok(())
-        }
-    });
+    let catalog = process.catalog(config).await?;
     for definition in &config.sql.pipelines {
         let pipeline =
             Arc::new(Pipeline::compile::<UsageEvent>(definition).map_err(anyhow::Error::msg)?);
@@ -450,15 +454,7 @@ async fn start_edge(
     process: &mut Process,
 ) -> anyhow::Result<()> {
     let app_pool = control::connect(&config.postgres.url, config.postgres.max_connections).await?;
-    let catalog = ModelCatalog::load(app_pool.clone()).await?;
-    let refresh = Duration::from_secs(config.router.catalog_refresh_secs);
-    process.spawn("edge-catalog", {
-        let (catalog, cancel) = (catalog.clone(), process.cancel.clone());
-        async move {
-            catalog.refresh_every(refresh, cancel).await;
-            Ok(())
-        }
-    });
+    let catalog = process.catalog(config).await?;
     let listener = bind(&config.edge.listen, "edge").await?;
     let deps = EdgeDeps {
         kafka: config.kafka.clone(),

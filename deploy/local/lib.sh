@@ -21,6 +21,10 @@ REGISTRY_PORT="${SLUICE_REGISTRY_PORT:-8081}"
 # broker restart empties them (up recreates the topics). sqlite://tansu.db is durable and slower.
 BROKER_STORAGE="${SLUICE_BROKER_STORAGE:-memory://tansu/}"
 SLUICE_PROFILE="${SLUICE_PROFILE:-debug}"
+TANSU_VERSION=0.6.0
+TANSU_PATCHES="$(cd "$ROOT/deploy/local/tansu" && find . -name '*.patch' | sort | xargs -I{} sh -c 'echo {}; cat {}' | cksum | cut -d' ' -f1)"
+TANSU_ROOT="${SLUICE_TOOLS:-$HOME/.cache/sluice-tools}/tansu-$TANSU_VERSION-$TANSU_PATCHES"
+TANSU="$TANSU_ROOT/bin/tansu"
 
 mkdir -p "$LOGS" "$PIDS"
 
@@ -89,10 +93,7 @@ install_missing() {
   apt_install clickhouse-server clickhouse-client gcc g++ make pkg-config libssl-dev zlib1g-dev \
     postgresql-client curl python3
   command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
-  if ! command -v tansu >/dev/null; then
-    say "installing the tansu broker (cargo install; about 10 minutes on 2 cores)"
-    cargo install tansu --locked --features libsql,dynostore
-  fi
+  [ -x "$TANSU" ] || install_tansu
   if ! python3 -c 'import openai' 2>/dev/null; then
     say "installing the OpenAI Python SDK (pip), for the SDK example and its test"
     python3 -m pip install --quiet --disable-pip-version-check openai
@@ -101,6 +102,43 @@ install_missing() {
     say "installing cargo-nextest"
     cargo install cargo-nextest --locked
   fi
+}
+
+# tansu from crates.io with the patches in deploy/local/tansu/<crate>/ (see deploy/local/README.md),
+# built with the lock file it was published with. The install directory names the patch set, so
+# a changed set builds anew and a plain `tansu` elsewhere on the PATH is never used by mistake.
+install_tansu() {
+  say "building the tansu broker $TANSU_VERSION with the patches in deploy/local/tansu/ (about 10 minutes on 2 cores)"
+  local build="$TANSU_ROOT.build" patches="$ROOT/deploy/local/tansu" crate patch registry
+  local crates=(tansu)
+  for crate in "$patches"/*/; do crates+=("$(basename "$crate")"); done
+  rm -rf "$build"
+  mkdir -p "$build/fetch/src"
+  # Cargo fetches the published sources: a throwaway package that depends on them.
+  printf '[package]\nname = "fetch-tansu"\nversion = "0.0.0"\nedition = "2021"\n\n[dependencies]\n' \
+    >"$build/fetch/Cargo.toml"
+  for crate in "${crates[@]}"; do
+    printf '%s = "=%s"\n' "$crate" "$TANSU_VERSION" >>"$build/fetch/Cargo.toml"
+  done
+  echo 'fn main() {}' >"$build/fetch/src/main.rs"
+  (cd "$build/fetch" && cargo fetch --quiet)
+  registry="$(dirname "$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tansu-"$TANSU_VERSION" | head -n1)")"
+  printf '\n[patch.crates-io]\n' >"$build/patch.toml"
+  for crate in "${crates[@]}"; do
+    cp -r "$registry/$crate-$TANSU_VERSION" "$build/$crate"
+    chmod -R u+w "$build/$crate"
+    [ "$crate" = tansu ] && continue
+    for patch in "$patches/$crate"/*.patch; do
+      patch --quiet -p1 -d "$build/$crate" <"$patch"
+    done
+    printf '%s = { path = "../%s" }\n' "$crate" "$crate" >>"$build/patch.toml"
+  done
+  cat "$build/patch.toml" >>"$build/tansu/Cargo.toml"
+  # Points the published lock file at the patched crates; every other version stays as locked.
+  cargo metadata --quiet --format-version 1 --manifest-path "$build/tansu/Cargo.toml" >/dev/null
+  cargo install --locked --path "$build/tansu" --features libsql,dynostore --root "$TANSU_ROOT" \
+    --target-dir "$build/target"
+  rm -rf "$build"
 }
 
 pg_superuser() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
@@ -146,7 +184,7 @@ start_broker() {
   say "starting the tansu broker on :$KAFKA_PORT ($BROKER_STORAGE)"
   mkdir -p "$STATE/tansu"
   # A relative sqlite path, resolved in $STATE/tansu (tansu doubles absolute ones).
-  start broker "$STATE/tansu" tansu broker \
+  start broker "$STATE/tansu" "$TANSU" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine "$BROKER_STORAGE"

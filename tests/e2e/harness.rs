@@ -346,6 +346,12 @@ pub struct Part {
 }
 
 impl Part {
+    /// Kills the part (SIGKILL: no leave, no final commit) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Asks the part to stop (SIGTERM: it leaves its consumer groups) and waits; true if it
     /// exited cleanly.
     pub fn terminate(&mut self) -> bool {

@@ -2,10 +2,9 @@
 //! the partitions; when it stops, the first takes its partitions back, and every request is
 //! still answered and billed exactly once.
 //!
-//! The instance stops with SIGTERM, leaving the group. A member killed with SIGKILL is evicted
-//! by Apache Kafka and Redpanda when its session times out; the local broker (tansu 0.6)
-//! rebalances then but keeps assigning the dead member its partitions, so that case cannot be
-//! tested here (see deploy/local/README.md).
+//! A member that stops with SIGTERM leaves the group at once; one killed with SIGKILL is evicted
+//! when its session times out (10 s), and the survivor takes its partitions and redoes what it
+//! had not committed.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -56,6 +55,61 @@ async fn a_second_orchestrator_joins_then_leaves_and_nothing_is_lost_or_billed_t
         ids.insert(body["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(ids.len(), 24);
+
+    let billed = eventually(60, "all 24 requests metered", || async {
+        billed_per_request(&tenant.id)
+            .await
+            .filter(|rows| rows.len() >= 24)
+    })
+    .await;
+    let billed_ids: HashSet<String> = billed.iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(billed_ids, ids);
+    assert!(billed.iter().all(|(_, n)| *n == 1), "{billed:?}");
+}
+
+#[tokio::test]
+async fn when_a_second_orchestrator_is_killed_the_first_takes_over_and_nothing_is_lost_or_billed_twice(
+) {
+    let prefix = unique("t");
+    let sluice = Sluice::start_with(&prefix, sim_speed(200.0));
+    let tenant = create_tenant(&prefix);
+    let speed = sim_speed(200.0).remove(0);
+    let mut second = sluice.spawn_part(&["run", "orchestrator"], &[(&speed.0, speed.1.clone())]);
+
+    let calls: Vec<_> = (0..24u64)
+        .map(|i| {
+            spawn_chat(
+                &sluice,
+                &tenant.key,
+                format!("crash {i}"),
+                10,
+                Duration::from_millis(250 * i),
+            )
+        })
+        .collect();
+    let processed = "sluice_records_in_total{stage=\"orchestrator\"}";
+    eventually(20, "the second orchestrator to process records", || async {
+        (metric(&second.ops_url, processed).await > 0.0).then_some(())
+    })
+    .await;
+    // Killed mid-stream: no leave, no final commit. Its partitions wait for its session to
+    // expire, then the first instance rejoins, takes them and redoes what was not committed.
+    let rebalances = format!("sluice_rebalances_total{{group=\"{prefix}.orchestrator\"}}");
+    let before = metric(&sluice.url, &rebalances).await;
+    second.kill();
+
+    let mut ids = HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 10);
+        ids.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 24);
+    assert!(
+        metric(&sluice.url, &rebalances).await > before,
+        "the first instance rebalanced after the death"
+    );
 
     let billed = eventually(60, "all 24 requests metered", || async {
         billed_per_request(&tenant.id)

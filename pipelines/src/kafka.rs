@@ -305,3 +305,110 @@ fn partition_lags(consumer: &KafkaConsumer) -> Result<Vec<(String, i32, i64)>> {
     }
     Ok(lags)
 }
+
+/// How long a stage waits on slow downstream work before it pauses its partitions: short
+/// waits (a lane briefly full under load, a slow insert) pass without touching the fetcher,
+/// since a pause drops what was fetched ahead.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// How often a paused consumer is polled, so the group does not evict it for exceeding
+/// `max.poll.interval.ms` however long downstream takes.
+const POLL_WHILE_PAUSED: Duration = Duration::from_millis(500);
+
+/// Backpressure: a consumer's partitions paused while downstream catches up, and what that
+/// is counted as.
+pub struct HoldBack {
+    pauses: prometheus::IntCounter,
+    paused: prometheus::IntGauge,
+    /// Records that arrived while paused (from a partition a rebalance assigned meanwhile),
+    /// in arrival order; the caller handles them before consuming anything new.
+    arrived: std::collections::VecDeque<rdkafka::message::OwnedMessage>,
+}
+
+impl HoldBack {
+    /// Counts pauses of `stage` in `sluice_consumer_pauses_total` and `sluice_consumer_paused`.
+    pub fn new(metrics: &crate::metrics::Metrics, stage: &str) -> Self {
+        Self {
+            pauses: metrics.consumer_pauses.with_label_values(&[stage]),
+            paused: metrics.consumer_paused.with_label_values(&[stage]),
+            arrived: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The next record that arrived while paused, if any.
+    pub fn next_arrived(&mut self) -> Option<rdkafka::message::OwnedMessage> {
+        self.arrived.pop_front()
+    }
+
+    /// Runs `work` (downstream making room); if it takes longer than [`PAUSE_AFTER`], pauses
+    /// every partition assigned to `consumer` until it is done. Paused, librdkafka stops
+    /// fetching and drops what it fetched ahead (so memory stays bounded however long the
+    /// stall), and resumes from the first record not yet handed out, so nothing is skipped or
+    /// repeated. The consumer keeps being polled meanwhile so it stays in its group; a record
+    /// that still arrives (a partition assigned by a rebalance meanwhile) has its partition
+    /// paused too and is kept for [`HoldBack::next_arrived`].
+    pub async fn hold<F: std::future::Future>(
+        &mut self,
+        consumer: &KafkaConsumer,
+        work: F,
+    ) -> F::Output {
+        use rdkafka::{consumer::Consumer, message::Message};
+        tokio::pin!(work);
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(PAUSE_AFTER) => {}
+        }
+        let paused = pause(consumer, None);
+        self.pauses.inc();
+        self.paused.set(1);
+        tracing::info!(partitions = paused, "downstream is slow; partitions paused");
+        let out = if std::env::var("NOPOLL").is_ok() { (&mut work).await } else { loop {
+            tokio::select! {
+                out = &mut work => break out,
+                received = consumer.recv() => match received {
+                    Ok(message) => {
+                        pause(consumer, Some((message.topic(), message.partition())));
+                        self.arrived.push_back(message.detach());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consume failed while paused"),
+                },
+                // Dropping the pending receive and starting another polls the client.
+                _ = tokio::time::sleep(POLL_WHILE_PAUSED) => {}
+            }
+        } };
+        match consumer.assignment() {
+            Ok(assignment) => {
+                if let Err(e) = consumer.resume(&assignment) {
+                    tracing::error!(error = %e, "resuming partitions failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the assignment to resume it"),
+        }
+        self.paused.set(0);
+        tracing::info!("downstream caught up; partitions resumed");
+        out
+    }
+}
+
+/// Pauses one partition, or (given `None`) the whole assignment; returns how many.
+fn pause(consumer: &KafkaConsumer, only: Option<(&str, i32)>) -> usize {
+    use rdkafka::{consumer::Consumer, TopicPartitionList};
+    let list = match only {
+        Some((topic, partition)) => {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(topic, partition);
+            list
+        }
+        None => match consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the assignment to pause it");
+                return 0;
+            }
+        },
+    };
+    if let Err(e) = consumer.pause(&list) {
+        tracing::error!(error = %e, "pausing partitions failed");
+        return 0;
+    }
+    list.count()
+}

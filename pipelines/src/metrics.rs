@@ -21,6 +21,11 @@ pub const PROCESS_SECONDS: &str = "sluice_process_seconds";
 pub const BATCH_RECORDS: &str = "sluice_batch_records";
 /// Times a stage's consumer waited for room in a full lane (backpressure), by `stage`.
 pub const LANE_FULL_WAITS: &str = "sluice_lane_full_waits_total";
+/// Times a stage paused its input partitions because downstream stayed full (backpressure),
+/// by `stage`.
+pub const CONSUMER_PAUSES: &str = "sluice_consumer_pauses_total";
+/// 1 while a stage's input partitions are paused for backpressure, else 0, by `stage`.
+pub const CONSUMER_PAUSED: &str = "sluice_consumer_paused";
 /// Event-time watermark of a stage's input partition (ms since the epoch), by `stage` and
 /// `partition`; now minus this is how far behind event time the stage is.
 pub const WATERMARK_MS: &str = "sluice_watermark_ms";
@@ -66,6 +71,8 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub batch_records: HistogramVec,
     pub lane_full_waits: IntCounterVec,
+    pub consumer_pauses: IntCounterVec,
+    pub consumer_paused: IntGaugeVec,
     pub watermark_ms: IntGaugeVec,
     pub late_records: IntCounterVec,
     pub window_rows: IntCounterVec,
@@ -139,6 +146,16 @@ impl Metrics {
                 "Waits for room in a full lane (backpressure).",
                 &["stage"],
             )?,
+            consumer_pauses: counter(
+                CONSUMER_PAUSES,
+                "Pauses of a stage's input partitions (backpressure).",
+                &["stage"],
+            )?,
+            consumer_paused: gauge(
+                CONSUMER_PAUSED,
+                "1 while a stage's input partitions are paused (backpressure).",
+                &["stage"],
+            )?,
             watermark_ms: gauge(
                 WATERMARK_MS,
                 "Event-time watermark per input partition.",
@@ -204,6 +221,8 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT,
     BATCH_RECORDS,
     LANE_FULL_WAITS,
+    CONSUMER_PAUSES,
+    CONSUMER_PAUSED,
     WATERMARK_MS,
     LATE_RECORDS,
     WINDOW_ROWS,

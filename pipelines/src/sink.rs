@@ -125,11 +125,17 @@ pub async fn run_sink<S: BatchSink>(
         delivery = S::Delivery::NAME, "sink started"
     );
 
+    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.name);
     let mut stopping = false;
     while !stopping {
         let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch);
         let mut deadline: Option<tokio::time::Instant> = None;
         while messages.len() < spec.max_batch {
+            if let Some(message) = hold_back.next_arrived() {
+                messages.push(message);
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
+                continue;
+            }
             let wait = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -159,16 +165,21 @@ pub async fn run_sink<S: BatchSink>(
             .with_label_values(&[&spec.name])
             .inc_by(messages.len() as u64);
         let wait_token = if stopping { &never } else { &cancel };
-        if !write_batch(
-            &mut sink,
-            &spec,
-            &deps,
-            &dead_letters,
-            &messages,
-            wait_token,
-        )
-        .await
-        {
+        // A store that stays down holds the batch in retries: the partitions pause meanwhile.
+        let written = hold_back
+            .hold(
+                &consumer,
+                write_batch(
+                    &mut sink,
+                    &spec,
+                    &deps,
+                    &dead_letters,
+                    &messages,
+                    wait_token,
+                ),
+            )
+            .await;
+        if !written {
             // Shutdown interrupted a retry: nothing is stored, the batch will be redelivered.
             break;
         }

@@ -1,14 +1,28 @@
-//! When a sink's store is down, the sink stops taking records instead of buffering them:
-//! memory stays bounded while lag grows, and once the store is back every record is written
-//! exactly once.
+//! Backpressure. When a sink's store is down, the sink stops taking records instead of
+//! buffering them: memory stays bounded while lag grows, and once the store is back every
+//! record is written exactly once. When an operator stalls, its stage pauses its partitions,
+//! stays in its consumer group, and resumes where it stopped.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use async_trait::async_trait;
 use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     ClientConfig,
 };
+use sluice_pipelines::{
+    kafka,
+    metrics::Metrics,
+    ops::Readiness,
+    runtime::{self, StageDeps, StageSpec},
+    BatchError, Emitter, Input, KafkaConfig, Operator,
+};
 use sluice_schemas::{Codec, RegistryClient, UsageEvent};
+use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
@@ -94,6 +108,12 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
         "memory grew by {grown_kib} KiB while the sink was stalled"
     );
     assert!(metric(&sluice.url, "sluice_retries_total{stage=\"metering\"}").await >= 1.0);
+    // The sink paused its partitions rather than only stopping its reads.
+    assert_eq!(
+        metric(&sluice.url, "sluice_consumer_paused{stage=\"metering\"}").await,
+        1.0
+    );
+    assert!(metric(&sluice.url, "sluice_consumer_pauses_total{stage=\"metering\"}").await >= 1.0);
     // The usage API says ClickHouse is unavailable, in OpenAI's error shape.
     let key = create_tenant(&prefix).key;
     let (status, body) = get_json(&sluice.v1("/usage"), &key).await;
@@ -117,4 +137,176 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     })
     .await;
     assert_eq!(rows, total);
+}
+
+/// Records which event ids it was handed, in order, and the positions stored for commit;
+/// stalls on the ids in `stalls`.
+#[derive(Clone)]
+struct StallingRecorder {
+    seen: Arc<Mutex<Vec<String>>>,
+    stalls: Arc<Mutex<HashMap<String, Duration>>>,
+    committed: Arc<Mutex<HashMap<i32, i64>>>,
+}
+
+#[async_trait]
+impl Operator for StallingRecorder {
+    type Input = UsageEvent;
+
+    async fn process(
+        &mut self,
+        batch: &[Input<UsageEvent>],
+        _out: &mut Emitter,
+    ) -> Result<(), BatchError> {
+        for input in batch {
+            let stall = self.stalls.lock().unwrap().remove(&input.record.event_id);
+            if let Some(stall) = stall {
+                tokio::time::sleep(stall).await;
+            }
+            self.seen.lock().unwrap().push(input.record.event_id.clone());
+        }
+        Ok(())
+    }
+
+    const WANTS_COMMITS: bool = true;
+
+    fn on_commit(&mut self, positions: &[(i32, i64)]) {
+        self.committed.lock().unwrap().extend(positions.iter().copied());
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes_in_order() {
+    let prefix = unique("t");
+    // Only for its schema registry.
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![("SLUICE_SQL__ENABLED".to_owned(), "false".to_owned())],
+    );
+    let mut kafka = KafkaConfig {
+        bootstrap: bootstrap(),
+        partitions: 3,
+        ..KafkaConfig::default()
+    };
+    // The shortest interval librdkafka allows (the session timeout, 10 s): a consumer that
+    // stopped polling during the 12 s stall below would be evicted from its group.
+    kafka
+        .client_properties
+        .insert("max.poll.interval.ms".into(), "10000".into());
+    let input = format!("{prefix}.stalling");
+    let dlq = format!("{prefix}.stalling-dlq");
+    kafka::ensure_topics(&kafka, &[&input, &dlq]).await.unwrap();
+    let codec = Arc::new(Codec::new(RegistryClient::new(&sluice.registry_url).unwrap()));
+    codec.register::<UsageEvent>().await.unwrap();
+
+    let keys = 6;
+    let per_key = 60;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let event = UsageEvent {
+                event_id: format!("k{k}-{seq:03}"),
+                request_id: format!("k{k}-{seq:03}"),
+                tenant_id: format!("k{k}"),
+                model: "sim-small".into(),
+                provider: "sim".into(),
+                input_tokens: 1,
+                output_tokens: 1,
+                occurred_at_ms: sluice_pipelines::now_ms(),
+                latency_ms: None,
+            };
+            let bytes = codec.encode(&event).unwrap();
+            let key = format!("k{k}");
+            let record = FutureRecord::to(&input).key(&key).payload(&bytes);
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for d in deliveries {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stalls = Arc::new(Mutex::new(HashMap::from([
+        ("k0-005".to_owned(), Duration::from_secs(12)),
+        ("k3-030".to_owned(), Duration::from_secs(3)),
+    ])));
+    let committed = Arc::new(Mutex::new(HashMap::new()));
+    let operator = StallingRecorder {
+        seen: seen.clone(),
+        stalls,
+        committed: committed.clone(),
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let deps = StageDeps {
+        kafka,
+        codec,
+        metrics: metrics.clone(),
+        readiness: Readiness::default(),
+    };
+    let group = format!("{prefix}.stalling");
+    let mut spec = StageSpec::new("stalling", &group, &input, &dlq);
+    spec.lanes = 2;
+    spec.lane_capacity = 4;
+    spec.max_batch = 4;
+    let cancel = CancellationToken::new();
+    let stage = tokio::spawn(runtime::run_operator(
+        move |_| operator.clone(),
+        spec,
+        deps,
+        cancel.clone(),
+    ));
+
+    let total = keys * per_key;
+    let rebalances = metrics.rebalances.with_label_values(&[&group]);
+    eventually(30, "the first record", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let rebalances_at_start = rebalances.get();
+    eventually(90, "every record to be handed over", || async {
+        (seen.lock().unwrap().len() >= total).then_some(())
+    })
+    .await;
+    // The commit hook sees the stored positions reach the end of every partition (the topic
+    // is fresh, so its offsets count its records).
+    eventually(30, "positions stored past every record", || async {
+        let stored: i64 = committed.lock().unwrap().values().sum();
+        (stored == total as i64).then_some(())
+    })
+    .await;
+    // No rebalance came between the first record and the last (stopping revokes, so this is
+    // checked before).
+    assert_eq!(
+        rebalances.get(),
+        rebalances_at_start,
+        "the stage stayed in its group through the stall"
+    );
+    cancel.cancel();
+    stage.await.unwrap().unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), total, "each record was handed over once");
+    for k in 0..keys {
+        let of_key: Vec<&String> = seen
+            .iter()
+            .filter(|id| id.starts_with(&format!("k{k}-")))
+            .collect();
+        let expected: Vec<String> = (0..per_key).map(|seq| format!("k{k}-{seq:03}")).collect();
+        assert_eq!(
+            of_key,
+            expected.iter().collect::<Vec<_>>(),
+            "key k{k} kept its order"
+        );
+    }
+    let pauses = metrics.consumer_pauses.with_label_values(&["stalling"]).get();
+    assert!(pauses >= 2, "both stalls paused the partitions ({pauses})");
+    assert_eq!(
+        metrics.consumer_paused.with_label_values(&["stalling"]).get(),
+        0,
+        "resumed"
+    );
 }

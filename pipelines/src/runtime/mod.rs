@@ -15,9 +15,11 @@
 //! are ready (up to `max_batch`, waiting at most `linger` for more), so one key's records stay
 //! in order while different keys proceed in parallel. Lane queues are bounded: when a lane is
 //! full the consumer waits for room (counted in `sluice_lane_full_waits_total`), so a slow
-//! downstream stops consumption; nothing buffers without limit. (Pausing only the full lane's
-//! partitions would let the others go on; librdkafka 2.x's StreamConsumer stopped delivering a
-//! partition after pause and resume in our tests, so the runtime does not pause.)
+//! downstream stops consumption; nothing buffers without limit. A wait longer than
+//! [`kafka::PAUSE_AFTER`] pauses the stage's partitions (`sluice_consumer_pauses_total`):
+//! librdkafka drops what it fetched ahead and the consumer stays in its group however long the
+//! stall, resuming where it stopped. (Every partition pauses, not only those feeding the full
+//! lane: with lanes by key, one partition feeds every lane.)
 //!
 //! # Failures
 //! A record that does not decode, or that the operator rejects as poison, goes to the DLQ with
@@ -269,7 +271,8 @@ pub async fn run_operator<O: Operator>(
 }
 
 /// The consume loop: hands each record to its lane, waiting while the lane is full (so a
-/// slow lane stops consumption instead of filling memory).
+/// slow lane stops consumption instead of filling memory) and pausing the partitions if the
+/// wait is long (see [`kafka::HoldBack`]).
 async fn consume(
     consumer: &KafkaConsumer,
     lanes: &[mpsc::Sender<OwnedMessage>],
@@ -284,17 +287,23 @@ async fn consume(
         .metrics
         .lane_full_waits
         .with_label_values(&[&spec.name]);
+    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.name);
     loop {
-        let message = tokio::select! {
-            _ = cancel.cancelled() => break,
-            message = consumer.recv() => message,
-        };
-        let message = match message {
-            Ok(m) => m.detach(),
-            Err(e) => {
-                tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        let message = match hold_back.next_arrived() {
+            Some(message) => message,
+            None => {
+                let received = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    received = consumer.recv() => received,
+                };
+                match received {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
             }
         };
         records_in.inc();
@@ -314,7 +323,7 @@ async fn consume(
         consumer_waiting.store(true, Ordering::Relaxed);
         let stop = tokio::select! {
             _ = cancel.cancelled() => true,
-            sent = lanes[lane].send(message) => sent.is_err(),
+            sent = hold_back.hold(consumer, lanes[lane].send(message)) => sent.is_err(),
         };
         consumer_waiting.store(false, Ordering::Relaxed);
         if stop {

@@ -256,6 +256,11 @@ fn build_orchestrator(config: &Config) -> anyhow::Result<Orchestrator> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Why `sluice replay sql` is refused.
+const SQL_NOT_REPLAYED: &str = "SQL pipelines rebuild their windows from their consumer \
+     group's position; to recompute a range, reset the group `<prefix>.sql.<name>` to the \
+     range's start";
+
 /// `sluice replay`: the records of the stage's input topic (or `topic`) with timestamps in
 /// `[from_ms, to_ms)`, through the stage, outside its consumer group.
 pub async fn replay(
@@ -266,6 +271,9 @@ pub async fn replay(
     to_ms: i64,
 ) -> anyhow::Result<sluice_pipelines::replay::ReplayReport> {
     use sluice_pipelines::replay::{self, ReplayDeps};
+    if kind == StageKind::Sql {
+        anyhow::bail!(SQL_NOT_REPLAYED);
+    }
     let topics = config.kafka.topics();
     let codec = codec(config)?;
     register_schemas(&codec).await?;
@@ -309,10 +317,7 @@ pub async fn replay(
             let batch = config.stages.metering_max_batch;
             replay::replay_sink(&mut sink, stage, &topic, from_ms, to_ms, batch, &deps).await?
         }
-        StageKind::Sql => anyhow::bail!(
-            "SQL pipelines rebuild their windows from their consumer group's position; \
-             to recompute a range, reset the group `<prefix>.sql.<name>` to the range's start"
-        ),
+        StageKind::Sql => anyhow::bail!(SQL_NOT_REPLAYED),
     })
 }
 

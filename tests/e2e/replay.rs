@@ -100,4 +100,14 @@ async fn replay_backfills_only_the_time_range_and_only_once() {
         .map(|m| (format!("{tenant}-req-{m}"), m as u64))
         .collect();
     assert_eq!(rows, expected);
+
+    // SQL pipelines are not replayed (their windows are rebuilt from the group's position):
+    // the command says so and fails rather than writing a partial window.
+    let refused = crate::harness::sluice(&sluice.prefix)
+        .args(["replay", "sql", "--from-ms", &from, "--to-ms", &to])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("reset the group"), "{stderr}");
 }

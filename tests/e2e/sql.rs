@@ -339,3 +339,35 @@ async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_
         "{later} of {total} records taken while the store was down"
     );
 }
+
+#[tokio::test]
+async fn sql_pipelines_run_as_their_own_process() {
+    // `sluice up` without SQL; `sluice run sql` alone computes the windows.
+    let prefix = unique("t");
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![("SLUICE_SQL__ENABLED".to_owned(), "false".to_owned())],
+    );
+    let part = sluice.spawn_part(&["run", "sql"], &[]);
+    wait_ready(&part.ops_url);
+    let writer = UsageWriter::new(&sluice).await;
+    let tenant = unique("sql-alone-");
+    let base = (sluice_pipelines::now_ms() / 60_000 - 10) * 60_000;
+    for n in 0..3 {
+        writer
+            .send(&tenant, n, base + 1_000 * n as i64, 10, 10, 100)
+            .await;
+    }
+    let rows = eventually(60, "the minute in tenant_usage_1m", || async {
+        let rows = tenant_minutes(&tenant).await;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(
+        (rows.len(), rows[0].records, rows[0].input_tokens),
+        (1, 3, 30)
+    );
+    let consumed = r#"sluice_records_in_total{stage="sql.tenant_usage_1m"}"#;
+    assert!(metric(&part.ops_url, consumed).await >= 3.0);
+    assert_eq!(metric(&sluice.url, consumed).await, 0.0, "up runs no SQL");
+}

@@ -331,7 +331,7 @@ async fn start_stage(
     let topics = config.kafka.topics();
     let deps = stage_deps(config, codec, process);
     let cancel = process.cancel.clone();
-    let group = |stage: &str| format!("{}.{stage}", config.kafka.topic_prefix);
+    let group = |stage: &str| config.kafka.group(stage);
     if kind != StageKind::Sql {
         process.readiness.register(kind.name());
     }
@@ -407,7 +407,7 @@ async fn start_sql(config: &Config, deps: StageDeps, process: &mut Process) -> a
             }
         });
         let stage = format!("sql.{}", pipeline.name);
-        let group = format!("{}.{stage}", config.kafka.topic_prefix);
+        let group = config.kafka.group(&stage);
         process.readiness.register(&stage);
         let spec = sluice_sql::stage_spec(
             &pipeline,
@@ -544,4 +544,41 @@ async fn serve_ops(config: &Config, process: &mut Process) -> anyhow::Result<()>
         Ok(ops::serve(listener, app, cancel).await?)
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The autoscaling manifests name the groups Sluice's stages really use (with the default
+    /// prefix), one scaled object per stage.
+    #[test]
+    fn keda_manifests_scale_every_stage_on_its_real_group() {
+        let config = Config::default();
+        let mut groups: Vec<String> = ["router", "orchestrator", "metering"]
+            .iter()
+            .map(|stage| config.kafka.group(stage))
+            .collect();
+        groups.extend(
+            config
+                .sql
+                .pipelines
+                .iter()
+                .map(|p| config.kafka.group(&format!("sql.{}", p.name))),
+        );
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/k8s/keda-scaledobjects.yaml"
+        );
+        let manifest = std::fs::read_to_string(path).unwrap();
+        let mut named: Vec<String> = manifest
+            .split("group=\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect();
+        named.sort();
+        groups.sort();
+        assert_eq!(named, groups);
+    }
 }

@@ -56,6 +56,12 @@ impl KafkaConfig {
         problems
     }
 
+    /// The consumer group of `stage` (`router`, `sql.tenant_usage_1m`, ...): every instance of
+    /// the stage joins it. Dashboards and autoscalers select on it.
+    pub fn group(&self, stage: &str) -> String {
+        format!("{}.{stage}", self.topic_prefix)
+    }
+
     /// The topic names under this config's prefix.
     pub fn topics(&self) -> Topics {
         Topics::with_prefix(&self.topic_prefix)

@@ -243,11 +243,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dashboards_and_alerts_use_only_defined_names() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    fn dashboards_and_autoscalers_use_only_defined_names() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut checked = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let files = ["dashboards", "deploy/k8s"]
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(root.join(dir)).unwrap())
+            .map(|entry| entry.unwrap().path());
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap();
             for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("sluice_") && !word.ends_with('_') {
                     let base = ["_bucket", "_sum", "_count"]
@@ -256,12 +260,15 @@ mod tests {
                         .unwrap_or(word);
                     assert!(
                         ALL.contains(&base),
-                        "{word} in {dir:?} is not a Sluice metric"
+                        "{word} in {path:?} is not a Sluice metric"
                     );
                     checked += 1;
                 }
             }
         }
-        assert!(checked > 0, "no metric names found in dashboards/");
+        assert!(
+            checked > 0,
+            "no metric names found in dashboards/ or deploy/k8s/"
+        );
     }
 }

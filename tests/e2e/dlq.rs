@@ -127,3 +127,90 @@ async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
         4.0
     );
 }
+
+#[tokio::test]
+async fn every_stage_dead_letters_a_poison_record_and_goes_on() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    // The same garbage on every stage's input topic.
+    let garbage = b"\x00 not a schema-registry frame".to_vec();
+    let mut sent = Vec::new();
+    for name in ["requests", "routed", "usage"] {
+        let topic = sluice.topic(name);
+        let delivery = producer
+            .send(
+                FutureRecord::to(&topic).key("poison").payload(&garbage),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        sent.push((topic, delivery.partition, delivery.offset));
+    }
+    let readers_of = |topic: &str| -> Vec<&str> {
+        if topic.ends_with(".requests") {
+            vec!["router"]
+        } else if topic.ends_with(".routed") {
+            vec!["orchestrator"]
+        } else {
+            vec!["metering", "sql.tenant_usage_1m", "sql.model_latency_1m"]
+        }
+    };
+
+    // Every stage goes on: a chat is answered and billed (router, orchestrator, metering), and
+    // the SQL stages read its usage after the poison.
+    let (status, body) = chat(
+        &sluice,
+        &tenant.key,
+        json!({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "after the poison"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let billed = eventually(30, "the chat billed", || async {
+        billed_per_request(&tenant.id)
+            .await
+            .filter(|rows| !rows.is_empty())
+    })
+    .await;
+    assert_eq!(billed, vec![(body["id"].as_str().unwrap().to_owned(), 1)]);
+    for stage in ["sql.tenant_usage_1m", "sql.model_latency_1m"] {
+        let consumed = format!("sluice_records_in_total{{stage=\"{stage}\"}}");
+        eventually(30, "the SQL stages to read past the poison", || async {
+            (metric(&sluice.url, &consumed).await >= 2.0).then_some(())
+        })
+        .await;
+    }
+
+    // Each stage dead-lettered the record it could not read, with its coordinates and bytes.
+    let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
+    let reader = topic_reader(&sluice.topic("dlq"));
+    let expected: usize = sent.iter().map(|(t, _, _)| readers_of(t).len()).sum();
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    while letters.len() < expected {
+        let bytes = find_record(&reader, 30, |m| m.payload().map(<[u8]>::to_vec)).await;
+        letters.push(codec.decode(&bytes).await.unwrap());
+    }
+    for (topic, partition, offset) in &sent {
+        for stage in readers_of(topic) {
+            let letter = letters
+                .iter()
+                .find(|l| {
+                    l.stage == stage
+                        && &l.source_topic == topic
+                        && l.source_partition == *partition
+                        && l.source_offset == *offset
+                })
+                .unwrap_or_else(|| panic!("no dead letter from {stage}: {letters:?}"));
+            assert!(
+                letter.reason.starts_with("undecodable"),
+                "{}",
+                letter.reason
+            );
+            assert_eq!(letter.payload.as_deref(), Some(&garbage[..]), "{stage}");
+        }
+    }
+}

@@ -361,7 +361,7 @@ impl HoldBack {
         self.pauses.inc();
         self.paused.set(1);
         tracing::info!(partitions = paused, "downstream is slow; partitions paused");
-        let out = if std::env::var("NOPOLL").is_ok() { (&mut work).await } else { loop {
+        let out = loop {
             tokio::select! {
                 out = &mut work => break out,
                 received = consumer.recv() => match received {
@@ -374,7 +374,7 @@ impl HoldBack {
                 // Dropping the pending receive and starting another polls the client.
                 _ = tokio::time::sleep(POLL_WHILE_PAUSED) => {}
             }
-        } };
+        };
         match consumer.assignment() {
             Ok(assignment) => {
                 if let Err(e) = consumer.resume(&assignment) {

@@ -113,7 +113,14 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
         metric(&sluice.url, "sluice_consumer_paused{stage=\"metering\"}").await,
         1.0
     );
-    assert!(metric(&sluice.url, "sluice_consumer_pauses_total{stage=\"metering\"}").await >= 1.0);
+    assert!(
+        metric(
+            &sluice.url,
+            "sluice_consumer_pauses_total{stage=\"metering\"}"
+        )
+        .await
+            >= 1.0
+    );
     // The usage API says ClickHouse is unavailable, in OpenAI's error shape.
     let key = create_tenant(&prefix).key;
     let (status, body) = get_json(&sluice.v1("/usage"), &key).await;
@@ -162,7 +169,10 @@ impl Operator for StallingRecorder {
             if let Some(stall) = stall {
                 tokio::time::sleep(stall).await;
             }
-            self.seen.lock().unwrap().push(input.record.event_id.clone());
+            self.seen
+                .lock()
+                .unwrap()
+                .push(input.record.event_id.clone());
         }
         Ok(())
     }
@@ -170,7 +180,10 @@ impl Operator for StallingRecorder {
     const WANTS_COMMITS: bool = true;
 
     fn on_commit(&mut self, positions: &[(i32, i64)]) {
-        self.committed.lock().unwrap().extend(positions.iter().copied());
+        self.committed
+            .lock()
+            .unwrap()
+            .extend(positions.iter().copied());
     }
 }
 
@@ -195,7 +208,9 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
     let input = format!("{prefix}.stalling");
     let dlq = format!("{prefix}.stalling-dlq");
     kafka::ensure_topics(&kafka, &[&input, &dlq]).await.unwrap();
-    let codec = Arc::new(Codec::new(RegistryClient::new(&sluice.registry_url).unwrap()));
+    let codec = Arc::new(Codec::new(
+        RegistryClient::new(&sluice.registry_url).unwrap(),
+    ));
     codec.register::<UsageEvent>().await.unwrap();
 
     let keys = 6;
@@ -302,10 +317,16 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
             "key k{k} kept its order"
         );
     }
-    let pauses = metrics.consumer_pauses.with_label_values(&["stalling"]).get();
+    let pauses = metrics
+        .consumer_pauses
+        .with_label_values(&["stalling"])
+        .get();
     assert!(pauses >= 2, "both stalls paused the partitions ({pauses})");
     assert_eq!(
-        metrics.consumer_paused.with_label_values(&["stalling"]).get(),
+        metrics
+            .consumer_paused
+            .with_label_values(&["stalling"])
+            .get(),
         0,
         "resumed"
     );

@@ -56,15 +56,8 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     let mut deliveries = Vec::with_capacity(total as usize);
     for i in 0..total {
         let event = UsageEvent {
-            event_id: format!("{tenant}-{i}:0"),
-            request_id: format!("{tenant}-{i}"),
-            tenant_id: tenant.clone(),
             model: format!("sim-small{padding}"),
-            provider: "sim".into(),
-            input_tokens: 1,
-            output_tokens: 1,
-            occurred_at_ms: sluice_pipelines::now_ms(),
-            latency_ms: None,
+            ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
         let bytes = codec.encode(&event).unwrap();
         loop {
@@ -146,7 +139,7 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     assert_eq!(rows, total);
 }
 
-/// Records which event ids it was handed, in order, and the positions stored for commit;
+/// Records which request ids it was handed, in order, and the positions stored for commit;
 /// stalls on the ids in `stalls`.
 #[derive(Clone)]
 struct StallingRecorder {
@@ -165,14 +158,14 @@ impl Operator for StallingRecorder {
         _out: &mut Emitter,
     ) -> Result<(), BatchError> {
         for input in batch {
-            let stall = self.stalls.lock().unwrap().remove(&input.record.event_id);
+            let stall = self.stalls.lock().unwrap().remove(&input.record.request_id);
             if let Some(stall) = stall {
                 tokio::time::sleep(stall).await;
             }
             self.seen
                 .lock()
                 .unwrap()
-                .push(input.record.event_id.clone());
+                .push(input.record.request_id.clone());
         }
         Ok(())
     }
@@ -223,17 +216,7 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
     let mut deliveries = Vec::new();
     for seq in 0..per_key {
         for k in 0..keys {
-            let event = UsageEvent {
-                event_id: format!("k{k}-{seq:03}"),
-                request_id: format!("k{k}-{seq:03}"),
-                tenant_id: format!("k{k}"),
-                model: "sim-small".into(),
-                provider: "sim".into(),
-                input_tokens: 1,
-                output_tokens: 1,
-                occurred_at_ms: sluice_pipelines::now_ms(),
-                latency_ms: None,
-            };
+            let event = usage_event(format!("k{k}-{seq:03}"), &format!("k{k}"));
             let bytes = codec.encode(&event).unwrap();
             let key = format!("k{k}");
             let record = FutureRecord::to(&input).key(&key).payload(&bytes);

@@ -558,3 +558,19 @@ pub async fn billed_per_request(tenant_id: &str) -> Option<Vec<(String, u64)>> {
         .await
         .ok()
 }
+
+/// A usage event of `request_id` (event id `<request_id>:0`) for `tenant` on `sim-small`: one
+/// token each way, now, no latency. Tests override what they measure.
+pub fn usage_event(request_id: String, tenant: &str) -> sluice_schemas::UsageEvent {
+    sluice_schemas::UsageEvent {
+        event_id: format!("{request_id}:0"),
+        request_id,
+        tenant_id: tenant.to_owned(),
+        model: "sim-small".into(),
+        provider: "sim".into(),
+        input_tokens: 1,
+        output_tokens: 1,
+        occurred_at_ms: sluice_pipelines::now_ms(),
+        latency_ms: None,
+    }
+}

@@ -44,15 +44,10 @@ async fn replay_backfills_only_the_time_range_and_only_once() {
     // Six events a minute apart; the replay takes minutes 1..4 (three events).
     for minute in 0..6i64 {
         let event = UsageEvent {
-            event_id: format!("{tenant}-req-{minute}:0"),
-            request_id: format!("{tenant}-req-{minute}"),
-            tenant_id: tenant.clone(),
-            model: "sim-small".into(),
-            provider: "sim".into(),
             input_tokens: 10,
             output_tokens: minute,
             occurred_at_ms: base + minute * 60_000,
-            latency_ms: None,
+            ..usage_event(format!("{tenant}-req-{minute}"), &tenant)
         };
         let bytes = codec.encode(&event).unwrap();
         producer

@@ -47,15 +47,11 @@ impl UsageWriter {
         latency: i64,
     ) {
         let event = UsageEvent {
-            event_id: format!("{tenant}-{n}:0"),
-            request_id: format!("{tenant}-{n}"),
-            tenant_id: tenant.to_owned(),
-            model: "sim-small".into(),
-            provider: "sim".into(),
             input_tokens: input,
             output_tokens: output,
             occurred_at_ms: at_ms,
             latency_ms: Some(latency),
+            ..usage_event(format!("{tenant}-{n}"), tenant)
         };
         let bytes = self.codec.encode(&event).unwrap();
         self.producer
@@ -283,15 +279,9 @@ async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_
     let mut deliveries = Vec::new();
     for i in 0..total {
         let event = UsageEvent {
-            event_id: format!("{tenant}-{i}:0"),
-            request_id: format!("{tenant}-{i}"),
-            tenant_id: tenant.clone(),
-            model: "sim-small".into(),
-            provider: "sim".into(),
-            input_tokens: 1,
-            output_tokens: 1,
             occurred_at_ms: base + i * 30,
             latency_ms: Some(5),
+            ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
         let bytes = writer.codec.encode(&event).unwrap();
         loop {

@@ -91,7 +91,7 @@ apt_install() {
 install_missing() {
   command -v apt-get >/dev/null || die "this script installs with apt-get (Debian/Ubuntu)"
   apt_install clickhouse-server clickhouse-client gcc g++ make pkg-config libssl-dev zlib1g-dev \
-    postgresql-client curl python3
+    postgresql-client curl python3 patch
   command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
   [ -x "$TANSU" ] || install_tansu
   if ! python3 -c 'import openai' 2>/dev/null; then

@@ -374,12 +374,14 @@ impl<T> SqlOperator<T> {
     }
 
     /// A window the query cannot compute: logged with where its records are, counted in
-    /// `sluice_window_failures_total`, and written as done (no row) so the stream goes on.
-    fn give_up_on(&self, (partition, start): (i32, i64), error: &str) {
-        let first_offset = self
-            .windows
-            .get(&(partition, start))
-            .map(|w| w.first_offset);
+    /// `sluice_window_failures_total`, and marked done (no row) at once, so the stream goes on
+    /// and a retry of the other windows' write (the store down) does not count it again. Rows
+    /// it takes later (late records) give it another try.
+    fn give_up_on(&mut self, (partition, start): (i32, i64), error: &str) {
+        let first_offset = self.windows.get_mut(&(partition, start)).map(|w| {
+            w.emitted = Some(w.rows.len());
+            w.first_offset
+        });
         tracing::error!(
             pipeline = %self.pipeline.name, partition, window_start_ms = start, first_offset,
             error, "the query failed on this window's rows; the window is left out"
@@ -813,6 +815,39 @@ mod tests {
         let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
         let rows = table::json_rows(&rows[0]).unwrap();
         assert_eq!(rows[0]["per_output"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_window_given_up_on_is_counted_once_while_the_store_is_down() {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records, \
+                      sum(input_tokens) / sum(output_tokens) AS per_output \
+                      FROM usage GROUP BY tumble(interval '1 minute')"
+            .into();
+        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
+        // Nothing listens on port 1: every write of the other window fails and is retried.
+        let output = Arc::new(Output::clickhouse(ClickHouseTarget {
+            clickhouse: sluice_clickhouse_sink::ClickHouseConfig {
+                url: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            },
+            table: "unused".into(),
+        }));
+        let mut operator = SqlOperator::new(pipeline, output, None, &Metrics::new().unwrap(), "t");
+        let batch = vec![
+            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
+            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
+        ];
+        let mut out = idle_emitter();
+        operator.process(&batch, &mut out).await.unwrap();
+        assert!(operator.on_watermark(0, 200_000, &mut out).await.is_err());
+        for _ in 0..3 {
+            assert!(operator.on_tick(&mut out).await.is_err());
+        }
+        assert_eq!(operator.failed_windows.get(), 1);
+        // The window that can be computed waits for the next try; the other one is done.
+        assert_eq!(operator.windows[&(0, 60_000)].emitted, None);
+        assert_eq!(operator.windows[&(0, 0)].emitted, Some(1));
     }
 
     #[test]

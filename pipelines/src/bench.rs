@@ -134,47 +134,8 @@ async fn fill(
         size = bytes.len();
         Ok((record.session_id, bytes))
     });
-    produce_all(kafka, topic, records).await?;
+    kafka::produce_all(kafka, topic, records).await?;
     Ok(size)
-}
-
-/// Produces every (key, payload) to `topic` and waits until the broker acknowledged them all.
-pub async fn produce_all(
-    kafka: &KafkaConfig,
-    topic: &str,
-    records: impl Iterator<Item = Result<(String, Vec<u8>)>>,
-) -> Result<()> {
-    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
-    let mut pending = Vec::new();
-    for record in records {
-        let (key, bytes) = record?;
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&bytes)) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-        if pending.len() >= 10_000 {
-            for delivery in pending.drain(..) {
-                acknowledged(delivery).await?;
-            }
-        }
-    }
-    for delivery in pending {
-        acknowledged(delivery).await?;
-    }
-    Ok(())
-}
-
-async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
-    delivery
-        .await
-        .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
-        .map(|_| ())
-        .map_err(|(e, _)| Error::Kafka(e))
 }
 
 /// Waits for a stage's first record (its clock starts there, so joining the group is not

@@ -201,6 +201,50 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
     Ok(created)
 }
 
+/// Produces every (key, payload) to `topic`, waiting for room when the producer queue is full,
+/// and returns once the broker acknowledged them all (bulk loads: benchmarks, tests).
+pub async fn produce_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    records: impl Iterator<Item = Result<(String, Vec<u8>)>>,
+) -> Result<()> {
+    let producer = producer(kafka, ProducerProfile::Throughput)?;
+    let mut pending = Vec::new();
+    for record in records {
+        let (key, bytes) = record?;
+        loop {
+            match producer.send_result(
+                rdkafka::producer::FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&bytes),
+            ) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        if pending.len() >= 10_000 {
+            for delivery in pending.drain(..) {
+                acknowledged(delivery).await?;
+            }
+        }
+    }
+    for delivery in pending {
+        acknowledged(delivery).await?;
+    }
+    Ok(())
+}
+
+async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
+    delivery
+        .await
+        .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
+        .map(|_| ())
+        .map_err(|(e, _)| Error::Kafka(e))
+}
+
 /// Number of partitions of `topic`, as the broker reports it.
 pub fn partition_count(consumer: &KafkaConsumer, topic: &str) -> Result<i32> {
     use rdkafka::consumer::Consumer;
@@ -320,7 +364,7 @@ pub struct HoldBack {
     pauses: prometheus::IntCounter,
     paused: prometheus::IntGauge,
     /// Records that arrived while paused (from a partition a rebalance assigned meanwhile),
-    /// in arrival order; the caller handles them before consuming anything new.
+    /// in arrival order; [`HoldBack::recv`] hands them out before consuming anything new.
     arrived: std::collections::VecDeque<rdkafka::message::OwnedMessage>,
 }
 
@@ -334,9 +378,16 @@ impl HoldBack {
         }
     }
 
-    /// The next record that arrived while paused, if any.
-    pub fn next_arrived(&mut self) -> Option<rdkafka::message::OwnedMessage> {
-        self.arrived.pop_front()
+    /// The next record to handle: one that arrived while paused, else the consumer's next.
+    /// Cancel-safe, like the consumer's own `recv`.
+    pub async fn recv(
+        &mut self,
+        consumer: &KafkaConsumer,
+    ) -> rdkafka::error::KafkaResult<rdkafka::message::OwnedMessage> {
+        if let Some(message) = self.arrived.pop_front() {
+            return Ok(message);
+        }
+        consumer.recv().await.map(|message| message.detach())
     }
 
     /// Runs `work` (downstream making room); if it takes longer than [`PAUSE_AFTER`], pauses
@@ -345,7 +396,7 @@ impl HoldBack {
     /// stall), and resumes from the first record not yet handed out, so nothing is skipped or
     /// repeated. The consumer keeps being polled meanwhile so it stays in its group; a record
     /// that still arrives (a partition assigned by a rebalance meanwhile) has its partition
-    /// paused too and is kept for [`HoldBack::next_arrived`].
+    /// paused too and is kept for [`HoldBack::recv`].
     pub async fn hold<F: std::future::Future>(
         &mut self,
         consumer: &KafkaConsumer,

@@ -131,11 +131,6 @@ pub async fn run_sink<S: BatchSink>(
         let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch);
         let mut deadline: Option<tokio::time::Instant> = None;
         while messages.len() < spec.max_batch {
-            if let Some(message) = hold_back.next_arrived() {
-                messages.push(message);
-                deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
-                continue;
-            }
             let wait = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -145,9 +140,9 @@ pub async fn run_sink<S: BatchSink>(
             tokio::select! {
                 _ = cancel.cancelled() => { stopping = true; break; }
                 _ = wait => break,
-                received = consumer.recv() => match received {
+                received = hold_back.recv(&consumer) => match received {
                     Ok(m) => {
-                        messages.push(m.detach());
+                        messages.push(m);
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
                     }
                     Err(e) => {

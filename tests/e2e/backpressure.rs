@@ -10,10 +10,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use rdkafka::{
-    producer::{FutureProducer, FutureRecord},
-    ClientConfig,
-};
 use sluice_pipelines::{
     kafka,
     metrics::Metrics,
@@ -44,36 +40,18 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
 
     let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
     codec.register::<UsageEvent>().await.unwrap();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("linger.ms", "20")
-        .create()
-        .unwrap();
     let tenant = unique("stall-");
     let usage_topic = sluice.topic("usage");
     let total = 80_000u64;
     let padding = "x".repeat(700); // ~800-byte records: about 64 MB in all
-    let mut deliveries = Vec::with_capacity(total as usize);
-    for i in 0..total {
+    let events = (0..total).map(|i| {
         let event = UsageEvent {
             model: format!("sim-small{padding}"),
             ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
-        let bytes = codec.encode(&event).unwrap();
-        loop {
-            match producer.send_result(FutureRecord::to(&usage_topic).key(&tenant).payload(&bytes))
-            {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-    for d in deliveries {
-        d.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+        (tenant.clone(), codec.encode(&event).unwrap())
+    });
+    produce_all(&usage_topic, events).await;
 
     // The sink cannot write, so the lag shows (almost) everything...
     let group = format!("{prefix}.metering");
@@ -208,24 +186,13 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
 
     let keys = 6;
     let per_key = 60;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut deliveries = Vec::new();
-    for seq in 0..per_key {
-        for k in 0..keys {
-            let event = usage_event(format!("k{k}-{seq:03}"), &format!("k{k}"));
-            let bytes = codec.encode(&event).unwrap();
-            let key = format!("k{k}");
-            let record = FutureRecord::to(&input).key(&key).payload(&bytes);
-            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-    }
-    for d in deliveries {
-        d.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+    // Produced in batches, so a pause lands inside one and the resume fetches from its middle.
+    let events = (0..per_key).flat_map(|seq| (0..keys).map(move |k| (seq, k)));
+    let records = events.map(|(seq, k)| {
+        let event = usage_event(format!("k{k}-{seq:03}"), &format!("k{k}"));
+        (format!("k{k}"), codec.encode(&event).unwrap())
+    });
+    produce_all(&input, records).await;
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let stalls = Arc::new(Mutex::new(HashMap::from([

@@ -245,8 +245,9 @@ impl Sluice {
     }
 
     /// Starts the process again after a [`Sluice::kill`], once the broker has expired the dead
-    /// process's group memberships: tansu hands a dead member's partitions back to it while its
-    /// session lasts (10 s), so a new member joining earlier would get none.
+    /// process's group memberships (10 s): tansu has no join barrier, so a member joining
+    /// earlier shares the partitions with the dead one until its session expires and the group
+    /// rebalances again. Waiting keeps the restart to one rebalance.
     pub async fn restart_after_crash(&mut self, killed_at: Instant) {
         let expired = killed_at + Duration::from_secs(12);
         tokio::time::sleep_until(expired.into()).await;
@@ -573,4 +574,15 @@ pub fn usage_event(request_id: String, tenant: &str) -> sluice_schemas::UsageEve
         occurred_at_ms: sluice_pipelines::now_ms(),
         latency_ms: None,
     }
+}
+
+/// Produces every (key, payload) to `topic` on the local broker and waits for them all.
+pub async fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec<u8>)>) {
+    let kafka = sluice_pipelines::KafkaConfig {
+        bootstrap: bootstrap(),
+        ..Default::default()
+    };
+    sluice_pipelines::kafka::produce_all(&kafka, topic, records.map(Ok))
+        .await
+        .unwrap();
 }

@@ -276,28 +276,15 @@ async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_
     // Ten minutes of event time, in order: the first window closes (and fails to be written)
     // after about 2,000 records.
     let base = (sluice_pipelines::now_ms() / 60_000 - 30) * 60_000;
-    let mut deliveries = Vec::new();
-    for i in 0..total {
+    let events = (0..total).map(|i| {
         let event = UsageEvent {
             occurred_at_ms: base + i * 30,
             latency_ms: Some(5),
             ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
-        let bytes = writer.codec.encode(&event).unwrap();
-        loop {
-            let record = FutureRecord::to(&writer.topic).key(&tenant).payload(&bytes);
-            match writer.producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-    for delivery in deliveries {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+        (tenant.clone(), writer.codec.encode(&event).unwrap())
+    });
+    produce_all(&writer.topic, events).await;
     let consumed = r#"sluice_records_in_total{stage="sql.tenant_usage_1m"}"#;
     // Wait until the stage stops taking records (the same count for three seconds).
     let (mut last, mut steady) = (-1.0, 0);

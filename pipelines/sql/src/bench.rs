@@ -14,7 +14,7 @@ use std::{
 
 use rdkafka::consumer::Consumer;
 use sluice_pipelines::{
-    bench::{first_record, produce_all, progress, ratio, summarize},
+    bench::{first_record, progress, ratio, summarize},
     config::KafkaConfig,
     kafka,
     metrics::Metrics,
@@ -132,7 +132,7 @@ async fn fill(
         };
         Ok((tenant, codec.encode(&event)?))
     });
-    produce_all(kafka, topic, events).await
+    kafka::produce_all(kafka, topic, events).await
 }
 
 async fn raw(kafka: &KafkaConfig, input: &str, group: &str, total: u64) -> Result<f64> {

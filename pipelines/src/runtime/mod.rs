@@ -289,21 +289,16 @@ async fn consume(
         .with_label_values(&[&spec.name]);
     let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.name);
     loop {
-        let message = match hold_back.next_arrived() {
-            Some(message) => message,
-            None => {
-                let received = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    received = consumer.recv() => received,
-                };
-                match received {
-                    Ok(m) => m.detach(),
-                    Err(e) => {
-                        tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                }
+        let received = tokio::select! {
+            _ = cancel.cancelled() => break,
+            received = hold_back.recv(consumer) => received,
+        };
+        let message = match received {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
         };
         records_in.inc();

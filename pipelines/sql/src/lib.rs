@@ -188,32 +188,30 @@ fn session(
 ) -> datafusion::error::Result<SessionContext> {
     let session = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
     session.register_batch(table, batch)?;
-    {
-        let schema = Arc::new(ArrowSchema::new(vec![
-            Field::new("name", DataType::Utf8, false),
-            Field::new("provider", DataType::Utf8, false),
-            Field::new("input_price_micros", DataType::Int64, false),
-            Field::new("output_price_micros", DataType::Int64, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from_iter_values(
-                    models.iter().map(|m| m.name.as_str()),
-                )),
-                Arc::new(StringArray::from_iter_values(
-                    models.iter().map(|m| m.provider.as_str()),
-                )),
-                Arc::new(Int64Array::from_iter_values(
-                    models.iter().map(|m| m.input_price_micros),
-                )),
-                Arc::new(Int64Array::from_iter_values(
-                    models.iter().map(|m| m.output_price_micros),
-                )),
-            ],
-        )?;
-        session.register_batch("models", batch)?;
-    }
+    let schema = Arc::new(ArrowSchema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("provider", DataType::Utf8, false),
+        Field::new("input_price_micros", DataType::Int64, false),
+        Field::new("output_price_micros", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                models.iter().map(|m| m.name.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                models.iter().map(|m| m.provider.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                models.iter().map(|m| m.input_price_micros),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                models.iter().map(|m| m.output_price_micros),
+            )),
+        ],
+    )?;
+    session.register_batch("models", batch)?;
     Ok(session)
 }
 
@@ -336,7 +334,7 @@ impl<T> SqlOperator<T> {
         let mut released = 0;
         self.windows.retain(|(p, start), w| {
             let keep = *p != partition
-                || start.saturating_add(size).saturating_add(lateness) > watermark
+                || purge_at(*start, size, lateness) > watermark
                 || w.emitted != Some(w.rows.len());
             if !keep {
                 released += w.rows.len();
@@ -440,10 +438,8 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 .starts(at)
                 .into_iter()
                 .filter(|start| {
-                    let closes = start
-                        .saturating_add(size)
-                        .saturating_add(self.pipeline.lateness_ms);
-                    watermark.is_none_or(|w| closes > w)
+                    let purged = purge_at(*start, size, self.pipeline.lateness_ms);
+                    watermark.is_none_or(|w| purged > w)
                 })
                 .collect();
             // The row is copied only into the windows before the last (hopping windows).
@@ -521,6 +517,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
         }
         held.into_iter().collect()
     }
+}
+
+/// The watermark at which the window starting at `start` is past its lateness: its rows are
+/// let go and records for it are late.
+fn purge_at(start: i64, size: i64, lateness: i64) -> i64 {
+    start.saturating_add(size).saturating_add(lateness)
 }
 
 /// The runtime settings of a SQL stage: lanes by partition (windows are per partition), large
@@ -744,11 +746,36 @@ mod tests {
 
     /// An operator for `config` whose output is never reached in these tests.
     fn operator(config: PipelineConfig) -> SqlOperator<UsageEvent> {
-        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
-        let output = Arc::new(Output::Topic {
+        let output = Output::Topic {
             topic: "unused".into(),
-        });
-        SqlOperator::new(pipeline, output, None, &Metrics::new().unwrap(), "t")
+        };
+        operator_writing_to(config, output)
+    }
+
+    fn operator_writing_to(config: PipelineConfig, output: Output) -> SqlOperator<UsageEvent> {
+        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
+        SqlOperator::new(
+            pipeline,
+            Arc::new(output),
+            None,
+            &Metrics::new().unwrap(),
+            "t",
+        )
+    }
+
+    /// A pipeline dividing input by output tokens, and records for two minutes of which the
+    /// first has no output tokens: its division fails.
+    fn dividing_by_zero_in_minute_0() -> (PipelineConfig, Vec<Input<UsageEvent>>) {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records, \
+                      sum(input_tokens) / sum(output_tokens) AS per_output \
+                      FROM usage GROUP BY tumble(interval '1 minute')"
+            .into();
+        let batch = vec![
+            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
+            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
+        ];
+        (config, batch)
     }
 
     #[tokio::test]
@@ -794,17 +821,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_window_the_query_fails_on_does_not_hold_up_the_others() {
-        let mut config = builtin::pipelines().remove(0);
-        config.sql = "SELECT window_start, count(*) AS records, \
-                      sum(input_tokens) / sum(output_tokens) AS per_output \
-                      FROM usage GROUP BY tumble(interval '1 minute')"
-            .into();
+        let (config, batch) = dividing_by_zero_in_minute_0();
         let mut operator = operator(config);
-        let batch = vec![
-            // Minute 0 has no output tokens: its division fails.
-            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
-            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
-        ];
         operator.process(&batch, &mut idle_emitter()).await.unwrap();
         assert!(operator
             .query_windows(&[(0, 0), (0, 60_000)])
@@ -819,25 +837,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_window_given_up_on_is_counted_once_while_the_store_is_down() {
-        let mut config = builtin::pipelines().remove(0);
-        config.sql = "SELECT window_start, count(*) AS records, \
-                      sum(input_tokens) / sum(output_tokens) AS per_output \
-                      FROM usage GROUP BY tumble(interval '1 minute')"
-            .into();
-        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
+        let (config, batch) = dividing_by_zero_in_minute_0();
         // Nothing listens on port 1: every write of the other window fails and is retried.
-        let output = Arc::new(Output::clickhouse(ClickHouseTarget {
+        let output = Output::clickhouse(ClickHouseTarget {
             clickhouse: sluice_clickhouse_sink::ClickHouseConfig {
                 url: "http://127.0.0.1:1".into(),
                 ..Default::default()
             },
             table: "unused".into(),
-        }));
-        let mut operator = SqlOperator::new(pipeline, output, None, &Metrics::new().unwrap(), "t");
-        let batch = vec![
-            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
-            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
-        ];
+        });
+        let mut operator = operator_writing_to(config, output);
         let mut out = idle_emitter();
         operator.process(&batch, &mut out).await.unwrap();
         assert!(operator.on_watermark(0, 200_000, &mut out).await.is_err());

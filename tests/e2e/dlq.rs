@@ -136,14 +136,22 @@ async fn every_stage_dead_letters_a_poison_record_and_goes_on() {
         .set("bootstrap.servers", bootstrap())
         .create()
         .unwrap();
-    // The same garbage on every stage's input topic.
+    // The same garbage on every stage's input topic, under the key the chat below uses there
+    // (requests and routed records are keyed by session, usage by tenant): the chat's records
+    // then come after the poison in the same partitions, so getting through shows each stage
+    // went on past it.
     let garbage = b"\x00 not a schema-registry frame".to_vec();
+    let session = unique("poisoned-session-");
     let mut sent = Vec::new();
-    for name in ["requests", "routed", "usage"] {
+    for (name, key) in [
+        ("requests", session.as_str()),
+        ("routed", session.as_str()),
+        ("usage", tenant.id.as_str()),
+    ] {
         let topic = sluice.topic(name);
         let delivery = producer
             .send(
-                FutureRecord::to(&topic).key("poison").payload(&garbage),
+                FutureRecord::to(&topic).key(key).payload(&garbage),
                 Duration::from_secs(10),
             )
             .await
@@ -163,12 +171,16 @@ async fn every_stage_dead_letters_a_poison_record_and_goes_on() {
 
     // Every stage goes on: a chat is answered and billed (router, orchestrator, metering), and
     // the SQL stages read its usage after the poison.
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        json!({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "after the poison"}]}),
-    )
-    .await;
+    let response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .header("x-session-id", &session)
+        .json(&json!({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "after the poison"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     let billed = eventually(30, "the chat billed", || async {
         billed_per_request(&tenant.id)

@@ -180,7 +180,17 @@ start_clickhouse() {
 }
 
 start_broker() {
-  if port_open "$KAFKA_PORT"; then return 0; fi
+  if port_open "$KAFKA_PORT"; then
+    # A broker an earlier `up` started from another build (before a patch changed) is replaced;
+    # one started by something else is used as it is.
+    if running broker \
+      && [ "$(readlink -f "/proc/$(cat "$PIDS/broker.pid")/exe")" != "$(readlink -f "$TANSU")" ]; then
+      say "replacing the running broker: it is not the build in $TANSU_ROOT"
+      stop broker
+    else
+      return 0
+    fi
+  fi
   say "starting the tansu broker on :$KAFKA_PORT ($BROKER_STORAGE)"
   mkdir -p "$STATE/tansu"
   # A relative sqlite path, resolved in $STATE/tansu (tansu doubles absolute ones).

@@ -6,13 +6,13 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sluice_clickhouse_sink::ClickHouseConfig;
 use sluice_edge::EdgeConfig;
 use sluice_orchestrator::OrchestratorConfig;
 use sluice_pipelines::KafkaConfig;
 use sluice_router::RouterConfig;
 use sluice_schemas::UsageEvent;
 use sluice_sql::{Pipeline, PipelineConfig};
+use sluice_stores::ClickHouseConfig;
 
 /// Every setting.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -153,7 +153,7 @@ impl SqlConfig {
                     pipeline.name, pipeline.source
                 ));
             } else if let Err(e) = Pipeline::compile::<UsageEvent>(pipeline) {
-                problems.push(e);
+                problems.push(e.to_string());
             }
         }
         problems

@@ -11,7 +11,7 @@ use std::{
 };
 
 use axum::{extract::FromRequestParts, http::request::Parts};
-use sluice_pipelines::control;
+use sluice_stores::postgres::tenants;
 use sqlx::{types::Uuid, PgPool};
 
 use crate::{error::ApiError, EdgeState};
@@ -37,7 +37,7 @@ impl AuthCache {
 
     /// The tenant owning `key`, from the cache or PostgreSQL.
     pub async fn authenticate(&self, pool: &PgPool, key: &str) -> Result<Option<Uuid>, ApiError> {
-        let hash = control::hash_api_key(key);
+        let hash = tenants::hash_api_key(key);
         if let Ok(entries) = self.entries.lock() {
             if let Some((tenant, at)) = entries.get(&hash) {
                 if at.elapsed() < self.ttl {
@@ -45,7 +45,7 @@ impl AuthCache {
                 }
             }
         }
-        let tenant = control::authenticate(pool, key)
+        let tenant = tenants::authenticate(pool, key)
             .await
             .map_err(|e| ApiError::internal("authentication lookup failed", e))?;
         if let (Some(tenant), Ok(mut entries)) = (tenant, self.entries.lock()) {

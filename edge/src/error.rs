@@ -1,5 +1,6 @@
-//! The one place errors become HTTP responses, in OpenAI's error shape:
-//! `{"error": {"message", "type", "param", "code"}}`.
+//! The edge's errors: [`ApiError`], the one place a failure becomes an HTTP response, in
+//! OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`), and [`Error`],
+//! what can stop the edge itself.
 
 use axum::{
     http::StatusCode,
@@ -7,6 +8,29 @@ use axum::{
     Json,
 };
 use serde_json::json;
+
+/// What can stop the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker or the runtime failed (the replies topic missing, say).
+    #[error(transparent)]
+    Runtime(#[from] sluice_pipelines::Error),
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] sluice_stores::Error),
+    /// A Kafka client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Every replies partition is held by another edge instance.
+    #[error("all {partitions} partitions of {topic} are held by other edge instances; add partitions to run more")]
+    NoFreeRepliesPartition { topic: String, partitions: i32 },
+    /// Serving HTTP failed.
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Result with the edge's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error answered to an API caller.
 #[derive(Debug, Clone)]

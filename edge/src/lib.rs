@@ -1,9 +1,11 @@
 //! The edge: Sluice's HTTP face.
 //!
-//! - `POST /v1/chat/completions` — OpenAI's chat API, plain or SSE ([`chat`]).
+//! - `POST /v1/chat/completions` — OpenAI's chat API, plain or SSE ([`chat`]; the wire shapes
+//!   and their validation in [`openai`], the streaming in [`stream`]).
 //! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
 //! - `/healthz`, `/readyz`, `/metrics`.
+//! - The schema registry's Confluent-compatible REST API, on its own listener ([`registry`]).
 //!
 //! The edge talks to the rest of Sluice only through topics and stores: it writes each request
 //! to `sluice.requests` and reads its replies from the replies partition it owns ([`replies`]).
@@ -12,9 +14,14 @@
 pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod openai;
+pub mod registry;
 pub mod replies;
+pub mod stream;
 pub mod usage;
 pub mod ws;
+
+pub use error::{Error, Result};
 
 #[cfg(test)]
 mod test_support {
@@ -52,9 +59,7 @@ use axum::{
 };
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
-use sluice_clickhouse_sink::ClickHouseConfig;
 use sluice_pipelines::{
-    control::ModelCatalog,
     kafka::{self, ProducerProfile},
     metrics::Metrics,
     ops::{self, Readiness},
@@ -62,6 +67,7 @@ use sluice_pipelines::{
     KafkaConfig, Topics,
 };
 use sluice_schemas::Codec;
+use sluice_stores::{ClickHouse, ClickHouseConfig, ModelCatalog};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -122,7 +128,7 @@ pub struct EdgeState {
     pub topics: Topics,
     pub replies: Arc<ReplyRouter>,
     pub metrics: Arc<Metrics>,
-    pub clickhouse: clickhouse::Client,
+    pub clickhouse: ClickHouse,
     pub auth: AuthCache,
 }
 
@@ -144,7 +150,7 @@ pub async fn run(
     deps: EdgeDeps,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     deps.readiness.register("edge");
     let topics = deps.kafka.topics();
     let consumer = kafka::assigned_consumer(&deps.kafka, 5)?;
@@ -182,7 +188,7 @@ pub async fn run(
         topics,
         replies: router,
         metrics: deps.metrics.clone(),
-        clickhouse: deps.clickhouse.client(),
+        clickhouse: ClickHouse::new(&deps.clickhouse),
     });
     let app = app(state, deps.metrics, deps.readiness.clone());
     deps.readiness.set("edge", true);
@@ -193,8 +199,7 @@ pub async fn run(
         tracing::error!(error = %e, "reply dispatcher failed");
     }
     drop(claim);
-    served?;
-    Ok(())
+    served.map_err(Error::Serve)
 }
 
 /// The edge's routes.

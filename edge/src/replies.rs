@@ -16,7 +16,8 @@ use std::{
 use rdkafka::{consumer::Consumer, message::Message, Offset, TopicPartitionList};
 use sluice_pipelines::{kafka::KafkaConsumer, metrics::Metrics, runtime::DeadLetters};
 use sluice_schemas::{Codec, ReplyChunk};
-use sqlx::{PgConnection, PgPool};
+use sluice_stores::postgres::claims::{self, Claim};
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -111,30 +112,28 @@ impl ReplyRouter {
 }
 
 /// Claims a free partition of `topic` (of `partitions`) for this instance, returning it and the
-/// connection that holds the claim (keep it open for as long as the instance runs).
+/// claim (keep it for as long as the instance runs).
 pub async fn claim_partition(
     pool: &PgPool,
     topic: &str,
     partitions: i32,
-) -> anyhow::Result<(i32, PgConnection)> {
-    let mut conn = pool.acquire().await?.detach();
-    for partition in 0..partitions {
-        let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(format!("sluice-replies:{topic}:{partition}"))
-            .fetch_one(&mut conn)
-            .await?;
-        if claimed {
-            return Ok((partition, conn));
-        }
-    }
-    anyhow::bail!(
-        "all {partitions} partitions of {topic} are held by other edge instances; add partitions to run more"
-    )
+) -> crate::Result<(i32, Claim)> {
+    let names: Vec<String> = (0..partitions)
+        .map(|partition| format!("sluice-replies:{topic}:{partition}"))
+        .collect();
+    let claim = claims::claim_first_free(pool, &names)
+        .await?
+        .ok_or_else(|| crate::Error::NoFreeRepliesPartition {
+            topic: topic.to_owned(),
+            partitions,
+        })?;
+    let partition = i32::try_from(claim.index).unwrap_or(i32::MAX);
+    Ok((partition, claim))
 }
 
 /// Positions `consumer` at the current end of the router's partition (replies for requests
 /// made before this instance started are not ours).
-pub fn assign_at_end(consumer: &KafkaConsumer, router: &ReplyRouter) -> anyhow::Result<()> {
+pub fn assign_at_end(consumer: &KafkaConsumer, router: &ReplyRouter) -> crate::Result<()> {
     let (_, high) =
         consumer.fetch_watermarks(router.topic(), router.partition(), Duration::from_secs(10))?;
     let mut list = TopicPartitionList::new();

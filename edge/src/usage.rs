@@ -9,15 +9,14 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_clickhouse_sink::queries;
-use sluice_pipelines::control;
+use sluice_stores::{clickhouse::usage as usage_facts, postgres::tenants, AUTO_MODEL};
 
 use crate::{auth::TenantId, error::ApiError, EdgeState};
 
 /// `GET /v1/models`: `auto` plus every enabled model.
 pub async fn models(State(state): State<Arc<EdgeState>>, _tenant: TenantId) -> Json<Value> {
     let mut data = vec![json!({
-        "id": control::AUTO_MODEL, "object": "model", "created": 0, "owned_by": "sluice",
+        "id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "sluice",
         "description": "Sluice's router picks the cheapest model that fits the request.",
     })];
     for m in state.catalog.snapshot().iter() {
@@ -54,7 +53,7 @@ pub async fn usage(
             ApiError::invalid("start_time must be before end_time.").with_param("start_time")
         );
     }
-    let rows = queries::usage_by_model(&state.clickhouse, &tenant.0.to_string(), start, end)
+    let rows = usage_facts::usage_by_model(&state.clickhouse, &tenant.0.to_string(), start, end)
         .await
         .map_err(|e| ApiError::unavailable(format!("Usage is unavailable right now: {e}")))?;
     let (mut requests, mut input, mut output) = (0u64, 0u64, 0u64);
@@ -85,7 +84,7 @@ pub async fn me(
     State(state): State<Arc<EdgeState>>,
     tenant: TenantId,
 ) -> Result<Json<Value>, ApiError> {
-    let found = control::current_tenant(&state.app_pool, tenant.0)
+    let found = tenants::current_tenant(&state.app_pool, tenant.0)
         .await
         .map_err(|e| ApiError::internal("tenant lookup failed", e))?;
     match found {

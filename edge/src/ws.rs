@@ -29,8 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{self, TenantId},
-    chat::{self, OpenStream, StreamTranslator, Translated},
+    chat,
     error::ApiError,
+    openai,
+    stream::{OpenStream, ReplyStream, Translated},
     EdgeState,
 };
 
@@ -130,14 +132,14 @@ async fn run_request(
 ) {
     let error_frame =
         |id: Option<&str>, e: &ApiError| json!({ "id": id, "error": e.body()["error"] });
-    let (request, messages) = match chat::parse(body) {
+    let (request, messages) = match openai::parse(body) {
         Ok(parsed) => parsed,
         Err(e) => {
             let _ = outbox.send(error_frame(None, &e)).await;
             return;
         }
     };
-    let mut submitted = match chat::submit(
+    let submitted = match chat::submit(
         state,
         tenant,
         &request,
@@ -154,16 +156,17 @@ async fn run_request(
         }
     };
     let id = submitted.request_id.clone();
-    let mut translator = StreamTranslator::new(&id, submitted.created, true);
-    let timeout = Duration::from_secs(state.config.reply_timeout_secs);
-    loop {
-        let translated = match chat::next_chunk(&mut submitted.subscription, timeout).await {
-            Ok(chunk) => translator.translate(&chunk),
-            Err(e) => Translated::Failed(e),
-        };
-        let (objects, last) = match translated {
-            Translated::More(objects) => (objects, false),
-            Translated::Finished(objects) => (objects, true),
+    let mut reply = ReplyStream::new(
+        &id,
+        submitted.created,
+        submitted.subscription,
+        None,
+        true,
+        Duration::from_secs(state.config.reply_timeout_secs),
+    );
+    while let Some(translated) = reply.next().await {
+        let objects = match translated {
+            Translated::More(objects) | Translated::Finished(objects) => objects,
             Translated::Failed(e) => {
                 let _ = outbox.send(error_frame(Some(&id), &e)).await;
                 return;
@@ -173,9 +176,6 @@ async fn run_request(
             if outbox.send(object).await.is_err() {
                 return;
             }
-        }
-        if last {
-            return;
         }
     }
 }

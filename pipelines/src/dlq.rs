@@ -92,7 +92,7 @@ async fn read_next(consumer: &kafka::KafkaConsumer) -> Result<rdkafka::message::
     match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
         Ok(Ok(message)) => Ok(message.detach()),
         Ok(Err(e)) => Err(Error::Kafka(e)),
-        Err(_) => Err(Error::Invalid(
+        Err(_) => Err(Error::Stalled(
             "the DLQ stopped answering before its end".into(),
         )),
     }

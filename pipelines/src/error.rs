@@ -9,15 +9,21 @@ pub enum Error {
     /// A record or schema problem.
     #[error(transparent)]
     Schema(#[from] sluice_schemas::Error),
-    /// PostgreSQL failed.
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
-    /// Configuration is invalid (the operator's fault; fix the config).
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] sluice_stores::Error),
+    /// Metrics could not be registered (a name registered twice: a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The broker and the configuration disagree (a topic missing or refused): fix the setup.
     #[error("config: {0}")]
     Config(String),
-    /// A caller asked for something that does not exist or is not allowed.
-    #[error("{0}")]
-    Invalid(String),
+    /// The broker stopped answering a read or a delivery that should have ended.
+    #[error("the broker stopped answering: {0}")]
+    Stalled(String),
+    /// A stage gave up on work it could not finish.
+    #[error("gave up: {0}")]
+    GaveUp(#[source] ProcessError),
 }
 
 /// Result with the runtime's [`Error`].
@@ -51,11 +57,24 @@ impl From<sluice_schemas::Error> for ProcessError {
     }
 }
 
+/// A store failure is retried when a retry can help (the store away, overloaded, a lost race)
+/// and is the record's fault otherwise.
+impl From<sluice_stores::Error> for ProcessError {
+    fn from(e: sluice_stores::Error) -> Self {
+        if e.is_retriable() {
+            ProcessError::Retriable(e.to_string())
+        } else {
+            ProcessError::Poison(e.to_string())
+        }
+    }
+}
+
 impl From<Error> for ProcessError {
     fn from(e: Error) -> Self {
         match e {
             Error::Schema(inner) => inner.into(),
-            Error::Invalid(m) => ProcessError::Poison(m),
+            Error::Store(inner) => inner.into(),
+            Error::GaveUp(inner) => inner,
             other => ProcessError::Retriable(other.to_string()),
         }
     }

@@ -240,7 +240,7 @@ pub async fn produce_all(
 async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
     delivery
         .await
-        .map_err(|_| Error::Invalid("fill delivery cancelled".into()))?
+        .map_err(|_| Error::Stalled("a delivery report was lost".into()))?
         .map(|_| ())
         .map_err(|(e, _)| Error::Kafka(e))
 }

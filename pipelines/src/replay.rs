@@ -96,8 +96,8 @@ impl RangeReader {
                     Ok(Ok(m)) => m.detach(),
                     Ok(Err(e)) => return Err(Error::Kafka(e)),
                     Err(_) => {
-                        return Err(Error::Invalid(
-                            "the broker stopped answering mid-replay".into(),
+                        return Err(Error::Stalled(
+                            "no record for 30 s in the middle of a replay".into(),
                         ))
                     }
                 };
@@ -279,7 +279,7 @@ pub async fn replay_sink<S: BatchSink>(
                         tracing::warn!(reason, attempt, "replay batch failed; retrying");
                         tokio::time::sleep(crate::runtime::backoff(attempt)).await;
                     }
-                    Err(e) => return Err(Error::Invalid(format!("replay stopped: {e}"))),
+                    Err(e) => return Err(Error::GaveUp(e)),
                 }
             }
             pending.clear();

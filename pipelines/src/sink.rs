@@ -8,13 +8,12 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use rdkafka::{
-    consumer::{CommitMode, Consumer},
+    consumer::Consumer,
     message::{Message, OwnedMessage},
     Offset, TopicPartitionList,
 };
@@ -23,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     kafka::{self, ProducerProfile},
-    runtime::{backoff, DeadLetters, EffectivelyOnce, Guarantee, StageDeps, LAG_EVERY},
+    runtime::{backoff, Guarantee, StageDeps},
+    source::{Decoded, SourceSpec, StageSource},
     ProcessError, Result,
 };
 
@@ -77,49 +77,31 @@ impl SinkSpec {
     }
 }
 
-/// Runs a sink whose writes are idempotent, as billing requires: the type refuses any other.
-pub async fn run_effectively_once<S: BatchSink<Delivery = EffectivelyOnce>>(
-    sink: S,
-    spec: SinkSpec,
-    deps: StageDeps,
-    cancel: CancellationToken,
-) -> Result<()> {
-    run_sink(sink, spec, deps, cancel).await
-}
-
-/// Runs `sink` until `cancel` fires; the batch in hand is written before returning.
+/// Runs `sink` until `cancel` fires; the batch in hand is written before returning. (Billing
+/// sinks are run through [`Runnable::effectively_once_sink`](crate::Runnable), which refuses a
+/// sink whose writes are not idempotent.)
 pub async fn run_sink<S: BatchSink>(
     mut sink: S,
     spec: SinkSpec,
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let consumer = Arc::new(kafka::consumer(
-        &deps.kafka,
-        &spec.group,
-        100,
-        Some(spec.max_prefetch_kib),
-        Some(&deps.metrics),
-    )?);
-    consumer.subscribe(&[&spec.input_topic])?;
-    let lag = kafka::LagReporter::start(
-        consumer.clone(),
-        &spec.group,
-        deps.metrics.clone(),
-        LAG_EVERY,
-    );
-    let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
-    let dead_letters = DeadLetters::new(
-        producer,
-        deps.codec.clone(),
-        &spec.dlq_topic,
-        &spec.name,
-        deps.metrics.clone(),
-    );
+    let source = StageSource::open(
+        SourceSpec {
+            name: &spec.name,
+            group: &spec.group,
+            topic: &spec.input_topic,
+            dlq_topic: &spec.dlq_topic,
+            fetch_wait_ms: 100,
+            max_prefetch_kib: Some(spec.max_prefetch_kib),
+            producer: ProducerProfile::Throughput,
+        },
+        &deps,
+    )?;
     // Until shutdown the DLQ and store retries wait on `cancel`; the final flush must finish,
     // so it waits on a token that never fires.
     let never = CancellationToken::new();
-    deps.readiness.set(&spec.name, true);
+    source.set_ready(true);
     tracing::info!(
         sink = %spec.name, topic = %spec.input_topic, group = %spec.group,
         delivery = S::Delivery::NAME, "sink started"
@@ -140,7 +122,7 @@ pub async fn run_sink<S: BatchSink>(
             tokio::select! {
                 _ = cancel.cancelled() => { stopping = true; break; }
                 _ = wait => break,
-                received = hold_back.recv(&consumer) => match received {
+                received = hold_back.recv(&source.consumer) => match received {
                     Ok(m) => {
                         messages.push(m);
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
@@ -163,28 +145,17 @@ pub async fn run_sink<S: BatchSink>(
         // A store that stays down holds the batch in retries: the partitions pause meanwhile.
         let written = hold_back
             .hold(
-                &consumer,
-                write_batch(
-                    &mut sink,
-                    &spec,
-                    &deps,
-                    &dead_letters,
-                    &messages,
-                    wait_token,
-                ),
+                &source.consumer,
+                write_batch(&mut sink, &spec, &deps, &source, &messages, wait_token),
             )
             .await;
         if !written {
             // Shutdown interrupted a retry: nothing is stored, the batch will be redelivered.
             break;
         }
-        store_batch_offsets(&consumer, &messages);
+        store_batch_offsets(&source.consumer, &messages);
     }
-    deps.readiness.set(&spec.name, false);
-    lag.stop().await;
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(sink = %spec.name, error = %e, "final commit had nothing to do");
-    }
+    source.close().await;
     tracing::info!(sink = %spec.name, "sink stopped");
     Ok(())
 }
@@ -194,40 +165,21 @@ async fn write_batch<S: BatchSink>(
     sink: &mut S,
     spec: &SinkSpec,
     deps: &StageDeps,
-    dead_letters: &DeadLetters,
+    source: &StageSource,
     messages: &[OwnedMessage],
     cancel: &CancellationToken,
 ) -> bool {
+    let dead_letters = source.dead_letters();
     let mut records = Vec::with_capacity(messages.len());
     let mut sources = Vec::with_capacity(messages.len());
     for message in messages {
-        let payload = message.payload().unwrap_or_default();
-        let mut attempt = 0;
-        loop {
-            match deps.codec.decode::<S::Input>(payload).await {
-                Ok(record) => {
-                    records.push(record);
-                    sources.push(message);
-                    break;
-                }
-                Err(e) if e.is_retriable() => {
-                    attempt += 1;
-                    tracing::warn!(sink = %spec.name, error = %e, "cannot decode yet; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff(attempt)) => {}
-                    }
-                }
-                Err(e) => {
-                    if !dead_letters
-                        .send(message, &format!("undecodable: {e}"), cancel)
-                        .await
-                    {
-                        return false;
-                    }
-                    break;
-                }
+        match source.decoder.decode::<S::Input>(message, cancel).await {
+            Decoded::Ok(record) => {
+                records.push(record);
+                sources.push(message);
             }
+            Decoded::DeadLettered => {}
+            Decoded::Interrupted => return false,
         }
     }
     if records.is_empty() {

@@ -2,12 +2,13 @@
 //!
 //! This crate owns everything about the bytes on Sluice's topics: the `.avsc` files in
 //! `schemas/avro/` (the source of truth), the Rust [`records`], Avro encoding and decoding in the
-//! Confluent wire format ([`codec`], [`wire`]) and the schema registry — both the client and the
-//! Confluent-compatible REST service Sluice serves from PostgreSQL ([`registry`]).
+//! Confluent wire format ([`codec`], [`wire`]), the schema registry's client and compatibility
+//! rules ([`registry`]), and Sluice's token counter ([`tokens`]), the unit usage is measured in.
 
 pub mod codec;
 pub mod records;
 pub mod registry;
+pub mod tokens;
 pub mod wire;
 
 pub use codec::Codec;

@@ -111,6 +111,19 @@ pub struct ChatRequest {
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
+impl ChatRequest {
+    /// What the prompt costs in Sluice's [tokens](crate::tokens): each message's content plus
+    /// 4 for its role and framing.
+    pub fn prompt_tokens(&self) -> i64 {
+        let count = crate::tokens::count_prompt(
+            self.messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        );
+        i64::try_from(count).unwrap_or(i64::MAX)
+    }
+}
+
 /// The router's choice for one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutingDecision {

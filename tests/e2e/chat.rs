@@ -42,7 +42,7 @@ async fn plain_completion_is_routed_answered_and_metered() {
     );
     assert_eq!(
         completion,
-        sluice_pipelines::tokens::count(content) as i64,
+        sluice_schemas::tokens::count(content) as i64,
         "honest count"
     );
     assert_eq!(usage["total_tokens"].as_i64().unwrap(), prompt + completion);
@@ -73,7 +73,10 @@ async fn plain_completion_is_routed_answered_and_metered() {
     let rows = eventually(30, "the usage row", || {
         let event_id = event_id.clone();
         async move {
-            let n = sluice_clickhouse_sink::queries::event_count(&clickhouse(), &event_id)
+            let n: u64 = clickhouse()
+                .query("SELECT count() FROM usage_events FINAL WHERE event_id = ?")
+                .bind(event_id.as_str())
+                .fetch_one()
                 .await
                 .ok()?;
             (n > 0).then_some(n)
@@ -157,7 +160,7 @@ async fn streamed_completion_ends_with_a_usage_chunk() {
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 6);
-    assert_eq!(sluice_pipelines::tokens::count(&text), 6);
+    assert_eq!(sluice_schemas::tokens::count(&text), 6);
     assert!(chunks
         .iter()
         .all(|c| c["model"] == "sim-large" && c["object"] == "chat.completion.chunk"));

@@ -100,7 +100,7 @@ async fn row_level_security_filters_queries_that_forget_the_tenant() {
     assert_ne!(stored[0], alice.key);
     assert_eq!(
         stored[0],
-        sluice_pipelines::control::hash_api_key(&alice.key)
+        sluice_stores::postgres::tenants::hash_api_key(&alice.key)
     );
 }
 

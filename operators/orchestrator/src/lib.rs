@@ -13,8 +13,9 @@ pub mod providers;
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use sluice_pipelines::{tokens, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
-use sluice_schemas::{ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
+use sluice_pipelines::{Emitter, ProcessError, RecordContext, RecordOperator, Topics};
+use sluice_schemas::{tokens, ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
+use sluice_stores::ProviderKind;
 
 use providers::{
     openai::{OpenAiConfig, OpenAiProvider},
@@ -79,14 +80,15 @@ impl Orchestrator {
             base_url: decision.base_url.clone(),
             api_key,
         };
-        match decision.provider.as_str() {
-            "sim" => Ok(sim::complete(&call, &self.config.sim)),
-            "openai" => self.openai.complete(&call).await,
-            other => Err(ProviderError {
-                status: 500,
-                code: "provider_unavailable".into(),
-                message: format!("no provider of kind {other:?} on this server"),
-            }),
+        // A decision from a newer router may name a kind this build does not know.
+        let kind: ProviderKind = decision.provider.parse().map_err(|e| ProviderError {
+            status: 500,
+            code: "provider_unavailable".into(),
+            message: format!("model {}: {e}", decision.model),
+        })?;
+        match kind {
+            ProviderKind::Sim => Ok(sim::complete(&call, &self.config.sim)),
+            ProviderKind::Openai => self.openai.complete(&call).await,
         }
     }
 }
@@ -158,16 +160,7 @@ impl RecordOperator for Orchestrator {
         let (finish_reason, reported_in, reported_out) = finish
             .clone()
             .unwrap_or_else(|| ("error".into(), None, None));
-        let counted_in = || {
-            i64::try_from(tokens::count_prompt(
-                request
-                    .messages
-                    .iter()
-                    .map(|m| (m.role.as_str(), m.content.as_str())),
-            ))
-            .unwrap_or(i64::MAX)
-        };
-        let input_tokens = reported_in.unwrap_or_else(counted_in);
+        let input_tokens = reported_in.unwrap_or_else(|| request.prompt_tokens());
         let output_tokens =
             reported_out.unwrap_or_else(|| i64::try_from(tokens::count(&text)).unwrap_or(i64::MAX));
         if finish.is_some() && (reported_in.is_none() || reported_out.is_none()) {

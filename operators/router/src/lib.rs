@@ -17,14 +17,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sluice_pipelines::{
-    control::{ModelCatalog, ModelSpec},
-    now_ms, tokens, Emitter, ProcessError, RecordContext, RecordOperator, Topics,
-};
+use sluice_pipelines::{now_ms, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
 use sluice_schemas::{ChatRequest, ReplyChunk, RoutedRequest, RoutingDecision};
+use sluice_stores::{ModelCatalog, ModelSpec};
 
 /// The model name that asks the router to choose.
-pub const AUTO: &str = sluice_pipelines::control::AUTO_MODEL;
+pub const AUTO: &str = sluice_stores::AUTO_MODEL;
 
 /// Router settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,18 +72,12 @@ pub fn decide(
     config: &RouterConfig,
     now_ms: i64,
 ) -> Result<RoutingDecision, Refusal> {
-    let prompt = tokens::count_prompt(
-        request
-            .messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str())),
-    );
-    let prompt = i64::try_from(prompt).unwrap_or(i64::MAX);
+    let prompt = request.prompt_tokens();
     let output = i64::from(request.max_tokens.unwrap_or(config.assumed_output_tokens));
     let needed = prompt.saturating_add(output);
     let decision = |model: &ModelSpec, reason: String| RoutingDecision {
         model: model.name.clone(),
-        provider: model.provider.clone(),
+        provider: model.provider.as_str().to_owned(),
         upstream_model: model.upstream_model.clone(),
         base_url: model.base_url.clone(),
         api_key_env: model.api_key_env.clone(),
@@ -203,11 +195,12 @@ impl RecordOperator for Router {
 mod tests {
     use super::*;
     use sluice_schemas::{ChatMessage, ReplyAddress};
+    use sluice_stores::ProviderKind;
 
     fn model(name: &str, context: i32, price: i64) -> ModelSpec {
         ModelSpec {
             name: name.into(),
-            provider: "sim".into(),
+            provider: ProviderKind::Sim,
             upstream_model: name.into(),
             base_url: None,
             api_key_env: None,

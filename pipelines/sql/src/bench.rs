@@ -1,31 +1,29 @@
 //! `sluice bench window`: records/s through the per-tenant per-minute aggregate
 //! (`tenant_usage_1m`, written to ClickHouse), against a raw librdkafka consume of the same
-//! records on the same broker in the same run.
+//! records on the same broker in the same run (the harness's limit).
 //!
 //! The records are usage events of `tenants` tenants (bench-only ids), their event times spread
 //! over `minutes` minutes in order. Each round uses fresh consumer groups and starts its clock at
 //! the first record; the SQL path is done when every record was consumed and folded into its
 //! window and every window before the last minute was written.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
-use rdkafka::consumer::Consumer;
 use sluice_pipelines::{
-    bench::{first_record, progress, ratio, summarize},
+    bench::{fill, raw_path, time_stage, BenchError, Comparison, Result, StageRun, Workspace},
     config::KafkaConfig,
-    kafka,
     metrics::Metrics,
     ops::Readiness,
     runtime::{self, StageDeps},
-    Error, Result,
 };
 use sluice_schemas::{Codec, UsageEvent};
+use sluice_stores::ClickHouse;
 use tokio_util::sync::CancellationToken;
 
-use crate::{builtin, ClickHouseTarget, Output, OutputConfig, Pipeline, SqlOperator};
+use crate::{builtin, Output, OutputConfig, Pipeline, SqlOperator};
+
+/// The table the benchmark writes.
+pub const TABLE: &str = "tenant_usage_1m";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,23 +36,13 @@ pub struct WindowOptions {
     pub lanes: usize,
 }
 
-/// The measurements (medians, and each path's slowest and fastest round).
+/// The measurements: raw consume (the limit) against the SQL stage.
 #[derive(Debug, Clone)]
 pub struct WindowReport {
     pub records: u64,
-    pub raw_per_sec: f64,
-    pub raw_range: (f64, f64),
-    pub sql_per_sec: f64,
-    pub sql_range: (f64, f64),
+    pub comparison: Comparison,
     /// Window rows the last round wrote.
     pub rows: u64,
-}
-
-impl WindowReport {
-    /// SQL throughput over raw consume throughput.
-    pub fn ratio(&self) -> f64 {
-        ratio(self.sql_per_sec, self.raw_per_sec)
-    }
 }
 
 /// Runs the benchmark on a fresh topic (`bench-<id>.usage`); rows go to ClickHouse table
@@ -62,63 +50,62 @@ impl WindowReport {
 pub async fn window(
     kafka: &KafkaConfig,
     codec: Arc<Codec>,
-    clickhouse: ClickHouseTarget,
+    clickhouse: ClickHouse,
     options: &WindowOptions,
 ) -> Result<WindowReport> {
     codec.register::<UsageEvent>().await?;
-    let id = format!("bench-{}", sluice_pipelines::now_ms());
-    let input = format!("{id}.usage");
-    let dlq = format!("{id}.dlq");
-    kafka::ensure_topics(kafka, &[&input, &dlq]).await?;
+    let workspace = Workspace::create(kafka, &["usage", "dlq"]).await?;
+    let (input, dlq) = (workspace.topic("usage"), workspace.topic("dlq"));
     eprintln!("filling {input} with {} usage events...", options.records);
-    fill(kafka, &codec, &input, &id, options).await?;
+    fill(kafka, &codec, &input, events(workspace.id(), options)).await?;
     let mut config = builtin::pipelines().remove(0);
-    config.output = OutputConfig::Clickhouse(clickhouse.table.clone());
-    let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).map_err(Error::Config)?);
-    let (mut raws, mut sqls, mut rows) = (Vec::new(), Vec::new(), 0);
-    for round in 1..=options.rounds.max(1) {
-        eprintln!("round {round}: raw librdkafka consume...");
-        let raw_rate = raw(kafka, &input, &format!("{id}.raw.{round}"), options.records).await?;
-        eprintln!("round {round}: consume -> decode -> window -> DataFusion -> ClickHouse...");
-        let (sql_rate, written) = sql(
-            kafka,
-            codec.clone(),
-            &pipeline,
-            &clickhouse,
-            (&input, &dlq, &format!("{id}.sql.{round}")),
-            options,
-        )
-        .await?;
-        eprintln!("round {round}: raw {raw_rate:.0}/s, sql {sql_rate:.0}/s, {written} rows");
-        raws.push(raw_rate);
-        sqls.push(sql_rate);
-        rows = written;
-    }
-    let (raw_per_sec, raw_range) = summarize(&mut raws);
-    let (sql_per_sec, sql_range) = summarize(&mut sqls);
+    config.output = OutputConfig::Clickhouse(TABLE.into());
+    let pipeline =
+        Pipeline::compile::<UsageEvent>(&config).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let pipeline = Arc::new(pipeline);
+    let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
+    let rows = std::cell::Cell::new(0);
+    let comparison = Comparison::run(options.rounds, |round| {
+        let (workspace, codec, pipeline, output) =
+            (&workspace, codec.clone(), &pipeline, output.clone());
+        let (input, dlq, rows) = (&input, &dlq, &rows);
+        async move {
+            eprintln!("round {round}: raw librdkafka consume...");
+            let group = workspace.group("raw", round);
+            let raw = raw_path(kafka, input, None, &group, options.records).await?;
+            eprintln!("round {round}: consume -> decode -> window -> DataFusion -> ClickHouse...");
+            let group = workspace.group("sql", round);
+            let (rate, written) = sql(
+                kafka,
+                codec,
+                pipeline,
+                output,
+                (input, dlq, &group),
+                options,
+            )
+            .await?;
+            eprintln!("round {round}: {written} rows");
+            rows.set(written);
+            Ok((raw, rate))
+        }
+    })
+    .await?;
     Ok(WindowReport {
         records: options.records,
-        raw_per_sec,
-        raw_range,
-        sql_per_sec,
-        sql_range,
-        rows,
+        comparison,
+        rows: rows.get(),
     })
 }
 
-async fn fill(
-    kafka: &KafkaConfig,
-    codec: &Codec,
-    topic: &str,
-    id: &str,
-    options: &WindowOptions,
-) -> Result<()> {
+/// Usage events of `options.tenants` tenants over `options.minutes` whole minutes ending an
+/// hour ago, keyed by tenant.
+fn events(id: &str, options: &WindowOptions) -> impl Iterator<Item = (String, UsageEvent)> {
     let span_ms = i64::try_from(options.minutes.max(1) * 60_000).unwrap_or(i64::MAX);
     let records = i64::try_from(options.records.max(1)).unwrap_or(i64::MAX);
-    // Whole minutes, ending an hour ago.
     let base = (sluice_pipelines::now_ms() / 60_000 - 60) * 60_000 - span_ms;
-    let events = (0..records).map(|i| {
-        let tenant = format!("{id}-{}", i.unsigned_abs() % options.tenants.max(1));
+    let (id, tenants) = (id.to_owned(), options.tenants.max(1));
+    (0..records).map(move |i| {
+        let tenant = format!("{id}-{}", i.unsigned_abs() % tenants);
         let event = UsageEvent {
             event_id: format!("{id}-{i}:0"),
             request_id: format!("{id}-{i}"),
@@ -130,39 +117,20 @@ async fn fill(
             occurred_at_ms: base + i * span_ms / records,
             latency_ms: Some(20 + i % 200),
         };
-        Ok((tenant, codec.encode(&event)?))
-    });
-    kafka::produce_all(kafka, topic, events).await
+        (tenant, event)
+    })
 }
 
-async fn raw(kafka: &KafkaConfig, input: &str, group: &str, total: u64) -> Result<f64> {
-    let consumer = kafka::consumer(kafka, group, 100, None, None)?;
-    consumer.subscribe(&[input])?;
-    let mut started: Option<Instant> = None;
-    let mut last_report = Instant::now();
-    let mut done = 0u64;
-    while done < total {
-        let _message = consumer.recv().await?;
-        let clock = *started.get_or_insert_with(Instant::now);
-        done += 1;
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            progress("raw", done, total, clock);
-            last_report = Instant::now();
-        }
-    }
-    let elapsed = started.map_or(f64::MAX, |s| s.elapsed().as_secs_f64());
-    Ok(total as f64 / elapsed)
-}
-
+/// The SQL path: records/s and the rows written.
 async fn sql(
     kafka: &KafkaConfig,
     codec: Arc<Codec>,
     pipeline: &Arc<Pipeline>,
-    clickhouse: &ClickHouseTarget,
+    output: Arc<Output>,
     (input, dlq, group): (&str, &str, &str),
     options: &WindowOptions,
 ) -> Result<(f64, u64)> {
-    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Config(e.to_string()))?);
+    let metrics = Arc::new(Metrics::new().map_err(sluice_pipelines::Error::from)?);
     let deps = StageDeps {
         kafka: kafka.clone(),
         codec,
@@ -170,7 +138,6 @@ async fn sql(
         readiness: Readiness::default(),
     };
     let spec = crate::stage_spec(pipeline, "bench", group, input, dlq, options.lanes);
-    let output = Arc::new(Output::clickhouse(clickhouse.clone()));
     let cancel = CancellationToken::new();
     let stage = tokio::spawn({
         let (pipeline, metrics) = (pipeline.clone(), metrics.clone());
@@ -188,26 +155,23 @@ async fn sql(
     let consumed = metrics.records_in.with_label_values(&["bench"]);
     let in_flight = metrics.in_flight.with_label_values(&["bench"]);
     let rows = metrics.window_rows.with_label_values(&["bench"]);
-    let started = first_record(&consumed, &stage).await?;
     // Every tenant has a row for every minute but the last (closed when the partition idles).
     let expected_rows = options.tenants.min(options.records) * options.minutes.saturating_sub(1);
-    let mut last_report = Instant::now();
-    while consumed.get() < options.records || in_flight.get() > 0 || rows.get() < expected_rows {
-        if stage.is_finished() {
-            return Err(Error::Invalid(
-                "the SQL stage stopped before finishing".into(),
-            ));
-        }
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            progress("sql", consumed.get(), options.records, started);
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let seconds = time_stage(
+        StageRun {
+            path: "sql",
+            task: &stage,
+            consumed: &consumed,
+            total: options.records,
+        },
+        || consumed.get(),
+        || consumed.get() >= options.records && in_flight.get() == 0 && rows.get() >= expected_rows,
+    )
+    .await?;
     cancel.cancel();
-    stage
-        .await
-        .map_err(|e| Error::Invalid(format!("SQL stage task: {e}")))??;
-    Ok((options.records as f64 / elapsed, rows.get()))
+    stage.await.map_err(|source| BenchError::Task {
+        path: "sql".into(),
+        source,
+    })??;
+    Ok((options.records as f64 / seconds, rows.get()))
 }

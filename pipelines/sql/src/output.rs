@@ -1,27 +1,23 @@
-//! Where window results go: a ClickHouse table (one HTTP insert per emission, `JSONEachRow`,
-//! window bounds as UTC `DateTime`s) or a topic of `WindowResult` records.
+//! Where window results go: a table in Sluice's ClickHouse database (one insert per emission,
+//! through the stores' one writer, window bounds as UTC `DateTime`s) or a topic of
+//! `WindowResult` records.
 
 use datafusion::arrow::array::RecordBatch;
 use serde_json::{Map, Value};
-use sluice_clickhouse_sink::ClickHouseConfig;
 use sluice_pipelines::{Emitter, ProcessError};
 use sluice_schemas::WindowResult;
+use sluice_stores::ClickHouse;
 
 use crate::{table::json_rows, Pipeline};
 
-/// The ClickHouse table a pipeline writes, in the database Sluice's settings name.
-#[derive(Debug, Clone)]
-pub struct ClickHouseTarget {
-    pub clickhouse: ClickHouseConfig,
-    pub table: String,
-}
-
 /// A pipeline's output.
 pub enum Output {
+    /// A table in Sluice's ClickHouse database.
     ClickHouse {
-        target: ClickHouseTarget,
-        http: reqwest::Client,
+        clickhouse: ClickHouse,
+        table: String,
     },
+    /// A topic.
     Topic {
         /// Full topic name.
         topic: String,
@@ -29,11 +25,11 @@ pub enum Output {
 }
 
 impl Output {
-    /// A ClickHouse output.
-    pub fn clickhouse(target: ClickHouseTarget) -> Self {
+    /// A ClickHouse table output.
+    pub fn clickhouse(clickhouse: ClickHouse, table: &str) -> Self {
         Output::ClickHouse {
-            target,
-            http: reqwest::Client::new(),
+            clickhouse,
+            table: table.to_owned(),
         }
     }
 
@@ -49,26 +45,34 @@ impl Output {
     ) -> Result<usize, ProcessError> {
         let mut rows = Vec::new();
         for batch in results {
-            rows.extend(json_rows(batch).map_err(ProcessError::Poison)?);
+            rows.extend(json_rows(batch).map_err(|e| ProcessError::Poison(e.to_string()))?);
         }
         if rows.is_empty() {
             return Ok(0);
         }
         let size = pipeline.query.window.size_ms();
         match self {
-            Output::ClickHouse { target, http } => {
-                let mut body = String::new();
-                for mut row in rows.iter().cloned() {
-                    for bound in ["window_start", "window_end"] {
-                        if let Some(ms) = row.get(bound).and_then(Value::as_i64) {
-                            row.insert(bound.into(), Value::String(datetime(ms)));
+            Output::ClickHouse { clickhouse, table } => {
+                let table_rows: Vec<Map<String, Value>> = rows
+                    .iter()
+                    .cloned()
+                    .map(|mut row| {
+                        for bound in ["window_start", "window_end"] {
+                            if let Some(ms) = row.get(bound).and_then(Value::as_i64) {
+                                row.insert(bound.into(), Value::String(datetime(ms)));
+                            }
                         }
-                    }
-                    row.insert("source_partition".into(), partition.into());
-                    body.push_str(&Value::Object(row).to_string());
-                    body.push('\n');
-                }
-                insert(http, target, body).await?;
+                        row.insert("source_partition".into(), partition.into());
+                        row
+                    })
+                    .collect();
+                // The store answering is no reason to lose the window: keep it and try again.
+                clickhouse
+                    .insert_json_rows(table, &table_rows)
+                    .await
+                    .map_err(|e| {
+                        ProcessError::Retriable(format!("ClickHouse insert into {table}: {e}"))
+                    })?;
             }
             Output::Topic { topic } => {
                 for row in &rows {
@@ -120,42 +124,6 @@ fn datetime(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|| "1970-01-01 00:00:00".into())
-}
-
-async fn insert(
-    http: &reqwest::Client,
-    target: &ClickHouseTarget,
-    body: String,
-) -> Result<(), ProcessError> {
-    let server = &target.clickhouse;
-    let query = format!(
-        "INSERT INTO {}.{} FORMAT JSONEachRow",
-        server.database, target.table
-    );
-    let response = http
-        .post(&server.url)
-        .query(&[
-            ("query", query.as_str()),
-            ("user", server.user.as_str()),
-            ("password", server.password.as_str()),
-        ])
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| {
-            ProcessError::Retriable(format!("ClickHouse insert into {}: {e}", target.table))
-        })?;
-    if response.status().is_success() {
-        return Ok(());
-    }
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    // The store answering is no reason to lose the window: keep it and try again.
-    Err(ProcessError::Retriable(format!(
-        "ClickHouse refused rows for {} ({status}): {}",
-        target.table,
-        text.trim()
-    )))
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use datafusion::arrow::{
 };
 use serde::Serialize;
 
+use crate::{Error, Result};
+
 /// A column's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -43,9 +45,9 @@ pub struct Columns {
 
 impl Columns {
     /// The scalar fields of `record` (a record schema); nested fields are not exposed.
-    pub fn of(record: &Schema) -> Result<Self, String> {
+    pub fn of(record: &Schema) -> Result<Self> {
         let Schema::Record(record) = record else {
-            return Err("a SQL source must be an Avro record".into());
+            return Err(Error::Source("a SQL source must be an Avro record".into()));
         };
         let mut fields = Vec::new();
         for field in &record.fields {
@@ -78,10 +80,10 @@ impl Columns {
     }
 
     /// The row `record` becomes.
-    pub fn row<T: Serialize>(&self, record: &T) -> Result<Vec<Cell>, String> {
-        let value = apache_avro::to_value(record).map_err(|e| e.to_string())?;
+    pub fn row<T: Serialize>(&self, record: &T) -> Result<Vec<Cell>> {
+        let value = apache_avro::to_value(record).map_err(|e| Error::Row(e.to_string()))?;
         let Value::Record(values) = value else {
-            return Err("record did not serialize as a record".into());
+            return Err(Error::Row("record did not serialize as a record".into()));
         };
         let mut row = Vec::with_capacity(self.fields.len());
         let mut values = values.into_iter().peekable();
@@ -103,7 +105,7 @@ impl Columns {
     pub fn batch<'a>(
         &self,
         rows: impl Iterator<Item = (&'a [Cell], i64, i64)> + Clone,
-    ) -> Result<RecordBatch, String> {
+    ) -> Result<RecordBatch> {
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.fields.len() + 2);
         for (index, (_, kind, _)) in self.fields.iter().enumerate() {
             let cells = rows.clone().map(|(row, _, _)| row.get(index));
@@ -156,7 +158,7 @@ impl Columns {
         arrays.push(Arc::new(Int64Array::from_iter_values(
             rows.map(|(_, _, end)| end),
         )));
-        RecordBatch::try_new(self.schema(), arrays).map_err(|e| e.to_string())
+        Ok(RecordBatch::try_new(self.schema(), arrays)?)
     }
 }
 
@@ -213,19 +215,17 @@ fn cell_of(value: Value) -> Cell {
 
 /// The rows of `batch` as JSON objects: integers as numbers, floats as numbers, the rest as
 /// text.
-pub fn json_rows(
-    batch: &RecordBatch,
-) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, String> {
+pub fn json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let mut rows = vec![serde_json::Map::new(); batch.num_rows()];
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         let name = field.name();
         let data_type = column.data_type();
         if data_type.is_integer() {
-            let ints = cast(column, &DataType::Int64).map_err(|e| e.to_string())?;
+            let ints = cast(column, &DataType::Int64)?;
             let ints = ints
                 .as_any()
                 .downcast_ref::<Int64Array>()
-                .ok_or("integer column did not cast")?;
+                .ok_or_else(|| Error::Row("an integer column did not cast".into()))?;
             for (row, out) in rows.iter_mut().enumerate() {
                 out.insert(
                     name.clone(),
@@ -236,11 +236,11 @@ pub fn json_rows(
                 );
             }
         } else if data_type.is_floating() || data_type.is_numeric() {
-            let floats = cast(column, &DataType::Float64).map_err(|e| e.to_string())?;
+            let floats = cast(column, &DataType::Float64)?;
             let floats = floats
                 .as_any()
                 .downcast_ref::<Float64Array>()
-                .ok_or("float column did not cast")?;
+                .ok_or_else(|| Error::Row("a float column did not cast".into()))?;
             for (row, out) in rows.iter_mut().enumerate() {
                 let value = match floats.is_null(row) {
                     true => serde_json::Value::Null,
@@ -250,11 +250,11 @@ pub fn json_rows(
                 out.insert(name.clone(), value);
             }
         } else {
-            let texts = cast(column, &DataType::Utf8).map_err(|e| e.to_string())?;
+            let texts = cast(column, &DataType::Utf8)?;
             let texts = texts
                 .as_any()
                 .downcast_ref::<StringArray>()
-                .ok_or("column did not cast to text")?;
+                .ok_or_else(|| Error::Row("a column did not cast to text".into()))?;
             for (row, out) in rows.iter_mut().enumerate() {
                 out.insert(
                     name.clone(),

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::{Error, Result};
+
 /// How rows are grouped in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -55,7 +57,7 @@ pub struct WindowedQuery {
 }
 
 /// Finds the one `tumble(...)` or `hop(...)` call in `sql` and rewrites it.
-pub fn parse(sql: &str) -> Result<WindowedQuery, String> {
+pub fn parse(sql: &str) -> Result<WindowedQuery> {
     let lower = sql.to_ascii_lowercase();
     let mut found = None;
     for name in ["tumble", "hop"] {
@@ -71,16 +73,16 @@ pub fn parse(sql: &str) -> Result<WindowedQuery, String> {
                 continue;
             }
             if found.is_some() {
-                return Err("a query may group by one window only".into());
+                return Err(Error::Window("a query may group by one window only".into()));
             }
             let open = from + (lower[from..].len() - rest.len());
             let close = matching_paren(&lower, open)
-                .ok_or_else(|| format!("unclosed parenthesis after {name}"))?;
+                .ok_or_else(|| Error::Window(format!("unclosed parenthesis after {name}")))?;
             found = Some((name, at, open, close));
         }
     }
     let (name, at, open, close) = found.ok_or_else(|| {
-        "the query must group by a window: tumble(interval '1 minute') or hop(interval '10 seconds', interval '1 minute')".to_string()
+        Error::Window("the query must group by a window: tumble(interval '1 minute') or hop(interval '10 seconds', interval '1 minute')".into())
     })?;
     let args: Vec<i64> = split_top_level(&sql[open + 1..close])
         .iter()
@@ -92,12 +94,14 @@ pub fn parse(sql: &str) -> Result<WindowedQuery, String> {
             slide_ms: *slide_ms,
             size_ms: *size_ms,
         },
-        ("hop", [_, _]) => return Err("hop(slide, size) needs slide <= size".into()),
+        ("hop", [_, _]) => {
+            return Err(Error::Window("hop(slide, size) needs slide <= size".into()))
+        }
         _ => {
-            return Err(format!(
+            return Err(Error::Window(format!(
                 "{name}(...) takes {} interval(s)",
                 if name == "hop" { 2 } else { 1 }
-            ))
+            )))
         }
     };
     let sql = format!(
@@ -147,7 +151,7 @@ fn split_top_level(args: &str) -> Vec<&str> {
 }
 
 /// `interval '1 minute'`, `interval '10 seconds'`, `interval '500 milliseconds'`, ... in ms.
-pub fn parse_interval(text: &str) -> Result<i64, String> {
+pub fn parse_interval(text: &str) -> Result<i64> {
     let text = text.trim();
     let lower = text.to_ascii_lowercase();
     let body = lower
@@ -155,11 +159,11 @@ pub fn parse_interval(text: &str) -> Result<i64, String> {
         .map(str::trim)
         .and_then(|b| b.strip_prefix('\''))
         .and_then(|b| b.strip_suffix('\''))
-        .ok_or_else(|| format!("expected interval '<n> <unit>', got {text}"))?;
+        .ok_or_else(|| Error::Window(format!("expected interval '<n> <unit>', got {text}")))?;
     parse_duration(body)
         .and_then(|d| i64::try_from(d.as_millis()).ok())
         .filter(|ms| *ms > 0)
-        .ok_or_else(|| format!("cannot read interval {text}"))
+        .ok_or_else(|| Error::Window(format!("cannot read interval {text}")))
 }
 
 /// `1 minute`, `10s`, `500 ms`, `2 hours`: a positive duration.

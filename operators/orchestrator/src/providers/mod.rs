@@ -1,6 +1,7 @@
 //! Model providers: how the orchestrator calls a model and gets its reply as a stream.
 //!
-//! Two kinds, dispatched in one `match` on the routing decision's `provider`:
+//! Two kinds (`sluice_stores::ProviderKind`, a closed set), dispatched in one `match` on the
+//! routing decision's `provider`:
 //! - [`openai`]: any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, LiteLLM, another
 //!   Sluice...) by base URL and key, streaming.
 //! - [`sim`]: a built-in simulator with deterministic text, configurable latency and speed, and

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sluice_pipelines::tokens;
+use sluice_schemas::tokens;
 
 use super::{EventStream, ModelCall, ProviderEvent};
 

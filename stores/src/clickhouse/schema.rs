@@ -1,7 +1,8 @@
 //! ClickHouse DDL for database `sluice`. Each statement is idempotent and uses only syntax that
 //! ClickHouse 18.16 and current releases both accept (no DateTime64, no settings clauses).
 
-use crate::ClickHouseConfig;
+use super::ClickHouseConfig;
+use crate::Result;
 
 /// The statements, in order; `{db}` is the database name.
 const STATEMENTS: &[&str] = &[
@@ -55,7 +56,7 @@ const STATEMENTS: &[&str] = &[
 ];
 
 /// Creates the database and tables if they are missing.
-pub async fn migrate(config: &ClickHouseConfig) -> Result<(), clickhouse::error::Error> {
+pub async fn migrate(config: &ClickHouseConfig) -> Result<()> {
     let client = config.server_client();
     for statement in STATEMENTS {
         let sql = statement.replace("{db}", &config.database);

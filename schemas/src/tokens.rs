@@ -1,5 +1,7 @@
 //! Sluice's token counter: the unit every usage record, quota and invoice is measured in for
-//! models without a tokenizer of their own (the simulator), and the router's prompt estimate.
+//! models without a tokenizer of their own (the simulator), and the prompt estimate the router
+//! (and admission at the edge) decides with. [`ChatRequest::prompt_tokens`](crate::ChatRequest)
+//! applies it to a request.
 //!
 //! A token is a run of letters or digits, or a single other non-space character. Upstream
 //! providers that report their own counts (OpenAI-compatible APIs do) are billed by those.

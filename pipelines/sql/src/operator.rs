@@ -1,0 +1,692 @@
+//! The SQL operator: records into per-partition event-time windows, each window run through
+//! the pipeline's query when its partition's watermark passes its end, written out, and let
+//! go once past its lateness. Offsets of records a window still holds are not committed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    marker::PhantomData,
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use sluice_pipelines::{
+    metrics::Metrics,
+    runtime::{Input, LaneBy, StageSpec},
+    BatchError, Emitter, Operator, ProcessError,
+};
+use sluice_schemas::Record;
+use sluice_stores::ModelCatalog;
+
+use crate::{pipeline::session, table::Cell, Output, Pipeline, Result};
+
+/// The rows of one window of one source partition.
+struct WindowState {
+    rows: Vec<Vec<Cell>>,
+    /// Lowest offset among the rows: the runtime commits no further while the window lives.
+    first_offset: i64,
+    /// Rows the window had when last emitted.
+    emitted: Option<usize>,
+}
+
+/// Runs a [`Pipeline`] over records of type `T`; one instance per lane, lanes by partition.
+pub struct SqlOperator<T> {
+    pipeline: Arc<Pipeline>,
+    output: Arc<Output>,
+    catalog: Option<Arc<ModelCatalog>>,
+    /// Open windows by (source partition, window start).
+    windows: BTreeMap<(i32, i64), WindowState>,
+    watermarks: HashMap<i32, i64>,
+    /// Per partition, the highest offset already taken into the windows.
+    placed_up_to: HashMap<i32, i64>,
+    /// Event times of the batch being processed, so the runtime's watermark pass does not read
+    /// each record again.
+    batch_event_times: HashMap<(i32, i64), i64>,
+    /// Rows held in all windows, against `max_held_rows`.
+    held_rows: usize,
+    max_held_rows: usize,
+    /// Whether the last write of window rows failed.
+    failing: bool,
+    late: prometheus::IntCounter,
+    failed_windows: prometheus::IntCounter,
+    rows_out: prometheus::IntCounter,
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T> SqlOperator<T> {
+    /// An operator for `pipeline` writing to `output`; `catalog` provides the `models` table.
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        output: Arc<Output>,
+        catalog: Option<Arc<ModelCatalog>>,
+        metrics: &Metrics,
+        stage: &str,
+    ) -> Self {
+        Self {
+            late: metrics.late_records.with_label_values(&[stage]),
+            failed_windows: metrics.window_failures.with_label_values(&[stage]),
+            rows_out: metrics.window_rows.with_label_values(&[stage]),
+            pipeline,
+            output,
+            catalog,
+            windows: BTreeMap::new(),
+            watermarks: HashMap::new(),
+            placed_up_to: HashMap::new(),
+            batch_event_times: HashMap::new(),
+            held_rows: 0,
+            max_held_rows: DEFAULT_MAX_HELD_ROWS,
+            failing: false,
+            _record: PhantomData,
+        }
+    }
+
+    /// Rows held beyond which, while writes fail, the operator takes no more records (memory
+    /// stays bounded through a store outage; the records wait in the topic).
+    pub fn with_max_held_rows(mut self, rows: usize) -> Self {
+        self.max_held_rows = rows.max(1);
+        self
+    }
+
+    /// Emits every closed window of `partition` that has rows not yet emitted, then forgets
+    /// the windows past their lateness.
+    async fn emit(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
+        let result = self.emit_due(partition, out).await;
+        self.failing = result.is_err();
+        result
+    }
+
+    async fn emit_due(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
+        let Some(&watermark) = self.watermarks.get(&partition) else {
+            return Ok(());
+        };
+        let size = self.pipeline.query.window.size_ms();
+        let due: Vec<(i32, i64)> = self
+            .windows
+            .range((partition, i64::MIN)..=(partition, i64::MAX))
+            .filter(|((_, start), w)| {
+                start.saturating_add(size) <= watermark && w.emitted != Some(w.rows.len())
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        if !due.is_empty() {
+            // One query for all due windows; if it fails, each window alone, so a window whose
+            // rows the query cannot take (a division by zero, say) does not hold up the others.
+            let results = match self.query_windows(&due).await {
+                Ok(results) => results,
+                Err(_) => {
+                    let mut results = Vec::new();
+                    for key in &due {
+                        match self.query_windows(std::slice::from_ref(key)).await {
+                            Ok(batches) => results.extend(batches),
+                            Err(error) => self.give_up_on(*key, &error),
+                        }
+                    }
+                    results
+                }
+            };
+            let written = self
+                .output
+                .write(&self.pipeline, partition, &results, out)
+                .await?;
+            self.rows_out.inc_by(written as u64);
+            for key in &due {
+                if let Some(w) = self.windows.get_mut(key) {
+                    w.emitted = Some(w.rows.len());
+                }
+            }
+        }
+        let lateness = self.pipeline.lateness_ms;
+        let mut released = 0;
+        self.windows.retain(|(p, start), w| {
+            let keep = *p != partition
+                || purge_at(*start, size, lateness) > watermark
+                || w.emitted != Some(w.rows.len());
+            if !keep {
+                released += w.rows.len();
+            }
+            keep
+        });
+        self.held_rows = self.held_rows.saturating_sub(released);
+        Ok(())
+    }
+
+    /// Runs the query over the rows of the windows `keys`. The query runs in memory, so a
+    /// failure comes from the rows themselves and would come again.
+    async fn query_windows(&self, keys: &[(i32, i64)]) -> Result<Vec<RecordBatch>> {
+        let size = self.pipeline.query.window.size_ms();
+        let rows = keys.iter().filter_map(|key| {
+            self.windows.get(key).map(|w| {
+                w.rows
+                    .iter()
+                    .map(move |row| (row.as_slice(), key.1, key.1.saturating_add(size)))
+            })
+        });
+        let batch = self.pipeline.columns.batch(rows.flatten())?;
+        let models = self.catalog.as_ref().map(|c| c.snapshot());
+        let session = session(
+            &self.pipeline.source,
+            batch,
+            models.as_deref().map_or(&[][..], Vec::as_slice),
+        )?;
+        let query = |source| self.pipeline.query_error(source);
+        let frame = session.sql(&self.pipeline.query.sql).await.map_err(query)?;
+        frame.collect().await.map_err(query)
+    }
+
+    /// A window the query cannot compute: logged with where its records are, counted in
+    /// `sluice_window_failures_total`, and marked done (no row) at once, so the stream goes on
+    /// and a retry of the other windows' write (the store down) does not count it again. Rows
+    /// it takes later (late records) give it another try.
+    fn give_up_on(&mut self, (partition, start): (i32, i64), error: &crate::Error) {
+        let first_offset = self.windows.get_mut(&(partition, start)).map(|w| {
+            w.emitted = Some(w.rows.len());
+            w.first_offset
+        });
+        tracing::error!(
+            pipeline = %self.pipeline.name, partition, window_start_ms = start, first_offset,
+            error = %error, "the query failed on this window's rows; the window is left out"
+        );
+        self.failed_windows.inc();
+    }
+}
+
+#[async_trait]
+impl<T: Record + Clone> Operator for SqlOperator<T> {
+    type Input = T;
+
+    async fn process(&mut self, batch: &[Input<T>], out: &mut Emitter) -> Result<(), BatchError> {
+        let window = self.pipeline.query.window;
+        let size = window.size_ms();
+        self.batch_event_times.clear();
+        let latest_allowed = sluice_pipelines::now_ms().saturating_add(MAX_FUTURE_SKEW_MS);
+        for input in batch {
+            let partition = input.ctx.partition;
+            // After a rebalance hands a partition back, records from the committed offset on
+            // come again; those already in a window must not be counted twice.
+            if self
+                .placed_up_to
+                .get(&partition)
+                .is_some_and(|last| input.ctx.offset <= *last)
+            {
+                continue;
+            }
+            self.placed_up_to.insert(partition, input.ctx.offset);
+            let row = match self.pipeline.columns.row(&input.record) {
+                Ok(row) => row,
+                Err(reason) => {
+                    out.reject(&input.ctx, format!("cannot read as a SQL row: {reason}"));
+                    continue;
+                }
+            };
+            let Some(Cell::Int(at)) = row.get(self.pipeline.event_time).cloned() else {
+                out.reject(&input.ctx, "record has no event time");
+                continue;
+            };
+            // A clock far ahead would drag the partition's watermark along and close every
+            // window early: such a record goes to the DLQ instead.
+            if at > latest_allowed || at < 0 {
+                out.reject(
+                    &input.ctx,
+                    format!(
+                        "event time {at} is before 1970 or more than an hour ahead of the clock"
+                    ),
+                );
+                continue;
+            }
+            self.batch_event_times
+                .insert((partition, input.ctx.offset), at);
+            let watermark = self.watermarks.get(&partition).copied();
+            let open: Vec<i64> = window
+                .starts(at)
+                .into_iter()
+                .filter(|start| {
+                    let purged = purge_at(*start, size, self.pipeline.lateness_ms);
+                    watermark.is_none_or(|w| purged > w)
+                })
+                .collect();
+            // The row is copied only into the windows before the last (hopping windows).
+            let mut row = row;
+            for (index, start) in open.iter().copied().enumerate() {
+                let this = if index + 1 == open.len() {
+                    std::mem::take(&mut row)
+                } else {
+                    row.clone()
+                };
+                let state = self
+                    .windows
+                    .entry((partition, start))
+                    .or_insert(WindowState {
+                        rows: Vec::new(),
+                        first_offset: input.ctx.offset,
+                        emitted: None,
+                    });
+                state.rows.push(this);
+                self.held_rows += 1;
+                state.first_offset = state.first_offset.min(input.ctx.offset);
+            }
+            if open.is_empty() {
+                self.late.inc();
+                tracing::debug!(
+                    pipeline = %self.pipeline.name, partition, offset = input.ctx.offset,
+                    event_time_ms = at, "record later than the allowed lateness; left out"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The event time `process` read (records it rejected or skipped have none, so they do
+    /// not move the watermark).
+    fn event_time_ms(&self, input: &Input<T>) -> Option<i64> {
+        self.batch_event_times
+            .get(&(input.ctx.partition, input.ctx.offset))
+            .copied()
+    }
+
+    async fn on_watermark(
+        &mut self,
+        partition: i32,
+        watermark_ms: i64,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        self.watermarks.insert(partition, watermark_ms);
+        self.emit(partition, out).await
+    }
+
+    /// Windows that could not be written (store down) or took late records are emitted on
+    /// the next tick.
+    async fn on_tick(&mut self, out: &mut Emitter) -> Result<(), ProcessError> {
+        let partitions: Vec<i32> = self.watermarks.keys().copied().collect();
+        let mut failure = None;
+        for partition in partitions {
+            if let Err(e) = self.emit(partition, out).await {
+                failure = Some(e);
+            }
+        }
+        self.failing = failure.is_some();
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn saturated(&self) -> bool {
+        self.failing && self.held_rows >= self.max_held_rows
+    }
+
+    fn retained(&self) -> Vec<(i32, i64)> {
+        let mut held: BTreeMap<i32, i64> = BTreeMap::new();
+        for ((partition, _), w) in &self.windows {
+            let first = held.entry(*partition).or_insert(w.first_offset);
+            *first = (*first).min(w.first_offset);
+        }
+        held.into_iter().collect()
+    }
+}
+
+/// The watermark at which the window starting at `start` is past its lateness: its rows are
+/// let go and records for it are late.
+fn purge_at(start: i64, size: i64, lateness: i64) -> i64 {
+    start.saturating_add(size).saturating_add(lateness)
+}
+
+/// The runtime settings of a SQL stage: lanes by partition (windows are per partition), large
+/// batches, a tick to retry refused writes, and the pipeline's watermarks.
+pub fn stage_spec(
+    pipeline: &Pipeline,
+    stage: &str,
+    group: &str,
+    input: &str,
+    dlq: &str,
+    lanes: usize,
+) -> StageSpec {
+    let mut spec = StageSpec::new(stage, group, input, dlq);
+    spec.lanes = lanes;
+    spec.lane_by = LaneBy::Partition;
+    spec.max_batch = 512;
+    spec.lane_capacity = 1024;
+    spec.fetch_wait_ms = 100;
+    spec.tick = Some(TICK);
+    spec.watermarks = Some(pipeline.watermarks);
+    spec
+}
+
+/// How far ahead of the clock an event time may be before its record goes to the DLQ.
+pub const MAX_FUTURE_SKEW_MS: i64 = 3_600_000;
+
+/// Rows an operator holds before it stops taking records while its writes fail.
+pub const DEFAULT_MAX_HELD_ROWS: usize = 1_000_000;
+
+/// Default tick of SQL stages: how soon a window refused by its store is tried again.
+pub const TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{builtin, pipeline::*, table, OutputConfig, PipelineConfig};
+    use sluice_schemas::UsageEvent;
+    use sluice_stores::{ModelSpec, ProviderKind};
+
+    fn usage(
+        tenant: &str,
+        model: &str,
+        input: i64,
+        output: i64,
+        at: i64,
+        latency: i64,
+    ) -> UsageEvent {
+        UsageEvent {
+            event_id: format!("{tenant}-{at}:0"),
+            request_id: format!("{tenant}-{at}"),
+            tenant_id: tenant.into(),
+            model: model.into(),
+            provider: "sim".into(),
+            input_tokens: input,
+            output_tokens: output,
+            occurred_at_ms: at,
+            latency_ms: Some(latency),
+        }
+    }
+
+    fn models() -> Vec<ModelSpec> {
+        vec![ModelSpec {
+            name: "sim-small".into(),
+            provider: ProviderKind::Sim,
+            upstream_model: "sim-small".into(),
+            base_url: None,
+            api_key_env: None,
+            context_window: 8192,
+            input_price_micros: 100_000,
+            output_price_micros: 400_000,
+            created_at: 0,
+        }]
+    }
+
+    async fn run(
+        pipeline: &Pipeline,
+        events: &[UsageEvent],
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let rows: Vec<(Vec<Cell>, i64)> = events
+            .iter()
+            .flat_map(|e| {
+                let row = pipeline.columns.row(e).unwrap();
+                pipeline
+                    .query
+                    .window
+                    .starts(e.occurred_at_ms)
+                    .into_iter()
+                    .map(move |start| (row.clone(), start))
+            })
+            .collect();
+        let size = pipeline.query.window.size_ms();
+        let batch = pipeline
+            .columns
+            .batch(
+                rows.iter()
+                    .map(|(row, start)| (row.as_slice(), *start, start + size)),
+            )
+            .unwrap();
+        let models = models();
+        let session = session("usage", batch, &models).unwrap();
+        let results = session
+            .sql(&pipeline.query.sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for batch in &results {
+            out.extend(table::json_rows(batch).unwrap());
+        }
+        out.sort_by_key(|r| {
+            let group = r.get("tenant_id").or(r.get("model")).map(|v| v.to_string());
+            (r["window_start"].as_i64(), group)
+        });
+        out
+    }
+
+    #[tokio::test]
+    async fn the_builtin_pipelines_plan_and_count_exactly() {
+        let [tenants, latency] = <[PipelineConfig; 2]>::try_from(builtin::pipelines()).unwrap();
+        let tenants = Pipeline::compile::<UsageEvent>(&tenants).unwrap();
+        let latency = Pipeline::compile::<UsageEvent>(&latency).unwrap();
+        assert!(tenants.check_query(&models()).await.is_ok());
+        assert!(latency.check_query(&models()).await.is_ok());
+
+        let events = [
+            usage("a", "sim-small", 10, 20, 60_000, 100),
+            usage("a", "sim-small", 10, 20, 61_000, 200),
+            usage("b", "sim-small", 1_000_000, 0, 62_000, 300),
+            usage("a", "unknown", 5, 5, 125_000, 400),
+        ];
+        let rows = run(&tenants, &events).await;
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let a1 = &rows[0];
+        assert_eq!(
+            (a1["tenant_id"].as_str(), a1["records"].as_i64()),
+            (Some("a"), Some(2))
+        );
+        assert_eq!(a1["input_tokens"], 20);
+        assert_eq!(a1["output_tokens"], 40);
+        // 20 input tokens at 0.1 $/M and 40 output at 0.4 $/M: 18 micro-dollars.
+        assert_eq!(a1["cost_micros"].as_f64(), Some(18.0));
+        assert_eq!(rows[1]["cost_micros"].as_f64(), Some(100_000.0));
+        assert_eq!(
+            rows[2]["cost_micros"].as_f64(),
+            Some(0.0),
+            "unknown model: no price"
+        );
+
+        let rows = run(&latency, &events).await;
+        let first = &rows[0];
+        assert_eq!(
+            (first["model"].as_str(), first["records"].as_i64()),
+            (Some("sim-small"), Some(3))
+        );
+        assert_eq!(first["max_ms"], 300);
+        assert_eq!(first["p50_ms"].as_f64(), Some(200.0));
+    }
+
+    #[tokio::test]
+    async fn hopping_windows_count_a_record_in_each_window_it_falls_in() {
+        let config = PipelineConfig {
+            name: "hop".into(),
+            source: "usage".into(),
+            sql: "SELECT window_start, count(*) AS records FROM usage \
+                  GROUP BY hop(interval '30 seconds', interval '1 minute')"
+                .into(),
+            event_time: "occurred_at_ms".into(),
+            max_out_of_orderness: default_out_of_orderness(),
+            allowed_lateness: default_lateness(),
+            idle_after: default_idle_after(),
+            output: OutputConfig::Topic("hop".into()),
+        };
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let rows = run(
+            &pipeline,
+            &[
+                usage("a", "m", 1, 1, 45_000, 1),
+                usage("a", "m", 1, 1, 75_000, 1),
+            ],
+        )
+        .await;
+        let counts: Vec<(i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["window_start"].as_i64().unwrap(),
+                    r["records"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(counts, vec![(0, 1), (30_000, 2), (60_000, 1)]);
+    }
+
+    fn input(event: UsageEvent, partition: i32, offset: i64) -> Input<UsageEvent> {
+        Input {
+            record: event,
+            ctx: sluice_pipelines::RecordContext {
+                topic: "usage".into(),
+                partition,
+                offset,
+                key: None,
+                timestamp_ms: None,
+                trace: sluice_pipelines::trace::TraceContext::new_root(),
+            },
+        }
+    }
+
+    /// An emitter that is never asked to send (nothing here reaches a broker).
+    fn idle_emitter() -> Emitter {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let registry = sluice_schemas::RegistryClient::new("http://127.0.0.1:1").unwrap();
+        Emitter::new(
+            producer,
+            Arc::new(sluice_schemas::Codec::new(registry)),
+            sluice_pipelines::trace::TraceContext::new_root(),
+        )
+    }
+
+    /// An operator for `config` whose output is never reached in these tests.
+    fn operator(config: PipelineConfig) -> SqlOperator<UsageEvent> {
+        let output = Output::Topic {
+            topic: "unused".into(),
+        };
+        operator_writing_to(config, output)
+    }
+
+    fn operator_writing_to(config: PipelineConfig, output: Output) -> SqlOperator<UsageEvent> {
+        let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(&config).unwrap());
+        SqlOperator::new(
+            pipeline,
+            Arc::new(output),
+            None,
+            &Metrics::new().unwrap(),
+            "t",
+        )
+    }
+
+    /// A pipeline dividing input by output tokens, and records for two minutes of which the
+    /// first has no output tokens: its division fails.
+    fn dividing_by_zero_in_minute_0() -> (PipelineConfig, Vec<Input<UsageEvent>>) {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records, \
+                      sum(input_tokens) / sum(output_tokens) AS per_output \
+                      FROM usage GROUP BY tumble(interval '1 minute')"
+            .into();
+        let batch = vec![
+            input(usage("a", "m", 4, 0, 1_000, 1), 0, 1),
+            input(usage("a", "m", 4, 2, 61_000, 1), 0, 2),
+        ];
+        (config, batch)
+    }
+
+    #[tokio::test]
+    async fn records_read_again_after_a_rebalance_are_not_counted_twice() {
+        let mut operator = operator(builtin::pipelines().remove(0));
+        let mut out = idle_emitter();
+        let batch: Vec<Input<UsageEvent>> = (0..3)
+            .map(|i| input(usage("a", "m", 1, 1, 60_000 + i * 1_000, 1), 2, 10 + i))
+            .collect();
+        operator.process(&batch, &mut out).await.unwrap();
+        assert_eq!(operator.held_rows, 3);
+        assert_eq!(
+            operator.retained(),
+            vec![(2, 10)],
+            "the window holds offset 10 back"
+        );
+        assert_eq!(operator.event_time_ms(&batch[1]), Some(61_000));
+        // The group hands partition 2 back and it is read again from the commit position.
+        operator.process(&batch, &mut out).await.unwrap();
+        assert_eq!(operator.held_rows, 3);
+        assert!(
+            operator.event_time_ms(&batch[1]).is_none(),
+            "skipped: no watermark move"
+        );
+    }
+
+    #[tokio::test]
+    async fn event_times_far_ahead_or_before_1970_go_to_the_dlq() {
+        let mut operator = operator(builtin::pipelines().remove(0));
+        let mut out = idle_emitter();
+        let ahead = sluice_pipelines::now_ms() + 2 * 3_600_000;
+        let batch = vec![
+            input(usage("a", "m", 1, 1, ahead, 1), 0, 1),
+            input(usage("a", "m", 1, 1, -5, 1), 0, 2),
+            input(usage("a", "m", 1, 1, i64::MAX, 1), 0, 3),
+        ];
+        operator.process(&batch, &mut out).await.unwrap();
+        let rejected: Vec<i64> = out.take_rejected().iter().map(|r| r.offset).collect();
+        assert_eq!(rejected, vec![1, 2, 3]);
+        assert_eq!(operator.held_rows, 0);
+        assert!(operator.retained().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_window_the_query_fails_on_does_not_hold_up_the_others() {
+        let (config, batch) = dividing_by_zero_in_minute_0();
+        let mut operator = operator(config);
+        operator.process(&batch, &mut idle_emitter()).await.unwrap();
+        assert!(operator
+            .query_windows(&[(0, 0), (0, 60_000)])
+            .await
+            .is_err());
+        let error = operator
+            .query_windows(&[(0, 0)])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.to_lowercase().contains("divide by zero"), "{error}");
+        let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
+        let rows = table::json_rows(&rows[0]).unwrap();
+        assert_eq!(rows[0]["per_output"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_window_given_up_on_is_counted_once_while_the_store_is_down() {
+        let (config, batch) = dividing_by_zero_in_minute_0();
+        // Nothing listens on port 1: every write of the other window fails and is retried.
+        let unreachable = sluice_stores::ClickHouseConfig {
+            url: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let output = Output::clickhouse(sluice_stores::ClickHouse::new(&unreachable), "unused");
+        let mut operator = operator_writing_to(config, output);
+        let mut out = idle_emitter();
+        operator.process(&batch, &mut out).await.unwrap();
+        assert!(operator.on_watermark(0, 200_000, &mut out).await.is_err());
+        for _ in 0..3 {
+            assert!(operator.on_tick(&mut out).await.is_err());
+        }
+        assert_eq!(operator.failed_windows.get(), 1);
+        // The window that can be computed waits for the next try; the other one is done.
+        assert_eq!(operator.windows[&(0, 60_000)].emitted, None);
+        assert_eq!(operator.windows[&(0, 0)].emitted, Some(1));
+    }
+
+    #[test]
+    fn broken_definitions_are_refused_with_the_pipeline_name() {
+        let mut config = builtin::pipelines().remove(0);
+        config.event_time = "tenant_id".into();
+        let error = Pipeline::compile::<UsageEvent>(&config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tenant_usage_1m") && error.contains("event_time"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_query_without_records_is_refused_at_start() {
+        let mut config = builtin::pipelines().remove(1);
+        config.sql =
+            "SELECT window_start, model FROM usage GROUP BY tumble(interval '1 minute'), model"
+                .into();
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let error = pipeline.check_query(&[]).await.unwrap_err().to_string();
+        assert!(error.contains("records"), "{error}");
+    }
+}

@@ -1,0 +1,321 @@
+//! The benchmark harness every `sluice bench` uses: fresh topics, the raw librdkafka path that
+//! is the limit, a stage timed from its first record, rounds that alternate the paths, and the
+//! summary with the ratio each benchmark prints last.
+//!
+//! A benchmark measures Sluice against what a user could build by hand with the same client on
+//! the same broker, in the same run: the limit is measured, never assumed.
+
+pub mod passthrough;
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::Consumer,
+    message::Message,
+    producer::{DeliveryFuture, FutureRecord},
+};
+use sluice_schemas::{Codec, Record};
+
+use crate::{
+    config::KafkaConfig,
+    kafka::{self, ProducerProfile},
+};
+
+/// Why a benchmark could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The runtime or the broker failed.
+    #[error(transparent)]
+    Runtime(#[from] crate::Error),
+    /// A record could not be encoded or a schema registered.
+    #[error(transparent)]
+    Schema(#[from] sluice_schemas::Error),
+    /// A Kafka client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The stage under test stopped before it was done.
+    #[error("{path}: the stage stopped before {when}")]
+    Stopped { path: String, when: &'static str },
+    /// The stage under test panicked or was aborted.
+    #[error("{path}: the stage's task failed: {source}")]
+    Task {
+        path: String,
+        source: tokio::task::JoinError,
+    },
+    /// Records that should have gone through went to the DLQ.
+    #[error("{path}: {count} records went to the DLQ")]
+    DeadLettered { path: String, count: u64 },
+    /// The benchmark's own set-up failed (a definition it uses does not compile, say).
+    #[error("setting up: {0}")]
+    Setup(String),
+    /// Outputs the broker did not acknowledge.
+    #[error("{path}: {count} deliveries failed")]
+    Undelivered { path: String, count: u64 },
+}
+
+/// Result with [`BenchError`].
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// One benchmark run's fresh topics and groups, all named `bench-<id>.…`.
+pub struct Workspace {
+    id: String,
+}
+
+impl Workspace {
+    /// A new workspace; creates the topics `bench-<id>.<suffix>` for each of `suffixes`.
+    pub async fn create(kafka: &KafkaConfig, suffixes: &[&str]) -> Result<Self> {
+        let workspace = Self {
+            id: format!("bench-{}", crate::now_ms()),
+        };
+        let topics: Vec<String> = suffixes.iter().map(|s| workspace.topic(s)).collect();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        kafka::ensure_topics(kafka, &names).await?;
+        Ok(workspace)
+    }
+
+    /// The workspace's id (`bench-<ms>`), for names outside the broker (tenant ids, say).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The topic `bench-<id>.<suffix>`.
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.id)
+    }
+
+    /// A fresh consumer group for `path` in `round`.
+    pub fn group(&self, path: &str, round: usize) -> String {
+        format!("{}.{path}.{round}", self.id)
+    }
+}
+
+/// Encodes `records` and produces them to `topic` keyed as given, waiting for every
+/// acknowledgement; returns the size of the last record's frame (bytes).
+pub async fn fill<T: Record>(
+    kafka: &KafkaConfig,
+    codec: &Codec,
+    topic: &str,
+    records: impl Iterator<Item = (String, T)>,
+) -> Result<usize> {
+    let mut size = 0;
+    let frames = records.map(|(key, record)| {
+        let bytes = codec.encode(&record)?;
+        size = bytes.len();
+        Ok((key, bytes))
+    });
+    kafka::produce_all(kafka, topic, frames).await?;
+    Ok(size)
+}
+
+/// Prints `label`'s progress: records done of `total`, and the rate since `started`.
+pub fn progress(label: &str, done: u64, total: u64, started: Instant) {
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "  {label}: {done}/{total} records, {:.0}/s",
+        done as f64 / secs
+    );
+}
+
+/// The limit: a plain librdkafka consumer in a fresh `group` reading `total` records of
+/// `input`, and (given `output`) producing each payload there unchanged, with acknowledgements
+/// awaited off the consume loop so it never stalls on them. Records/s, timed from the first
+/// record (joining the group is not counted).
+pub async fn raw_path(
+    kafka: &KafkaConfig,
+    input: &str,
+    output: Option<&str>,
+    group: &str,
+    total: u64,
+) -> Result<f64> {
+    let consumer = kafka::consumer(kafka, group, 100, None, None)?;
+    consumer.subscribe(&[input])?;
+    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
+    let (acks, mut pending) = tokio::sync::mpsc::unbounded_channel::<DeliveryFuture>();
+    let acknowledger = tokio::spawn(async move {
+        let mut failed = 0u64;
+        while let Some(delivery) = pending.recv().await {
+            if !matches!(delivery.await, Ok(Ok(_))) {
+                failed += 1;
+            }
+        }
+        failed
+    });
+    let mut started: Option<Instant> = None;
+    let mut last_report = Instant::now();
+    let mut done = 0u64;
+    while done < total {
+        let message = consumer.recv().await?;
+        let clock = *started.get_or_insert_with(Instant::now);
+        if let Some(output) = output {
+            loop {
+                let mut record =
+                    FutureRecord::to(output).payload(message.payload().unwrap_or_default());
+                if let Some(key) = message.key() {
+                    record = record.key(key);
+                }
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        // The acknowledger outlives the loop, so the send cannot fail.
+                        let _ = acks.send(delivery);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+        }
+        done += 1;
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            progress("raw", done, total, clock);
+            last_report = Instant::now();
+        }
+    }
+    drop(acks);
+    let failed = acknowledger.await.map_err(|source| BenchError::Task {
+        path: "raw".into(),
+        source,
+    })?;
+    if failed > 0 {
+        return Err(BenchError::Undelivered {
+            path: "raw".into(),
+            count: failed,
+        });
+    }
+    let elapsed = started.map_or(f64::MAX, |s| s.elapsed().as_secs_f64());
+    Ok(total as f64 / elapsed)
+}
+
+/// A stage under test, spawned: what [`time_stage`] watches.
+pub struct StageRun<'a, T> {
+    /// Label for progress lines and errors.
+    pub path: &'a str,
+    pub task: &'a tokio::task::JoinHandle<T>,
+    /// Records the stage has consumed (its clock starts at the first).
+    pub consumed: &'a prometheus::IntCounter,
+    /// Records to report progress against.
+    pub total: u64,
+}
+
+/// Seconds from the stage's first record until `done()` holds, with progress (records
+/// `progressed()` of `total`) once a second. Fails if the stage stops first.
+pub async fn time_stage<T>(
+    run: StageRun<'_, T>,
+    progressed: impl Fn() -> u64,
+    done: impl Fn() -> bool,
+) -> Result<f64> {
+    while run.consumed.get() == 0 {
+        if run.task.is_finished() {
+            return Err(BenchError::Stopped {
+                path: run.path.into(),
+                when: "its first record",
+            });
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while !done() {
+        if run.task.is_finished() {
+            return Err(BenchError::Stopped {
+                path: run.path.into(),
+                when: "finishing",
+            });
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            progress(run.path, progressed(), run.total, started);
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Rates of one path over rounds: the median and the slowest and fastest round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub median: f64,
+    pub slowest: f64,
+    pub fastest: f64,
+}
+
+impl Summary {
+    /// Summarizes per-round rates.
+    pub fn of(rates: &[f64]) -> Self {
+        let mut sorted = rates.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let median = match sorted.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        Self {
+            median,
+            slowest: sorted.first().copied().unwrap_or(0.0),
+            fastest: sorted.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The limit and the measured path, summarized over the same rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    pub limit: Summary,
+    pub measured: Summary,
+}
+
+impl Comparison {
+    /// Runs `rounds` rounds (at least one) of `round(n)`, which measures the limit then the
+    /// path under test and returns both rates (records/s), and summarizes them.
+    pub async fn run<F, Fut>(rounds: usize, mut round: F) -> Result<Self>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: Future<Output = Result<(f64, f64)>>,
+    {
+        let (mut limits, mut measured) = (Vec::new(), Vec::new());
+        for n in 1..=rounds.max(1) {
+            let (limit, rate) = round(n).await?;
+            eprintln!("round {n}: limit {limit:.0}/s, measured {rate:.0}/s");
+            limits.push(limit);
+            measured.push(rate);
+        }
+        Ok(Self {
+            limit: Summary::of(&limits),
+            measured: Summary::of(&measured),
+        })
+    }
+
+    /// The measured path's median over the limit's; zero when the limit is zero.
+    pub fn ratio(&self) -> f64 {
+        if self.limit.median > 0.0 {
+            self.measured.median / self.limit.median
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_take_the_median_and_the_extremes() {
+        assert_eq!(
+            Summary::of(&[3.0, 1.0, 2.0]),
+            Summary {
+                median: 2.0,
+                slowest: 1.0,
+                fastest: 3.0
+            }
+        );
+        assert_eq!(Summary::of(&[4.0, 1.0, 3.0, 2.0]).median, 2.5);
+        assert_eq!(Summary::of(&[]).median, 0.0);
+        let comparison = Comparison {
+            limit: Summary::of(&[100.0]),
+            measured: Summary::of(&[50.0]),
+        };
+        assert_eq!(comparison.ratio(), 0.5);
+    }
+}

@@ -1,0 +1,94 @@
+//! How a stage runs: what it reads, in which group, with how much parallelism and batching,
+//! and what it needs from its process.
+
+use std::{sync::Arc, time::Duration};
+
+use sluice_schemas::Codec;
+
+use crate::{config::KafkaConfig, metrics::Metrics, ops::Readiness};
+
+/// How records are spread over a stage's lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneBy {
+    /// By record key: one key's records go through one lane, in order.
+    Key,
+    /// By partition: one partition's records go through one lane, in offset order (for
+    /// operators with per-partition state, such as event-time windows).
+    Partition,
+}
+
+/// Event-time settings of a stage.
+#[derive(Debug, Clone, Copy)]
+pub struct WatermarkSpec {
+    /// How far out of order records may arrive: the watermark trails the highest event time
+    /// seen on a partition by this much.
+    pub max_out_of_orderness: Duration,
+    /// After this long without records on a partition its watermark follows the wall clock
+    /// (minus the out-of-orderness), so windows of a quiet partition still close.
+    pub idle_after: Duration,
+}
+
+/// How one stage runs: what it reads, in which group, with how much parallelism.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Stage name for metrics, logs and DLQ records (`router`, `orchestrator`, ...).
+    pub name: String,
+    /// Consumer group; instances of a stage share it and split the partitions.
+    pub group: String,
+    /// Topic to consume.
+    pub input_topic: String,
+    /// DLQ topic.
+    pub dlq_topic: String,
+    /// Lanes, each with its own operator instance, processing concurrently.
+    pub lanes: usize,
+    /// How records are spread over the lanes.
+    pub lane_by: LaneBy,
+    /// Records queued per lane before the consumer waits for room.
+    pub lane_capacity: usize,
+    /// Most records handed to the operator at once.
+    pub max_batch: usize,
+    /// Longest a lane waits for more records before processing a batch that is not full
+    /// (zero: process what is ready, the latency path).
+    pub linger: Duration,
+    /// Attempts on retriable failures before a record goes to the DLQ.
+    pub max_attempts: u32,
+    /// Processed batches per lane whose outputs may await the broker's acknowledgement at once.
+    pub max_unacked: usize,
+    /// Broker fetch wait; small on the interactive path.
+    pub fetch_wait_ms: u32,
+    /// How often [`Operator::on_tick`] runs, if at all.
+    pub tick: Option<Duration>,
+    /// Event-time watermarks, if the operator uses them.
+    pub watermarks: Option<WatermarkSpec>,
+}
+
+impl StageSpec {
+    /// A spec with the runtime's defaults (the latency path: 32 lanes by key, no linger).
+    pub fn new(name: &str, group: &str, input_topic: &str, dlq_topic: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            input_topic: input_topic.to_owned(),
+            dlq_topic: dlq_topic.to_owned(),
+            lanes: 32,
+            lane_by: LaneBy::Key,
+            lane_capacity: 16,
+            max_batch: 64,
+            linger: Duration::ZERO,
+            max_attempts: 6,
+            max_unacked: 256,
+            fetch_wait_ms: 5,
+            tick: None,
+            watermarks: None,
+        }
+    }
+}
+
+/// What a stage needs from its process.
+#[derive(Clone)]
+pub struct StageDeps {
+    pub kafka: KafkaConfig,
+    pub codec: Arc<Codec>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+}

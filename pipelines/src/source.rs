@@ -1,0 +1,166 @@
+//! Where a stage's records come from: the set-up the operator loop and the sink loop share. A
+//! stage source is the stage's consumer (in its group, subscribed to its input), the producer
+//! its outputs and dead letters leave through, the lag reporter, the decoder that sends what
+//! does not decode to the DLQ, and the stage's readiness.
+
+use std::sync::Arc;
+
+use rdkafka::{
+    consumer::{CommitMode, Consumer},
+    message::{Message, OwnedMessage},
+    producer::FutureProducer,
+};
+use sluice_schemas::{Codec, Record};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    kafka::{self, KafkaConsumer, LagReporter, ProducerProfile},
+    ops::Readiness,
+    runtime::{backoff, DeadLetters, StageDeps, LAG_EVERY},
+    Result,
+};
+
+/// What a stage source reads and how.
+pub(crate) struct SourceSpec<'a> {
+    /// Stage name (metrics, logs, dead letters, readiness).
+    pub name: &'a str,
+    pub group: &'a str,
+    pub topic: &'a str,
+    pub dlq_topic: &'a str,
+    /// How long a broker fetch waits for data.
+    pub fetch_wait_ms: u32,
+    /// Cap on what the consumer fetches ahead (librdkafka's 64 MiB if `None`).
+    pub max_prefetch_kib: Option<u32>,
+    /// The producer outputs and dead letters use.
+    pub producer: ProducerProfile,
+}
+
+/// A stage's consumer, producer, decoder and readiness, opened together and closed together.
+pub(crate) struct StageSource {
+    pub consumer: Arc<KafkaConsumer>,
+    pub producer: FutureProducer,
+    pub decoder: Decoder,
+    lag: LagReporter,
+    name: String,
+    readiness: Readiness,
+}
+
+impl StageSource {
+    /// Joins the stage's group, subscribes to its input and starts measuring its lag.
+    pub fn open(spec: SourceSpec<'_>, deps: &StageDeps) -> Result<Self> {
+        let consumer = Arc::new(kafka::consumer(
+            &deps.kafka,
+            spec.group,
+            spec.fetch_wait_ms,
+            spec.max_prefetch_kib,
+            Some(&deps.metrics),
+        )?);
+        consumer.subscribe(&[spec.topic])?;
+        let producer = kafka::producer(&deps.kafka, spec.producer)?;
+        let dead_letters = DeadLetters::new(
+            producer.clone(),
+            deps.codec.clone(),
+            spec.dlq_topic,
+            spec.name,
+            deps.metrics.clone(),
+        );
+        let decoder = Decoder {
+            codec: deps.codec.clone(),
+            dead_letters,
+            stage: spec.name.to_owned(),
+            retries: deps.metrics.retries.with_label_values(&[spec.name]),
+        };
+        let lag = LagReporter::start(
+            consumer.clone(),
+            spec.group,
+            deps.metrics.clone(),
+            LAG_EVERY,
+        );
+        Ok(Self {
+            consumer,
+            producer,
+            decoder,
+            lag,
+            name: spec.name.to_owned(),
+            readiness: deps.readiness.clone(),
+        })
+    }
+
+    /// Where records that cannot be processed go.
+    pub fn dead_letters(&self) -> &DeadLetters {
+        self.decoder.dead_letters()
+    }
+
+    /// The stage is taking records (or, given `false`, no longer is).
+    pub fn set_ready(&self, ready: bool) {
+        self.readiness.set(&self.name, ready);
+    }
+
+    /// Stops measuring lag and commits the offsets stored so far; call once the stage has
+    /// finished with every record it took.
+    pub async fn close(self) {
+        self.set_ready(false);
+        self.lag.stop().await;
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(stage = %self.name, error = %e, "final commit had nothing to do");
+        }
+    }
+}
+
+/// What became of a record's bytes.
+pub(crate) enum Decoded<T> {
+    Ok(T),
+    /// Undecodable; sent to the DLQ (done).
+    DeadLettered,
+    /// Shutdown came first; not done, to be redelivered.
+    Interrupted,
+}
+
+/// Decodes a stage's input records: a registry that cannot be reached is waited for (with
+/// backoff, counted as retries); bytes that do not decode go to the DLQ.
+#[derive(Clone)]
+pub(crate) struct Decoder {
+    codec: Arc<Codec>,
+    dead_letters: DeadLetters,
+    stage: String,
+    retries: prometheus::IntCounter,
+}
+
+impl Decoder {
+    /// Where the records it cannot decode go (and the stage's other dead letters).
+    pub fn dead_letters(&self) -> &DeadLetters {
+        &self.dead_letters
+    }
+
+    /// Decodes `message` as a `T`, or dead-letters it; `cancel` interrupts the waits.
+    pub async fn decode<T: Record>(
+        &self,
+        message: &OwnedMessage,
+        cancel: &CancellationToken,
+    ) -> Decoded<T> {
+        let payload = message.payload().unwrap_or_default();
+        let mut attempt = 0u32;
+        loop {
+            match self.codec.decode::<T>(payload).await {
+                Ok(record) => return Decoded::Ok(record),
+                Err(e) if e.is_retriable() => {
+                    attempt += 1;
+                    self.retries.inc();
+                    tracing::warn!(stage = %self.stage, error = %e, attempt, "cannot decode yet; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Decoded::Interrupted,
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("undecodable: {e}");
+                    return if self.dead_letters.send(message, &reason, cancel).await {
+                        Decoded::DeadLettered
+                    } else {
+                        Decoded::Interrupted
+                    };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! `sluice bench`: each benchmark measures Sluice against the limit on the same machine in the
+//! same run, prints both, and prints `ratio=<measured/limit>` last.
+
+use sluice_pipelines::bench::{passthrough, Summary};
+use sluice_stores::ClickHouse;
+
+use crate::{config::Config, process, BenchCommand};
+
+/// `label: <median> records/s (rounds <slowest>..<fastest>)<extra>`.
+fn print_rate(label: &str, rates: &Summary, extra: &str) {
+    println!(
+        "{label}: {:.0} records/s (rounds {:.0}..{:.0}){extra}",
+        rates.median, rates.slowest, rates.fastest
+    );
+}
+
+/// Runs a benchmark and prints its figures, the ratio last.
+pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Passthrough {
+            records,
+            record_bytes,
+            lanes,
+            rounds,
+        } => {
+            let options = passthrough::PassthroughOptions {
+                records,
+                record_bytes,
+                lanes,
+                rounds,
+            };
+            let codec = process::codec(&config)?;
+            let report = passthrough::passthrough(&config.kafka, codec, &options).await?;
+            println!(
+                "records: {} of {} bytes, median of {rounds} rounds per path",
+                report.records, report.record_bytes
+            );
+            print_rate(
+                "raw librdkafka consume+produce",
+                &report.comparison.limit,
+                "",
+            );
+            print_rate(
+                "pipeline (decode, operator, encode, ordered commit)",
+                &report.comparison.measured,
+                "",
+            );
+            println!("ratio={:.3}", report.comparison.ratio());
+        }
+        BenchCommand::Window {
+            records,
+            tenants,
+            minutes,
+            lanes,
+            rounds,
+        } => {
+            let options = sluice_sql::bench::WindowOptions {
+                records,
+                tenants,
+                minutes,
+                rounds,
+                lanes,
+            };
+            let codec = process::codec(&config)?;
+            let clickhouse = ClickHouse::new(&config.clickhouse);
+            let report =
+                sluice_sql::bench::window(&config.kafka, codec, clickhouse, &options).await?;
+            println!(
+                "records: {} usage events, {tenants} tenants over {minutes} minutes, median of {rounds} rounds per path",
+                report.records
+            );
+            print_rate("raw librdkafka consume", &report.comparison.limit, "");
+            print_rate(
+                "SQL tenant_usage_1m (decode, window, DataFusion, ClickHouse, ordered commit)",
+                &report.comparison.measured,
+                &format!(", {} rows", report.rows),
+            );
+            println!("ratio={:.3}", report.comparison.ratio());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The usage facts, `usage_events`: one row per billable model call, written by the metering
+//! sink and read by the edge's `/v1/usage` (and invoices to come). Every read names its tenant
+//! and goes through `FINAL`, so redelivered events are never counted twice.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use sluice_schemas::UsageEvent;
+
+use super::ClickHouse;
+use crate::Result;
+
+/// The table.
+pub const TABLE: &str = "usage_events";
+
+/// One row of `usage_events`.
+#[derive(Debug, Clone, PartialEq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub model: String,
+    pub provider: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Event time, seconds (ClickHouse `DateTime`).
+    pub occurred_at: u32,
+    /// Event time, milliseconds.
+    pub occurred_at_ms: i64,
+}
+
+impl From<&UsageEvent> for UsageRow {
+    fn from(e: &UsageEvent) -> Self {
+        Self {
+            event_id: e.event_id.clone(),
+            request_id: e.request_id.clone(),
+            tenant_id: e.tenant_id.clone(),
+            model: e.model.clone(),
+            provider: e.provider.clone(),
+            input_tokens: u64::try_from(e.input_tokens).unwrap_or(0),
+            output_tokens: u64::try_from(e.output_tokens).unwrap_or(0),
+            occurred_at: u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0),
+            occurred_at_ms: e.occurred_at_ms,
+        }
+    }
+}
+
+/// Which of `events`' ids are already stored. Each query names one tenant, the leading column
+/// of the table's sort key, so it reads that tenant's index range, not the table.
+pub async fn stored_event_ids(
+    clickhouse: &ClickHouse,
+    events: &[UsageEvent],
+) -> Result<HashSet<String>> {
+    let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+    for event in events {
+        by_tenant
+            .entry(&event.tenant_id)
+            .or_default()
+            .push(&event.event_id);
+    }
+    let mut stored = HashSet::new();
+    for (tenant, ids) in by_tenant {
+        // Bounded IN lists keep each query small.
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT event_id FROM {TABLE} WHERE tenant_id = ? AND event_id IN ({placeholders})"
+            );
+            let mut query = clickhouse.client().query(&sql).bind(tenant);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            stored.extend(query.fetch_all::<String>().await?);
+        }
+    }
+    Ok(stored)
+}
+
+/// Usage of one model over a time range.
+#[derive(Debug, Clone, PartialEq, Eq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct ModelUsage {
+    pub model: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// A tenant's usage per model for events in `[from_s, to_s)` (Unix seconds).
+pub async fn usage_by_model(
+    clickhouse: &ClickHouse,
+    tenant_id: &str,
+    from_s: u32,
+    to_s: u32,
+) -> Result<Vec<ModelUsage>> {
+    Ok(clickhouse
+        .client()
+        .query(
+            "SELECT model, count() AS requests, sum(input_tokens) AS input_tokens, \
+                    sum(output_tokens) AS output_tokens \
+               FROM usage_events FINAL \
+              WHERE tenant_id = ? AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
+              GROUP BY model ORDER BY model",
+        )
+        .bind(tenant_id)
+        .bind(from_s)
+        .bind(to_s)
+        .fetch_all::<ModelUsage>()
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_carry_event_time_in_seconds_and_milliseconds() {
+        let event = UsageEvent {
+            event_id: "a".into(),
+            request_id: "r".into(),
+            tenant_id: "t".into(),
+            model: "m".into(),
+            provider: "sim".into(),
+            input_tokens: 3,
+            output_tokens: -4,
+            occurred_at_ms: 1_700_000_000_123,
+            latency_ms: None,
+        };
+        let row = UsageRow::from(&event);
+        assert_eq!(row.occurred_at, 1_700_000_000);
+        assert_eq!(row.occurred_at_ms, 1_700_000_000_123);
+        assert_eq!((row.input_tokens, row.output_tokens), (3, 0));
+    }
+}

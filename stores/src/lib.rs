@@ -1,0 +1,24 @@
+//! Sluice's stores: everything that knows a table.
+//!
+//! - [`postgres`]: the control plane. Every migration (tenants, hashed API keys, the model
+//!   catalogue, the schema registry's tables), the row-level-security helper
+//!   ([`postgres::tenant_transaction`]), and the queries over those tables: [`postgres::tenants`],
+//!   [`postgres::models`] (with the in-memory [`ModelCatalog`]), [`postgres::registry`] (the
+//!   schema registry's storage) and [`postgres::claims`] (advisory-lock claims, such as an edge
+//!   instance's replies partition).
+//! - [`clickhouse`]: the facts. Connection settings, the DDL of database `sluice`, the one
+//!   writer every ClickHouse write goes through, and the read queries ([`clickhouse::usage`]).
+//! - [`Error`]: one error type, which says whose fault a failure is and whether a retry can
+//!   help, so the runtime knows what to do with it.
+//!
+//! This crate depends only on `schemas`: the runtime, the operators, the sinks and the edge
+//! read and write the stores through it.
+
+pub mod clickhouse;
+pub mod postgres;
+
+mod error;
+
+pub use crate::clickhouse::{ClickHouse, ClickHouseConfig};
+pub use error::{Error, Fault, Result};
+pub use postgres::models::{ModelCatalog, ModelSpec, ProviderKind, AUTO_MODEL};

@@ -1,0 +1,113 @@
+//! The PostgreSQL control plane: every migration, the row-level-security helper, and the
+//! queries over the control plane's tables.
+//!
+//! Two roles: the owner (`sluice`) runs migrations and administrative commands (`sluice tenant
+//! create`); the runtime role (`sluice_app`) is subject to row-level security, and every
+//! tenant-scoped query runs in a transaction that names its tenant ([`tenant_transaction`]), so
+//! a query that forgets its tenant filter still sees only that tenant's rows.
+
+pub mod claims;
+pub mod models;
+pub mod registry;
+pub mod tenants;
+
+use sha2::{Digest, Sha256};
+use sqlx::{postgres::PgPoolOptions, types::Uuid, PgPool, Postgres, Transaction};
+
+use crate::{Error, Result};
+
+/// One schema change, applied once, in order.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, oldest first. A migration never changes once released: add a new one.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "control_plane",
+    sql: include_str!("../../migrations/0001_control_plane.sql"),
+}];
+
+/// Connects a pool to `url`.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await?)
+}
+
+/// Applies every migration not yet applied (safe to run concurrently: an advisory lock
+/// serialises runners). Returns the versions applied now.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('sluice-migrations'))")
+        .execute(&mut *conn)
+        .await?;
+    let result = apply_migrations(&mut conn).await;
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('sluice-migrations'))")
+        .execute(&mut *conn)
+        .await?;
+    result
+}
+
+async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS sluice_migrations (
+            version bigint PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut applied_now = Vec::new();
+    for migration in MIGRATIONS {
+        let checksum = hex::encode(Sha256::digest(migration.sql.as_bytes()));
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT checksum FROM sluice_migrations WHERE version = $1")
+                .bind(migration.version)
+                .fetch_optional(&mut *conn)
+                .await?;
+        match existing {
+            Some(found) if found == checksum => continue,
+            Some(_) => {
+                return Err(Error::Corrupt(format!(
+                    "migration {} ({}) changed after it was applied; add a new migration instead",
+                    migration.version, migration.name
+                )))
+            }
+            None => {}
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(migration.sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO sluice_migrations (version, name, checksum) VALUES ($1, $2, $3)")
+            .bind(migration.version)
+            .bind(migration.name)
+            .bind(&checksum)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "migration applied"
+        );
+        applied_now.push(migration.version);
+    }
+    Ok(applied_now)
+}
+
+/// A transaction in which row-level security shows only `tenant_id`'s rows. Every read or
+/// write of tenant-owned rows by the runtime role goes through one.
+pub async fn tenant_transaction(
+    app: &PgPool,
+    tenant_id: Uuid,
+) -> Result<Transaction<'static, Postgres>> {
+    let mut tx = app.begin().await?;
+    sqlx::query("SELECT set_config('sluice.tenant_id', $1, true)")
+        .bind(tenant_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}

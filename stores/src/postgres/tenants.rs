@@ -1,0 +1,145 @@
+//! Tenants and their API keys. Keys are stored as their SHA-256 only; the key itself is shown
+//! once, when it is made.
+
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{types::Uuid, PgPool, Postgres, Row, Transaction};
+
+use super::tenant_transaction;
+use crate::{Error, Result};
+
+/// Prefix of every Sluice API key, so leaked keys are recognisable.
+pub const API_KEY_PREFIX: &str = "sk-sluice-";
+
+/// A tenant.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+}
+
+impl Tenant {
+    fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
+        Ok(Self {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            status: row.try_get(2)?,
+        })
+    }
+}
+
+/// A new random API key: the prefix and 32 random bytes in hex.
+pub fn generate_api_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{API_KEY_PREFIX}{}", hex::encode(bytes))
+}
+
+/// The stored form of a key: SHA-256, hex. Keys carry 256 random bits, so a fast hash is safe.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Creates a tenant and its first API key (owner role). Returns the tenant and the key, which
+/// is shown once and never stored.
+pub async fn create_tenant(admin: &PgPool, name: &str) -> Result<(Tenant, String)> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(Error::Invalid(
+            "tenant name must be 1 to 200 characters".into(),
+        ));
+    }
+    let mut tx = admin.begin().await?;
+    let row = sqlx::query("INSERT INTO tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id, name, status")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Invalid(format!("a tenant named {name:?} already exists")))?;
+    let tenant = Tenant::from_row(&row)?;
+    let key = insert_api_key(&mut tx, tenant.id, "default").await?;
+    tx.commit().await?;
+    Ok((tenant, key))
+}
+
+/// Issues another API key for a tenant (owner role).
+pub async fn create_api_key(admin: &PgPool, tenant_id: Uuid, name: &str) -> Result<String> {
+    let mut tx = admin.begin().await?;
+    let key = insert_api_key(&mut tx, tenant_id, name).await?;
+    tx.commit().await?;
+    Ok(key)
+}
+
+async fn insert_api_key(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant_id: Uuid,
+    name: &str,
+) -> Result<String> {
+    let key = generate_api_key();
+    sqlx::query("INSERT INTO api_keys (tenant_id, key_hash, prefix, name) VALUES ($1, $2, $3, $4)")
+        .bind(tenant_id)
+        .bind(hash_api_key(&key))
+        .bind(&key[..API_KEY_PREFIX.len() + 6])
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(key)
+}
+
+/// Finds a tenant by name (owner role), for administrative commands.
+pub async fn find_tenant(admin: &PgPool, name: &str) -> Result<Option<Tenant>> {
+    let row = sqlx::query("SELECT id, name, status FROM tenants WHERE name = $1")
+        .bind(name)
+        .fetch_optional(admin)
+        .await?;
+    row.as_ref().map(Tenant::from_row).transpose()
+}
+
+/// The tenant an API key belongs to, if the key is valid and not revoked.
+pub async fn authenticate(app: &PgPool, key: &str) -> Result<Option<Uuid>> {
+    if !key.starts_with(API_KEY_PREFIX) {
+        return Ok(None);
+    }
+    Ok(sqlx::query_scalar("SELECT sluice_authenticate($1)")
+        .bind(hash_api_key(key))
+        .fetch_one(app)
+        .await?)
+}
+
+/// The calling tenant's own record, read through row-level security (no tenant filter in the
+/// query: the policy is the filter).
+pub async fn current_tenant(app: &PgPool, tenant_id: Uuid) -> Result<Option<Tenant>> {
+    let mut tx = tenant_transaction(app, tenant_id).await?;
+    let rows = sqlx::query("SELECT id, name, status FROM tenants")
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut tenants = rows
+        .iter()
+        .map(Tenant::from_row)
+        .collect::<Result<Vec<_>>>()?;
+    if tenants.len() > 1 {
+        return Err(Error::Corrupt(
+            "row-level security is not in force for this role".into(),
+        ));
+    }
+    Ok(tenants.pop())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_prefixed_and_hash_stably() {
+        let a = generate_api_key();
+        let b = generate_api_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(API_KEY_PREFIX));
+        assert_eq!(a.len(), API_KEY_PREFIX.len() + 64);
+        assert_eq!(hash_api_key(&a), hash_api_key(&a));
+        assert_ne!(hash_api_key(&a), hash_api_key(&b));
+        assert_eq!(hash_api_key(&a).len(), 64);
+    }
+}

@@ -301,22 +301,7 @@ impl Sluice {
     /// Starts another `sluice` part (e.g. `edge`) on this instance's topics and registry; it is
     /// killed when the returned guard drops.
     pub fn spawn_part(&self, args: &[&str], env: &[(&str, String)]) -> Part {
-        let log = log_file(&format!("test-{}-{}.log", self.prefix, args.join("-")));
-        let ops_port = free_port();
-        let mut command = sluice(&self.prefix);
-        command
-            .args(args)
-            .env("SLUICE_REGISTRY__URL", &self.registry_url)
-            .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{ops_port}"))
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        Part {
-            child: command.spawn().expect("starting a sluice part"),
-            ops_url: format!("http://127.0.0.1:{ops_port}"),
-        }
+        spawn_part(&self.prefix, &self.registry_url, args, env)
     }
 
     pub fn v1(&self, path: &str) -> String {
@@ -339,7 +324,29 @@ fn log_file(name: &str) -> std::fs::File {
         .expect("log file")
 }
 
-/// A `sluice` part started by [`Sluice::spawn_part`].
+/// Starts a `sluice` part (`edge`, `registry`, `run <stage>`, ...) on `prefix`'s topics with
+/// the registry at `registry_url`, serving its operations endpoint on a free port; it is killed
+/// when the returned guard drops.
+pub fn spawn_part(prefix: &str, registry_url: &str, args: &[&str], env: &[(&str, String)]) -> Part {
+    let log = log_file(&format!("test-{prefix}-{}.log", args.join("-")));
+    let ops_port = free_port();
+    let mut command = sluice(prefix);
+    command
+        .args(args)
+        .env("SLUICE_REGISTRY__URL", registry_url)
+        .env("SLUICE_OPS__LISTEN", format!("127.0.0.1:{ops_port}"))
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Part {
+        child: command.spawn().expect("starting a sluice part"),
+        ops_url: format!("http://127.0.0.1:{ops_port}"),
+    }
+}
+
+/// A `sluice` part started by [`spawn_part`].
 pub struct Part {
     child: Child,
     /// Where a stage-only part serves `/metrics`, `/healthz` and `/readyz`.
@@ -347,6 +354,11 @@ pub struct Part {
 }
 
 impl Part {
+    /// Whether the process has exited (a part that lost a race for its port exits at once).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Kills the part (SIGKILL: no leave, no final commit) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -386,7 +398,7 @@ impl Drop for Sluice {
     }
 }
 
-fn ready(url: &str) -> bool {
+pub fn ready(url: &str) -> bool {
     // A bare blocking probe keeps the harness free of a runtime.
     use std::io::{Read, Write};
     let Some(address) = url.strip_prefix("http://") else {

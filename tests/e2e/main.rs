@@ -10,6 +10,7 @@ mod bad_input;
 mod bench;
 mod billing;
 mod chat;
+mod conformance;
 mod dlq;
 mod isolation;
 mod ordering;

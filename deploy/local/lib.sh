@@ -45,10 +45,19 @@ wait_for() {
   done
 }
 
+# alive PID: whether PID is a live process. A process that was killed but not yet reaped by
+# its parent (a zombie, which an init that reaps late leaves behind, as in many containers)
+# still answers `kill -0`; its state says it is dead.
+alive() {
+  local state
+  state="$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$1/status" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
 # running NAME: whether the process we started as NAME is alive.
 running() {
   local pidfile="$PIDS/$1.pid"
-  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+  [[ -f "$pidfile" ]] && alive "$(cat "$pidfile")"
 }
 
 # start NAME DIR COMMAND...: starts COMMAND in DIR in the background, in its own session,
@@ -64,10 +73,10 @@ stop() {
   local name="$1" pidfile="$PIDS/$1.pid"
   [[ -f "$pidfile" ]] || return 0
   local pid; pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     say "stopping $name (pid $pid)"
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.25; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"
@@ -209,8 +218,8 @@ claim_target_dir() {
   mkdir -p "$CARGO_TARGET_DIR"
   if [[ -f "$marker" && "$(cat "$marker")" != "$ROOT" ]]; then
     say "the build cache was last used by $(cat "$marker"); rebuilding Sluice's own crates"
-    local crates=(-p sluice -p sluice-schemas -p sluice-pipelines -p sluice-router -p sluice-orchestrator
-      -p sluice-clickhouse-sink -p sluice-edge)
+    local crates=(-p sluice -p sluice-schemas -p sluice-stores -p sluice-pipelines -p sluice-sql
+      -p sluice-router -p sluice-orchestrator -p sluice-clickhouse-sink -p sluice-edge)
     (cd "$ROOT" && cargo clean -q "${crates[@]}" && cargo clean -q --release "${crates[@]}")
   fi
   echo "$ROOT" >"$marker"

@@ -83,6 +83,16 @@ pub struct Process {
     catalog: Option<Arc<ModelCatalog>>,
 }
 
+/// A part of a process: runs until it stops or fails.
+trait Part: std::future::Future<Output = anyhow::Result<()>> + Send + 'static {}
+impl<F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static> Part for F {}
+
+/// Spawns `task` in `set` under `name`, so its outcome is reported with its name.
+fn spawn_named(set: &mut JoinSet<(String, anyhow::Result<()>)>, name: &str, task: impl Part) {
+    let name = name.to_owned();
+    set.spawn(async move { (name, task.await) });
+}
+
 /// How long the edge may take to finish the requests in flight at shutdown.
 const FRONT_DRAIN: Duration = Duration::from_secs(30);
 
@@ -98,7 +108,7 @@ fn report(
             tracing::error!(part = %name, error = %format!("{e:#}"), "part failed");
             Some(e.context(name))
         }
-        Err(e) => Some(anyhow::anyhow!("task panicked: {e}")),
+        Err(e) => Some(anyhow::Error::new(e).context("a part's task panicked")),
     }
 }
 
@@ -134,23 +144,13 @@ impl Process {
         Ok(catalog)
     }
 
-    fn spawn(
-        &mut self,
-        name: &str,
-        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    ) {
-        let name = name.to_owned();
-        self.tasks.spawn(async move { (name, task.await) });
+    fn spawn(&mut self, name: &str, task: impl Part) {
+        spawn_named(&mut self.tasks, name, task);
     }
 
     /// Spawns a part that accepts work from outside; it stops first at shutdown.
-    fn spawn_front(
-        &mut self,
-        name: &str,
-        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    ) {
-        let name = name.to_owned();
-        self.front_tasks.spawn(async move { (name, task.await) });
+    fn spawn_front(&mut self, name: &str, task: impl Part) {
+        spawn_named(&mut self.front_tasks, name, task);
     }
 
     /// Waits for a signal or for any part to end, then shuts down in order: stop accepting

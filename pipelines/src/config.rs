@@ -66,6 +66,36 @@ impl KafkaConfig {
     pub fn topics(&self) -> Topics {
         Topics::with_prefix(&self.topic_prefix)
     }
+
+    /// Where `stage` sits when it reads `input_topic`: its own consumer group, and the DLQ.
+    pub fn wiring(&self, stage: &str, input_topic: &str) -> Wiring {
+        Wiring::new(stage, &self.group(stage), input_topic, &self.topics().dlq)
+    }
+}
+
+/// Where a stage sits: its name, its consumer group, the topic it reads and its DLQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wiring {
+    /// Stage name for metrics, logs, readiness and DLQ records (`router`, `sql.<name>`, ...).
+    pub name: String,
+    /// Consumer group; instances of a stage share it and split the partitions.
+    pub group: String,
+    /// Topic to consume.
+    pub input_topic: String,
+    /// Where records it cannot process go.
+    pub dlq_topic: String,
+}
+
+impl Wiring {
+    /// A stage `name` in `group`, reading `input_topic`, dead-lettering to `dlq_topic`.
+    pub fn new(name: &str, group: &str, input_topic: &str, dlq_topic: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            input_topic: input_topic.to_owned(),
+            dlq_topic: dlq_topic.to_owned(),
+        }
+    }
 }
 
 /// The names of Sluice's topics.
@@ -139,6 +169,19 @@ mod tests {
             ..KafkaConfig::default()
         };
         assert_eq!(config.validate().len(), 4);
+    }
+
+    #[test]
+    fn a_stage_is_wired_to_its_own_group_and_the_dlq() {
+        let config = KafkaConfig {
+            topic_prefix: "t7".into(),
+            ..KafkaConfig::default()
+        };
+        let wiring = config.wiring("router", "t7.requests");
+        assert_eq!(
+            wiring,
+            Wiring::new("router", "t7.router", "t7.requests", "t7.dlq")
+        );
     }
 
     #[test]

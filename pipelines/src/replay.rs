@@ -137,20 +137,14 @@ struct Session {
 }
 
 impl Session {
-    async fn open(
-        deps: &ReplayDeps,
-        stage: &str,
-        topic: &str,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Self> {
-        let reader = RangeReader::open(&deps.kafka, topic, from_ms, to_ms).await?;
+    async fn open(deps: &ReplayDeps, job: &ReplayJob) -> Result<Self> {
+        let reader = RangeReader::open(&deps.kafka, &job.topic, job.from_ms, job.to_ms).await?;
         let producer = kafka::producer(&deps.kafka, ProducerProfile::Throughput)?;
         let dead_letters = DeadLetters::new(
             producer.clone(),
             deps.codec.clone(),
             &deps.dlq_topic,
-            &format!("replay-{stage}"),
+            &format!("replay-{}", job.stage),
             deps.metrics.clone(),
         );
         Ok(Self {
@@ -185,6 +179,19 @@ impl Session {
     }
 }
 
+/// What a replay reads, and for which stage.
+#[derive(Debug, Clone)]
+pub struct ReplayJob {
+    /// The stage replayed (its dead letters say `replay-<stage>`).
+    pub stage: String,
+    /// The topic read.
+    pub topic: String,
+    /// Start, Unix milliseconds (inclusive).
+    pub from_ms: i64,
+    /// End, Unix milliseconds (exclusive).
+    pub to_ms: i64,
+}
+
 /// Everything a replay needs besides the stage itself.
 pub struct ReplayDeps {
     pub kafka: KafkaConfig,
@@ -194,17 +201,14 @@ pub struct ReplayDeps {
     pub dlq_topic: String,
 }
 
-/// Feeds the records of `topic` in `[from_ms, to_ms)` through `operator`; its outputs are
-/// produced as the live stage would produce them.
+/// Feeds the job's records through `operator`; its outputs are produced as the live stage
+/// would produce them.
 pub async fn replay_operator<O: Operator>(
     operator: &mut O,
-    stage: &str,
-    topic: &str,
-    from_ms: i64,
-    to_ms: i64,
+    job: &ReplayJob,
     deps: &ReplayDeps,
 ) -> Result<ReplayReport> {
-    let mut session = Session::open(deps, stage, topic, from_ms, to_ms).await?;
+    let mut session = Session::open(deps, job).await?;
     while let Some(message) = session.reader.next().await? {
         session.report.read += 1;
         let ctx = RecordContext::of(&message);
@@ -237,17 +241,14 @@ pub async fn replay_operator<O: Operator>(
     Ok(session.report)
 }
 
-/// Writes the records of `topic` in `[from_ms, to_ms)` to `sink` in batches of `batch`.
+/// Writes the job's records to `sink` in batches of `batch`.
 pub async fn replay_sink<S: BatchSink>(
     sink: &mut S,
-    stage: &str,
-    topic: &str,
-    from_ms: i64,
-    to_ms: i64,
     batch: usize,
+    job: &ReplayJob,
     deps: &ReplayDeps,
 ) -> Result<ReplayReport> {
-    let mut session = Session::open(deps, stage, topic, from_ms, to_ms).await?;
+    let mut session = Session::open(deps, job).await?;
     let mut pending: Vec<S::Input> = Vec::with_capacity(batch);
     loop {
         let next = session.reader.next().await?;

@@ -21,9 +21,10 @@ use sluice_schemas::Record;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::Wiring,
     kafka::{self, ProducerProfile},
     runtime::{backoff, Guarantee, StageDeps},
-    source::{Decoded, SourceSpec, StageSource},
+    source::{Decoded, SourceTuning, StageSource},
     ProcessError, Result,
 };
 
@@ -46,14 +47,8 @@ pub trait BatchSink: Send + 'static {
 /// How a sink runs.
 #[derive(Debug, Clone)]
 pub struct SinkSpec {
-    /// Sink name for metrics, logs and DLQ records.
-    pub name: String,
-    /// Consumer group.
-    pub group: String,
-    /// Topic to consume.
-    pub input_topic: String,
-    /// DLQ topic.
-    pub dlq_topic: String,
+    /// Its name, group, input and DLQ.
+    pub wiring: Wiring,
     /// Largest batch written at once.
     pub max_batch: usize,
     /// Longest a record waits for its batch to fill.
@@ -64,12 +59,9 @@ pub struct SinkSpec {
 
 impl SinkSpec {
     /// A spec with the defaults: batches of up to 1000 records or 200 ms.
-    pub fn new(name: &str, group: &str, input_topic: &str, dlq_topic: &str) -> Self {
+    pub fn new(wiring: Wiring) -> Self {
         Self {
-            name: name.to_owned(),
-            group: group.to_owned(),
-            input_topic: input_topic.to_owned(),
-            dlq_topic: dlq_topic.to_owned(),
+            wiring,
             max_batch: 1000,
             linger: Duration::from_millis(200),
             max_prefetch_kib: 16 * 1024,
@@ -86,28 +78,22 @@ pub async fn run_sink<S: BatchSink>(
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let source = StageSource::open(
-        SourceSpec {
-            name: &spec.name,
-            group: &spec.group,
-            topic: &spec.input_topic,
-            dlq_topic: &spec.dlq_topic,
-            fetch_wait_ms: 100,
-            max_prefetch_kib: Some(spec.max_prefetch_kib),
-            producer: ProducerProfile::Throughput,
-        },
-        &deps,
-    )?;
+    let tuning = SourceTuning {
+        fetch_wait_ms: 100,
+        max_prefetch_kib: Some(spec.max_prefetch_kib),
+        producer: ProducerProfile::Throughput,
+    };
+    let source = StageSource::open(&spec.wiring, tuning, &deps)?;
     // Until shutdown the DLQ and store retries wait on `cancel`; the final flush must finish,
     // so it waits on a token that never fires.
     let never = CancellationToken::new();
     source.set_ready(true);
     tracing::info!(
-        sink = %spec.name, topic = %spec.input_topic, group = %spec.group,
+        sink = %spec.wiring.name, topic = %spec.wiring.input_topic, group = %spec.wiring.group,
         delivery = S::Delivery::NAME, "sink started"
     );
 
-    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.name);
+    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
     let mut stopping = false;
     while !stopping {
         let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch);
@@ -128,7 +114,7 @@ pub async fn run_sink<S: BatchSink>(
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
                     }
                     Err(e) => {
-                        tracing::warn!(sink = %spec.name, error = %e, "consume failed; retrying");
+                        tracing::warn!(sink = %spec.wiring.name, error = %e, "consume failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
@@ -139,7 +125,7 @@ pub async fn run_sink<S: BatchSink>(
         }
         deps.metrics
             .records_in
-            .with_label_values(&[&spec.name])
+            .with_label_values(&[&spec.wiring.name])
             .inc_by(messages.len() as u64);
         let wait_token = if stopping { &never } else { &cancel };
         // A store that stays down holds the batch in retries: the partitions pause meanwhile.
@@ -156,7 +142,7 @@ pub async fn run_sink<S: BatchSink>(
         store_batch_offsets(&source.consumer, &messages);
     }
     source.close().await;
-    tracing::info!(sink = %spec.name, "sink stopped");
+    tracing::info!(sink = %spec.wiring.name, "sink stopped");
     Ok(())
 }
 
@@ -192,13 +178,13 @@ async fn write_batch<S: BatchSink>(
             Ok(new_rows) => {
                 let m = &deps.metrics;
                 m.sink_batch_seconds
-                    .with_label_values(&[&spec.name])
+                    .with_label_values(&[&spec.wiring.name])
                     .observe(started.elapsed().as_secs_f64());
                 m.sink_rows
-                    .with_label_values(&[&spec.name])
+                    .with_label_values(&[&spec.wiring.name])
                     .inc_by(new_rows as u64);
                 m.sink_duplicates
-                    .with_label_values(&[&spec.name])
+                    .with_label_values(&[&spec.wiring.name])
                     .inc_by(records.len().saturating_sub(new_rows) as u64);
                 return true;
             }
@@ -212,8 +198,11 @@ async fn write_batch<S: BatchSink>(
             }
             Err(ProcessError::Retriable(reason)) => {
                 attempt += 1;
-                deps.metrics.retries.with_label_values(&[&spec.name]).inc();
-                tracing::warn!(sink = %spec.name, reason, attempt, "batch write failed; retrying");
+                deps.metrics
+                    .retries
+                    .with_label_values(&[&spec.wiring.name])
+                    .inc();
+                tracing::warn!(sink = %spec.wiring.name, reason, attempt, "batch write failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return false,
                     _ = tokio::time::sleep(backoff(attempt)) => {}

@@ -14,19 +14,15 @@ use sluice_schemas::{Codec, Record};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::Wiring,
     kafka::{self, KafkaConsumer, LagReporter, ProducerProfile},
     ops::Readiness,
     runtime::{backoff, DeadLetters, StageDeps, LAG_EVERY},
     Result,
 };
 
-/// What a stage source reads and how.
-pub(crate) struct SourceSpec<'a> {
-    /// Stage name (metrics, logs, dead letters, readiness).
-    pub name: &'a str,
-    pub group: &'a str,
-    pub topic: &'a str,
-    pub dlq_topic: &'a str,
+/// How a stage source reads and writes.
+pub(crate) struct SourceTuning {
     /// How long a broker fetch waits for data.
     pub fetch_wait_ms: u32,
     /// Cap on what the consumer fetches ahead (librdkafka's 64 MiB if `None`).
@@ -47,32 +43,32 @@ pub(crate) struct StageSource {
 
 impl StageSource {
     /// Joins the stage's group, subscribes to its input and starts measuring its lag.
-    pub fn open(spec: SourceSpec<'_>, deps: &StageDeps) -> Result<Self> {
+    pub fn open(wiring: &Wiring, tuning: SourceTuning, deps: &StageDeps) -> Result<Self> {
         let consumer = Arc::new(kafka::consumer(
             &deps.kafka,
-            spec.group,
-            spec.fetch_wait_ms,
-            spec.max_prefetch_kib,
+            &wiring.group,
+            tuning.fetch_wait_ms,
+            tuning.max_prefetch_kib,
             Some(&deps.metrics),
         )?);
-        consumer.subscribe(&[spec.topic])?;
-        let producer = kafka::producer(&deps.kafka, spec.producer)?;
+        consumer.subscribe(&[&wiring.input_topic])?;
+        let producer = kafka::producer(&deps.kafka, tuning.producer)?;
         let dead_letters = DeadLetters::new(
             producer.clone(),
             deps.codec.clone(),
-            spec.dlq_topic,
-            spec.name,
+            &wiring.dlq_topic,
+            &wiring.name,
             deps.metrics.clone(),
         );
         let decoder = Decoder {
             codec: deps.codec.clone(),
             dead_letters,
-            stage: spec.name.to_owned(),
-            retries: deps.metrics.retries.with_label_values(&[spec.name]),
+            stage: wiring.name.clone(),
+            retries: deps.metrics.retries.with_label_values(&[&wiring.name]),
         };
         let lag = LagReporter::start(
             consumer.clone(),
-            spec.group,
+            &wiring.group,
             deps.metrics.clone(),
             LAG_EVERY,
         );
@@ -81,7 +77,7 @@ impl StageSource {
             producer,
             decoder,
             lag,
-            name: spec.name.to_owned(),
+            name: wiring.name.clone(),
             readiness: deps.readiness.clone(),
         })
     }

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    replay::{self, ReplayDeps, ReplayReport},
+    config::Wiring,
+    replay::{self, ReplayDeps, ReplayJob, ReplayReport},
     runtime::{self, EffectivelyOnce, Operator, StageDeps, StageSpec},
     sink::{self, BatchSink, SinkSpec},
     Result,
@@ -15,8 +16,7 @@ use crate::{
 
 /// A stage ready to run: its name, its input topic, and the loop that runs it.
 pub struct Runnable {
-    name: String,
-    input_topic: String,
+    wiring: Wiring,
     task: Box<dyn Task>,
 }
 
@@ -39,8 +39,7 @@ impl Runnable {
         F: FnMut(usize) -> O + Send + 'static,
     {
         Self {
-            name: spec.name.clone(),
-            input_topic: spec.input_topic.clone(),
+            wiring: spec.wiring.clone(),
             task: Box::new(OperatorTask { make, spec }),
         }
     }
@@ -57,20 +56,19 @@ impl Runnable {
     /// A sink stage.
     pub fn sink<S: BatchSink>(sink: S, spec: SinkSpec) -> Self {
         Self {
-            name: spec.name.clone(),
-            input_topic: spec.input_topic.clone(),
+            wiring: spec.wiring.clone(),
             task: Box::new(SinkTask { sink, spec }),
         }
     }
 
     /// The stage's name (metrics, logs, dead letters, readiness).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.wiring.name
     }
 
     /// The topic the stage reads.
     pub fn input_topic(&self) -> &str {
-        &self.input_topic
+        &self.wiring.input_topic
     }
 
     /// Runs the stage in its consumer group until `cancel` fires.
@@ -80,21 +78,20 @@ impl Runnable {
 
     /// Feeds the records in `range` through the stage, outside its consumer group.
     pub async fn replay(self, range: ReplayRange, deps: &ReplayDeps) -> Result<ReplayReport> {
-        let topic = range.topic.clone().unwrap_or(self.input_topic);
-        self.task.replay(&self.name, &topic, &range, deps).await
+        let job = ReplayJob {
+            stage: self.wiring.name,
+            topic: range.topic.unwrap_or(self.wiring.input_topic),
+            from_ms: range.from_ms,
+            to_ms: range.to_ms,
+        };
+        self.task.replay(&job, deps).await
     }
 }
 
 #[async_trait]
 trait Task: Send {
     async fn run(self: Box<Self>, deps: StageDeps, cancel: CancellationToken) -> Result<()>;
-    async fn replay(
-        self: Box<Self>,
-        stage: &str,
-        topic: &str,
-        range: &ReplayRange,
-        deps: &ReplayDeps,
-    ) -> Result<ReplayReport>;
+    async fn replay(self: Box<Self>, job: &ReplayJob, deps: &ReplayDeps) -> Result<ReplayReport>;
 }
 
 struct OperatorTask<F> {
@@ -114,21 +111,10 @@ where
 
     async fn replay(
         mut self: Box<Self>,
-        stage: &str,
-        topic: &str,
-        range: &ReplayRange,
+        job: &ReplayJob,
         deps: &ReplayDeps,
     ) -> Result<ReplayReport> {
-        let mut operator = (self.make)(0);
-        replay::replay_operator(
-            &mut operator,
-            stage,
-            topic,
-            range.from_ms,
-            range.to_ms,
-            deps,
-        )
-        .await
+        replay::replay_operator(&mut (self.make)(0), job, deps).await
     }
 }
 
@@ -145,21 +131,9 @@ impl<S: BatchSink> Task for SinkTask<S> {
 
     async fn replay(
         mut self: Box<Self>,
-        stage: &str,
-        topic: &str,
-        range: &ReplayRange,
+        job: &ReplayJob,
         deps: &ReplayDeps,
     ) -> Result<ReplayReport> {
-        let batch = self.spec.max_batch;
-        replay::replay_sink(
-            &mut self.sink,
-            stage,
-            topic,
-            range.from_ms,
-            range.to_ms,
-            batch,
-            deps,
-        )
-        .await
+        replay::replay_sink(&mut self.sink, self.spec.max_batch, job, deps).await
     }
 }

@@ -11,12 +11,7 @@ use crate::config::Config;
 pub fn build(config: &Config) -> Runnable {
     let topics = config.kafka.topics();
     let sink = UsageSink::new(ClickHouse::new(&config.clickhouse));
-    let mut spec = SinkSpec::new(
-        "metering",
-        &config.kafka.group("metering"),
-        &topics.usage,
-        &topics.dlq,
-    );
+    let mut spec = SinkSpec::new(config.kafka.wiring("metering", &topics.usage));
     spec.max_batch = config.stages.metering_max_batch;
     spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
     // Billing: the type refuses a sink whose writes are not idempotent.

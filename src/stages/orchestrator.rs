@@ -13,12 +13,7 @@ pub fn build(config: &Config) -> anyhow::Result<Runnable> {
     let orchestrator = Orchestrator::new(config.orchestrator.clone(), topics.clone())
         .context("building the orchestrator's model providers")?;
     let orchestrator = Arc::new(orchestrator);
-    let mut spec = StageSpec::new(
-        "orchestrator",
-        &config.kafka.group("orchestrator"),
-        &topics.routed,
-        &topics.dlq,
-    );
+    let mut spec = StageSpec::new(config.kafka.wiring("orchestrator", &topics.routed));
     spec.lanes = config.stages.orchestrator_lanes;
     Ok(Runnable::operator(
         move |_| PerRecord(orchestrator.clone()),

@@ -11,12 +11,7 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
     let topics = config.kafka.topics();
     let catalog = process.catalog(config).await?;
     let router = Arc::new(Router::new(catalog, config.router.clone(), topics.clone()));
-    let mut spec = StageSpec::new(
-        "router",
-        &config.kafka.group("router"),
-        &topics.requests,
-        &topics.dlq,
-    );
+    let mut spec = StageSpec::new(config.kafka.wiring("router", &topics.requests));
     spec.lanes = config.stages.router_lanes;
     Ok(Runnable::operator(move |_| PerRecord(router.clone()), spec))
 }

@@ -36,14 +36,8 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Vec
             }
         });
         let stage = format!("sql.{}", pipeline.name);
-        let spec = sluice_sql::stage_spec(
-            &pipeline,
-            &stage,
-            &config.kafka.group(&stage),
-            &topics.usage,
-            &topics.dlq,
-            config.sql.lanes,
-        );
+        let wiring = config.kafka.wiring(&stage, &topics.usage);
+        let spec = sluice_sql::stage_spec(&pipeline, wiring, config.sql.lanes);
         let (catalog, metrics) = (catalog.clone(), process.metrics.clone());
         let max_held_rows = config.sql.max_held_rows;
         let make = move |_| {

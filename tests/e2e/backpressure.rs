@@ -11,6 +11,7 @@ use std::{
 
 use async_trait::async_trait;
 use sluice_pipelines::{
+    config::Wiring,
     kafka,
     metrics::Metrics,
     ops::Readiness,
@@ -213,7 +214,7 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
         readiness: Readiness::default(),
     };
     let group = format!("{prefix}.stalling");
-    let mut spec = StageSpec::new("stalling", &group, &input, &dlq);
+    let mut spec = StageSpec::new(Wiring::new("stalling", &group, &input, &dlq));
     spec.lanes = 2;
     spec.lane_capacity = 4;
     spec.max_batch = 4;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sluice_pipelines::{
     bench::{fill, raw_path, time_stage, BenchError, Comparison, Result, StageRun, Workspace},
-    config::KafkaConfig,
+    config::{KafkaConfig, Wiring},
     metrics::Metrics,
     ops::Readiness,
     runtime::{self, StageDeps},
@@ -61,7 +61,7 @@ pub async fn window(
     let mut config = builtin::pipelines().remove(0);
     config.output = OutputConfig::Clickhouse(TABLE.into());
     let pipeline =
-        Pipeline::compile::<UsageEvent>(&config).map_err(|e| BenchError::Setup(e.to_string()))?;
+        Pipeline::compile::<UsageEvent>(&config).map_err(|e| BenchError::Setup(e.into()))?;
     let pipeline = Arc::new(pipeline);
     let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
     let rows = std::cell::Cell::new(0);
@@ -137,7 +137,8 @@ async fn sql(
         metrics: metrics.clone(),
         readiness: Readiness::default(),
     };
-    let spec = crate::stage_spec(pipeline, "bench", group, input, dlq, options.lanes);
+    let wiring = Wiring::new("bench", group, input, dlq);
+    let spec = crate::stage_spec(pipeline, wiring, options.lanes);
     let cancel = CancellationToken::new();
     let stage = tokio::spawn({
         let (pipeline, metrics) = (pipeline.clone(), metrics.clone());

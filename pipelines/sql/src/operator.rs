@@ -12,6 +12,7 @@ use std::{
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use sluice_pipelines::{
+    config::Wiring,
     metrics::Metrics,
     runtime::{Input, LaneBy, StageSpec},
     BatchError, Emitter, Operator, ProcessError,
@@ -330,15 +331,8 @@ fn purge_at(start: i64, size: i64, lateness: i64) -> i64 {
 
 /// The runtime settings of a SQL stage: lanes by partition (windows are per partition), large
 /// batches, a tick to retry refused writes, and the pipeline's watermarks.
-pub fn stage_spec(
-    pipeline: &Pipeline,
-    stage: &str,
-    group: &str,
-    input: &str,
-    dlq: &str,
-    lanes: usize,
-) -> StageSpec {
-    let mut spec = StageSpec::new(stage, group, input, dlq);
+pub fn stage_spec(pipeline: &Pipeline, wiring: Wiring, lanes: usize) -> StageSpec {
+    let mut spec = StageSpec::new(wiring);
     spec.lanes = lanes;
     spec.lane_by = LaneBy::Partition;
     spec.max_batch = 512;

@@ -50,7 +50,7 @@ pub enum BenchError {
     DeadLettered { path: String, count: u64 },
     /// The benchmark's own set-up failed (a definition it uses does not compile, say).
     #[error("setting up: {0}")]
-    Setup(String),
+    Setup(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Outputs the broker did not acknowledge.
     #[error("{path}: {count} deliveries failed")]
     Undelivered { path: String, count: u64 },

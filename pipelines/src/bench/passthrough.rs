@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{fill, raw_path, time_stage, BenchError, Comparison, Result, StageRun, Workspace};
 use crate::{
-    config::KafkaConfig,
+    config::{KafkaConfig, Wiring},
     metrics::Metrics,
     ops::Readiness,
     runtime::{self, StageDeps, StageSpec},
@@ -109,7 +109,7 @@ async fn pipeline(
         metrics: metrics.clone(),
         readiness: Readiness::default(),
     };
-    let mut spec = StageSpec::new("bench", group, input, dlq);
+    let mut spec = StageSpec::new(Wiring::new("bench", group, input, dlq));
     spec.lanes = options.lanes;
     let operator = Passthrough {
         output: output.to_owned(),

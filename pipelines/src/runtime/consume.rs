@@ -30,12 +30,15 @@ pub(super) async fn consume(
     deps: &StageDeps,
     cancel: &CancellationToken,
 ) {
-    let records_in = deps.metrics.records_in.with_label_values(&[&spec.name]);
+    let records_in = deps
+        .metrics
+        .records_in
+        .with_label_values(&[&spec.wiring.name]);
     let waiting = deps
         .metrics
         .lane_full_waits
-        .with_label_values(&[&spec.name]);
-    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.name);
+        .with_label_values(&[&spec.wiring.name]);
+    let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
     loop {
         let received = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -44,7 +47,7 @@ pub(super) async fn consume(
         let message = match received {
             Ok(message) => message,
             Err(e) => {
-                tracing::warn!(stage = %spec.name, error = %e, "consume failed; retrying");
+                tracing::warn!(stage = %spec.wiring.name, error = %e, "consume failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }

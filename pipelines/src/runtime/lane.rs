@@ -79,7 +79,7 @@ impl<O: Operator> Lane<O> {
         acks: Acknowledger,
         mut commits: Option<watch::Receiver<Vec<(i32, i64)>>>,
     ) {
-        let stage = self.spec.name.clone();
+        let stage = self.spec.wiring.name.clone();
         let (unacked_tx, unacked_rx) = mpsc::channel::<Unacked>(self.spec.max_unacked.max(1));
         let acknowledger = tokio::spawn(acks.run(unacked_rx));
         let mut tick = self.spec.tick.map(|every| {
@@ -199,7 +199,7 @@ impl<O: Operator> Lane<O> {
             _ => TraceContext::new_root(),
         };
         let span = tracing::debug_span!(
-            "batch", stage = %self.spec.name, records = messages.len(),
+            "batch", stage = %self.spec.wiring.name, records = messages.len(),
             trace_id = %trace.trace_id_hex()
         );
         let unacked = self
@@ -264,7 +264,7 @@ impl<O: Operator> Lane<O> {
         messages: &[OwnedMessage],
         out: &mut Emitter,
     ) -> Vec<(i32, i64)> {
-        let stage = self.spec.name.clone();
+        let stage = self.spec.wiring.name.clone();
         let mut done = Vec::with_capacity(inputs.len());
         let mut rest = inputs;
         let mut attempt = 0u32;
@@ -334,7 +334,7 @@ impl<O: Operator> Lane<O> {
             TraceContext::new_root(),
         );
         if let Err(e) = self.operator.on_tick(&mut out).await {
-            tracing::warn!(stage = %self.spec.name, error = %e, "tick failed");
+            tracing::warn!(stage = %self.spec.wiring.name, error = %e, "tick failed");
         }
         if self.spec.watermarks.is_some() {
             self.advance_watermarks(quiet, &mut out).await;
@@ -352,10 +352,10 @@ impl<O: Operator> Lane<O> {
             self.deps
                 .metrics
                 .watermark_ms
-                .with_label_values(&[&self.spec.name, &partition.to_string()])
+                .with_label_values(&[&self.spec.wiring.name, &partition.to_string()])
                 .set(watermark);
             if let Err(e) = self.operator.on_watermark(partition, watermark, out).await {
-                tracing::warn!(stage = %self.spec.name, partition, error = %e, "watermark hook failed");
+                tracing::warn!(stage = %self.spec.wiring.name, partition, error = %e, "watermark hook failed");
             }
         }
     }
@@ -372,7 +372,7 @@ impl<O: Operator> Lane<O> {
         let retained = (holds || self.held_back).then_some(retained);
         self.held_back = holds;
         Unacked {
-            topic: self.spec.input_topic.clone(),
+            topic: self.spec.wiring.input_topic.clone(),
             records,
             started,
             deliveries: out.take_pending(),

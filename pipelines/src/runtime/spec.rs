@@ -5,7 +5,11 @@ use std::{sync::Arc, time::Duration};
 
 use sluice_schemas::Codec;
 
-use crate::{config::KafkaConfig, metrics::Metrics, ops::Readiness};
+use crate::{
+    config::{KafkaConfig, Wiring},
+    metrics::Metrics,
+    ops::Readiness,
+};
 
 /// How records are spread over a stage's lanes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +35,8 @@ pub struct WatermarkSpec {
 /// How one stage runs: what it reads, in which group, with how much parallelism.
 #[derive(Debug, Clone)]
 pub struct StageSpec {
-    /// Stage name for metrics, logs and DLQ records (`router`, `orchestrator`, ...).
-    pub name: String,
-    /// Consumer group; instances of a stage share it and split the partitions.
-    pub group: String,
-    /// Topic to consume.
-    pub input_topic: String,
-    /// DLQ topic.
-    pub dlq_topic: String,
+    /// Its name, group, input and DLQ.
+    pub wiring: Wiring,
     /// Lanes, each with its own operator instance, processing concurrently.
     pub lanes: usize,
     /// How records are spread over the lanes.
@@ -64,12 +62,9 @@ pub struct StageSpec {
 
 impl StageSpec {
     /// A spec with the runtime's defaults (the latency path: 32 lanes by key, no linger).
-    pub fn new(name: &str, group: &str, input_topic: &str, dlq_topic: &str) -> Self {
+    pub fn new(wiring: Wiring) -> Self {
         Self {
-            name: name.to_owned(),
-            group: group.to_owned(),
-            input_topic: input_topic.to_owned(),
-            dlq_topic: dlq_topic.to_owned(),
+            wiring,
             lanes: 32,
             lane_by: LaneBy::Key,
             lane_capacity: 16,

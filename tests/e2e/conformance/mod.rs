@@ -99,23 +99,49 @@ pub enum Effects {
     Counted(HashMap<String, u64>),
 }
 
+/// What the kit needs to know of a stage to run it.
+pub struct About {
+    /// The stage's name in metrics and dead letters (and the table's row).
+    pub stage: &'static str,
+    /// `sluice run <run_arg>` runs it.
+    pub run_arg: &'static str,
+    /// The topic it reads (suffix after the prefix).
+    pub input: &'static str,
+    /// Whether a key's order shows in its effects.
+    pub order: Order,
+    /// How its downstream stalls.
+    pub stall: Stall,
+    /// Whether its effects are counted in a store (then each must be counted exactly once).
+    pub in_store: bool,
+}
+
 /// A stage under test.
 #[async_trait]
 pub trait Subject: Send + Sync {
+    /// What the stage is.
+    fn about(&self) -> About;
     /// Row label.
-    fn name(&self) -> &'static str;
-    /// `sluice run <arg>`.
-    fn run_arg(&self) -> &'static str;
-    /// The stage's name in metrics and dead letters.
-    fn stage(&self) -> &'static str;
-    /// The input topic (suffix after the prefix).
-    fn input(&self) -> &'static str;
-    /// Whether a key's order shows in the effects.
-    fn order(&self) -> Order;
-    /// How its downstream stalls.
-    fn stall(&self) -> Stall;
-    /// Whether an effect is counted in a store (then it must be counted exactly once).
-    fn in_store(&self) -> bool;
+    fn name(&self) -> &'static str {
+        self.about().stage
+    }
+    fn run_arg(&self) -> &'static str {
+        self.about().run_arg
+    }
+    fn stage(&self) -> &'static str {
+        self.about().stage
+    }
+    fn input(&self) -> &'static str {
+        self.about().input
+    }
+    fn order(&self) -> Order {
+        self.about().order
+    }
+    fn stall(&self) -> Stall {
+        self.about().stall
+    }
+    fn in_store(&self) -> bool {
+        self.about().in_store
+    }
     /// Records per key the properties use (kill and backpressure may want more).
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
@@ -135,7 +161,9 @@ pub trait Subject: Send + Sync {
     /// The encoded input record number `seq` of `key`.
     fn record(&self, world: &World, key: &str, seq: u32) -> Vec<u8>;
     /// A valid frame of a record of another type (poison by its schema).
-    fn foreign_record(&self, world: &World) -> Vec<u8>;
+    fn foreign_record(&self, world: &World) -> Vec<u8> {
+        subjects::foreign(self.input(), world)
+    }
     /// The effects so far.
     async fn effects(&self, world: &World) -> Effects;
 }

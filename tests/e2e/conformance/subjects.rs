@@ -13,7 +13,7 @@ use sluice_schemas::{
     RoutingDecision, UsageEvent,
 };
 
-use super::{Effects, Kit, Order, Property, Stall, Subject, World};
+use super::{About, Effects, Kit, Order, Property, Stall, Subject, World};
 use crate::harness::*;
 
 /// Every stage that runs as a consumer group.
@@ -72,6 +72,16 @@ fn usage(key: &str, seq: u32, at_ms: i64) -> UsageEvent {
     }
 }
 
+/// A valid frame of a record of another type than the stage reads from `input`.
+pub fn foreign(input: &str, world: &World) -> Vec<u8> {
+    let codec = &world.kit.codec;
+    match input {
+        "usage" => codec.encode(&chat_request(world, "foreign", 0)),
+        _ => codec.encode(&usage("foreign", 0, 0)),
+    }
+    .unwrap()
+}
+
 /// A topic read from its beginning, accumulating what each poll finds.
 struct TopicLog {
     consumer: StreamConsumer,
@@ -128,26 +138,15 @@ struct Router {
 
 #[async_trait]
 impl Subject for Router {
-    fn name(&self) -> &'static str {
-        "router"
-    }
-    fn run_arg(&self) -> &'static str {
-        "router"
-    }
-    fn stage(&self) -> &'static str {
-        "router"
-    }
-    fn input(&self) -> &'static str {
-        "requests"
-    }
-    fn order(&self) -> Order {
-        Order::PerKey
-    }
-    fn stall(&self) -> Stall {
-        Stall::MissingTopic("routed")
-    }
-    fn in_store(&self) -> bool {
-        false
+    fn about(&self) -> About {
+        About {
+            stage: "router",
+            run_arg: "router",
+            input: "requests",
+            order: Order::PerKey,
+            stall: Stall::MissingTopic("routed"),
+            in_store: false,
+        }
     }
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
@@ -164,9 +163,6 @@ impl Subject for Router {
             .codec
             .encode(&chat_request(world, key, seq))
             .unwrap()
-    }
-    fn foreign_record(&self, world: &World) -> Vec<u8> {
-        world.kit.codec.encode(&usage("foreign", 0, 0)).unwrap()
     }
     async fn effects(&self, world: &World) -> Effects {
         let topic = world.topic("routed");
@@ -187,26 +183,15 @@ struct Orchestrator {
 
 #[async_trait]
 impl Subject for Orchestrator {
-    fn name(&self) -> &'static str {
-        "orchestrator"
-    }
-    fn run_arg(&self) -> &'static str {
-        "orchestrator"
-    }
-    fn stage(&self) -> &'static str {
-        "orchestrator"
-    }
-    fn input(&self) -> &'static str {
-        "routed"
-    }
-    fn order(&self) -> Order {
-        Order::PerKey
-    }
-    fn stall(&self) -> Stall {
-        Stall::SlowModel
-    }
-    fn in_store(&self) -> bool {
-        false
+    fn about(&self) -> About {
+        About {
+            stage: "orchestrator",
+            run_arg: "orchestrator",
+            input: "routed",
+            order: Order::PerKey,
+            stall: Stall::SlowModel,
+            in_store: false,
+        }
     }
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
@@ -240,9 +225,6 @@ impl Subject for Orchestrator {
         };
         world.kit.codec.encode(&routed).unwrap()
     }
-    fn foreign_record(&self, world: &World) -> Vec<u8> {
-        world.kit.codec.encode(&usage("foreign", 0, 0)).unwrap()
-    }
     async fn effects(&self, world: &World) -> Effects {
         let topic = world.topic("replies");
         self.logs
@@ -260,37 +242,19 @@ struct Metering;
 
 #[async_trait]
 impl Subject for Metering {
-    fn name(&self) -> &'static str {
-        "metering"
-    }
-    fn run_arg(&self) -> &'static str {
-        "metering"
-    }
-    fn stage(&self) -> &'static str {
-        "metering"
-    }
-    fn input(&self) -> &'static str {
-        "usage"
-    }
-    fn order(&self) -> Order {
-        Order::NotApplicable("rows in a store")
-    }
-    fn stall(&self) -> Stall {
-        Stall::StoreDown
-    }
-    fn in_store(&self) -> bool {
-        true
+    fn about(&self) -> About {
+        About {
+            stage: "metering",
+            run_arg: "metering",
+            input: "usage",
+            order: Order::NotApplicable("rows in a store"),
+            stall: Stall::StoreDown,
+            in_store: true,
+        }
     }
     fn record(&self, world: &World, key: &str, seq: u32) -> Vec<u8> {
         let event = usage(key, seq, sluice_pipelines::now_ms());
         world.kit.codec.encode(&event).unwrap()
-    }
-    fn foreign_record(&self, world: &World) -> Vec<u8> {
-        world
-            .kit
-            .codec
-            .encode(&chat_request(world, "foreign", 0))
-            .unwrap()
     }
     async fn effects(&self, world: &World) -> Effects {
         let rows: Vec<(String, u64)> = clickhouse()
@@ -323,26 +287,15 @@ struct Sql {
 
 #[async_trait]
 impl Subject for Sql {
-    fn name(&self) -> &'static str {
-        self.stage
-    }
-    fn run_arg(&self) -> &'static str {
-        "sql"
-    }
-    fn stage(&self) -> &'static str {
-        self.stage
-    }
-    fn input(&self) -> &'static str {
-        "usage"
-    }
-    fn order(&self) -> Order {
-        Order::NotApplicable("aggregates per window")
-    }
-    fn stall(&self) -> Stall {
-        Stall::StoreDown
-    }
-    fn in_store(&self) -> bool {
-        true
+    fn about(&self) -> About {
+        About {
+            stage: self.stage,
+            run_arg: "sql",
+            input: "usage",
+            order: Order::NotApplicable("aggregates per window"),
+            stall: Stall::StoreDown,
+            in_store: true,
+        }
     }
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
@@ -368,13 +321,6 @@ impl Subject for Sql {
         let base = (world.created_ms / 60_000 - 10) * 60_000;
         let event = usage(key, seq, base + i64::from(seq) * 30);
         world.kit.codec.encode(&event).unwrap()
-    }
-    fn foreign_record(&self, world: &World) -> Vec<u8> {
-        world
-            .kit
-            .codec
-            .encode(&chat_request(world, "foreign", 0))
-            .unwrap()
     }
     async fn effects(&self, world: &World) -> Effects {
         let sql = format!(

@@ -505,7 +505,10 @@ fn exactness(subject: &dyn Subject, tally: &Tally) -> Result<String, String> {
         }
         Ok("each counted once".into())
     } else {
-        Ok(format!("{} repeated (same id)", tally.extra))
+        Ok(match tally.extra {
+            0 => "none repeated".into(),
+            n => format!("{n} repeated (same ids)"),
+        })
     }
 }
 

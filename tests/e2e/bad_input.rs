@@ -238,3 +238,32 @@ async fn bad_requests_get_openai_shaped_4xx_errors() {
     let (status, _) = chat(&sluice, &tenant.key, json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "still there?"}]})).await;
     assert_eq!(status, 200);
 }
+
+#[test]
+fn the_catalogue_refuses_models_it_cannot_serve_and_says_why() {
+    let prefix = unique("t");
+    let refused = |args: &[&str]| {
+        let output = sluice(&prefix).args(args).output().unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    // A provider kind outside the closed set, named with the ones there are.
+    let error = refused(&["model", "add", "m", "--provider", "anthropic"]);
+    assert!(
+        error.contains("anthropic") && error.contains("sim, openai"),
+        "{error}"
+    );
+    // Every problem with the model at once, before the catalogue is touched.
+    let error = refused(&[
+        "model",
+        "add",
+        "auto",
+        "--provider",
+        "openai",
+        "--context-window",
+        "0",
+    ]);
+    for problem in ["auto", "base URL", "context window"] {
+        assert!(error.contains(problem), "{problem}: {error}");
+    }
+}

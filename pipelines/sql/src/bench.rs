@@ -10,15 +10,14 @@
 use std::sync::Arc;
 
 use sluice_pipelines::{
-    bench::{fill, raw_path, time_stage, BenchError, Comparison, Result, StageRun, Workspace},
+    bench::{
+        fill, raw_path, stage_metrics, BenchError, Comparison, Result, StageUnderTest, Workspace,
+    },
     config::{KafkaConfig, Wiring},
-    metrics::Metrics,
-    ops::Readiness,
-    runtime::{self, StageDeps},
+    Runnable,
 };
 use sluice_schemas::{Codec, UsageEvent};
 use sluice_stores::ClickHouse;
-use tokio_util::sync::CancellationToken;
 
 use crate::{builtin, Output, OutputConfig, Pipeline, SqlOperator};
 
@@ -65,7 +64,7 @@ pub async fn window(
     let pipeline = Arc::new(pipeline);
     let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
     let rows = std::cell::Cell::new(0);
-    let comparison = Comparison::run(options.rounds, |round| {
+    let comparison = Comparison::run(options.rounds, ("raw", "sql"), |round| {
         let (workspace, codec, pipeline, output) =
             (&workspace, codec.clone(), &pipeline, output.clone());
         let (input, dlq, rows) = (&input, &dlq, &rows);
@@ -130,19 +129,15 @@ async fn sql(
     (input, dlq, group): (&str, &str, &str),
     options: &WindowOptions,
 ) -> Result<(f64, u64)> {
-    let metrics = Arc::new(Metrics::new().map_err(sluice_pipelines::Error::from)?);
-    let deps = StageDeps {
-        kafka: kafka.clone(),
-        codec,
-        metrics: metrics.clone(),
-        readiness: Readiness::default(),
-    };
-    let wiring = Wiring::new("bench", group, input, dlq);
-    let spec = crate::stage_spec(pipeline, wiring, options.lanes);
-    let cancel = CancellationToken::new();
-    let stage = tokio::spawn({
+    let metrics = stage_metrics()?;
+    let spec = crate::stage_spec(
+        pipeline,
+        Wiring::new("bench", group, input, dlq),
+        options.lanes,
+    );
+    let make = {
         let (pipeline, metrics) = (pipeline.clone(), metrics.clone());
-        let make = move |_| {
+        move |_| {
             SqlOperator::<UsageEvent>::new(
                 pipeline.clone(),
                 output.clone(),
@@ -150,29 +145,24 @@ async fn sql(
                 &metrics,
                 "bench",
             )
-        };
-        runtime::run_operator(make, spec, deps, cancel.clone())
-    });
-    let consumed = metrics.records_in.with_label_values(&["bench"]);
-    let in_flight = metrics.in_flight.with_label_values(&["bench"]);
-    let rows = metrics.window_rows.with_label_values(&["bench"]);
+        }
+    };
+    let stage = StageUnderTest::start("sql", kafka, codec, metrics, Runnable::operator(make, spec));
+    let in_flight = stage.metrics.in_flight.with_label_values(&["bench"]);
+    let rows = stage.metrics.window_rows.with_label_values(&["bench"]);
     // Every tenant has a row for every minute but the last (closed when the partition idles).
     let expected_rows = options.tenants.min(options.records) * options.minutes.saturating_sub(1);
-    let seconds = time_stage(
-        StageRun {
-            path: "sql",
-            task: &stage,
-            consumed: &consumed,
-            total: options.records,
-        },
-        || consumed.get(),
-        || consumed.get() >= options.records && in_flight.get() == 0 && rows.get() >= expected_rows,
-    )
-    .await?;
-    cancel.cancel();
-    stage.await.map_err(|source| BenchError::Task {
-        path: "sql".into(),
-        source,
-    })??;
+    let seconds = stage
+        .time(
+            options.records,
+            || stage.consumed(),
+            || {
+                stage.consumed() >= options.records
+                    && in_flight.get() == 0
+                    && rows.get() >= expected_rows
+            },
+        )
+        .await?;
+    stage.stop().await?;
     Ok((options.records as f64 / seconds, rows.get()))
 }

@@ -9,6 +9,7 @@ pub mod passthrough;
 
 use std::{
     future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,10 +19,15 @@ use rdkafka::{
     producer::{DeliveryFuture, FutureRecord},
 };
 use sluice_schemas::{Codec, Record};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::KafkaConfig,
     kafka::{self, ProducerProfile},
+    metrics::Metrics,
+    ops::Readiness,
+    runtime::StageDeps,
+    Runnable,
 };
 
 /// Why a benchmark could not finish.
@@ -187,49 +193,99 @@ pub async fn raw_path(
     Ok(total as f64 / elapsed)
 }
 
-/// A stage under test, spawned: what [`time_stage`] watches.
-pub struct StageRun<'a, T> {
+/// The stage a benchmark measures, running in this process with its own metrics.
+pub struct StageUnderTest {
     /// Label for progress lines and errors.
-    pub path: &'a str,
-    pub task: &'a tokio::task::JoinHandle<T>,
+    path: String,
+    /// The stage's metrics (its counters say how far it got).
+    pub metrics: Arc<Metrics>,
     /// Records the stage has consumed (its clock starts at the first).
-    pub consumed: &'a prometheus::IntCounter,
-    /// Records to report progress against.
-    pub total: u64,
+    consumed: prometheus::IntCounter,
+    task: tokio::task::JoinHandle<crate::Result<()>>,
+    cancel: CancellationToken,
 }
 
-/// Seconds from the stage's first record until `done()` holds, with progress (records
-/// `progressed()` of `total`) once a second. Fails if the stage stops first.
-pub async fn time_stage<T>(
-    run: StageRun<'_, T>,
-    progressed: impl Fn() -> u64,
-    done: impl Fn() -> bool,
-) -> Result<f64> {
-    while run.consumed.get() == 0 {
-        if run.task.is_finished() {
+/// Fresh metrics for a stage under test, for operators that take their handles when built.
+pub fn stage_metrics() -> Result<Arc<Metrics>> {
+    Ok(Arc::new(Metrics::new().map_err(crate::Error::from)?))
+}
+
+impl StageUnderTest {
+    /// Starts `stage` (built with `metrics`) on `kafka`, labelled `path`.
+    pub fn start(
+        path: &str,
+        kafka: &KafkaConfig,
+        codec: Arc<Codec>,
+        metrics: Arc<Metrics>,
+        stage: Runnable,
+    ) -> Self {
+        let consumed = metrics.records_in.with_label_values(&[stage.name()]);
+        let deps = StageDeps {
+            kafka: kafka.clone(),
+            codec,
+            metrics: metrics.clone(),
+            readiness: Readiness::default(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(stage.run(deps, cancel.clone()));
+        Self {
+            path: path.to_owned(),
+            metrics,
+            consumed,
+            task,
+            cancel,
+        }
+    }
+
+    /// Records the stage has consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed.get()
+    }
+
+    /// Seconds from the stage's first record until `done()` holds, with progress (records
+    /// `progressed()` of `total`) once a second. Fails if the stage stops first.
+    pub async fn time(
+        &self,
+        total: u64,
+        progressed: impl Fn() -> u64,
+        done: impl Fn() -> bool,
+    ) -> Result<f64> {
+        while self.consumed() == 0 {
+            self.check_running("its first record")?;
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        while !done() {
+            self.check_running("finishing")?;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                progress(&self.path, progressed(), total, started);
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    fn check_running(&self, when: &'static str) -> Result<()> {
+        if self.task.is_finished() {
             return Err(BenchError::Stopped {
-                path: run.path.into(),
-                when: "its first record",
+                path: self.path.clone(),
+                when,
             });
         }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        Ok(())
     }
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    while !done() {
-        if run.task.is_finished() {
-            return Err(BenchError::Stopped {
-                path: run.path.into(),
-                when: "finishing",
-            });
-        }
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            progress(run.path, progressed(), run.total, started);
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+
+    /// Stops the stage (it drains and commits) and waits for it.
+    pub async fn stop(self) -> Result<()> {
+        self.cancel.cancel();
+        let path = self.path;
+        self.task
+            .await
+            .map_err(|source| BenchError::Task { path, source })??;
+        Ok(())
     }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Rates of one path over rounds: the median and the slowest and fastest round.
@@ -267,8 +323,9 @@ pub struct Comparison {
 
 impl Comparison {
     /// Runs `rounds` rounds (at least one) of `round(n)`, which measures the limit then the
-    /// path under test and returns both rates (records/s), and summarizes them.
-    pub async fn run<F, Fut>(rounds: usize, mut round: F) -> Result<Self>
+    /// path under test and returns both rates (records/s), and summarizes them; each round's
+    /// rates are printed under `labels` (the limit's, the measured path's).
+    pub async fn run<F, Fut>(rounds: usize, labels: (&str, &str), mut round: F) -> Result<Self>
     where
         F: FnMut(usize) -> Fut,
         Fut: Future<Output = Result<(f64, f64)>>,
@@ -276,7 +333,10 @@ impl Comparison {
         let (mut limits, mut measured) = (Vec::new(), Vec::new());
         for n in 1..=rounds.max(1) {
             let (limit, rate) = round(n).await?;
-            eprintln!("round {n}: limit {limit:.0}/s, measured {rate:.0}/s");
+            eprintln!(
+                "round {n}: {} {limit:.0}/s, {} {rate:.0}/s",
+                labels.0, labels.1
+            );
             limits.push(limit);
             measured.push(rate);
         }

@@ -12,15 +12,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sluice_schemas::{ChatMessage, ChatRequest, Codec, ReplyAddress};
-use tokio_util::sync::CancellationToken;
 
-use super::{fill, raw_path, time_stage, BenchError, Comparison, Result, StageRun, Workspace};
+use super::{
+    fill, raw_path, stage_metrics, BenchError, Comparison, Result, StageUnderTest, Workspace,
+};
 use crate::{
     config::{KafkaConfig, Wiring},
-    metrics::Metrics,
-    ops::Readiness,
-    runtime::{self, StageDeps, StageSpec},
-    BatchError, Emitter, Input, Operator,
+    runtime::StageSpec,
+    BatchError, Emitter, Input, Operator, Runnable,
 };
 
 /// What to run.
@@ -102,49 +101,37 @@ async fn pipeline(
     group: &str,
     options: &PassthroughOptions,
 ) -> Result<f64> {
-    let metrics = Arc::new(Metrics::new().map_err(crate::Error::from)?);
-    let deps = StageDeps {
-        kafka: kafka.clone(),
-        codec,
-        metrics: metrics.clone(),
-        readiness: Readiness::default(),
-    };
     let mut spec = StageSpec::new(Wiring::new("bench", group, input, dlq));
     spec.lanes = options.lanes;
     let operator = Passthrough {
         output: output.to_owned(),
     };
-    let cancel = CancellationToken::new();
-    let stage = tokio::spawn(runtime::run_operator(
-        move |_| operator.clone(),
-        spec,
-        deps,
-        cancel.clone(),
-    ));
-    let written = metrics.records_out.with_label_values(&["bench", output]);
-    let dead = metrics.dlq_records.with_label_values(&["bench"]);
-    let seconds = time_stage(
-        StageRun {
-            path: "pipeline",
-            task: &stage,
-            consumed: &metrics.records_in.with_label_values(&["bench"]),
-            total: options.records,
-        },
-        || written.get() + dead.get(),
-        || written.get() + dead.get() >= options.records,
-    )
-    .await?;
+    let stage = StageUnderTest::start(
+        "pipeline",
+        kafka,
+        codec,
+        stage_metrics()?,
+        Runnable::operator(move |_| operator.clone(), spec),
+    );
+    let written = stage
+        .metrics
+        .records_out
+        .with_label_values(&["bench", output]);
+    let dead = stage.metrics.dlq_records.with_label_values(&["bench"]);
+    let seconds = stage
+        .time(
+            options.records,
+            || written.get() + dead.get(),
+            || written.get() + dead.get() >= options.records,
+        )
+        .await?;
     if dead.get() > 0 {
         return Err(BenchError::DeadLettered {
             path: "pipeline".into(),
             count: dead.get(),
         });
     }
-    cancel.cancel();
-    stage.await.map_err(|source| BenchError::Task {
-        path: "pipeline".into(),
-        source,
-    })??;
+    stage.stop().await?;
     Ok(options.records as f64 / seconds)
 }
 
@@ -164,7 +151,7 @@ pub async fn passthrough(
         (record.session_id.clone(), record)
     });
     let record_bytes = fill(kafka, &codec, &input, records).await?;
-    let comparison = Comparison::run(options.rounds, |round| {
+    let comparison = Comparison::run(options.rounds, ("raw", "pipeline"), |round| {
         let (workspace, codec) = (&workspace, codec.clone());
         let (input, raw_out, pipe_out, dlq) = (&input, &raw_out, &pipe_out, &dlq);
         async move {

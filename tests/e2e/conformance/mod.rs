@@ -142,17 +142,13 @@ pub trait Subject: Send + Sync {
     fn in_store(&self) -> bool {
         self.about().in_store
     }
-    /// Records per key the properties use (kill and backpressure may want more).
+    /// Records per key `property` produces (the poison property sends its own two); the
+    /// backpressure property uses one key, so it needs enough records to fill a lane.
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
-            Property::Order | Property::Shutdown | Property::Kill => 30,
-            Property::Poison => 2,
             Property::Backpressure => 60,
+            _ => 30,
         }
-    }
-    /// Keys the backpressure property uses.
-    fn backpressure_keys(&self) -> usize {
-        1
     }
     /// Extra environment for the stage's process in `property`.
     fn env(&self, _world: &World, _property: Property) -> Vec<(String, String)> {
@@ -687,9 +683,7 @@ async fn backpressure(subject: &dyn Subject, kit: &Arc<Kit>) -> Result<String, S
         Stall::MissingTopic(_) | Stall::SlowModel => None,
     };
     let per_key = subject.records_per_key(Property::Backpressure);
-    let sent = world
-        .produce_keys(subject, subject.backpressure_keys(), per_key)
-        .await;
+    let sent = world.produce_keys(subject, 1, per_key).await;
     let stage = world.start(subject, &env).await;
     let paused = format!("sluice_consumer_paused{{stage=\"{}\"}}", subject.stage());
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -66,11 +66,6 @@ impl Runnable {
         &self.wiring.name
     }
 
-    /// The topic the stage reads.
-    pub fn input_topic(&self) -> &str {
-        &self.wiring.input_topic
-    }
-
     /// Runs the stage in its consumer group until `cancel` fires.
     pub async fn run(self, deps: StageDeps, cancel: CancellationToken) -> Result<()> {
         self.task.run(deps, cancel).await

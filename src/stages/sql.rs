@@ -21,14 +21,13 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Vec
     }
     let topics = config.kafka.topics();
     let catalog = process.catalog(config).await?;
+    let clickhouse = ClickHouse::new(&config.clickhouse);
     let mut stages = Vec::with_capacity(config.sql.pipelines.len());
     for definition in &config.sql.pipelines {
         let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(definition)?);
         pipeline.check_query(&catalog.snapshot()).await?;
         let output = Arc::new(match &pipeline.output {
-            OutputConfig::Clickhouse(table) => {
-                Output::clickhouse(ClickHouse::new(&config.clickhouse), table)
-            }
+            OutputConfig::Clickhouse(table) => Output::clickhouse(clickhouse.clone(), table),
             OutputConfig::Topic(name) => {
                 let topic = format!("{}.{name}", config.kafka.topic_prefix);
                 kafka::ensure_topics(&config.kafka, &[topic.as_str()]).await?;

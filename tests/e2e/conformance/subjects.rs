@@ -13,11 +13,11 @@ use sluice_schemas::{
     RoutingDecision, UsageEvent,
 };
 
-use super::{About, Effects, Kit, Order, Property, Stall, Subject, World};
+use super::{About, Effects, Order, Property, Stall, Subject, World};
 use crate::harness::*;
 
 /// Every stage that runs as a consumer group.
-pub async fn subjects(_kit: &Arc<Kit>) -> Vec<Arc<dyn Subject>> {
+pub fn subjects() -> Vec<Arc<dyn Subject>> {
     vec![
         Arc::new(Router::default()),
         Arc::new(Orchestrator::default()),

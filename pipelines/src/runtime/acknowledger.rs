@@ -9,6 +9,7 @@ use std::{
 
 use rdkafka::{
     consumer::Consumer,
+    error::KafkaError,
     message::{Message, OwnedMessage},
     producer::{DeliveryFuture, FutureProducer, FutureRecord},
     Offset, TopicPartitionList,
@@ -56,7 +57,7 @@ impl Acknowledger {
         // Once a batch is left unacknowledged, nothing after it in this lane may complete
         // (its offsets and its operator's releases would skip past the gap).
         let mut blocked = false;
-        'batches: loop {
+        loop {
             let batch = match unacked.try_recv() {
                 Ok(batch) => batch,
                 Err(mpsc::error::TryRecvError::Empty) => {
@@ -68,42 +69,18 @@ impl Acknowledger {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            for (topic, delivery) in batch.deliveries {
-                let mut outcome = delivery.await;
-                let mut attempt = 0;
-                loop {
-                    let failed = match outcome {
-                        Ok(Ok(_)) => break,
-                        Ok(Err((e, message))) => {
-                            tracing::error!(stage, topic, error = %e, "output not acknowledged; sending again");
-                            message
-                        }
-                        Err(_) => {
-                            tracing::error!(
-                                stage,
-                                topic,
-                                "delivery report lost; leaving the batch for redelivery"
-                            );
-                            blocked = true;
-                            continue 'batches;
-                        }
-                    };
-                    attempt += 1;
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => {
-                            blocked = true;
-                            continue 'batches;
-                        }
-                        _ = tokio::time::sleep(backoff(attempt)) => {}
+            match self.await_deliveries(batch.deliveries).await {
+                Some(delivered) => {
+                    for topic in delivered {
+                        records_out
+                            .entry(topic)
+                            .or_insert_with_key(|topic| {
+                                self.metrics.records_out.with_label_values(&[stage, topic])
+                            })
+                            .inc();
                     }
-                    outcome = resend(&self.producer, &failed).await;
                 }
-                records_out
-                    .entry(topic)
-                    .or_insert_with_key(|topic| {
-                        self.metrics.records_out.with_label_values(&[stage, topic])
-                    })
-                    .inc();
+                None => blocked = true,
             }
             if !batch.records.is_empty() {
                 process_seconds.observe(batch.started.elapsed().as_secs_f64());
@@ -121,6 +98,57 @@ impl Acknowledger {
             }
         }
         self.store(&mut to_store);
+    }
+
+    /// Waits for every delivery of one batch; the outputs the broker refused are sent again
+    /// together (after a backoff that grows with each round) until all are acknowledged, so a
+    /// broker or topic that comes back costs a few rounds, not one backoff per record. Returns
+    /// the topic of each output, or `None` if a delivery report was lost or shutdown came
+    /// first (the batch is then left for redelivery).
+    async fn await_deliveries(
+        &self,
+        deliveries: Vec<(String, DeliveryFuture)>,
+    ) -> Option<Vec<String>> {
+        let mut delivered = Vec::with_capacity(deliveries.len());
+        let mut waiting: Vec<(String, Sent)> = deliveries
+            .into_iter()
+            .map(|(topic, delivery)| (topic, Ok(delivery)))
+            .collect();
+        let mut attempt = 0;
+        loop {
+            let mut refused = Vec::new();
+            for (topic, sent) in waiting {
+                let outcome = match sent {
+                    Ok(delivery) => delivery.await,
+                    Err(refusal) => Ok(Err(*refusal)),
+                };
+                match outcome {
+                    Ok(Ok(_)) => delivered.push(topic),
+                    Ok(Err((e, message))) => {
+                        if refused.is_empty() {
+                            tracing::error!(stage = %self.stage, topic, error = %e, "output not acknowledged; sending again");
+                        }
+                        refused.push((topic, message));
+                    }
+                    Err(_) => {
+                        tracing::error!(stage = %self.stage, topic, "delivery report lost; leaving the batch for redelivery");
+                        return None;
+                    }
+                }
+            }
+            if refused.is_empty() {
+                return Some(delivered);
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(backoff(attempt)) => {}
+            }
+            waiting = refused
+                .into_iter()
+                .map(|(topic, message)| (topic, resend(&self.producer, message)))
+                .collect();
+        }
     }
 
     fn store(&self, to_store: &mut HashMap<(String, i32), i64>) {
@@ -160,14 +188,12 @@ fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, positio
     }
 }
 
-/// Produces `message` again, to the same partition, and waits for the outcome.
-async fn resend(
-    producer: &FutureProducer,
-    message: &OwnedMessage,
-) -> Result<
-    rdkafka::producer::future_producer::OwnedDeliveryResult,
-    futures::channel::oneshot::Canceled,
-> {
+/// An output handed to the producer (its acknowledgement to come), or refused before it was
+/// queued (the local queue full, say), to be sent again in the next round.
+type Sent = Result<DeliveryFuture, Box<(KafkaError, OwnedMessage)>>;
+
+/// Produces `message` again, to the same partition.
+fn resend(producer: &FutureProducer, message: OwnedMessage) -> Sent {
     let mut record = FutureRecord::to(message.topic())
         .payload(message.payload().unwrap_or_default())
         .partition(message.partition());
@@ -178,7 +204,7 @@ async fn resend(
         record = record.headers(headers.clone());
     }
     match producer.send_result(record) {
-        Ok(delivery) => delivery.await,
-        Err((e, _)) => Ok(Err((e, message.clone()))),
+        Ok(delivery) => Ok(delivery),
+        Err((e, _)) => Err(Box::new((e, message.clone()))),
     }
 }

@@ -2,7 +2,7 @@
 //! and Apache Kafka or Redpanda are interchangeable.
 //!
 //! Two producer profiles: the latency path (replies, requests: no linger, Nagle off) and the
-//! throughput path (usage, DLQ: a few milliseconds of linger to batch). Consumers store offsets
+//! throughput path (usage, DLQ, bulk stages: a few milliseconds of linger, large lz4 batches). Consumers store offsets
 //! explicitly (`enable.auto.offset.store=false`) so the runtime decides what is done; the
 //! background auto-commit then commits only what was stored.
 
@@ -80,6 +80,12 @@ fn describe(rebalance: &rdkafka::consumer::Rebalance<'_>) -> String {
     }
 }
 
+/// How long a stage's fetch may wait for data, milliseconds. Kafka, Redpanda and the local
+/// broker as `deploy/local` builds it answer a waiting fetch as soon as a produce makes data
+/// available, so this does not delay records: it only sets how often an idle consumer asks
+/// (and so what idling costs the broker and the stage).
+pub const FETCH_WAIT_MS: u32 = 500;
+
 /// A consumer with Sluice's context.
 pub type KafkaConsumer = StreamConsumer<StageContext>;
 
@@ -105,21 +111,48 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// An idempotent producer (no duplicates or reordering from the producer's own retries).
-pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<FutureProducer> {
+/// The settings of an idempotent producer (no duplicates or reordering from the producer's own
+/// retries) with `profile`'s batching: the latency profile sends each record at once,
+/// uncompressed; the throughput profile lets records gather for up to 5 ms into batches of up
+/// to 1 MiB or 10,000 records, compressed with lz4 (which every Kafka-protocol broker takes).
+pub fn producer_config(config: &KafkaConfig, profile: ProducerProfile) -> ClientConfig {
     let mut client = client_config(config);
     client
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .set("compression.type", "none");
+        .set("message.timeout.ms", "30000");
     match profile {
-        ProducerProfile::Latency => client.set("linger.ms", "0"),
+        ProducerProfile::Latency => client.set("linger.ms", "0").set("compression.type", "none"),
         ProducerProfile::Throughput => client
             .set("linger.ms", "5")
-            .set("batch.num.messages", "10000"),
+            .set("batch.num.messages", "10000")
+            .set("batch.size", "1048576")
+            .set("compression.type", "lz4"),
     };
-    Ok(client.create()?)
+    client
+}
+
+/// An idempotent producer with `profile`'s batching ([`producer_config`]).
+pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<FutureProducer> {
+    Ok(producer_config(config, profile).create()?)
+}
+
+/// How much one fetch may bring back per partition: large enough that a consumer catching up
+/// reads big runs of records per round trip.
+const FETCH_PARTITION_BYTES: &str = "4194304";
+
+/// The settings of a plain consumer in `group` reading from the earliest offset with bulk
+/// fetches, committing nothing: what a benchmark's hand-built limit uses.
+pub fn bulk_consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .set("max.partition.fetch.bytes", FETCH_PARTITION_BYTES)
+        .set("enable.partition.eof", "false");
+    client
 }
 
 /// A consumer in `group` that only commits offsets the runtime stored.
@@ -145,6 +178,7 @@ pub fn consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("max.partition.fetch.bytes", FETCH_PARTITION_BYTES)
         .set("enable.partition.eof", "false");
     if let Some(kib) = max_prefetch_kib {
         // Bounds what librdkafka holds fetched but unconsumed while the consumer is held back:

@@ -337,7 +337,6 @@ pub fn stage_spec(pipeline: &Pipeline, wiring: Wiring, lanes: usize) -> StageSpe
     spec.lane_by = LaneBy::Partition;
     spec.max_batch = 512;
     spec.lane_capacity = 1024;
-    spec.fetch_wait_ms = 100;
     spec.tick = Some(TICK);
     spec.watermarks = Some(pipeline.watermarks);
     spec

@@ -5,7 +5,11 @@
 //! A benchmark measures Sluice against what a user could build by hand with the same client on
 //! the same broker, in the same run: the limit is measured, never assumed.
 
+pub mod hop;
 pub mod passthrough;
+mod raw;
+
+pub use raw::raw_path;
 
 use std::{
     future::Future,
@@ -13,21 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::{
-    consumer::Consumer,
-    message::Message,
-    producer::{DeliveryFuture, FutureRecord},
-};
 use sluice_schemas::{Codec, Record};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::KafkaConfig,
-    kafka::{self, ProducerProfile},
-    metrics::Metrics,
-    ops::Readiness,
-    runtime::StageDeps,
-    Runnable,
+    config::KafkaConfig, kafka, metrics::Metrics, ops::Readiness, runtime::StageDeps, Runnable,
 };
 
 /// Why a benchmark could not finish.
@@ -123,74 +117,6 @@ pub fn progress(label: &str, done: u64, total: u64, started: Instant) {
         "  {label}: {done}/{total} records, {:.0}/s",
         done as f64 / secs
     );
-}
-
-/// The limit: a plain librdkafka consumer in a fresh `group` reading `total` records of
-/// `input`, and (given `output`) producing each payload there unchanged, with acknowledgements
-/// awaited off the consume loop so it never stalls on them. Records/s, timed from the first
-/// record (joining the group is not counted).
-pub async fn raw_path(
-    kafka: &KafkaConfig,
-    input: &str,
-    output: Option<&str>,
-    group: &str,
-    total: u64,
-) -> Result<f64> {
-    let consumer = kafka::consumer(kafka, group, 100, None, None)?;
-    consumer.subscribe(&[input])?;
-    let producer = kafka::producer(kafka, ProducerProfile::Throughput)?;
-    let (acks, mut pending) = tokio::sync::mpsc::unbounded_channel::<DeliveryFuture>();
-    let acknowledger = tokio::spawn(async move {
-        let mut failed = 0u64;
-        while let Some(delivery) = pending.recv().await {
-            if !matches!(delivery.await, Ok(Ok(_))) {
-                failed += 1;
-            }
-        }
-        failed
-    });
-    let mut started: Option<Instant> = None;
-    let mut last_report = Instant::now();
-    let mut done = 0u64;
-    while done < total {
-        let message = consumer.recv().await?;
-        let clock = *started.get_or_insert_with(Instant::now);
-        if let Some(output) = output {
-            loop {
-                let mut record =
-                    FutureRecord::to(output).payload(message.payload().unwrap_or_default());
-                if let Some(key) = message.key() {
-                    record = record.key(key);
-                }
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        // The acknowledger outlives the loop, so the send cannot fail.
-                        let _ = acks.send(delivery);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                }
-            }
-        }
-        done += 1;
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            progress("raw", done, total, clock);
-            last_report = Instant::now();
-        }
-    }
-    drop(acks);
-    let failed = acknowledger.await.map_err(|source| BenchError::Task {
-        path: "raw".into(),
-        source,
-    })?;
-    if failed > 0 {
-        return Err(BenchError::Undelivered {
-            path: "raw".into(),
-            count: failed,
-        });
-    }
-    let elapsed = started.map_or(f64::MAX, |s| s.elapsed().as_secs_f64());
-    Ok(total as f64 / elapsed)
 }
 
 /// The stage a benchmark measures, running in this process with its own metrics.

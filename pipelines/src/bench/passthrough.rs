@@ -1,8 +1,8 @@
 //! `sluice bench passthrough`: how much of the broker's speed the operator runtime keeps.
 //!
 //! The same N records of about 1 KB Avro go through two paths on the same broker in the same run:
-//! - **raw**: librdkafka consumes them and produces each payload unchanged — the limit
-//!   ([`raw_path`](super::raw_path));
+//! - **raw**: a hand-built librdkafka consume → produce pipe, tuned for throughput, passes each
+//!   payload on unchanged — the limit ([`raw_path`](super::raw_path));
 //! - **pipeline**: the operator runtime consumes, decodes, hands each record to a passthrough
 //!   operator, re-encodes, produces and stores offsets after the broker acknowledged.
 //!
@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     config::{KafkaConfig, Wiring},
+    kafka::ProducerProfile,
     runtime::StageSpec,
     BatchError, Emitter, Input, Operator, Runnable,
 };
@@ -103,6 +104,8 @@ async fn pipeline(
 ) -> Result<f64> {
     let mut spec = StageSpec::new(Wiring::new("bench", group, input, dlq));
     spec.lanes = options.lanes;
+    // A bulk stage, like the limit: large compressed batches out.
+    spec.producer = ProducerProfile::Throughput;
     let operator = Passthrough {
         output: output.to_owned(),
     };

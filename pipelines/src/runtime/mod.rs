@@ -65,7 +65,6 @@ pub use operator::{
 pub use spec::{LaneBy, StageDeps, StageSpec, WatermarkSpec};
 
 use crate::{
-    kafka::ProducerProfile,
     source::{SourceTuning, StageSource},
     Result,
 };
@@ -97,7 +96,7 @@ pub async fn run_operator<O: Operator>(
     let tuning = SourceTuning {
         fetch_wait_ms: spec.fetch_wait_ms,
         max_prefetch_kib: None,
-        producer: ProducerProfile::Latency,
+        producer: spec.producer,
     };
     let source = StageSource::open(&spec.wiring, tuning, &deps)?;
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));

@@ -7,6 +7,7 @@ use sluice_schemas::Codec;
 
 use crate::{
     config::{KafkaConfig, Wiring},
+    kafka::ProducerProfile,
     metrics::Metrics,
     ops::Readiness,
 };
@@ -52,8 +53,11 @@ pub struct StageSpec {
     pub max_attempts: u32,
     /// Processed batches per lane whose outputs may await the broker's acknowledgement at once.
     pub max_unacked: usize,
-    /// Broker fetch wait; small on the interactive path.
+    /// How long a broker fetch may wait for data ([`FETCH_WAIT_MS`](crate::kafka::FETCH_WAIT_MS)).
     pub fetch_wait_ms: u32,
+    /// How outputs are batched: at once (the interactive path) or in large compressed batches
+    /// (bulk stages).
+    pub producer: ProducerProfile,
     /// How often [`Operator::on_tick`] runs, if at all.
     pub tick: Option<Duration>,
     /// Event-time watermarks, if the operator uses them.
@@ -72,7 +76,8 @@ impl StageSpec {
             linger: Duration::ZERO,
             max_attempts: 6,
             max_unacked: 256,
-            fetch_wait_ms: 5,
+            fetch_wait_ms: crate::kafka::FETCH_WAIT_MS,
+            producer: ProducerProfile::Latency,
             tick: None,
             watermarks: None,
         }

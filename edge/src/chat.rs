@@ -156,6 +156,7 @@ pub async fn completions(
             ReplyKind::Delta => text.push_str(&chunk.delta),
             ReplyKind::Error => return Err(chunk_error(&chunk)),
             ReplyKind::Done => {
+                text.push_str(&chunk.delta);
                 let body = openai::completion_json(
                     &submitted.request_id,
                     submitted.created,

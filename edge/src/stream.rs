@@ -93,8 +93,12 @@ impl StreamTranslator {
             self.started = true;
             out.push(self.object(chunk, json!({ "role": "assistant", "content": "" }), None));
         }
-        if chunk.kind == ReplyKind::Delta {
+        // A DONE chunk may carry the reply's last text (the orchestrator joins text that
+        // arrives together into one chunk).
+        if !chunk.delta.is_empty() {
             out.push(self.object(chunk, json!({ "content": chunk.delta }), None));
+        }
+        if chunk.kind == ReplyKind::Delta {
             return Translated::More(out);
         }
         let finish = chunk.finish_reason.as_deref().unwrap_or("stop");

@@ -167,6 +167,8 @@ pub struct ReplyChunk {
     pub seq: i32,
     pub kind: ReplyKind,
     pub model: String,
+    /// Text this chunk appends: a DELTA's, and on DONE the reply's last text, if any (text
+    /// that arrives together travels as one chunk).
     pub delta: String,
     pub finish_reason: Option<String>,
     pub input_tokens: i64,

@@ -7,11 +7,17 @@
 //! The usage event id is `request_id:call_index`, so if the orchestrator crashes and the
 //! routed record is redelivered, the repeated call produces the same event id and the metering
 //! sink counts it once. Reply chunks carry a `seq`; the edge drops chunks it has seen.
+//!
+//! # Records per reply
+//! Text that arrives together travels together: a streamed reply sends its first text at once
+//! (time to first token), then whatever has arrived each time it would otherwise wait; a whole
+//! (not streamed) reply is one DONE chunk carrying the text. So a fast upstream costs two reply
+//! records per streamed request and one per whole one, not one per token.
 
 pub mod providers;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{Emitter, ProcessError, RecordContext, RecordOperator, Topics};
 use sluice_schemas::{tokens, ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
@@ -22,6 +28,22 @@ use providers::{
     sim::{self, SimConfig},
     EventStream, ModelCall, ProviderError, ProviderEvent,
 };
+
+/// The longest a whole (not streamed) reply's text is held before it is sent on, so the edge
+/// keeps hearing from a long generation.
+const WHOLE_REPLY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A DELTA chunk carrying `pending` (which it empties) as chunk `seq` of `routed`'s reply.
+fn delta_chunk(routed: &RoutedRequest, seq: i32, pending: &mut String) -> ReplyChunk {
+    let mut chunk = ReplyChunk::new(
+        &routed.request,
+        &routed.decision.model,
+        seq,
+        ReplyKind::Delta,
+    );
+    chunk.delta = std::mem::take(pending);
+    chunk
+}
 
 /// Orchestrator settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -124,31 +146,80 @@ impl RecordOperator for Orchestrator {
         };
 
         let mut text = String::new();
+        // Text received but not yet sent to the edge.
+        let mut pending = String::new();
+        let mut last_sent = std::time::Instant::now();
         let mut finish: Option<(String, Option<i64>, Option<i64>)> = None;
         let mut failure: Option<ProviderError> = None;
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(ProviderEvent::Delta(delta)) => {
-                    let mut chunk =
-                        ReplyChunk::new(request, &decision.model, seq, ReplyKind::Delta);
-                    chunk.delta = delta;
-                    text.push_str(&chunk.delta);
-                    out.emit(reply_topic, reply_partition, reply_key, &chunk)
+        loop {
+            // What is already here is taken without waiting; before waiting for more, a
+            // streamed reply sends what it holds, and a whole reply holds on (up to
+            // WHOLE_REPLY_FLUSH, so the edge keeps hearing from a long generation).
+            let event = match events.next().now_or_never() {
+                Some(event) => event,
+                None if request.stream => {
+                    if !pending.is_empty() {
+                        out.emit(
+                            reply_topic,
+                            reply_partition,
+                            reply_key,
+                            &delta_chunk(&routed, seq, &mut pending),
+                        )
                         .await?;
-                    seq += 1;
+                        seq += 1;
+                    }
+                    events.next().await
                 }
-                Ok(ProviderEvent::Done {
+                None => {
+                    let wait = WHOLE_REPLY_FLUSH.saturating_sub(last_sent.elapsed());
+                    match tokio::time::timeout(wait, events.next()).await {
+                        Ok(event) => event,
+                        Err(_) => {
+                            if !pending.is_empty() {
+                                out.emit(
+                                    reply_topic,
+                                    reply_partition,
+                                    reply_key,
+                                    &delta_chunk(&routed, seq, &mut pending),
+                                )
+                                .await?;
+                                seq += 1;
+                            }
+                            last_sent = std::time::Instant::now();
+                            continue;
+                        }
+                    }
+                }
+            };
+            match event {
+                Some(Ok(ProviderEvent::Delta(delta))) => {
+                    text.push_str(&delta);
+                    pending.push_str(&delta);
+                    // The first text of a streamed reply leaves at once: time to first token.
+                    if request.stream && seq == 0 {
+                        out.emit(
+                            reply_topic,
+                            reply_partition,
+                            reply_key,
+                            &delta_chunk(&routed, seq, &mut pending),
+                        )
+                        .await?;
+                        seq += 1;
+                    }
+                }
+                Some(Ok(ProviderEvent::Done {
                     finish_reason,
                     input_tokens,
                     output_tokens,
-                }) => {
+                })) => {
                     finish = Some((finish_reason, input_tokens, output_tokens));
                     break;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     failure = Some(e);
                     break;
                 }
+                None => break,
             }
         }
         if finish.is_none() && failure.is_none() {
@@ -193,11 +264,22 @@ impl RecordOperator for Orchestrator {
 
         let last = match failure {
             Some(e) => {
+                if !pending.is_empty() {
+                    out.emit(
+                        reply_topic,
+                        reply_partition,
+                        reply_key,
+                        &delta_chunk(&routed, seq, &mut pending),
+                    )
+                    .await?;
+                    seq += 1;
+                }
                 tracing::warn!(request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(), error = %e, "model stream failed");
                 ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message)
             }
             None => {
                 let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
+                done.delta = std::mem::take(&mut pending);
                 done.finish_reason = Some(finish_reason);
                 done.input_tokens = input_tokens;
                 done.output_tokens = output_tokens;

@@ -41,6 +41,8 @@ pub struct ApiError {
     pub code: Option<String>,
     /// Ask the client not to reuse the connection (the request body was left unread).
     pub close_connection: bool,
+    /// Seconds after which the client may try again (`Retry-After`).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -52,7 +54,14 @@ impl ApiError {
             param: None,
             code: Some(code.to_owned()),
             close_connection: false,
+            retry_after_secs: None,
         }
+    }
+
+    /// Tells the client to try again after `seconds` (`Retry-After`).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_secs = Some(seconds);
+        self
     }
 
     /// Marks the response `Connection: close`: the body was not read, so the connection cannot
@@ -129,6 +138,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
                 axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if let Some(seconds) = self.retry_after_secs {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
             );
         }
         response

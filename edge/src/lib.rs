@@ -85,6 +85,10 @@ pub struct EdgeConfig {
     pub reply_timeout_secs: u64,
     /// Seconds a successful API-key lookup is cached.
     pub auth_cache_secs: u64,
+    /// Chat requests (whole or streaming, until their last byte) this instance serves at once;
+    /// beyond it a request is answered 503 with `Retry-After` at once, so an overloaded edge
+    /// sheds instead of queueing callers into seconds of latency.
+    pub max_in_flight: usize,
 }
 
 impl Default for EdgeConfig {
@@ -94,6 +98,7 @@ impl Default for EdgeConfig {
             max_body_bytes: 1 << 20,
             reply_timeout_secs: 120,
             auth_cache_secs: 30,
+            max_in_flight: 2048,
         }
     }
 }
@@ -110,6 +115,9 @@ impl EdgeConfig {
         }
         if self.max_body_bytes < 1024 {
             problems.push("edge.max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.max_in_flight == 0 {
+            problems.push("edge.max_in_flight must be at least 1".to_owned());
         }
         if self.reply_timeout_secs == 0 {
             problems.push("edge.reply_timeout_secs must be at least 1".to_owned());
@@ -130,6 +138,8 @@ pub struct EdgeState {
     pub metrics: Arc<Metrics>,
     pub clickhouse: ClickHouse,
     pub auth: AuthCache,
+    /// Places for chat requests in flight (`edge.max_in_flight`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the edge is built from.
@@ -153,7 +163,7 @@ pub async fn run(
 ) -> Result<()> {
     deps.readiness.register("edge");
     let topics = deps.kafka.topics();
-    let consumer = kafka::assigned_consumer(&deps.kafka, 5)?;
+    let consumer = kafka::assigned_consumer(&deps.kafka, kafka::FETCH_WAIT_MS)?;
     let partitions = kafka::partition_count(&consumer, &topics.replies)?;
     let (partition, claim) =
         replies::claim_partition(&deps.app_pool, &topics.replies, partitions).await?;
@@ -180,6 +190,7 @@ pub async fn run(
 
     let state = Arc::new(EdgeState {
         auth: AuthCache::new(Duration::from_secs(config.auth_cache_secs)),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         config,
         app_pool: deps.app_pool,
         catalog: deps.catalog,
@@ -205,7 +216,10 @@ pub async fn run(
 /// The edge's routes.
 pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -> Router {
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat::completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat::completions).layer(middleware::from_fn_with_state(state.clone(), admit)),
+        )
         .route("/v1/chat/stream", get(ws::upgrade))
         .route("/v1/models", get(usage::models))
         .route("/v1/usage", get(usage::usage))
@@ -215,6 +229,29 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .with_state(state.clone());
     api.merge(ops::router(metrics, readiness))
         .layer(middleware::from_fn_with_state(state, record_http))
+}
+
+/// Admits a chat request while fewer than `edge.max_in_flight` are in flight, holding its place
+/// until the response's last byte is sent (a stream holds it for as long as it streams);
+/// otherwise answers 503 with `Retry-After: 1` at once.
+async fn admit(State(state): State<Arc<EdgeState>>, request: Request, next: Next) -> Response {
+    use futures::StreamExt;
+    let Ok(place) = state.in_flight.clone().try_acquire_owned() else {
+        state.metrics.edge_shed.inc();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Sluice is serving as many requests as it can; retry shortly.",
+        )
+        .retry_after(1)
+        .into_response();
+    };
+    let (parts, body) = next.run(request).await.into_parts();
+    let body = axum::body::Body::from_stream(body.into_data_stream().map(move |bytes| {
+        let _held = &place;
+        bytes
+    }));
+    Response::from_parts(parts, body)
 }
 
 async fn not_found() -> ApiError {

@@ -57,6 +57,8 @@ pub const HTTP_REQUESTS: &str = "sluice_http_requests_total";
 pub const HTTP_SECONDS: &str = "sluice_http_request_seconds";
 /// Reply chunks the edge received for requests no longer waiting (client gone), total.
 pub const ORPHAN_REPLIES: &str = "sluice_edge_orphan_replies_total";
+/// Chat requests the edge turned away because it was at `edge.max_in_flight`, total.
+pub const EDGE_SHED: &str = "sluice_edge_shed_total";
 /// Open streams (SSE and WebSocket) on the edge.
 pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
 
@@ -85,6 +87,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
     pub orphan_replies: IntCounter,
+    pub edge_shed: IntCounter,
     pub open_streams: IntGaugeVec,
 }
 
@@ -193,6 +196,11 @@ impl Metrics {
             http_seconds: histogram(HTTP_SECONDS, "HTTP time to response head.", &["route"])?,
             orphan_replies: {
                 let c = IntCounter::new(ORPHAN_REPLIES, "Reply chunks with nobody waiting.")?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            edge_shed: {
+                let c = IntCounter::new(EDGE_SHED, "Chat requests turned away at capacity.")?;
                 registry.register(Box::new(c.clone()))?;
                 c
             },

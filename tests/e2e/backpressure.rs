@@ -1,7 +1,8 @@
 //! Backpressure. When a sink's store is down, the sink stops taking records instead of
 //! buffering them: memory stays bounded while lag grows, and once the store is back every
 //! record is written exactly once. When an operator stalls, its stage pauses its partitions,
-//! stays in its consumer group, and resumes where it stopped.
+//! stays in its consumer group, and resumes where it stopped. When the edge is at capacity, it
+//! turns callers away at once with 503 and `Retry-After` rather than queueing them.
 
 use std::{
     collections::HashMap,
@@ -281,4 +282,48 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
         0,
         "resumed"
     );
+}
+
+#[tokio::test]
+async fn an_edge_at_capacity_sheds_with_503_and_retry_after_and_serves_again_after() {
+    let prefix = unique("t");
+    let mut env = sim_speed(40.0);
+    env.push(("SLUICE_EDGE__MAX_IN_FLIGHT".to_owned(), "1".to_owned()));
+    let sluice = Sluice::start_with(&prefix, env);
+    let tenant = create_tenant(&sluice.prefix);
+    // About 1.5 s of reply holds the only place.
+    let slow = spawn_chat(
+        &sluice,
+        &tenant.key,
+        "hold the place".into(),
+        60,
+        Duration::ZERO,
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let body = serde_json::json!({"model": "auto", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "one more"}]});
+    let response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "overloaded", "{error}");
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
+    let (status, reply) = slow.await.unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert!(metric(&sluice.url, "sluice_edge_shed_total").await >= 1.0);
+    // The place is free again once the first reply is complete.
+    let (status, reply) = chat(&sluice, &tenant.key, body).await;
+    assert_eq!(status, 200, "{reply}");
 }

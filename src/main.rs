@@ -121,6 +121,31 @@ pub(crate) enum DlqCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
+    /// Chat completions through the whole dataflow (edge, broker, router, orchestrator,
+    /// metering, SQL) vs. the same local upstream called directly, at several concurrencies.
+    Gateway {
+        /// Concurrent clients per level, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 50, 200])]
+        clients: Vec<usize>,
+        /// Measured seconds per level and path.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Unmeasured seconds before each measurement.
+        #[arg(long, default_value_t = 1)]
+        warmup_seconds: u64,
+        /// Ask for streamed (SSE) replies instead of whole ones.
+        #[arg(long)]
+        stream: bool,
+        /// Samples of the one-hop broker latency.
+        #[arg(long, default_value_t = 200)]
+        hop_samples: usize,
+        /// Seconds of idle CPU measured before the load.
+        #[arg(long, default_value_t = 5)]
+        idle_seconds: u64,
+        /// The broker's process name on this machine, for its CPU share.
+        #[arg(long, default_value = "tansu")]
+        broker_process: String,
+    },
     /// Records through the operator runtime vs. raw librdkafka consume+produce on the same broker.
     Passthrough {
         /// Records per path.

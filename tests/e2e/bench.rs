@@ -76,3 +76,41 @@ async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
         .unwrap_or_else(|| panic!("no row count in {sql}"));
     assert!(rows >= 20, "{out}");
 }
+
+#[tokio::test]
+async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_with_its_summary() {
+    let sluice = Sluice::start();
+    let args = [
+        "bench",
+        "gateway",
+        "--clients",
+        "1,3",
+        "--seconds",
+        "1",
+        "--warmup-seconds",
+        "0",
+        "--idle-seconds",
+        "1",
+        "--hop-samples",
+        "20",
+    ];
+    let out = sluice.cli(&args);
+    assert!(out.contains("one broker hop"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per level: {out}");
+    let last = out.lines().last().unwrap_or_default();
+    let fields: Vec<(&str, f64)> = last
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k, v.parse().unwrap()))
+        .collect();
+    assert_eq!(fields.len(), 2, "{out}");
+    assert_eq!(fields[0].0, "max_rps");
+    assert!(fields[0].1 > 0.0, "requests went through Sluice: {out}");
+    assert_eq!(fields[1].0, "p99_tax_ms_c10");
+    assert!(fields[1].1.is_finite(), "{out}");
+    assert!(out.contains("no level with 10 clients"), "{out}");
+}

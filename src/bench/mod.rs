@@ -1,5 +1,10 @@
 //! `sluice bench`: each benchmark measures Sluice against the limit on the same machine in the
-//! same run, prints both, and prints `ratio=<measured/limit>` last.
+//! same run and prints both: `passthrough` and `window` print `ratio=<measured/limit>` last,
+//! `gateway` prints `max_rps=<n> p99_tax_ms_c10=<x>` last.
+
+mod gateway;
+mod load;
+mod upstream;
 
 use sluice_pipelines::bench::{passthrough, Summary};
 use sluice_stores::ClickHouse;
@@ -17,6 +22,26 @@ fn print_rate(label: &str, rates: &Summary, extra: &str) {
 /// Runs a benchmark and prints its figures, the ratio last.
 pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Gateway {
+            clients,
+            seconds,
+            warmup_seconds,
+            stream,
+            hop_samples,
+            idle_seconds,
+            broker_process,
+        } => {
+            let options = gateway::GatewayOptions {
+                clients,
+                seconds,
+                warmup_seconds,
+                stream,
+                hop_samples,
+                idle_seconds,
+                broker_process,
+            };
+            gateway::run(&config, &options).await?;
+        }
         BenchCommand::Passthrough {
             records,
             record_bytes,

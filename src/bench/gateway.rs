@@ -1,0 +1,379 @@
+//! `sluice bench gateway`: chat completions through the whole Sluice dataflow against the same
+//! upstream called directly, in one run on one machine.
+//!
+//! 1. A local OpenAI-compatible upstream starts ([`upstream`](super::upstream)).
+//! 2. One broker hop, produce → consume, is timed with the interactive path's clients: the
+//!    dataflow's three hops (requests → routed → replies) cannot beat three of these.
+//! 3. A full `sluice up` starts as its own process on fresh topics (`bench-<id>.*`), with a
+//!    tenant and a catalogue model pointing at the upstream: edge → requests → router → routed →
+//!    orchestrator → replies → edge, with metering and the SQL pipelines on.
+//! 4. Its CPU with no traffic is measured (and the broker's, when it runs on this machine).
+//! 5. At each concurrency level, the upstream direct and then Sluice get the same closed-loop
+//!    load: requests/s, p50/p99, and Sluice's added latency (tax) at each percentile.
+//!
+//! The last line is `max_rps=<Sluice's best requests/s> p99_tax_ms_c10=<p99 tax at 10 clients>`.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde_json::json;
+use sluice_pipelines::{bench::hop, kafka, now_ms};
+use sluice_stores::{
+    postgres::{self, models, tenants},
+    ModelSpec, ProviderKind,
+};
+
+use super::{
+    load::{self, LoadReport, Target},
+    upstream::Upstream,
+};
+use crate::{config::Config, setup};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Concurrency levels, in order.
+    pub clients: Vec<usize>,
+    /// Measured seconds per level and path.
+    pub seconds: u64,
+    /// Unmeasured seconds before each measurement.
+    pub warmup_seconds: u64,
+    /// Whether clients ask for streamed (SSE) replies.
+    pub stream: bool,
+    /// Samples of the one-hop latency.
+    pub hop_samples: usize,
+    /// Seconds of idle CPU measured before the load.
+    pub idle_seconds: u64,
+    /// Name of the broker's process on this machine, for its CPU (skipped if none runs).
+    pub broker_process: String,
+}
+
+/// CPU time of a process so far, seconds (Linux: `/proc/<pid>/stat`, in USER_HZ = 100 ticks).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The pid of the first process named `name` (its `comm`), if one runs.
+fn find_process(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == name).then_some(pid)
+        })
+}
+
+/// Percent of one core that `pid` used between two readings `seconds` apart.
+struct CpuMeter {
+    pid: Option<u32>,
+    start: Option<f64>,
+    at: Instant,
+}
+
+impl CpuMeter {
+    fn start(pid: Option<u32>) -> Self {
+        Self {
+            pid,
+            start: pid.and_then(cpu_seconds),
+            at: Instant::now(),
+        }
+    }
+
+    /// Percent of a core since the start, if the process could be read.
+    fn percent(&self) -> Option<f64> {
+        let now = cpu_seconds(self.pid?)?;
+        Some((now - self.start?) / self.at.elapsed().as_secs_f64() * 100.0)
+    }
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |p| format!("{p:.0}%"))
+}
+
+/// A `sluice up` of its own, on fresh topics; terminated when dropped.
+struct SluiceUnderTest {
+    child: std::process::Child,
+    edge_url: String,
+    log: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl SluiceUnderTest {
+    async fn start(config: &Config, id: &str) -> anyhow::Result<Self> {
+        let mut child_config = config.clone();
+        child_config.kafka.topic_prefix = id.to_owned();
+        let edge = format!("127.0.0.1:{}", free_port()?);
+        let registry = format!("127.0.0.1:{}", free_port()?);
+        child_config.edge.listen = edge.clone();
+        child_config.registry.url = format!("http://{registry}");
+        child_config.registry.listen = registry;
+        child_config.ops.listen = format!("127.0.0.1:{}", free_port()?);
+        setup::create_topics(&child_config).await?;
+        let dir = std::env::temp_dir();
+        let config_path = dir.join(format!("{id}.toml"));
+        std::fs::write(&config_path, toml::to_string(&child_config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let log = dir.join(format!("{id}.log"));
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        // Its settings are all in the file; the caller's SLUICE_* overrides would undo them.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("SLUICE_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command.spawn().context("starting sluice up")?;
+        let mut sluice = Self {
+            child,
+            edge_url: format!("http://{edge}"),
+            log,
+        };
+        sluice.wait_ready().await?;
+        Ok(sluice)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let url = format!("{}/readyz", self.edge_url);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!(
+                    "sluice up exited ({status}) before it was ready; log: {}",
+                    self.log.display()
+                );
+            }
+            if let Ok(response) = http.get(&url).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "sluice up was not ready within 90 s; log: {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Asks it to stop (SIGTERM: it drains and commits) and waits up to 30 s, then kills it.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SluiceUnderTest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn chat_body(model: &str, stream: bool) -> axum::body::Bytes {
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something about streams."}],
+        "max_tokens": 16,
+        "stream": stream,
+    });
+    axum::body::Bytes::from(body.to_string())
+}
+
+/// One concurrency level: the upstream direct, and Sluice with its and the broker's CPU.
+struct Level {
+    direct: LoadReport,
+    sluice: LoadReport,
+    sluice_cpu: Option<f64>,
+    broker_cpu: Option<f64>,
+}
+
+fn print_level(level: &Level) {
+    let (d, s) = (&level.direct, &level.sluice);
+    println!(
+        "{:>7} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} | {:>6} {:>6} | {:>6} {:>6}",
+        s.clients,
+        d.rps,
+        d.p50_ms,
+        d.p99_ms,
+        s.rps,
+        s.p50_ms,
+        s.p99_ms,
+        s.p50_ms - d.p50_ms,
+        s.p99_ms - d.p99_ms,
+        s.shed,
+        s.failed,
+        percent(level.sluice_cpu),
+        percent(level.broker_cpu),
+    );
+    for (path, report) in [("direct", d), ("sluice", s)] {
+        if let Some(why) = &report.first_failure {
+            println!("        {path}: {} failed, first: {why}", report.failed);
+        }
+    }
+}
+
+/// Runs the benchmark and prints its report, the summary line last.
+pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()> {
+    let id = format!("bench-{}", now_ms());
+    let upstream = Upstream::start()?;
+    let mode = if options.stream {
+        "streamed (SSE)"
+    } else {
+        "whole"
+    };
+    println!(
+        "upstream: {} (a fixed reply, {mode}); {} s per level after {} s of warm-up",
+        upstream.base_url, options.seconds, options.warmup_seconds
+    );
+
+    let hop_topic = format!("{id}.hop");
+    kafka::ensure_topics(&config.kafka, &[&hop_topic]).await?;
+    let hop = hop::hop_latency(&config.kafka, &hop_topic, options.hop_samples).await?;
+    let three_hops = 3.0 * hop.p50_ms;
+    println!(
+        "one broker hop, produce -> consume ({} samples): p50 {:.2} ms, p99 {:.2} ms; three hops {three_hops:.2} ms",
+        hop.samples, hop.p50_ms, hop.p99_ms
+    );
+
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    let (tenant, api_key) = tenants::create_tenant(&admin, &id).await?;
+    let model = ModelSpec {
+        name: id.clone(),
+        provider: ProviderKind::Openai,
+        upstream_model: "bench-upstream".into(),
+        base_url: Some(upstream.base_url.clone()),
+        api_key_env: None,
+        context_window: 8192,
+        input_price_micros: 0,
+        output_price_micros: 0,
+        created_at: 0,
+    };
+    models::upsert_model(&admin, &model).await?;
+    let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
+    models::disable_model(&admin, &id).await?;
+    tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
+    outcome
+}
+
+async fn measure(
+    config: &Config,
+    options: &GatewayOptions,
+    id: &str,
+    upstream: &Upstream,
+    api_key: &str,
+    three_hops: f64,
+) -> anyhow::Result<()> {
+    eprintln!("starting sluice up on topics {id}.* ...");
+    let sluice = SluiceUnderTest::start(config, id).await?;
+    let sluice_pid = Some(sluice.child.id());
+    let broker_pid = find_process(&options.broker_process);
+    let idle = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
+    tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
+    println!(
+        "idle for {} s: sluice {} of a core, broker {}",
+        options.idle_seconds,
+        percent(idle.0.percent()),
+        percent(idle.1.percent())
+    );
+
+    let direct = Target {
+        url: format!("{}/chat/completions", upstream.base_url),
+        api_key: None,
+        body: chat_body("bench-upstream", options.stream),
+    };
+    let through_sluice = Target {
+        url: format!("{}/v1/chat/completions", sluice.edge_url),
+        api_key: Some(api_key.to_owned()),
+        body: chat_body(id, options.stream),
+    };
+    let (warmup, window) = (
+        Duration::from_secs(options.warmup_seconds),
+        Duration::from_secs(options.seconds.max(1)),
+    );
+    println!(
+        "{:>7} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>7} {:>7} | {:>6} {:>6} | {:>6} {:>6}",
+        "clients",
+        "direct/s",
+        "p50 ms",
+        "p99 ms",
+        "sluice/s",
+        "p50 ms",
+        "p99 ms",
+        "tax p50",
+        "tax p99",
+        "shed",
+        "failed",
+        "sluice",
+        "broker"
+    );
+    let mut levels = Vec::new();
+    for &clients in &options.clients {
+        let http = load::client(clients)?;
+        let direct = load::run(&http, &direct, clients, warmup, window).await;
+        let cpu = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
+        let measured = load::run(&http, &through_sluice, clients, warmup, window).await;
+        let level = Level {
+            direct,
+            sluice: measured,
+            sluice_cpu: cpu.0.percent(),
+            broker_cpu: cpu.1.percent(),
+        };
+        print_level(&level);
+        levels.push(level);
+    }
+    drop(sluice);
+    if levels.iter().all(|l| l.sluice.completed == 0) {
+        anyhow::bail!("no request through Sluice succeeded (its log is in the temp directory)");
+    }
+    let max_rps = levels.iter().map(|l| l.sluice.rps).fold(0.0, f64::max);
+    let at_ten = levels
+        .iter()
+        .min_by_key(|l| l.sluice.clients.abs_diff(10))
+        .map(|l| (l.sluice.clients, l.sluice.p99_ms - l.direct.p99_ms));
+    let (tax_clients, p99_tax) = at_ten.unwrap_or((0, f64::NAN));
+    if tax_clients != 10 {
+        println!("(no level with 10 clients: the p99 tax below is at {tax_clients})");
+    }
+    println!(
+        "goal: p99 tax at 10 clients within three hops + 4 ms = {:.2} ms",
+        three_hops + 4.0
+    );
+    println!("max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2}");
+    Ok(())
+}

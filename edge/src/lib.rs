@@ -57,7 +57,6 @@ use axum::{
     routing::{get, post},
     Router,
 };
-use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{
     kafka::{self, ProducerProfile},
@@ -131,7 +130,7 @@ pub struct EdgeState {
     pub config: EdgeConfig,
     pub app_pool: PgPool,
     pub catalog: Arc<ModelCatalog>,
-    pub producer: FutureProducer,
+    pub producer: kafka::Producer,
     pub codec: Arc<Codec>,
     pub topics: Topics,
     pub replies: Arc<ReplyRouter>,

@@ -122,7 +122,7 @@ pub async fn replay(config: &KafkaConfig, entries: &[Entry]) -> Result<usize> {
         producer
             .send(record, Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| Error::Kafka(e))?;
+            .map_err(Error::Kafka)?;
         replayed += 1;
         if replayed % 1000 == 0 {
             eprintln!("replayed {replayed}/{}", entries.len());

@@ -129,7 +129,7 @@ impl RangeReader {
 /// One replay's reader, DLQ writer and counts.
 struct Session {
     reader: RangeReader,
-    producer: rdkafka::producer::FutureProducer,
+    producer: crate::kafka::Producer,
     dead_letters: DeadLetters,
     report: ReplayReport,
     started: Instant,

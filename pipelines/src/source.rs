@@ -8,7 +8,6 @@ use std::sync::Arc;
 use rdkafka::{
     consumer::{CommitMode, Consumer},
     message::{Message, OwnedMessage},
-    producer::FutureProducer,
 };
 use sluice_schemas::{Codec, Record};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +33,7 @@ pub(crate) struct SourceTuning {
 /// A stage's consumer, producer, decoder and readiness, opened together and closed together.
 pub(crate) struct StageSource {
     pub consumer: Arc<KafkaConsumer>,
-    pub producer: FutureProducer,
+    pub producer: crate::kafka::Producer,
     pub decoder: Decoder,
     lag: LagReporter,
     name: String,

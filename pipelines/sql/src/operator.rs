@@ -530,10 +530,10 @@ mod tests {
 
     /// An emitter that is never asked to send (nothing here reaches a broker).
     fn idle_emitter() -> Emitter {
-        let producer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .create()
-            .unwrap();
+        let producer = sluice_pipelines::kafka::Producer::new(
+            rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1"),
+        )
+        .unwrap();
         let registry = sluice_schemas::RegistryClient::new("http://127.0.0.1:1").unwrap();
         Emitter::new(
             producer,

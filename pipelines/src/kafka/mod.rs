@@ -14,8 +14,11 @@ use rdkafka::{
     config::ClientConfig,
     consumer::StreamConsumer,
     error::RDKafkaErrorCode,
-    producer::FutureProducer,
 };
+
+mod producer;
+
+pub use producer::{DeliveryFuture, Producer};
 
 use crate::{config::KafkaConfig, Error, Result};
 
@@ -133,8 +136,8 @@ pub fn producer_config(config: &KafkaConfig, profile: ProducerProfile) -> Client
 }
 
 /// An idempotent producer with `profile`'s batching ([`producer_config`]).
-pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<FutureProducer> {
-    Ok(producer_config(config, profile).create()?)
+pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<Producer> {
+    Producer::new(&producer_config(config, profile))
 }
 
 /// How much one fetch may bring back per partition: large enough that a consumer catching up
@@ -271,7 +274,7 @@ pub async fn produce_all(
     Ok(())
 }
 
-async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<()> {
+async fn acknowledged(delivery: DeliveryFuture) -> Result<()> {
     delivery
         .await
         .map_err(|_| Error::Stalled("a delivery report was lost".into()))?

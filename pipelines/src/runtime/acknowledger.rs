@@ -11,14 +11,17 @@ use rdkafka::{
     consumer::Consumer,
     error::KafkaError,
     message::{Message, OwnedMessage},
-    producer::{DeliveryFuture, FutureProducer, FutureRecord},
+    producer::FutureRecord,
     Offset, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{backoff, offsets::OffsetTracker};
-use crate::{kafka::KafkaConsumer, metrics::Metrics};
+use crate::{
+    kafka::{DeliveryFuture, KafkaConsumer, Producer},
+    metrics::Metrics,
+};
 
 /// A processed batch (or hook call) whose outputs await the broker's acknowledgement.
 pub(super) struct Unacked {
@@ -39,7 +42,7 @@ pub(super) struct Acknowledger {
     pub lane: usize,
     pub consumer: Arc<KafkaConsumer>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
-    pub producer: FutureProducer,
+    pub producer: Producer,
     pub metrics: Arc<Metrics>,
     pub stage: String,
     pub cancel: CancellationToken,
@@ -193,7 +196,7 @@ fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, positio
 type Sent = Result<DeliveryFuture, Box<(KafkaError, OwnedMessage)>>;
 
 /// Produces `message` again, to the same partition.
-fn resend(producer: &FutureProducer, message: OwnedMessage) -> Sent {
+fn resend(producer: &Producer, message: OwnedMessage) -> Sent {
     let mut record = FutureRecord::to(message.topic())
         .payload(message.payload().unwrap_or_default())
         .partition(message.partition());

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use rdkafka::{
     error::KafkaError,
     message::{Header, Message, OwnedHeaders, OwnedMessage},
-    producer::{future_producer::Delivery, DeliveryFuture, FutureProducer, FutureRecord},
+    producer::{future_producer::Delivery, FutureRecord},
     types::RDKafkaErrorCode,
 };
 use sluice_schemas::{Codec, DeadLetter, Record};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{backoff, RecordContext};
 use crate::{
+    kafka::{DeliveryFuture, Producer},
     metrics::Metrics,
     now_ms,
     trace::{TraceContext, TRACEPARENT},
@@ -24,7 +25,7 @@ use crate::{
 /// Produces an operator's outputs, carrying the trace context, and remembers their delivery
 /// acknowledgements so the runtime can wait for them before storing the inputs' offsets.
 pub struct Emitter {
-    producer: FutureProducer,
+    producer: Producer,
     codec: Arc<Codec>,
     /// The `traceparent` outputs carry, formatted once per trace.
     traceparent: String,
@@ -42,7 +43,7 @@ pub struct Rejected {
 
 impl Emitter {
     /// An emitter whose outputs carry `trace`.
-    pub fn new(producer: FutureProducer, codec: Arc<Codec>, trace: TraceContext) -> Self {
+    pub fn new(producer: Producer, codec: Arc<Codec>, trace: TraceContext) -> Self {
         Self {
             producer,
             codec,
@@ -142,7 +143,7 @@ impl Emitter {
 /// Writes records that cannot be processed to the DLQ.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: Producer,
     codec: Arc<Codec>,
     topic: String,
     stage: String,
@@ -152,7 +153,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// A DLQ writer for `stage`.
     pub fn new(
-        producer: FutureProducer,
+        producer: Producer,
         codec: Arc<Codec>,
         topic: &str,
         stage: &str,

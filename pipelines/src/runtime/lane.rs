@@ -11,10 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rdkafka::{
-    message::{Message, OwnedMessage},
-    producer::FutureProducer,
-};
+use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -58,7 +55,7 @@ pub(super) struct Lane<O: Operator> {
     pub operator: O,
     pub spec: StageSpec,
     pub deps: StageDeps,
-    pub producer: FutureProducer,
+    pub producer: crate::kafka::Producer,
     pub decoder: Decoder,
     pub cancel: CancellationToken,
     pub time: EventTime,

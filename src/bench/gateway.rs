@@ -33,6 +33,9 @@ use super::{
 };
 use crate::{config::Config, setup};
 
+/// Price per million tokens of the benchmark's model (a trillion dollars).
+const BENCH_PRICE_MICROS: i64 = 1_000_000_000_000_000_000;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -280,8 +283,10 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
         base_url: Some(upstream.base_url.clone()),
         api_key_env: None,
         context_window: 8192,
-        input_price_micros: 0,
-        output_price_micros: 0,
+        // The catalogue is shared with every tenant while the benchmark runs: priced above
+        // anything real, `auto` never routes their requests to this upstream.
+        input_price_micros: BENCH_PRICE_MICROS,
+        output_price_micros: BENCH_PRICE_MICROS,
         created_at: 0,
     };
     models::upsert_model(&admin, &model).await?;

@@ -33,16 +33,29 @@ use providers::{
 /// keeps hearing from a long generation.
 const WHOLE_REPLY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A DELTA chunk carrying `pending` (which it empties) as chunk `seq` of `routed`'s reply.
-fn delta_chunk(routed: &RoutedRequest, seq: i32, pending: &mut String) -> ReplyChunk {
-    let mut chunk = ReplyChunk::new(
-        &routed.request,
-        &routed.decision.model,
-        seq,
-        ReplyKind::Delta,
-    );
+/// Sends the text held in `pending` (if any) as DELTA chunk `seq` of `routed`'s reply, to the
+/// edge waiting for it; empties `pending` and moves `seq` on.
+async fn send_pending(
+    out: &mut Emitter,
+    routed: &RoutedRequest,
+    seq: &mut i32,
+    pending: &mut String,
+) -> Result<(), ProcessError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let request = &routed.request;
+    let mut chunk = ReplyChunk::new(request, &routed.decision.model, *seq, ReplyKind::Delta);
     chunk.delta = std::mem::take(pending);
-    chunk
+    out.emit(
+        &request.reply_to.topic,
+        Some(request.reply_to.partition),
+        request.request_id.as_bytes(),
+        &chunk,
+    )
+    .await?;
+    *seq += 1;
+    Ok(())
 }
 
 /// Orchestrator settings.
@@ -158,16 +171,7 @@ impl RecordOperator for Orchestrator {
             let event = match events.next().now_or_never() {
                 Some(event) => event,
                 None if request.stream => {
-                    if !pending.is_empty() {
-                        out.emit(
-                            reply_topic,
-                            reply_partition,
-                            reply_key,
-                            &delta_chunk(&routed, seq, &mut pending),
-                        )
-                        .await?;
-                        seq += 1;
-                    }
+                    send_pending(out, &routed, &mut seq, &mut pending).await?;
                     events.next().await
                 }
                 None => {
@@ -175,16 +179,7 @@ impl RecordOperator for Orchestrator {
                     match tokio::time::timeout(wait, events.next()).await {
                         Ok(event) => event,
                         Err(_) => {
-                            if !pending.is_empty() {
-                                out.emit(
-                                    reply_topic,
-                                    reply_partition,
-                                    reply_key,
-                                    &delta_chunk(&routed, seq, &mut pending),
-                                )
-                                .await?;
-                                seq += 1;
-                            }
+                            send_pending(out, &routed, &mut seq, &mut pending).await?;
                             last_sent = std::time::Instant::now();
                             continue;
                         }
@@ -197,14 +192,7 @@ impl RecordOperator for Orchestrator {
                     pending.push_str(&delta);
                     // The first text of a streamed reply leaves at once: time to first token.
                     if request.stream && seq == 0 {
-                        out.emit(
-                            reply_topic,
-                            reply_partition,
-                            reply_key,
-                            &delta_chunk(&routed, seq, &mut pending),
-                        )
-                        .await?;
-                        seq += 1;
+                        send_pending(out, &routed, &mut seq, &mut pending).await?;
                     }
                 }
                 Some(Ok(ProviderEvent::Done {
@@ -264,16 +252,7 @@ impl RecordOperator for Orchestrator {
 
         let last = match failure {
             Some(e) => {
-                if !pending.is_empty() {
-                    out.emit(
-                        reply_topic,
-                        reply_partition,
-                        reply_key,
-                        &delta_chunk(&routed, seq, &mut pending),
-                    )
-                    .await?;
-                    seq += 1;
-                }
+                send_pending(out, &routed, &mut seq, &mut pending).await?;
                 tracing::warn!(request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(), error = %e, "model stream failed");
                 ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message)
             }

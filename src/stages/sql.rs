@@ -25,7 +25,7 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Vec
     let mut stages = Vec::with_capacity(config.sql.pipelines.len());
     for definition in &config.sql.pipelines {
         let pipeline = Arc::new(Pipeline::compile::<UsageEvent>(definition)?);
-        pipeline.check_query(&catalog.snapshot()).await?;
+        pipeline.check_query().await?;
         let output = Arc::new(match &pipeline.output {
             OutputConfig::Clickhouse(table) => Output::clickhouse(clickhouse.clone(), table),
             OutputConfig::Topic(name) => {

@@ -27,9 +27,6 @@ pub enum Error {
     /// Arrow could not build or convert a batch.
     #[error("arrow: {0}")]
     Arrow(#[from] ArrowError),
-    /// The model catalogue could not be made a table.
-    #[error("models table: {0}")]
-    Models(#[source] DataFusionError),
 }
 
 /// Result with [`Error`].

@@ -2,9 +2,10 @@
 //! (`tumble(...)` or `hop(...)`), run by [`SqlOperator`] on the operator runtime and written to
 //! ClickHouse or to a topic.
 //!
-//! Records are decoded from Avro and kept per source partition and window as rows; when a
-//! partition's watermark passes a window's end, the window's rows become an Arrow batch and
-//! DataFusion runs the query over it. Records up to `allowed_lateness` behind the watermark
+//! Records are decoded from Avro into Arrow batches per source partition and window, and folded
+//! into the partial state of the query's aggregates as they come ([`plan`]), so a window holds
+//! a few values per group rather than its records; when a partition's watermark passes a
+//! window's end, DataFusion's final stage and the rest of the query run over the states. Records up to `allowed_lateness` behind the watermark
 //! still join their window, which is then emitted again; later ones are counted in
 //! `sluice_late_records_total` and left out.
 //!
@@ -18,7 +19,8 @@
 //! tenant, so per-tenant rows are complete in one partition.
 //!
 //! # Where things are
-//! [`pipeline`] (a pipeline's definition, compiled and planned), [`window`] (the window
+//! [`pipeline`] (a pipeline's definition, compiled and checked), [`plan`] (the query in
+//! partial, merge and final stages), [`window`] (the window
 //! clause), [`table`] (records as rows and Arrow batches), [`operator`] (windows, watermarks and
 //! lateness on the runtime), `output` (ClickHouse or a topic), [`builtin`] (the pipelines that
 //! run by default), [`bench`] (`sluice bench window`).
@@ -27,6 +29,7 @@ pub mod bench;
 pub mod builtin;
 pub mod operator;
 pub mod pipeline;
+pub mod plan;
 pub mod table;
 pub mod window;
 

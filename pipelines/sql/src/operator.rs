@@ -1,9 +1,10 @@
-//! The SQL operator: records into per-partition event-time windows, each window run through
-//! the pipeline's query when its partition's watermark passes its end, written out, and let
-//! go once past its lateness. Offsets of records a window still holds are not committed.
+//! The SQL operator: records into per-partition event-time windows, folded into the state of
+//! the query's aggregates as they come ([`WindowQuery`]), each window finished when its
+//! partition's watermark passes its end, written out, and let go once past its lateness.
+//! Offsets of records a window still holds are not committed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     marker::PhantomData,
     sync::Arc,
     time::Duration,
@@ -15,27 +16,44 @@ use sluice_pipelines::{
     config::Wiring,
     metrics::Metrics,
     runtime::{Input, LaneBy, StageSpec},
-    BatchError, Emitter, Operator, ProcessError,
+    BatchError, Emitter, Operator, ProcessError, RecordContext,
 };
 use sluice_schemas::Record;
-use sluice_stores::ModelCatalog;
+use sluice_stores::{ModelCatalog, ModelSpec};
 
-use crate::{pipeline::session, table::Cell, Output, Pipeline, Result};
+use crate::{plan::WindowQuery, table::Cell, Output, Pipeline, Result};
 
-/// The rows of one window of one source partition.
+/// One window of one source partition.
 struct WindowState {
-    rows: Vec<Vec<Cell>>,
-    /// Lowest offset among the rows: the runtime commits no further while the window lives.
+    /// What the window keeps of its records: the partial states of the query's aggregates, or
+    /// the rows themselves when the query cannot be run in stages.
+    kept: Vec<RecordBatch>,
+    /// Rows in `kept`.
+    kept_rows: usize,
+    /// Records folded in.
+    records: u64,
+    /// Lowest offset among the records: the runtime commits no further while the window lives.
     first_offset: i64,
-    /// Rows the window had when last emitted.
-    emitted: Option<usize>,
+    /// Records the window had when last emitted.
+    emitted: Option<u64>,
 }
+
+/// The records of one batch bound for one window.
+struct Arrivals<'a> {
+    rows: Vec<Vec<Cell>>,
+    contexts: Vec<&'a RecordContext>,
+}
+
+/// Batches a window keeps before they are merged into one.
+const COMPACT_AFTER: usize = 8;
 
 /// Runs a [`Pipeline`] over records of type `T`; one instance per lane, lanes by partition.
 pub struct SqlOperator<T> {
     pipeline: Arc<Pipeline>,
     output: Arc<Output>,
     catalog: Option<Arc<ModelCatalog>>,
+    /// The query, planned for this lane on its first batch.
+    query: Option<Arc<WindowQuery>>,
     /// Open windows by (source partition, window start).
     windows: BTreeMap<(i32, i64), WindowState>,
     watermarks: HashMap<i32, i64>,
@@ -44,7 +62,7 @@ pub struct SqlOperator<T> {
     /// Event times of the batch being processed, so the runtime's watermark pass does not read
     /// each record again.
     batch_event_times: HashMap<(i32, i64), i64>,
-    /// Rows held in all windows, against `max_held_rows`.
+    /// Rows kept in all windows, against `max_held_rows`.
     held_rows: usize,
     max_held_rows: usize,
     /// Whether the last write of window rows failed.
@@ -71,6 +89,7 @@ impl<T> SqlOperator<T> {
             pipeline,
             output,
             catalog,
+            query: None,
             windows: BTreeMap::new(),
             watermarks: HashMap::new(),
             placed_up_to: HashMap::new(),
@@ -82,14 +101,109 @@ impl<T> SqlOperator<T> {
         }
     }
 
-    /// Rows held beyond which, while writes fail, the operator takes no more records (memory
+    /// Rows kept beyond which, while writes fail, the operator takes no more records (memory
     /// stays bounded through a store outage; the records wait in the topic).
     pub fn with_max_held_rows(mut self, rows: usize) -> Self {
         self.max_held_rows = rows.max(1);
         self
     }
 
-    /// Emits every closed window of `partition` that has rows not yet emitted, then forgets
+    /// The query planned for this lane (checked at start-up, so planning again succeeds).
+    async fn query(&mut self) -> Result<Arc<WindowQuery>> {
+        if let Some(query) = &self.query {
+            return Ok(query.clone());
+        }
+        let query = Arc::new(WindowQuery::plan(&self.pipeline).await?);
+        self.query = Some(query.clone());
+        Ok(query)
+    }
+
+    fn models(&self) -> Arc<Vec<ModelSpec>> {
+        self.catalog
+            .as_ref()
+            .map_or_else(Arc::default, |c| c.snapshot())
+    }
+
+    /// Folds the records of one batch bound for the window `key` into it. Records the query
+    /// cannot take (an expression failing on their values) go to the DLQ with the reason.
+    async fn fold(
+        &mut self,
+        query: &WindowQuery,
+        key: (i32, i64),
+        arrivals: Arrivals<'_>,
+        rejected: &mut HashSet<i64>,
+        out: &mut Emitter,
+    ) {
+        let models = self.models();
+        let (start, end) = (
+            key.1,
+            key.1.saturating_add(self.pipeline.query.window.size_ms()),
+        );
+        let columns = &self.pipeline.columns;
+        let all = columns.batch(arrivals.rows.iter().map(|r| (r.as_slice(), start, end)));
+        let folded = match all {
+            Ok(batch) => query.fold(batch, &models).await,
+            Err(error) => Err(error),
+        };
+        let (kept, contexts) = match folded {
+            Ok(kept) => (kept, arrivals.contexts),
+            Err(_) => {
+                // One record at a time, to find the ones the query fails on.
+                let (mut kept, mut taken) = (Vec::new(), Vec::new());
+                for (row, ctx) in arrivals.rows.iter().zip(arrivals.contexts) {
+                    let one = columns.batch(std::iter::once((row.as_slice(), start, end)));
+                    let folded = match one {
+                        Ok(batch) => query.fold(batch, &models).await,
+                        Err(error) => Err(error),
+                    };
+                    match folded {
+                        Ok(states) => {
+                            kept.extend(states);
+                            taken.push(ctx);
+                        }
+                        Err(error) if rejected.insert(ctx.offset) => {
+                            out.reject(ctx, format!("the query cannot take this record: {error}"));
+                        }
+                        Err(_) => {}
+                    }
+                }
+                (kept, taken)
+            }
+        };
+        let Some(first_offset) = contexts.iter().map(|c| c.offset).min() else {
+            return;
+        };
+        let state = self.windows.entry(key).or_insert(WindowState {
+            kept: Vec::new(),
+            kept_rows: 0,
+            records: 0,
+            first_offset,
+            emitted: None,
+        });
+        state.first_offset = state.first_offset.min(first_offset);
+        state.records += contexts.len() as u64;
+        let added: usize = kept.iter().map(RecordBatch::num_rows).sum();
+        state.kept.extend(kept);
+        state.kept_rows += added;
+        self.held_rows += added;
+        if state.kept.len() >= COMPACT_AFTER {
+            // Merging is only a saving: if it fails, the window keeps its batches as they are.
+            match query.compact(state.kept.clone()).await {
+                Ok(merged) => {
+                    let before = state.kept_rows;
+                    state.kept_rows = merged.iter().map(RecordBatch::num_rows).sum();
+                    state.kept = merged;
+                    self.held_rows = (self.held_rows + state.kept_rows).saturating_sub(before);
+                }
+                Err(error) => tracing::warn!(
+                    pipeline = %self.pipeline.name, partition = key.0, window_start_ms = key.1,
+                    error = %error, "cannot merge a window's states; keeping them apart"
+                ),
+            }
+        }
+    }
+
+    /// Emits every closed window of `partition` that has records not yet emitted, then forgets
     /// the windows past their lateness.
     async fn emit(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
         let result = self.emit_due(partition, out).await;
@@ -106,13 +220,13 @@ impl<T> SqlOperator<T> {
             .windows
             .range((partition, i64::MIN)..=(partition, i64::MAX))
             .filter(|((_, start), w)| {
-                start.saturating_add(size) <= watermark && w.emitted != Some(w.rows.len())
+                start.saturating_add(size) <= watermark && w.emitted != Some(w.records)
             })
             .map(|(key, _)| *key)
             .collect();
         if !due.is_empty() {
             // One query for all due windows; if it fails, each window alone, so a window whose
-            // rows the query cannot take (a division by zero, say) does not hold up the others.
+            // values the query cannot take (a division by zero, say) does not hold up the others.
             let results = match self.query_windows(&due).await {
                 Ok(results) => results,
                 Err(_) => {
@@ -133,7 +247,7 @@ impl<T> SqlOperator<T> {
             self.rows_out.inc_by(written as u64);
             for key in &due {
                 if let Some(w) = self.windows.get_mut(key) {
-                    w.emitted = Some(w.rows.len());
+                    w.emitted = Some(w.records);
                 }
             }
         }
@@ -142,9 +256,9 @@ impl<T> SqlOperator<T> {
         self.windows.retain(|(p, start), w| {
             let keep = *p != partition
                 || purge_at(*start, size, lateness) > watermark
-                || w.emitted != Some(w.rows.len());
+                || w.emitted != Some(w.records);
             if !keep {
-                released += w.rows.len();
+                released += w.kept_rows;
             }
             keep
         });
@@ -152,41 +266,30 @@ impl<T> SqlOperator<T> {
         Ok(())
     }
 
-    /// Runs the query over the rows of the windows `keys`. The query runs in memory, so a
-    /// failure comes from the rows themselves and would come again.
-    async fn query_windows(&self, keys: &[(i32, i64)]) -> Result<Vec<RecordBatch>> {
-        let size = self.pipeline.query.window.size_ms();
-        let rows = keys.iter().filter_map(|key| {
-            self.windows.get(key).map(|w| {
-                w.rows
-                    .iter()
-                    .map(move |row| (row.as_slice(), key.1, key.1.saturating_add(size)))
-            })
-        });
-        let batch = self.pipeline.columns.batch(rows.flatten())?;
-        let models = self.catalog.as_ref().map(|c| c.snapshot());
-        let session = session(
-            &self.pipeline.source,
-            batch,
-            models.as_deref().map_or(&[][..], Vec::as_slice),
-        )?;
-        let query = |source| self.pipeline.query_error(source);
-        let frame = session.sql(&self.pipeline.query.sql).await.map_err(query)?;
-        frame.collect().await.map_err(query)
+    /// Runs the query over what the windows `keys` keep. The query runs in memory, so a failure
+    /// comes from the values themselves and would come again.
+    async fn query_windows(&mut self, keys: &[(i32, i64)]) -> Result<Vec<RecordBatch>> {
+        let query = self.query().await?;
+        let kept: Vec<RecordBatch> = keys
+            .iter()
+            .filter_map(|key| self.windows.get(key))
+            .flat_map(|w| w.kept.iter().cloned())
+            .collect();
+        query.finish(kept, &self.models()).await
     }
 
     /// A window the query cannot compute: logged with where its records are, counted in
     /// `sluice_window_failures_total`, and marked done (no row) at once, so the stream goes on
-    /// and a retry of the other windows' write (the store down) does not count it again. Rows
-    /// it takes later (late records) give it another try.
+    /// and a retry of the other windows' write (the store down) does not count it again.
+    /// Records it takes later (late records) give it another try.
     fn give_up_on(&mut self, (partition, start): (i32, i64), error: &crate::Error) {
         let first_offset = self.windows.get_mut(&(partition, start)).map(|w| {
-            w.emitted = Some(w.rows.len());
+            w.emitted = Some(w.records);
             w.first_offset
         });
         tracing::error!(
             pipeline = %self.pipeline.name, partition, window_start_ms = start, first_offset,
-            error = %error, "the query failed on this window's rows; the window is left out"
+            error = %error, "the query failed on this window's values; the window is left out"
         );
         self.failed_windows.inc();
     }
@@ -197,10 +300,15 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
     type Input = T;
 
     async fn process(&mut self, batch: &[Input<T>], out: &mut Emitter) -> Result<(), BatchError> {
+        let query = self
+            .query()
+            .await
+            .map_err(|e| BatchError::from(ProcessError::Retriable(e.to_string())))?;
         let window = self.pipeline.query.window;
         let size = window.size_ms();
         self.batch_event_times.clear();
         let latest_allowed = sluice_pipelines::now_ms().saturating_add(MAX_FUTURE_SKEW_MS);
+        let mut arrivals: BTreeMap<(i32, i64), Arrivals> = BTreeMap::new();
         for input in batch {
             let partition = input.ctx.partition;
             // After a rebalance hands a partition back, records from the committed offset on
@@ -254,17 +362,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 } else {
                     row.clone()
                 };
-                let state = self
-                    .windows
-                    .entry((partition, start))
-                    .or_insert(WindowState {
-                        rows: Vec::new(),
-                        first_offset: input.ctx.offset,
-                        emitted: None,
-                    });
-                state.rows.push(this);
-                self.held_rows += 1;
-                state.first_offset = state.first_offset.min(input.ctx.offset);
+                let bound = arrivals.entry((partition, start)).or_insert(Arrivals {
+                    rows: Vec::new(),
+                    contexts: Vec::new(),
+                });
+                bound.rows.push(this);
+                bound.contexts.push(&input.ctx);
             }
             if open.is_empty() {
                 self.late.inc();
@@ -273,6 +376,10 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                     event_time_ms = at, "record later than the allowed lateness; left out"
                 );
             }
+        }
+        let mut rejected = HashSet::new();
+        for (key, bound) in arrivals {
+            self.fold(&query, key, bound, &mut rejected, out).await;
         }
         Ok(())
     }
@@ -354,7 +461,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{builtin, pipeline::*, table, OutputConfig, PipelineConfig};
+    use crate::{builtin, pipeline::*, plan::WindowQuery, table, OutputConfig, PipelineConfig};
     use sluice_schemas::UsageEvent;
     use sluice_stores::{ModelSpec, ProviderKind};
 
@@ -393,39 +500,44 @@ mod tests {
         }]
     }
 
-    async fn run(
+    /// The query's rows over `events`, folded `per_fold` records at a time and merged as a
+    /// window would merge them.
+    async fn run_folding(
         pipeline: &Pipeline,
         events: &[UsageEvent],
+        per_fold: usize,
     ) -> Vec<serde_json::Map<String, serde_json::Value>> {
-        let rows: Vec<(Vec<Cell>, i64)> = events
-            .iter()
-            .flat_map(|e| {
-                let row = pipeline.columns.row(e).unwrap();
-                pipeline
-                    .query
-                    .window
-                    .starts(e.occurred_at_ms)
-                    .into_iter()
-                    .map(move |start| (row.clone(), start))
-            })
-            .collect();
+        let query = WindowQuery::plan(pipeline).await.unwrap();
+        assert!(query.is_incremental());
         let size = pipeline.query.window.size_ms();
-        let batch = pipeline
-            .columns
-            .batch(
-                rows.iter()
-                    .map(|(row, start)| (row.as_slice(), *start, start + size)),
-            )
-            .unwrap();
         let models = models();
-        let session = session("usage", batch, &models).unwrap();
-        let results = session
-            .sql(&pipeline.query.sql)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let mut kept = Vec::new();
+        for chunk in events.chunks(per_fold) {
+            let rows: Vec<(Vec<Cell>, i64)> = chunk
+                .iter()
+                .flat_map(|e| {
+                    let row = pipeline.columns.row(e).unwrap();
+                    pipeline
+                        .query
+                        .window
+                        .starts(e.occurred_at_ms)
+                        .into_iter()
+                        .map(move |start| (row.clone(), start))
+                })
+                .collect();
+            let batch = pipeline
+                .columns
+                .batch(
+                    rows.iter()
+                        .map(|(row, start)| (row.as_slice(), *start, start + size)),
+                )
+                .unwrap();
+            kept.extend(query.fold(batch, &models).await.unwrap());
+            if kept.len() >= COMPACT_AFTER {
+                kept = query.compact(kept).await.unwrap();
+            }
+        }
+        let results = query.finish(kept, &models).await.unwrap();
         let mut out = Vec::new();
         for batch in &results {
             out.extend(table::json_rows(batch).unwrap());
@@ -437,13 +549,20 @@ mod tests {
         out
     }
 
+    async fn run(
+        pipeline: &Pipeline,
+        events: &[UsageEvent],
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        run_folding(pipeline, events, events.len().max(1)).await
+    }
+
     #[tokio::test]
     async fn the_builtin_pipelines_plan_and_count_exactly() {
         let [tenants, latency] = <[PipelineConfig; 2]>::try_from(builtin::pipelines()).unwrap();
         let tenants = Pipeline::compile::<UsageEvent>(&tenants).unwrap();
         let latency = Pipeline::compile::<UsageEvent>(&latency).unwrap();
-        assert!(tenants.check_query(&models()).await.is_ok());
-        assert!(latency.check_query(&models()).await.is_ok());
+        assert!(tenants.check_query().await.is_ok());
+        assert!(latency.check_query().await.is_ok());
 
         let events = [
             usage("a", "sim-small", 10, 20, 60_000, 100),
@@ -477,6 +596,111 @@ mod tests {
         );
         assert_eq!(first["max_ms"], 300);
         assert_eq!(first["p50_ms"].as_f64(), Some(200.0));
+    }
+
+    #[tokio::test]
+    async fn folding_in_small_batches_counts_what_one_batch_counts() {
+        let events: Vec<UsageEvent> = (0..2_000)
+            .map(|i| {
+                let tenant = ["a", "b", "c"][i % 3];
+                let model = ["sim-small", "other"][i % 2];
+                let at = 60_000 + (i as i64) * 90;
+                let mut event = usage(tenant, model, 10 + i as i64 % 7, i as i64 % 5, at, i as i64);
+                // Every other request has two usage events.
+                event.request_id = format!("{tenant}-{}", i / 2);
+                event
+            })
+            .collect();
+        for config in builtin::pipelines() {
+            let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+            let whole = run(&pipeline, &events).await;
+            let folded = run_folding(&pipeline, &events, 37).await;
+            assert_eq!(whole.len(), folded.len(), "{}", config.name);
+            for (one, other) in whole.iter().zip(&folded) {
+                for (column, value) in one {
+                    // Percentiles are approximate (t-digests, merged): close, not equal.
+                    if column.starts_with('p') && column.ends_with("_ms") {
+                        let (a, b) = (value.as_f64().unwrap(), other[column].as_f64().unwrap());
+                        assert!((a - b).abs() <= a.abs() * 0.01, "{column}: {a} against {b}");
+                    } else {
+                        assert_eq!(value, &other[column], "{}: {column}", config.name);
+                    }
+                }
+            }
+            let records: i64 = whole.iter().map(|r| r["records"].as_i64().unwrap()).sum();
+            assert_eq!(records, 2_000, "{}", config.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_window_keeps_a_few_rows_per_group_however_many_records_it_takes() {
+        let mut operator = operator(builtin::pipelines().remove(0));
+        let mut out = idle_emitter();
+        for chunk in 0..50 {
+            let batch: Vec<Input<UsageEvent>> = (0..100)
+                .map(|i| {
+                    let n = chunk * 100 + i;
+                    let tenant = ["a", "b", "c"][n as usize % 3];
+                    input(usage(tenant, "m", 1, 1, 60_000 + n, 1), 0, n)
+                })
+                .collect();
+            operator.process(&batch, &mut out).await.unwrap();
+        }
+        let window = &operator.windows[&(0, 60_000)];
+        assert_eq!(window.records, 5_000);
+        assert!(
+            operator.held_rows <= 3 * COMPACT_AFTER,
+            "{}",
+            operator.held_rows
+        );
+        let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
+        let rows = table::json_rows(&rows[0]).unwrap();
+        let requests: i64 = rows.iter().map(|r| r["requests"].as_i64().unwrap()).sum();
+        assert_eq!(requests, 5_000);
+    }
+
+    #[tokio::test]
+    async fn a_query_over_an_aggregation_keeps_rows_and_still_counts() {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, sum(n) AS records, count(*) AS tenants FROM \
+                      (SELECT window_start, tenant_id, count(*) AS n FROM usage \
+                       GROUP BY tumble(interval '1 minute'), tenant_id) t \
+                      GROUP BY window_start"
+            .into();
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let query = WindowQuery::plan(&pipeline).await.unwrap();
+        assert!(!query.is_incremental());
+        let mut operator = operator(config);
+        let batch: Vec<Input<UsageEvent>> = (0..10)
+            .map(|i| input(usage(["a", "b"][i % 2], "m", 1, 1, 60_000, 1), 0, i as i64))
+            .collect();
+        operator.process(&batch, &mut idle_emitter()).await.unwrap();
+        let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
+        let rows = table::json_rows(&rows[0]).unwrap();
+        assert_eq!(
+            (rows[0]["records"].as_i64(), rows[0]["tenants"].as_i64()),
+            (Some(10), Some(2))
+        );
+    }
+
+    #[tokio::test]
+    async fn records_the_query_fails_on_go_to_the_dlq_and_the_others_count() {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records FROM usage \
+                      WHERE input_tokens / output_tokens > 0 \
+                      GROUP BY tumble(interval '1 minute')"
+            .into();
+        let mut operator = operator(config);
+        let mut out = idle_emitter();
+        let batch: Vec<Input<UsageEvent>> = (0..6)
+            .map(|i| input(usage("a", "m", 4, i % 3, 60_000 + i, 1), 0, i))
+            .collect();
+        operator.process(&batch, &mut out).await.unwrap();
+        let rejected: Vec<i64> = out.take_rejected().iter().map(|r| r.offset).collect();
+        assert_eq!(rejected, vec![0, 3], "output_tokens 0: division by zero");
+        assert_eq!(operator.windows[&(0, 60_000)].records, 4);
+        let rows = operator.query_windows(&[(0, 60_000)]).await.unwrap();
+        assert_eq!(table::json_rows(&rows[0]).unwrap()[0]["records"], 4);
     }
 
     #[tokio::test]
@@ -584,7 +808,7 @@ mod tests {
             .map(|i| input(usage("a", "m", 1, 1, 60_000 + i * 1_000, 1), 2, 10 + i))
             .collect();
         operator.process(&batch, &mut out).await.unwrap();
-        assert_eq!(operator.held_rows, 3);
+        assert_eq!(operator.windows[&(2, 60_000)].records, 3);
         assert_eq!(
             operator.retained(),
             vec![(2, 10)],
@@ -593,7 +817,7 @@ mod tests {
         assert_eq!(operator.event_time_ms(&batch[1]), Some(61_000));
         // The group hands partition 2 back and it is read again from the commit position.
         operator.process(&batch, &mut out).await.unwrap();
-        assert_eq!(operator.held_rows, 3);
+        assert_eq!(operator.windows[&(2, 60_000)].records, 3);
         assert!(
             operator.event_time_ms(&batch[1]).is_none(),
             "skipped: no watermark move"
@@ -679,7 +903,7 @@ mod tests {
             "SELECT window_start, model FROM usage GROUP BY tumble(interval '1 minute'), model"
                 .into();
         let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
-        let error = pipeline.check_query(&[]).await.unwrap_err().to_string();
+        let error = pipeline.check_query().await.unwrap_err().to_string();
         assert!(error.contains("records"), "{error}");
     }
 }

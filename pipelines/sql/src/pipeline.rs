@@ -1,23 +1,14 @@
 //! A pipeline's definition: the query over a topic's records, its window and event-time
 //! settings, and where its rows go, checked against the source's record type when it is
-//! compiled and planned over an empty window at start-up, so a broken definition fails there
+//! compiled and planned at start-up, so a broken definition fails there
 //! rather than at the first window.
 
-use std::sync::Arc;
-
-use datafusion::{
-    arrow::{
-        array::{Int64Array, RecordBatch, StringArray},
-        datatypes::{DataType, Field, Schema as ArrowSchema},
-    },
-    prelude::{SessionConfig, SessionContext},
-};
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::runtime::WatermarkSpec;
 use sluice_schemas::Record;
-use sluice_stores::ModelSpec;
 
 use crate::{
+    plan::WindowQuery,
     table::Columns,
     window::{self, WindowedQuery},
     Error, Result,
@@ -123,30 +114,10 @@ impl Pipeline {
         })
     }
 
-    /// Plans the query over an empty window and checks it returns `window_start` and
-    /// `records`, so a broken query fails at start-up rather than at the first window.
-    pub async fn check_query(&self, models: &[ModelSpec]) -> Result<Vec<String>> {
-        let empty = self.columns.batch(std::iter::empty())?;
-        let session = session(&self.source, empty, models)?;
-        let frame = session
-            .sql(&self.query.sql)
-            .await
-            .map_err(|source| self.query_error(source))?;
-        let names: Vec<String> = frame
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        for required in ["window_start", "records"] {
-            if !names.iter().any(|n| n == required) {
-                return Err(Error::Definition {
-                    pipeline: self.name.clone(),
-                    problem: format!("the query must select {required} (window rows are keyed by window_start and versioned by records = count(*))"),
-                });
-            }
-        }
-        Ok(names)
+    /// Plans the query and checks it returns `window_start` and `records`, so a broken query
+    /// fails at start-up rather than at the first window; returns the columns it returns.
+    pub async fn check_query(&self) -> Result<Vec<String>> {
+        Ok(WindowQuery::plan(self).await?.columns)
     }
 
     /// `source`, which the SQL engine raised on this pipeline's query.
@@ -156,44 +127,4 @@ impl Pipeline {
             source,
         }
     }
-}
-
-/// A DataFusion session with `table` holding `batch`, and `models` holding the catalogue's
-/// models (name, provider, input_price_micros, output_price_micros; prices per million tokens).
-pub(crate) fn session(
-    table: &str,
-    batch: RecordBatch,
-    models: &[ModelSpec],
-) -> Result<SessionContext> {
-    let session = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    session
-        .register_batch(table, batch)
-        .map_err(Error::Models)?;
-    let schema = Arc::new(ArrowSchema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("provider", DataType::Utf8, false),
-        Field::new("input_price_micros", DataType::Int64, false),
-        Field::new("output_price_micros", DataType::Int64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                models.iter().map(|m| m.name.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                models.iter().map(|m| m.provider.as_str()),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                models.iter().map(|m| m.input_price_micros),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                models.iter().map(|m| m.output_price_micros),
-            )),
-        ],
-    )?;
-    session
-        .register_batch("models", batch)
-        .map_err(Error::Models)?;
-    Ok(session)
 }

@@ -21,7 +21,11 @@ use sluice_pipelines::{
 use sluice_schemas::Record;
 use sluice_stores::{ModelCatalog, ModelSpec};
 
-use crate::{plan::WindowQuery, table::Cell, Output, Pipeline, Result};
+use crate::{
+    plan::WindowQuery,
+    table::{Cell, Row},
+    Output, Pipeline, Result,
+};
 
 /// One window of one source partition.
 struct WindowState {
@@ -40,7 +44,7 @@ struct WindowState {
 
 /// The records of one batch bound for one window.
 struct Arrivals<'a> {
-    rows: Vec<Vec<Cell>>,
+    rows: Vec<&'a [Cell]>,
     contexts: Vec<&'a RecordContext>,
 }
 
@@ -140,7 +144,7 @@ impl<T> SqlOperator<T> {
             key.1.saturating_add(self.pipeline.query.window.size_ms()),
         );
         let columns = &self.pipeline.columns;
-        let all = columns.batch(arrivals.rows.iter().map(|r| (r.as_slice(), start, end)));
+        let all = columns.batch(arrivals.rows.iter().map(|r| (*r, start, end)));
         let folded = match all {
             Ok(batch) => query.fold(batch, &models).await,
             Err(error) => Err(error),
@@ -151,7 +155,7 @@ impl<T> SqlOperator<T> {
                 // One record at a time, to find the ones the query fails on.
                 let (mut kept, mut taken) = (Vec::new(), Vec::new());
                 for (row, ctx) in arrivals.rows.iter().zip(arrivals.contexts) {
-                    let one = columns.batch(std::iter::once((row.as_slice(), start, end)));
+                    let one = columns.batch(std::iter::once((*row, start, end)));
                     let folded = match one {
                         Ok(batch) => query.fold(batch, &models).await,
                         Err(error) => Err(error),
@@ -296,10 +300,14 @@ impl<T> SqlOperator<T> {
 }
 
 #[async_trait]
-impl<T: Record + Clone> Operator for SqlOperator<T> {
-    type Input = T;
+impl<T: Record> Operator for SqlOperator<T> {
+    type Input = Row<T>;
 
-    async fn process(&mut self, batch: &[Input<T>], out: &mut Emitter) -> Result<(), BatchError> {
+    async fn process(
+        &mut self,
+        batch: &[Input<Row<T>>],
+        out: &mut Emitter,
+    ) -> Result<(), BatchError> {
         let query = self
             .query()
             .await
@@ -321,14 +329,8 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                 continue;
             }
             self.placed_up_to.insert(partition, input.ctx.offset);
-            let row = match self.pipeline.columns.row(&input.record) {
-                Ok(row) => row,
-                Err(reason) => {
-                    out.reject(&input.ctx, format!("cannot read as a SQL row: {reason}"));
-                    continue;
-                }
-            };
-            let Some(Cell::Int(at)) = row.get(self.pipeline.event_time).cloned() else {
+            let row = input.record.cells.as_slice();
+            let Some(&Cell::Int(at)) = row.get(self.pipeline.event_time) else {
                 out.reject(&input.ctx, "record has no event time");
                 continue;
             };
@@ -354,19 +356,12 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
                     watermark.is_none_or(|w| purged > w)
                 })
                 .collect();
-            // The row is copied only into the windows before the last (hopping windows).
-            let mut row = row;
-            for (index, start) in open.iter().copied().enumerate() {
-                let this = if index + 1 == open.len() {
-                    std::mem::take(&mut row)
-                } else {
-                    row.clone()
-                };
+            for start in open.iter().copied() {
                 let bound = arrivals.entry((partition, start)).or_insert(Arrivals {
                     rows: Vec::new(),
                     contexts: Vec::new(),
                 });
-                bound.rows.push(this);
+                bound.rows.push(row);
                 bound.contexts.push(&input.ctx);
             }
             if open.is_empty() {
@@ -386,7 +381,7 @@ impl<T: Record + Clone> Operator for SqlOperator<T> {
 
     /// The event time `process` read (records it rejected or skipped have none, so they do
     /// not move the watermark).
-    fn event_time_ms(&self, input: &Input<T>) -> Option<i64> {
+    fn event_time_ms(&self, input: &Input<Row<T>>) -> Option<i64> {
         self.batch_event_times
             .get(&(input.ctx.partition, input.ctx.offset))
             .copied()
@@ -516,7 +511,7 @@ mod tests {
             let rows: Vec<(Vec<Cell>, i64)> = chunk
                 .iter()
                 .flat_map(|e| {
-                    let row = pipeline.columns.row(e).unwrap();
+                    let row = Row::of(e).unwrap().cells;
                     pipeline
                         .query
                         .window
@@ -637,7 +632,7 @@ mod tests {
         let mut operator = operator(builtin::pipelines().remove(0));
         let mut out = idle_emitter();
         for chunk in 0..50 {
-            let batch: Vec<Input<UsageEvent>> = (0..100)
+            let batch: Vec<Input<Row<UsageEvent>>> = (0..100)
                 .map(|i| {
                     let n = chunk * 100 + i;
                     let tenant = ["a", "b", "c"][n as usize % 3];
@@ -671,7 +666,7 @@ mod tests {
         let query = WindowQuery::plan(&pipeline).await.unwrap();
         assert!(!query.is_incremental());
         let mut operator = operator(config);
-        let batch: Vec<Input<UsageEvent>> = (0..10)
+        let batch: Vec<Input<Row<UsageEvent>>> = (0..10)
             .map(|i| input(usage(["a", "b"][i % 2], "m", 1, 1, 60_000, 1), 0, i as i64))
             .collect();
         operator.process(&batch, &mut idle_emitter()).await.unwrap();
@@ -692,7 +687,7 @@ mod tests {
             .into();
         let mut operator = operator(config);
         let mut out = idle_emitter();
-        let batch: Vec<Input<UsageEvent>> = (0..6)
+        let batch: Vec<Input<Row<UsageEvent>>> = (0..6)
             .map(|i| input(usage("a", "m", 4, i % 3, 60_000 + i, 1), 0, i))
             .collect();
         operator.process(&batch, &mut out).await.unwrap();
@@ -738,9 +733,9 @@ mod tests {
         assert_eq!(counts, vec![(0, 1), (30_000, 2), (60_000, 1)]);
     }
 
-    fn input(event: UsageEvent, partition: i32, offset: i64) -> Input<UsageEvent> {
+    fn input(event: UsageEvent, partition: i32, offset: i64) -> Input<Row<UsageEvent>> {
         Input {
-            record: event,
+            record: Row::of(&event).unwrap(),
             ctx: sluice_pipelines::RecordContext {
                 topic: "usage".into(),
                 partition,
@@ -787,7 +782,7 @@ mod tests {
 
     /// A pipeline dividing input by output tokens, and records for two minutes of which the
     /// first has no output tokens: its division fails.
-    fn dividing_by_zero_in_minute_0() -> (PipelineConfig, Vec<Input<UsageEvent>>) {
+    fn dividing_by_zero_in_minute_0() -> (PipelineConfig, Vec<Input<Row<UsageEvent>>>) {
         let mut config = builtin::pipelines().remove(0);
         config.sql = "SELECT window_start, count(*) AS records, \
                       sum(input_tokens) / sum(output_tokens) AS per_output \
@@ -804,7 +799,7 @@ mod tests {
     async fn records_read_again_after_a_rebalance_are_not_counted_twice() {
         let mut operator = operator(builtin::pipelines().remove(0));
         let mut out = idle_emitter();
-        let batch: Vec<Input<UsageEvent>> = (0..3)
+        let batch: Vec<Input<Row<UsageEvent>>> = (0..3)
             .map(|i| input(usage("a", "m", 1, 1, 60_000 + i * 1_000, 1), 2, 10 + i))
             .collect();
         operator.process(&batch, &mut out).await.unwrap();

@@ -1,9 +1,10 @@
 //! Records as SQL rows: the columns a record type offers (its Avro schema's scalar fields), the
-//! row each record becomes, and Arrow batches built from rows and read back into JSON.
+//! row each record becomes (read straight from its Avro body, see [`Row`]), and Arrow batches
+//! built from rows and read back into JSON.
 
-use std::sync::Arc;
+use std::{fmt, marker::PhantomData, sync::Arc};
 
-use apache_avro::{types::Value, Schema};
+use apache_avro::{reader::datum::GenericDatumReader, writer::datum::GenericDatumWriter, Schema};
 use datafusion::arrow::{
     array::{
         Array, ArrayRef, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder,
@@ -12,7 +13,11 @@ use datafusion::arrow::{
     compute::cast,
     datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef},
 };
-use serde::Serialize;
+use serde::{
+    de::{self, EnumAccess, IgnoredAny, MapAccess, SeqAccess, VariantAccess, Visitor},
+    Deserialize, Deserializer, Serialize, Serializer,
+};
+use sluice_schemas::Record;
 
 use crate::{Error, Result};
 
@@ -35,11 +40,20 @@ pub enum Cell {
     Bool(bool),
 }
 
+/// A record field exposed to SQL.
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    kind: Kind,
+    nullable: bool,
+    /// The field's position in the record (and in its [`Row`]).
+    position: usize,
+}
+
 /// The columns of a record type, in schema order, plus `window_start` and `window_end`.
 #[derive(Debug, Clone)]
 pub struct Columns {
-    /// (name, kind, nullable) of each record field exposed to SQL.
-    fields: Vec<(String, Kind, bool)>,
+    fields: Vec<Column>,
     schema: SchemaRef,
 }
 
@@ -50,14 +64,19 @@ impl Columns {
             return Err(Error::Source("a SQL source must be an Avro record".into()));
         };
         let mut fields = Vec::new();
-        for field in &record.fields {
+        for (position, field) in record.fields.iter().enumerate() {
             if let Some((kind, nullable)) = kind_of(&field.schema) {
-                fields.push((field.name.clone(), kind, nullable));
+                fields.push(Column {
+                    name: field.name.clone(),
+                    kind,
+                    nullable,
+                    position,
+                });
             }
         }
         let mut arrow: Vec<Field> = fields
             .iter()
-            .map(|(name, kind, nullable)| Field::new(name, data_type(*kind), *nullable))
+            .map(|c| Field::new(&c.name, data_type(c.kind), c.nullable))
             .collect();
         arrow.push(Field::new("window_start", DataType::Int64, false));
         arrow.push(Field::new("window_end", DataType::Int64, false));
@@ -76,29 +95,8 @@ impl Columns {
     pub fn int_column(&self, name: &str) -> Option<usize> {
         self.fields
             .iter()
-            .position(|(n, kind, _)| n == name && *kind == Kind::Int)
-    }
-
-    /// The row `record` becomes.
-    pub fn row<T: Serialize>(&self, record: &T) -> Result<Vec<Cell>> {
-        let value = apache_avro::to_value(record).map_err(|e| Error::Row(e.to_string()))?;
-        let Value::Record(values) = value else {
-            return Err(Error::Row("record did not serialize as a record".into()));
-        };
-        let mut row = Vec::with_capacity(self.fields.len());
-        let mut values = values.into_iter().peekable();
-        for (name, _, _) in &self.fields {
-            // Fields come in schema order; skip the ones not exposed.
-            let cell = loop {
-                match values.next() {
-                    Some((n, v)) if &n == name => break cell_of(v),
-                    Some(_) => continue,
-                    None => break Cell::Null,
-                }
-            };
-            row.push(cell);
-        }
-        Ok(row)
+            .find(|c| c.name == name && c.kind == Kind::Int)
+            .map(|c| c.position)
     }
 
     /// An Arrow batch of `rows`, each tagged with its window.
@@ -107,9 +105,9 @@ impl Columns {
         rows: impl Iterator<Item = (&'a [Cell], i64, i64)> + Clone,
     ) -> Result<RecordBatch> {
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.fields.len() + 2);
-        for (index, (_, kind, _)) in self.fields.iter().enumerate() {
-            let cells = rows.clone().map(|(row, _, _)| row.get(index));
-            arrays.push(match kind {
+        for column in &self.fields {
+            let cells = rows.clone().map(|(row, _, _)| row.get(column.position));
+            arrays.push(match column.kind {
                 Kind::Int => {
                     let mut b = Int64Builder::new();
                     for c in cells {
@@ -195,21 +193,172 @@ fn data_type(kind: Kind) -> DataType {
     }
 }
 
-fn cell_of(value: Value) -> Cell {
-    match value {
-        Value::Null => Cell::Null,
-        Value::Long(v)
-        | Value::TimestampMillis(v)
-        | Value::TimestampMicros(v)
-        | Value::TimeMicros(v) => Cell::Int(v),
-        Value::Int(v) | Value::Date(v) | Value::TimeMillis(v) => Cell::Int(i64::from(v)),
-        Value::Double(v) => Cell::Float(v),
-        Value::Float(v) => Cell::Float(f64::from(v)),
-        Value::String(v) | Value::Enum(_, v) => Cell::Text(v),
-        Value::Uuid(v) => Cell::Text(v.to_string()),
-        Value::Boolean(v) => Cell::Bool(v),
-        Value::Union(_, inner) => cell_of(*inner),
-        _ => Cell::Null,
+/// A record of type `T` as SQL sees it: the value of each field of `T`'s schema in schema
+/// order (null for a field that is not a scalar), read straight from the record's Avro body —
+/// no `T` is built on the way. Decoded by the runtime like any record (its schema is `T`'s),
+/// so records written with an older or newer schema are resolved to `T`'s first.
+pub struct Row<T> {
+    pub cells: Vec<Cell>,
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T: Record> Row<T> {
+    /// The row `record` becomes (through its Avro encoding, as if it had been consumed).
+    pub fn of(record: &T) -> Result<Self> {
+        let body =
+            sluice_schemas::codec::encode_body(record).map_err(|e| Error::Row(e.to_string()))?;
+        sluice_schemas::codec::decode_body(
+            T::schema().map_err(|e| Error::Row(e.to_string()))?,
+            &body,
+        )
+        .map_err(|e| Error::Row(e.to_string()))
+    }
+}
+
+impl<T> Clone for Row<T> {
+    fn clone(&self) -> Self {
+        Self {
+            cells: self.cells.clone(),
+            _record: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Row<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.cells).finish()
+    }
+}
+
+impl<T: Record> Record for Row<T> {
+    const NAME: &'static str = T::NAME;
+    const AVSC: &'static str = T::AVSC;
+    fn schema() -> sluice_schemas::Result<&'static Schema> {
+        T::schema()
+    }
+    fn canonical() -> sluice_schemas::Result<&'static str> {
+        T::canonical()
+    }
+    fn writer() -> sluice_schemas::Result<&'static GenericDatumWriter<'static>> {
+        T::writer()
+    }
+    fn reader() -> sluice_schemas::Result<&'static GenericDatumReader<'static>> {
+        T::reader()
+    }
+}
+
+/// Rows are read from records, never written as records.
+impl<T> Serialize for Row<T> {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "a SQL row is read from a record, never written as one",
+        ))
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Row<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Vec<Cell>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an Avro record")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<Vec<Cell>, A::Error> {
+                let mut cells = Vec::with_capacity(fields.size_hint().unwrap_or(16));
+                while fields.next_key::<FieldName>()?.is_some() {
+                    cells.push(fields.next_value::<CellValue>()?.0);
+                }
+                Ok(cells)
+            }
+        }
+        Ok(Self {
+            cells: deserializer.deserialize_map(Fields)?,
+            _record: PhantomData,
+        })
+    }
+}
+
+/// A field's name, read past (fields come in schema order).
+struct FieldName;
+
+impl<'de> Deserialize<'de> for FieldName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = FieldName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<FieldName, E> {
+                Ok(FieldName)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<FieldName, E> {
+                Ok(FieldName)
+            }
+        }
+        deserializer.deserialize_identifier(Name)
+    }
+}
+
+/// One field's value as a [`Cell`]; values that are not scalars are read past as nulls.
+struct CellValue(Cell);
+
+impl<'de> Deserialize<'de> for CellValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CellVisitor).map(CellValue)
+    }
+}
+
+struct CellVisitor;
+
+impl<'de> Visitor<'de> for CellVisitor {
+    type Value = Cell;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an Avro value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Cell, E> {
+        Ok(Cell::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Cell, E> {
+        Ok(Cell::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Cell, E> {
+        Ok(i64::try_from(v).map_or(Cell::Null, Cell::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Cell, E> {
+        Ok(Cell::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cell, E> {
+        Ok(Cell::Text(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Cell, E> {
+        Ok(Cell::Text(v))
+    }
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Cell, E> {
+        Ok(Cell::Null)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Cell, E> {
+        Ok(Cell::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Cell, E> {
+        Ok(Cell::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Cell, D::Error> {
+        inner.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Cell, A::Error> {
+        while items.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Cell::Null)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Cell, A::Error> {
+        while entries.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Cell::Null)
+    }
+    fn visit_enum<A: EnumAccess<'de>>(self, value: A) -> Result<Cell, A::Error> {
+        let (symbol, variant) = value.variant::<String>()?;
+        variant.unit_variant()?;
+        Ok(Cell::Text(symbol))
     }
 }
 
@@ -313,13 +462,14 @@ mod tests {
                 "window_end"
             ]
         );
-        let row = columns.row(&event()).unwrap();
+        let row = Row::of(&event()).unwrap().cells;
+        assert_eq!(row[2], Cell::Text("t".into()));
         assert_eq!(row[5], Cell::Int(3));
         assert_eq!(row[8], Cell::Int(40));
         assert_eq!(columns.int_column("occurred_at_ms"), Some(7));
         let mut unmeasured = event();
         unmeasured.latency_ms = None;
-        assert_eq!(columns.row(&unmeasured).unwrap()[8], Cell::Null);
+        assert_eq!(Row::of(&unmeasured).unwrap().cells[8], Cell::Null);
 
         let batch = columns
             .batch([(row.as_slice(), 0, 60_000)].into_iter())
@@ -328,5 +478,48 @@ mod tests {
         assert_eq!(json[0]["tenant_id"], "t");
         assert_eq!(json[0]["latency_ms"], 40);
         assert_eq!(json[0]["window_end"], 60_000);
+    }
+
+    #[test]
+    fn rows_of_records_written_with_another_schema_are_read_in_ours() {
+        // An older writer: no latency_ms (ours defaults it to null), and a field we do not
+        // know, with nested values, that is read past.
+        let writer = Schema::parse_str(
+            r#"{"type": "record", "name": "UsageEvent", "namespace": "sluice.v1", "fields": [
+                {"name": "event_id", "type": "string"},
+                {"name": "request_id", "type": "string"},
+                {"name": "tags", "type": {"type": "array", "items": "string"}},
+                {"name": "tenant_id", "type": "string"},
+                {"name": "model", "type": "string"},
+                {"name": "provider", "type": "string"},
+                {"name": "input_tokens", "type": "long"},
+                {"name": "output_tokens", "type": "long"},
+                {"name": "occurred_at_ms", "type": "long"}
+            ]}"#,
+        )
+        .unwrap();
+        use apache_avro::types::Value;
+        let text = |s: &str| Value::String(s.into());
+        let record = Value::Record(vec![
+            ("event_id".into(), text("r:0")),
+            ("request_id".into(), text("r")),
+            ("tags".into(), Value::Array(vec![text("x"), text("y")])),
+            ("tenant_id".into(), text("t")),
+            ("model".into(), text("m")),
+            ("provider".into(), text("p")),
+            ("input_tokens".into(), Value::Long(3)),
+            ("output_tokens".into(), Value::Long(5)),
+            ("occurred_at_ms".into(), Value::Long(1_000)),
+        ]);
+        let body = GenericDatumWriter::builder(&writer)
+            .build()
+            .unwrap()
+            .write_value_to_vec(record)
+            .unwrap();
+        let row: Row<UsageEvent> = sluice_schemas::codec::decode_body(&writer, &body).unwrap();
+        assert_eq!(row.cells.len(), 9);
+        assert_eq!(row.cells[2], Cell::Text("t".into()));
+        assert_eq!(row.cells[7], Cell::Int(1_000));
+        assert_eq!(row.cells[8], Cell::Null);
     }
 }

@@ -116,8 +116,9 @@ pub struct SqlConfig {
     pub enabled: bool,
     /// Lanes per pipeline (each owns the windows of the partitions it is given).
     pub lanes: usize,
-    /// Rows a lane holds in windows beyond which, while window writes fail, it takes no more
-    /// records (they wait in the topic) until writes succeed again.
+    /// Rows a lane keeps in windows (partial aggregate states, or records' rows for a query
+    /// kept whole) beyond which, while window writes fail, it takes no more records (they wait
+    /// in the topic) until writes succeed again.
     pub max_held_rows: usize,
     /// The pipelines; by default per-tenant usage rates and per-model latency percentiles per
     /// minute. A `[[sql.pipelines]]` list in the file replaces them.

@@ -308,8 +308,10 @@ impl Subject for Sql {
     }
     fn env(&self, _world: &World, property: Property) -> Vec<(String, String)> {
         match property {
+            // Windows keep a partial state per group and batch folded in: one key's three
+            // windows hold a handful of rows, past this limit once the first cannot be written.
             Property::Backpressure => vec![
-                ("SLUICE_SQL__MAX_HELD_ROWS".into(), "500".into()),
+                ("SLUICE_SQL__MAX_HELD_ROWS".into(), "2".into()),
                 ("SLUICE_SQL__LANES".into(), "1".into()),
             ],
             _ => Vec::new(),

@@ -504,6 +504,25 @@ mod tests {
     ) -> Vec<serde_json::Map<String, serde_json::Value>> {
         let query = WindowQuery::plan(pipeline).await.unwrap();
         assert!(query.is_incremental());
+        fold_and_finish(pipeline, &query, events, per_fold).await
+    }
+
+    /// As [`run_folding`], whichever way the query runs.
+    async fn run_folding_any(
+        pipeline: &Pipeline,
+        events: &[UsageEvent],
+        per_fold: usize,
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let query = WindowQuery::plan(pipeline).await.unwrap();
+        fold_and_finish(pipeline, &query, events, per_fold).await
+    }
+
+    async fn fold_and_finish(
+        pipeline: &Pipeline,
+        query: &WindowQuery,
+        events: &[UsageEvent],
+        per_fold: usize,
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
         let size = pipeline.query.window.size_ms();
         let models = models();
         let mut kept = Vec::new();
@@ -676,6 +695,20 @@ mod tests {
             (rows[0]["records"].as_i64(), rows[0]["tenants"].as_i64()),
             (Some(10), Some(2))
         );
+    }
+
+    #[tokio::test]
+    async fn a_query_reading_its_source_again_above_the_aggregation_runs_whole() {
+        let mut config = builtin::pipelines().remove(0);
+        config.sql = "SELECT window_start, count(*) AS records, \
+                      (SELECT count(*) FROM usage) AS all_records FROM usage \
+                      GROUP BY tumble(interval '1 minute')"
+            .into();
+        let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
+        let query = WindowQuery::plan(&pipeline).await.unwrap();
+        assert!(!query.is_incremental());
+        let rows = run_folding_any(&pipeline, &[usage("a", "m", 1, 1, 60_000, 1)], 1).await;
+        assert_eq!(rows[0]["all_records"], 1);
     }
 
     #[tokio::test]

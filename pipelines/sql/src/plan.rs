@@ -155,10 +155,22 @@ impl WindowQuery {
             }
         }
         let plan = frame.create_physical_plan().await.map_err(failed)?;
-        let (states, stages) = match split(&plan).map_err(failed)? {
-            Some(split) => (split.states.clone(), split.stages(&plan).map_err(failed)?),
-            None => (rows.clone(), Stages::Whole { plan }),
+        let staged = match split(&plan).map_err(failed)? {
+            Some(split) => {
+                let states = split.states.clone();
+                let stages = split.stages(&plan).map_err(failed)?;
+                // The source read again above the aggregation (a subquery over it, say) would
+                // find no rows there: such a query runs whole.
+                match &stages {
+                    Stages::Incremental { finish, .. } if !reads(finish, &rows.schema) => {
+                        Some((states, stages))
+                    }
+                    _ => None,
+                }
+            }
+            None => None,
         };
+        let (states, stages) = staged.unwrap_or_else(|| (rows.clone(), Stages::Whole { plan }));
         Ok(Self {
             rows,
             models,
@@ -326,6 +338,18 @@ impl Split {
             finish,
         })
     }
+}
+
+/// Whether `plan` scans a feed of `schema`.
+fn reads(plan: &Arc<dyn ExecutionPlan>, schema: &SchemaRef) -> bool {
+    let mut found = false;
+    let walked = plan.apply(|node| {
+        if let Some(scan) = node.downcast_ref::<StreamingTableExec>() {
+            found |= scan.partition_schema() == schema;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found || walked.is_err()
 }
 
 fn same(a: &Arc<dyn ExecutionPlan>, b: &Arc<dyn ExecutionPlan>) -> bool {

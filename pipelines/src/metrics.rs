@@ -37,6 +37,9 @@ pub const LATE_RECORDS: &str = "sluice_late_records_total";
 pub const WINDOW_FAILURES: &str = "sluice_window_failures_total";
 /// Rows of window results a streaming SQL stage emitted, by `stage`.
 pub const WINDOW_ROWS: &str = "sluice_window_rows_total";
+/// Rows a streaming SQL stage keeps in its open windows right now (partial aggregate states,
+/// or records' rows for a query kept whole), by `stage`: what its windows' memory follows.
+pub const WINDOW_HELD_ROWS: &str = "sluice_window_held_rows";
 /// Records being processed right now, by `stage`.
 pub const IN_FLIGHT: &str = "sluice_in_flight_records";
 /// Records not yet committed by a consumer group, by `group`, `topic` and `partition`
@@ -78,6 +81,7 @@ pub struct Metrics {
     pub watermark_ms: IntGaugeVec,
     pub late_records: IntCounterVec,
     pub window_rows: IntCounterVec,
+    pub window_held_rows: IntGaugeVec,
     pub window_failures: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub rebalances: IntCounterVec,
@@ -170,6 +174,11 @@ impl Metrics {
                 &["stage"],
             )?,
             window_rows: counter(WINDOW_ROWS, "Window result rows emitted.", &["stage"])?,
+            window_held_rows: gauge(
+                WINDOW_HELD_ROWS,
+                "Rows kept in open windows (aggregate states or rows).",
+                &["stage"],
+            )?,
             window_failures: counter(
                 WINDOW_FAILURES,
                 "Windows the query failed on, left out.",
@@ -234,6 +243,7 @@ pub const ALL: &[&str] = &[
     WATERMARK_MS,
     LATE_RECORDS,
     WINDOW_ROWS,
+    WINDOW_HELD_ROWS,
     WINDOW_FAILURES,
     CONSUMER_LAG,
     REBALANCES,
@@ -243,6 +253,7 @@ pub const ALL: &[&str] = &[
     HTTP_REQUESTS,
     HTTP_SECONDS,
     ORPHAN_REPLIES,
+    EDGE_SHED,
     OPEN_STREAMS,
 ];
 

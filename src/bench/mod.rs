@@ -98,7 +98,10 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             print_rate(
                 "SQL tenant_usage_1m (decode, window, DataFusion, ClickHouse, ordered commit)",
                 &report.comparison.measured,
-                &format!(", {} rows", report.rows),
+                &format!(
+                    ", {} rows, at most {} rows held in windows",
+                    report.rows, report.peak_held_rows
+                ),
             );
             println!("ratio={:.3}", report.comparison.ratio());
         }

@@ -42,6 +42,9 @@ pub struct WindowReport {
     pub comparison: Comparison,
     /// Window rows the last round wrote.
     pub rows: u64,
+    /// The most rows the SQL stage's windows kept at once in the last round (partial states:
+    /// a few per tenant and open window, however many records).
+    pub peak_held_rows: i64,
 }
 
 /// Runs the benchmark on a fresh topic (`bench-<id>.usage`); rows go to ClickHouse table
@@ -64,17 +67,18 @@ pub async fn window(
     let pipeline = Arc::new(pipeline);
     let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
     let rows = std::cell::Cell::new(0);
+    let peak = std::cell::Cell::new(0);
     let comparison = Comparison::run(options.rounds, ("raw", "sql"), |round| {
         let (workspace, codec, pipeline, output) =
             (&workspace, codec.clone(), &pipeline, output.clone());
-        let (input, dlq, rows) = (&input, &dlq, &rows);
+        let (input, dlq, rows, peak) = (&input, &dlq, &rows, &peak);
         async move {
             eprintln!("round {round}: raw librdkafka consume...");
             let group = workspace.group("raw", round);
             let raw = raw_path(kafka, input, None, &group, options.records).await?;
             eprintln!("round {round}: consume -> decode -> window -> DataFusion -> ClickHouse...");
             let group = workspace.group("sql", round);
-            let (rate, written) = sql(
+            let (rate, written, held) = sql(
                 kafka,
                 codec,
                 pipeline,
@@ -83,8 +87,9 @@ pub async fn window(
                 options,
             )
             .await?;
-            eprintln!("round {round}: {written} rows");
+            eprintln!("round {round}: {written} rows, at most {held} rows held in windows");
             rows.set(written);
+            peak.set(held);
             Ok((raw, rate))
         }
     })
@@ -93,6 +98,7 @@ pub async fn window(
         records: options.records,
         comparison,
         rows: rows.get(),
+        peak_held_rows: peak.get(),
     })
 }
 
@@ -120,7 +126,7 @@ fn events(id: &str, options: &WindowOptions) -> impl Iterator<Item = (String, Us
     })
 }
 
-/// The SQL path: records/s and the rows written.
+/// The SQL path: records/s, the rows written and the most rows its windows kept at once.
 async fn sql(
     kafka: &KafkaConfig,
     codec: Arc<Codec>,
@@ -128,7 +134,7 @@ async fn sql(
     output: Arc<Output>,
     (input, dlq, group): (&str, &str, &str),
     options: &WindowOptions,
-) -> Result<(f64, u64)> {
+) -> Result<(f64, u64, i64)> {
     let metrics = stage_metrics()?;
     let spec = crate::stage_spec(
         pipeline,
@@ -150,6 +156,8 @@ async fn sql(
     let stage = StageUnderTest::start("sql", kafka, codec, metrics, Runnable::operator(make, spec));
     let in_flight = stage.metrics.in_flight.with_label_values(&["bench"]);
     let rows = stage.metrics.window_rows.with_label_values(&["bench"]);
+    let held = stage.metrics.window_held_rows.with_label_values(&["bench"]);
+    let peak = std::cell::Cell::new(0);
     // Every tenant has a row for every minute but the last (closed when the partition idles).
     let expected_rows = options.tenants.min(options.records) * options.minutes.saturating_sub(1);
     let seconds = stage
@@ -157,6 +165,7 @@ async fn sql(
             options.records,
             || stage.consumed(),
             || {
+                peak.set(peak.get().max(held.get()));
                 stage.consumed() >= options.records
                     && in_flight.get() == 0
                     && rows.get() >= expected_rows
@@ -164,5 +173,5 @@ async fn sql(
         )
         .await?;
     stage.stop().await?;
-    Ok((options.records as f64 / seconds, rows.get()))
+    Ok((options.records as f64 / seconds, rows.get(), peak.get()))
 }

@@ -72,6 +72,7 @@ pub struct SqlOperator<T> {
     /// Whether the last write of window rows failed.
     failing: bool,
     late: prometheus::IntCounter,
+    held: prometheus::IntGauge,
     failed_windows: prometheus::IntCounter,
     rows_out: prometheus::IntCounter,
     _record: PhantomData<fn() -> T>,
@@ -88,6 +89,7 @@ impl<T> SqlOperator<T> {
     ) -> Self {
         Self {
             late: metrics.late_records.with_label_values(&[stage]),
+            held: metrics.window_held_rows.with_label_values(&[stage]),
             failed_windows: metrics.window_failures.with_label_values(&[stage]),
             rows_out: metrics.window_rows.with_label_values(&[stage]),
             pipeline,
@@ -189,7 +191,7 @@ impl<T> SqlOperator<T> {
         let added: usize = kept.iter().map(RecordBatch::num_rows).sum();
         state.kept.extend(kept);
         state.kept_rows += added;
-        self.held_rows += added;
+        let mut held = self.held_rows + added;
         if state.kept.len() >= COMPACT_AFTER {
             // Merging is only a saving: if it fails, the window keeps its batches as they are.
             match query.compact(state.kept.clone()).await {
@@ -197,7 +199,7 @@ impl<T> SqlOperator<T> {
                     let before = state.kept_rows;
                     state.kept_rows = merged.iter().map(RecordBatch::num_rows).sum();
                     state.kept = merged;
-                    self.held_rows = (self.held_rows + state.kept_rows).saturating_sub(before);
+                    held = (held + state.kept_rows).saturating_sub(before);
                 }
                 Err(error) => tracing::warn!(
                     pipeline = %self.pipeline.name, partition = key.0, window_start_ms = key.1,
@@ -205,6 +207,16 @@ impl<T> SqlOperator<T> {
                 ),
             }
         }
+        self.set_held(held);
+    }
+
+    /// Records how many rows the windows keep, here and in `sluice_window_held_rows` (which
+    /// sums the stage's lanes).
+    fn set_held(&mut self, rows: usize) {
+        let delta = i64::try_from(rows).unwrap_or(i64::MAX)
+            - i64::try_from(self.held_rows).unwrap_or(i64::MAX);
+        self.held.add(delta);
+        self.held_rows = rows;
     }
 
     /// Emits every closed window of `partition` that has records not yet emitted, then forgets
@@ -266,7 +278,7 @@ impl<T> SqlOperator<T> {
             }
             keep
         });
-        self.held_rows = self.held_rows.saturating_sub(released);
+        self.set_held(self.held_rows.saturating_sub(released));
         Ok(())
     }
 
@@ -296,6 +308,13 @@ impl<T> SqlOperator<T> {
             error = %error, "the query failed on this window's values; the window is left out"
         );
         self.failed_windows.inc();
+    }
+}
+
+impl<T> Drop for SqlOperator<T> {
+    /// What this lane's windows kept leaves the stage's gauge with them.
+    fn drop(&mut self) {
+        self.set_held(0);
     }
 }
 
@@ -662,6 +681,7 @@ mod tests {
         }
         let window = &operator.windows[&(0, 60_000)];
         assert_eq!(window.records, 5_000);
+        assert_eq!(operator.held.get(), operator.held_rows as i64);
         assert!(
             operator.held_rows <= 3 * COMPACT_AFTER,
             "{}",

@@ -526,16 +526,6 @@ mod tests {
         fold_and_finish(pipeline, &query, events, per_fold).await
     }
 
-    /// As [`run_folding`], whichever way the query runs.
-    async fn run_folding_any(
-        pipeline: &Pipeline,
-        events: &[UsageEvent],
-        per_fold: usize,
-    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
-        let query = WindowQuery::plan(pipeline).await.unwrap();
-        fold_and_finish(pipeline, &query, events, per_fold).await
-    }
-
     async fn fold_and_finish(
         pipeline: &Pipeline,
         query: &WindowQuery,
@@ -727,7 +717,7 @@ mod tests {
         let pipeline = Pipeline::compile::<UsageEvent>(&config).unwrap();
         let query = WindowQuery::plan(&pipeline).await.unwrap();
         assert!(!query.is_incremental());
-        let rows = run_folding_any(&pipeline, &[usage("a", "m", 1, 1, 60_000, 1)], 1).await;
+        let rows = fold_and_finish(&pipeline, &query, &[usage("a", "m", 1, 1, 60_000, 1)], 1).await;
         assert_eq!(rows[0]["all_records"], 1);
     }
 

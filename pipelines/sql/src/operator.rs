@@ -742,6 +742,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_are_priced_at_the_catalogue_of_when_they_were_folded_in() {
+        let pipeline = Pipeline::compile::<UsageEvent>(&builtin::pipelines()[0]).unwrap();
+        let query = WindowQuery::plan(&pipeline).await.unwrap();
+        let row = Row::of(&usage("a", "sim-small", 10, 20, 60_000, 1)).unwrap();
+        let batch = |row: &Row<UsageEvent>| {
+            pipeline
+                .columns
+                .batch(std::iter::once((row.cells.as_slice(), 60_000, 120_000)))
+                .unwrap()
+        };
+        let mut kept = query.fold(batch(&row), &models()).await.unwrap();
+        // The price doubles; a record folded after that pays the new one.
+        let mut dearer = models();
+        dearer[0].input_price_micros *= 2;
+        dearer[0].output_price_micros *= 2;
+        kept.extend(query.fold(batch(&row), &dearer).await.unwrap());
+        let rows = query.finish(kept, &dearer).await.unwrap();
+        // 10 input at 0.1 $/M and 20 output at 0.4 $/M: 9 micro-dollars, then 18.
+        assert_eq!(
+            table::json_rows(&rows[0]).unwrap()[0]["cost_micros"].as_f64(),
+            Some(27.0)
+        );
+    }
+
+    #[tokio::test]
     async fn hopping_windows_count_a_record_in_each_window_it_falls_in() {
         let config = PipelineConfig {
             name: "hop".into(),

@@ -170,6 +170,8 @@ impl WindowQuery {
             }
             None => None,
         };
+        // Run whole, what a window keeps is its rows: the final run reads them from the rows
+        // feed, so the two are one feed.
         let (states, stages) = staged.unwrap_or_else(|| (rows.clone(), Stages::Whole { plan }));
         Ok(Self {
             rows,

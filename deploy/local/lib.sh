@@ -21,6 +21,8 @@ REGISTRY_PORT="${SLUICE_REGISTRY_PORT:-8081}"
 # broker restart empties them (up recreates the topics). sqlite://tansu.db is durable and slower.
 BROKER_STORAGE="${SLUICE_BROKER_STORAGE:-memory://tansu/}"
 SLUICE_PROFILE="${SLUICE_PROFILE:-debug}"
+# The broker's async worker threads (see start_broker).
+BROKER_THREADS="${SLUICE_BROKER_THREADS:-1}"
 TANSU_VERSION=0.6.0
 TANSU_PATCHES="$(cd "$ROOT/deploy/local/tansu" && find . -name '*.patch' | sort | xargs -I{} sh -c 'echo {}; cat {}' | cksum | cut -d' ' -f1)"
 TANSU_ROOT="${SLUICE_TOOLS:-$HOME/.cache/sluice-tools}/tansu-$TANSU_VERSION-$TANSU_PATCHES"
@@ -203,7 +205,9 @@ start_broker() {
   say "starting the tansu broker on :$KAFKA_PORT ($BROKER_STORAGE)"
   mkdir -p "$STATE/tansu"
   # A relative sqlite path, resolved in $STATE/tansu (tansu doubles absolute ones).
-  start broker "$STATE/tansu" "$TANSU" broker \
+  # One async worker: on a couple of cores, a second one mostly wakes up to steal the first
+  # one's tasks, and those cross-thread wake-ups cost the broker more than its work.
+  start broker "$STATE/tansu" env TOKIO_WORKER_THREADS="$BROKER_THREADS" "$TANSU" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine "$BROKER_STORAGE"

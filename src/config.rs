@@ -87,10 +87,12 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
-    /// Requests the router handles concurrently.
-    pub router_lanes: usize,
-    /// Model calls the orchestrator runs concurrently.
-    pub orchestrator_lanes: usize,
+    /// Requests the router works on at once (one session's in order, different sessions
+    /// concurrently); beyond it the router takes no more until some are done.
+    pub router_max_in_flight: usize,
+    /// Requests the orchestrator works on at once, most of them waiting on a model: one
+    /// session's turns in order, different sessions' calls concurrently.
+    pub orchestrator_max_in_flight: usize,
     /// Largest batch the metering sink writes to ClickHouse.
     pub metering_max_batch: usize,
     /// Longest a usage event waits for its batch (milliseconds).
@@ -100,8 +102,8 @@ pub struct StagesConfig {
 impl Default for StagesConfig {
     fn default() -> Self {
         Self {
-            router_lanes: 32,
-            orchestrator_lanes: 64,
+            router_max_in_flight: 1024,
+            orchestrator_max_in_flight: 4096,
             metering_max_batch: 1000,
             metering_linger_ms: 200,
         }
@@ -238,11 +240,11 @@ impl Config {
         if !["json", "pretty"].contains(&self.log.format.as_str()) {
             problems.push("log.format must be json or pretty".to_owned());
         }
-        if self.stages.router_lanes == 0
-            || self.stages.orchestrator_lanes == 0
+        if self.stages.router_max_in_flight == 0
+            || self.stages.orchestrator_max_in_flight == 0
             || self.stages.metering_max_batch == 0
         {
-            problems.push("stages: lanes and batch sizes must be at least 1".to_owned());
+            problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());
         }
         problems
     }

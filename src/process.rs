@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use sluice_edge::EdgeDeps;
 use sluice_pipelines::{
+    kafka::Producers,
     metrics::Metrics,
     ops::{self, Readiness},
     replay::{ReplayDeps, ReplayReport},
@@ -81,6 +82,8 @@ pub struct Process {
     tasks: JoinSet<(String, anyhow::Result<()>)>,
     /// The model catalogue, loaded once and kept fresh for every part that needs it.
     catalog: Option<Arc<ModelCatalog>>,
+    /// The producers every part of the process sends through, made on first use.
+    producers: Option<Producers>,
 }
 
 /// A part of a process: runs until it stops or fails.
@@ -122,7 +125,18 @@ impl Process {
             cancel: CancellationToken::new(),
             tasks: JoinSet::new(),
             catalog: None,
+            producers: None,
         })
+    }
+
+    /// The process's producers, one per profile, shared by its edge and stages.
+    fn producers(&mut self, config: &Config) -> anyhow::Result<Producers> {
+        if let Some(producers) = &self.producers {
+            return Ok(producers.clone());
+        }
+        let producers = Producers::new(&config.kafka).context("starting the producers")?;
+        self.producers = Some(producers.clone());
+        Ok(producers)
     }
 
     /// The process's model catalogue: loaded on first use, then refreshed in the background.
@@ -199,6 +213,7 @@ impl Process {
     ) -> anyhow::Result<()> {
         let deps = StageDeps {
             kafka: config.kafka.clone(),
+            producers: self.producers(config)?,
             codec,
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
@@ -229,6 +244,7 @@ impl Process {
         let listener = bind(&config.edge.listen, "edge").await?;
         let deps = EdgeDeps {
             kafka: config.kafka.clone(),
+            producers: self.producers(config)?,
             clickhouse: config.clickhouse.clone(),
             app_pool,
             catalog,

@@ -77,7 +77,8 @@ pub async fn submit(
     let trace = parent_trace
         .map(|p| p.child())
         .unwrap_or_else(TraceContext::new_root);
-    tracing::info!(%request_id, tenant = %tenant.0, model = %record.model, trace_id = %trace.trace_id_hex(), "request accepted");
+    // Every request is on `sluice.requests` with its trace id; a log line each is for debugging.
+    tracing::debug!(%request_id, tenant = %tenant.0, model = %record.model, trace_id = %trace.trace_id_hex(), "request accepted");
     let mut out =
         sluice_pipelines::Emitter::new(state.producer.clone(), state.codec.clone(), trace);
     let key = record.session_id.clone();

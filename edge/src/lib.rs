@@ -144,6 +144,8 @@ pub struct EdgeState {
 /// What the edge is built from.
 pub struct EdgeDeps {
     pub kafka: KafkaConfig,
+    /// The process's producers; requests leave through the latency one.
+    pub producers: kafka::Producers,
     pub clickhouse: ClickHouseConfig,
     pub app_pool: PgPool,
     pub catalog: Arc<ModelCatalog>,
@@ -170,7 +172,7 @@ pub async fn run(
     replies::assign_at_end(&consumer, &router)?;
     tracing::info!(topic = %topics.replies, partition, "edge owns its replies partition");
 
-    let producer = kafka::producer(&deps.kafka, ProducerProfile::Latency)?;
+    let producer = deps.producers.get(ProducerProfile::Latency).clone();
     let dead_letters = DeadLetters::new(
         producer.clone(),
         deps.codec.clone(),

@@ -79,7 +79,7 @@ pub async fn run_sink<S: BatchSink>(
     cancel: CancellationToken,
 ) -> Result<()> {
     let tuning = SourceTuning {
-        fetch_wait_ms: kafka::FETCH_WAIT_MS,
+        fetch: kafka::Fetch::BULK,
         max_prefetch_kib: Some(spec.max_prefetch_kib),
         producer: ProducerProfile::Throughput,
     };

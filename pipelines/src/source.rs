@@ -22,8 +22,8 @@ use crate::{
 
 /// How a stage source reads and writes.
 pub(crate) struct SourceTuning {
-    /// How long a broker fetch waits for data.
-    pub fetch_wait_ms: u32,
+    /// How the consumer fetches.
+    pub fetch: kafka::Fetch,
     /// Cap on what the consumer fetches ahead (librdkafka's 64 MiB if `None`).
     pub max_prefetch_kib: Option<u32>,
     /// The producer outputs and dead letters use.
@@ -34,6 +34,8 @@ pub(crate) struct SourceTuning {
 pub(crate) struct StageSource {
     pub consumer: Arc<KafkaConsumer>,
     pub producer: crate::kafka::Producer,
+    /// The process's throughput producer, for outputs nobody waits on.
+    pub batched: crate::kafka::Producer,
     pub decoder: Decoder,
     lag: LagReporter,
     name: String,
@@ -46,12 +48,12 @@ impl StageSource {
         let consumer = Arc::new(kafka::consumer(
             &deps.kafka,
             &wiring.group,
-            tuning.fetch_wait_ms,
+            tuning.fetch,
             tuning.max_prefetch_kib,
             Some(&deps.metrics),
         )?);
         consumer.subscribe(&[&wiring.input_topic])?;
-        let producer = kafka::producer(&deps.kafka, tuning.producer)?;
+        let producer = deps.producers.get(tuning.producer).clone();
         let dead_letters = DeadLetters::new(
             producer.clone(),
             deps.codec.clone(),
@@ -74,6 +76,7 @@ impl StageSource {
         Ok(Self {
             consumer,
             producer,
+            batched: deps.producers.get(ProducerProfile::Throughput).clone(),
             decoder,
             lag,
             name: wiring.name.clone(),

@@ -3,13 +3,15 @@
 //! <stage>`) or over a past time range outside the group ([`Runnable::replay`], for `sluice
 //! replay <stage>`), whatever kind of loop it is underneath: an operator's or a sink's.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Wiring,
     replay::{self, ReplayDeps, ReplayJob, ReplayReport},
-    runtime::{self, EffectivelyOnce, Operator, StageDeps, StageSpec},
+    runtime::{self, EffectivelyOnce, Operator, PerRecord, RecordOperator, StageDeps, StageSpec},
     sink::{self, BatchSink, SinkSpec},
     Result,
 };
@@ -41,6 +43,15 @@ impl Runnable {
         Self {
             wiring: spec.wiring.clone(),
             task: Box::new(OperatorTask { make, spec }),
+        }
+    }
+
+    /// A stage of a [`RecordOperator`] run by the keyed loop ([`runtime::run_keyed`]): one
+    /// key's records in order, different keys concurrently, up to `spec.max_in_flight`.
+    pub fn record_operator<R: RecordOperator>(operator: Arc<R>, spec: StageSpec) -> Self {
+        Self {
+            wiring: spec.wiring.clone(),
+            task: Box::new(RecordOperatorTask { operator, spec }),
         }
     }
 
@@ -110,6 +121,22 @@ where
         deps: &ReplayDeps,
     ) -> Result<ReplayReport> {
         replay::replay_operator(&mut (self.make)(0), job, deps).await
+    }
+}
+
+struct RecordOperatorTask<R> {
+    operator: Arc<R>,
+    spec: StageSpec,
+}
+
+#[async_trait]
+impl<R: RecordOperator> Task for RecordOperatorTask<R> {
+    async fn run(self: Box<Self>, deps: StageDeps, cancel: CancellationToken) -> Result<()> {
+        runtime::run_keyed(self.operator, self.spec, deps, cancel).await
+    }
+
+    async fn replay(self: Box<Self>, job: &ReplayJob, deps: &ReplayDeps) -> Result<ReplayReport> {
+        replay::replay_operator(&mut PerRecord(self.operator), job, deps).await
     }
 }
 

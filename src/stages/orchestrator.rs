@@ -1,10 +1,11 @@
-//! The orchestrator stage: `sluice.routed` → `sluice.replies`, `sluice.usage`, one lane per key.
+//! The orchestrator stage: `sluice.routed` → `sluice.replies`, `sluice.usage`, keyed by session:
+//! one session's turns in order, different sessions' model calls concurrently.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use sluice_orchestrator::Orchestrator;
-use sluice_pipelines::{runtime::StageSpec, PerRecord, Runnable};
+use sluice_pipelines::{runtime::StageSpec, Runnable};
 
 use crate::config::Config;
 
@@ -14,9 +15,6 @@ pub fn build(config: &Config) -> anyhow::Result<Runnable> {
         .context("building the orchestrator's model providers")?;
     let orchestrator = Arc::new(orchestrator);
     let mut spec = StageSpec::new(config.kafka.wiring("orchestrator", &topics.routed));
-    spec.lanes = config.stages.orchestrator_lanes;
-    Ok(Runnable::operator(
-        move |_| PerRecord(orchestrator.clone()),
-        spec,
-    ))
+    spec.max_in_flight = config.stages.orchestrator_max_in_flight;
+    Ok(Runnable::record_operator(orchestrator, spec))
 }

@@ -1,8 +1,8 @@
-//! The router stage: `sluice.requests` → `sluice.routed`, one lane per key.
+//! The router stage: `sluice.requests` → `sluice.routed`, keyed by session.
 
 use std::sync::Arc;
 
-use sluice_pipelines::{runtime::StageSpec, PerRecord, Runnable};
+use sluice_pipelines::{runtime::StageSpec, Runnable};
 use sluice_router::Router;
 
 use crate::{config::Config, process::Process};
@@ -12,6 +12,6 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
     let catalog = process.catalog(config).await?;
     let router = Arc::new(Router::new(catalog, config.router.clone(), topics.clone()));
     let mut spec = StageSpec::new(config.kafka.wiring("router", &topics.requests));
-    spec.lanes = config.stages.router_lanes;
-    Ok(Runnable::operator(move |_| PerRecord(router.clone()), spec))
+    spec.max_in_flight = config.stages.router_max_in_flight;
+    Ok(Runnable::record_operator(router, spec))
 }

@@ -209,6 +209,7 @@ async fn a_stalled_operator_pauses_its_partitions_stays_in_its_group_and_resumes
     };
     let metrics = Arc::new(Metrics::new().unwrap());
     let deps = StageDeps {
+        producers: sluice_pipelines::kafka::Producers::new(&kafka).unwrap(),
         kafka,
         codec,
         metrics: metrics.clone(),

@@ -241,7 +241,8 @@ impl RecordOperator for Orchestrator {
                     i64::try_from(call_started.elapsed().as_millis()).unwrap_or(i64::MAX),
                 ),
             };
-            out.emit(
+            // Nobody waits on usage: it leaves batched with other requests' usage.
+            out.emit_batched(
                 &self.topics.usage,
                 None,
                 request.tenant_id.as_bytes(),

@@ -160,7 +160,9 @@ impl RecordOperator for Router {
         let models = self.catalog.snapshot();
         match decide(&request, &models, &self.config, now_ms()) {
             Ok(decision) => {
-                tracing::info!(
+                // The decision and its reason are on `sluice.routed`; a log line each is for
+                // debugging.
+                tracing::debug!(
                     request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(),
                     model = %decision.model, reason = %decision.reason, "routed"
                 );

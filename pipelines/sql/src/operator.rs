@@ -457,6 +457,8 @@ pub fn stage_spec(pipeline: &Pipeline, wiring: Wiring, lanes: usize) -> StageSpe
     spec.lanes = lanes;
     spec.lane_by = LaneBy::Partition;
     spec.max_batch = 512;
+    // Windows close on watermarks, a minute apart: large fetches cost nothing in latency.
+    spec.fetch = sluice_pipelines::kafka::Fetch::BULK;
     spec.lane_capacity = 1024;
     spec.tick = Some(TICK);
     spec.watermarks = Some(pipeline.watermarks);

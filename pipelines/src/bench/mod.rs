@@ -144,23 +144,24 @@ impl StageUnderTest {
         codec: Arc<Codec>,
         metrics: Arc<Metrics>,
         stage: Runnable,
-    ) -> Self {
+    ) -> Result<Self> {
         let consumed = metrics.records_in.with_label_values(&[stage.name()]);
         let deps = StageDeps {
             kafka: kafka.clone(),
+            producers: crate::kafka::Producers::new(kafka)?,
             codec,
             metrics: metrics.clone(),
             readiness: Readiness::default(),
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(stage.run(deps, cancel.clone()));
-        Self {
+        Ok(Self {
             path: path.to_owned(),
             metrics,
             consumed,
             task,
             cancel,
-        }
+        })
     }
 
     /// Records the stage has consumed so far.

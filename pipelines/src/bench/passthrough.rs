@@ -115,7 +115,7 @@ async fn pipeline(
         codec,
         stage_metrics()?,
         Runnable::operator(move |_| operator.clone(), spec),
-    );
+    )?;
     let written = stage
         .metrics
         .records_out

@@ -89,6 +89,31 @@ fn describe(rebalance: &rdkafka::consumer::Rebalance<'_>) -> String {
 /// (and so what idling costs the broker and the stage).
 pub const FETCH_WAIT_MS: u32 = 500;
 
+/// How a consumer fetches: how long a fetch may wait for data, and how much it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    /// `fetch.wait.max.ms`.
+    pub wait_ms: u32,
+    /// `fetch.min.bytes`.
+    pub min_bytes: u32,
+}
+
+impl Fetch {
+    /// The interactive path: a fetch is answered as soon as one record is there.
+    pub const LATENCY: Self = Self {
+        wait_ms: FETCH_WAIT_MS,
+        min_bytes: 1,
+    };
+
+    /// Readers that work in batches anyway (the meters, windowed SQL): a fetch is answered
+    /// once 64 KiB have gathered or after 200 ms, so a busy topic is read in a few large
+    /// fetches a second rather than one per produce, and the stage handles each as one batch.
+    pub const BULK: Self = Self {
+        wait_ms: 200,
+        min_bytes: 64 * 1024,
+    };
+}
+
 /// A consumer with Sluice's context.
 pub type KafkaConsumer = StreamConsumer<StageContext>;
 
@@ -140,6 +165,34 @@ pub fn producer(config: &KafkaConfig, profile: ProducerProfile) -> Result<Produc
     Producer::new(&producer_config(config, profile))
 }
 
+/// The producers a process shares, one per profile: every stage and the edge of a process send
+/// through these two. A librdkafka producer is a client with its own threads and connections,
+/// so one per stage multiplied the threads woken for each record; shared, the records a burst
+/// sends to one partition from several stages also leave in one request.
+#[derive(Clone)]
+pub struct Producers {
+    latency: Producer,
+    throughput: Producer,
+}
+
+impl Producers {
+    /// Both producers, connected to `config`'s broker.
+    pub fn new(config: &KafkaConfig) -> Result<Self> {
+        Ok(Self {
+            latency: producer(config, ProducerProfile::Latency)?,
+            throughput: producer(config, ProducerProfile::Throughput)?,
+        })
+    }
+
+    /// The producer with `profile`'s batching.
+    pub fn get(&self, profile: ProducerProfile) -> &Producer {
+        match profile {
+            ProducerProfile::Latency => &self.latency,
+            ProducerProfile::Throughput => &self.throughput,
+        }
+    }
+}
+
 /// How much one fetch may bring back per partition: large enough that a consumer catching up
 /// reads big runs of records per round trip.
 const FETCH_PARTITION_BYTES: &str = "4194304";
@@ -159,7 +212,7 @@ pub fn bulk_consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
 }
 
 /// A consumer in `group` that only commits offsets the runtime stored.
-/// `fetch_wait_ms` bounds how long a fetch waits for data: small on the latency path.
+/// `fetch` says how long a fetch waits and for how much.
 /// `max_prefetch_kib` caps what is fetched ahead (librdkafka's default, 64 MiB, if `None`):
 /// a smaller cap bounds memory when the consumer stalls, at some cost in throughput (the
 /// passthrough benchmark fell from ~0.65 to ~0.44 of raw with 16 MiB).
@@ -167,7 +220,7 @@ pub fn bulk_consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
 pub fn consumer(
     config: &KafkaConfig,
     group: &str,
-    fetch_wait_ms: u32,
+    fetch: Fetch,
     max_prefetch_kib: Option<u32>,
     metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<KafkaConsumer> {
@@ -180,7 +233,8 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("fetch.wait.max.ms", fetch.wait_ms.to_string())
+        .set("fetch.min.bytes", fetch.min_bytes.to_string())
         .set("max.partition.fetch.bytes", FETCH_PARTITION_BYTES)
         .set("enable.partition.eof", "false");
     if let Some(kib) = max_prefetch_kib {

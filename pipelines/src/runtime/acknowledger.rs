@@ -72,7 +72,9 @@ impl Acknowledger {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            match self.await_deliveries(batch.deliveries).await {
+            match await_deliveries(&self.producer, &self.stage, &self.cancel, batch.deliveries)
+                .await
+            {
                 Some(delivered) => {
                     for topic in delivered {
                         records_out
@@ -103,57 +105,6 @@ impl Acknowledger {
         self.store(&mut to_store);
     }
 
-    /// Waits for every delivery of one batch; the outputs the broker refused are sent again
-    /// together (after a backoff that grows with each round) until all are acknowledged, so a
-    /// broker or topic that comes back costs a few rounds, not one backoff per record. Returns
-    /// the topic of each output, or `None` if a delivery report was lost or shutdown came
-    /// first (the batch is then left for redelivery).
-    async fn await_deliveries(
-        &self,
-        deliveries: Vec<(String, DeliveryFuture)>,
-    ) -> Option<Vec<String>> {
-        let mut delivered = Vec::with_capacity(deliveries.len());
-        let mut waiting: Vec<(String, Sent)> = deliveries
-            .into_iter()
-            .map(|(topic, delivery)| (topic, Ok(delivery)))
-            .collect();
-        let mut attempt = 0;
-        loop {
-            let mut refused = Vec::new();
-            for (topic, sent) in waiting {
-                let outcome = match sent {
-                    Ok(delivery) => delivery.await,
-                    Err(refusal) => Ok(Err(*refusal)),
-                };
-                match outcome {
-                    Ok(Ok(_)) => delivered.push(topic),
-                    Ok(Err((e, message))) => {
-                        if refused.is_empty() {
-                            tracing::error!(stage = %self.stage, topic, error = %e, "output not acknowledged; sending again");
-                        }
-                        refused.push((topic, message));
-                    }
-                    Err(_) => {
-                        tracing::error!(stage = %self.stage, topic, "delivery report lost; leaving the batch for redelivery");
-                        return None;
-                    }
-                }
-            }
-            if refused.is_empty() {
-                return Some(delivered);
-            }
-            attempt += 1;
-            tokio::select! {
-                _ = self.cancel.cancelled() => return None,
-                _ = tokio::time::sleep(backoff(attempt)) => {}
-            }
-            waiting = refused
-                .into_iter()
-                .map(|(topic, message)| (topic, resend(&self.producer, message)))
-                .collect();
-        }
-    }
-
     fn store(&self, to_store: &mut HashMap<(String, i32), i64>) {
         if to_store.is_empty() {
             return;
@@ -176,8 +127,61 @@ impl Acknowledger {
     }
 }
 
+/// Waits for every delivery of one batch (or record); the outputs the broker refused are sent again
+/// together (after a backoff that grows with each round) until all are acknowledged, so a
+/// broker or topic that comes back costs a few rounds, not one backoff per record. Returns
+/// the topic of each output, or `None` if a delivery report was lost or shutdown came
+/// first (the batch is then left for redelivery).
+pub(super) async fn await_deliveries(
+    producer: &Producer,
+    stage: &str,
+    cancel: &CancellationToken,
+    deliveries: Vec<(String, DeliveryFuture)>,
+) -> Option<Vec<String>> {
+    let mut delivered = Vec::with_capacity(deliveries.len());
+    let mut waiting: Vec<(String, Sent)> = deliveries
+        .into_iter()
+        .map(|(topic, delivery)| (topic, Ok(delivery)))
+        .collect();
+    let mut attempt = 0;
+    loop {
+        let mut refused = Vec::new();
+        for (topic, sent) in waiting {
+            let outcome = match sent {
+                Ok(delivery) => delivery.await,
+                Err(refusal) => Ok(Err(*refusal)),
+            };
+            match outcome {
+                Ok(Ok(_)) => delivered.push(topic),
+                Ok(Err((e, message))) => {
+                    if refused.is_empty() {
+                        tracing::error!(stage = %stage, topic, error = %e, "output not acknowledged; sending again");
+                    }
+                    refused.push((topic, message));
+                }
+                Err(_) => {
+                    tracing::error!(stage = %stage, topic, "delivery report lost; leaving the batch for redelivery");
+                    return None;
+                }
+            }
+        }
+        if refused.is_empty() {
+            return Some(delivered);
+        }
+        attempt += 1;
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+        }
+        waiting = refused
+            .into_iter()
+            .map(|(topic, message)| (topic, resend(producer, message)))
+            .collect();
+    }
+}
+
 /// Stores `position` as the commit offset of `topic`/`partition`.
-fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, position: i64) {
+pub(super) fn store_position(consumer: &KafkaConsumer, topic: &str, partition: i32, position: i64) {
     let mut list = TopicPartitionList::new();
     if list
         .add_partition_offset(topic, partition, Offset::Offset(position))

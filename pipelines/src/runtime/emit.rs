@@ -26,6 +26,8 @@ use crate::{
 /// acknowledgements so the runtime can wait for them before storing the inputs' offsets.
 pub struct Emitter {
     producer: Producer,
+    /// Where [`Emitter::emit_batched`] sends: the throughput producer, if the stage gave one.
+    batched: Option<Producer>,
     codec: Arc<Codec>,
     /// The `traceparent` outputs carry, formatted once per trace.
     traceparent: String,
@@ -46,11 +48,18 @@ impl Emitter {
     pub fn new(producer: Producer, codec: Arc<Codec>, trace: TraceContext) -> Self {
         Self {
             producer,
+            batched: None,
             codec,
             traceparent: trace.to_header(),
             pending: Vec::new(),
             rejected: Vec::new(),
         }
+    }
+
+    /// Sends [`Emitter::emit_batched`] outputs through `producer` (the throughput profile's).
+    pub fn with_batched(mut self, producer: Producer) -> Self {
+        self.batched = Some(producer);
+        self
     }
 
     /// Outputs emitted from now on carry `trace` (the runtime sets each record's own trace
@@ -89,6 +98,35 @@ impl Emitter {
         key: &[u8],
         record: &T,
     ) -> Result<(), ProcessError> {
+        self.send(false, topic, partition, key, record).await
+    }
+
+    /// Like [`Emitter::emit`], for an output nobody waits on (usage for the meters, say): it
+    /// leaves with others in a batch a few milliseconds later (the throughput producer, when
+    /// the stage gave one), so a busy stage sends one request where it would send dozens, and
+    /// its readers fetch it in one go. Its acknowledgement still holds the input's offset.
+    pub async fn emit_batched<T: Record>(
+        &mut self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        record: &T,
+    ) -> Result<(), ProcessError> {
+        self.send(true, topic, partition, key, record).await
+    }
+
+    async fn send<T: Record>(
+        &mut self,
+        batched: bool,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        record: &T,
+    ) -> Result<(), ProcessError> {
+        let producer = match (&self.batched, batched) {
+            (Some(bulk), true) => bulk,
+            _ => &self.producer,
+        };
         let payload = self.codec.encode(record)?;
         loop {
             let headers = OwnedHeaders::new().insert(Header {
@@ -102,7 +140,7 @@ impl Emitter {
             if let Some(partition) = partition {
                 future = future.partition(partition);
             }
-            match self.producer.send_result(future) {
+            match producer.send_result(future) {
                 Ok(delivery) => {
                     self.pending.push((topic.to_owned(), delivery));
                     return Ok(());

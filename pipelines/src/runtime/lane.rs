@@ -56,6 +56,8 @@ pub(super) struct Lane<O: Operator> {
     pub spec: StageSpec,
     pub deps: StageDeps,
     pub producer: crate::kafka::Producer,
+    /// Where outputs nobody waits on go ([`Emitter::emit_batched`]).
+    pub batched: crate::kafka::Producer,
     pub decoder: Decoder,
     pub cancel: CancellationToken,
     pub time: EventTime,
@@ -134,11 +136,7 @@ impl<O: Operator> Lane<O> {
             }
         }
         let started = Instant::now();
-        let mut out = Emitter::new(
-            self.producer.clone(),
-            self.deps.codec.clone(),
-            TraceContext::new_root(),
-        );
+        let mut out = self.emitter(TraceContext::new_root());
         if let Err(e) = self.operator.on_close(&mut out).await {
             tracing::error!(stage, error = %e, "operator failed to close");
         }
@@ -150,6 +148,12 @@ impl<O: Operator> Lane<O> {
         if let Err(e) = acknowledger.await {
             tracing::error!(stage, error = %e, "acknowledger failed");
         }
+    }
+
+    /// An emitter for outputs carrying `trace`.
+    fn emitter(&self, trace: TraceContext) -> Emitter {
+        Emitter::new(self.producer.clone(), self.deps.codec.clone(), trace)
+            .with_batched(self.batched.clone())
     }
 
     /// The batch that starts with `first`: whatever else is ready, up to `max_batch`, waiting
@@ -223,7 +227,7 @@ impl<O: Operator> Lane<O> {
                 Decoded::Interrupted => {}
             }
         }
-        let mut out = Emitter::new(self.producer.clone(), self.deps.codec.clone(), trace);
+        let mut out = self.emitter(trace);
         let processed = self.process(&inputs, messages, &mut out).await;
         done.extend(processed);
         for rejected in out.take_rejected() {
@@ -325,11 +329,7 @@ impl<O: Operator> Lane<O> {
     /// partitions.
     async fn tick(&mut self, quiet: bool) -> Option<Unacked> {
         let started = Instant::now();
-        let mut out = Emitter::new(
-            self.producer.clone(),
-            self.deps.codec.clone(),
-            TraceContext::new_root(),
-        );
+        let mut out = self.emitter(TraceContext::new_root());
         if let Err(e) = self.operator.on_tick(&mut out).await {
             tracing::warn!(stage = %self.spec.wiring.name, error = %e, "tick failed");
         }

@@ -41,6 +41,7 @@
 mod acknowledger;
 mod consume;
 mod emit;
+mod keyed;
 mod lane;
 mod offsets;
 mod operator;
@@ -58,6 +59,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use emit::{DeadLetters, Emitter, Rejected};
+pub use keyed::run_keyed;
 pub use operator::{
     AtLeastOnce, BatchError, EffectivelyOnce, Guarantee, Input, Operator, PerRecord, RecordContext,
     RecordOperator,
@@ -94,7 +96,7 @@ pub async fn run_operator<O: Operator>(
     // Operators keep librdkafka's prefetch (capping it cost a third of their throughput) and
     // bound memory by pausing their partitions instead.
     let tuning = SourceTuning {
-        fetch_wait_ms: spec.fetch_wait_ms,
+        fetch: spec.fetch,
         max_prefetch_kib: None,
         producer: spec.producer,
     };
@@ -114,6 +116,7 @@ pub async fn run_operator<O: Operator>(
             spec: spec.clone(),
             deps: deps.clone(),
             producer: source.producer.clone(),
+            batched: source.batched.clone(),
             decoder: source.decoder.clone(),
             cancel: cancel.clone(),
             time: EventTime::default(),

@@ -7,7 +7,7 @@ use sluice_schemas::Codec;
 
 use crate::{
     config::{KafkaConfig, Wiring},
-    kafka::ProducerProfile,
+    kafka::{Fetch, ProducerProfile, Producers},
     metrics::Metrics,
     ops::Readiness,
 };
@@ -53,8 +53,12 @@ pub struct StageSpec {
     pub max_attempts: u32,
     /// Processed batches per lane whose outputs may await the broker's acknowledgement at once.
     pub max_unacked: usize,
-    /// How long a broker fetch may wait for data ([`FETCH_WAIT_MS`](crate::kafka::FETCH_WAIT_MS)).
-    pub fetch_wait_ms: u32,
+    /// Records a keyed stage ([`run_keyed`](super::run_keyed)) works on at once: running,
+    /// queued behind their key, or awaiting acknowledgement. Beyond it the stage takes no more
+    /// records (and pauses its partitions if that lasts).
+    pub max_in_flight: usize,
+    /// How the consumer fetches ([`Fetch::LATENCY`] by default).
+    pub fetch: Fetch,
     /// How outputs are batched: at once (the interactive path) or in large compressed batches
     /// (bulk stages).
     pub producer: ProducerProfile,
@@ -76,7 +80,8 @@ impl StageSpec {
             linger: Duration::ZERO,
             max_attempts: 6,
             max_unacked: 256,
-            fetch_wait_ms: crate::kafka::FETCH_WAIT_MS,
+            max_in_flight: 1024,
+            fetch: Fetch::LATENCY,
             producer: ProducerProfile::Latency,
             tick: None,
             watermarks: None,
@@ -88,6 +93,8 @@ impl StageSpec {
 #[derive(Clone)]
 pub struct StageDeps {
     pub kafka: KafkaConfig,
+    /// The process's producers, shared by every stage in it.
+    pub producers: Producers,
     pub codec: Arc<Codec>,
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,

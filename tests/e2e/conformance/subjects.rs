@@ -195,17 +195,25 @@ impl Subject for Orchestrator {
     }
     fn records_per_key(&self, property: Property) -> u32 {
         match property {
-            Property::Backpressure => 40,
+            Property::Backpressure => 12,
             _ => 30,
         }
     }
     fn env(&self, _world: &World, property: Property) -> Vec<(String, String)> {
         match property {
-            // A model that takes 150 ms to answer: the lane falls behind its queue.
-            Property::Backpressure => vec![(
-                "SLUICE_ORCHESTRATOR__SIM__FIRST_TOKEN_MS".into(),
-                "150".into(),
-            )],
+            // A model that takes 1.2 s to answer, and room for 4 requests at once: the key's
+            // requests queue behind its slow calls, the stage is full, and each wait for room
+            // outlasts the second after which a stage pauses its partitions.
+            Property::Backpressure => vec![
+                (
+                    "SLUICE_ORCHESTRATOR__SIM__FIRST_TOKEN_MS".into(),
+                    "1200".into(),
+                ),
+                (
+                    "SLUICE_STAGES__ORCHESTRATOR_MAX_IN_FLIGHT".into(),
+                    "4".into(),
+                ),
+            ],
             _ => Vec::new(),
         }
     }

@@ -126,8 +126,17 @@ impl Codec {
     /// Decodes a wire-format record into `T`, fetching the writer's schema if it is new to us.
     pub async fn decode<T: Record>(&self, bytes: &[u8]) -> Result<T> {
         let (id, body) = wire::unframe(bytes)?;
+        // Written with our own schema (the common case): no need to compare schemas.
+        if self.own_id::<T>() == Some(id) {
+            return decode_with(T::schema()?, true, body);
+        }
         let writer = self.writer_schema(id).await?;
         decode_with(&writer.schema, writer.canonical == T::canonical()?, body)
+    }
+
+    /// The id `T`'s schema was registered under by this codec, if it was.
+    fn own_id<T: Record>(&self) -> Option<u32> {
+        self.ids.read().ok()?.get(T::NAME).copied()
     }
 
     async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>> {

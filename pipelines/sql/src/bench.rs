@@ -153,8 +153,15 @@ async fn sql(
             )
         }
     };
-    let stage =
-        StageUnderTest::start("sql", kafka, codec, metrics, Runnable::operator(make, spec))?;
+    let stage = StageUnderTest::start(
+        "sql",
+        kafka,
+        codec,
+        metrics,
+        Runnable::operator(make, spec),
+        None,
+    )
+    .await?;
     let in_flight = stage.metrics.in_flight.with_label_values(&["bench"]);
     let rows = stage.metrics.window_rows.with_label_values(&["bench"]);
     let held = stage.metrics.window_held_rows.with_label_values(&["bench"]);

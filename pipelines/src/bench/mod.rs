@@ -137,18 +137,26 @@ pub fn stage_metrics() -> Result<Arc<Metrics>> {
 }
 
 impl StageUnderTest {
-    /// Starts `stage` (built with `metrics`) on `kafka`, labelled `path`.
-    pub fn start(
+    /// Starts `stage` (built with `metrics`) on `kafka`, labelled `path`; its producers are
+    /// warmed up on `output` first, if it writes to a topic ([`Producers::warm_up`]).
+    ///
+    /// [`Producers::warm_up`]: crate::kafka::Producers::warm_up
+    pub async fn start(
         path: &str,
         kafka: &KafkaConfig,
         codec: Arc<Codec>,
         metrics: Arc<Metrics>,
         stage: Runnable,
+        output: Option<&str>,
     ) -> Result<Self> {
         let consumed = metrics.records_in.with_label_values(&[stage.name()]);
+        let producers = crate::kafka::Producers::new(kafka)?;
+        if let Some(topic) = output {
+            producers.warm_up(topic).await?;
+        }
         let deps = StageDeps {
             kafka: kafka.clone(),
-            producers: crate::kafka::Producers::new(kafka)?,
+            producers,
             codec,
             metrics: metrics.clone(),
             readiness: Readiness::default(),

@@ -115,7 +115,9 @@ async fn pipeline(
         codec,
         stage_metrics()?,
         Runnable::operator(move |_| operator.clone(), spec),
-    )?;
+        Some(output),
+    )
+    .await?;
     let written = stage
         .metrics
         .records_out

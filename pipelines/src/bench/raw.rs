@@ -81,6 +81,18 @@ fn pipe(
         ),
         None => None,
     };
+    if let (Some(producer), Some(output)) = (&producer, output) {
+        // As a long-running pipe's would, the producer has its producer id before the clock
+        // starts (see `Producers::warm_up`).
+        producer
+            .send(
+                BaseRecord::<'_, str, [u8]>::to(output)
+                    .key(kafka::WARM_UP_KEY)
+                    .payload(&[]),
+            )
+            .map_err(|(error, _)| error)?;
+        producer.flush(Duration::from_secs(10))?;
+    }
     let (mut started, mut last_record, mut last_report) = (None, Instant::now(), Instant::now());
     let mut done = 0u64;
     while done < total {

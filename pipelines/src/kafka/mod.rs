@@ -191,7 +191,28 @@ impl Producers {
             ProducerProfile::Throughput => &self.throughput,
         }
     }
+
+    /// Sends one empty record keyed `sluice-warm-up` to `topic` through each producer and
+    /// waits for the acknowledgements. A new idempotent producer first obtains its producer id
+    /// from the broker, and the records it is given meanwhile wait (up to half a second on the
+    /// local broker); a benchmark warms its producers so that its clock does not measure that.
+    pub async fn warm_up(&self, topic: &str) -> Result<()> {
+        for producer in [&self.latency, &self.throughput] {
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
+                        .key(WARM_UP_KEY)
+                        .payload(&[]),
+                    Duration::from_secs(10),
+                )
+                .await?;
+        }
+        Ok(())
+    }
 }
+
+/// The key of the records [`Producers::warm_up`] sends.
+pub const WARM_UP_KEY: &str = "sluice-warm-up";
 
 /// How much one fetch may bring back per partition: large enough that a consumer catching up
 /// reads big runs of records per round trip.

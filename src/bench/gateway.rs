@@ -310,11 +310,14 @@ async fn measure(
     let broker_pid = find_process(&options.broker_process);
     let idle = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
+    let (sluice_idle, broker_idle) = (idle.0.percent(), idle.1.percent());
+    let one_decimal = |p: Option<f64>| p.map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"));
     println!(
-        "idle for {} s: sluice {} of a core, broker {}",
+        "idle for {} s: sluice {} of a core, broker {}, together {} (goal: under 5%)",
         options.idle_seconds,
-        percent(idle.0.percent()),
-        percent(idle.1.percent())
+        one_decimal(sluice_idle),
+        one_decimal(broker_idle),
+        one_decimal(sluice_idle.map(|s| s + broker_idle.unwrap_or(0.0))),
     );
 
     let direct = Target {

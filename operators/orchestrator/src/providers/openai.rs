@@ -4,7 +4,7 @@
 //! Token counts are the upstream's own (`usage` in the last chunk). An upstream that reports no
 //! usage is billed by Sluice's token counter over the text it sent, and the log says so.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use bytes::Bytes;
 use futures::{stream, StreamExt};
@@ -125,28 +125,25 @@ impl OpenAiProvider {
                         });
                         continue;
                     }
-                    let value: Value = serde_json::from_str(&data).map_err(|e| {
+                    let chunk: StreamChunk<'_> = serde_json::from_str(&data).map_err(|e| {
                         ProviderError::upstream(format!("upstream sent invalid JSON: {e}"))
                     })?;
-                    if let Some(error) = value.get("error") {
+                    if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
                         return Err(ProviderError::upstream(format!(
                             "upstream error mid-stream: {error}"
                         )));
                     }
-                    if let Some(u) = value.get("usage").filter(|u| !u.is_null()) {
-                        usage = Some((
-                            u["prompt_tokens"].as_i64().unwrap_or(0),
-                            u["completion_tokens"].as_i64().unwrap_or(0),
-                        ));
+                    if let Some(u) = chunk.usage {
+                        usage = Some((u.prompt_tokens, u.completion_tokens));
                     }
-                    if let Some(choice) = value["choices"].get(0) {
-                        if let Some(text) = choice["delta"]["content"].as_str() {
+                    if let Some(choice) = chunk.choices.into_iter().flatten().next() {
+                        if let Some(text) = choice.delta.and_then(|d| d.content) {
                             if !text.is_empty() {
-                                out.push(ProviderEvent::Delta(text.to_owned()));
+                                out.push(ProviderEvent::Delta(text.into_owned()));
                             }
                         }
-                        if let Some(reason) = choice["finish_reason"].as_str() {
-                            finish_reason = Some(reason.to_owned());
+                        if let Some(reason) = choice.finish_reason {
+                            finish_reason = Some(reason.into_owned());
                         }
                     }
                 }
@@ -162,10 +159,48 @@ impl OpenAiProvider {
     }
 }
 
-/// Splits a server-sent-event byte stream into the `data` payloads of its events.
+/// One `chat.completion.chunk` of a streamed reply: only the fields Sluice reads.
+#[derive(Deserialize)]
+struct StreamChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<ChunkDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: i64,
+    #[serde(default)]
+    completion_tokens: i64,
+}
+
+/// Splits a server-sent-event byte stream into the `data` payloads of its events, in one pass
+/// over the bytes whatever the chunking: lines end in LF, CRLF or CR (as the specification
+/// allows), a blank line ends an event, comments and fields other than `data` are skipped.
 #[derive(Default)]
 pub struct SseDecoder {
+    /// Bytes of a line not yet complete.
     buffer: Vec<u8>,
+    /// The data lines of the event being read, joined by LF.
+    data: Option<String>,
 }
 
 impl SseDecoder {
@@ -173,33 +208,50 @@ impl SseDecoder {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
-        while let Some(end) = find_event_end(&self.buffer) {
-            let (raw, sep) = end;
-            let event: Vec<u8> = self.buffer.drain(..raw + sep).collect();
-            let text = String::from_utf8_lossy(&event[..raw]);
-            let data: Vec<&str> = text
-                .lines()
-                .filter_map(|line| line.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() {
-                events.push(data.join("\n"));
+        let mut start = 0;
+        while let Some(found) = self.buffer[start..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'\r')
+        {
+            let end = start + found;
+            let ending = if self.buffer[end] == b'\r' {
+                match self.buffer.get(end + 1) {
+                    // A CR last in the buffer may be the first half of a CRLF: wait for more.
+                    None => break,
+                    Some(b'\n') => 2,
+                    Some(_) => 1,
+                }
+            } else {
+                1
+            };
+            let line = &self.buffer[start..end];
+            start = end + ending;
+            if line.is_empty() {
+                // An event whose data is empty is not dispatched, as in the specification.
+                events.extend(self.data.take().filter(|data| !data.is_empty()));
+                continue;
+            }
+            let (field, value) = match line.iter().position(|&b| b == b':') {
+                Some(0) => continue, // a comment
+                Some(colon) => {
+                    let value = &line[colon + 1..];
+                    (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                }
+                None => (line, &b""[..]),
+            };
+            if field == b"data" {
+                let value = String::from_utf8_lossy(value);
+                match &mut self.data {
+                    Some(data) => {
+                        data.push('\n');
+                        data.push_str(&value);
+                    }
+                    None => self.data = Some(value.into_owned()),
+                }
             }
         }
+        self.buffer.drain(..start);
         events
-    }
-}
-
-/// Position of the blank line ending the first event, and the separator's length.
-fn find_event_end(buffer: &[u8]) -> Option<(usize, usize)> {
-    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buffer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
     }
 }
 
@@ -219,5 +271,53 @@ mod tests {
             d.push(b": comment\n\nevent: x\r\ndata: y\r\n\r\n"),
             vec!["y"]
         );
+    }
+
+    #[test]
+    fn sse_lines_end_in_lf_crlf_or_cr_whatever_the_chunking() {
+        let stream = b"data: a\r\ndata: b\r\n\r\ndata: c\r\rdata:d\n\n: only a comment\n\n";
+        let whole = SseDecoder::default().push(stream);
+        assert_eq!(whole, vec!["a\nb", "c", "d"]);
+        for split in 0..stream.len() {
+            let mut d = SseDecoder::default();
+            let mut events = d.push(&stream[..split]);
+            events.extend(d.push(&stream[split..]));
+            assert_eq!(events, whole, "split at byte {split}");
+        }
+        let mut d = SseDecoder::default();
+        let byte_by_byte: Vec<String> = stream.iter().flat_map(|b| d.push(&[*b])).collect();
+        assert_eq!(byte_by_byte, whole);
+    }
+
+    #[test]
+    fn a_chunk_reads_content_finish_reason_usage_and_escapes() {
+        let chunk: StreamChunk<'_> = serde_json::from_str(
+            r#"{"choices":[{"delta":{"content":"say \"hi\""},"finish_reason":"stop"}],
+                "usage":{"prompt_tokens":3,"completion_tokens":2},"error":null}"#,
+        )
+        .expect("a valid chunk");
+        assert!(chunk.error.is_none());
+        let usage = chunk.usage.expect("usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 2));
+        let choice = chunk
+            .choices
+            .into_iter()
+            .flatten()
+            .next()
+            .expect("a choice");
+        assert_eq!(choice.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            choice.delta.and_then(|d| d.content).as_deref(),
+            Some("say \"hi\"")
+        );
+        for empty in [
+            r#"{"choices":[]}"#,
+            r#"{"choices":null,"usage":null}"#,
+            "{}",
+        ] {
+            let chunk: StreamChunk<'_> = serde_json::from_str(empty).expect("valid");
+            assert!(chunk.choices.into_iter().flatten().next().is_none());
+            assert!(chunk.usage.is_none());
+        }
     }
 }

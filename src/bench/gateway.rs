@@ -4,9 +4,9 @@
 //! 1. A local OpenAI-compatible upstream starts ([`upstream`](super::upstream)).
 //! 2. One broker hop, produce → consume, is timed with the interactive path's clients: the
 //!    dataflow's three hops (requests → routed → replies) cannot beat three of these.
-//! 3. A full `sluice up` starts as its own process on fresh topics (`bench-<id>.*`), with a
-//!    tenant and a catalogue model pointing at the upstream: edge → requests → router → routed →
-//!    orchestrator → replies → edge, with metering and the SQL pipelines on.
+//! 3. A full `sluice up` starts as its own process on fresh topics (`bench-<id>.*`, deleted at
+//!    the end), with a tenant and a catalogue model pointing at the upstream: edge → requests →
+//!    router → routed → orchestrator → replies → edge, with metering and the SQL pipelines on.
 //! 4. Its CPU with no traffic is measured (and the broker's, when it runs on this machine).
 //! 5. At each concurrency level, the upstream direct and then Sluice get the same closed-loop
 //!    load: requests/s, p50/p99, and Sluice's added latency (tax) at each percentile.
@@ -251,6 +251,20 @@ fn print_level(level: &Level) {
     }
 }
 
+/// Deletes the run's topics, its `sluice up`'s and the hop's, so that repeated runs do not pile
+/// records up in the broker (the local one keeps them in memory). A failure is reported only.
+async fn remove_topics(config: &Config, id: &str, hop_topic: &str) {
+    let mut kafka = config.kafka.clone();
+    kafka.topic_prefix = id.to_owned();
+    let topics = kafka.topics();
+    let mut names = topics.all().to_vec();
+    names.push(hop_topic);
+    match kafka::delete_topics(&kafka, &names).await {
+        Ok(deleted) => eprintln!("deleted {} topic(s) {id}.*", deleted.len()),
+        Err(e) => eprintln!("could not delete the topics {id}.*: {e}"),
+    }
+}
+
 /// Runs the benchmark and prints its report, the summary line last.
 pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()> {
     let id = format!("bench-{}", now_ms());
@@ -291,6 +305,7 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
     };
     models::upsert_model(&admin, &model).await?;
     let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
+    remove_topics(config, &id, &hop_topic).await;
     models::disable_model(&admin, &id).await?;
     tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
     outcome

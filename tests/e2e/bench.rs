@@ -15,6 +15,20 @@ fn last_line_ratio(out: &str) -> f64 {
 }
 
 #[tokio::test]
+async fn a_benchmark_workspace_deletes_its_topics_when_removed() {
+    let kafka = kafka_config();
+    let workspace = sluice_pipelines::bench::Workspace::create(&kafka, &["in", "out"])
+        .await
+        .unwrap();
+    let topics = [workspace.topic("in"), workspace.topic("out")];
+    assert!(topics.iter().all(|t| topic_exists(t)), "{topics:?} created");
+    workspace.remove(&kafka).await;
+    for topic in &topics {
+        assert!(!topic_exists(topic), "{topic} still listed after remove");
+    }
+}
+
+#[tokio::test]
 async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
     let sluice = Sluice::start();
     let args = [

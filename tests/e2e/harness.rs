@@ -588,12 +588,31 @@ pub fn usage_event(request_id: String, tenant: &str) -> sluice_schemas::UsageEve
     }
 }
 
-/// Produces every (key, payload) to `topic` on the local broker and waits for them all.
-pub async fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec<u8>)>) {
-    let kafka = sluice_pipelines::KafkaConfig {
+/// Settings for the local broker, everything else at its default.
+pub fn kafka_config() -> sluice_pipelines::KafkaConfig {
+    sluice_pipelines::KafkaConfig {
         bootstrap: bootstrap(),
         ..Default::default()
-    };
+    }
+}
+
+/// Whether the broker's metadata lists `topic`.
+pub fn topic_exists(topic: &str) -> bool {
+    use rdkafka::consumer::BaseConsumer;
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("metadata client");
+    let metadata = client
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    metadata.topics().iter().any(|t| t.name() == topic)
+}
+
+/// Produces every (key, payload) to `topic` on the local broker and waits for them all.
+pub async fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec<u8>)>) {
+    let kafka = kafka_config();
     sluice_pipelines::kafka::produce_all(&kafka, topic, records.map(Ok))
         .await
         .unwrap();

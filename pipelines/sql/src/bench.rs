@@ -47,8 +47,8 @@ pub struct WindowReport {
     pub peak_held_rows: i64,
 }
 
-/// Runs the benchmark on a fresh topic (`bench-<id>.usage`); rows go to ClickHouse table
-/// `tenant_usage_1m` under tenant ids `bench-<id>-<n>`.
+/// Runs the benchmark on a fresh topic (`bench-<id>.usage`, deleted when it ends); rows go to
+/// ClickHouse table `tenant_usage_1m` under tenant ids `bench-<id>-<n>`.
 pub async fn window(
     kafka: &KafkaConfig,
     codec: Arc<Codec>,
@@ -59,47 +59,54 @@ pub async fn window(
     let workspace = Workspace::create(kafka, &["usage", "dlq"]).await?;
     let (input, dlq) = (workspace.topic("usage"), workspace.topic("dlq"));
     eprintln!("filling {input} with {} usage events...", options.records);
-    fill(kafka, &codec, &input, events(workspace.id(), options)).await?;
-    let mut config = builtin::pipelines().remove(0);
-    config.output = OutputConfig::Clickhouse(TABLE.into());
-    let pipeline =
-        Pipeline::compile::<UsageEvent>(&config).map_err(|e| BenchError::Setup(e.into()))?;
-    let pipeline = Arc::new(pipeline);
-    let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
-    let rows = std::cell::Cell::new(0);
-    let peak = std::cell::Cell::new(0);
-    let comparison = Comparison::run(options.rounds, ("raw", "sql"), |round| {
-        let (workspace, codec, pipeline, output) =
-            (&workspace, codec.clone(), &pipeline, output.clone());
-        let (input, dlq, rows, peak) = (&input, &dlq, &rows, &peak);
-        async move {
-            eprintln!("round {round}: raw librdkafka consume...");
-            let group = workspace.group("raw", round);
-            let raw = raw_path(kafka, input, None, &group, options.records).await?;
-            eprintln!("round {round}: consume -> decode -> window -> DataFusion -> ClickHouse...");
-            let group = workspace.group("sql", round);
-            let (rate, written, held) = sql(
-                kafka,
-                codec,
-                pipeline,
-                output,
-                (input, dlq, &group),
-                options,
-            )
-            .await?;
-            eprintln!("round {round}: {written} rows, at most {held} rows held in windows");
-            rows.set(written);
-            peak.set(held);
-            Ok((raw, rate))
-        }
-    })
-    .await?;
-    Ok(WindowReport {
-        records: options.records,
-        comparison,
-        rows: rows.get(),
-        peak_held_rows: peak.get(),
-    })
+    let outcome: Result<WindowReport> = async {
+        fill(kafka, &codec, &input, events(workspace.id(), options)).await?;
+        let mut config = builtin::pipelines().remove(0);
+        config.output = OutputConfig::Clickhouse(TABLE.into());
+        let pipeline =
+            Pipeline::compile::<UsageEvent>(&config).map_err(|e| BenchError::Setup(e.into()))?;
+        let pipeline = Arc::new(pipeline);
+        let output = Arc::new(Output::clickhouse(clickhouse, TABLE));
+        let rows = std::cell::Cell::new(0);
+        let peak = std::cell::Cell::new(0);
+        let comparison = Comparison::run(options.rounds, ("raw", "sql"), |round| {
+            let (workspace, codec, pipeline, output) =
+                (&workspace, codec.clone(), &pipeline, output.clone());
+            let (input, dlq, rows, peak) = (&input, &dlq, &rows, &peak);
+            async move {
+                eprintln!("round {round}: raw librdkafka consume...");
+                let group = workspace.group("raw", round);
+                let raw = raw_path(kafka, input, None, &group, options.records).await?;
+                eprintln!(
+                    "round {round}: consume -> decode -> window -> DataFusion -> ClickHouse..."
+                );
+                let group = workspace.group("sql", round);
+                let (rate, written, held) = sql(
+                    kafka,
+                    codec,
+                    pipeline,
+                    output,
+                    (input, dlq, &group),
+                    options,
+                )
+                .await?;
+                eprintln!("round {round}: {written} rows, at most {held} rows held in windows");
+                rows.set(written);
+                peak.set(held);
+                Ok((raw, rate))
+            }
+        })
+        .await?;
+        Ok(WindowReport {
+            records: options.records,
+            comparison,
+            rows: rows.get(),
+            peak_held_rows: peak.get(),
+        })
+    }
+    .await;
+    workspace.remove(kafka).await;
+    outcome
 }
 
 /// Usage events of `options.tenants` tenants over `options.minutes` whole minutes ending an

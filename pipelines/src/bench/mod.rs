@@ -62,18 +62,31 @@ pub type Result<T, E = BenchError> = std::result::Result<T, E>;
 /// One benchmark run's fresh topics and groups, all named `bench-<id>.…`.
 pub struct Workspace {
     id: String,
+    topics: Vec<String>,
 }
 
 impl Workspace {
     /// A new workspace; creates the topics `bench-<id>.<suffix>` for each of `suffixes`.
     pub async fn create(kafka: &KafkaConfig, suffixes: &[&str]) -> Result<Self> {
-        let workspace = Self {
+        let mut workspace = Self {
             id: format!("bench-{}", crate::now_ms()),
+            topics: Vec::new(),
         };
-        let topics: Vec<String> = suffixes.iter().map(|s| workspace.topic(s)).collect();
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        workspace.topics = suffixes.iter().map(|s| workspace.topic(s)).collect();
+        let names: Vec<&str> = workspace.topics.iter().map(String::as_str).collect();
         kafka::ensure_topics(kafka, &names).await?;
         Ok(workspace)
+    }
+
+    /// Deletes the workspace's topics, so that repeated runs do not pile records up in the
+    /// broker (the local one keeps them in memory). A failure is reported, not returned: the
+    /// measurements stand.
+    pub async fn remove(self, kafka: &KafkaConfig) {
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        match kafka::delete_topics(kafka, &names).await {
+            Ok(deleted) => eprintln!("deleted {} topic(s) {}.*", deleted.len(), self.id),
+            Err(e) => eprintln!("could not delete the topics {}.*: {e}", self.id),
+        }
     }
 
     /// The workspace's id (`bench-<ms>`), for names outside the broker (tenant ids, say).

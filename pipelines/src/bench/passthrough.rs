@@ -140,7 +140,7 @@ async fn pipeline(
     Ok(options.records as f64 / seconds)
 }
 
-/// Runs the benchmark on fresh topics and deletes nothing (topics are named `bench-<id>.*`).
+/// Runs the benchmark on fresh topics (`bench-<id>.*`), deleted when it ends.
 pub async fn passthrough(
     kafka: &KafkaConfig,
     codec: Arc<Codec>,
@@ -155,26 +155,32 @@ pub async fn passthrough(
         let record = sample(i, options.record_bytes);
         (record.session_id.clone(), record)
     });
-    let record_bytes = fill(kafka, &codec, &input, records).await?;
-    let comparison = Comparison::run(options.rounds, ("raw", "pipeline"), |round| {
-        let (workspace, codec) = (&workspace, codec.clone());
-        let (input, raw_out, pipe_out, dlq) = (&input, &raw_out, &pipe_out, &dlq);
-        async move {
-            eprintln!("round {round}: raw librdkafka consume + produce...");
-            let group = workspace.group("raw", round);
-            let raw = raw_path(kafka, input, Some(raw_out), &group, options.records).await?;
-            eprintln!("round {round}: pipeline consume -> decode -> operator -> encode -> produce -> commit...");
-            let group = workspace.group("pipeline", round);
-            let measured = pipeline(kafka, codec, (input, pipe_out, dlq), &group, options).await?;
-            Ok((raw, measured))
-        }
-    })
-    .await?;
-    Ok(PassthroughReport {
-        records: options.records,
-        record_bytes,
-        comparison,
-    })
+    let outcome: Result<PassthroughReport> = async {
+        let record_bytes = fill(kafka, &codec, &input, records).await?;
+        let comparison = Comparison::run(options.rounds, ("raw", "pipeline"), |round| {
+            let (workspace, codec) = (&workspace, codec.clone());
+            let (input, raw_out, pipe_out, dlq) = (&input, &raw_out, &pipe_out, &dlq);
+            async move {
+                eprintln!("round {round}: raw librdkafka consume + produce...");
+                let group = workspace.group("raw", round);
+                let raw = raw_path(kafka, input, Some(raw_out), &group, options.records).await?;
+                eprintln!("round {round}: pipeline consume -> decode -> operator -> encode -> produce -> commit...");
+                let group = workspace.group("pipeline", round);
+                let measured =
+                    pipeline(kafka, codec, (input, pipe_out, dlq), &group, options).await?;
+                Ok((raw, measured))
+            }
+        })
+        .await?;
+        Ok(PassthroughReport {
+            records: options.records,
+            record_bytes,
+            comparison,
+        })
+    }
+    .await;
+    workspace.remove(kafka).await;
+    outcome
 }
 
 #[cfg(test)]

@@ -313,6 +313,24 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
     Ok(created)
 }
 
+/// Deletes `topics`; topics already gone are fine. Returns the topics that were deleted.
+pub async fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.delete_topics(topics, &options).await?;
+    let mut deleted = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => deleted.push(name),
+            Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => {
+                return Err(Error::Config(format!("cannot delete topic {name}: {code}")));
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 /// Produces every (key, payload) to `topic`, waiting for room when the producer queue is full,
 /// and returns once the broker acknowledged them all (bulk loads: benchmarks, tests).
 pub async fn produce_all(

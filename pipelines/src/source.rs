@@ -16,7 +16,7 @@ use crate::{
     config::Wiring,
     kafka::{self, KafkaConsumer, LagReporter, ProducerProfile},
     ops::Readiness,
-    runtime::{backoff, DeadLetters, StageDeps, LAG_EVERY},
+    runtime::{backoff, DeadLetters, StageDeps, StageSpec, LAG_EVERY},
     Result,
 };
 
@@ -28,6 +28,18 @@ pub(crate) struct SourceTuning {
     pub max_prefetch_kib: Option<u32>,
     /// The producer outputs and dead letters use.
     pub producer: ProducerProfile,
+}
+
+impl SourceTuning {
+    /// An operator's source: as `spec` says, keeping librdkafka's prefetch (capping it cost
+    /// operators a third of their throughput; they bound memory by pausing their partitions).
+    pub fn for_operator(spec: &StageSpec) -> Self {
+        Self {
+            fetch: spec.fetch,
+            max_prefetch_kib: None,
+            producer: spec.producer,
+        }
+    }
 }
 
 /// A stage's consumer, producer, decoder and readiness, opened together and closed together.

@@ -300,17 +300,27 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(new_topics.iter(), &options).await?;
-    let mut created = Vec::new();
+    topics_done(results, RDKafkaErrorCode::TopicAlreadyExists, "create")
+}
+
+/// The topics an admin operation did, `already` (nothing to do) counting as neither done nor
+/// an error.
+fn topics_done(
+    results: Vec<rdkafka::admin::TopicResult>,
+    already: RDKafkaErrorCode,
+    what: &str,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
     for result in results {
         match result {
-            Ok(name) => created.push(name),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(name) => done.push(name),
+            Err((_, code)) if code == already => {}
             Err((name, code)) => {
-                return Err(Error::Config(format!("cannot create topic {name}: {code}")));
+                return Err(Error::Config(format!("cannot {what} topic {name}: {code}")));
             }
         }
     }
-    Ok(created)
+    Ok(done)
 }
 
 /// Deletes `topics`; topics already gone are fine. Returns the topics that were deleted.
@@ -318,17 +328,7 @@ pub async fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.delete_topics(topics, &options).await?;
-    let mut deleted = Vec::new();
-    for result in results {
-        match result {
-            Ok(name) => deleted.push(name),
-            Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((name, code)) => {
-                return Err(Error::Config(format!("cannot delete topic {name}: {code}")));
-            }
-        }
-    }
-    Ok(deleted)
+    topics_done(results, RDKafkaErrorCode::UnknownTopicOrPartition, "delete")
 }
 
 /// Produces every (key, payload) to `topic`, waiting for room when the producer queue is full,

@@ -228,12 +228,7 @@ pub async fn run_keyed<R: RecordOperator>(
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let tuning = SourceTuning {
-        fetch: spec.fetch,
-        max_prefetch_kib: None,
-        producer: spec.producer,
-    };
-    let source = StageSource::open(&spec.wiring, tuning, &deps)?;
+    let source = StageSource::open(&spec.wiring, SourceTuning::for_operator(&spec), &deps)?;
     let stage = spec.wiring.name.clone();
     let metrics = &deps.metrics;
     let shared = Arc::new(Shared {

@@ -93,14 +93,7 @@ pub async fn run_operator<O: Operator>(
     deps: StageDeps,
     cancel: CancellationToken,
 ) -> Result<()> {
-    // Operators keep librdkafka's prefetch (capping it cost a third of their throughput) and
-    // bound memory by pausing their partitions instead.
-    let tuning = SourceTuning {
-        fetch: spec.fetch,
-        max_prefetch_kib: None,
-        producer: spec.producer,
-    };
-    let source = StageSource::open(&spec.wiring, tuning, &deps)?;
+    let source = StageSource::open(&spec.wiring, SourceTuning::for_operator(&spec), &deps)?;
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let consumer_waiting = Arc::new(AtomicBool::new(false));
     let (commits, _) = watch::channel(Vec::<(i32, i64)>::new());

@@ -21,7 +21,10 @@ use std::{
 
 use anyhow::Context;
 use serde_json::json;
-use sluice_pipelines::{bench::hop, kafka, now_ms};
+use sluice_pipelines::{
+    bench::{self, hop},
+    kafka, now_ms,
+};
 use sluice_stores::{
     postgres::{self, models, tenants},
     ModelSpec, ProviderKind,
@@ -252,17 +255,14 @@ fn print_level(level: &Level) {
 }
 
 /// Deletes the run's topics, its `sluice up`'s and the hop's, so that repeated runs do not pile
-/// records up in the broker (the local one keeps them in memory). A failure is reported only.
+/// records up in the broker (the local one keeps them in memory).
 async fn remove_topics(config: &Config, id: &str, hop_topic: &str) {
     let mut kafka = config.kafka.clone();
     kafka.topic_prefix = id.to_owned();
     let topics = kafka.topics();
     let mut names = topics.all().to_vec();
     names.push(hop_topic);
-    match kafka::delete_topics(&kafka, &names).await {
-        Ok(deleted) => eprintln!("deleted {} topic(s) {id}.*", deleted.len()),
-        Err(e) => eprintln!("could not delete the topics {id}.*: {e}"),
-    }
+    bench::remove_topics(&kafka, id, &names).await;
 }
 
 /// Runs the benchmark and prints its report, the summary line last.

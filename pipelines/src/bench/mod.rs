@@ -83,10 +83,7 @@ impl Workspace {
     /// measurements stand.
     pub async fn remove(self, kafka: &KafkaConfig) {
         let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        match kafka::delete_topics(kafka, &names).await {
-            Ok(deleted) => eprintln!("deleted {} topic(s) {}.*", deleted.len(), self.id),
-            Err(e) => eprintln!("could not delete the topics {}.*: {e}", self.id),
-        }
+        remove_topics(kafka, &self.id, &names).await;
     }
 
     /// The workspace's id (`bench-<ms>`), for names outside the broker (tenant ids, say).
@@ -102,6 +99,15 @@ impl Workspace {
     /// A fresh consumer group for `path` in `round`.
     pub fn group(&self, path: &str, round: usize) -> String {
         format!("{}.{path}.{round}", self.id)
+    }
+}
+
+/// Deletes a benchmark run's `topics` (all named `<id>.…`) and says so on stderr; a failure is
+/// reported, not returned: the measurements stand.
+pub async fn remove_topics(kafka: &KafkaConfig, id: &str, topics: &[&str]) {
+    match kafka::delete_topics(kafka, topics).await {
+        Ok(deleted) => eprintln!("deleted {} topic(s) {id}.*", deleted.len()),
+        Err(e) => eprintln!("could not delete the topics {id}.*: {e}"),
     }
 }
 

@@ -279,6 +279,7 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
         upstream.base_url, options.seconds, options.warmup_seconds
     );
 
+    println!("topics: {id}.* (deleted when the run ends)");
     let hop_topic = format!("{id}.hop");
     kafka::ensure_topics(&config.kafka, &[&hop_topic]).await?;
     let hop = hop::hop_latency(&config.kafka, &hop_topic, options.hop_samples).await?;

@@ -131,4 +131,15 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_wit
     assert_eq!(fields[1].0, "p99_tax_ms_c10");
     assert!(fields[1].1.is_finite(), "{out}");
     assert!(out.contains("no level with 10 clients"), "{out}");
+    // Its topics, the hop's and its own sluice up's, are gone once it has reported.
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("topics: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| t.strip_suffix(".*"))
+        .unwrap_or_else(|| panic!("no topics line in {out}"));
+    for suffix in ["hop", "requests", "routed", "replies", "usage", "dlq"] {
+        let topic = format!("{id}.{suffix}");
+        assert!(!topic_exists(&topic), "{topic} left behind: {out}");
+    }
 }

@@ -4,7 +4,7 @@
 //! Token counts are the upstream's own (`usage` in the last chunk). An upstream that reports no
 //! usage is billed by Sluice's token counter over the text it sent, and the log says so.
 
-use std::{borrow::Cow, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{stream, StreamExt};
@@ -125,7 +125,7 @@ impl OpenAiProvider {
                         });
                         continue;
                     }
-                    let chunk: StreamChunk<'_> = serde_json::from_str(&data).map_err(|e| {
+                    let chunk: StreamChunk = serde_json::from_str(&data).map_err(|e| {
                         ProviderError::upstream(format!("upstream sent invalid JSON: {e}"))
                     })?;
                     if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
@@ -139,11 +139,11 @@ impl OpenAiProvider {
                     if let Some(choice) = chunk.choices.into_iter().flatten().next() {
                         if let Some(text) = choice.delta.and_then(|d| d.content) {
                             if !text.is_empty() {
-                                out.push(ProviderEvent::Delta(text.into_owned()));
+                                out.push(ProviderEvent::Delta(text));
                             }
                         }
                         if let Some(reason) = choice.finish_reason {
-                            finish_reason = Some(reason.into_owned());
+                            finish_reason = Some(reason);
                         }
                     }
                 }
@@ -161,9 +161,9 @@ impl OpenAiProvider {
 
 /// One `chat.completion.chunk` of a streamed reply: only the fields Sluice reads.
 #[derive(Deserialize)]
-struct StreamChunk<'a> {
-    #[serde(default, borrow)]
-    choices: Option<Vec<ChunkChoice<'a>>>,
+struct StreamChunk {
+    #[serde(default)]
+    choices: Option<Vec<ChunkChoice>>,
     #[serde(default)]
     usage: Option<ChunkUsage>,
     #[serde(default)]
@@ -171,17 +171,17 @@ struct StreamChunk<'a> {
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<ChunkDelta<'a>>,
-    #[serde(default, borrow)]
-    finish_reason: Option<Cow<'a, str>>,
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<ChunkDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct ChunkDelta<'a> {
-    #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
+struct ChunkDelta {
+    #[serde(default)]
+    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn a_chunk_reads_content_finish_reason_usage_and_escapes() {
-        let chunk: StreamChunk<'_> = serde_json::from_str(
+        let chunk: StreamChunk = serde_json::from_str(
             r#"{"choices":[{"delta":{"content":"say \"hi\""},"finish_reason":"stop"}],
                 "usage":{"prompt_tokens":3,"completion_tokens":2},"error":null}"#,
         )
@@ -315,7 +315,7 @@ mod tests {
             r#"{"choices":null,"usage":null}"#,
             "{}",
         ] {
-            let chunk: StreamChunk<'_> = serde_json::from_str(empty).expect("valid");
+            let chunk: StreamChunk = serde_json::from_str(empty).expect("valid");
             assert!(chunk.choices.into_iter().flatten().next().is_none());
             assert!(chunk.usage.is_none());
         }

@@ -281,34 +281,39 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
 
     println!("topics: {id}.* (deleted when the run ends)");
     let hop_topic = format!("{id}.hop");
-    kafka::ensure_topics(&config.kafka, &[&hop_topic]).await?;
-    let hop = hop::hop_latency(&config.kafka, &hop_topic, options.hop_samples).await?;
-    let three_hops = 3.0 * hop.p50_ms;
-    println!(
-        "one broker hop, produce -> consume ({} samples): p50 {:.2} ms, p99 {:.2} ms; three hops {three_hops:.2} ms",
-        hop.samples, hop.p50_ms, hop.p99_ms
-    );
+    // Whatever step fails, the topics made so far go.
+    let outcome: anyhow::Result<()> = async {
+        kafka::ensure_topics(&config.kafka, &[&hop_topic]).await?;
+        let hop = hop::hop_latency(&config.kafka, &hop_topic, options.hop_samples).await?;
+        let three_hops = 3.0 * hop.p50_ms;
+        println!(
+            "one broker hop, produce -> consume ({} samples): p50 {:.2} ms, p99 {:.2} ms; three hops {three_hops:.2} ms",
+            hop.samples, hop.p50_ms, hop.p99_ms
+        );
 
-    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
-    let (tenant, api_key) = tenants::create_tenant(&admin, &id).await?;
-    let model = ModelSpec {
-        name: id.clone(),
-        provider: ProviderKind::Openai,
-        upstream_model: "bench-upstream".into(),
-        base_url: Some(upstream.base_url.clone()),
-        api_key_env: None,
-        context_window: 8192,
-        // The catalogue is shared with every tenant while the benchmark runs: priced above
-        // anything real, `auto` never routes their requests to this upstream.
-        input_price_micros: BENCH_PRICE_MICROS,
-        output_price_micros: BENCH_PRICE_MICROS,
-        created_at: 0,
-    };
-    models::upsert_model(&admin, &model).await?;
-    let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
+        let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+        let (tenant, api_key) = tenants::create_tenant(&admin, &id).await?;
+        let model = ModelSpec {
+            name: id.clone(),
+            provider: ProviderKind::Openai,
+            upstream_model: "bench-upstream".into(),
+            base_url: Some(upstream.base_url.clone()),
+            api_key_env: None,
+            context_window: 8192,
+            // The catalogue is shared with every tenant while the benchmark runs: priced above
+            // anything real, `auto` never routes their requests to this upstream.
+            input_price_micros: BENCH_PRICE_MICROS,
+            output_price_micros: BENCH_PRICE_MICROS,
+            created_at: 0,
+        };
+        models::upsert_model(&admin, &model).await?;
+        let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
+        models::disable_model(&admin, &id).await?;
+        tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
+        outcome
+    }
+    .await;
     remove_topics(config, &id, &hop_topic).await;
-    models::disable_model(&admin, &id).await?;
-    tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
     outcome
 }
 

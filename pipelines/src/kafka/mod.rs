@@ -520,6 +520,33 @@ impl HoldBack {
         consumer.recv().await.map(|message| message.detach())
     }
 
+    /// Appends to `out`, until it holds `max`, the records that are ready now (as
+    /// [`HoldBack::recv`] would hand them out), without waiting for more. An error the
+    /// consumer reports ends the take; it is logged, as the consume loops do.
+    pub fn take_ready(
+        &mut self,
+        consumer: &KafkaConsumer,
+        max: usize,
+        out: &mut Vec<rdkafka::message::OwnedMessage>,
+    ) {
+        use futures::FutureExt;
+        while out.len() < max {
+            if let Some(message) = self.arrived.pop_front() {
+                out.push(message);
+                continue;
+            }
+            // The consumer's receive is cancel-safe: polled once and dropped, nothing is lost.
+            match consumer.recv().now_or_never() {
+                Some(Ok(message)) => out.push(message.detach()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consume failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+
     /// Runs `work` (downstream making room); if it takes longer than [`PAUSE_AFTER`], pauses
     /// every partition assigned to `consumer` until it is done. Paused, librdkafka stops
     /// fetching and drops what it fetched ahead (so memory stays bounded however long the

@@ -1,6 +1,7 @@
-//! The consume loop: hands each record to its lane, in partition order, waiting while the lane
-//! is full (so a slow lane stops consumption instead of filling memory) and pausing the
-//! partitions if the wait is long (see [`kafka::HoldBack`]).
+//! The consume loop: takes every record the consumer has ready (up to [`MAX_TAKE`]), hands each
+//! lane its share as one chunk, in partition order, waiting while a lane is full (so a slow
+//! lane stops consumption instead of filling memory) and pausing the partitions if the wait is
+//! long (see [`kafka::HoldBack`]).
 
 use std::{
     hash::{Hash, Hasher},
@@ -12,18 +13,23 @@ use std::{
 };
 
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{offsets::OffsetTracker, LaneBy, StageDeps, StageSpec};
+use super::{
+    offsets::OffsetTracker,
+    queue::{LaneSender, TrySend},
+    LaneBy, StageDeps, StageSpec,
+};
 use crate::kafka::{self, KafkaConsumer};
 
-/// The consume loop: hands each record to its lane, waiting while the lane is full (so a
-/// slow lane stops consumption instead of filling memory) and pausing the partitions if the
-/// wait is long (see [`kafka::HoldBack`]).
+/// Most records taken from the consumer in one go.
+pub(super) const MAX_TAKE: usize = 1024;
+
+/// The consume loop: hands the records to their lanes, chunk by chunk, until `cancel` fires
+/// or a lane is gone.
 pub(super) async fn consume(
     consumer: &KafkaConsumer,
-    lanes: &[mpsc::Sender<OwnedMessage>],
+    lanes: &[LaneSender],
     tracker: &Mutex<OffsetTracker>,
     consumer_waiting: &AtomicBool,
     spec: &StageSpec,
@@ -39,43 +45,76 @@ pub(super) async fn consume(
         .lane_full_waits
         .with_label_values(&[&spec.wiring.name]);
     let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
+    let mut taken = Vec::with_capacity(MAX_TAKE);
     loop {
         let received = tokio::select! {
             _ = cancel.cancelled() => break,
             received = hold_back.recv(consumer) => received,
         };
-        let message = match received {
-            Ok(message) => message,
+        match received {
+            Ok(message) => taken.push(message),
             Err(e) => {
                 tracing::warn!(stage = %spec.wiring.name, error = %e, "consume failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-        };
-        records_in.inc();
-        if let Ok(mut t) = tracker.lock() {
-            t.begin(message.partition(), message.offset());
         }
-        let lane = match spec.lane_by {
+        hold_back.take_ready(consumer, MAX_TAKE, &mut taken);
+        records_in.inc_by(taken.len() as u64);
+        if let Ok(mut t) = tracker.lock() {
+            for message in &taken {
+                t.begin(message.partition(), message.offset());
+            }
+        }
+        for (lane, chunk) in split_by_lane(&mut taken, lanes, spec.lane_by) {
+            let chunk = match lanes[lane].try_send(chunk) {
+                Ok(()) => continue,
+                Err(TrySend::Closed) => return,
+                Err(TrySend::Full(chunk)) => chunk,
+            };
+            waiting.inc();
+            consumer_waiting.store(true, Ordering::Relaxed);
+            let stop = tokio::select! {
+                _ = cancel.cancelled() => true,
+                sent = hold_back.hold(consumer, lanes[lane].send(chunk)) => sent.is_err(),
+            };
+            consumer_waiting.store(false, Ordering::Relaxed);
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// Splits `taken` (emptied) into chunks per lane, each in arrival order and no longer than its
+/// lane's queue takes at once.
+fn split_by_lane(
+    taken: &mut Vec<OwnedMessage>,
+    lanes: &[LaneSender],
+    by: LaneBy,
+) -> Vec<(usize, Vec<OwnedMessage>)> {
+    let mut per_lane: Vec<Vec<OwnedMessage>> = Vec::new();
+    per_lane.resize_with(lanes.len(), Vec::new);
+    for message in taken.drain(..) {
+        let lane = match by {
             LaneBy::Key => lane_of(message.key(), message.partition(), lanes.len()),
             LaneBy::Partition => lane_of(None, message.partition(), lanes.len()),
         };
-        let message = match lanes[lane].try_send(message) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => break,
-            Err(mpsc::error::TrySendError::Full(message)) => message,
-        };
-        waiting.inc();
-        consumer_waiting.store(true, Ordering::Relaxed);
-        let stop = tokio::select! {
-            _ = cancel.cancelled() => true,
-            sent = hold_back.hold(consumer, lanes[lane].send(message)) => sent.is_err(),
-        };
-        consumer_waiting.store(false, Ordering::Relaxed);
-        if stop {
-            break;
+        per_lane[lane].push(message);
+    }
+    let mut chunks = Vec::new();
+    for (lane, mut records) in per_lane.into_iter().enumerate() {
+        let most = lanes[lane].capacity();
+        while records.len() > most {
+            let rest = records.split_off(most);
+            chunks.push((lane, records));
+            records = rest;
+        }
+        if !records.is_empty() {
+            chunks.push((lane, records));
         }
     }
+    chunks
 }
 
 fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::{
     acknowledger::{Acknowledger, Unacked},
     backoff,
+    queue::LaneReceiver,
     watermarks::EventTime,
     BatchError, Emitter, Input, Operator, RecordContext, StageDeps, StageSpec,
 };
@@ -74,7 +75,7 @@ impl<O: Operator> Lane<O> {
     /// while earlier outputs are in flight; the acknowledger completes offsets in order.
     pub async fn run(
         mut self,
-        mut rx: mpsc::Receiver<OwnedMessage>,
+        mut rx: LaneReceiver,
         acks: Acknowledger,
         mut commits: Option<watch::Receiver<Vec<(i32, i64)>>>,
     ) {
@@ -158,20 +159,16 @@ impl<O: Operator> Lane<O> {
 
     /// The batch that starts with `first`: whatever else is ready, up to `max_batch`, waiting
     /// up to `linger` for more.
-    async fn collect(
-        &self,
-        first: OwnedMessage,
-        rx: &mut mpsc::Receiver<OwnedMessage>,
-    ) -> Vec<OwnedMessage> {
+    async fn collect(&self, first: OwnedMessage, rx: &mut LaneReceiver) -> Vec<OwnedMessage> {
         let max = self.spec.max_batch.max(1);
         let mut batch = Vec::with_capacity(max.min(256));
         batch.push(first);
         let deadline = tokio::time::Instant::now() + self.spec.linger;
         while batch.len() < max {
             match rx.try_recv() {
-                Ok(message) => batch.push(message),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
+                Ok(Some(message)) => batch.push(message),
+                Err(_) => break,
+                Ok(None) => {
                     if self.spec.linger.is_zero() {
                         break;
                     }

@@ -33,7 +33,7 @@
 //!
 //! # Where things are
 //! [`spec`](StageSpec) (what a stage reads and how), `consume` (the consume loop, records to
-//! lanes), `lane` (one operator instance and its batches), `watermarks` (event time per
+//! lanes in chunks), `queue` (a lane's queue, bounded in records), `lane` (one operator instance and its batches), `watermarks` (event time per
 //! partition), `acknowledger` (outputs acknowledged, offsets completed in order), `offsets`
 //! (the commit position per partition), `emit` (outputs and dead letters), `operator` (the
 //! traits an operator implements).
@@ -45,6 +45,7 @@ mod keyed;
 mod lane;
 mod offsets;
 mod operator;
+mod queue;
 mod spec;
 mod watermarks;
 
@@ -54,8 +55,7 @@ use std::{
 };
 
 use rand::Rng;
-use rdkafka::message::OwnedMessage;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use emit::{DeadLetters, Emitter, Rejected};
@@ -102,7 +102,7 @@ pub async fn run_operator<O: Operator>(
     let mut lanes = Vec::with_capacity(lanes_count);
     let mut workers = tokio::task::JoinSet::new();
     for index in 0..lanes_count {
-        let (tx, rx) = mpsc::channel::<OwnedMessage>(spec.lane_capacity.max(1));
+        let (tx, rx) = queue::lane_queue(spec.lane_capacity);
         lanes.push(tx);
         let lane = Lane {
             operator: make_operator(index),

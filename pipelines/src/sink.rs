@@ -64,7 +64,7 @@ impl SinkSpec {
             wiring,
             max_batch: 1000,
             linger: Duration::from_millis(200),
-            max_prefetch_kib: 16 * 1024,
+            max_prefetch_kib: kafka::PREFETCH_KIB,
         }
     }
 }
@@ -80,7 +80,7 @@ pub async fn run_sink<S: BatchSink>(
 ) -> Result<()> {
     let tuning = SourceTuning {
         fetch: kafka::Fetch::BULK,
-        max_prefetch_kib: Some(spec.max_prefetch_kib),
+        max_prefetch_kib: spec.max_prefetch_kib,
         producer: ProducerProfile::Throughput,
     };
     let source = StageSource::open(&spec.wiring, tuning, &deps)?;

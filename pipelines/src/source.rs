@@ -24,19 +24,18 @@ use crate::{
 pub(crate) struct SourceTuning {
     /// How the consumer fetches.
     pub fetch: kafka::Fetch,
-    /// Cap on what the consumer fetches ahead (librdkafka's 64 MiB if `None`).
-    pub max_prefetch_kib: Option<u32>,
+    /// Cap on what the consumer fetches ahead (KiB).
+    pub max_prefetch_kib: u32,
     /// The producer outputs and dead letters use.
     pub producer: ProducerProfile,
 }
 
 impl SourceTuning {
-    /// An operator's source: as `spec` says, keeping librdkafka's prefetch (capping it cost
-    /// operators a third of their throughput; they bound memory by pausing their partitions).
+    /// An operator's source: as `spec` says, fetching ahead at most [`kafka::PREFETCH_KIB`].
     pub fn for_operator(spec: &StageSpec) -> Self {
         Self {
             fetch: spec.fetch,
-            max_prefetch_kib: None,
+            max_prefetch_kib: kafka::PREFETCH_KIB,
             producer: spec.producer,
         }
     }

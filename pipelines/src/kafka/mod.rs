@@ -226,6 +226,11 @@ const FETCH_PARTITION_BYTES: &str = "4194304";
 /// whatever its speed. Looking again every few milliseconds costs nothing measurable.
 const FETCH_QUEUE_BACKOFF_MS: &str = "5";
 
+/// What a stage's consumer fetches ahead at most, KiB. With the short `fetch.queue.backoff.ms`
+/// every consumer has, this cap costs no measurable throughput (with librdkafka's default of a
+/// second it cost operators a third of theirs).
+pub const PREFETCH_KIB: u32 = 16 * 1024;
+
 /// The settings every consumer shares: the cluster, `group`, and how soon a full prefetch
 /// queue is looked at again.
 fn consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
@@ -251,15 +256,14 @@ pub fn bulk_consumer_config(config: &KafkaConfig, group: &str) -> ClientConfig {
 
 /// A consumer in `group` that only commits offsets the runtime stored.
 /// `fetch` says how long a fetch waits and for how much.
-/// `max_prefetch_kib` caps what is fetched ahead (librdkafka's default, 64 MiB, if `None`):
-/// a smaller cap bounds memory when the consumer stalls, at some cost in throughput (the
-/// passthrough benchmark fell from ~0.65 to ~0.44 of raw with 16 MiB).
+/// `max_prefetch_kib` caps what is fetched ahead (`queued.max.messages.kbytes`), so memory
+/// stays bounded whatever the consumer's pace; [`PREFETCH_KIB`] is what stages use.
 /// Rebalances are logged and, given `metrics`, counted.
 pub fn consumer(
     config: &KafkaConfig,
     group: &str,
     fetch: Fetch,
-    max_prefetch_kib: Option<u32>,
+    max_prefetch_kib: u32,
     metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<KafkaConsumer> {
     let mut client = consumer_config(config, group);
@@ -274,11 +278,8 @@ pub fn consumer(
         .set("fetch.min.bytes", fetch.min_bytes.to_string())
         .set("max.partition.fetch.bytes", FETCH_PARTITION_BYTES)
         .set("enable.partition.eof", "false");
-    if let Some(kib) = max_prefetch_kib {
-        // Bounds what librdkafka holds fetched but unconsumed while the consumer is held back:
-        // with the default (64 MiB) a stalled sink's process grew by ~90 MB.
-        client.set("queued.max.messages.kbytes", kib.to_string());
-    }
+    // librdkafka's default (64 MiB) let a stalled sink's process grow by ~90 MB.
+    client.set("queued.max.messages.kbytes", max_prefetch_kib.to_string());
     Ok(client.create_with_context(StageContext {
         group: group.to_owned(),
         rebalances: metrics.map(|m| m.rebalances.with_label_values(&[group])),

@@ -130,6 +130,42 @@ fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn record(key: &str, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            Some(key.as_bytes().to_vec()),
+            "t".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_take_splits_into_ordered_chunks_no_longer_than_a_lane_takes() {
+        let queues: Vec<_> = (0..4).map(|_| super::super::queue::lane_queue(3)).collect();
+        let lanes: Vec<LaneSender> = queues.into_iter().map(|(tx, _)| tx).collect();
+        let mut taken: Vec<OwnedMessage> = (0..10)
+            .map(|offset| record(if offset % 2 == 0 { "a" } else { "b" }, offset))
+            .collect();
+        let chunks = split_by_lane(&mut taken, &lanes, LaneBy::Key);
+        assert!(taken.is_empty());
+        assert!(chunks.iter().all(|(_, chunk)| chunk.len() <= 3));
+        for key in ["a", "b"] {
+            let lane = lane_of(Some(key.as_bytes()), 0, lanes.len());
+            let offsets: Vec<i64> = chunks
+                .iter()
+                .filter(|(l, _)| *l == lane)
+                .flat_map(|(_, chunk)| chunk.iter())
+                .filter(|m| m.key() == Some(key.as_bytes()))
+                .map(|m| m.offset())
+                .collect();
+            let expected: Vec<i64> = (0..10).filter(|o| (o % 2 == 0) == (key == "a")).collect();
+            assert_eq!(offsets, expected, "key {key} in order, all in its lane");
+        }
+    }
+
     #[test]
     fn one_key_always_maps_to_one_lane() {
         let a = lane_of(Some(b"session-1"), 0, 8);

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, Semaphore, TryAcquireError};
 
 /// Creates a lane's queue holding up to `capacity` records.
 pub(super) fn lane_queue(capacity: usize) -> (LaneSender, LaneReceiver) {
-    let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+    // A chunk takes one permit per record, at most u32::MAX at once.
+    let most = Semaphore::MAX_PERMITS.min(u32::MAX as usize);
+    let capacity = capacity.clamp(1, most);
     let (tx, rx) = mpsc::unbounded_channel();
     let room = Arc::new(Semaphore::new(capacity));
     (

@@ -11,6 +11,11 @@ use sluice_stores::ClickHouse;
 
 use crate::{config::Config, process, BenchCommand};
 
+/// Names the run's topics, deleted when it ended (as `sluice bench gateway` says up front).
+fn print_topics(workspace: &str) {
+    println!("topics: {workspace}.* (deleted when the run ended)");
+}
+
 /// `label: <median> records/s (rounds <slowest>..<fastest>)<extra>`.
 fn print_rate(label: &str, rates: &Summary, extra: &str) {
     println!(
@@ -56,6 +61,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             };
             let codec = process::codec(&config)?;
             let report = passthrough::passthrough(&config.kafka, codec, &options).await?;
+            print_topics(&report.workspace);
             println!(
                 "records: {} of {} bytes, median of {rounds} rounds per path",
                 report.records, report.record_bytes
@@ -90,6 +96,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             let clickhouse = ClickHouse::new(&config.clickhouse);
             let report =
                 sluice_sql::bench::window(&config.kafka, codec, clickhouse, &options).await?;
+            print_topics(&report.workspace);
             println!(
                 "records: {} usage events, {tenants} tenants over {minutes} minutes, median of {rounds} rounds per path",
                 report.records

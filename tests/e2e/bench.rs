@@ -3,6 +3,24 @@
 use crate::harness::*;
 
 /// The `ratio=<x>` every benchmark prints last; positive.
+/// The `<id>` of the `topics: <id>.*` line a benchmark prints.
+fn workspace_of(out: &str) -> &str {
+    out.lines()
+        .find_map(|l| l.strip_prefix("topics: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| t.strip_suffix(".*"))
+        .unwrap_or_else(|| panic!("no topics line in {out}"))
+}
+
+/// Asserts that none of `<id>.<suffix>` is left on the broker.
+fn assert_topics_gone(out: &str, suffixes: &[&str]) {
+    let id = workspace_of(out);
+    for suffix in suffixes {
+        let topic = format!("{id}.{suffix}");
+        assert!(!topic_exists(&topic), "{topic} left behind: {out}");
+    }
+}
+
 fn last_line_ratio(out: &str) -> f64 {
     let last = out.lines().last().unwrap_or_default();
     let ratio: f64 = last
@@ -58,6 +76,7 @@ async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
         (pipeline / raw / ratio - 1.0).abs() < 0.02,
         "ratio is pipeline/raw: {out}"
     );
+    assert_topics_gone(&out, &["in", "raw-out", "pipeline-out", "dlq"]);
 }
 
 #[tokio::test]
@@ -93,6 +112,7 @@ async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
     assert!(count(" rows") >= 20, "{out}");
     // Windows keep aggregate states, not the 3,000 records.
     assert!(count(" rows held in windows") < 500, "{out}");
+    assert_topics_gone(&out, &["usage", "dlq"]);
 }
 
 #[tokio::test]
@@ -132,14 +152,8 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_wit
     assert!(fields[1].1.is_finite(), "{out}");
     assert!(out.contains("no level with 10 clients"), "{out}");
     // Its topics, the hop's and its own sluice up's, are gone once it has reported.
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("topics: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|t| t.strip_suffix(".*"))
-        .unwrap_or_else(|| panic!("no topics line in {out}"));
-    for suffix in ["hop", "requests", "routed", "replies", "usage", "dlq"] {
-        let topic = format!("{id}.{suffix}");
-        assert!(!topic_exists(&topic), "{topic} left behind: {out}");
-    }
+    assert_topics_gone(
+        &out,
+        &["hop", "requests", "routed", "replies", "usage", "dlq"],
+    );
 }

@@ -38,6 +38,8 @@ pub struct WindowOptions {
 /// The measurements: raw consume (the limit) against the SQL stage.
 #[derive(Debug, Clone)]
 pub struct WindowReport {
+    /// The run's workspace id: its topics were `<id>.*`, deleted when it ended.
+    pub workspace: String,
     pub records: u64,
     pub comparison: Comparison,
     /// Window rows the last round wrote.
@@ -59,7 +61,7 @@ pub async fn window(
     let workspace = Workspace::create(kafka, &["usage", "dlq"]).await?;
     let (input, dlq) = (workspace.topic("usage"), workspace.topic("dlq"));
     eprintln!("filling {input} with {} usage events...", options.records);
-    let outcome: Result<WindowReport> = async {
+    let work = async {
         fill(kafka, &codec, &input, events(workspace.id(), options)).await?;
         let mut config = builtin::pipelines().remove(0);
         config.output = OutputConfig::Clickhouse(TABLE.into());
@@ -98,15 +100,14 @@ pub async fn window(
         })
         .await?;
         Ok(WindowReport {
+            workspace: workspace.id().to_owned(),
             records: options.records,
             comparison,
             rows: rows.get(),
             peak_held_rows: peak.get(),
         })
-    }
-    .await;
-    workspace.remove(kafka).await;
-    outcome
+    };
+    workspace.run(kafka, work).await
 }
 
 /// Usage events of `options.tenants` tenants over `options.minutes` whole minutes ending an

@@ -81,9 +81,17 @@ impl Workspace {
     /// Deletes the workspace's topics, so that repeated runs do not pile records up in the
     /// broker (the local one keeps them in memory). A failure is reported, not returned: the
     /// measurements stand.
-    pub async fn remove(self, kafka: &KafkaConfig) {
+    pub async fn remove(&self, kafka: &KafkaConfig) {
         let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         remove_topics(kafka, &self.id, &names).await;
+    }
+
+    /// Runs `work` (a benchmark on this workspace), then [removes](Self::remove) the topics
+    /// whatever its outcome.
+    pub async fn run<T>(&self, kafka: &KafkaConfig, work: impl Future<Output = T>) -> T {
+        let outcome = work.await;
+        self.remove(kafka).await;
+        outcome
     }
 
     /// The workspace's id (`bench-<ms>`), for names outside the broker (tenant ids, say).

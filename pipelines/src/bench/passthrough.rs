@@ -39,6 +39,8 @@ pub struct PassthroughOptions {
 /// The measurements: raw (the limit) against the pipeline.
 #[derive(Debug, Clone)]
 pub struct PassthroughReport {
+    /// The run's workspace id: its topics were `<id>.*`, deleted when it ended.
+    pub workspace: String,
     pub records: u64,
     pub record_bytes: usize,
     pub comparison: Comparison,
@@ -155,7 +157,7 @@ pub async fn passthrough(
         let record = sample(i, options.record_bytes);
         (record.session_id.clone(), record)
     });
-    let outcome: Result<PassthroughReport> = async {
+    let work = async {
         let record_bytes = fill(kafka, &codec, &input, records).await?;
         let comparison = Comparison::run(options.rounds, ("raw", "pipeline"), |round| {
             let (workspace, codec) = (&workspace, codec.clone());
@@ -173,14 +175,13 @@ pub async fn passthrough(
         })
         .await?;
         Ok(PassthroughReport {
+            workspace: workspace.id().to_owned(),
             records: options.records,
             record_bytes,
             comparison,
         })
-    }
-    .await;
-    workspace.remove(kafka).await;
-    outcome
+    };
+    workspace.run(kafka, work).await
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use super::{
 use crate::kafka::{self, KafkaConsumer};
 
 /// Most records taken from the consumer in one go.
-pub(super) const MAX_TAKE: usize = 1024;
+const MAX_TAKE: usize = 1024;
 
 /// The consume loop: hands the records to their lanes, chunk by chunk, until `cancel` fires
 /// or a lane is gone.

@@ -98,7 +98,7 @@ fn split_by_lane(
     for message in taken.drain(..) {
         let lane = match by {
             LaneBy::Key => lane_of(message.key(), message.partition(), lanes.len()),
-            LaneBy::Partition => lane_of(None, message.partition(), lanes.len()),
+            LaneBy::Partition => lane_of_partition(message.partition(), lanes.len()),
         };
         per_lane[lane].push(message);
     }
@@ -115,6 +115,14 @@ fn split_by_lane(
         }
     }
     chunks
+}
+
+/// A partition's lane: partitions are numbered from 0, so taking them in turn spreads them as
+/// evenly as they go (8 partitions over 2 lanes: 4 and 4; hashing the number gave 5 and 3, and
+/// the busier lane held up the consume loop while the other ran dry).
+fn lane_of_partition(partition: i32, lanes: usize) -> usize {
+    let lanes = i64::try_from(lanes.max(1)).unwrap_or(1);
+    usize::try_from(i64::from(partition).rem_euclid(lanes)).unwrap_or(0)
 }
 
 fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {
@@ -163,6 +171,24 @@ mod tests {
                 .collect();
             let expected: Vec<i64> = (0..10).filter(|o| (o % 2 == 0) == (key == "a")).collect();
             assert_eq!(offsets, expected, "key {key} in order, all in its lane");
+        }
+    }
+
+    #[test]
+    fn partitions_are_spread_evenly_over_lanes() {
+        for (partitions, lanes) in [(8, 2), (8, 3), (12, 4), (3, 8)] {
+            let mut per_lane = vec![0; lanes];
+            for partition in 0..partitions {
+                per_lane[lane_of_partition(partition, lanes)] += 1;
+            }
+            let (most, least) = (per_lane.iter().max(), per_lane.iter().min());
+            match partitions as usize >= lanes {
+                true => assert!(
+                    most.zip(least).is_some_and(|(m, l)| m - l <= 1),
+                    "{per_lane:?}"
+                ),
+                false => assert!(per_lane.iter().all(|n| *n <= 1), "{per_lane:?}"),
+            }
         }
     }
 

@@ -117,9 +117,9 @@ fn split_by_lane(
     chunks
 }
 
-/// A partition's lane: partitions are numbered from 0, so taking them in turn spreads them as
-/// evenly as they go (8 partitions over 2 lanes: 4 and 4; hashing the number gave 5 and 3, and
-/// the busier lane held up the consume loop while the other ran dry).
+/// A partition's lane: partitions are numbered from 0, so dealing them in turn spreads them as
+/// evenly as they go (8 partitions over 2 lanes: 4 and 4, where hashing the number gave 5 and 3,
+/// leaving one lane with most of the work whenever lanes are what limits a stage).
 fn lane_of_partition(partition: i32, lanes: usize) -> usize {
     let lanes = i64::try_from(lanes.max(1)).unwrap_or(1);
     usize::try_from(i64::from(partition).rem_euclid(lanes)).unwrap_or(0)

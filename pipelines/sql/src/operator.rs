@@ -4,7 +4,7 @@
 //! Offsets of records a window still holds are not committed.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     marker::PhantomData,
     sync::Arc,
     time::Duration,
@@ -22,6 +22,7 @@ use sluice_schemas::Record;
 use sluice_stores::{ModelCatalog, ModelSpec};
 
 use crate::{
+    output::Written,
     plan::WindowQuery,
     table::{Cell, Row},
     Output, Pipeline, Result,
@@ -51,6 +52,21 @@ struct Arrivals<'a> {
 /// Batches a window keeps before they are merged into one.
 const COMPACT_AFTER: usize = 8;
 
+/// ClickHouse writes a lane lets run while it goes on folding records; the next emission waits
+/// for the oldest to finish. One is enough to keep the lane busy (windows close far apart next
+/// to a write's few milliseconds), and while the store is down or slow, a lane is held up by
+/// its first window that cannot be written: it takes only the records before the next window
+/// closes before it stops taking any (the store's own retries take seconds).
+const MAX_WRITES_IN_FLIGHT: usize = 1;
+
+/// A write of emitted windows that is still running: which windows, with how many records each
+/// had when emitted. They count as emitted (and can be let go) only once it succeeds; until
+/// then they keep their offsets from being committed, like any window not yet written.
+struct InFlight {
+    windows: Vec<((i32, i64), u64)>,
+    task: tokio::task::JoinHandle<Result<usize, ProcessError>>,
+}
+
 /// Runs a [`Pipeline`] over records of type `T`; one instance per lane, lanes by partition.
 pub struct SqlOperator<T> {
     pipeline: Arc<Pipeline>,
@@ -71,6 +87,8 @@ pub struct SqlOperator<T> {
     max_held_rows: usize,
     /// Whether the last write of window rows failed.
     failing: bool,
+    /// ClickHouse writes of emitted windows still running, oldest first.
+    writes: VecDeque<InFlight>,
     late: prometheus::IntCounter,
     held: prometheus::IntGauge,
     failed_windows: prometheus::IntCounter,
@@ -103,6 +121,7 @@ impl<T> SqlOperator<T> {
             held_rows: 0,
             max_held_rows: DEFAULT_MAX_HELD_ROWS,
             failing: false,
+            writes: VecDeque::new(),
             _record: PhantomData,
         }
     }
@@ -222,9 +241,57 @@ impl<T> SqlOperator<T> {
     /// Emits every closed window of `partition` that has records not yet emitted, then forgets
     /// the windows past their lateness.
     async fn emit(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
+        let finished = self.finish_writes(false).await;
         let result = self.emit_due(partition, out).await;
-        self.failing = result.is_err();
-        result
+        if result.is_err() {
+            self.failing = true;
+        }
+        finished.and(result)
+    }
+
+    /// Takes in the writes that finished (all of them, waiting, when `all`; the oldest, waiting,
+    /// while more than [`MAX_WRITES_IN_FLIGHT`] run): the windows of a write that succeeded
+    /// count as emitted; those of one that failed are written again on the next emission. The
+    /// error of the last failed write is returned, to be logged where the hooks' errors are.
+    async fn finish_writes(&mut self, all: bool) -> Result<(), ProcessError> {
+        let mut failure = None;
+        while let Some(oldest) = self.writes.front() {
+            let wait = all || self.writes.len() > MAX_WRITES_IN_FLIGHT;
+            if !wait && !oldest.task.is_finished() {
+                break;
+            }
+            let Some(write) = self.writes.pop_front() else {
+                break;
+            };
+            let result = match write.task.await {
+                Ok(result) => result,
+                Err(e) => Err(ProcessError::Retriable(format!(
+                    "a window write stopped: {e}"
+                ))),
+            };
+            match result {
+                Ok(_) => {
+                    for (key, records) in write.windows {
+                        if let Some(w) = self.windows.get_mut(&key) {
+                            w.emitted = Some(records);
+                        }
+                    }
+                    self.failing = false;
+                }
+                Err(e) => {
+                    self.failing = true;
+                    failure = Some(e);
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Whether a write of the window `key` is still running.
+    fn writing(&self, key: &(i32, i64)) -> bool {
+        self.writes
+            .iter()
+            .any(|w| w.windows.iter().any(|(k, _)| k == key))
     }
 
     async fn emit_due(&mut self, partition: i32, out: &mut Emitter) -> Result<(), ProcessError> {
@@ -235,8 +302,10 @@ impl<T> SqlOperator<T> {
         let due: Vec<(i32, i64)> = self
             .windows
             .range((partition, i64::MIN)..=(partition, i64::MAX))
-            .filter(|((_, start), w)| {
-                start.saturating_add(size) <= watermark && w.emitted != Some(w.records)
+            .filter(|(key, w)| {
+                key.1.saturating_add(size) <= watermark
+                    && w.emitted != Some(w.records)
+                    && !self.writing(key)
             })
             .map(|(key, _)| *key)
             .collect();
@@ -256,14 +325,41 @@ impl<T> SqlOperator<T> {
                     results
                 }
             };
-            let written = self
+            let emitted: Vec<((i32, i64), u64)> = due
+                .iter()
+                .filter_map(|key| self.windows.get(key).map(|w| (*key, w.records)))
+                .collect();
+            match self
                 .output
                 .write(&self.pipeline, partition, &results, out)
-                .await?;
-            self.rows_out.inc_by(written as u64);
-            for key in &due {
-                if let Some(w) = self.windows.get_mut(key) {
-                    w.emitted = Some(w.records);
+                .await?
+            {
+                Written::Done(rows) => {
+                    self.rows_out.inc_by(rows as u64);
+                    for (key, records) in emitted {
+                        if let Some(w) = self.windows.get_mut(&key) {
+                            w.emitted = Some(records);
+                        }
+                    }
+                    self.failing = false;
+                }
+                Written::Pending(write) => {
+                    // Rows are counted as written when the store has them, not when the lane
+                    // next looks.
+                    let rows_out = self.rows_out.clone();
+                    let task = tokio::spawn(async move {
+                        let written = write.await;
+                        if let Ok(rows) = &written {
+                            rows_out.inc_by(*rows as u64);
+                        }
+                        written
+                    });
+                    self.writes.push_back(InFlight {
+                        windows: emitted,
+                        task,
+                    });
+                    // Past the limit, wait for the oldest: the lane slows down with the store.
+                    self.finish_writes(false).await?;
                 }
             }
         }
@@ -426,8 +522,12 @@ impl<T: Record> Operator for SqlOperator<T> {
                 failure = Some(e);
             }
         }
-        self.failing = failure.is_some();
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Window writes still running finish before the stage's last commit.
+    async fn on_close(&mut self, _out: &mut Emitter) -> Result<(), ProcessError> {
+        self.finish_writes(true).await
     }
 
     fn saturated(&self) -> bool {
@@ -938,14 +1038,58 @@ mod tests {
         let mut operator = operator_writing_to(config, output);
         let mut out = idle_emitter();
         operator.process(&batch, &mut out).await.unwrap();
-        assert!(operator.on_watermark(0, 200_000, &mut out).await.is_err());
+        // The write goes out on its own and fails; the next hooks write the window again.
+        let _ = operator.on_watermark(0, 200_000, &mut out).await;
+        assert!(operator.finish_writes(true).await.is_err());
         for _ in 0..3 {
-            assert!(operator.on_tick(&mut out).await.is_err());
+            let _ = operator.on_tick(&mut out).await;
+            assert!(operator.finish_writes(true).await.is_err());
+            assert!(operator.failing);
         }
         assert_eq!(operator.failed_windows.get(), 1);
-        // The window that can be computed waits for the next try; the other one is done.
+        // The window that can be computed waits for the next try, holding its offsets; the
+        // other one is done and let go.
         assert_eq!(operator.windows[&(0, 60_000)].emitted, None);
-        assert_eq!(operator.windows[&(0, 0)].emitted, Some(1));
+        assert!(!operator.windows.contains_key(&(0, 0)));
+        let first = operator.windows[&(0, 60_000)].first_offset;
+        assert_eq!(operator.retained(), vec![(0, first)]);
+    }
+
+    #[tokio::test]
+    async fn a_window_being_written_holds_its_offsets_and_is_not_written_twice() {
+        // A store that takes connections and never answers: the write stays in flight.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let store = sluice_stores::ClickHouseConfig {
+            url: format!("http://{address}"),
+            ..Default::default()
+        };
+        let output = Output::clickhouse(sluice_stores::ClickHouse::new(&store), "unused");
+        let mut operator = operator_writing_to(builtin::pipelines().remove(0), output);
+        let mut out = idle_emitter();
+        let batch: Vec<Input<Row<UsageEvent>>> = (0..3)
+            .map(|i| input(usage("a", "m", 1, 1, 60_000 + i, 1), 0, 5 + i))
+            .collect();
+        operator.process(&batch, &mut out).await.unwrap();
+        // The watermark closes the window: its write goes out and the lane goes on at once.
+        operator.on_watermark(0, 200_000, &mut out).await.unwrap();
+        assert_eq!(operator.writes.len(), 1);
+        for _ in 0..3 {
+            operator.on_tick(&mut out).await.unwrap();
+        }
+        assert_eq!(
+            operator.writes.len(),
+            1,
+            "a window being written is not written again"
+        );
+        assert_eq!(operator.windows[&(0, 60_000)].emitted, None);
+        assert_eq!(operator.retained(), vec![(0, 5)]);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! through the stores' one writer, window bounds as UTC `DateTime`s) or a topic of
 //! `WindowResult` records.
 
+use std::{future::Future, pin::Pin};
+
 use datafusion::arrow::array::RecordBatch;
 use serde_json::{Map, Value};
 use sluice_pipelines::{Emitter, ProcessError};
@@ -34,28 +36,28 @@ impl Output {
     }
 
     /// Writes `results` (rows of windows of source `partition`); returns the rows written.
-    /// ClickHouse writes are done when this returns; topic writes are queued on `out`, whose
-    /// acknowledgements the runtime awaits before committing.
+    /// ClickHouse writes are handed back as a [`Write`] to run on its own, so the lane goes on
+    /// folding records meanwhile; topic writes are queued on `out`, whose acknowledgements the
+    /// runtime awaits before committing.
     pub(crate) async fn write(
         &self,
         pipeline: &Pipeline,
         partition: i32,
         results: &[RecordBatch],
         out: &mut Emitter,
-    ) -> Result<usize, ProcessError> {
+    ) -> Result<Written, ProcessError> {
         let mut rows = Vec::new();
         for batch in results {
             rows.extend(json_rows(batch).map_err(|e| ProcessError::Poison(e.to_string()))?);
         }
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Written::Done(0));
         }
         let size = pipeline.query.window.size_ms();
         match self {
             Output::ClickHouse { clickhouse, table } => {
                 let table_rows: Vec<Map<String, Value>> = rows
-                    .iter()
-                    .cloned()
+                    .into_iter()
                     .map(|mut row| {
                         for bound in ["window_start", "window_end"] {
                             if let Some(ms) = row.get(bound).and_then(Value::as_i64) {
@@ -66,13 +68,17 @@ impl Output {
                         row
                     })
                     .collect();
-                // The store answering is no reason to lose the window: keep it and try again.
-                clickhouse
-                    .insert_json_rows(table, &table_rows)
-                    .await
-                    .map_err(|e| {
-                        ProcessError::Retriable(format!("ClickHouse insert into {table}: {e}"))
-                    })?;
+                let (clickhouse, table) = (clickhouse.clone(), table.clone());
+                Ok(Written::Pending(Box::pin(async move {
+                    // The store failing is no reason to lose the window: it is kept and
+                    // written again.
+                    clickhouse
+                        .insert_json_rows(&table, &table_rows)
+                        .await
+                        .map_err(|e| {
+                            ProcessError::Retriable(format!("ClickHouse insert into {table}: {e}"))
+                        })
+                })))
             }
             Output::Topic { topic } => {
                 for row in &rows {
@@ -96,11 +102,21 @@ impl Output {
                     )
                     .await?;
                 }
+                Ok(Written::Done(rows.len()))
             }
         }
-        Ok(rows.len())
     }
 }
+
+/// What [`Output::write`] did: rows queued (a topic), or a write still to run (ClickHouse),
+/// which yields the rows written.
+pub(crate) enum Written {
+    Done(usize),
+    Pending(Write),
+}
+
+/// A ClickHouse write of window rows, run on its own task.
+pub(crate) type Write = Pin<Box<dyn Future<Output = Result<usize, ProcessError>> + Send>>;
 
 fn int(row: &Map<String, Value>, name: &str) -> i64 {
     row.get(name).and_then(Value::as_i64).unwrap_or(0)

@@ -1053,6 +1053,11 @@ mod tests {
         assert!(!operator.windows.contains_key(&(0, 0)));
         let first = operator.windows[&(0, 60_000)].first_offset;
         assert_eq!(operator.retained(), vec![(0, first)]);
+        // Stopping waits for the write still running, and reports that it failed.
+        let _ = operator.on_tick(&mut out).await;
+        assert_eq!(operator.writes.len(), 1);
+        assert!(operator.on_close(&mut out).await.is_err());
+        assert!(operator.writes.is_empty());
     }
 
     #[tokio::test]

@@ -33,10 +33,10 @@
 //!
 //! # Where things are
 //! [`spec`](StageSpec) (what a stage reads and how), `consume` (the consume loop, records to
-//! lanes in chunks), `queue` (a lane's queue, bounded in records), `lane` (one operator instance and its batches), `watermarks` (event time per
-//! partition), `acknowledger` (outputs acknowledged, offsets completed in order), `offsets`
-//! (the commit position per partition), `emit` (outputs and dead letters), `operator` (the
-//! traits an operator implements).
+//! lanes in chunks), `queue` (a lane's queue, bounded in records), `lane` (one operator
+//! instance and its batches), `watermarks` (event time per partition), `acknowledger` (outputs
+//! acknowledged, offsets completed in order), `offsets` (the commit position per partition),
+//! `emit` (outputs and dead letters), `operator` (the traits an operator implements).
 
 mod acknowledger;
 mod consume;

@@ -15,6 +15,7 @@ CLICKHOUSE_HTTP_PORT="${SLUICE_CLICKHOUSE_HTTP_PORT:-8123}"
 CLICKHOUSE_TCP_PORT="${SLUICE_CLICKHOUSE_TCP_PORT:-19000}"
 PG_HOST="${SLUICE_PG_HOST:-127.0.0.1}"
 PG_PORT="${SLUICE_PG_PORT:-5432}"
+REDIS_PORT="${SLUICE_REDIS_PORT:-6379}"
 EDGE_PORT="${SLUICE_EDGE_PORT:-8080}"
 REGISTRY_PORT="${SLUICE_REGISTRY_PORT:-8081}"
 # memory://tansu/ keeps topics in memory: fast, and light on CPU while consumers poll, but a
@@ -102,7 +103,7 @@ apt_install() {
 install_missing() {
   command -v apt-get >/dev/null || die "this script installs with apt-get (Debian/Ubuntu)"
   apt_install clickhouse-server clickhouse-client gcc g++ make pkg-config libssl-dev zlib1g-dev \
-    postgresql-client curl python3 patch
+    postgresql-client redis-server redis-tools curl python3 patch
   command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
   [ -x "$TANSU" ] || install_tansu
   if ! python3 -c 'import openai' 2>/dev/null; then
@@ -176,6 +177,19 @@ SQL
   fi
 }
 
+redis_ping() { redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
+
+# Redis holds the limits' counters. Machines that run it already keep it; otherwise it runs
+# here without persistence (the monthly budget counters are seeded again from ClickHouse).
+start_redis() {
+  if redis_ping; then return 0; fi
+  say "starting Redis on :$REDIS_PORT"
+  mkdir -p "$STATE/redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$STATE/redis" --logfile "$LOGS/redis.log" --pidfile "$PIDS/redis.pid"
+  wait_for "Redis" 30 redis_ping
+}
+
 clickhouse_ping() { curl -fsS "http://127.0.0.1:$CLICKHOUSE_HTTP_PORT/ping" | grep -q Ok; }
 
 start_clickhouse() {
@@ -245,6 +259,7 @@ export_sluice_env() {
   export SLUICE_CLICKHOUSE__URL="http://127.0.0.1:$CLICKHOUSE_HTTP_PORT"
   export SLUICE_POSTGRES__URL="postgres://sluice_app@$PG_HOST:$PG_PORT/sluice"
   export SLUICE_POSTGRES__ADMIN_URL="postgres://sluice@$PG_HOST:$PG_PORT/sluice"
+  export SLUICE_REDIS__URL="redis://127.0.0.1:$REDIS_PORT"
   export SLUICE_EDGE__LISTEN="127.0.0.1:$EDGE_PORT"
   export SLUICE_REGISTRY__LISTEN="127.0.0.1:$REGISTRY_PORT"
   export SLUICE_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT"
@@ -252,6 +267,7 @@ export_sluice_env() {
 
 start_stack() {
   start_postgres
+  start_redis
   start_clickhouse
   start_broker
 }

@@ -21,6 +21,9 @@ pub enum Error {
     /// ClickHouse failed or refused.
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] ::clickhouse::error::Error),
+    /// Redis (the limits' counters) failed or refused.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
     /// The caller asked for something invalid (a duplicate name, a value out of range).
     #[error("{0}")]
     Invalid(String),
@@ -43,6 +46,7 @@ impl Error {
             Error::Corrupt(_) => Fault::Bug,
             Error::Postgres(e) => postgres_fault(e),
             Error::ClickHouse(e) => clickhouse_fault(e),
+            Error::Redis(e) => redis_fault(e),
         }
     }
 
@@ -86,6 +90,14 @@ fn clickhouse_fault(e: &::clickhouse::error::Error) -> Fault {
         E::Network(_) | E::TimedOut | E::BadResponse(_) => Fault::External,
         E::RowNotFound => Fault::Caller,
         _ => Fault::Bug,
+    }
+}
+
+fn redis_fault(e: &redis::RedisError) -> Fault {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        Fault::External
+    } else {
+        Fault::Bug
     }
 }
 

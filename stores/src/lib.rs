@@ -1,13 +1,16 @@
 //! Sluice's stores: everything that knows a table.
 //!
-//! - [`postgres`]: the control plane. Every migration (tenants, hashed API keys, the model
-//!   catalogue, the schema registry's tables), the row-level-security helper
-//!   ([`postgres::tenant_transaction`]), and the queries over those tables: [`postgres::tenants`],
+//! - [`postgres`]: the control plane. Every migration (tenants, hashed API keys, plans and
+//!   subscriptions, the model catalogue, the schema registry's tables), the row-level-security
+//!   helper ([`postgres::tenant_transaction`]), and the queries over those tables:
+//!   [`postgres::tenants`], [`postgres::keys`] (the key lifecycle and what a key may do),
+//!   [`postgres::plans`],
 //!   [`postgres::models`] (with the in-memory [`ModelCatalog`]), [`postgres::registry`] (the
 //!   schema registry's storage) and [`postgres::claims`] (advisory-lock claims, such as an edge
 //!   instance's replies partition).
 //! - [`clickhouse`]: the facts. Connection settings, the DDL of database `sluice`, the one
 //!   writer every ClickHouse write goes through, and the read queries ([`clickhouse::usage`]).
+//! - [`limits`]: the Redis counters behind rate limits and quotas, shared by every edge.
 //! - [`Error`]: one error type, which says whose fault a failure is and whether a retry can
 //!   help, so the runtime knows what to do with it.
 //!
@@ -15,6 +18,7 @@
 //! read and write the stores through it.
 
 pub mod clickhouse;
+pub mod limits;
 pub mod postgres;
 
 mod error;

@@ -7,7 +7,9 @@
 //! a query that forgets its tenant filter still sees only that tenant's rows.
 
 pub mod claims;
+pub mod keys;
 pub mod models;
+pub mod plans;
 pub mod registry;
 pub mod tenants;
 
@@ -24,11 +26,18 @@ struct Migration {
 }
 
 /// Every migration, oldest first. A migration never changes once released: add a new one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "control_plane",
-    sql: include_str!("../../migrations/0001_control_plane.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "control_plane",
+        sql: include_str!("../../migrations/0001_control_plane.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "plans_and_key_lifecycle",
+        sql: include_str!("../../migrations/0002_plans_and_key_lifecycle.sql"),
+    },
+];
 
 /// Connects a pool to `url`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {

@@ -58,7 +58,7 @@ pub async fn create_tenant(admin: &PgPool, name: &str) -> Result<(Tenant, String
         .await?
         .ok_or_else(|| Error::Invalid(format!("a tenant named {name:?} already exists")))?;
     let tenant = Tenant::from_row(&row)?;
-    let key = insert_api_key(&mut tx, tenant.id, "default").await?;
+    let (key, _) = insert_api_key(&mut tx, tenant.id, "default").await?;
     tx.commit().await?;
     Ok((tenant, key))
 }
@@ -66,25 +66,28 @@ pub async fn create_tenant(admin: &PgPool, name: &str) -> Result<(Tenant, String
 /// Issues another API key for a tenant (owner role).
 pub async fn create_api_key(admin: &PgPool, tenant_id: Uuid, name: &str) -> Result<String> {
     let mut tx = admin.begin().await?;
-    let key = insert_api_key(&mut tx, tenant_id, name).await?;
+    let (key, _) = insert_api_key(&mut tx, tenant_id, name).await?;
     tx.commit().await?;
     Ok(key)
 }
 
-async fn insert_api_key(
+/// Issues a key in `tx`: returns the key (shown once) and its id.
+pub(crate) async fn insert_api_key(
     tx: &mut Transaction<'_, Postgres>,
     tenant_id: Uuid,
     name: &str,
-) -> Result<String> {
+) -> Result<(String, Uuid)> {
     let key = generate_api_key();
-    sqlx::query("INSERT INTO api_keys (tenant_id, key_hash, prefix, name) VALUES ($1, $2, $3, $4)")
-        .bind(tenant_id)
-        .bind(hash_api_key(&key))
-        .bind(&key[..API_KEY_PREFIX.len() + 6])
-        .bind(name)
-        .execute(&mut **tx)
-        .await?;
-    Ok(key)
+    let id = sqlx::query_scalar(
+        "INSERT INTO api_keys (tenant_id, key_hash, prefix, name) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(tenant_id)
+    .bind(hash_api_key(&key))
+    .bind(&key[..API_KEY_PREFIX.len() + 6])
+    .bind(name)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok((key, id))
 }
 
 /// Finds a tenant by name (owner role), for administrative commands.
@@ -94,17 +97,6 @@ pub async fn find_tenant(admin: &PgPool, name: &str) -> Result<Option<Tenant>> {
         .fetch_optional(admin)
         .await?;
     row.as_ref().map(Tenant::from_row).transpose()
-}
-
-/// The tenant an API key belongs to, if the key is valid and not revoked.
-pub async fn authenticate(app: &PgPool, key: &str) -> Result<Option<Uuid>> {
-    if !key.starts_with(API_KEY_PREFIX) {
-        return Ok(None);
-    }
-    Ok(sqlx::query_scalar("SELECT sluice_authenticate($1)")
-        .bind(hash_api_key(key))
-        .fetch_one(app)
-        .await?)
 }
 
 /// The calling tenant's own record, read through row-level security (no tenant filter in the

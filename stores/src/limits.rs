@@ -1,0 +1,539 @@
+//! The shared counters behind rate limits and quotas, in Redis, so a limit holds across every
+//! edge replica: requests and tokens per minute, concurrent requests, and the monthly token
+//! budget, per key and per tenant.
+//!
+//! - **Per minute** limits are token buckets that refill continuously, as OpenAI's do: a
+//!   limit of N a minute admits a burst of N, then one more every 60/N seconds.
+//! - **Concurrent** requests are leases in a sorted set, released when the request ends, and
+//!   expiring on their own if the edge holding one dies.
+//! - The **monthly token budget** is a counter per calendar month (UTC).
+//!
+//! A request is admitted in one round trip ([`Limiter::admit`]): one script checks every
+//! counter and, only if all have room, takes its share from each. Tokens are reserved as an
+//! estimate (prompt plus `max_tokens`) and settled to the real count when the reply is done
+//! ([`Limiter::settle`]), so concurrent requests cannot spend what others have reserved: a
+//! budget is overrun only by what the requests in flight use beyond their estimates.
+//!
+//! Every counter of a request carries its tenant as the Redis hash tag, so one script's keys
+//! are in one slot of a Redis cluster.
+
+use std::time::Duration;
+
+use redis::{aio::ConnectionManager, Script};
+use serde::{Deserialize, Serialize};
+use sqlx::types::Uuid;
+
+use crate::{Error, Result};
+
+/// Where the counters live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key Sluice writes.
+    pub key_prefix: String,
+    /// Longest wait for an answer (milliseconds) before the counters count as down.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "sluice".into(),
+            timeout_ms: 500,
+        }
+    }
+}
+
+/// What a counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    RequestsPerMinute,
+    TokensPerMinute,
+    Concurrent,
+    MonthlyTokens,
+}
+
+impl Kind {
+    fn script_kind(self) -> &'static str {
+        match self {
+            Kind::RequestsPerMinute | Kind::TokensPerMinute => "rate",
+            Kind::Concurrent => "concurrent",
+            Kind::MonthlyTokens => "budget",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Kind::RequestsPerMinute => "rpm",
+            Kind::TokensPerMinute => "tpm",
+            Kind::Concurrent => "concurrent",
+            Kind::MonthlyTokens => "tokens",
+        }
+    }
+
+    /// Whether it counts tokens (and so is settled to the real count).
+    pub fn counts_tokens(self) -> bool {
+        matches!(self, Kind::TokensPerMinute | Kind::MonthlyTokens)
+    }
+}
+
+/// Whose counter it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Holder {
+    Tenant,
+    Key(Uuid),
+}
+
+/// One limit on one holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    pub holder: Holder,
+    pub kind: Kind,
+    pub limit: u64,
+}
+
+/// A calendar month (UTC): the period of a monthly budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Month {
+    /// `YYYY-MM`.
+    pub label: String,
+    /// Its first millisecond, Unix time.
+    pub start_ms: i64,
+    /// The first millisecond of the next month.
+    pub end_ms: i64,
+}
+
+impl Month {
+    /// The month holding `at_ms`.
+    pub fn of(at_ms: i64) -> Self {
+        use chrono::{Datelike, TimeZone, Utc};
+        let at = Utc
+            .timestamp_millis_opt(at_ms)
+            .single()
+            .unwrap_or(chrono::DateTime::UNIX_EPOCH);
+        let (year, month) = (at.year(), at.month());
+        let (next_year, next_month) = if month == 12 {
+            (year + 1, 1)
+        } else {
+            (year, month + 1)
+        };
+        let first = |y: i32, m: u32| {
+            Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                .single()
+                .map_or(0, |t| t.timestamp_millis())
+        };
+        Self {
+            label: format!("{year:04}-{month:02}"),
+            start_ms: first(year, month),
+            end_ms: first(next_year, next_month),
+        }
+    }
+}
+
+/// One request's demand on its counters.
+#[derive(Debug, Clone)]
+pub struct Demand<'a> {
+    pub tenant: Uuid,
+    /// Ends the request's concurrency lease early ([`Limiter::settle`]).
+    pub request_id: &'a str,
+    pub counters: &'a [Counter],
+    /// Tokens reserved: the prompt plus the most the reply may use.
+    pub tokens: u64,
+    /// Longest a concurrency lease lasts if it is never released.
+    pub lease: Duration,
+    pub month: &'a Month,
+}
+
+/// Where a counter stands after an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub counter: Counter,
+    /// What is left (requests, tokens or places).
+    pub remaining: u64,
+    /// Milliseconds until the counter is full again (for a monthly budget: the month's end).
+    pub reset_ms: u64,
+}
+
+/// The answer to a [`Demand`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every counter had room; each has given its share.
+    Admitted(Vec<Standing>),
+    /// `counter` had no room; nothing was taken. `retry_after_ms` is when it will have room
+    /// for this demand if nothing else takes it (`None`: never, the demand is larger than the
+    /// limit itself).
+    Refused {
+        counter: Counter,
+        retry_after_ms: Option<u64>,
+    },
+    /// The month's budget counter is not in Redis (a new month, or Redis lost it): it must be
+    /// seeded with the tokens already used ([`Limiter::seed_month`]) before admitting.
+    Unseeded(Counter),
+}
+
+/// Checks every counter and, only if all have room, takes the demand from each.
+/// KEYS[i]: counter i. ARGV: request id, lease ms, month end ms, then per counter its kind,
+/// limit and cost. Answers {1, remaining, reset, ...} or {0, i, retry ms (-1: never)} or {2, i}.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id, lease, month_end = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {1}
+local levels = {}
+for i = 1, #KEYS do
+  local kind, limit, cost = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  local remaining, reset
+  if kind == 'rate' then
+    local state = redis.call('HMGET', KEYS[i], 'level', 'at')
+    local level = limit
+    if state[1] then
+      level = math.min(limit, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * limit / 60000)
+    end
+    if cost > limit then return {0, i, -1} end
+    if level < cost then return {0, i, math.ceil((cost - level) * 60000 / limit)} end
+    levels[i] = level - cost
+    remaining = level - cost
+    reset = math.ceil((limit - remaining) * 60000 / limit)
+  elseif kind == 'concurrent' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    local open = redis.call('ZCARD', KEYS[i])
+    if open >= limit then
+      local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+      return {0, i, math.max(1, tonumber(first[2]) - now)}
+    end
+    remaining = limit - open - 1
+    reset = 0
+  else
+    local used = redis.call('GET', KEYS[i])
+    if not used then return {2, i} end
+    used = tonumber(used)
+    if cost > limit then return {0, i, -1} end
+    if used + cost > limit then return {0, i, math.max(1, month_end - now)} end
+    remaining = limit - used - cost
+    reset = math.max(0, month_end - now)
+  end
+  out[#out + 1] = math.floor(remaining)
+  out[#out + 1] = reset
+end
+for i = 1, #KEYS do
+  local kind, limit, cost = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  if kind == 'rate' then
+    redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'at', now)
+    redis.call('PEXPIRE', KEYS[i], 61000)
+  elseif kind == 'concurrent' then
+    redis.call('ZADD', KEYS[i], now + lease, id)
+    redis.call('PEXPIRE', KEYS[i], lease + 1000)
+  else
+    redis.call('INCRBY', KEYS[i], cost)
+  end
+end
+return out
+";
+
+/// Settles a request: gives back (or takes more of) the tokens it reserved and ends its
+/// concurrency lease. KEYS[i]: counter i. ARGV: request id, then per counter its kind, limit
+/// and the tokens to take beyond the reservation (negative: give back).
+const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  local kind, limit, delta = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  if kind == 'rate' and delta ~= 0 then
+    local state = redis.call('HMGET', KEYS[i], 'level', 'at')
+    local level = limit
+    if state[1] then
+      level = math.min(limit, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * limit / 60000)
+    end
+    level = math.min(limit, level - delta)
+    redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', now)
+    redis.call('PEXPIRE', KEYS[i], 61000 + math.max(0, math.ceil(-level * 60000 / limit)))
+  elseif kind == 'concurrent' then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  elseif kind == 'budget' and delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('INCRBY', KEYS[i], delta) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+  end
+end
+return 1
+";
+
+/// The counters, in Redis.
+#[derive(Clone)]
+pub struct Limiter {
+    connection: ConnectionManager,
+    prefix: String,
+    admit: Script,
+    settle: Script,
+}
+
+impl Limiter {
+    /// A limiter on the Redis at `config.url`; connects on first use, and again whenever the
+    /// connection is lost.
+    pub fn new(config: &RedisConfig) -> Result<Self> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let timeout = Duration::from_millis(config.timeout_ms.max(1));
+        let connection = client.get_connection_manager_lazy(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1),
+        )?;
+        Ok(Self {
+            connection,
+            prefix: config.key_prefix.clone(),
+            admit: Script::new(ADMIT),
+            settle: Script::new(SETTLE),
+        })
+    }
+
+    /// The Redis key of `counter` for `tenant` (in `month`, for a budget).
+    fn key(&self, tenant: Uuid, counter: &Counter, month: &Month) -> String {
+        let holder = match counter.holder {
+            Holder::Tenant => "tenant".to_owned(),
+            Holder::Key(id) => format!("key:{}", id.simple()),
+        };
+        let kind = counter.kind.suffix();
+        match counter.kind {
+            Kind::MonthlyTokens => format!(
+                "{}:{{{}}}:{holder}:{kind}:{}",
+                self.prefix,
+                tenant.simple(),
+                month.label
+            ),
+            _ => format!("{}:{{{}}}:{holder}:{kind}", self.prefix, tenant.simple()),
+        }
+    }
+
+    /// Admits `demand` if every counter has room for it, taking its share from each.
+    pub async fn admit(&self, demand: &Demand<'_>) -> Result<Verdict> {
+        let mut invocation = self.admit.prepare_invoke();
+        invocation
+            .arg(demand.request_id)
+            .arg(u64::try_from(demand.lease.as_millis()).unwrap_or(u64::MAX))
+            .arg(demand.month.end_ms);
+        for counter in demand.counters {
+            let cost = match counter.kind {
+                Kind::RequestsPerMinute | Kind::Concurrent => 1,
+                Kind::TokensPerMinute | Kind::MonthlyTokens => demand.tokens,
+            };
+            invocation
+                .key(self.key(demand.tenant, counter, demand.month))
+                .arg(counter.kind.script_kind())
+                .arg(counter.limit)
+                .arg(cost);
+        }
+        let mut connection = self.connection.clone();
+        let answer: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+        let counter_at = |i: Option<&i64>| {
+            i.and_then(|i| usize::try_from(*i).ok())
+                .and_then(|i| demand.counters.get(i.checked_sub(1)?))
+                .copied()
+                .ok_or_else(|| Error::Corrupt(format!("limit script answered {answer:?}")))
+        };
+        match answer.first() {
+            Some(1) => Ok(Verdict::Admitted(
+                demand
+                    .counters
+                    .iter()
+                    .zip(answer[1..].chunks(2))
+                    .map(|(counter, pair)| Standing {
+                        counter: *counter,
+                        remaining: pair.first().map_or(0, |r| u64::try_from(*r).unwrap_or(0)),
+                        reset_ms: pair.get(1).map_or(0, |r| u64::try_from(*r).unwrap_or(0)),
+                    })
+                    .collect(),
+            )),
+            Some(0) => Ok(Verdict::Refused {
+                counter: counter_at(answer.get(1))?,
+                retry_after_ms: answer.get(2).and_then(|ms| u64::try_from(*ms).ok()),
+            }),
+            Some(2) => Ok(Verdict::Unseeded(counter_at(answer.get(1))?)),
+            _ => Err(Error::Corrupt(format!("limit script answered {answer:?}"))),
+        }
+    }
+
+    /// Sets `tenant`'s budget counter for `month` to `used` tokens unless it is already there
+    /// (an edge that seeded it first, or admissions since, win).
+    pub async fn seed_month(&self, tenant: Uuid, month: &Month, used: u64) -> Result<()> {
+        let counter = Counter {
+            holder: Holder::Tenant,
+            kind: Kind::MonthlyTokens,
+            limit: 0,
+        };
+        let key = self.key(tenant, &counter, month);
+        // Kept for a month after the month ends, for anyone reading it late.
+        let expire_at_ms = month.end_ms.saturating_add(31 * 86_400_000);
+        let mut connection = self.connection.clone();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(used)
+            .arg("NX")
+            .arg("PXAT")
+            .arg(expire_at_ms)
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Settles a request admitted with `demand`: takes `tokens_beyond` more tokens than it
+    /// reserved (negative: gives the difference back) and ends its concurrency lease.
+    pub async fn settle(&self, demand: &Demand<'_>, tokens_beyond: i64) -> Result<()> {
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.arg(demand.request_id);
+        for counter in demand.counters {
+            let delta = if counter.kind.counts_tokens() {
+                tokens_beyond
+            } else {
+                0
+            };
+            invocation
+                .key(self.key(demand.tenant, counter, demand.month))
+                .arg(counter.kind.script_kind())
+                .arg(counter.limit)
+                .arg(delta);
+        }
+        let mut connection = self.connection.clone();
+        invocation.invoke_async::<i64>(&mut connection).await?;
+        Ok(())
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_run_from_the_first_to_the_first() {
+        // 2026-12-06T16:00:00Z
+        let month = Month::of(1_796_572_800_000);
+        assert_eq!(month.label, "2026-12");
+        assert_eq!(month.start_ms, 1_796_083_200_000);
+        assert_eq!(month.end_ms, 1_798_761_600_000, "2027-01-01");
+        let february = Month::of(1_803_772_800_000); // 2027-02-28
+        assert_eq!(february.label, "2027-02");
+        assert_eq!(february.end_ms - february.start_ms, 28 * 86_400_000);
+    }
+
+    /// A limiter on the local stack's Redis (`SLUICE_REDIS__URL`, as `deploy/local` sets it),
+    /// with keys of a fresh prefix.
+    fn local_limiter() -> Limiter {
+        let url = std::env::var("SLUICE_REDIS__URL").unwrap_or_else(|_| RedisConfig::default().url);
+        Limiter::new(&RedisConfig {
+            url,
+            key_prefix: format!("test-{}", Uuid::new_v4().simple()),
+            timeout_ms: 2000,
+        })
+        .expect("a Redis URL")
+    }
+
+    fn demand<'a>(
+        tenant: Uuid,
+        id: &'a str,
+        counters: &'a [Counter],
+        tokens: u64,
+        month: &'a Month,
+    ) -> Demand<'a> {
+        Demand {
+            tenant,
+            request_id: id,
+            counters,
+            tokens,
+            lease: Duration::from_secs(60),
+            month,
+        }
+    }
+
+    #[tokio::test]
+    async fn counters_admit_until_full_and_settle_gives_back() {
+        let limiter = local_limiter();
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let counters = [
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::RequestsPerMinute,
+                limit: 3,
+            },
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::TokensPerMinute,
+                limit: 100,
+            },
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::Concurrent,
+                limit: 2,
+            },
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::MonthlyTokens,
+                limit: 1000,
+            },
+        ];
+        let first = demand(tenant, "a", &counters, 40, &month);
+        assert_eq!(
+            limiter.admit(&first).await.ok(),
+            Some(Verdict::Unseeded(counters[3])),
+            "a month's budget starts from what was used"
+        );
+        limiter.seed_month(tenant, &month, 100).await.ok();
+        let Ok(Verdict::Admitted(standing)) = limiter.admit(&first).await else {
+            panic!("the first request fits");
+        };
+        assert_eq!(standing[0].remaining, 2);
+        assert_eq!(standing[1].remaining, 60);
+        assert_eq!(standing[2].remaining, 1);
+        assert_eq!(standing[3].remaining, 860);
+        let second = demand(tenant, "b", &counters, 40, &month);
+        assert!(matches!(
+            limiter.admit(&second).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        // Two in flight: the third waits for a place, and nothing was taken from the others.
+        let third = demand(tenant, "c", &counters, 10, &month);
+        assert!(matches!(
+            limiter.admit(&third).await,
+            Ok(Verdict::Refused { counter, .. }) if counter.kind == Kind::Concurrent
+        ));
+        // The first used 5 tokens of the 40 reserved: 35 come back, and its place frees.
+        limiter.settle(&first, 5 - 40).await.ok();
+        let Ok(Verdict::Admitted(standing)) = limiter.admit(&third).await else {
+            panic!("room again");
+        };
+        assert_eq!(standing[0].remaining, 0);
+        assert!(standing[1].remaining >= 45, "{standing:?}");
+        assert_eq!(standing[3].remaining, 1000 - 100 - 5 - 40 - 10);
+        // Requests per minute are spent: the fourth is told when one comes back (20 s).
+        limiter.settle(&second, 0).await.ok();
+        let fourth = demand(tenant, "d", &counters, 1, &month);
+        let Ok(Verdict::Refused {
+            counter,
+            retry_after_ms: Some(ms),
+        }) = limiter.admit(&fourth).await
+        else {
+            panic!("out of requests");
+        };
+        assert_eq!(counter.kind, Kind::RequestsPerMinute);
+        assert!((15_000..=20_000).contains(&ms), "{ms}");
+        // A demand larger than the limit itself never fits.
+        let huge = demand(tenant, "e", &counters[1..2], 101, &month);
+        assert!(matches!(
+            limiter.admit(&huge).await,
+            Ok(Verdict::Refused {
+                retry_after_ms: None,
+                ..
+            })
+        ));
+    }
+}

@@ -1,20 +1,45 @@
-//! The administrative commands: `sluice tenant`, `sluice model` and `sluice dlq`.
+//! The administrative commands: `sluice tenant`, `sluice plan`, `sluice key`, `sluice model`
+//! and `sluice dlq`.
 
 use anyhow::Context;
 use sluice_pipelines::dlq;
 use sluice_stores::{
-    postgres::{self, models, tenants},
+    postgres::{
+        self, keys, models,
+        plans::{self, Limits, LimitsChange},
+        tenants,
+    },
     ModelSpec,
 };
 
-use crate::{config::Config, process, DlqCommand, ModelCommand, TenantCommand};
+use crate::{
+    config::Config, process, DlqCommand, KeyCommand, LimitArg, LimitArgs, ModelCommand,
+    PlanCommand, TenantCommand,
+};
 
 pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
     let (tenant, key, json) = match command {
-        TenantCommand::Create { name, json } => {
+        TenantCommand::Create { name, plan, json } => {
+            if let Some(plan) = &plan {
+                let plans = plans::list_plans(&admin).await?;
+                if !plans.iter().any(|p| &p.name == plan) {
+                    anyhow::bail!("no plan named {plan:?} (see `sluice plan list`)");
+                }
+            }
             let (tenant, key) = tenants::create_tenant(&admin, &name).await?;
+            if let Some(plan) = &plan {
+                plans::subscribe(&admin, tenant.id, plan).await?;
+            }
             (tenant, key, json)
+        }
+        TenantCommand::Plan { name, plan } => {
+            let tenant = tenants::find_tenant(&admin, &name)
+                .await?
+                .with_context(|| format!("no tenant named {name:?}"))?;
+            plans::subscribe(&admin, tenant.id, &plan).await?;
+            println!("tenant {name} is on plan {plan} (in force on every edge at once)");
+            return Ok(());
         }
         TenantCommand::Key { name, json } => {
             let tenant = tenants::find_tenant(&admin, &name)
@@ -33,6 +58,155 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
         println!("tenant  {} ({})", tenant.name, tenant.id);
         println!("api key {key}");
         println!("(the key is shown once; Sluice stores only its hash)");
+    }
+    Ok(())
+}
+
+fn u32_limit(value: Option<u64>) -> anyhow::Result<Option<u32>> {
+    value
+        .map(|v| u32::try_from(v).context("a per-minute or concurrency limit must be below 2^32"))
+        .transpose()
+}
+
+fn models_arg(models: &str) -> Option<Vec<String>> {
+    (models != "none").then(|| {
+        models
+            .split(',')
+            .map(|m| m.trim().to_owned())
+            .filter(|m| !m.is_empty())
+            .collect()
+    })
+}
+
+impl LimitArgs {
+    /// The limits given; those left out are not limited.
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let value = |arg: Option<LimitArg>| arg.and_then(|a| a.0);
+        Ok(Limits {
+            requests_per_minute: u32_limit(value(self.requests_per_minute))?,
+            tokens_per_minute: u32_limit(value(self.tokens_per_minute))?,
+            monthly_tokens: value(self.monthly_tokens),
+            max_concurrent: u32_limit(value(self.max_concurrent))?,
+            allowed_models: self.models.as_deref().and_then(models_arg),
+        })
+    }
+
+    /// The limits given, as a change; those left out stay as they are.
+    fn change(&self) -> anyhow::Result<LimitsChange> {
+        let small = |arg: Option<LimitArg>| arg.map(|a| u32_limit(a.0)).transpose();
+        Ok(LimitsChange {
+            requests_per_minute: small(self.requests_per_minute)?,
+            tokens_per_minute: small(self.tokens_per_minute)?,
+            monthly_tokens: self.monthly_tokens.map(|a| a.0),
+            max_concurrent: small(self.max_concurrent)?,
+            allowed_models: self.models.as_deref().map(models_arg),
+        })
+    }
+}
+
+fn limit_text(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    match command {
+        PlanCommand::Create { name, limits } => {
+            plans::create_plan(&admin, &name, &limits.limits()?).await?;
+            println!("plan {name} created");
+        }
+        PlanCommand::Update { name, limits } => {
+            let plan = plans::update_plan(&admin, &name, &limits.change()?).await?;
+            println!(
+                "plan {name} updated (in force for its {} tenant(s) on every edge at once)",
+                plan.tenants
+            );
+        }
+        PlanCommand::List { json } => {
+            for plan in plans::list_plans(&admin).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&plan)?);
+                    continue;
+                }
+                let l = &plan.limits;
+                println!(
+                    "{:<20} rpm {:>8}  tpm {:>10}  month {:>12}  concurrent {:>6}  models {}  tenants {}",
+                    plan.name,
+                    limit_text(l.requests_per_minute.map(u64::from)),
+                    limit_text(l.tokens_per_minute.map(u64::from)),
+                    limit_text(l.monthly_tokens),
+                    limit_text(l.max_concurrent.map(u64::from)),
+                    l.allowed_models.as_ref().map_or("all".to_owned(), |m| m.join(",")),
+                    plan.tenants
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    match command {
+        KeyCommand::List { tenant, json } => {
+            let found = tenants::find_tenant(&admin, &tenant)
+                .await?
+                .with_context(|| format!("no tenant named {tenant:?}"))?;
+            for key in keys::list_keys(&admin, found.id).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&key)?);
+                } else {
+                    println!(
+                        "{}…  {:<12} {:<8} created {}",
+                        key.prefix,
+                        key.name,
+                        if key.active { "active" } else { "inactive" },
+                        key.created_at_ms
+                    );
+                }
+            }
+        }
+        KeyCommand::Revoke { key } => {
+            let found = keys::find_key(&admin, &key).await?;
+            keys::revoke(&admin, found.id).await?;
+            println!(
+                "key {}… of {} revoked (every edge refuses it within moments)",
+                found.prefix, found.tenant
+            );
+        }
+        KeyCommand::Rotate {
+            key,
+            grace_secs,
+            json,
+        } => {
+            let found = keys::find_key(&admin, &key).await?;
+            let new_key = keys::rotate(&admin, found.id, grace_secs).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "tenant": found.tenant, "api_key": new_key, "old_key_valid_for_secs": grace_secs })
+                );
+            } else {
+                println!("api key {new_key}");
+                println!(
+                    "(shown once; the old key {}… keeps working for {grace_secs} s)",
+                    found.prefix
+                );
+            }
+        }
+        KeyCommand::Limits {
+            key,
+            limits,
+            expires_in_secs,
+        } => {
+            let found = keys::find_key(&admin, &key).await?;
+            let expires_at_ms = expires_in_secs.and_then(|a| a.0).map(|secs| {
+                sluice_pipelines::now_ms()
+                    .saturating_add(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
+            });
+            keys::set_key_limits(&admin, found.id, &limits.limits()?, expires_at_ms).await?;
+            println!("key {}… of {} updated", found.prefix, found.tenant);
+        }
     }
     Ok(())
 }

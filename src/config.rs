@@ -12,7 +12,7 @@ use sluice_pipelines::KafkaConfig;
 use sluice_router::RouterConfig;
 use sluice_schemas::UsageEvent;
 use sluice_sql::{Pipeline, PipelineConfig};
-use sluice_stores::ClickHouseConfig;
+use sluice_stores::{limits::RedisConfig, ClickHouseConfig};
 
 /// Every setting.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -26,6 +26,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// ClickHouse, the facts.
     pub clickhouse: ClickHouseConfig,
+    /// Redis, the counters behind rate limits and quotas that every edge shares.
+    pub redis: RedisConfig,
     /// The HTTP API.
     pub edge: EdgeConfig,
     /// Model choice.

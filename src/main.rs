@@ -68,6 +68,16 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// Manage plans: the limits tenants are subscribed to.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
+    /// Manage API keys: list, revoke, rotate, set a key's own limits.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Manage the model catalogue.
     Model {
         #[command(subcommand)]
@@ -192,15 +202,117 @@ pub(crate) enum TenantCommand {
     /// Create a tenant and print its API key (shown once).
     Create {
         name: String,
+        /// Subscribe it to this plan (default: none, no limits).
+        #[arg(long)]
+        plan: Option<String>,
         /// Print JSON (`{"tenant_id", "name", "api_key"}`) instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Subscribe a tenant to a plan, replacing its current one (takes effect at once; tokens
+    /// used this month still count against the new budget).
+    Plan { name: String, plan: String },
     /// Issue another API key for an existing tenant.
     Key {
         name: String,
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// A limit's value on the command line: a number, or `none` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LimitArg(pub Option<u64>);
+
+impl std::str::FromStr for LimitArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "none" => Ok(Self(None)),
+            n => match n.parse::<u64>() {
+                Ok(0) | Err(_) => Err(format!("{n:?}: give a number from 1, or none")),
+                Ok(n) => Ok(Self(Some(n))),
+            },
+        }
+    }
+}
+
+/// A plan's or a key's limits on the command line; a limit left out is not set (or, with
+/// `plan update`, left as it is).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct LimitArgs {
+    /// Requests a minute (a number, or `none`).
+    #[arg(long)]
+    pub requests_per_minute: Option<LimitArg>,
+    /// Prompt and completion tokens a minute (a number, or `none`).
+    #[arg(long)]
+    pub tokens_per_minute: Option<LimitArg>,
+    /// Tokens a calendar month (UTC) (a number, or `none`).
+    #[arg(long)]
+    pub monthly_tokens: Option<LimitArg>,
+    /// Requests at once (a number, or `none`).
+    #[arg(long)]
+    pub max_concurrent: Option<LimitArg>,
+    /// The models that may be called, comma-separated (or `none` for every model).
+    #[arg(long)]
+    pub models: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PlanCommand {
+    /// Create a plan.
+    Create {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change some of a plan's limits (the others stay); every subscribed tenant gets them at
+    /// once.
+    Update {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List plans and how many tenants each has.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeyCommand {
+    /// List a tenant's keys (prefixes only; the secret is never stored).
+    List {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key at once, on every edge.
+    Revoke {
+        /// The whole key, or its prefix as `key list` shows it.
+        key: String,
+    },
+    /// Issue a replacement key; the old one keeps working for the grace period.
+    Rotate {
+        /// The whole key, or its prefix as `key list` shows it.
+        key: String,
+        /// Seconds the old key stays valid (0: it stops at once).
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a key's own limits (tighter than its plan's) and expiry: exactly those given.
+    Limits {
+        /// The whole key, or its prefix as `key list` shows it.
+        key: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Seconds from now until the key expires (or `none`).
+        #[arg(long)]
+        expires_in_secs: Option<LimitArg>,
     },
 }
 
@@ -282,6 +394,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tenant { command } => admin::tenant(config, command).await,
+        Command::Plan { command } => admin::plan(config, command).await,
+        Command::Key { command } => admin::key(config, command).await,
         Command::Model { command } => admin::model(config, command).await,
         Command::Dlq { command } => admin::dlq(config, command).await,
         Command::Replay {

@@ -251,6 +251,7 @@ impl Process {
             codec,
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
+            limiter: sluice_stores::limits::Limiter::new(&config.redis)?,
         };
         self.readiness.register("edge");
         let edge_config = config.edge.clone();

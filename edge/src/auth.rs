@@ -1,8 +1,12 @@
 //! API-key authentication: `Authorization: Bearer sk-sluice-...`.
 //!
-//! Keys are looked up by their SHA-256 through `sluice_authenticate` (the one function allowed
-//! past row-level security before the tenant is known). Successful lookups are cached for
-//! `auth_cache_secs`, keyed by the hash, so a revoked key stops working within that time.
+//! Keys are looked up by their SHA-256 through `sluice_authorize` (the one function allowed
+//! past row-level security before the tenant is known), which answers with the tenant and what
+//! the key may do (its own limits and its plan's). Answers are cached for `auth_cache_secs`,
+//! and no longer than the key is valid. Every change to a key, a plan or a subscription is
+//! announced by PostgreSQL on `sluice_auth` ([`forget_changes`]), and each edge drops what it
+//! cached at once: a revoked key stops working on every edge within moments of the revocation
+//! (the time a notification takes), and within `auth_cache_secs` even if an edge missed it.
 
 use std::{
     collections::HashMap,
@@ -11,8 +15,12 @@ use std::{
 };
 
 use axum::{extract::FromRequestParts, http::request::Parts};
-use sluice_stores::postgres::tenants;
+use sluice_stores::postgres::{
+    keys::{self, KeyGrant},
+    tenants,
+};
 use sqlx::{types::Uuid, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use crate::{error::ApiError, EdgeState};
 
@@ -20,10 +28,17 @@ use crate::{error::ApiError, EdgeState};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantId(pub Uuid);
 
-/// Caches key-hash → tenant for a short time.
+/// The authenticated caller of a request: its tenant, and what its key may do.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: TenantId,
+    pub grant: Arc<KeyGrant>,
+}
+
+/// Caches key-hash → grant for a short time.
 pub struct AuthCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Uuid, Instant)>>,
+    entries: Mutex<HashMap<String, (Arc<KeyGrant>, Instant)>>,
 }
 
 impl AuthCache {
@@ -35,26 +50,101 @@ impl AuthCache {
         }
     }
 
-    /// The tenant owning `key`, from the cache or PostgreSQL.
-    pub async fn authenticate(&self, pool: &PgPool, key: &str) -> Result<Option<Uuid>, ApiError> {
+    /// What `key` may do, from the cache or PostgreSQL; `None` if it is not valid.
+    pub async fn authorize(
+        &self,
+        pool: &PgPool,
+        key: &str,
+    ) -> Result<Option<Arc<KeyGrant>>, ApiError> {
         let hash = tenants::hash_api_key(key);
         if let Ok(entries) = self.entries.lock() {
-            if let Some((tenant, at)) = entries.get(&hash) {
-                if at.elapsed() < self.ttl {
-                    return Ok(Some(*tenant));
+            if let Some((grant, until)) = entries.get(&hash) {
+                if Instant::now() < *until {
+                    return Ok(Some(grant.clone()));
                 }
             }
         }
-        let tenant = tenants::authenticate(pool, key)
+        let Some(grant) = keys::authorize(pool, key)
             .await
-            .map_err(|e| ApiError::internal("authentication lookup failed", e))?;
-        if let (Some(tenant), Ok(mut entries)) = (tenant, self.entries.lock()) {
+            .map_err(|e| ApiError::internal("authentication lookup failed", e))?
+        else {
+            return Ok(None);
+        };
+        let grant = Arc::new(grant);
+        // Kept no longer than the key is valid (a rotated key's grace, an expiry).
+        let left_valid = grant.valid_until_ms.map(|until| {
+            Duration::from_millis(u64::try_from(until - sluice_pipelines::now_ms()).unwrap_or(0))
+        });
+        let until = Instant::now() + left_valid.map_or(self.ttl, |left| left.min(self.ttl));
+        if let Ok(mut entries) = self.entries.lock() {
             if entries.len() > 100_000 {
-                entries.retain(|_, (_, at)| at.elapsed() < self.ttl);
+                let now = Instant::now();
+                entries.retain(|_, (_, until)| now < *until);
             }
-            entries.insert(hash, (tenant, Instant::now()));
+            entries.insert(hash, (grant.clone(), until));
         }
-        Ok(tenant)
+        Ok(Some(grant))
+    }
+
+    /// Forgets the key with this hash, or every key given [`keys::EVERY_KEY`].
+    pub fn forget(&self, key_hash: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if key_hash == keys::EVERY_KEY {
+                entries.clear();
+            } else {
+                entries.remove(key_hash);
+            }
+        }
+    }
+}
+
+/// Listens on `sluice_auth` until `cancel` fires and makes `cache` forget what changed. When
+/// the connection drops, notifications may have been missed: the whole cache is forgotten.
+pub async fn forget_changes(
+    pool: PgPool,
+    cache: Arc<AuthCache>,
+    changes: prometheus::IntCounter,
+    cancel: CancellationToken,
+) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for key changes; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Err(error) = listener.listen(keys::AUTH_CHANNEL).await {
+            tracing::warn!(%error, "cannot listen for key changes; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything cached before listening may be stale.
+        cache.forget(keys::EVERY_KEY);
+        loop {
+            let received = tokio::select! {
+                _ = cancel.cancelled() => return,
+                received = listener.try_recv() => received,
+            };
+            match received {
+                Ok(Some(notification)) => {
+                    changes.inc();
+                    cache.forget(notification.payload());
+                }
+                Ok(None) => {
+                    tracing::warn!("lost the connection that hears of key changes; forgetting every cached key");
+                    cache.forget(keys::EVERY_KEY);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "listening for key changes failed; forgetting every cached key");
+                    cache.forget(keys::EVERY_KEY);
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -69,16 +159,30 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Resolves a key to its tenant or a 401.
-pub async fn tenant_for_key(state: &EdgeState, key: Option<&str>) -> Result<TenantId, ApiError> {
+/// Resolves a key to its caller or a 401.
+pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Caller, ApiError> {
     let key = key.filter(|k| !k.is_empty()).ok_or_else(|| {
         ApiError::unauthorized(
             "You didn't provide an API key. Provide it in the Authorization header as `Bearer YOUR_KEY`.",
         )
     })?;
-    match state.auth.authenticate(&state.app_pool, key).await? {
-        Some(tenant) => Ok(TenantId(tenant)),
+    match state.auth.authorize(&state.app_pool, key).await? {
+        Some(grant) => Ok(Caller {
+            tenant: TenantId(grant.tenant_id),
+            grant,
+        }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
+    }
+}
+
+impl FromRequestParts<Arc<EdgeState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<EdgeState>,
+    ) -> Result<Self, Self::Rejection> {
+        caller_for_key(state, bearer(parts)).await
     }
 }
 
@@ -89,6 +193,6 @@ impl FromRequestParts<Arc<EdgeState>> for TenantId {
         parts: &mut Parts,
         state: &Arc<EdgeState>,
     ) -> Result<Self, Self::Rejection> {
-        tenant_for_key(state, bearer(parts)).await
+        Ok(caller_for_key(state, bearer(parts)).await?.tenant)
     }
 }

@@ -8,17 +8,18 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     body::{Body, Bytes},
     extract::State,
-    http::{header, HeaderMap, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
 use sluice_pipelines::{now_ms, trace::TraceContext};
-use sluice_schemas::{ChatMessage, ChatRequest, ReplyAddress, ReplyKind};
+use sluice_schemas::{ChatMessage, ChatRequest, ReplyAddress, ReplyChunk, ReplyKind};
 use sluice_stores::AUTO_MODEL;
 
 use crate::{
-    auth::TenantId,
+    auth::Caller,
     error::ApiError,
+    limits::Admission,
     openai::{self, CompletionRequest},
     replies::Subscription,
     stream::{chunk_error, next_chunk, sse_body, ReplyStream},
@@ -30,18 +31,24 @@ pub struct Submitted {
     pub request_id: String,
     pub created: i64,
     pub subscription: Subscription,
+    /// Its hold on the caller's limits, if any limit applies.
+    pub admission: Option<Admission>,
 }
 
-/// Validates the model, sends the request to `sluice.requests` and returns its reply stream.
+/// Validates the model, admits the request against the caller's limits, sends it to
+/// `sluice.requests` and returns its reply stream.
 pub async fn submit(
     state: &EdgeState,
-    tenant: TenantId,
+    caller: &Caller,
     request: &CompletionRequest,
     messages: Vec<ChatMessage>,
     session_id: Option<String>,
     parent_trace: Option<TraceContext>,
 ) -> Result<Submitted, ApiError> {
-    if request.model != AUTO_MODEL && state.catalog.find(&request.model).is_none() {
+    let tenant = caller.tenant;
+    let unknown =
+        state.catalog.find(&request.model).is_none() || !caller.grant.allows(&request.model);
+    if request.model != AUTO_MODEL && unknown {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "model_not_found",
@@ -72,7 +79,17 @@ pub async fn submit(
             partition: state.replies.partition(),
         },
         received_at_ms,
+        allowed_models: caller.grant.allowed_models(),
     };
+    let admission = state
+        .limits
+        .admit(
+            &caller.grant,
+            &request_id,
+            record.prompt_tokens(),
+            max_tokens,
+        )
+        .await?;
     let subscription = state.replies.subscribe(&request_id);
     let trace = parent_trace
         .map(|p| p.child())
@@ -82,29 +99,34 @@ pub async fn submit(
     let mut out =
         sluice_pipelines::Emitter::new(state.producer.clone(), state.codec.clone(), trace);
     let key = record.session_id.clone();
-    out.emit(&state.topics.requests, None, key.as_bytes(), &record)
+    let sent = match out
+        .emit(&state.topics.requests, None, key.as_bytes(), &record)
         .await
-        .map_err(|e| {
-            ApiError::unavailable(format!(
-                "Sluice could not accept the request right now: {e}"
-            ))
-        })?;
-    out.flush().await.map_err(|e| {
-        ApiError::unavailable(format!(
+    {
+        Ok(()) => out.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        // Not on the broker: nothing will be used, so the reservation goes back.
+        if let Some(admission) = admission {
+            admission.settle(0);
+        }
+        return Err(ApiError::unavailable(format!(
             "Sluice could not accept the request right now: {e}"
-        ))
-    })?;
+        )));
+    }
     Ok(Submitted {
         request_id,
         created: received_at_ms / 1000,
         subscription,
+        admission,
     })
 }
 
 /// The handler.
 pub async fn completions(
     State(state): State<Arc<EdgeState>>,
-    tenant: TenantId,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -120,14 +142,24 @@ pub async fn completions(
         .get(sluice_pipelines::trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    let mut submitted = submit(&state, tenant, &request, messages, session, trace).await?;
+    let mut submitted = submit(&state, &caller, &request, messages, session, trace).await?;
     let timeout = Duration::from_secs(state.config.reply_timeout_secs);
+    let mut limit_headers = submitted
+        .admission
+        .as_ref()
+        .map(Admission::headers)
+        .unwrap_or_default();
+    limit_headers.insert(
+        "x-request-id",
+        HeaderValue::from_str(&submitted.request_id)
+            .map_err(|e| ApiError::internal("a request id that is no header value", e))?,
+    );
     // Wait for the first chunk before answering, so a refusal gets its own status code.
     let first = next_chunk(&mut submitted.subscription, timeout).await?;
     if first.kind == ReplyKind::Error {
-        return Err(chunk_error(&first));
+        settle(submitted.admission.take(), &first);
+        return Err(chunk_error(&first).with_headers(limit_headers));
     }
-    let request_id_header = [("x-request-id", submitted.request_id.clone())];
     if request.stream.unwrap_or(false) {
         let include_usage = request
             .stream_options
@@ -141,13 +173,14 @@ pub async fn completions(
             Some(first),
             include_usage,
             timeout,
-        );
-        let response = Response::builder()
+        )
+        .settling(submitted.admission);
+        let mut response = Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
-            .header("x-request-id", request_id_header[0].1.clone())
             .body(sse_body(reply, &state))
             .map_err(|e| ApiError::internal("cannot build the stream response", e))?;
+        response.headers_mut().extend(limit_headers);
         return Ok(response);
     }
     let mut text = String::new();
@@ -155,8 +188,12 @@ pub async fn completions(
     loop {
         match chunk.kind {
             ReplyKind::Delta => text.push_str(&chunk.delta),
-            ReplyKind::Error => return Err(chunk_error(&chunk)),
+            ReplyKind::Error => {
+                settle(submitted.admission.take(), &chunk);
+                return Err(chunk_error(&chunk).with_headers(limit_headers));
+            }
             ReplyKind::Done => {
+                settle(submitted.admission.take(), &chunk);
                 text.push_str(&chunk.delta);
                 let body = openai::completion_json(
                     &submitted.request_id,
@@ -166,10 +203,22 @@ pub async fn completions(
                     chunk.finish_reason.as_deref().unwrap_or("stop"),
                     (chunk.input_tokens, chunk.output_tokens),
                 );
-                return Ok((request_id_header, Json(body)).into_response());
+                return Ok((limit_headers, Json(body)).into_response());
             }
         }
         chunk = next_chunk(&mut submitted.subscription, timeout).await?;
+    }
+}
+
+/// Settles `admission` with the usage of the reply's last chunk: a DONE chunk's tokens, or
+/// nothing for a failed model call.
+pub fn settle(admission: Option<Admission>, last: &ReplyChunk) {
+    if let Some(admission) = admission {
+        let used = match last.kind {
+            ReplyKind::Done => last.input_tokens.saturating_add(last.output_tokens),
+            _ => 0,
+        };
+        admission.settle(u64::try_from(used).unwrap_or(0));
     }
 }
 

@@ -43,6 +43,8 @@ pub struct ApiError {
     pub close_connection: bool,
     /// Seconds after which the client may try again (`Retry-After`).
     pub retry_after_secs: Option<u64>,
+    /// More headers to send (the `x-ratelimit-*` of a 429); boxed, as most errors have none.
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl ApiError {
@@ -55,7 +57,14 @@ impl ApiError {
             code: Some(code.to_owned()),
             close_connection: false,
             retry_after_secs: None,
+            headers: None,
         }
+    }
+
+    /// Sends `headers` with the error.
+    pub fn with_headers(mut self, headers: axum::http::HeaderMap) -> Self {
+        self.headers.get_or_insert_default().extend(headers);
+        self
     }
 
     /// Tells the client to try again after `seconds` (`Retry-After`).
@@ -134,6 +143,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(headers) = self.headers {
+            response.headers_mut().extend(*headers);
+        }
         if self.close_connection {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,

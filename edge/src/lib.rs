@@ -4,6 +4,8 @@
 //!   and their validation in [`openai`], the streaming in [`stream`]).
 //! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
+//! - Authentication by API key, cached and forgotten as soon as a key changes ([`auth`]), and
+//!   rate limits and quotas shared by every edge replica ([`limits`]).
 //! - `/healthz`, `/readyz`, `/metrics`.
 //! - The schema registry's Confluent-compatible REST API, on its own listener ([`registry`]).
 //!
@@ -14,6 +16,7 @@
 pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod limits;
 pub mod openai;
 pub mod registry;
 pub mod replies;
@@ -43,6 +46,7 @@ mod test_support {
                 partition: 0,
             },
             received_at_ms: 0,
+            allowed_models: None,
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct EdgeConfig {
     /// beyond it a request is answered 503 with `Retry-After` at once, so an overloaded edge
     /// sheds instead of queueing callers into seconds of latency.
     pub max_in_flight: usize,
+    /// Rate limits and quotas.
+    pub limits: limits::LimitsConfig,
 }
 
 impl Default for EdgeConfig {
@@ -98,6 +104,7 @@ impl Default for EdgeConfig {
             reply_timeout_secs: 120,
             auth_cache_secs: 30,
             max_in_flight: 2048,
+            limits: limits::LimitsConfig::default(),
         }
     }
 }
@@ -121,6 +128,9 @@ impl EdgeConfig {
         if self.reply_timeout_secs == 0 {
             problems.push("edge.reply_timeout_secs must be at least 1".to_owned());
         }
+        if self.limits.assumed_output_tokens == 0 {
+            problems.push("edge.limits.assumed_output_tokens must be at least 1".to_owned());
+        }
         problems
     }
 }
@@ -136,7 +146,8 @@ pub struct EdgeState {
     pub replies: Arc<ReplyRouter>,
     pub metrics: Arc<Metrics>,
     pub clickhouse: ClickHouse,
-    pub auth: AuthCache,
+    pub auth: Arc<AuthCache>,
+    pub limits: Arc<limits::EdgeLimits>,
     /// Places for chat requests in flight (`edge.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -152,6 +163,8 @@ pub struct EdgeDeps {
     pub codec: Arc<Codec>,
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
+    /// The limits' shared counters.
+    pub limiter: sluice_stores::limits::Limiter,
 }
 
 /// Runs the edge on `listener` until `cancel` fires: claims a replies partition, starts the
@@ -189,8 +202,25 @@ pub async fn run(
         dispatcher_cancel.clone(),
     ));
 
+    let auth = Arc::new(AuthCache::new(Duration::from_secs(config.auth_cache_secs)));
+    let auth_listener = tokio::spawn(auth::forget_changes(
+        deps.app_pool.clone(),
+        auth.clone(),
+        deps.metrics.auth_changes.clone(),
+        dispatcher_cancel.clone(),
+    ));
+    let clickhouse = ClickHouse::new(&deps.clickhouse);
+    let limits = Arc::new(limits::EdgeLimits::new(
+        deps.limiter,
+        clickhouse.clone(),
+        config.limits.clone(),
+        // A request outlives its reply timeout only if its edge died without settling it.
+        Duration::from_secs(config.reply_timeout_secs.saturating_add(30)),
+        &deps.metrics,
+    ));
     let state = Arc::new(EdgeState {
-        auth: AuthCache::new(Duration::from_secs(config.auth_cache_secs)),
+        auth,
+        limits,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         config,
         app_pool: deps.app_pool,
@@ -200,7 +230,7 @@ pub async fn run(
         topics,
         replies: router,
         metrics: deps.metrics.clone(),
-        clickhouse: ClickHouse::new(&deps.clickhouse),
+        clickhouse,
     });
     let app = app(state, deps.metrics, deps.readiness.clone());
     deps.readiness.set("edge", true);
@@ -209,6 +239,9 @@ pub async fn run(
     dispatcher_cancel.cancel();
     if let Err(e) = dispatcher.await {
         tracing::error!(error = %e, "reply dispatcher failed");
+    }
+    if let Err(e) = auth_listener.await {
+        tracing::error!(error = %e, "the key-change listener failed");
     }
     drop(claim);
     served.map_err(Error::Serve)

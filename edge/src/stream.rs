@@ -14,6 +14,7 @@ use sluice_schemas::{ReplyChunk, ReplyKind};
 
 use crate::{
     error::ApiError,
+    limits::Admission,
     openai::{chunk_json, usage_json},
     replies::Subscription,
     EdgeState,
@@ -125,6 +126,8 @@ pub struct ReplyStream {
     /// A chunk already read (the first, which the handler waits for before answering).
     pending: Option<ReplyChunk>,
     finished: bool,
+    /// The request's hold on its caller's limits, settled by the reply's last chunk.
+    admission: Option<Admission>,
 }
 
 impl ReplyStream {
@@ -144,7 +147,14 @@ impl ReplyStream {
             timeout,
             pending: first,
             finished: false,
+            admission: None,
         }
+    }
+
+    /// Settles `admission` with the reply's usage when its last chunk arrives.
+    pub fn settling(mut self, admission: Option<Admission>) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// The next objects of the reply, or `None` once it has ended (after `Finished` or
@@ -158,7 +168,13 @@ impl ReplyStream {
             None => next_chunk(&mut self.subscription, self.timeout).await,
         };
         let translated = match chunk {
-            Ok(chunk) => self.translator.translate(&chunk),
+            Ok(chunk) => {
+                let translated = self.translator.translate(&chunk);
+                if chunk.kind != ReplyKind::Delta {
+                    crate::chat::settle(self.admission.take(), &chunk);
+                }
+                translated
+            }
             Err(e) => Translated::Failed(e),
         };
         self.finished = !matches!(translated, Translated::More(_));

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{self, TenantId},
+    auth::{self, Caller},
     chat,
     error::ApiError,
     openai,
@@ -55,14 +55,14 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let key = auth::bearer(&parts).map(str::to_owned).or(query.api_key);
-    let tenant = auth::tenant_for_key(&state, key.as_deref()).await?;
+    let caller = auth::caller_for_key(&state, key.as_deref()).await?;
     let max = state.config.max_body_bytes;
     Ok(ws
         .max_message_size(max)
-        .on_upgrade(move |socket| session(state, tenant, socket)))
+        .on_upgrade(move |socket| session(state, caller, socket)))
 }
 
-async fn session(state: Arc<EdgeState>, tenant: TenantId, socket: WebSocket) {
+async fn session(state: Arc<EdgeState>, caller: Caller, socket: WebSocket) {
     let _open = OpenStream::new(&state, "websocket");
     let (mut sink, mut source) = socket.split();
     let (outbox, mut outgoing) = mpsc::channel::<Value>(OUTBOX);
@@ -113,8 +113,9 @@ async fn session(state: Arc<EdgeState>, tenant: TenantId, socket: WebSocket) {
             }
             let state = reader_state.clone();
             let outbox = outbox.clone();
+            let caller = caller.clone();
             requests
-                .spawn(async move { run_request(&state, tenant, text.as_bytes(), &outbox).await });
+                .spawn(async move { run_request(&state, &caller, text.as_bytes(), &outbox).await });
         }
         // Let requests in flight finish writing, then stop the writer.
         while requests.join_next().await.is_some() {}
@@ -126,7 +127,7 @@ async fn session(state: Arc<EdgeState>, tenant: TenantId, socket: WebSocket) {
 
 async fn run_request(
     state: &EdgeState,
-    tenant: TenantId,
+    caller: &Caller,
     body: &[u8],
     outbox: &mpsc::Sender<Value>,
 ) {
@@ -141,7 +142,7 @@ async fn run_request(
     };
     let submitted = match chat::submit(
         state,
-        tenant,
+        caller,
         &request,
         messages,
         request.user.clone(),
@@ -163,7 +164,8 @@ async fn run_request(
         None,
         true,
         Duration::from_secs(state.config.reply_timeout_secs),
-    );
+    )
+    .settling(submitted.admission);
     while let Some(translated) = reply.next().await {
         let objects = match translated {
             Translated::More(objects) | Translated::Finished(objects) => objects,

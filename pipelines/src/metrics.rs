@@ -64,6 +64,12 @@ pub const ORPHAN_REPLIES: &str = "sluice_edge_orphan_replies_total";
 pub const EDGE_SHED: &str = "sluice_edge_shed_total";
 /// Open streams (SSE and WebSocket) on the edge.
 pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
+/// Chat requests refused with 429 for a limit, by the limit's kind, total.
+pub const LIMIT_REFUSALS: &str = "sluice_edge_limit_refusals_total";
+/// Times the limits' counters (Redis) could not be reached, total.
+pub const LIMIT_STORE_ERRORS: &str = "sluice_edge_limit_store_errors_total";
+/// Changes to keys, plans or subscriptions the edge was told of, total.
+pub const AUTH_CHANGES: &str = "sluice_edge_auth_changes_total";
 
 /// The process's metrics.
 pub struct Metrics {
@@ -93,6 +99,9 @@ pub struct Metrics {
     pub orphan_replies: IntCounter,
     pub edge_shed: IntCounter,
     pub open_streams: IntGaugeVec,
+    pub limit_refusals: IntCounterVec,
+    pub limit_store_errors: IntCounter,
+    pub auth_changes: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -214,6 +223,27 @@ impl Metrics {
                 c
             },
             open_streams: gauge(OPEN_STREAMS, "Open SSE and WebSocket streams.", &["kind"])?,
+            limit_refusals: counter(
+                LIMIT_REFUSALS,
+                "Chat requests refused for a limit, by kind.",
+                &["kind"],
+            )?,
+            limit_store_errors: {
+                let c = IntCounter::new(
+                    LIMIT_STORE_ERRORS,
+                    "Times the limits' counters could not be reached.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            auth_changes: {
+                let c = IntCounter::new(
+                    AUTH_CHANGES,
+                    "Key, plan or subscription changes the edge was told of.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry,
         })
     }

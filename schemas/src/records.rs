@@ -108,6 +108,9 @@ pub struct ChatRequest {
     pub stream: bool,
     pub reply_to: ReplyAddress,
     pub received_at_ms: i64,
+    /// The models the caller's key and plan allow (`None`: every enabled model).
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
@@ -291,6 +294,7 @@ mod tests {
                 partition: 3,
             },
             received_at_ms: 1_700_000_000_000,
+            allowed_models: None,
         }
     }
 

@@ -47,6 +47,7 @@ async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
                     partition: 0,
                 },
                 received_at_ms: 0,
+                allowed_models: None,
             };
             let bytes = codec.encode(&request).unwrap();
             bytes[..bytes.len() / 2].to_vec()

@@ -1,5 +1,5 @@
 //! End-to-end suite: every test starts a real `sluice up` against the local stack (tansu,
-//! ClickHouse, PostgreSQL) with its own topics, ports and tenants.
+//! ClickHouse, PostgreSQL, Redis) with its own topics, ports and tenants.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +13,7 @@ mod chat;
 mod conformance;
 mod dlq;
 mod isolation;
+mod limits;
 mod ordering;
 mod registry;
 mod replay;

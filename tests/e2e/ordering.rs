@@ -46,6 +46,7 @@ async fn records_of_one_key_leave_the_router_in_the_order_they_came() {
                     partition: 0,
                 },
                 received_at_ms: 0,
+                allowed_models: None,
             };
             let bytes = codec.encode(&request).unwrap();
             let record = FutureRecord::to(&requests_topic)

@@ -9,6 +9,8 @@
 //!   context window holds the prompt plus `max_tokens` (or [`RouterConfig::assumed_output_tokens`]
 //!   when the caller set none). Ties go to the name that sorts first, so the rule is
 //!   deterministic.
+//! - Either way, only among the models the request's `allowed_models` names, when it names
+//!   any (the caller's key and plan): another is `model_not_found`, as if it did not exist.
 //!
 //! A request the router refuses gets an ERROR reply chunk on its reply address, so the caller
 //! hears why at once; nothing goes to `sluice.routed`.
@@ -84,9 +86,16 @@ pub fn decide(
         reason,
         decided_at_ms: now_ms,
     };
+    let allowed = |m: &&ModelSpec| {
+        request
+            .allowed_models
+            .as_ref()
+            .is_none_or(|names| names.contains(&m.name))
+    };
     if request.model == AUTO {
         return models
             .iter()
+            .filter(allowed)
             .find(|m| i64::from(m.context_window) >= needed)
             .map(|m| {
                 decision(
@@ -107,6 +116,7 @@ pub fn decide(
     }
     let model = models
         .iter()
+        .filter(allowed)
         .find(|m| m.name == request.model)
         .ok_or_else(|| Refusal {
             status: 404,
@@ -232,6 +242,7 @@ mod tests {
                 partition: 0,
             },
             received_at_ms: 0,
+            allowed_models: None,
         }
     }
 
@@ -263,6 +274,22 @@ mod tests {
         let r = decide(&request("small", 90, Some(50)), &catalogue(), &config, 0).unwrap_err();
         assert_eq!(r.code, "context_length_exceeded");
         assert!(decide(&request(AUTO, 1, Some(1)), &[], &config, 0).is_err());
+    }
+
+    #[test]
+    fn a_plans_allowed_models_bound_auto_and_explicit_choices() {
+        let config = RouterConfig::default();
+        let mut only_large = request(AUTO, 10, Some(20));
+        only_large.allowed_models = Some(vec!["large".into()]);
+        let d = decide(&only_large, &catalogue(), &config, 0).unwrap();
+        assert_eq!(
+            d.model, "large",
+            "auto chooses among the allowed models only"
+        );
+        let mut small_named = request("small", 10, Some(20));
+        small_named.allowed_models = Some(vec!["large".into()]);
+        let r = decide(&small_named, &catalogue(), &config, 0).unwrap_err();
+        assert_eq!((r.status, r.code), (404, "model_not_found"));
     }
 
     #[test]

@@ -92,6 +92,7 @@ fn sample(i: u64, record_bytes: usize) -> ChatRequest {
             partition: 0,
         },
         received_at_ms: crate::now_ms(),
+        allowed_models: None,
     }
 }
 

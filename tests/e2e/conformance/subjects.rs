@@ -60,6 +60,7 @@ fn chat_request(world: &World, key: &str, seq: u32) -> ChatRequest {
             partition: 0,
         },
         received_at_ms: sluice_pipelines::now_ms(),
+        allowed_models: None,
     }
 }
 

@@ -1,0 +1,475 @@
+//! Rate limits and quotas at the edge: a chat request is admitted against its key's and its
+//! tenant's counters ([`sluice_stores::limits`], shared by every edge replica) before it goes
+//! on the broker, and settled when its reply is done.
+//!
+//! - Admission reserves the request's tokens as an estimate: the prompt as Sluice counts it,
+//!   plus `max_tokens` (or [`LimitsConfig::assumed_output_tokens`] when the request sets none).
+//! - The reply's real usage settles the reservation: unused tokens go back, tokens beyond the
+//!   estimate are taken. A failed model call gives its reservation back. A caller that goes
+//!   away mid-stream keeps its reservation as spent (the model may have produced it).
+//! - Over a limit: 429 in OpenAI's shape, with `Retry-After` (when the counter will have room
+//!   for this request, if nothing else takes it) and the `x-ratelimit-*` headers, which every
+//!   admitted response carries too.
+//! - A key whose plan and own settings limit nothing never touches the counters.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use sluice_stores::{
+    clickhouse::usage,
+    limits::{Counter, Demand, Holder, Kind, Limiter, Month, Standing, Verdict},
+    postgres::keys::KeyGrant,
+    ClickHouse,
+};
+use sqlx::types::Uuid;
+
+use crate::error::ApiError;
+
+/// What the edge does about limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Completion tokens reserved for a request that sets no `max_tokens`.
+    pub assumed_output_tokens: u32,
+    /// When Redis cannot be reached: `refuse` limited keys' requests with 503 (a limit that
+    /// cannot be checked is not honoured by admitting), or `admit` them unchecked.
+    pub when_store_down: WhenStoreDown,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            assumed_output_tokens: 512,
+            when_store_down: WhenStoreDown::Refuse,
+        }
+    }
+}
+
+/// See [`LimitsConfig::when_store_down`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenStoreDown {
+    Refuse,
+    Admit,
+}
+
+/// The edge's side of the limits.
+pub struct EdgeLimits {
+    limiter: Limiter,
+    clickhouse: ClickHouse,
+    config: LimitsConfig,
+    /// How long a concurrency place is held if its request is never settled (its edge died).
+    lease: Duration,
+    refusals: prometheus::IntCounterVec,
+    store_errors: prometheus::IntCounter,
+}
+
+/// The counters a key's grant puts on a request: the key's own limits and its plan's.
+pub fn counters(grant: &KeyGrant) -> Vec<Counter> {
+    let mut counters = Vec::new();
+    let mut add = |holder, limits: &sluice_stores::postgres::plans::Limits| {
+        let kinds = [
+            (
+                Kind::RequestsPerMinute,
+                limits.requests_per_minute.map(u64::from),
+            ),
+            (
+                Kind::TokensPerMinute,
+                limits.tokens_per_minute.map(u64::from),
+            ),
+            (Kind::Concurrent, limits.max_concurrent.map(u64::from)),
+            (Kind::MonthlyTokens, limits.monthly_tokens),
+        ];
+        for (kind, limit) in kinds {
+            if let Some(limit) = limit {
+                counters.push(Counter {
+                    holder,
+                    kind,
+                    limit,
+                });
+            }
+        }
+    };
+    add(Holder::Key(grant.key_id), &grant.key);
+    if let Some((_, plan)) = &grant.plan {
+        add(Holder::Tenant, plan);
+    }
+    counters
+}
+
+impl EdgeLimits {
+    /// Limits counted in `limiter`, a month's budget seeded from `clickhouse`'s usage facts;
+    /// concurrency places are held at most `lease` by a request nobody settles.
+    pub fn new(
+        limiter: Limiter,
+        clickhouse: ClickHouse,
+        config: LimitsConfig,
+        lease: Duration,
+        metrics: &sluice_pipelines::metrics::Metrics,
+    ) -> Self {
+        Self {
+            limiter,
+            clickhouse,
+            config,
+            lease,
+            refusals: metrics.limit_refusals.clone(),
+            store_errors: metrics.limit_store_errors.clone(),
+        }
+    }
+
+    /// Admits a request of `prompt_tokens` asking for at most `max_tokens`, or refuses it.
+    pub async fn admit(
+        self: &Arc<Self>,
+        grant: &KeyGrant,
+        request_id: &str,
+        prompt_tokens: i64,
+        max_tokens: Option<i32>,
+    ) -> Result<Option<Admission>, ApiError> {
+        let counters = counters(grant);
+        if counters.is_empty() {
+            return Ok(None);
+        }
+        let output = max_tokens
+            .and_then(|m| u64::try_from(m).ok())
+            .unwrap_or(u64::from(self.config.assumed_output_tokens));
+        let tokens = u64::try_from(prompt_tokens)
+            .unwrap_or(0)
+            .saturating_add(output);
+        let month = Month::of(sluice_pipelines::now_ms());
+        let demand = Demand {
+            tenant: grant.tenant_id,
+            request_id,
+            counters: &counters,
+            tokens,
+            lease: self.lease,
+            month: &month,
+        };
+        let mut seeded = false;
+        let verdict = loop {
+            match self.limiter.admit(&demand).await {
+                Ok(Verdict::Unseeded(_)) if !seeded => {
+                    seeded = true;
+                    if let Err(e) = self.seed_month(grant.tenant_id, &month).await {
+                        return self.store_down(e);
+                    }
+                }
+                Ok(verdict) => break verdict,
+                Err(e) => return self.store_down(e),
+            }
+        };
+        match verdict {
+            Verdict::Admitted(standings) => Ok(Some(Admission {
+                limits: self.clone(),
+                tenant: grant.tenant_id,
+                request_id: request_id.to_owned(),
+                counters,
+                tokens,
+                month,
+                standings,
+                settled: false,
+            })),
+            Verdict::Refused {
+                counter,
+                retry_after_ms,
+            } => {
+                self.refusals
+                    .with_label_values(&[kind_label(counter.kind)])
+                    .inc();
+                Err(refusal(counter, retry_after_ms, tokens))
+            }
+            Verdict::Unseeded(_) => self.store_down(sluice_stores::Error::Corrupt(
+                "the month's budget counter is missing right after it was seeded".into(),
+            )),
+        }
+    }
+
+    /// Seeds `tenant`'s budget counter for `month` with the tokens its usage facts hold.
+    async fn seed_month(&self, tenant: Uuid, month: &Month) -> sluice_stores::Result<()> {
+        let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
+        let used: u64 = usage::usage_by_model(
+            &self.clickhouse,
+            &tenant.to_string(),
+            seconds(month.start_ms),
+            seconds(month.end_ms),
+        )
+        .await?
+        .iter()
+        .map(|m| m.input_tokens.saturating_add(m.output_tokens))
+        .sum();
+        tracing::info!(%tenant, month = %month.label, used, "monthly token budget counter seeded from usage");
+        self.limiter.seed_month(tenant, month, used).await
+    }
+
+    fn store_down(&self, error: sluice_stores::Error) -> Result<Option<Admission>, ApiError> {
+        self.store_errors.inc();
+        tracing::warn!(%error, "the limits' counters cannot be reached");
+        match self.config.when_store_down {
+            WhenStoreDown::Admit => Ok(None),
+            WhenStoreDown::Refuse => Err(ApiError::unavailable(
+                "Sluice cannot check this key's limits right now; retry shortly.",
+            )
+            .retry_after(1)),
+        }
+    }
+}
+
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::RequestsPerMinute => "requests_per_minute",
+        Kind::TokensPerMinute => "tokens_per_minute",
+        Kind::Concurrent => "concurrent",
+        Kind::MonthlyTokens => "monthly_tokens",
+    }
+}
+
+/// The 429 for a demand of `tokens` that `counter` has no room for.
+fn refusal(counter: Counter, retry_after_ms: Option<u64>, tokens: u64) -> ApiError {
+    let whose = match counter.holder {
+        Holder::Tenant => "your organization's plan",
+        Holder::Key(_) => "this API key",
+    };
+    let message = match (counter.kind, retry_after_ms) {
+        (Kind::TokensPerMinute | Kind::MonthlyTokens, None) => format!(
+            "Request too large: it may use {tokens} tokens and {whose} allows {} {}. Lower max_tokens or the prompt.",
+            counter.limit,
+            if counter.kind == Kind::MonthlyTokens { "a month" } else { "a minute" }
+        ),
+        (Kind::RequestsPerMinute, _) => format!(
+            "Rate limit reached for requests: {whose} allows {} requests per minute.",
+            counter.limit
+        ),
+        (Kind::TokensPerMinute, _) => format!(
+            "Rate limit reached for tokens: {whose} allows {} tokens per minute, and this request may use {tokens}.",
+            counter.limit
+        ),
+        (Kind::Concurrent, _) => format!(
+            "Too many concurrent requests: {whose} allows {} at once.",
+            counter.limit
+        ),
+        (Kind::MonthlyTokens, _) => format!(
+            "You exceeded your monthly token budget of {}: it renews at the start of next month (UTC).",
+            counter.limit
+        ),
+    };
+    let code = match counter.kind {
+        Kind::MonthlyTokens => "insufficient_quota",
+        _ => "rate_limit_exceeded",
+    };
+    let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+    if let Some(ms) = retry_after_ms {
+        error = error.retry_after(ms.div_ceil(1000).max(1));
+    }
+    let (limit_name, remaining_name, reset_name) = match counter.kind {
+        Kind::RequestsPerMinute => (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ),
+        Kind::TokensPerMinute => (
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ),
+        _ => return error,
+    };
+    let mut headers = HeaderMap::new();
+    insert(&mut headers, limit_name, counter.limit.to_string());
+    insert(&mut headers, remaining_name, "0".to_owned());
+    if let Some(ms) = retry_after_ms {
+        insert(&mut headers, reset_name, duration_text(ms));
+    }
+    error.with_headers(headers)
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn duration_text(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let seconds = ms / 1000;
+    let (hours, minutes, secs) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    if hours > 0 {
+        format!("{hours}h{minutes}m{secs}s")
+    } else if minutes > 0 {
+        format!("{minutes}m{secs}s")
+    } else {
+        let text = format!("{:.3}", ms as f64 / 1000.0);
+        format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
+/// An admitted request's hold on its counters: the tokens it reserved and its concurrency
+/// place, until [`Admission::settle`]. Dropped unsettled (the caller went away), it keeps its
+/// reservation as spent and frees its place.
+pub struct Admission {
+    limits: Arc<EdgeLimits>,
+    tenant: Uuid,
+    request_id: String,
+    counters: Vec<Counter>,
+    tokens: u64,
+    month: Month,
+    standings: Vec<Standing>,
+    settled: bool,
+}
+
+impl Admission {
+    /// The `x-ratelimit-*` headers: for requests and for tokens per minute, the tightest of
+    /// the key's and the plan's counters.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let tightest = |kind| {
+            self.standings
+                .iter()
+                .filter(|s| s.counter.kind == kind)
+                .min_by_key(|s| s.remaining)
+        };
+        for (kind, suffix) in [
+            (Kind::RequestsPerMinute, "requests"),
+            (Kind::TokensPerMinute, "tokens"),
+        ] {
+            if let Some(standing) = tightest(kind) {
+                let [limit, remaining, reset] = match suffix {
+                    "requests" => [
+                        "x-ratelimit-limit-requests",
+                        "x-ratelimit-remaining-requests",
+                        "x-ratelimit-reset-requests",
+                    ],
+                    _ => [
+                        "x-ratelimit-limit-tokens",
+                        "x-ratelimit-remaining-tokens",
+                        "x-ratelimit-reset-tokens",
+                    ],
+                };
+                insert(&mut headers, limit, standing.counter.limit.to_string());
+                insert(&mut headers, remaining, standing.remaining.to_string());
+                insert(&mut headers, reset, duration_text(standing.reset_ms));
+            }
+        }
+        headers
+    }
+
+    /// Settles the reservation to the `used` tokens the reply reported, and frees the place.
+    /// Runs in the background: the reply does not wait for it.
+    pub fn settle(mut self, used: u64) {
+        self.settled = true;
+        let beyond = i64::try_from(used).unwrap_or(i64::MAX)
+            - i64::try_from(self.tokens).unwrap_or(i64::MAX);
+        self.spawn_settle(beyond);
+    }
+
+    fn spawn_settle(&self, tokens_beyond: i64) {
+        let limits = self.limits.clone();
+        let (tenant, request_id, counters, tokens, month) = (
+            self.tenant,
+            self.request_id.clone(),
+            self.counters.clone(),
+            self.tokens,
+            self.month.clone(),
+        );
+        tokio::spawn(async move {
+            let demand = Demand {
+                tenant,
+                request_id: &request_id,
+                counters: &counters,
+                tokens,
+                lease: limits.lease,
+                month: &month,
+            };
+            if let Err(error) = limits.limiter.settle(&demand, tokens_beyond).await {
+                limits.store_errors.inc();
+                tracing::warn!(%error, %request_id, "settling a request's limits failed; its concurrency place frees when its lease ends");
+            }
+        });
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.spawn_settle(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_stores::postgres::plans::Limits;
+
+    #[test]
+    fn reset_durations_read_as_openai_writes_them() {
+        assert_eq!(duration_text(20), "20ms");
+        assert_eq!(duration_text(1000), "1s");
+        assert_eq!(duration_text(1500), "1.5s");
+        assert_eq!(duration_text(360_000), "6m0s");
+        assert_eq!(duration_text(3_723_000), "1h2m3s");
+    }
+
+    #[test]
+    fn a_grant_counts_its_keys_limits_and_its_plans() {
+        let key_id = Uuid::new_v4();
+        let grant = KeyGrant {
+            tenant_id: Uuid::new_v4(),
+            key_id,
+            valid_until_ms: None,
+            key: Limits {
+                requests_per_minute: Some(5),
+                ..Limits::default()
+            },
+            plan: Some((
+                "team".into(),
+                Limits {
+                    tokens_per_minute: Some(100),
+                    monthly_tokens: Some(1000),
+                    ..Limits::default()
+                },
+            )),
+        };
+        let counters = counters(&grant);
+        assert_eq!(counters.len(), 3);
+        assert_eq!(counters[0].holder, Holder::Key(key_id));
+        assert!(counters[1..].iter().all(|c| c.holder == Holder::Tenant));
+        let unlimited = KeyGrant {
+            plan: None,
+            key: Limits::default(),
+            ..grant
+        };
+        assert!(super::counters(&unlimited).is_empty());
+    }
+
+    #[test]
+    fn a_refusal_says_when_to_retry_in_openai_shape() {
+        let counter = Counter {
+            holder: Holder::Tenant,
+            kind: Kind::RequestsPerMinute,
+            limit: 60,
+        };
+        let error = refusal(counter, Some(1200), 10);
+        assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(error.retry_after_secs, Some(2));
+        assert_eq!(error.kind(), "rate_limit_error");
+        assert_eq!(error.code.as_deref(), Some("rate_limit_exceeded"));
+        let headers = error.headers.clone().unwrap_or_default();
+        assert_eq!(
+            headers
+                .get("x-ratelimit-remaining-requests")
+                .map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        let budget = Counter {
+            kind: Kind::MonthlyTokens,
+            ..counter
+        };
+        assert_eq!(
+            refusal(budget, Some(5), 10).code.as_deref(),
+            Some("insufficient_quota")
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Plans, limits and the key lifecycle, with two edge instances sharing the counters: a limit
+//! holds in total, not per instance; a burst cannot overrun a token budget; `Retry-After` is
+//! honest; a revoked key stops on every edge within moments; a rotated key's grace ends.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// `sluice up` and a second `sluice edge` on the same topics.
+struct TwoEdges {
+    sluice: Sluice,
+    _second: Part,
+    urls: [String; 2],
+}
+
+impl TwoEdges {
+    async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// With `extra_env` for both processes.
+    async fn start_with(extra_env: Vec<(String, String)>) -> Self {
+        let sluice = Sluice::start_with(&unique("t"), extra_env.clone());
+        let port = free_port();
+        let mut env = vec![("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}"))];
+        env.extend(extra_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        let second = sluice.spawn_part(&["edge"], &env);
+        let second_url = format!("http://127.0.0.1:{port}");
+        tokio::task::spawn_blocking({
+            let url = second_url.clone();
+            move || wait_ready(&url)
+        })
+        .await
+        .unwrap();
+        let urls = [sluice.url.clone(), second_url];
+        Self {
+            sluice,
+            _second: second,
+            urls,
+        }
+    }
+
+    /// A plan with these `sluice plan create` flags, and a tenant on it.
+    fn tenant_on_plan(&self, flags: &[&str]) -> Tenant {
+        let plan = unique("plan-");
+        let mut args = vec!["plan", "create", &plan];
+        args.extend_from_slice(flags);
+        run_cli(&self.sluice.prefix, &args);
+        let name = unique("tenant-");
+        let out = run_cli(
+            &self.sluice.prefix,
+            &["tenant", "create", &name, "--plan", &plan, "--json"],
+        );
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        Tenant {
+            id: v["tenant_id"].as_str().unwrap().to_owned(),
+            name,
+            key: v["api_key"].as_str().unwrap().to_owned(),
+        }
+    }
+}
+
+/// POSTs a chat completion to the edge at `base`: status, headers and JSON body.
+async fn post_chat(base: &str, key: &str, body: &Value) -> (u16, HeaderMap, Value) {
+    let response = http()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+fn short(max_tokens: u32, text: &str) -> Value {
+    json!({"model": "auto", "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]})
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn a_limit_of_n_a_minute_admits_n_across_two_edges_and_retry_after_is_honest() {
+    let edges = TwoEdges::start().await;
+    let tenant = edges.tenant_on_plan(&["--requests-per-minute", "6"]);
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let (base, key) = (edges.urls[i % 2].clone(), tenant.key.clone());
+        calls.push(tokio::spawn(async move {
+            post_chat(&base, &key, &short(2, &format!("call {i}"))).await
+        }));
+    }
+    let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+    for call in calls {
+        let (status, headers, body) = call.await.unwrap();
+        match status {
+            200 => admitted.push(headers),
+            429 => refused.push((headers, body)),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(
+        (admitted.len(), refused.len()),
+        (6, 4),
+        "6 a minute in total, not 6 per edge"
+    );
+    for headers in &admitted {
+        assert_eq!(
+            header(headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("6")
+        );
+        assert!(header(headers, "x-ratelimit-remaining-requests").is_some());
+        assert!(header(headers, "x-ratelimit-reset-requests").is_some());
+    }
+    for (headers, body) in &refused {
+        assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+        assert_eq!(
+            header(headers, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+    }
+    // A request comes back every 10 s: a retry after Retry-After succeeds.
+    let (status, headers, _) = post_chat(&edges.urls[0], &tenant.key, &short(2, "again")).await;
+    assert_eq!(status, 429);
+    let wait: u64 = header(&headers, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&wait), "Retry-After {wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let (status, _, body) = post_chat(&edges.urls[1], &tenant.key, &short(2, "after")).await;
+    assert_eq!(status, 200, "a retry after Retry-After is admitted: {body}");
+}
+
+#[tokio::test]
+async fn a_burst_against_a_small_token_budget_overshoots_it_by_nothing() {
+    let edges = TwoEdges::start().await;
+    // Each request reserves its prompt (about 8 tokens) plus max_tokens 20.
+    let tenant = edges.tenant_on_plan(&["--monthly-tokens", "300"]);
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let (base, key) = (edges.urls[i % 2].clone(), tenant.key.clone());
+        calls.push(tokio::spawn(async move {
+            post_chat(&base, &key, &short(20, &format!("budget burst {i}"))).await
+        }));
+    }
+    let (mut used, mut admitted, mut refused) = (0, 0, 0);
+    for call in calls {
+        let (status, _, body) = call.await.unwrap();
+        match status {
+            200 => {
+                used += body["usage"]["total_tokens"].as_u64().unwrap();
+                admitted += 1;
+            }
+            429 => {
+                assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(refused > 0, "24 requests of ~28 tokens do not fit in 300");
+    // With max_tokens set, a reservation is never exceeded, so the bound is zero.
+    assert!(used <= 300, "the burst used {used} tokens of a 300 budget");
+    assert!(
+        admitted >= 10,
+        "300 tokens hold ten reservations: {admitted}"
+    );
+}
+
+#[tokio::test]
+async fn a_plans_models_and_concurrency_hold() {
+    let edges = TwoEdges::start_with(sim_speed(10.0)).await;
+    let tenant = edges.tenant_on_plan(&["--models", "sim-large", "--max-concurrent", "1"]);
+    let named = json!({"model": "sim-small", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, body) = post_chat(&edges.urls[0], &tenant.key, &named).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{body}"
+    );
+    let (status, _, body) = post_chat(&edges.urls[1], &tenant.key, &short(2, "hi")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["model"], "sim-large",
+        "auto chooses among the allowed models"
+    );
+
+    // One at a time: while a long stream runs on one edge, the other edge refuses a second.
+    let long = json!({"model": "auto", "max_tokens": 400, "stream": true, "messages": [{"role": "user", "content": "long"}]});
+    let response = http()
+        .post(format!("{}/v1/chat/completions", edges.urls[0]))
+        .bearer_auth(&tenant.key)
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (status, headers, body) = post_chat(&edges.urls[1], &tenant.key, &short(2, "second")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(header(&headers, "retry-after").is_some());
+    // Once the stream is read to its end, the place is free again.
+    response.text().await.unwrap();
+    eventually(10, "the place freed", || async {
+        let (status, _, _) = post_chat(&edges.urls[1], &tenant.key, &short(2, "third")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_on_every_edge_within_moments_and_a_rotated_one_after_its_grace() {
+    let edges = TwoEdges::start().await;
+    let tenant = create_tenant(&edges.sluice.prefix);
+    let me = |base: &str| format!("{base}/v1/me");
+    // Both edges have the key cached.
+    for url in &edges.urls {
+        assert_eq!(get_json(&me(url), &tenant.key).await.0, 200);
+    }
+
+    // Rotation: the new key works at once, the old one until its grace ends.
+    let out = run_cli(
+        &edges.sluice.prefix,
+        &["key", "rotate", &tenant.key, "--grace-secs", "3", "--json"],
+    );
+    let rotated: Value = serde_json::from_str(out.trim()).unwrap();
+    let new_key = rotated["api_key"].as_str().unwrap().to_owned();
+    let rotated_at = Instant::now();
+    for url in &edges.urls {
+        assert_eq!(get_json(&me(url), &new_key).await.0, 200);
+        assert_eq!(get_json(&me(url), &tenant.key).await.0, 200, "in its grace");
+    }
+    for url in &edges.urls {
+        eventually(10, "the old key's grace to end", || async {
+            (get_json(&me(url), &tenant.key).await.0 == 401).then_some(())
+        })
+        .await;
+    }
+    assert!(rotated_at.elapsed() >= Duration::from_secs(3), "not before");
+
+    // Revocation, by the prefix `key list` shows.
+    let listed = run_cli(
+        &edges.sluice.prefix,
+        &["key", "list", &tenant.name, "--json"],
+    );
+    let active: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|k| k["active"] == true)
+        .collect();
+    assert_eq!(active.len(), 1, "{listed}");
+    assert!(!listed.contains(&new_key[12..]), "never the secret");
+    let prefix = active[0]["prefix"].as_str().unwrap();
+    assert!(new_key.starts_with(prefix));
+    run_cli(&edges.sluice.prefix, &["key", "revoke", prefix]);
+    let revoked_at = Instant::now();
+    for url in &edges.urls {
+        eventually(5, "every edge to refuse the revoked key", || async {
+            (get_json(&me(url), &new_key).await.0 == 401).then_some(())
+        })
+        .await;
+    }
+    let took = revoked_at.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "revocation reached both edges in {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_plan_change_applies_at_once_on_every_edge() {
+    let edges = TwoEdges::start().await;
+    let tenant = edges.tenant_on_plan(&["--requests-per-minute", "1000"]);
+    for url in &edges.urls {
+        let (status, headers, _) = post_chat(url, &tenant.key, &short(2, "before")).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            header(&headers, "x-ratelimit-limit-requests").as_deref(),
+            Some("1000")
+        );
+    }
+    let tight = unique("plan-");
+    run_cli(
+        &edges.sluice.prefix,
+        &[
+            "plan",
+            "create",
+            &tight,
+            "--requests-per-minute",
+            "10",
+            "--tokens-per-minute",
+            "500",
+        ],
+    );
+    run_cli(
+        &edges.sluice.prefix,
+        &["tenant", "plan", &tenant.name, &tight],
+    );
+    for url in &edges.urls {
+        eventually(5, "the new plan on every edge", || async {
+            let (_, headers, _) = post_chat(url, &tenant.key, &short(2, "after")).await;
+            (header(&headers, "x-ratelimit-limit-requests").as_deref() == Some("10")).then_some(())
+        })
+        .await;
+    }
+    let plans = run_cli(&edges.sluice.prefix, &["plan", "list", "--json"]);
+    let listed: Value = plans
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|p| p["name"] == tight.as_str())
+        .unwrap();
+    assert_eq!(listed["tokens_per_minute"], 500);
+    assert_eq!(listed["tenants"], 1);
+    // A request larger than the plan's tokens a minute can never fit: 429, no Retry-After.
+    let (status, headers, body) =
+        post_chat(&edges.urls[0], &tenant.key, &short(600, "too big")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(header(&headers, "retry-after").is_none(), "{headers:?}");
+}

@@ -122,6 +122,10 @@ pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
                 plan.tenants
             );
         }
+        PlanCommand::Delete { name } => {
+            plans::delete_plan(&admin, &name).await?;
+            println!("plan {name} deleted");
+        }
         PlanCommand::List { json } => {
             for plan in plans::list_plans(&admin).await? {
                 if json {

@@ -160,6 +160,11 @@ pub(crate) enum BenchCommand {
         /// The broker's process name on this machine, for its CPU share.
         #[arg(long, default_value = "tansu")]
         broker_process: String,
+        /// Put the benchmark's tenant on a plan with every limit (requests and tokens a minute,
+        /// concurrency, a monthly budget) set beyond reach, so every request is admitted and
+        /// settled through the shared counters: what the limiter costs.
+        #[arg(long)]
+        limits: bool,
     },
     /// Records through the operator runtime vs. raw librdkafka consume+produce on the same broker.
     Passthrough {
@@ -274,6 +279,8 @@ pub(crate) enum PlanCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Delete a plan no tenant is subscribed to.
+    Delete { name: String },
     /// List plans and how many tenants each has.
     List {
         #[arg(long)]

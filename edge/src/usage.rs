@@ -11,7 +11,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_stores::{clickhouse::usage as usage_facts, postgres::tenants, AUTO_MODEL};
 
-use crate::{auth::TenantId, error::ApiError, EdgeState};
+use crate::{
+    auth::{Caller, TenantId},
+    error::ApiError,
+    EdgeState,
+};
 
 /// `GET /v1/models`: `auto` plus every enabled model.
 pub async fn models(State(state): State<Arc<EdgeState>>, _tenant: TenantId) -> Json<Value> {
@@ -79,18 +83,25 @@ pub async fn usage(
     })))
 }
 
-/// `GET /v1/me`: the calling tenant.
+/// `GET /v1/me`: the calling tenant, its plan and the calling key's own limits.
 pub async fn me(
     State(state): State<Arc<EdgeState>>,
-    tenant: TenantId,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let found = tenants::current_tenant(&state.app_pool, tenant.0)
+    let found = tenants::current_tenant(&state.app_pool, caller.tenant.0)
         .await
         .map_err(|e| ApiError::internal("tenant lookup failed", e))?;
+    let plan = caller
+        .grant
+        .plan
+        .as_ref()
+        .map(|(name, limits)| json!({ "name": name, "limits": limits }));
     match found {
-        Some(t) => Ok(Json(
-            json!({ "id": t.id, "name": t.name, "status": t.status }),
-        )),
+        Some(t) => Ok(Json(json!({
+            "id": t.id, "name": t.name, "status": t.status,
+            "plan": plan,
+            "key": { "id": caller.grant.key_id, "limits": caller.grant.key },
+        }))),
         None => Err(ApiError::unauthorized(
             "The tenant of this key no longer exists.",
         )),

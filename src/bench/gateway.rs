@@ -26,7 +26,11 @@ use sluice_pipelines::{
     kafka, now_ms,
 };
 use sluice_stores::{
-    postgres::{self, models, tenants},
+    postgres::{
+        self, models,
+        plans::{self, Limits},
+        tenants,
+    },
     ModelSpec, ProviderKind,
 };
 
@@ -56,6 +60,20 @@ pub struct GatewayOptions {
     pub idle_seconds: u64,
     /// Name of the broker's process on this machine, for its CPU (skipped if none runs).
     pub broker_process: String,
+    /// Whether the tenant is on a plan whose limits it never reaches (every request goes
+    /// through the limits' counters).
+    pub limits: bool,
+}
+
+/// Limits a benchmark never reaches, each of them counted.
+fn unreachable_limits() -> Limits {
+    Limits {
+        requests_per_minute: Some(2_000_000_000),
+        tokens_per_minute: Some(2_000_000_000),
+        monthly_tokens: Some(1_000_000_000_000_000),
+        max_concurrent: Some(1_000_000),
+        allowed_models: None,
+    }
 }
 
 /// CPU time of a process so far, seconds (Linux: `/proc/<pid>/stat`, in USER_HZ = 100 ticks).
@@ -307,8 +325,19 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
             created_at: 0,
         };
         models::upsert_model(&admin, &model).await?;
+        if options.limits {
+            plans::create_plan(&admin, &id, &unreachable_limits()).await?;
+            plans::subscribe(&admin, tenant.id, &id).await?;
+            println!("limits: on (plan {id}: every limit set beyond reach, each request admitted and settled in Redis)");
+        } else {
+            println!("limits: off (the tenant has no plan; run with --limits to compare)");
+        }
         let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
         models::disable_model(&admin, &id).await?;
+        if options.limits {
+            plans::unsubscribe(&admin, tenant.id).await?;
+            plans::delete_plan(&admin, &id).await?;
+        }
         tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
         outcome
     }

@@ -35,6 +35,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             hop_samples,
             idle_seconds,
             broker_process,
+            limits,
         } => {
             let options = gateway::GatewayOptions {
                 clients,
@@ -44,6 +45,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 hop_samples,
                 idle_seconds,
                 broker_process,
+                limits,
             };
             gateway::run(&config, &options).await?;
         }

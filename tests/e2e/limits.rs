@@ -319,9 +319,122 @@ async fn a_plan_change_applies_at_once_on_every_edge() {
         .unwrap();
     assert_eq!(listed["tokens_per_minute"], 500);
     assert_eq!(listed["tenants"], 1);
+    // A plan with tenants on it cannot be deleted.
+    let refused = sluice(&edges.sluice.prefix)
+        .args(["plan", "delete", &tight])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("tenant(s) are on plan"));
+    // The tenant reads its plan; another tenant sees its own (none), not this one's.
+    let (_, me) = get_json(&format!("{}/v1/me", edges.urls[1]), &tenant.key).await;
+    assert_eq!(me["plan"]["name"], tight.as_str(), "{me}");
+    assert_eq!(me["plan"]["limits"]["requests_per_minute"], 10, "{me}");
+    let other = create_tenant(&edges.sluice.prefix);
+    let (_, theirs) = get_json(&format!("{}/v1/me", edges.urls[0]), &other.key).await;
+    assert_eq!(theirs["plan"], Value::Null, "{theirs}");
+    assert_eq!(theirs["id"], other.id.as_str());
     // A request larger than the plan's tokens a minute can never fit: 429, no Retry-After.
     let (status, headers, body) =
         post_chat(&edges.urls[0], &tenant.key, &short(600, "too big")).await;
     assert_eq!(status, 429, "{body}");
     assert!(header(&headers, "retry-after").is_none(), "{headers:?}");
+}
+
+/// Runs `redis-cli` against the stack's Redis on the tenant's monthly token counter (as
+/// `sluice_stores::limits` names it) and returns what it printed.
+fn month_counter_command(tenant_id: &str, command: &str) -> String {
+    let month = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m"])
+        .output()
+        .unwrap();
+    let key = format!(
+        "sluice:{{{}}}:tenant:tokens:{}",
+        tenant_id.replace('-', ""),
+        String::from_utf8_lossy(&month.stdout).trim()
+    );
+    let url = env_or("SLUICE_REDIS__URL", "redis://127.0.0.1:6379");
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &url, command, &key])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The tenant's monthly token counter, or `None` if Redis does not hold it.
+fn month_counter(tenant_id: &str) -> Option<u64> {
+    month_counter_command(tenant_id, "GET").parse().ok()
+}
+
+/// The tenant's tokens in the usage facts, once they hold `requests` requests.
+async fn billed_tokens(base: &str, key: &str, requests: u64) -> u64 {
+    eventually(30, "the usage facts", || async {
+        let (_, usage) = get_json(&format!("{base}/v1/usage"), key).await;
+        let totals = &usage["totals"];
+        (totals["requests"] == requests).then(|| {
+            totals["input_tokens"].as_u64().unwrap() + totals["output_tokens"].as_u64().unwrap()
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_monthly_counter_settles_to_the_usage_facts_and_is_seeded_from_them_when_lost() {
+    let edges = TwoEdges::start().await;
+    let tenant = edges.tenant_on_plan(&["--monthly-tokens", "100000"]);
+    for (i, url) in edges.urls.iter().enumerate() {
+        let (status, _, body) =
+            post_chat(url, &tenant.key, &short(30, &format!("month {i}"))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Reservations settle to the replies' usage: the counter is what is billed.
+    let billed = billed_tokens(&edges.urls[0], &tenant.key, 2).await;
+    eventually(5, "the counter to settle", || async {
+        (month_counter(&tenant.id) == Some(billed)).then_some(())
+    })
+    .await;
+
+    // Redis loses the counter (a restart without persistence): the next request seeds it from
+    // the usage facts, so the month's spending is not forgotten.
+    month_counter_command(&tenant.id, "DEL");
+    assert_eq!(month_counter(&tenant.id), None);
+    let (status, _, body) = post_chat(&edges.urls[1], &tenant.key, &short(30, "after")).await;
+    assert_eq!(status, 200, "{body}");
+    let billed = billed_tokens(&edges.urls[0], &tenant.key, 3).await;
+    eventually(5, "the seeded counter to settle", || async {
+        (month_counter(&tenant.id) == Some(billed)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_redis_down_limited_keys_are_refused_and_unlimited_ones_served() {
+    // Nothing listens on the port Redis is said to be on.
+    let down = format!("redis://127.0.0.1:{}", free_port());
+    let sluice = Sluice::start_with(&unique("t"), vec![("SLUICE_REDIS__URL".into(), down)]);
+    let plan = unique("plan-");
+    run_cli(
+        &sluice.prefix,
+        &["plan", "create", &plan, "--requests-per-minute", "100"],
+    );
+    let limited = unique("tenant-");
+    let out = run_cli(
+        &sluice.prefix,
+        &["tenant", "create", &limited, "--plan", &plan, "--json"],
+    );
+    let limited: Value = serde_json::from_str(out.trim()).unwrap();
+    let (status, headers, body) = post_chat(
+        &sluice.url,
+        limited["api_key"].as_str().unwrap(),
+        &short(2, "limited"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(header(&headers, "retry-after").as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    let free = create_tenant(&sluice.prefix);
+    let (status, _, body) = post_chat(&sluice.url, &free.key, &short(2, "free")).await;
+    assert_eq!(status, 200, "keys with no limits never need Redis: {body}");
+    assert!(metric(&sluice.url, "sluice_edge_limit_store_errors_total").await >= 1.0);
 }

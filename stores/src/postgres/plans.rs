@@ -235,15 +235,37 @@ pub async fn subscribe(admin: &PgPool, tenant_id: Uuid, plan: &str) -> Result<()
     Ok(())
 }
 
-/// The plan a tenant is subscribed to, read through row-level security.
-pub async fn current_plan(app: &PgPool, tenant_id: Uuid) -> Result<Option<String>> {
-    let mut tx = super::tenant_transaction(app, tenant_id).await?;
-    let name =
-        sqlx::query_scalar("SELECT p.name FROM subscriptions s JOIN plans p ON p.id = s.plan_id")
-            .fetch_optional(&mut *tx)
-            .await?;
-    tx.commit().await?;
-    Ok(name)
+/// Ends a tenant's subscription (owner role): it has no limits from then on.
+pub async fn unsubscribe(admin: &PgPool, tenant_id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM subscriptions WHERE tenant_id = $1")
+        .bind(tenant_id)
+        .execute(admin)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a plan no tenant is subscribed to (owner role).
+pub async fn delete_plan(admin: &PgPool, name: &str) -> Result<()> {
+    let subscribed: Option<i64> = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM subscriptions s WHERE s.plan_id = p.id) FROM plans p WHERE p.name = $1",
+    )
+    .bind(name)
+    .fetch_optional(admin)
+    .await?;
+    match subscribed {
+        None => Err(Error::NotFound(format!("no plan named {name:?}"))),
+        Some(n) if n > 0 => Err(Error::Invalid(format!(
+            "{n} tenant(s) are on plan {name:?}; move them to another plan first"
+        ))),
+        Some(_) => {
+            // A subscription made meanwhile fails the delete on its foreign key.
+            sqlx::query("DELETE FROM plans WHERE name = $1")
+                .bind(name)
+                .execute(admin)
+                .await?;
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

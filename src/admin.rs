@@ -2,20 +2,56 @@
 //! and `sluice dlq`.
 
 use anyhow::Context;
+use serde_json::{json, Value};
 use sluice_pipelines::dlq;
 use sluice_stores::{
     postgres::{
-        self, keys, models,
+        self,
+        audit::{self, Action},
+        keys, models,
         plans::{self, Limits, LimitsChange},
         tenants,
+        users::{self, Role},
     },
     ModelSpec,
 };
+use sqlx::{types::Uuid, PgPool};
 
 use crate::{
     config::Config, process, DlqCommand, KeyCommand, LimitArg, LimitArgs, ModelCommand,
-    PlanCommand, TenantCommand,
+    PlanCommand, TenantCommand, UserCommand,
 };
+
+/// Records an operator's action in the audit log: who (`cli:` and the operator's login name),
+/// from where (this host).
+async fn audit_cli(
+    admin: &PgPool,
+    tenant_id: Option<Uuid>,
+    action: &str,
+    target: &str,
+    detail: Value,
+) -> anyhow::Result<()> {
+    let operator = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let mut conn = admin.acquire().await?;
+    audit::record(
+        &mut conn,
+        &Action {
+            tenant_id,
+            actor: &format!("cli:{operator}"),
+            action,
+            target: Some(target),
+            detail,
+            source: Some(&host),
+        },
+    )
+    .await?;
+    Ok(())
+}
 
 pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
@@ -31,6 +67,14 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             if let Some(plan) = &plan {
                 plans::subscribe(&admin, tenant.id, plan).await?;
             }
+            audit_cli(
+                &admin,
+                Some(tenant.id),
+                "tenant.create",
+                &name,
+                json!({ "plan": plan }),
+            )
+            .await?;
             (tenant, key, json)
         }
         TenantCommand::Plan { name, plan } => {
@@ -38,6 +82,14 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
                 .await?
                 .with_context(|| format!("no tenant named {name:?}"))?;
             plans::subscribe(&admin, tenant.id, &plan).await?;
+            audit_cli(
+                &admin,
+                Some(tenant.id),
+                "tenant.plan",
+                &name,
+                json!({ "plan": plan }),
+            )
+            .await?;
             println!("tenant {name} is on plan {plan} (in force on every edge at once)");
             return Ok(());
         }
@@ -46,6 +98,14 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
                 .await?
                 .with_context(|| format!("no tenant named {name:?}"))?;
             let key = tenants::create_api_key(&admin, tenant.id, "cli").await?;
+            audit_cli(
+                &admin,
+                Some(tenant.id),
+                "key.create",
+                &key[..16],
+                json!({ "name": "cli" }),
+            )
+            .await?;
             (tenant, key, json)
         }
     };
@@ -112,11 +172,14 @@ pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
     match command {
         PlanCommand::Create { name, limits } => {
-            plans::create_plan(&admin, &name, &limits.limits()?).await?;
+            let limits = limits.limits()?;
+            plans::create_plan(&admin, &name, &limits).await?;
+            audit_cli(&admin, None, "plan.create", &name, json!(limits)).await?;
             println!("plan {name} created");
         }
         PlanCommand::Update { name, limits } => {
             let plan = plans::update_plan(&admin, &name, &limits.change()?).await?;
+            audit_cli(&admin, None, "plan.update", &name, json!(plan.limits)).await?;
             println!(
                 "plan {name} updated (in force for its {} tenant(s) on every edge at once)",
                 plan.tenants
@@ -124,6 +187,7 @@ pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
         }
         PlanCommand::Delete { name } => {
             plans::delete_plan(&admin, &name).await?;
+            audit_cli(&admin, None, "plan.delete", &name, json!({})).await?;
             println!("plan {name} deleted");
         }
         PlanCommand::List { json } => {
@@ -156,7 +220,8 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
             let found = tenants::find_tenant(&admin, &tenant)
                 .await?
                 .with_context(|| format!("no tenant named {tenant:?}"))?;
-            for key in keys::list_keys(&admin, found.id).await? {
+            let mut conn = admin.acquire().await?;
+            for key in keys::list_keys(&mut conn, found.id).await? {
                 if json {
                     println!("{}", serde_json::to_string(&key)?);
                 } else {
@@ -172,7 +237,17 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
         }
         KeyCommand::Revoke { key } => {
             let found = keys::find_key(&admin, &key).await?;
-            keys::revoke(&admin, found.id).await?;
+            let mut conn = admin.acquire().await?;
+            keys::revoke(&mut conn, found.id).await?;
+            drop(conn);
+            audit_cli(
+                &admin,
+                tenant_of(&admin, &found.tenant).await?,
+                "key.revoke",
+                &found.prefix,
+                json!({ "id": found.id }),
+            )
+            .await?;
             println!(
                 "key {}… of {} revoked (every edge refuses it within moments)",
                 found.prefix, found.tenant
@@ -184,7 +259,17 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
             json,
         } => {
             let found = keys::find_key(&admin, &key).await?;
-            let new_key = keys::rotate(&admin, found.id, grace_secs).await?;
+            let mut tx = admin.begin().await?;
+            let (new_key, new_id) = keys::rotate(&mut tx, found.id, grace_secs).await?;
+            tx.commit().await?;
+            audit_cli(
+                &admin,
+                tenant_of(&admin, &found.tenant).await?,
+                "key.rotate",
+                &found.prefix,
+                json!({ "id": found.id, "new_id": new_id, "grace_secs": grace_secs }),
+            )
+            .await?;
             if json {
                 println!(
                     "{}",
@@ -208,8 +293,119 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
                 sluice_pipelines::now_ms()
                     .saturating_add(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
             });
-            keys::set_key_limits(&admin, found.id, &limits.limits()?, expires_at_ms).await?;
+            let limits = limits.limits()?;
+            keys::set_key_limits(&admin, found.id, &limits, expires_at_ms).await?;
+            audit_cli(
+                &admin,
+                tenant_of(&admin, &found.tenant).await?,
+                "key.limits",
+                &found.prefix,
+                json!({ "limits": limits, "expires_at_ms": expires_at_ms }),
+            )
+            .await?;
             println!("key {}… of {} updated", found.prefix, found.tenant);
+        }
+    }
+    Ok(())
+}
+
+async fn tenant_of(admin: &PgPool, name: &str) -> anyhow::Result<Option<Uuid>> {
+    Ok(tenants::find_tenant(admin, name).await?.map(|t| t.id))
+}
+
+pub async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    match command {
+        UserCommand::Create {
+            email,
+            role,
+            tenant,
+        } => {
+            let role = Role::parse(&role)?;
+            let tenant_id = match &tenant {
+                Some(name) => Some(
+                    tenant_of(&admin, name)
+                        .await?
+                        .with_context(|| format!("no tenant named {name:?}"))?,
+                ),
+                None => None,
+            };
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_owned();
+            users::check_credentials(&email, &password)?;
+            let hash =
+                tokio::task::spawn_blocking(move || users::hash_password(&password)).await??;
+            let mut conn = admin.acquire().await?;
+            let id = users::add_user(&mut conn, tenant_id, &email, &hash, role).await?;
+            drop(conn);
+            audit_cli(
+                &admin,
+                tenant_id,
+                "user.create",
+                &email,
+                json!({ "role": role }),
+            )
+            .await?;
+            println!("user {email} ({}) created: {id}", role.as_str());
+        }
+        UserCommand::List { tenant, json } => {
+            let tenant_id = tenant_of(&admin, &tenant)
+                .await?
+                .with_context(|| format!("no tenant named {tenant:?}"))?;
+            let mut conn = admin.acquire().await?;
+            for member in users::list_members(&mut conn, tenant_id).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&member)?);
+                } else {
+                    println!(
+                        "{:<40} {:<13} {}",
+                        member.email,
+                        member.role.as_str(),
+                        if member.disabled {
+                            "disabled"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(
+    config: Config,
+    tenant: Option<String>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    let tenant_id = match &tenant {
+        Some(name) => Some(
+            tenant_of(&admin, name)
+                .await?
+                .with_context(|| format!("no tenant named {name:?}"))?,
+        ),
+        None => None,
+    };
+    let mut conn = admin.acquire().await?;
+    for entry in audit::entries(&mut conn, tenant_id, None, limit).await? {
+        if json {
+            println!("{}", serde_json::to_string(&entry)?);
+        } else {
+            println!(
+                "{}  {:<24} {:<16} {:<28} {} {}",
+                entry.at_ms,
+                entry.actor,
+                entry.action,
+                entry.target.unwrap_or_default(),
+                entry.source.unwrap_or_default(),
+                entry.detail
+            );
         }
     }
     Ok(())

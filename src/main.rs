@@ -78,6 +78,22 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Manage users: platform admins, tenant admins, members.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Read the audit log: every admin and key action.
+    Audit {
+        /// The tenant whose log to read (default: platform-level actions, such as plan changes).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// At most this many entries, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the model catalogue.
     Model {
         #[command(subcommand)]
@@ -289,6 +305,26 @@ pub(crate) enum PlanCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum UserCommand {
+    /// Create a user; the password is read from the first line of standard input.
+    Create {
+        email: String,
+        /// `platform_admin` (no tenant), `tenant_admin` or `member`.
+        #[arg(long)]
+        role: String,
+        /// The user's tenant (not for a platform admin).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List a tenant's users.
+    List {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum KeyCommand {
     /// List a tenant's keys (prefixes only; the secret is never stored).
     List {
@@ -403,6 +439,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Tenant { command } => admin::tenant(config, command).await,
         Command::Plan { command } => admin::plan(config, command).await,
         Command::Key { command } => admin::key(config, command).await,
+        Command::User { command } => admin::user(config, command).await,
+        Command::Audit {
+            tenant,
+            limit,
+            json,
+        } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
         Command::Dlq { command } => admin::dlq(config, command).await,
         Command::Replay {

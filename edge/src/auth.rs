@@ -1,4 +1,5 @@
-//! API-key authentication: `Authorization: Bearer sk-sluice-...`.
+//! Authentication: `Authorization: Bearer` with an API key (`sk-sluice-...`) or a user's access
+//! token (a JWT from `/v1/auth/login`, see [`sessions`](crate::sessions)), on every route.
 //!
 //! Keys are looked up by their SHA-256 through `sluice_authorize` (the one function allowed
 //! past row-level security before the tenant is known), which answers with the tenant and what
@@ -14,25 +15,54 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::FromRequestParts,
+    http::{request::Parts, StatusCode},
+};
 use sluice_stores::postgres::{
     keys::{self, KeyGrant},
+    plans::{self, Limits},
     tenants,
 };
 use sqlx::{types::Uuid, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::{error::ApiError, EdgeState};
+use crate::{
+    error::ApiError,
+    sessions::{self, Claims},
+    EdgeState,
+};
 
 /// The authenticated tenant of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantId(pub Uuid);
 
-/// The authenticated caller of a request: its tenant, and what its key may do.
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// An API key.
+    Key,
+    /// A user, by their access token.
+    User(Arc<Claims>),
+}
+
+/// The authenticated caller of a request: its tenant, what it may do (a key's limits and its
+/// plan's; a user has their tenant's plan's), and who it is.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub tenant: TenantId,
     pub grant: Arc<KeyGrant>,
+    pub principal: Principal,
+}
+
+impl Caller {
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match &self.principal {
+            Principal::Key => format!("key:{}", self.grant.key_id),
+            Principal::User(claims) => format!("user:{}", claims.email),
+        }
+    }
 }
 
 /// Caches key-hash → grant for a short time.
@@ -84,6 +114,49 @@ impl AuthCache {
             entries.insert(hash, (grant.clone(), until));
         }
         Ok(Some(grant))
+    }
+
+    /// The tenant's plan, from the cache or PostgreSQL, as a grant for its user `user`; `None`
+    /// if the tenant is not active.
+    pub async fn tenant_grant(
+        &self,
+        pool: &PgPool,
+        tenant: Uuid,
+        user: Uuid,
+    ) -> Result<Option<Arc<KeyGrant>>, ApiError> {
+        let cache_key = format!("tenant:{tenant}");
+        let cached = self.entries.lock().ok().and_then(|entries| {
+            entries
+                .get(&cache_key)
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(grant, _)| grant.clone())
+        });
+        let tenant_grant = match cached {
+            Some(grant) => grant,
+            None => {
+                let Some(plan) = plans::tenant_plan(pool, tenant)
+                    .await
+                    .map_err(|e| ApiError::internal("tenant lookup failed", e))?
+                else {
+                    return Ok(None);
+                };
+                let grant = Arc::new(KeyGrant {
+                    tenant_id: tenant,
+                    key_id: Uuid::nil(),
+                    valid_until_ms: None,
+                    key: Limits::default(),
+                    plan,
+                });
+                if let Ok(mut entries) = self.entries.lock() {
+                    entries.insert(cache_key, (grant.clone(), Instant::now() + self.ttl));
+                }
+                grant
+            }
+        };
+        Ok(Some(Arc::new(KeyGrant {
+            key_id: user,
+            ..(*tenant_grant).clone()
+        })))
     }
 
     /// Forgets the key with this hash, or every key given [`keys::EVERY_KEY`].
@@ -159,17 +232,42 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Resolves a key to its caller or a 401.
+/// Resolves a bearer token (an API key or an access token) to its caller, or a 401.
 pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Caller, ApiError> {
     let key = key.filter(|k| !k.is_empty()).ok_or_else(|| {
         ApiError::unauthorized(
             "You didn't provide an API key. Provide it in the Authorization header as `Bearer YOUR_KEY`.",
         )
     })?;
+    if sessions::looks_like_jwt(key) {
+        let claims = Arc::new(state.tokens.verify(key)?);
+        let tenant = claims.tid.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "no_tenant",
+                "A platform admin's session belongs to no tenant; name one where the route allows it.",
+            )
+        })?;
+        return match state
+            .auth
+            .tenant_grant(&state.app_pool, tenant, claims.sub)
+            .await?
+        {
+            Some(grant) => Ok(Caller {
+                tenant: TenantId(tenant),
+                grant,
+                principal: Principal::User(claims),
+            }),
+            None => Err(ApiError::unauthorized(
+                "The tenant of this session is not active.",
+            )),
+        };
+    }
     match state.auth.authorize(&state.app_pool, key).await? {
         Some(grant) => Ok(Caller {
             tenant: TenantId(grant.tenant_id),
             grant,
+            principal: Principal::Key,
         }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }

@@ -4,8 +4,10 @@
 //!   and their validation in [`openai`], the streaming in [`stream`]).
 //! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
-//! - Authentication by API key, cached and forgotten as soon as a key changes ([`auth`]), and
-//!   rate limits and quotas shared by every edge replica ([`limits`]).
+//! - `/v1/auth/*`, `/v1/keys`, `/v1/members`, `/v1/audit` — users' sessions and a tenant's
+//!   administration ([`control`], the tokens in [`sessions`]).
+//! - Authentication by API key or a user's access token, cached and forgotten as soon as a key
+//!   changes ([`auth`]), and rate limits and quotas shared by every edge replica ([`limits`]).
 //! - `/healthz`, `/readyz`, `/metrics`.
 //! - The schema registry's Confluent-compatible REST API, on its own listener ([`registry`]).
 //!
@@ -15,11 +17,13 @@
 
 pub mod auth;
 pub mod chat;
+pub mod control;
 pub mod error;
 pub mod limits;
 pub mod openai;
 pub mod registry;
 pub mod replies;
+pub mod sessions;
 pub mod stream;
 pub mod usage;
 pub mod ws;
@@ -94,6 +98,11 @@ pub struct EdgeConfig {
     pub max_in_flight: usize,
     /// Rate limits and quotas.
     pub limits: limits::LimitsConfig,
+    /// Seconds a user's access token is valid (a logout ends its session's refresh tokens at
+    /// once; access tokens already issued last until they expire).
+    pub access_token_secs: u64,
+    /// Days a refresh token is valid if not used.
+    pub refresh_token_days: u64,
 }
 
 impl Default for EdgeConfig {
@@ -105,6 +114,8 @@ impl Default for EdgeConfig {
             auth_cache_secs: 30,
             max_in_flight: 2048,
             limits: limits::LimitsConfig::default(),
+            access_token_secs: 900,
+            refresh_token_days: 30,
         }
     }
 }
@@ -128,6 +139,12 @@ impl EdgeConfig {
         if self.reply_timeout_secs == 0 {
             problems.push("edge.reply_timeout_secs must be at least 1".to_owned());
         }
+        if !(10..=86_400).contains(&self.access_token_secs) {
+            problems.push("edge.access_token_secs must be from 10 to 86400".to_owned());
+        }
+        if !(1..=365).contains(&self.refresh_token_days) {
+            problems.push("edge.refresh_token_days must be from 1 to 365".to_owned());
+        }
         if self.limits.assumed_output_tokens == 0 {
             problems.push("edge.limits.assumed_output_tokens must be at least 1".to_owned());
         }
@@ -148,6 +165,8 @@ pub struct EdgeState {
     pub clickhouse: ClickHouse,
     pub auth: Arc<AuthCache>,
     pub limits: Arc<limits::EdgeLimits>,
+    /// Signs and checks users' access tokens.
+    pub tokens: sessions::TokenKeys,
     /// Places for chat requests in flight (`edge.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -218,9 +237,13 @@ pub async fn run(
         Duration::from_secs(config.reply_timeout_secs.saturating_add(30)),
         &deps.metrics,
     ));
+    let signing_keys = sluice_stores::postgres::users::signing_keys(&deps.app_pool).await?;
+    let tokens =
+        sessions::TokenKeys::new(&signing_keys, Duration::from_secs(config.access_token_secs))?;
     let state = Arc::new(EdgeState {
         auth,
         limits,
+        tokens,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         config,
         app_pool: deps.app_pool,
@@ -258,6 +281,21 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route("/v1/models", get(usage::models))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/me", get(usage::me))
+        .route("/v1/auth/register", post(control::register))
+        .route("/v1/auth/login", post(control::login))
+        .route("/v1/auth/refresh", post(control::refresh))
+        .route("/v1/auth/logout", post(control::logout))
+        .route(
+            "/v1/keys",
+            get(control::list_keys).post(control::create_key),
+        )
+        .route("/v1/keys/{id}/revoke", post(control::revoke_key))
+        .route("/v1/keys/{id}/rotate", post(control::rotate_key))
+        .route(
+            "/v1/members",
+            get(control::list_members).post(control::add_member),
+        )
+        .route("/v1/audit", get(control::audit_log))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());

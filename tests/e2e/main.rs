@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod accounts;
 mod backpressure;
 mod bad_input;
 mod bench;

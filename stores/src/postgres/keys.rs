@@ -4,7 +4,7 @@
 //! the edges on the channel [`AUTH_CHANNEL`] by a trigger, so no caller can forget to.
 
 use serde::Serialize;
-use sqlx::{types::Uuid, PgPool, Row};
+use sqlx::{types::Uuid, PgConnection, PgPool, Row};
 
 use super::{
     plans::{limits_from_row, Limits},
@@ -125,16 +125,43 @@ fn key_from_row(row: &sqlx::postgres::PgRow) -> Result<KeyInfo> {
     })
 }
 
-/// A tenant's keys, newest first (owner role).
-pub async fn list_keys(admin: &PgPool, tenant_id: Uuid) -> Result<Vec<KeyInfo>> {
+/// A tenant's keys, newest first (the owner role, or the runtime role in the tenant's
+/// transaction).
+pub async fn list_keys(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Vec<KeyInfo>> {
     let rows = sqlx::query(&format!(
         "SELECT {KEY_COLUMNS} FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
           WHERE k.tenant_id = $1 ORDER BY k.created_at DESC, k.id"
     ))
     .bind(tenant_id)
-    .fetch_all(admin)
+    .fetch_all(conn)
     .await?;
     rows.iter().map(key_from_row).collect()
+}
+
+/// One key by id, if the connection may see it.
+pub async fn key_by_id(conn: &mut PgConnection, key_id: Uuid) -> Result<Option<KeyInfo>> {
+    let row = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = $1"
+    ))
+    .bind(key_id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(key_from_row).transpose()
+}
+
+/// Issues a key for `tenant_id` named `name`; returns it (shown once) and its id.
+pub async fn create_key(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    name: &str,
+) -> Result<(String, Uuid)> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(Error::Invalid(
+            "a key's name must be 1 to 100 characters".into(),
+        ));
+    }
+    tenants::insert_api_key(conn, tenant_id, name).await
 }
 
 /// The one key that `key_or_prefix` names (owner role): the whole key, or a prefix of it that
@@ -179,22 +206,27 @@ pub async fn find_key(admin: &PgPool, key_or_prefix: &str) -> Result<KeyInfo> {
     }
 }
 
-/// Revokes a key at once (owner role). Revoking a revoked key changes nothing.
-pub async fn revoke(admin: &PgPool, key_id: Uuid) -> Result<()> {
+/// Revokes a key at once. Revoking a revoked key changes nothing. Returns whether the
+/// connection could see the key.
+pub async fn revoke(conn: &mut PgConnection, key_id: Uuid) -> Result<bool> {
     sqlx::query(
         "UPDATE api_keys SET revoked_at = now()
           WHERE id = $1 AND (revoked_at IS NULL OR revoked_at > now())",
     )
     .bind(key_id)
-    .execute(admin)
+    .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(key_by_id(conn, key_id).await?.is_some())
 }
 
-/// Rotates a key (owner role): a new key with the old one's name and limits, while the old one
-/// keeps working for `grace_secs` more (0: it stops at once). Returns the new key, shown once.
-pub async fn rotate(admin: &PgPool, key_id: Uuid, grace_secs: u64) -> Result<String> {
-    let mut tx = admin.begin().await?;
+/// Rotates a key: a new key with the old one's name and limits, while the old one keeps working
+/// for `grace_secs` more (0: it stops at once). Returns the new key, shown once, and its id.
+/// Run it in a transaction: it is several statements.
+pub async fn rotate(
+    conn: &mut PgConnection,
+    key_id: Uuid,
+    grace_secs: u64,
+) -> Result<(String, Uuid)> {
     let old = sqlx::query(
         "SELECT tenant_id, name FROM api_keys
           WHERE id = $1 AND (revoked_at IS NULL OR revoked_at > now())
@@ -202,12 +234,12 @@ pub async fn rotate(admin: &PgPool, key_id: Uuid, grace_secs: u64) -> Result<Str
           FOR UPDATE",
     )
     .bind(key_id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?
-    .ok_or_else(|| Error::Invalid("the key is revoked or expired; issue a new one".into()))?;
+    .ok_or_else(|| Error::NotFound("no active key with that id; issue a new one".into()))?;
     let tenant_id: Uuid = old.try_get(0)?;
     let name: String = old.try_get(1)?;
-    let (key, new_id) = tenants::insert_api_key(&mut tx, tenant_id, &name).await?;
+    let (key, new_id) = tenants::insert_api_key(&mut *conn, tenant_id, &name).await?;
     sqlx::query(
         "UPDATE api_keys n SET requests_per_minute = o.requests_per_minute,
                 tokens_per_minute = o.tokens_per_minute, max_concurrent = o.max_concurrent,
@@ -216,7 +248,7 @@ pub async fn rotate(admin: &PgPool, key_id: Uuid, grace_secs: u64) -> Result<Str
     )
     .bind(new_id)
     .bind(key_id)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     let grace = i64::try_from(grace_secs)
         .unwrap_or(i64::MAX)
@@ -228,10 +260,9 @@ pub async fn rotate(admin: &PgPool, key_id: Uuid, grace_secs: u64) -> Result<Str
     .bind(key_id)
     .bind(grace as f64)
     .bind(new_id)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    tx.commit().await?;
-    Ok(key)
+    Ok((key, new_id))
 }
 
 /// Sets a key's own limits and expiry (owner role); they apply within moments on every edge.

@@ -6,12 +6,14 @@
 //! tenant-scoped query runs in a transaction that names its tenant ([`tenant_transaction`]), so
 //! a query that forgets its tenant filter still sees only that tenant's rows.
 
+pub mod audit;
 pub mod claims;
 pub mod keys;
 pub mod models;
 pub mod plans;
 pub mod registry;
 pub mod tenants;
+pub mod users;
 
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgPoolOptions, types::Uuid, PgPool, Postgres, Transaction};
@@ -37,6 +39,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "plans_and_key_lifecycle",
         sql: include_str!("../../migrations/0002_plans_and_key_lifecycle.sql"),
     },
+    Migration {
+        version: 3,
+        name: "users_sessions_audit",
+        sql: include_str!("../../migrations/0003_users_sessions_audit.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.
@@ -49,13 +56,19 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 }
 
 /// Applies every migration not yet applied (safe to run concurrently: an advisory lock
-/// serialises runners). Returns the versions applied now.
+/// serialises runners), then makes what the schema needs but cannot make itself (the access
+/// tokens' signing key). Returns the versions applied now.
 pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>> {
     let mut conn = pool.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock(hashtext('sluice-migrations'))")
         .execute(&mut *conn)
         .await?;
-    let result = apply_migrations(&mut conn).await;
+    let mut result = apply_migrations(&mut conn).await;
+    if result.is_ok() {
+        if let Err(e) = users::ensure_signing_key(pool).await {
+            result = Err(e);
+        }
+    }
     sqlx::query("SELECT pg_advisory_unlock(hashtext('sluice-migrations'))")
         .execute(&mut *conn)
         .await?;

@@ -268,6 +268,34 @@ pub async fn delete_plan(admin: &PgPool, name: &str) -> Result<()> {
     }
 }
 
+/// Whether the tenant is active, and its plan, read through row-level security (for callers
+/// known by a user's session rather than a key). `None`: no such active tenant.
+pub async fn tenant_plan(
+    app: &PgPool,
+    tenant_id: Uuid,
+) -> Result<Option<Option<(String, Limits)>>> {
+    let mut tx = super::tenant_transaction(app, tenant_id).await?;
+    let active: Option<bool> = sqlx::query_scalar("SELECT status = 'active' FROM tenants")
+        .fetch_optional(&mut *tx)
+        .await?;
+    if active != Some(true) {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT p.requests_per_minute, p.tokens_per_minute, p.monthly_tokens, p.max_concurrent,
+                p.allowed_models, p.name
+           FROM subscriptions s JOIN plans p ON p.id = s.plan_id",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let plan = match row {
+        Some(row) => Some((row.try_get(5)?, limits_from_row(&row, 0)?)),
+        None => None,
+    };
+    Ok(Some(plan))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::{types::Uuid, PgPool, Postgres, Row, Transaction};
+use sqlx::{types::Uuid, PgConnection, PgPool, Row};
 
 use super::tenant_transaction;
 use crate::{Error, Result};
@@ -73,7 +73,7 @@ pub async fn create_api_key(admin: &PgPool, tenant_id: Uuid, name: &str) -> Resu
 
 /// Issues a key in `tx`: returns the key (shown once) and its id.
 pub(crate) async fn insert_api_key(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     tenant_id: Uuid,
     name: &str,
 ) -> Result<(String, Uuid)> {
@@ -85,7 +85,7 @@ pub(crate) async fn insert_api_key(
     .bind(hash_api_key(&key))
     .bind(&key[..API_KEY_PREFIX.len() + 6])
     .bind(name)
-    .fetch_one(&mut **tx)
+    .fetch_one(conn)
     .await?;
     Ok((key, id))
 }

@@ -1,0 +1,574 @@
+//! The control plane's HTTP API: self-registration, login and sessions for users, and a
+//! tenant's keys, members and audit log for its admins.
+//!
+//! - `POST /v1/auth/register` (tenant, email, password → the tenant, its first admin, a session),
+//!   `POST /v1/auth/login`, `POST /v1/auth/refresh` (rotates the refresh token),
+//!   `POST /v1/auth/logout` (ends the session).
+//! - `GET|POST /v1/keys`, `POST /v1/keys/{id}/revoke`, `POST /v1/keys/{id}/rotate`,
+//!   `GET|POST /v1/members`, `GET /v1/audit`: a tenant admin's session on its own tenant; a
+//!   platform admin's on the tenant named by the `x-sluice-tenant` header. API keys cannot
+//!   manage keys (a leaked key must not mint others); members cannot either.
+//!
+//! Every change is recorded in the audit log in the same transaction as the change.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
+
+use axum::{
+    body::Bytes,
+    extract::{ConnectInfo, FromRequestParts, Path, Query, State},
+    http::{request::Parts, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{de::DeserializeOwned, Deserialize};
+use serde_json::{json, Value};
+use sluice_stores::postgres::{
+    audit::{self, Action},
+    keys, tenant_transaction,
+    users::{self, Role, Rotation},
+};
+use sqlx::types::Uuid;
+
+use crate::{
+    auth::{self},
+    error::ApiError,
+    sessions::{self, Claims},
+    EdgeState,
+};
+
+/// Parses a JSON body, naming the field at fault.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let error = ApiError::invalid(format!("Invalid body: {}", e.inner()));
+        if path == "." {
+            error
+        } else {
+            error.with_param(path)
+        }
+    })
+}
+
+fn store_error(context: &str, e: sluice_stores::Error) -> ApiError {
+    match e {
+        sluice_stores::Error::Invalid(message) => ApiError::invalid(message),
+        sluice_stores::Error::NotFound(message) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        }
+        e => ApiError::internal(context, e),
+    }
+}
+
+/// Runs a password hash or check off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal("password work", e))
+}
+
+fn peer(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip().to_string())
+}
+
+/// A session's tokens, as login, registration and refresh answer them.
+async fn session_tokens(
+    state: &EdgeState,
+    user: Uuid,
+    tenant: Option<Uuid>,
+    role: Role,
+    email: &str,
+) -> Result<Value, ApiError> {
+    let access = state.tokens.issue(user, tenant, role, email)?;
+    let (refresh, hash) = sessions::new_refresh_token();
+    users::start_session(&state.app_pool, user, &hash, refresh_expiry(state))
+        .await
+        .map_err(|e| ApiError::internal("starting a session", e))?;
+    Ok(tokens_json(state, user, tenant, role, &access, &refresh))
+}
+
+fn refresh_expiry(state: &EdgeState) -> i64 {
+    let days = i64::try_from(state.config.refresh_token_days).unwrap_or(30);
+    sluice_pipelines::now_ms().saturating_add(days.saturating_mul(86_400_000))
+}
+
+fn tokens_json(
+    state: &EdgeState,
+    user: Uuid,
+    tenant: Option<Uuid>,
+    role: Role,
+    access: &str,
+    refresh: &str,
+) -> Value {
+    json!({
+        "user_id": user, "tenant_id": tenant, "role": role,
+        "access_token": access, "token_type": "bearer",
+        "expires_in": state.tokens.access_ttl_secs(),
+        "refresh_token": refresh,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    tenant: String,
+    email: String,
+    password: String,
+}
+
+/// `POST /v1/auth/register`.
+pub async fn register(
+    State(state): State<Arc<EdgeState>>,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let form: Registration = parse(&body)?;
+    users::check_credentials(&form.email, &form.password).map_err(|e| store_error("", e))?;
+    let password = form.password.clone();
+    let hash = blocking(move || users::hash_password(&password))
+        .await?
+        .map_err(|e| ApiError::internal("hashing a password", e))?;
+    let (tenant, user) = users::register(&state.app_pool, &form.tenant, &form.email, &hash)
+        .await
+        .map_err(|e| store_error("registering", e))?;
+    let email = form.email.trim().to_lowercase();
+    let mut tx = tenant_transaction(&state.app_pool, tenant)
+        .await
+        .map_err(|e| ApiError::internal("recording a registration", e))?;
+    audit::record(
+        &mut tx,
+        &Action {
+            tenant_id: Some(tenant),
+            actor: &format!("user:{email}"),
+            action: "tenant.register",
+            target: Some(form.tenant.trim()),
+            detail: json!({}),
+            source: peer(&parts).as_deref(),
+        },
+    )
+    .await
+    .map_err(|e| ApiError::internal("recording a registration", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal("recording a registration", e))?;
+    let tokens = session_tokens(&state, user, Some(tenant), Role::TenantAdmin, &email).await?;
+    Ok((StatusCode::CREATED, Json(tokens)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    email: String,
+    password: String,
+}
+
+/// `POST /v1/auth/login`.
+pub async fn login(
+    State(state): State<Arc<EdgeState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let form: Login = parse(&body)?;
+    let found = users::user_for_login(&state.app_pool, &form.email)
+        .await
+        .map_err(|e| ApiError::internal("looking up a user", e))?;
+    // An unknown email costs the same hash check as a wrong password, so timing tells nothing.
+    let stored = found.as_ref().map(|u| u.password_hash.clone());
+    let password = form.password.clone();
+    let matches = blocking(move || match stored {
+        Some(hash) => users::verify_password(&hash, &password),
+        None => {
+            users::verify_password(dummy_hash(), &password);
+            false
+        }
+    })
+    .await?;
+    match found {
+        Some(user) if matches => Ok(Json(
+            session_tokens(
+                &state,
+                user.id,
+                user.tenant_id,
+                user.role,
+                &form.email.trim().to_lowercase(),
+            )
+            .await?,
+        )),
+        _ => Err(ApiError::unauthorized("Incorrect email or password.")),
+    }
+}
+
+/// The hash of a random password nobody has, checked when an email is unknown.
+fn dummy_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let (nobody, _) = sessions::new_refresh_token();
+        users::hash_password(&nobody).unwrap_or_default()
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshForm {
+    refresh_token: String,
+}
+
+/// `POST /v1/auth/refresh`: a new access token and a new refresh token; the old one is spent.
+pub async fn refresh(
+    State(state): State<Arc<EdgeState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let form: RefreshForm = parse(&body)?;
+    let old_hash = sluice_stores::postgres::tenants::hash_api_key(&form.refresh_token);
+    let (token, new_hash) = sessions::new_refresh_token();
+    let rotation = users::rotate_session(
+        &state.app_pool,
+        &old_hash,
+        &new_hash,
+        refresh_expiry(&state),
+    )
+    .await
+    .map_err(|e| ApiError::internal("rotating a session", e))?;
+    match rotation {
+        Rotation::Rotated {
+            user_id,
+            tenant_id,
+            role,
+            email,
+        } => {
+            let access = state.tokens.issue(user_id, tenant_id, role, &email)?;
+            Ok(Json(tokens_json(
+                &state, user_id, tenant_id, role, &access, &token,
+            )))
+        }
+        Rotation::Reused => Err(ApiError::unauthorized(
+            "This refresh token was already used; the session is ended. Log in again.",
+        )),
+        Rotation::Invalid => Err(ApiError::unauthorized("Invalid or expired refresh token.")),
+    }
+}
+
+/// `POST /v1/auth/logout`: ends the session of the refresh token given.
+pub async fn logout(
+    State(state): State<Arc<EdgeState>>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let form: RefreshForm = parse(&body)?;
+    let hash = sluice_stores::postgres::tenants::hash_api_key(&form.refresh_token);
+    let known = users::end_session(&state.app_pool, &hash)
+        .await
+        .map_err(|e| ApiError::internal("ending a session", e))?;
+    if known {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::unauthorized("Invalid refresh token."))
+    }
+}
+
+/// A caller allowed to administer a tenant: that tenant's admin, or a platform admin naming it
+/// in `x-sluice-tenant`.
+pub struct TenantAdmin {
+    pub tenant: Uuid,
+    pub claims: Arc<Claims>,
+    pub source: Option<String>,
+}
+
+impl TenantAdmin {
+    fn actor(&self) -> String {
+        format!("user:{}", self.claims.email)
+    }
+}
+
+impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<EdgeState>,
+    ) -> Result<Self, Self::Rejection> {
+        let forbidden =
+            |message: &str| ApiError::new(StatusCode::FORBIDDEN, "permission_denied", message);
+        let token = auth::bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "Log in (POST /v1/auth/login) and send the access token as `Bearer`.",
+            )
+        })?;
+        if !sessions::looks_like_jwt(token) {
+            return Err(forbidden(
+                "API keys cannot administer a tenant; use a tenant admin's session.",
+            ));
+        }
+        let claims = Arc::new(state.tokens.verify(token)?);
+        let tenant = match claims.role()? {
+            Role::TenantAdmin => claims
+                .tid
+                .ok_or_else(|| ApiError::unauthorized("The session names no tenant."))?,
+            Role::PlatformAdmin => parts
+                .headers
+                .get("x-sluice-tenant")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Uuid::parse_str(v).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid("A platform admin names the tenant in the `x-sluice-tenant` header (its id).")
+                })?,
+            Role::Member => return Err(forbidden("Only the tenant's admins may do this.")),
+        };
+        Ok(Self {
+            tenant,
+            claims,
+            source: peer(parts),
+        })
+    }
+}
+
+/// One change and its audit entry, in one transaction of the admin's tenant.
+async fn in_tenant<T>(
+    state: &EdgeState,
+    admin: &TenantAdmin,
+    action: &str,
+    change: impl for<'c> FnOnce(
+        &'c mut sqlx::PgConnection,
+    ) -> futures::future::BoxFuture<
+        'c,
+        Result<(T, Option<String>, Value), ApiError>,
+    >,
+) -> Result<T, ApiError> {
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("opening a transaction", e))?;
+    let (out, target, detail) = change(&mut tx).await?;
+    audit::record(
+        &mut tx,
+        &Action {
+            tenant_id: Some(admin.tenant),
+            actor: &admin.actor(),
+            action,
+            target: target.as_deref(),
+            detail,
+            source: admin.source.as_deref(),
+        },
+    )
+    .await
+    .map_err(|e| ApiError::internal("recording an action", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal("committing a change", e))?;
+    Ok(out)
+}
+
+/// `GET /v1/keys`.
+pub async fn list_keys(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing keys", e))?;
+    let keys = keys::list_keys(&mut tx, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing keys", e))?;
+    Ok(Json(json!({ "object": "list", "data": keys })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct NewKey {
+    name: Option<String>,
+}
+
+/// `POST /v1/keys`: a new key, shown once.
+pub async fn create_key(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let form: NewKey = if body.is_empty() {
+        NewKey::default()
+    } else {
+        parse(&body)?
+    };
+    let name = form.name.unwrap_or_else(|| "default".to_owned());
+    let tenant = admin.tenant;
+    let (key, id) = in_tenant(&state, &admin, "key.create", |tx| {
+        Box::pin(async move {
+            let (key, id) = keys::create_key(tx, tenant, &name)
+                .await
+                .map_err(|e| store_error("creating a key", e))?;
+            let prefix = key.get(..16).unwrap_or_default().to_owned();
+            Ok(((key, id), Some(prefix), json!({ "name": name })))
+        })
+    })
+    .await?;
+    let prefix = key.get(..16).unwrap_or_default().to_owned();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "prefix": prefix, "api_key": key })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/keys/{id}/revoke`.
+pub async fn revoke_key(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    in_tenant(&state, &admin, "key.revoke", |tx| {
+        Box::pin(async move {
+            let key = keys::key_by_id(tx, id)
+                .await
+                .map_err(|e| ApiError::internal("revoking a key", e))?
+                .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such key."))?;
+            keys::revoke(tx, id)
+                .await
+                .map_err(|e| ApiError::internal("revoking a key", e))?;
+            Ok(((), Some(key.prefix), json!({ "id": id })))
+        })
+    })
+    .await?;
+    Ok(Json(json!({ "id": id, "revoked": true })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RotateForm {
+    grace_secs: Option<u64>,
+}
+
+/// `POST /v1/keys/{id}/rotate`: a replacement key, shown once; the old one works for
+/// `grace_secs` more (default 3600).
+pub async fn rotate_key(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    Path(id): Path<Uuid>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let form: RotateForm = if body.is_empty() {
+        RotateForm::default()
+    } else {
+        parse(&body)?
+    };
+    let grace = form.grace_secs.unwrap_or(3600);
+    let (key, new_id) = in_tenant(&state, &admin, "key.rotate", |tx| {
+        Box::pin(async move {
+            let old = keys::key_by_id(tx, id)
+                .await
+                .map_err(|e| ApiError::internal("rotating a key", e))?
+                .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such key."))?;
+            let (key, new_id) = keys::rotate(tx, id, grace)
+                .await
+                .map_err(|e| store_error("rotating a key", e))?;
+            Ok((
+                (key, new_id),
+                Some(old.prefix),
+                json!({ "id": id, "new_id": new_id, "grace_secs": grace }),
+            ))
+        })
+    })
+    .await?;
+    Ok(Json(json!({
+        "id": new_id, "prefix": key.get(..16).unwrap_or_default(), "api_key": key,
+        "replaces": id, "old_key_valid_for_secs": grace,
+    })))
+}
+
+/// `GET /v1/members`.
+pub async fn list_members(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing members", e))?;
+    let members = users::list_members(&mut tx, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing members", e))?;
+    Ok(Json(json!({ "object": "list", "data": members })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMember {
+    email: String,
+    password: String,
+    #[serde(default = "member_role")]
+    role: String,
+}
+
+fn member_role() -> String {
+    "member".to_owned()
+}
+
+/// `POST /v1/members`: adds a member or another admin to the tenant.
+pub async fn add_member(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let form: NewMember = parse(&body)?;
+    let role = Role::parse(&form.role).map_err(|e| store_error("", e).with_param("role"))?;
+    if role == Role::PlatformAdmin {
+        return Err(
+            ApiError::invalid("A tenant's member is a tenant_admin or a member.")
+                .with_param("role"),
+        );
+    }
+    users::check_credentials(&form.email, &form.password).map_err(|e| store_error("", e))?;
+    let password = form.password.clone();
+    let hash = blocking(move || users::hash_password(&password))
+        .await?
+        .map_err(|e| ApiError::internal("hashing a password", e))?;
+    let (tenant, email) = (admin.tenant, form.email.trim().to_lowercase());
+    let target = email.clone();
+    let id = in_tenant(&state, &admin, "member.add", |tx| {
+        Box::pin(async move {
+            let id = users::add_user(tx, Some(tenant), &email, &hash, role)
+                .await
+                .map_err(|e| store_error("adding a member", e))?;
+            Ok((id, Some(email), json!({ "role": role })))
+        })
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "email": target, "role": role })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    /// Entries older than this id (paging).
+    before: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<i64>,
+}
+
+/// `GET /v1/audit`: the tenant's audit log, newest first.
+pub async fn audit_log(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("reading the audit log", e))?;
+    let entries = audit::entries(
+        &mut tx,
+        Some(admin.tenant),
+        query.before,
+        query.limit.unwrap_or(100),
+    )
+    .await
+    .map_err(|e| ApiError::internal("reading the audit log", e))?;
+    Ok(Json(json!({ "object": "list", "data": entries })))
+}

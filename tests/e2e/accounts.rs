@@ -1,0 +1,373 @@
+//! Users and their sessions, and a tenant's administration over the API: registration, login,
+//! refresh-token rotation and reuse, logout; keys and members managed by a tenant admin and by
+//! nobody else; every action in the audit log; another tenant's admin sees and touches nothing.
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// POSTs JSON with an optional bearer token: status and body.
+async fn post(url: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = http().post(url).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A freshly registered tenant: its admin's email, password and session.
+struct Registered {
+    email: String,
+    password: String,
+    session: Value,
+}
+
+impl Registered {
+    fn access(&self) -> &str {
+        self.session["access_token"].as_str().unwrap()
+    }
+    fn tenant(&self) -> &str {
+        self.session["tenant_id"].as_str().unwrap()
+    }
+}
+
+async fn register(sluice: &Sluice) -> Registered {
+    let email = format!("{}@example.com", unique("admin-"));
+    let password = "a long enough password".to_owned();
+    let (status, session) = post(
+        &sluice.v1("/auth/register"),
+        None,
+        json!({ "tenant": unique("org-"), "email": email, "password": password }),
+    )
+    .await;
+    assert_eq!(status, 201, "{session}");
+    assert_eq!(session["role"], "tenant_admin");
+    Registered {
+        email,
+        password,
+        session,
+    }
+}
+
+#[tokio::test]
+async fn a_user_registers_logs_in_refreshes_and_logs_out() {
+    let sluice = Sluice::start();
+    let admin = register(&sluice).await;
+    // The access token works on every route, as a key does.
+    let (status, body) = chat(
+        &sluice,
+        admin.access(),
+        json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, me) = get_json(&sluice.v1("/me"), admin.access()).await;
+    assert_eq!((status, me["id"].as_str()), (200, Some(admin.tenant())));
+
+    // Wrong password, unknown email: the same 401.
+    for (email, password) in [
+        (admin.email.as_str(), "not the password"),
+        ("nobody@example.com", admin.password.as_str()),
+    ] {
+        let (status, body) = post(
+            &sluice.v1("/auth/login"),
+            None,
+            json!({ "email": email, "password": password }),
+        )
+        .await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"]["type"], "authentication_error");
+    }
+    let (status, login) = post(
+        &sluice.v1("/auth/login"),
+        None,
+        json!({ "email": admin.email.to_uppercase(), "password": admin.password }),
+    )
+    .await;
+    assert_eq!(status, 200, "emails are not case-sensitive: {login}");
+
+    // Refresh rotates: the new pair works, the old refresh token is spent, and using it again
+    // ends the whole session (someone else has a copy).
+    let first = login["refresh_token"].as_str().unwrap().to_owned();
+    let (status, rotated) = post(
+        &sluice.v1("/auth/refresh"),
+        None,
+        json!({ "refresh_token": first }),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let second = rotated["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+    let (status, _) = get_json(&sluice.v1("/me"), rotated["access_token"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        &sluice.v1("/auth/refresh"),
+        None,
+        json!({ "refresh_token": first }),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = post(
+        &sluice.v1("/auth/refresh"),
+        None,
+        json!({ "refresh_token": second }),
+    )
+    .await;
+    assert_eq!(status, 401, "a reused token ends its whole session");
+
+    // Logout ends the registration's session.
+    let refresh = admin.session["refresh_token"].as_str().unwrap();
+    let (status, _) = post(
+        &sluice.v1("/auth/logout"),
+        None,
+        json!({ "refresh_token": refresh }),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = post(
+        &sluice.v1("/auth/refresh"),
+        None,
+        json!({ "refresh_token": refresh }),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Bad input: 400 in OpenAI's shape, naming the field.
+    let (status, body) = post(
+        &sluice.v1("/auth/register"),
+        None,
+        json!({ "tenant": "x", "email": "no-at", "password": "short" }),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&sluice.v1("/auth/login"), None, json!({ "email": 3 })).await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("email")),
+        "{body}"
+    );
+    let (status, body) = post(
+        &sluice.v1("/auth/register"),
+        None,
+        json!({ "tenant": unique("org-"), "email": admin.email, "password": admin.password }),
+    )
+    .await;
+    assert_eq!(status, 400, "the email is taken: {body}");
+}
+
+#[tokio::test]
+async fn a_tenant_admin_manages_keys_and_members_and_the_audit_log_records_it() {
+    let sluice = Sluice::start();
+    let admin = register(&sluice).await;
+    let token = admin.access().to_owned();
+
+    let (status, created) = post(&sluice.v1("/keys"), Some(&token), json!({ "name": "ci" })).await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let (status, _) = get_json(&sluice.v1("/me"), &key).await;
+    assert_eq!(status, 200, "the new key works");
+    let (status, listed) = get_json(&sluice.v1("/keys"), &token).await;
+    assert_eq!(status, 200);
+    let text = listed.to_string();
+    assert!(text.contains(created["prefix"].as_str().unwrap()));
+    assert!(!text.contains(&key[16..]), "never the secret");
+
+    let id = created["id"].as_str().unwrap();
+    let (status, rotated) = post(
+        &sluice.v1(&format!("/keys/{id}/rotate")),
+        Some(&token),
+        json!({ "grace_secs": 0 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_key = rotated["api_key"].as_str().unwrap().to_owned();
+    eventually(5, "the rotated key to stop", || async {
+        (get_json(&sluice.v1("/me"), &key).await.0 == 401).then_some(())
+    })
+    .await;
+    assert_eq!(get_json(&sluice.v1("/me"), &new_key).await.0, 200);
+    let new_id = rotated["id"].as_str().unwrap();
+    let (status, _) = post(
+        &sluice.v1(&format!("/keys/{new_id}/revoke")),
+        Some(&token),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    eventually(5, "the revoked key to stop", || async {
+        (get_json(&sluice.v1("/me"), &new_key).await.0 == 401).then_some(())
+    })
+    .await;
+
+    // A member uses the API but cannot administer; nor can an API key.
+    let member_email = format!("{}@example.com", unique("member-"));
+    let (status, member) = post(
+        &sluice.v1("/members"),
+        Some(&token),
+        json!({ "email": member_email, "password": "member password 1" }),
+    )
+    .await;
+    assert_eq!(
+        (status, member["role"].as_str()),
+        (201, Some("member")),
+        "{member}"
+    );
+    let (status, session) = post(
+        &sluice.v1("/auth/login"),
+        None,
+        json!({ "email": member_email, "password": "member password 1" }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let member_token = session["access_token"].as_str().unwrap();
+    let (status, _) = get_json(&sluice.v1("/usage"), member_token).await;
+    assert_eq!(status, 200);
+    let (status, body) = post(&sluice.v1("/keys"), Some(member_token), json!({})).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (403, Some("permission_error"))
+    );
+    let (_, another) = post(&sluice.v1("/keys"), Some(&token), json!({})).await;
+    let (status, _) = get_json(&sluice.v1("/keys"), another["api_key"].as_str().unwrap()).await;
+    assert_eq!(status, 403, "API keys cannot manage keys");
+    let (status, members) = get_json(&sluice.v1("/members"), &token).await;
+    assert_eq!(status, 200);
+    assert_eq!(members["data"].as_array().unwrap().len(), 2, "{members}");
+
+    // Everything above is in the audit log: who, what, to what, from where.
+    let (status, log) = get_json(&sluice.v1("/audit"), &token).await;
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.create",
+            "member.add",
+            "key.revoke",
+            "key.rotate",
+            "key.create",
+            "tenant.register"
+        ],
+        "newest first: {log}"
+    );
+    let entry = &log["data"][2];
+    assert_eq!(entry["actor"], format!("user:{}", admin.email));
+    assert_eq!(entry["source"], "127.0.0.1");
+    assert!(new_key.starts_with(entry["target"].as_str().unwrap()));
+    let (status, _) = get_json(&sluice.v1("/audit"), member_token).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn another_tenants_admin_sees_and_touches_nothing_of_the_first() {
+    let sluice = Sluice::start();
+    let alice = register(&sluice).await;
+    let bob = register(&sluice).await;
+    let (_, alices_key) = post(
+        &sluice.v1("/keys"),
+        Some(alice.access()),
+        json!({ "name": "a" }),
+    )
+    .await;
+    let alices_key_id = alices_key["id"].as_str().unwrap();
+
+    for path in ["/keys", "/members", "/audit"] {
+        let (status, body) = get_json(&sluice.v1(path), bob.access()).await;
+        assert_eq!(status, 200);
+        let text = body.to_string();
+        assert!(
+            !text.contains(alices_key_id) && !text.contains(&alice.email),
+            "{path}: {text}"
+        );
+    }
+    for action in ["revoke", "rotate"] {
+        let (status, body) = post(
+            &sluice.v1(&format!("/keys/{alices_key_id}/{action}")),
+            Some(bob.access()),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 404, "{action}: {body}");
+    }
+    assert_eq!(
+        get_json(&sluice.v1("/me"), alices_key["api_key"].as_str().unwrap())
+            .await
+            .0,
+        200
+    );
+
+    // A platform admin (made by an operator) administers any tenant, naming it.
+    let platform = format!("{}@example.com", unique("ops-"));
+    let mut create = crate::harness::sluice(&sluice.prefix);
+    create
+        .args(["user", "create", &platform, "--role", "platform_admin"])
+        .stdin(std::process::Stdio::piped());
+    let mut child = create.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"platform password\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let (_, session) = post(
+        &sluice.v1("/auth/login"),
+        None,
+        json!({ "email": platform, "password": "platform password" }),
+    )
+    .await;
+    let token = session["access_token"].as_str().unwrap();
+    let response = http()
+        .get(sluice.v1("/keys"))
+        .bearer_auth(token)
+        .header("x-sluice-tenant", alice.tenant())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.text().await.unwrap().contains(alices_key_id));
+    let (status, _) = get_json(&sluice.v1("/keys"), token).await;
+    assert_eq!(status, 400, "a platform admin names the tenant");
+    let (status, _) = get_json(&sluice.v1("/me"), token).await;
+    assert_eq!(
+        status, 403,
+        "a platform admin's session is no tenant's caller"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_log_is_append_only_for_every_role() {
+    let prefix = unique("t");
+    let tenant = create_tenant(&prefix);
+    let out = run_cli(&prefix, &["audit", "--tenant", &tenant.name, "--json"]);
+    let entry: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["action"], "tenant.create");
+    assert!(entry["actor"].as_str().unwrap().starts_with("cli:"));
+    for url in [app_database_url(), admin_database_url()] {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT set_config('sluice.tenant_id', $1, true)")
+            .bind(&tenant.id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let changed =
+            sqlx::query("UPDATE audit_log SET actor = 'someone else' WHERE tenant_id::text = $1")
+                .bind(&tenant.id)
+                .execute(&mut *tx)
+                .await;
+        assert!(changed.is_err(), "{url} could change the audit log");
+    }
+}

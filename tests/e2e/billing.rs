@@ -153,3 +153,41 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_cleanly() {
     let (clean, _sluice) = clean.await.unwrap();
     assert!(clean, "sluice up exits with status 0 after SIGTERM");
 }
+
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_stream_is_still_billed_for_the_whole_reply() {
+    let sluice = Sluice::start_with(&unique("t"), sim_speed(20.0));
+    let tenant = create_tenant(&sluice.prefix);
+    let ask = |stream: bool| {
+        serde_json::json!({"model": "sim-small", "stream": stream, "max_tokens": 40,
+            "messages": [{"role": "user", "content": "tell me a long story about billing"}]})
+    };
+    // The caller reads the first event of a two-second stream, then hangs up.
+    let mut response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .json(&ask(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(response);
+    // The same conversation again, read to its end: the reply is the same length.
+    let (status, whole) = chat(&sluice, &tenant.key, ask(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let output = whole["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(output > 5, "{whole}");
+    // The model call of the abandoned stream ran to its end and is billed like the other.
+    let usage = eventually(30, "both calls billed", || async {
+        let (_, usage) = get_json(&sluice.v1("/usage"), &tenant.key).await;
+        (usage["totals"]["requests"] == 2).then_some(usage)
+    })
+    .await;
+    assert_eq!(
+        usage["totals"]["output_tokens"].as_u64(),
+        Some(2 * output),
+        "{usage}"
+    );
+}

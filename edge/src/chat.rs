@@ -124,6 +124,12 @@ pub async fn submit(
 }
 
 /// The handler.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])),
+    request_body = crate::openai::CompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` a `text/event-stream` of `chat.completion.chunk` objects ending in `data: [DONE]`", body = Object),
+        (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 404, description = "Not found, or not the caller's", body = crate::api_doc::ErrorBody), (status = 413, description = "Body too large", body = crate::api_doc::ErrorBody),
+        (status = 429, description = "Over a rate limit or quota (with Retry-After)", body = crate::api_doc::ErrorBody), (status = 503, description = "A store or the broker is unavailable (with Retry-After)", body = crate::api_doc::ErrorBody), (status = 504, description = "The model did not answer in time", body = crate::api_doc::ErrorBody)))]
 pub async fn completions(
     State(state): State<Arc<EdgeState>>,
     caller: Caller,

@@ -23,14 +23,16 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use serde::{de::DeserializeOwned, Deserialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluice_stores::postgres::{
-    audit::{self, Action},
-    keys, tenant_transaction,
-    users::{self, Role, Rotation},
+    audit::{self, Action, Entry},
+    keys::{self, KeyInfo},
+    tenant_transaction,
+    users::{self, Member, Role, Rotation},
 };
 use sqlx::types::Uuid;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     auth::{self},
@@ -86,7 +88,7 @@ async fn session_tokens(
     tenant: Option<Uuid>,
     role: Role,
     email: &str,
-) -> Result<Value, ApiError> {
+) -> Result<Session, ApiError> {
     let access = state.tokens.issue(user, tenant, role, email)?;
     let (refresh, hash) = sessions::new_refresh_token();
     users::start_session(&state.app_pool, user, &hash, refresh_expiry(state))
@@ -100,6 +102,22 @@ fn refresh_expiry(state: &EdgeState) -> i64 {
     sluice_pipelines::now_ms().saturating_add(days.saturating_mul(86_400_000))
 }
 
+/// A session's tokens.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Session {
+    pub user_id: Uuid,
+    /// None for a platform admin.
+    pub tenant_id: Option<Uuid>,
+    pub role: Role,
+    /// A JWT: send it as `Authorization: Bearer`.
+    pub access_token: String,
+    pub token_type: &'static str,
+    /// Seconds the access token is valid.
+    pub expires_in: u64,
+    /// Spend it at `/v1/auth/refresh` for a new pair.
+    pub refresh_token: String,
+}
+
 fn tokens_json(
     state: &EdgeState,
     user: Uuid,
@@ -107,24 +125,75 @@ fn tokens_json(
     role: Role,
     access: &str,
     refresh: &str,
-) -> Value {
-    json!({
-        "user_id": user, "tenant_id": tenant, "role": role,
-        "access_token": access, "token_type": "bearer",
-        "expires_in": state.tokens.access_ttl_secs(),
-        "refresh_token": refresh,
-    })
+) -> Session {
+    Session {
+        user_id: user,
+        tenant_id: tenant,
+        role,
+        access_token: access.to_owned(),
+        token_type: "bearer",
+        expires_in: state.tokens.access_ttl_secs(),
+        refresh_token: refresh.to_owned(),
+    }
 }
 
-#[derive(Deserialize)]
+/// A key just issued: the only time its secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IssuedKey {
+    pub id: Uuid,
+    /// The key's first characters, as lists show them.
+    pub prefix: String,
+    pub api_key: String,
+    /// The key it replaces (a rotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<Uuid>,
+    /// Seconds the replaced key keeps working (a rotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_key_valid_for_secs: Option<u64>,
+}
+
+fn issued(id: Uuid, key: String, replaces: Option<(Uuid, u64)>) -> IssuedKey {
+    IssuedKey {
+        id,
+        prefix: key.get(..16).unwrap_or_default().to_owned(),
+        api_key: key,
+        replaces: replaces.map(|(id, _)| id),
+        old_key_valid_for_secs: replaces.map(|(_, grace)| grace),
+    }
+}
+
+/// A list, as OpenAI's API answers them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct List<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+}
+
+/// The tenant's keys.
+pub type KeyList = List<KeyInfo>;
+/// The tenant's users.
+pub type MemberList = List<Member>;
+/// The tenant's audit log.
+pub type AuditList = List<Entry>;
+
+fn list<T>(data: Vec<T>) -> List<T> {
+    List {
+        object: "list",
+        data,
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Registration {
+pub struct Registration {
     tenant: String,
     email: String,
     password: String,
 }
 
 /// `POST /v1/auth/register`.
+#[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = Registration,
+    responses((status = 201, description = "The tenant, its first admin and a session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody)))]
 pub async fn register(
     State(state): State<Arc<EdgeState>>,
     parts: Parts,
@@ -163,18 +232,20 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(tokens)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Login {
+pub struct Login {
     email: String,
     password: String,
 }
 
 /// `POST /v1/auth/login`.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = Login,
+    responses((status = 200, description = "A session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
 pub async fn login(
     State(state): State<Arc<EdgeState>>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Session>, ApiError> {
     let form: Login = parse(&body)?;
     let found = users::user_for_login(&state.app_pool, &form.email)
         .await
@@ -214,17 +285,19 @@ fn dummy_hash() -> &'static str {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshForm {
+pub struct RefreshForm {
     refresh_token: String,
 }
 
 /// `POST /v1/auth/refresh`: a new access token and a new refresh token; the old one is spent.
+#[utoipa::path(post, path = "/v1/auth/refresh", tag = "auth", request_body = RefreshForm,
+    responses((status = 200, description = "A new access token and refresh token; the one sent is spent", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
 pub async fn refresh(
     State(state): State<Arc<EdgeState>>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Session>, ApiError> {
     let form: RefreshForm = parse(&body)?;
     let old_hash = sluice_stores::postgres::tenants::hash_api_key(&form.refresh_token);
     let (token, new_hash) = sessions::new_refresh_token();
@@ -256,6 +329,8 @@ pub async fn refresh(
 }
 
 /// `POST /v1/auth/logout`: ends the session of the refresh token given.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", request_body = RefreshForm,
+    responses((status = 204, description = "The session is ended"), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
 pub async fn logout(
     State(state): State<Arc<EdgeState>>,
     body: Bytes,
@@ -364,26 +439,31 @@ async fn in_tenant<T>(
 }
 
 /// `GET /v1/keys`.
+#[utoipa::path(get, path = "/v1/keys", tag = "admin", security(("bearer" = [])),
+    params(("x-sluice-tenant" = Option<String>, Header, description = "The tenant's id, for a platform admin")),
+    responses((status = 200, description = "The tenant's keys (prefixes, never secrets)", body = List<KeyInfo>), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn list_keys(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("listing keys", e))?;
     let keys = keys::list_keys(&mut tx, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("listing keys", e))?;
-    Ok(Json(json!({ "object": "list", "data": keys })))
+    Ok(Json(list(keys)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields, default)]
-struct NewKey {
+pub struct NewKey {
     name: Option<String>,
 }
 
 /// `POST /v1/keys`: a new key, shown once.
+#[utoipa::path(post, path = "/v1/keys", tag = "admin", security(("bearer" = [])), request_body = NewKey,
+    responses((status = 201, description = "The new key, shown once", body = IssuedKey), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn create_key(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
@@ -406,15 +486,12 @@ pub async fn create_key(
         })
     })
     .await?;
-    let prefix = key.get(..16).unwrap_or_default().to_owned();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": id, "prefix": prefix, "api_key": key })),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(issued(id, key, None))).into_response())
 }
 
 /// `POST /v1/keys/{id}/revoke`.
+#[utoipa::path(post, path = "/v1/keys/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)),
+    responses((status = 200, description = "Revoked, on every edge within moments", body = Object), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody), (status = 404, description = "Not found, or not the caller's", body = crate::api_doc::ErrorBody)))]
 pub async fn revoke_key(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
@@ -436,20 +513,22 @@ pub async fn revoke_key(
     Ok(Json(json!({ "id": id, "revoked": true })))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields, default)]
-struct RotateForm {
+pub struct RotateForm {
     grace_secs: Option<u64>,
 }
 
 /// `POST /v1/keys/{id}/rotate`: a replacement key, shown once; the old one works for
 /// `grace_secs` more (default 3600).
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "admin", security(("bearer" = [])), params(("id" = Uuid, Path)), request_body = RotateForm,
+    responses((status = 200, description = "The replacement key, shown once; the old one works for the grace period", body = IssuedKey), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody), (status = 404, description = "Not found, or not the caller's", body = crate::api_doc::ErrorBody)))]
 pub async fn rotate_key(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
     Path(id): Path<Uuid>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<IssuedKey>, ApiError> {
     let form: RotateForm = if body.is_empty() {
         RotateForm::default()
     } else {
@@ -473,29 +552,28 @@ pub async fn rotate_key(
         })
     })
     .await?;
-    Ok(Json(json!({
-        "id": new_id, "prefix": key.get(..16).unwrap_or_default(), "api_key": key,
-        "replaces": id, "old_key_valid_for_secs": grace,
-    })))
+    Ok(Json(issued(new_id, key, Some((id, grace)))))
 }
 
 /// `GET /v1/members`.
+#[utoipa::path(get, path = "/v1/members", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "The tenant's users", body = List<Member>), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn list_members(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MemberList>, ApiError> {
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("listing members", e))?;
     let members = users::list_members(&mut tx, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("listing members", e))?;
-    Ok(Json(json!({ "object": "list", "data": members })))
+    Ok(Json(list(members)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewMember {
+pub struct NewMember {
     email: String,
     password: String,
     #[serde(default = "member_role")]
@@ -507,6 +585,8 @@ fn member_role() -> String {
 }
 
 /// `POST /v1/members`: adds a member or another admin to the tenant.
+#[utoipa::path(post, path = "/v1/members", tag = "admin", security(("bearer" = [])), request_body = NewMember,
+    responses((status = 201, description = "The new member", body = Object), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn add_member(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
@@ -543,7 +623,7 @@ pub async fn add_member(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 pub struct AuditQuery {
     /// Entries older than this id (paging).
     before: Option<i64>,
@@ -552,11 +632,13 @@ pub struct AuditQuery {
 }
 
 /// `GET /v1/audit`: the tenant's audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery),
+    responses((status = 200, description = "The tenant's audit log, newest first", body = List<Entry>), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn audit_log(
     State(state): State<Arc<EdgeState>>,
     admin: TenantAdmin,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditList>, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
@@ -570,5 +652,5 @@ pub async fn audit_log(
     )
     .await
     .map_err(|e| ApiError::internal("reading the audit log", e))?;
-    Ok(Json(json!({ "object": "list", "data": entries })))
+    Ok(Json(list(entries)))
 }

@@ -6,6 +6,7 @@
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
 //! - `/v1/auth/*`, `/v1/keys`, `/v1/members`, `/v1/audit` — users' sessions and a tenant's
 //!   administration ([`control`], the tokens in [`sessions`]).
+//! - `GET /openapi.json` — the API's OpenAPI document, generated from the handlers ([`api_doc`]).
 //! - Authentication by API key or a user's access token, cached and forgotten as soon as a key
 //!   changes ([`auth`]), and rate limits and quotas shared by every edge replica ([`limits`]).
 //! - `/healthz`, `/readyz`, `/metrics`.
@@ -15,6 +16,7 @@
 //! to `sluice.requests` and reads its replies from the replies partition it owns ([`replies`]).
 //! Errors are answered in OpenAI's error shape from one place ([`error`]).
 
+pub mod api_doc;
 pub mod auth;
 pub mod chat;
 pub mod control;
@@ -270,6 +272,24 @@ pub async fn run(
     served.map_err(Error::Serve)
 }
 
+/// The API's routes, each documented in [`api_doc`] (a test holds the two together).
+pub const API_ROUTES: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/chat/stream",
+    "/v1/models",
+    "/v1/usage",
+    "/v1/me",
+    "/v1/auth/register",
+    "/v1/auth/login",
+    "/v1/auth/refresh",
+    "/v1/auth/logout",
+    "/v1/keys",
+    "/v1/keys/{id}/revoke",
+    "/v1/keys/{id}/rotate",
+    "/v1/members",
+    "/v1/audit",
+];
+
 /// The edge's routes.
 pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -> Router {
     let api = Router::new()
@@ -296,6 +316,7 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
             get(control::list_members).post(control::add_member),
         )
         .route("/v1/audit", get(control::audit_log))
+        .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());

@@ -11,7 +11,7 @@ use crate::error::ApiError;
 
 /// A chat completion request as OpenAI's API takes it (the fields Sluice uses; others are
 /// accepted and ignored, as OpenAI's SDKs send some by default).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub messages: Vec<MessageIn>,
@@ -32,14 +32,14 @@ pub struct CompletionRequest {
 }
 
 /// `stream_options`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// One input message.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct MessageIn {
     pub role: String,
     #[serde(default)]
@@ -49,7 +49,7 @@ pub struct MessageIn {
 }
 
 /// Message content: a string or a list of parts.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
@@ -57,7 +57,7 @@ pub enum Content {
 }
 
 /// A content part; only text parts are supported.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,

@@ -18,6 +18,8 @@ use crate::{
 };
 
 /// `GET /v1/models`: `auto` plus every enabled model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])),
+    responses((status = 200, description = "`auto` and every enabled model, as OpenAI lists models", body = Object), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
 pub async fn models(State(state): State<Arc<EdgeState>>, _tenant: TenantId) -> Json<Value> {
     let mut data = vec![json!({
         "id": AUTO_MODEL, "object": "model", "created": 0, "owned_by": "sluice",
@@ -33,7 +35,7 @@ pub async fn models(State(state): State<Arc<EdgeState>>, _tenant: TenantId) -> J
 }
 
 /// Query of `GET /v1/usage`: a time range in Unix seconds.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct UsageQuery {
     /// Start (inclusive); default: 30 days ago.
     pub start_time: Option<u32>,
@@ -42,6 +44,8 @@ pub struct UsageQuery {
 }
 
 /// `GET /v1/usage`: the caller's tokens and requests per model.
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", security(("bearer" = [])), params(UsageQuery),
+    responses((status = 200, description = "The caller's requests and tokens per model in the range", body = Object), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 503, description = "A store or the broker is unavailable (with Retry-After)", body = crate::api_doc::ErrorBody)))]
 pub async fn usage(
     State(state): State<Arc<EdgeState>>,
     tenant: TenantId,
@@ -84,6 +88,8 @@ pub async fn usage(
 }
 
 /// `GET /v1/me`: the calling tenant, its plan and the calling key's own limits.
+#[utoipa::path(get, path = "/v1/me", tag = "usage", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's tenant, its plan and limits, and the calling key's own limits", body = Object), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn me(
     State(state): State<Arc<EdgeState>>,
     caller: Caller,

@@ -48,6 +48,9 @@ pub struct WsQuery {
 }
 
 /// The upgrade handler.
+#[utoipa::path(get, path = "/v1/chat/stream", tag = "openai", security(("bearer" = [])),
+    params(("api_key" = Option<String>, Query, description = "The key, for browsers, which cannot set headers on a WebSocket")),
+    responses((status = 101, description = "WebSocket: send chat completion request bodies as text frames; receive `chat.completion.chunk` frames"), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
 pub async fn upgrade(
     State(state): State<Arc<EdgeState>>,
     Query(query): Query<WsQuery>,

@@ -371,3 +371,40 @@ async fn the_audit_log_is_append_only_for_every_role() {
         assert!(changed.is_err(), "{url} could change the audit log");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_names_exactly_what_is_served() {
+    let sluice = Sluice::start();
+    let doc: Value = http()
+        .get(format!("{}/openapi.json", sluice.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 14, "{paths:?}");
+    for (path, operations) in paths {
+        let url = format!(
+            "{}{}",
+            sluice.url,
+            path.replace("{id}", &uuid::Uuid::new_v4().to_string())
+        );
+        for method in operations.as_object().unwrap().keys() {
+            let request = match method.as_str() {
+                "get" => http().get(&url),
+                "post" => http().post(&url).json(&json!({})),
+                other => panic!("{other} {path}"),
+            };
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            assert!(
+                status != 405 && body["error"]["code"] != "unknown_url",
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+        }
+    }
+}

@@ -41,13 +41,14 @@ pub async fn record(conn: &mut PgConnection, action: &Action<'_>) -> Result<()> 
 }
 
 /// A recorded action.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Entry {
     pub id: i64,
     pub tenant_id: Option<Uuid>,
     pub actor: String,
     pub action: String,
     pub target: Option<String>,
+    #[schema(value_type = Object)]
     pub detail: Value,
     pub source: Option<String>,
     pub at_ms: i64,

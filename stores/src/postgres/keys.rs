@@ -92,7 +92,7 @@ pub async fn authorize(app: &PgPool, key: &str) -> Result<Option<KeyGrant>> {
 }
 
 /// A key as its owners see it: never the secret.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: Uuid,
     pub tenant: String,

@@ -8,7 +8,7 @@ use sqlx::{types::Uuid, PgPool, Row};
 use crate::{Error, Result};
 
 /// Limits of one kind of holder (a plan, or a key's own); `None` is no limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Limits {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,

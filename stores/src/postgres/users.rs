@@ -15,7 +15,7 @@ use sqlx::{types::Uuid, PgConnection, PgPool, Row};
 use crate::{Error, Result};
 
 /// What a user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Runs Sluice: every tenant.
@@ -161,7 +161,7 @@ pub async fn register(
 }
 
 /// A member of a tenant, as its admins see them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Member {
     pub id: Uuid,
     pub email: String,

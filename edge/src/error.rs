@@ -24,6 +24,10 @@ pub enum Error {
     /// Every replies partition is held by another edge instance.
     #[error("all {partitions} partitions of {topic} are held by other edge instances; add partitions to run more")]
     NoFreeRepliesPartition { topic: String, partitions: i32 },
+    /// The edge lost the PostgreSQL connection that held its replies partition: another
+    /// instance may own the partition now, so this one must not serve on.
+    #[error("lost the claim on replies partition {partition} (its PostgreSQL connection dropped); stopping so a fresh instance claims one")]
+    LostRepliesClaim { partition: i32 },
     /// Serving HTTP failed.
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),

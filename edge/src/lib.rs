@@ -259,8 +259,12 @@ pub async fn run(
     });
     let app = app(state, deps.metrics, deps.readiness.clone());
     deps.readiness.set("edge", true);
-    let served = ops::serve(listener, app, cancel.clone()).await;
+    let serving = cancel.child_token();
+    let lost = CancellationToken::new();
+    let watcher = tokio::spawn(watch_claim(claim, serving.clone(), lost.clone()));
+    let served = ops::serve(listener, app, serving.clone()).await;
     deps.readiness.set("edge", false);
+    serving.cancel();
     dispatcher_cancel.cancel();
     if let Err(e) = dispatcher.await {
         tracing::error!(error = %e, "reply dispatcher failed");
@@ -268,8 +272,35 @@ pub async fn run(
     if let Err(e) = auth_listener.await {
         tracing::error!(error = %e, "the key-change listener failed");
     }
-    drop(claim);
+    drop(watcher.await);
+    if lost.is_cancelled() {
+        return Err(Error::LostRepliesClaim { partition });
+    }
     served.map_err(Error::Serve)
+}
+
+/// How often the edge checks that it still holds its replies partition.
+const CLAIM_CHECK: Duration = Duration::from_secs(1);
+
+/// Checks the claim every [`CLAIM_CHECK`] until `serving` ends; if the claim is lost, fires
+/// `lost` and stops serving. Returns the claim, to be let go when the edge has stopped.
+async fn watch_claim(
+    mut claim: sluice_stores::postgres::claims::Claim,
+    serving: CancellationToken,
+    lost: CancellationToken,
+) -> sluice_stores::postgres::claims::Claim {
+    loop {
+        tokio::select! {
+            _ = serving.cancelled() => return claim,
+            _ = tokio::time::sleep(CLAIM_CHECK) => {}
+        }
+        if !claim.still_held().await {
+            tracing::error!("the edge lost its replies partition's claim (its PostgreSQL connection dropped); it stops serving");
+            lost.cancel();
+            serving.cancel();
+            return claim;
+        }
+    }
 }
 
 /// The API's routes, each documented in [`api_doc`] (a test holds the two together).

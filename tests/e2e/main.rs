@@ -13,6 +13,7 @@ mod billing;
 mod chat;
 mod conformance;
 mod dlq;
+mod failover;
 mod isolation;
 mod limits;
 mod ordering;

@@ -14,6 +14,20 @@ pub struct Claim {
     pub index: usize,
 }
 
+impl Claim {
+    /// Whether the claim still holds: its connection answers and still holds an advisory lock.
+    /// A connection PostgreSQL dropped (a restart, a network cut, an operator's
+    /// `pg_terminate_backend`) took the lock with it, and another process may hold it now.
+    pub async fn still_held(&mut self) -> bool {
+        let held: std::result::Result<bool, sqlx::Error> = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted",
+        )
+        .fetch_one(&mut self._connection)
+        .await;
+        held.unwrap_or(false)
+    }
+}
+
 /// Claims the first of `candidates` no other process holds; `None` if all are held.
 pub async fn claim_first_free(pool: &PgPool, candidates: &[String]) -> Result<Option<Claim>> {
     let mut connection = pool.acquire().await?.detach();

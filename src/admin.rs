@@ -77,6 +77,45 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             .await?;
             (tenant, key, json)
         }
+        TenantCommand::Export { name } => {
+            let tenant = tenants::find_tenant(&admin, &name)
+                .await?
+                .with_context(|| format!("no tenant named {name:?}"))?;
+            let clickhouse = sluice_stores::ClickHouse::new(&config.clickhouse);
+            let mut conn = admin.acquire().await?;
+            let export =
+                sluice_stores::export::tenant_export(&mut conn, &clickhouse, tenant.id).await?;
+            drop(conn);
+            audit_cli(&admin, Some(tenant.id), "tenant.export", &name, json!({})).await?;
+            println!("{}", serde_json::to_string_pretty(&export)?);
+            return Ok(());
+        }
+        TenantCommand::Delete { name } => {
+            let tenant = tenants::find_tenant(&admin, &name)
+                .await?
+                .with_context(|| format!("no tenant named {name:?}"))?;
+            let mut conn = admin.acquire().await?;
+            tenants::delete_tenant(&mut conn, tenant.id).await?;
+            drop(conn);
+            audit_cli(&admin, Some(tenant.id), "tenant.delete", &name, json!({})).await?;
+            println!("tenant {name} deleted: its keys and sessions stop at once on every edge; `sluice tenant purge` removes its rows after the grace period");
+            return Ok(());
+        }
+        TenantCommand::Purge { older_than_days } => {
+            let purged = tenants::purge_deleted(&admin, older_than_days).await?;
+            for name in &purged {
+                audit_cli(
+                    &admin,
+                    None,
+                    "tenant.purge",
+                    name,
+                    json!({ "older_than_days": older_than_days }),
+                )
+                .await?;
+            }
+            println!("purged {} tenant(s): {}", purged.len(), purged.join(", "));
+            return Ok(());
+        }
         TenantCommand::Plan { name, plan } => {
             let tenant = tenants::find_tenant(&admin, &name)
                 .await?

@@ -233,6 +233,17 @@ pub(crate) enum TenantCommand {
     /// Subscribe a tenant to a plan, replacing its current one (takes effect at once; tokens
     /// used this month still count against the new budget).
     Plan { name: String, plan: String },
+    /// Print everything a tenant owns as one JSON document.
+    Export { name: String },
+    /// Delete a tenant: its keys and sessions stop at once; its rows go at the next purge
+    /// after the grace period; its usage facts stay for invoicing.
+    Delete { name: String },
+    /// Remove the rows of tenants deleted more than the grace period ago.
+    Purge {
+        /// Days a deleted tenant's rows are kept (for an undo by an operator, or an export).
+        #[arg(long, default_value_t = 30)]
+        older_than_days: u32,
+    },
     /// Issue another API key for an existing tenant.
     Key {
         name: String,

@@ -71,6 +71,8 @@ impl Modify for Bearer {
         crate::control::list_members,
         crate::control::add_member,
         crate::control::audit_log,
+        crate::control::export_tenant,
+        crate::control::delete_tenant,
     ),
     modifiers(&Bearer),
     tags(

@@ -654,3 +654,79 @@ pub async fn audit_log(
     .map_err(|e| ApiError::internal("reading the audit log", e))?;
     Ok(Json(list(entries)))
 }
+
+/// `GET /v1/tenant/export`: everything the tenant owns, as one JSON document.
+#[utoipa::path(get, path = "/v1/tenant/export", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "The tenant's record and plan, keys (prefixes), users (no password hashes), audit log and usage facts", body = Object),
+        (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody),
+        (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
+pub async fn export_tenant(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("exporting a tenant", e))?;
+    let export = sluice_stores::export::tenant_export(&mut tx, &state.clickhouse, admin.tenant)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("The export is unavailable right now: {e}")))?;
+    audit::record(
+        &mut tx,
+        &Action {
+            tenant_id: Some(admin.tenant),
+            actor: &admin.actor(),
+            action: "tenant.export",
+            target: None,
+            detail: json!({}),
+            source: admin.source.as_deref(),
+        },
+    )
+    .await
+    .map_err(|e| ApiError::internal("recording an export", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal("recording an export", e))?;
+    Ok(Json(export))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTenant {
+    /// The tenant's name, to confirm.
+    confirm: String,
+}
+
+/// `DELETE /v1/tenant`: deletes the caller's tenant. Its keys and sessions stop at once.
+#[utoipa::path(delete, path = "/v1/tenant", tag = "admin", security(("bearer" = [])), request_body = DeleteTenant,
+    responses((status = 200, description = "Deleted: keys and sessions stop at once, data is purged after the grace period, usage facts are kept for invoicing", body = Object),
+        (status = 400, description = "The confirmation does not name the tenant", body = crate::api_doc::ErrorBody),
+        (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody),
+        (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
+pub async fn delete_tenant(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let form: DeleteTenant = parse(&body)?;
+    let tenant = admin.tenant;
+    in_tenant(&state, &admin, "tenant.delete", |tx| {
+        Box::pin(async move {
+            let name: Option<String> = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| ApiError::internal("deleting a tenant", e))?;
+            if name.as_deref() != Some(form.confirm.as_str()) {
+                return Err(
+                    ApiError::invalid("`confirm` must be the tenant's name.").with_param("confirm")
+                );
+            }
+            sluice_stores::postgres::tenants::delete_tenant(tx, tenant)
+                .await
+                .map_err(|e| ApiError::internal("deleting a tenant", e))?;
+            Ok(((), name, json!({})))
+        })
+    })
+    .await?;
+    Ok(Json(json!({ "id": tenant, "deleted": true })))
+}

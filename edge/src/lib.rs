@@ -4,7 +4,7 @@
 //!   and their validation in [`openai`], the streaming in [`stream`]).
 //! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
-//! - `/v1/auth/*`, `/v1/keys`, `/v1/members`, `/v1/audit` — users' sessions and a tenant's
+//! - `/v1/auth/*`, `/v1/keys`, `/v1/members`, `/v1/audit`, `/v1/tenant` — users' sessions and a tenant's
 //!   administration ([`control`], the tokens in [`sessions`]).
 //! - `GET /openapi.json` — the API's OpenAPI document, generated from the handlers ([`api_doc`]).
 //! - Authentication by API key or a user's access token, cached and forgotten as soon as a key
@@ -319,6 +319,8 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/keys/{id}/rotate",
     "/v1/members",
     "/v1/audit",
+    "/v1/tenant",
+    "/v1/tenant/export",
 ];
 
 /// The edge's routes.
@@ -347,6 +349,8 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
             get(control::list_members).post(control::add_member),
         )
         .route("/v1/audit", get(control::audit_log))
+        .route("/v1/tenant", axum::routing::delete(control::delete_tenant))
+        .route("/v1/tenant/export", get(control::export_tenant))
         .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -11,6 +11,7 @@
 //!   instance's replies partition).
 //! - [`clickhouse`]: the facts. Connection settings, the DDL of database `sluice`, the one
 //!   writer every ClickHouse write goes through, and the read queries ([`clickhouse::usage`]).
+//! - [`export`]: a tenant's data export, from both stores.
 //! - [`limits`]: the Redis counters behind rate limits and quotas, shared by every edge.
 //! - [`Error`]: one error type, which says whose fault a failure is and whether a retry can
 //!   help, so the runtime knows what to do with it.
@@ -19,6 +20,7 @@
 //! read and write the stores through it.
 
 pub mod clickhouse;
+pub mod export;
 pub mod limits;
 pub mod postgres;
 

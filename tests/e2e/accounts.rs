@@ -396,6 +396,7 @@ async fn the_openapi_document_names_exactly_what_is_served() {
             let request = match method.as_str() {
                 "get" => http().get(&url),
                 "post" => http().post(&url).json(&json!({})),
+                "delete" => http().delete(&url).json(&json!({})),
                 other => panic!("{other} {path}"),
             };
             let response = request.send().await.unwrap();
@@ -407,4 +408,107 @@ async fn the_openapi_document_names_exactly_what_is_served() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_tenant_exports_everything_it_owns_and_deletes_itself() {
+    let sluice = Sluice::start();
+    let admin = register(&sluice).await;
+    let other = register(&sluice).await;
+    let (_, key) = post(
+        &sluice.v1("/keys"),
+        Some(admin.access()),
+        json!({ "name": "export" }),
+    )
+    .await;
+    let key = key["api_key"].as_str().unwrap().to_owned();
+    let (status, _) = chat(&sluice, &key, json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "export me"}]})).await;
+    assert_eq!(status, 200);
+    eventually(30, "the usage facts", || async {
+        let (_, usage) = get_json(&sluice.v1("/usage"), &key).await;
+        (usage["totals"]["requests"] == 1).then_some(())
+    })
+    .await;
+
+    let (status, export) = get_json(&sluice.v1("/tenant/export"), admin.access()).await;
+    assert_eq!(status, 200, "{export}");
+    assert_eq!(export["tenant"]["id"], admin.tenant());
+    assert_eq!(export["usage_events"].as_array().unwrap().len(), 1);
+    assert_eq!(export["users"][0]["email"], admin.email.as_str());
+    assert_eq!(export["api_keys"].as_array().unwrap().len(), 1);
+    assert!(!export["audit_log"].as_array().unwrap().is_empty());
+    let text = export.to_string();
+    assert!(
+        !text.contains(&key[16..]) && !text.contains("argon2"),
+        "no secrets in an export"
+    );
+    let (_, theirs) = get_json(&sluice.v1("/tenant/export"), other.access()).await;
+    let theirs = theirs.to_string();
+    assert!(!theirs.contains(admin.tenant()) && !theirs.contains(&admin.email));
+    assert_eq!(
+        get_json(&sluice.v1("/tenant/export"), &key).await.0,
+        403,
+        "keys cannot export"
+    );
+
+    // Deletion needs the tenant's name; then its keys, tokens and sessions stop at once.
+    let delete = |confirm: String| {
+        let (url, token) = (sluice.v1("/tenant"), admin.access().to_owned());
+        async move {
+            let response = http()
+                .delete(url)
+                .bearer_auth(token)
+                .json(&json!({ "confirm": confirm }))
+                .send()
+                .await
+                .unwrap();
+            response.status().as_u16()
+        }
+    };
+    assert_eq!(delete("not the name".into()).await, 400);
+    let name = export["tenant"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(delete(name.clone()).await, 200);
+    eventually(5, "the deleted tenant's key and token to stop", || async {
+        let key_refused = get_json(&sluice.v1("/me"), &key).await.0 == 401;
+        let token_refused = get_json(&sluice.v1("/usage"), admin.access()).await.0 == 401;
+        (key_refused && token_refused).then_some(())
+    })
+    .await;
+    let refresh = admin.session["refresh_token"].as_str().unwrap();
+    let (status, _) = post(
+        &sluice.v1("/auth/refresh"),
+        None,
+        json!({ "refresh_token": refresh }),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        get_json(&sluice.v1("/me"), other.access()).await.0,
+        200,
+        "the other tenant is untouched"
+    );
+
+    // The purge removes its rows; the audit log and the usage facts stay.
+    let out = run_cli(
+        &sluice.prefix,
+        &["tenant", "purge", "--older-than-days", "0"],
+    );
+    assert!(out.contains(&name), "{out}");
+    let owner = sqlx::PgPool::connect(&admin_database_url()).await.unwrap();
+    let (tenants, audit): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tenants WHERE id::text = $1), (SELECT count(*) FROM audit_log WHERE tenant_id::text = $1)",
+    )
+    .bind(admin.tenant())
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(tenants, 0);
+    assert!(audit >= 3, "register, key, export, delete: {audit}");
+    let facts: u64 = clickhouse()
+        .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
+        .bind(admin.tenant())
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(facts, 1, "usage facts are kept for invoicing");
 }

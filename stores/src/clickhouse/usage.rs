@@ -108,6 +108,18 @@ pub async fn usage_by_model(
         .await?)
 }
 
+/// Every usage fact of a tenant, oldest first (for the tenant's data export).
+pub async fn tenant_events(clickhouse: &ClickHouse, tenant_id: &str) -> Result<Vec<UsageRow>> {
+    Ok(clickhouse
+        .client()
+        .query(
+            "SELECT ?fields FROM usage_events FINAL WHERE tenant_id = ? ORDER BY occurred_at_ms, event_id",
+        )
+        .bind(tenant_id)
+        .fetch_all::<UsageRow>()
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "users_sessions_audit",
         sql: include_str!("../../migrations/0003_users_sessions_audit.sql"),
     },
+    Migration {
+        version: 4,
+        name: "tenant_deletion",
+        sql: include_str!("../../migrations/0004_tenant_deletion.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

@@ -99,6 +99,39 @@ pub async fn find_tenant(admin: &PgPool, name: &str) -> Result<Option<Tenant>> {
     row.as_ref().map(Tenant::from_row).transpose()
 }
 
+/// Deletes a tenant (the owner role, or the runtime role in the tenant's transaction): it and
+/// every key and session of it stop working at once; its rows stay until
+/// [`purge_deleted`] removes them. Returns whether the tenant was active or suspended before.
+pub async fn delete_tenant(conn: &mut PgConnection, tenant_id: Uuid) -> Result<bool> {
+    let deleted = sqlx::query(
+        "UPDATE tenants SET status = 'deleted', deleted_at = now() WHERE id = $1 AND status <> 'deleted'",
+    )
+    .bind(tenant_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at = now()
+          WHERE tenant_id = $1 AND (revoked_at IS NULL OR revoked_at > now())",
+    )
+    .bind(tenant_id)
+    .execute(conn)
+    .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// Removes the control-plane rows of tenants deleted more than `older_than_days` ago (owner
+/// role): the tenant, its keys, subscription, users and sessions. Audit entries stay, with the
+/// tenant's id; usage facts in ClickHouse stay for invoicing. Returns their names.
+pub async fn purge_deleted(admin: &PgPool, older_than_days: u32) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "DELETE FROM tenants WHERE status = 'deleted'
+            AND deleted_at < now() - make_interval(days => $1) RETURNING name",
+    )
+    .bind(i32::try_from(older_than_days).unwrap_or(i32::MAX))
+    .fetch_all(admin)
+    .await?)
+}
+
 /// The calling tenant's own record, read through row-level security (no tenant filter in the
 /// query: the policy is the filter).
 pub async fn current_tenant(app: &PgPool, tenant_id: Uuid) -> Result<Option<Tenant>> {

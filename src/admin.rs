@@ -18,8 +18,8 @@ use sluice_stores::{
 use sqlx::{types::Uuid, PgPool};
 
 use crate::{
-    config::Config, process, DlqCommand, KeyCommand, LimitArg, LimitArgs, ModelCommand,
-    PlanCommand, TenantCommand, UserCommand,
+    config::Config, process, DlqCommand, FlagCommand, KeyCommand, LimitArg, LimitArgs,
+    ModelCommand, PlanCommand, TenantCommand, UserCommand,
 };
 
 /// Records an operator's action in the audit log: who (`cli:` and the operator's login name),
@@ -408,6 +408,69 @@ pub async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
                         } else {
                             "active"
                         }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn flag(config: Config, command: FlagCommand) -> anyhow::Result<()> {
+    use sluice_stores::postgres::flags;
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    let (name, tenant) = match &command {
+        FlagCommand::Set { name, tenant, .. } | FlagCommand::Unset { name, tenant } => {
+            (name.clone(), tenant.clone())
+        }
+        FlagCommand::List { .. } => (String::new(), None),
+    };
+    let (tenant_id, whom) = match &tenant {
+        Some(tenant) => (
+            Some(
+                tenant_of(&admin, tenant)
+                    .await?
+                    .with_context(|| format!("no tenant named {tenant:?}"))?,
+            ),
+            tenant.clone(),
+        ),
+        None => (None, "everyone".to_owned()),
+    };
+    match command {
+        FlagCommand::Set { state, .. } => {
+            let enabled = match state.as_str() {
+                "on" => true,
+                "off" => false,
+                other => anyhow::bail!("{other:?}: say on or off"),
+            };
+            flags::set(&admin, &name, tenant_id, enabled).await?;
+            audit_cli(
+                &admin,
+                tenant_id,
+                "flag.set",
+                &name,
+                json!({ "enabled": enabled }),
+            )
+            .await?;
+            println!("flag {name} is {state} for {whom} (in force within moments, no restart)");
+        }
+        FlagCommand::Unset { .. } => {
+            if !flags::unset(&admin, &name, tenant_id).await? {
+                anyhow::bail!("flag {name} has no setting for {whom}");
+            }
+            audit_cli(&admin, tenant_id, "flag.unset", &name, json!({})).await?;
+            println!("flag {name}: the setting for {whom} is removed");
+        }
+        FlagCommand::List { json } => {
+            for setting in flags::list(&admin).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&setting)?);
+                } else {
+                    println!(
+                        "{:<32} {:<40} {}",
+                        setting.name,
+                        setting.tenant.as_deref().unwrap_or("(everyone)"),
+                        if setting.enabled { "on" } else { "off" }
                     );
                 }
             }

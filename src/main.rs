@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Feature flags: global, or a tenant's own (which overrides the global one).
+    Flag {
+        #[command(subcommand)]
+        command: FlagCommand,
+    },
     /// Read the audit log: every admin and key action.
     Audit {
         /// The tenant whose log to read (default: platform-level actions, such as plan changes).
@@ -316,6 +321,29 @@ pub(crate) enum PlanCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum FlagCommand {
+    /// Turn a flag on or off, for everyone or for one tenant; in force without a restart.
+    Set {
+        name: String,
+        /// `on` or `off`.
+        state: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove a setting (a tenant then follows the global one; the global one its default).
+    Unset {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List every setting.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum UserCommand {
     /// Create a user; the password is read from the first line of standard input.
     Create {
@@ -451,6 +479,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Plan { command } => admin::plan(config, command).await,
         Command::Key { command } => admin::key(config, command).await,
         Command::User { command } => admin::user(config, command).await,
+        Command::Flag { command } => admin::flag(config, command).await,
         Command::Audit {
             tenant,
             limit,

@@ -26,6 +26,10 @@ use crate::{
     EdgeState,
 };
 
+/// The feature flag that turns chat completions off, for a tenant or for everyone (on unless
+/// set).
+pub const CHAT_FLAG: &str = "chat";
+
 /// An accepted request, on its way through the pipeline.
 pub struct Submitted {
     pub request_id: String,
@@ -46,6 +50,13 @@ pub async fn submit(
     parent_trace: Option<TraceContext>,
 ) -> Result<Submitted, ApiError> {
     let tenant = caller.tenant;
+    if !state.flags.enabled(CHAT_FLAG, Some(tenant.0), true) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "feature_disabled",
+            "Chat completions are turned off for your organization.",
+        ));
+    }
     let unknown =
         state.catalog.find(&request.model).is_none() || !caller.grant.allows(&request.model);
     if request.model != AUTO_MODEL && unknown {

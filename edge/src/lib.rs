@@ -169,6 +169,8 @@ pub struct EdgeState {
     pub limits: Arc<limits::EdgeLimits>,
     /// Signs and checks users' access tokens.
     pub tokens: sessions::TokenKeys,
+    /// Feature flags, kept current.
+    pub flags: Arc<sluice_stores::postgres::flags::Flags>,
     /// Places for chat requests in flight (`edge.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -242,10 +244,17 @@ pub async fn run(
     let signing_keys = sluice_stores::postgres::users::signing_keys(&deps.app_pool).await?;
     let tokens =
         sessions::TokenKeys::new(&signing_keys, Duration::from_secs(config.access_token_secs))?;
+    let flags = sluice_stores::postgres::flags::Flags::load(&deps.app_pool).await?;
+    let flags_follower = tokio::spawn(
+        flags
+            .clone()
+            .follow(deps.app_pool.clone(), dispatcher_cancel.clone()),
+    );
     let state = Arc::new(EdgeState {
         auth,
         limits,
         tokens,
+        flags,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         config,
         app_pool: deps.app_pool,
@@ -271,6 +280,9 @@ pub async fn run(
     }
     if let Err(e) = auth_listener.await {
         tracing::error!(error = %e, "the key-change listener failed");
+    }
+    if let Err(e) = flags_follower.await {
+        tracing::error!(error = %e, "the feature-flag follower failed");
     }
     drop(watcher.await);
     if lost.is_cancelled() {

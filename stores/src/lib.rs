@@ -5,7 +5,8 @@
 //!   helper ([`postgres::tenant_transaction`]), and the queries over those tables:
 //!   [`postgres::tenants`], [`postgres::keys`] (the key lifecycle and what a key may do),
 //!   [`postgres::plans`], [`postgres::users`] (users, roles, login sessions),
-//!   [`postgres::audit`] (the append-only audit log),
+//!   [`postgres::audit`] (the append-only audit log), [`postgres::flags`] (feature flags,
+//!   followed live),
 //!   [`postgres::models`] (with the in-memory [`ModelCatalog`]), [`postgres::registry`] (the
 //!   schema registry's storage) and [`postgres::claims`] (advisory-lock claims, such as an edge
 //!   instance's replies partition).

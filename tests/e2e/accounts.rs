@@ -512,3 +512,41 @@ async fn a_tenant_exports_everything_it_owns_and_deletes_itself() {
         .unwrap();
     assert_eq!(facts, 1, "usage facts are kept for invoicing");
 }
+
+#[tokio::test]
+async fn a_feature_flag_turns_chat_off_for_one_tenant_without_a_restart() {
+    let sluice = Sluice::start();
+    let (a, b) = (create_tenant(&sluice.prefix), create_tenant(&sluice.prefix));
+    let ask = || json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "flag"}]});
+    assert_eq!(chat(&sluice, &a.key, ask()).await.0, 200);
+    run_cli(
+        &sluice.prefix,
+        &["flag", "set", "chat", "off", "--tenant", &a.name],
+    );
+    let listed = run_cli(&sluice.prefix, &["flag", "list", "--json"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&a.name) && l.contains("\"enabled\":false")),
+        "{listed}"
+    );
+    let body = eventually(5, "chat off for the tenant", || async {
+        let (status, body) = chat(&sluice, &a.key, ask()).await;
+        (status == 403).then_some(body)
+    })
+    .await;
+    assert_eq!(body["error"]["code"], "feature_disabled", "{body}");
+    assert_eq!(
+        chat(&sluice, &b.key, ask()).await.0,
+        200,
+        "another tenant is untouched"
+    );
+    run_cli(
+        &sluice.prefix,
+        &["flag", "unset", "chat", "--tenant", &a.name],
+    );
+    eventually(5, "chat on again", || async {
+        (chat(&sluice, &a.key, ask()).await.0 == 200).then_some(())
+    })
+    .await;
+}

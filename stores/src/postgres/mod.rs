@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod claims;
+pub mod flags;
 pub mod keys;
 pub mod models;
 pub mod plans;
@@ -48,6 +49,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "tenant_deletion",
         sql: include_str!("../../migrations/0004_tenant_deletion.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "flags_and_registries",
+        sql: include_str!("../../migrations/0005_flags_and_registries.sql"),
     },
 ];
 

@@ -1,0 +1,216 @@
+//! Feature flags: global settings and a tenant's own, which override them. [`Flags`] keeps
+//! them in memory and reloads them whenever PostgreSQL announces a change (`sluice_flags`), so
+//! a process applies a flag without a restart.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use serde::Serialize;
+use sqlx::{types::Uuid, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
+
+/// The channel flag changes are announced on.
+pub const FLAGS_CHANNEL: &str = "sluice_flags";
+
+/// Every flag setting at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagSettings {
+    global: HashMap<String, bool>,
+    tenants: HashMap<(Uuid, String), bool>,
+}
+
+impl FlagSettings {
+    /// Whether `name` is on for `tenant`: the tenant's own setting, else the global one, else
+    /// `default`.
+    pub fn enabled(&self, name: &str, tenant: Option<Uuid>, default: bool) -> bool {
+        tenant
+            .and_then(|t| self.tenants.get(&(t, name.to_owned())))
+            .or_else(|| self.global.get(name))
+            .copied()
+            .unwrap_or(default)
+    }
+}
+
+/// Reads every setting (runtime role, through `sluice_feature_flags`).
+pub async fn load(app: &PgPool) -> Result<FlagSettings> {
+    let rows = sqlx::query("SELECT name, tenant_id, enabled FROM sluice_feature_flags()")
+        .fetch_all(app)
+        .await?;
+    let mut settings = FlagSettings::default();
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        let tenant: Option<Uuid> = row.try_get(1)?;
+        let enabled: bool = row.try_get(2)?;
+        match tenant {
+            Some(tenant) => settings.tenants.insert((tenant, name), enabled),
+            None => settings.global.insert(name, enabled),
+        };
+    }
+    Ok(settings)
+}
+
+/// Sets a flag, globally or for one tenant (owner role).
+pub async fn set(admin: &PgPool, name: &str, tenant: Option<Uuid>, enabled: bool) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
+    if !valid {
+        return Err(Error::Invalid(format!(
+            "{name:?} is not a flag name: lower-case letters, digits, `_`, `.`, `-`"
+        )));
+    }
+    let mut tx = admin.begin().await?;
+    sqlx::query("DELETE FROM feature_flags WHERE name = $1 AND tenant_id IS NOT DISTINCT FROM $2")
+        .bind(name)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO feature_flags (name, tenant_id, enabled) VALUES ($1, $2, $3)")
+        .bind(name)
+        .bind(tenant)
+        .bind(enabled)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes a setting, globally or for one tenant (owner role); whether there was one.
+pub async fn unset(admin: &PgPool, name: &str, tenant: Option<Uuid>) -> Result<bool> {
+    let removed = sqlx::query(
+        "DELETE FROM feature_flags WHERE name = $1 AND tenant_id IS NOT DISTINCT FROM $2",
+    )
+    .bind(name)
+    .bind(tenant)
+    .execute(admin)
+    .await?;
+    Ok(removed.rows_affected() > 0)
+}
+
+/// One setting, as operators list them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setting {
+    pub name: String,
+    /// The tenant's name; `None` for a global setting.
+    pub tenant: Option<String>,
+    pub enabled: bool,
+}
+
+/// Every setting, by name (owner role).
+pub async fn list(admin: &PgPool) -> Result<Vec<Setting>> {
+    let rows = sqlx::query(
+        "SELECT f.name, t.name, f.enabled FROM feature_flags f LEFT JOIN tenants t ON t.id = f.tenant_id
+          ORDER BY f.name, t.name NULLS FIRST",
+    )
+    .fetch_all(admin)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Setting {
+                name: row.try_get(0)?,
+                tenant: row.try_get(1)?,
+                enabled: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// The settings in force in this process, kept current by [`Flags::follow`].
+#[derive(Default)]
+pub struct Flags {
+    current: RwLock<Arc<FlagSettings>>,
+}
+
+/// How often settings are reloaded even when no change was announced (a missed notification
+/// costs at most this long).
+const RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+impl Flags {
+    /// Flags as they are in PostgreSQL now.
+    pub async fn load(app: &PgPool) -> Result<Arc<Self>> {
+        let flags = Arc::new(Self::default());
+        flags.replace(load(app).await?);
+        Ok(flags)
+    }
+
+    fn replace(&self, settings: FlagSettings) {
+        if let Ok(mut current) = self.current.write() {
+            *current = Arc::new(settings);
+        }
+    }
+
+    /// The settings now.
+    pub fn settings(&self) -> Arc<FlagSettings> {
+        self.current
+            .read()
+            .map(|current| current.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `name` is on for `tenant` (see [`FlagSettings::enabled`]).
+    pub fn enabled(&self, name: &str, tenant: Option<Uuid>, default: bool) -> bool {
+        self.settings().enabled(name, tenant, default)
+    }
+
+    /// Reloads the settings whenever a change is announced, and every [`RELOAD_EVERY`], until
+    /// `cancel` fires.
+    pub async fn follow(self: Arc<Self>, app: PgPool, cancel: CancellationToken) {
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&app).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for flag changes; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if let Err(error) = listener.listen(FLAGS_CHANNEL).await {
+                tracing::warn!(%error, "cannot listen for flag changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            loop {
+                match load(&app).await {
+                    Ok(settings) => self.replace(settings),
+                    Err(error) => tracing::warn!(%error, "reloading feature flags failed"),
+                }
+                let heard = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(RELOAD_EVERY) => Ok(None),
+                    heard = listener.try_recv() => heard,
+                };
+                if let Err(error) = heard {
+                    tracing::warn!(%error, "listening for flag changes failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_setting_overrides_the_global_one() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut settings = FlagSettings::default();
+        settings.global.insert("chat".into(), false);
+        settings.tenants.insert((a, "chat".into()), true);
+        assert!(settings.enabled("chat", Some(a), true));
+        assert!(!settings.enabled("chat", Some(b), true));
+        assert!(!settings.enabled("chat", None, true));
+        assert!(settings.enabled("other", Some(a), true), "the default");
+    }
+}

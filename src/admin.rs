@@ -78,9 +78,7 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             (tenant, key, json)
         }
         TenantCommand::Export { name } => {
-            let tenant = tenants::find_tenant(&admin, &name)
-                .await?
-                .with_context(|| format!("no tenant named {name:?}"))?;
+            let tenant = tenant_named(&admin, &name).await?;
             let clickhouse = sluice_stores::ClickHouse::new(&config.clickhouse);
             let mut conn = admin.acquire().await?;
             let export =
@@ -91,9 +89,7 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             return Ok(());
         }
         TenantCommand::Delete { name } => {
-            let tenant = tenants::find_tenant(&admin, &name)
-                .await?
-                .with_context(|| format!("no tenant named {name:?}"))?;
+            let tenant = tenant_named(&admin, &name).await?;
             let mut conn = admin.acquire().await?;
             tenants::delete_tenant(&mut conn, tenant.id).await?;
             drop(conn);
@@ -117,9 +113,7 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             return Ok(());
         }
         TenantCommand::Plan { name, plan } => {
-            let tenant = tenants::find_tenant(&admin, &name)
-                .await?
-                .with_context(|| format!("no tenant named {name:?}"))?;
+            let tenant = tenant_named(&admin, &name).await?;
             plans::subscribe(&admin, tenant.id, &plan).await?;
             audit_cli(
                 &admin,
@@ -133,9 +127,7 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             return Ok(());
         }
         TenantCommand::Key { name, json } => {
-            let tenant = tenants::find_tenant(&admin, &name)
-                .await?
-                .with_context(|| format!("no tenant named {name:?}"))?;
+            let tenant = tenant_named(&admin, &name).await?;
             let key = tenants::create_api_key(&admin, tenant.id, "cli").await?;
             audit_cli(
                 &admin,
@@ -256,9 +248,7 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
     match command {
         KeyCommand::List { tenant, json } => {
-            let found = tenants::find_tenant(&admin, &tenant)
-                .await?
-                .with_context(|| format!("no tenant named {tenant:?}"))?;
+            let found = tenant_named(&admin, &tenant).await?;
             let mut conn = admin.acquire().await?;
             for key in keys::list_keys(&mut conn, found.id).await? {
                 if json {
@@ -281,7 +271,7 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
             drop(conn);
             audit_cli(
                 &admin,
-                tenant_of(&admin, &found.tenant).await?,
+                Some(found.tenant_id),
                 "key.revoke",
                 &found.prefix,
                 json!({ "id": found.id }),
@@ -303,7 +293,7 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
             tx.commit().await?;
             audit_cli(
                 &admin,
-                tenant_of(&admin, &found.tenant).await?,
+                Some(found.tenant_id),
                 "key.rotate",
                 &found.prefix,
                 json!({ "id": found.id, "new_id": new_id, "grace_secs": grace_secs }),
@@ -336,7 +326,7 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
             keys::set_key_limits(&admin, found.id, &limits, expires_at_ms).await?;
             audit_cli(
                 &admin,
-                tenant_of(&admin, &found.tenant).await?,
+                Some(found.tenant_id),
                 "key.limits",
                 &found.prefix,
                 json!({ "limits": limits, "expires_at_ms": expires_at_ms }),
@@ -348,8 +338,11 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn tenant_of(admin: &PgPool, name: &str) -> anyhow::Result<Option<Uuid>> {
-    Ok(tenants::find_tenant(admin, name).await?.map(|t| t.id))
+/// The tenant named `name`, or an error saying there is none.
+async fn tenant_named(admin: &PgPool, name: &str) -> anyhow::Result<tenants::Tenant> {
+    tenants::find_tenant(admin, name)
+        .await?
+        .with_context(|| format!("no tenant named {name:?}"))
 }
 
 pub async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
@@ -362,11 +355,7 @@ pub async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
         } => {
             let role = Role::parse(&role)?;
             let tenant_id = match &tenant {
-                Some(name) => Some(
-                    tenant_of(&admin, name)
-                        .await?
-                        .with_context(|| format!("no tenant named {name:?}"))?,
-                ),
+                Some(name) => Some(tenant_named(&admin, name).await?.id),
                 None => None,
             };
             let mut password = String::new();
@@ -391,9 +380,7 @@ pub async fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
             println!("user {email} ({}) created: {id}", role.as_str());
         }
         UserCommand::List { tenant, json } => {
-            let tenant_id = tenant_of(&admin, &tenant)
-                .await?
-                .with_context(|| format!("no tenant named {tenant:?}"))?;
+            let tenant_id = tenant_named(&admin, &tenant).await?.id;
             let mut conn = admin.acquire().await?;
             for member in users::list_members(&mut conn, tenant_id).await? {
                 if json {
@@ -426,14 +413,7 @@ pub async fn flag(config: Config, command: FlagCommand) -> anyhow::Result<()> {
         FlagCommand::List { .. } => (String::new(), None),
     };
     let (tenant_id, whom) = match &tenant {
-        Some(tenant) => (
-            Some(
-                tenant_of(&admin, tenant)
-                    .await?
-                    .with_context(|| format!("no tenant named {tenant:?}"))?,
-            ),
-            tenant.clone(),
-        ),
+        Some(tenant) => (Some(tenant_named(&admin, tenant).await?.id), tenant.clone()),
         None => (None, "everyone".to_owned()),
     };
     match command {
@@ -487,11 +467,7 @@ pub async fn audit(
 ) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
     let tenant_id = match &tenant {
-        Some(name) => Some(
-            tenant_of(&admin, name)
-                .await?
-                .with_context(|| format!("no tenant named {name:?}"))?,
-        ),
+        Some(name) => Some(tenant_named(&admin, name).await?.id),
         None => None,
     };
     let mut conn = admin.acquire().await?;

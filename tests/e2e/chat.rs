@@ -383,18 +383,8 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
 async fn two_edge_instances_each_get_their_own_replies() {
     let sluice = Sluice::start();
     let tenant = create_tenant(&sluice.prefix);
-    let port = free_port();
-    let _second = sluice.spawn_part(
-        &["edge"],
-        &[("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}"))],
-    );
-    let second_url = format!("http://127.0.0.1:{port}");
-    tokio::task::spawn_blocking({
-        let url = second_url.clone();
-        move || wait_ready(&url)
-    })
-    .await
-    .unwrap();
+    let (_second, second_url) = sluice.spawn_edge(&[]);
+    ready_within(&second_url).await;
 
     let mut calls = Vec::new();
     for i in 0..12 {

@@ -8,16 +8,6 @@ use serde_json::json;
 
 use crate::harness::*;
 
-/// Starts `sluice edge` on a free port; returns it and its URL.
-fn start_edge(sluice: &Sluice) -> (Part, String) {
-    let port = free_port();
-    let part = sluice.spawn_part(
-        &["edge"],
-        &[("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}"))],
-    );
-    (part, format!("http://127.0.0.1:{port}"))
-}
-
 /// Waits (at most `seconds`) for `part` to exit; false if it is still running.
 async fn exits_within(part: &mut Part, seconds: u64) -> bool {
     for _ in 0..seconds * 10 {
@@ -29,30 +19,23 @@ async fn exits_within(part: &mut Part, seconds: u64) -> bool {
     false
 }
 
-async fn ready_within(url: &str) {
-    let url = url.to_owned();
-    tokio::task::spawn_blocking(move || wait_ready(&url))
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_killed_edges_replies_partition_is_taken_by_the_next_one() {
     // Three replies partitions: `sluice up` and two more edges hold them all.
     let sluice = Sluice::start();
     let tenant = create_tenant(&sluice.prefix);
-    let (mut second, second_url) = start_edge(&sluice);
+    let (mut second, second_url) = sluice.spawn_edge(&[]);
     ready_within(&second_url).await;
-    let (_third, third_url) = start_edge(&sluice);
+    let (_third, third_url) = sluice.spawn_edge(&[]);
     ready_within(&third_url).await;
-    let (mut fourth, _) = start_edge(&sluice);
+    let (mut fourth, _) = sluice.spawn_edge(&[]);
     assert!(
         exits_within(&mut fourth, 30).await,
         "a fourth edge gives up: no partition is free"
     );
 
     second.kill();
-    let (_fifth, fifth_url) = start_edge(&sluice);
+    let (_fifth, fifth_url) = sluice.spawn_edge(&[]);
     ready_within(&fifth_url).await;
     let response = http()
         .post(format!("{fifth_url}/v1/chat/completions"))
@@ -71,7 +54,7 @@ async fn a_killed_edges_replies_partition_is_taken_by_the_next_one() {
 #[tokio::test]
 async fn an_edge_that_loses_its_claim_stops_serving() {
     let sluice = Sluice::start();
-    let (mut edge, url) = start_edge(&sluice);
+    let (mut edge, url) = sluice.spawn_edge(&[]);
     ready_within(&url).await;
     // `sluice up` claimed partition 0 first; this edge holds partition 1. Its claim's connection
     // is cut, as a PostgreSQL restart or a network cut would.

@@ -304,6 +304,18 @@ impl Sluice {
         spawn_part(&self.prefix, &self.registry_url, args, env)
     }
 
+    /// Starts another `sluice edge` on this instance's topics, on a free port; returns it and
+    /// its URL without waiting for it (see [`ready_within`]).
+    pub fn spawn_edge(&self, env: &[(&str, String)]) -> (Part, String) {
+        let port = free_port();
+        let mut env = env.to_vec();
+        env.push(("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}")));
+        (
+            self.spawn_part(&["edge"], &env),
+            format!("http://127.0.0.1:{port}"),
+        )
+    }
+
     pub fn v1(&self, path: &str) -> String {
         format!("{}/v1{path}", self.url)
     }
@@ -381,6 +393,14 @@ impl Drop for Part {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits, off the async threads, until `url`'s `/readyz` is green (at most 60 s).
+pub async fn ready_within(url: &str) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || wait_ready(&url))
+        .await
+        .expect("waiting for readiness");
 }
 
 /// Waits until `url`'s `/readyz` is green (at most 60 s).

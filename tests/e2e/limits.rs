@@ -24,17 +24,12 @@ impl TwoEdges {
     /// With `extra_env` for both processes.
     async fn start_with(extra_env: Vec<(String, String)>) -> Self {
         let sluice = Sluice::start_with(&unique("t"), extra_env.clone());
-        let port = free_port();
-        let mut env = vec![("SLUICE_EDGE__LISTEN", format!("127.0.0.1:{port}"))];
-        env.extend(extra_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
-        let second = sluice.spawn_part(&["edge"], &env);
-        let second_url = format!("http://127.0.0.1:{port}");
-        tokio::task::spawn_blocking({
-            let url = second_url.clone();
-            move || wait_ready(&url)
-        })
-        .await
-        .unwrap();
+        let env: Vec<(&str, String)> = extra_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let (second, second_url) = sluice.spawn_edge(&env);
+        ready_within(&second_url).await;
         let urls = [sluice.url.clone(), second_url];
         Self {
             sluice,

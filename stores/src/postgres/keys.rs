@@ -95,6 +95,7 @@ pub async fn authorize(app: &PgPool, key: &str) -> Result<Option<KeyGrant>> {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: Uuid,
+    pub tenant_id: Uuid,
     pub tenant: String,
     pub name: String,
     /// The key's first characters.
@@ -106,7 +107,7 @@ pub struct KeyInfo {
     pub active: bool,
 }
 
-const KEY_COLUMNS: &str = "k.id, t.name, k.name, k.prefix,
+const KEY_COLUMNS: &str = "k.id, t.name, k.name, k.prefix, k.tenant_id,
     (extract(epoch FROM k.created_at) * 1000)::bigint,
     (extract(epoch FROM k.revoked_at) * 1000)::bigint,
     (extract(epoch FROM k.expires_at) * 1000)::bigint,
@@ -118,10 +119,11 @@ fn key_from_row(row: &sqlx::postgres::PgRow) -> Result<KeyInfo> {
         tenant: row.try_get(1)?,
         name: row.try_get(2)?,
         prefix: row.try_get(3)?,
-        created_at_ms: row.try_get(4)?,
-        revoked_at_ms: row.try_get(5)?,
-        expires_at_ms: row.try_get(6)?,
-        active: row.try_get(7)?,
+        tenant_id: row.try_get(4)?,
+        created_at_ms: row.try_get(5)?,
+        revoked_at_ms: row.try_get(6)?,
+        expires_at_ms: row.try_get(7)?,
+        active: row.try_get(8)?,
     })
 }
 

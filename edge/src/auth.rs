@@ -69,6 +69,9 @@ impl Caller {
 pub struct AuthCache {
     ttl: Duration,
     entries: Mutex<HashMap<String, (Arc<KeyGrant>, Instant)>>,
+    /// Counts forgets: a lookup that began before one may have read what it forgot, so its
+    /// answer is used but not cached.
+    forgets: std::sync::atomic::AtomicU64,
 }
 
 impl AuthCache {
@@ -77,6 +80,7 @@ impl AuthCache {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            forgets: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -94,6 +98,7 @@ impl AuthCache {
                 }
             }
         }
+        let began = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
         let Some(grant) = keys::authorize(pool, key)
             .await
             .map_err(|e| ApiError::internal("authentication lookup failed", e))?
@@ -107,6 +112,9 @@ impl AuthCache {
         });
         let until = Instant::now() + left_valid.map_or(self.ttl, |left| left.min(self.ttl));
         if let Ok(mut entries) = self.entries.lock() {
+            if self.forgets.load(std::sync::atomic::Ordering::SeqCst) != began {
+                return Ok(Some(grant));
+            }
             if entries.len() > 100_000 {
                 let now = Instant::now();
                 entries.retain(|_, (_, until)| now < *until);
@@ -134,6 +142,7 @@ impl AuthCache {
         let tenant_grant = match cached {
             Some(grant) => grant,
             None => {
+                let began = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
                 let Some(plan) = plans::tenant_plan(pool, tenant)
                     .await
                     .map_err(|e| ApiError::internal("tenant lookup failed", e))?
@@ -148,7 +157,9 @@ impl AuthCache {
                     plan,
                 });
                 if let Ok(mut entries) = self.entries.lock() {
-                    entries.insert(cache_key, (grant.clone(), Instant::now() + self.ttl));
+                    if self.forgets.load(std::sync::atomic::Ordering::SeqCst) == began {
+                        entries.insert(cache_key, (grant.clone(), Instant::now() + self.ttl));
+                    }
                 }
                 grant
             }
@@ -162,6 +173,8 @@ impl AuthCache {
     /// Forgets the key with this hash, or every key given [`keys::EVERY_KEY`].
     pub fn forget(&self, key_hash: &str) {
         if let Ok(mut entries) = self.entries.lock() {
+            self.forgets
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if key_hash == keys::EVERY_KEY {
                 entries.clear();
             } else {

@@ -13,13 +13,12 @@ use axum::{
     Json,
 };
 use sluice_pipelines::{now_ms, trace::TraceContext};
-use sluice_schemas::{ChatMessage, ChatRequest, ReplyAddress, ReplyChunk, ReplyKind};
+use sluice_schemas::{ChatMessage, ChatRequest, ReplyAddress, ReplyKind};
 use sluice_stores::AUTO_MODEL;
 
 use crate::{
     auth::Caller,
     error::ApiError,
-    limits::Admission,
     openai::{self, CompletionRequest},
     replies::Subscription,
     stream::{chunk_error, next_chunk, sse_body, ReplyStream},
@@ -35,8 +34,8 @@ pub struct Submitted {
     pub request_id: String,
     pub created: i64,
     pub subscription: Subscription,
-    /// Its hold on the caller's limits, if any limit applies.
-    pub admission: Option<Admission>,
+    /// The `x-ratelimit-*` headers of its admission, if any limit applies.
+    pub limit_headers: HeaderMap,
 }
 
 /// Validates the model, admits the request against the caller's limits, sends it to
@@ -122,15 +121,21 @@ pub async fn submit(
         if let Some(admission) = admission {
             admission.settle(0);
         }
+        drop(subscription);
         return Err(ApiError::unavailable(format!(
             "Sluice could not accept the request right now: {e}"
         )));
     }
+    let mut subscription = subscription;
+    subscription.hold(
+        admission,
+        Duration::from_secs(state.config.reply_timeout_secs),
+    );
     Ok(Submitted {
         request_id,
         created: received_at_ms / 1000,
+        limit_headers: subscription.limit_headers(),
         subscription,
-        admission,
     })
 }
 
@@ -161,11 +166,7 @@ pub async fn completions(
         .and_then(TraceContext::parse);
     let mut submitted = submit(&state, &caller, &request, messages, session, trace).await?;
     let timeout = Duration::from_secs(state.config.reply_timeout_secs);
-    let mut limit_headers = submitted
-        .admission
-        .as_ref()
-        .map(Admission::headers)
-        .unwrap_or_default();
+    let mut limit_headers = submitted.limit_headers.clone();
     limit_headers.insert(
         "x-request-id",
         HeaderValue::from_str(&submitted.request_id)
@@ -174,7 +175,6 @@ pub async fn completions(
     // Wait for the first chunk before answering, so a refusal gets its own status code.
     let first = next_chunk(&mut submitted.subscription, timeout).await?;
     if first.kind == ReplyKind::Error {
-        settle(submitted.admission.take(), &first);
         return Err(chunk_error(&first).with_headers(limit_headers));
     }
     if request.stream.unwrap_or(false) {
@@ -190,8 +190,7 @@ pub async fn completions(
             Some(first),
             include_usage,
             timeout,
-        )
-        .settling(submitted.admission);
+        );
         let mut response = Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
@@ -205,12 +204,8 @@ pub async fn completions(
     loop {
         match chunk.kind {
             ReplyKind::Delta => text.push_str(&chunk.delta),
-            ReplyKind::Error => {
-                settle(submitted.admission.take(), &chunk);
-                return Err(chunk_error(&chunk).with_headers(limit_headers));
-            }
+            ReplyKind::Error => return Err(chunk_error(&chunk).with_headers(limit_headers)),
             ReplyKind::Done => {
-                settle(submitted.admission.take(), &chunk);
                 text.push_str(&chunk.delta);
                 let body = openai::completion_json(
                     &submitted.request_id,
@@ -224,18 +219,6 @@ pub async fn completions(
             }
         }
         chunk = next_chunk(&mut submitted.subscription, timeout).await?;
-    }
-}
-
-/// Settles `admission` with the usage of the reply's last chunk: a DONE chunk's tokens, or
-/// nothing for a failed model call.
-pub fn settle(admission: Option<Admission>, last: &ReplyChunk) {
-    if let Some(admission) = admission {
-        let used = match last.kind {
-            ReplyKind::Done => last.input_tokens.saturating_add(last.output_tokens),
-            _ => 0,
-        };
-        admission.settle(u64::try_from(used).unwrap_or(0));
     }
 }
 

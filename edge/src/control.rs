@@ -65,13 +65,25 @@ fn store_error(context: &str, e: sluice_stores::Error) -> ApiError {
     }
 }
 
-/// Runs a password hash or check off the async threads.
+/// Runs a password hash or check off the async threads, in one of the edge's few places for
+/// it; when all are taken, 503 at once.
 async fn blocking<T: Send + 'static>(
+    state: &EdgeState,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal("password work", e))
+    let place = state
+        .password_work
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable("Too many logins at once; retry shortly.").retry_after(1)
+        })?;
+    tokio::task::spawn_blocking(move || {
+        let _place = place;
+        work()
+    })
+    .await
+    .map_err(|e| ApiError::internal("password work", e))
 }
 
 fn peer(parts: &Parts) -> Option<String> {
@@ -200,14 +212,27 @@ pub async fn register(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let form: Registration = parse(&body)?;
+    if !state.flags.enabled(REGISTRATION_FLAG, None, true) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "registration_closed",
+            "Self-registration is closed; ask an operator for an account.",
+        ));
+    }
     users::check_credentials(&form.email, &form.password).map_err(|e| store_error("", e))?;
     let password = form.password.clone();
-    let hash = blocking(move || users::hash_password(&password))
+    let hash = blocking(&state, move || users::hash_password(&password))
         .await?
         .map_err(|e| ApiError::internal("hashing a password", e))?;
-    let (tenant, user) = users::register(&state.app_pool, &form.tenant, &form.email, &hash)
-        .await
-        .map_err(|e| store_error("registering", e))?;
+    let (tenant, user) = users::register(
+        &state.app_pool,
+        &form.tenant,
+        &form.email,
+        &hash,
+        state.config.registration_plan.as_deref(),
+    )
+    .await
+    .map_err(|e| store_error("registering", e))?;
     let email = form.email.trim().to_lowercase();
     let mut tx = tenant_transaction(&state.app_pool, tenant)
         .await
@@ -253,7 +278,7 @@ pub async fn login(
     // An unknown email costs the same hash check as a wrong password, so timing tells nothing.
     let stored = found.as_ref().map(|u| u.password_hash.clone());
     let password = form.password.clone();
-    let matches = blocking(move || match stored {
+    let matches = blocking(&state, move || match stored {
         Some(hash) => users::verify_password(&hash, &password),
         None => {
             users::verify_password(dummy_hash(), &password);
@@ -276,8 +301,12 @@ pub async fn login(
     }
 }
 
-/// The hash of a random password nobody has, checked when an email is unknown.
-fn dummy_hash() -> &'static str {
+/// The feature flag that opens self-registration (on unless set).
+pub const REGISTRATION_FLAG: &str = "registration";
+
+/// The hash of a random password nobody has, checked when an email is unknown (built when the
+/// edge starts).
+pub fn dummy_hash() -> &'static str {
     static HASH: OnceLock<String> = OnceLock::new();
     HASH.get_or_init(|| {
         let (nobody, _) = sessions::new_refresh_token();
@@ -395,6 +424,15 @@ impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
                 })?,
             Role::Member => return Err(forbidden("Only the tenant's admins may do this.")),
         };
+        // The token may outlive its tenant: a deleted or suspended tenant has no admins.
+        if state
+            .auth
+            .tenant_grant(&state.app_pool, tenant, claims.sub)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::unauthorized("The tenant is not active."));
+        }
         Ok(Self {
             tenant,
             claims,
@@ -602,7 +640,7 @@ pub async fn add_member(
     }
     users::check_credentials(&form.email, &form.password).map_err(|e| store_error("", e))?;
     let password = form.password.clone();
-    let hash = blocking(move || users::hash_password(&password))
+    let hash = blocking(&state, move || users::hash_password(&password))
         .await?
         .map_err(|e| ApiError::internal("hashing a password", e))?;
     let (tenant, email) = (admin.tenant, form.email.trim().to_lowercase());
@@ -669,7 +707,11 @@ pub async fn export_tenant(
         .map_err(|e| ApiError::internal("exporting a tenant", e))?;
     let export = sluice_stores::export::tenant_export(&mut tx, &state.clickhouse, admin.tenant)
         .await
-        .map_err(|e| ApiError::unavailable(format!("The export is unavailable right now: {e}")))?;
+        .map_err(|e| {
+            tracing::warn!(error = %e, "a tenant export failed");
+            ApiError::unavailable("The export is unavailable right now; retry shortly.")
+                .retry_after(5)
+        })?;
     audit::record(
         &mut tx,
         &Action {

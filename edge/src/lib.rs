@@ -100,6 +100,9 @@ pub struct EdgeConfig {
     pub max_in_flight: usize,
     /// Rate limits and quotas.
     pub limits: limits::LimitsConfig,
+    /// The plan a self-registered tenant is subscribed to (it must exist); none: no limits.
+    /// The feature flag `registration` (on unless set) opens and closes self-registration.
+    pub registration_plan: Option<String>,
     /// Seconds a user's access token is valid (a logout ends its session's refresh tokens at
     /// once; access tokens already issued last until they expire).
     pub access_token_secs: u64,
@@ -116,6 +119,7 @@ impl Default for EdgeConfig {
             auth_cache_secs: 30,
             max_in_flight: 2048,
             limits: limits::LimitsConfig::default(),
+            registration_plan: None,
             access_token_secs: 900,
             refresh_token_days: 30,
         }
@@ -171,6 +175,9 @@ pub struct EdgeState {
     pub tokens: sessions::TokenKeys,
     /// Feature flags, kept current.
     pub flags: Arc<sluice_stores::postgres::flags::Flags>,
+    /// Places for password hashing (slow on purpose), one per core: beyond them, login and
+    /// registration answer 503 rather than queue unbounded work.
+    pub password_work: Arc<tokio::sync::Semaphore>,
     /// Places for chat requests in flight (`edge.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -250,11 +257,21 @@ pub async fn run(
             .clone()
             .follow(deps.app_pool.clone(), dispatcher_cancel.clone()),
     );
+    // Built before serving, so the first unknown email at login costs what the others do.
+    tokio::task::spawn_blocking(control::dummy_hash)
+        .await
+        .map_err(|e| {
+            Error::Store(sluice_stores::Error::Corrupt(format!(
+                "password hashing: {e}"
+            )))
+        })?;
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
     let state = Arc::new(EdgeState {
         auth,
         limits,
         tokens,
         flags,
+        password_work: Arc::new(tokio::sync::Semaphore::new(cores)),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         config,
         app_pool: deps.app_pool,

@@ -6,7 +6,9 @@
 //!   plus `max_tokens` (or [`LimitsConfig::assumed_output_tokens`] when the request sets none).
 //! - The reply's real usage settles the reservation: unused tokens go back, tokens beyond the
 //!   estimate are taken. A failed model call gives its reservation back. A caller that goes
-//!   away mid-stream keeps its reservation as spent (the model may have produced it).
+//!   away mid-stream changes nothing: the edge reads the reply to its end for it (the model
+//!   call goes on) and settles then, holding the concurrency place until then
+//!   ([`Subscription`](crate::replies::Subscription) does this).
 //! - Over a limit: 429 in OpenAI's shape, with `Retry-After` (when the counter will have room
 //!   for this request, if nothing else takes it) and the `x-ratelimit-*` headers, which every
 //!   admitted response carries too.
@@ -353,6 +355,16 @@ impl Admission {
             }
         }
         headers
+    }
+
+    /// Settles the reservation with the usage of the reply's last chunk: a DONE chunk's
+    /// tokens, or none for a failed model call.
+    pub fn settle_by(self, last: &sluice_schemas::ReplyChunk) {
+        let used = match last.kind {
+            sluice_schemas::ReplyKind::Done => last.input_tokens.saturating_add(last.output_tokens),
+            _ => 0,
+        };
+        self.settle(u64::try_from(used).unwrap_or(0));
     }
 
     /// Settles the reservation to the `used` tokens the reply reported, and frees the place.

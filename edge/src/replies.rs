@@ -15,11 +15,13 @@ use std::{
 
 use rdkafka::{consumer::Consumer, message::Message, Offset, TopicPartitionList};
 use sluice_pipelines::{kafka::KafkaConsumer, metrics::Metrics, runtime::DeadLetters};
-use sluice_schemas::{Codec, ReplyChunk};
+use sluice_schemas::{Codec, ReplyChunk, ReplyKind};
 use sluice_stores::postgres::claims::{self, Claim};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::limits::Admission;
 
 /// Chunks buffered per waiting request before the caller counts as too slow.
 const WAITER_BUFFER: usize = 1024;
@@ -37,18 +39,75 @@ pub struct ReplyRouter {
     metrics: Arc<Metrics>,
 }
 
-/// A request's reply stream; dropping it stops the routing of its chunks.
+/// A request's reply stream; dropping it stops the routing of its chunks. It holds the
+/// request's admission against its caller's limits, settled by the reply's last chunk
+/// ([`Subscription::observe`]); dropped before that chunk (the caller went away), it reads the
+/// rest of the reply in the background and settles then.
 pub struct Subscription {
     pub rx: mpsc::Receiver<ReplyChunk>,
     router: Arc<ReplyRouter>,
     request_id: String,
+    admission: Option<Admission>,
+    /// The longest wait for a chunk when reading the rest in the background.
+    wait: Duration,
+}
+
+impl Subscription {
+    /// Holds `admission` until the reply's last chunk, waiting at most `wait` for each chunk.
+    pub fn hold(&mut self, admission: Option<Admission>, wait: Duration) {
+        self.admission = admission;
+        self.wait = wait;
+    }
+
+    /// The `x-ratelimit-*` headers of the admission held, if any.
+    pub fn limit_headers(&self) -> axum::http::HeaderMap {
+        self.admission
+            .as_ref()
+            .map(Admission::headers)
+            .unwrap_or_default()
+    }
+
+    /// Notes a chunk read from the stream: the last one settles the admission.
+    pub fn observe(&mut self, chunk: &ReplyChunk) {
+        if chunk.kind != ReplyKind::Delta {
+            if let Some(admission) = self.admission.take() {
+                admission.settle_by(chunk);
+            }
+        }
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Ok(mut waiters) = self.router.waiters.lock() {
-            waiters.remove(&self.request_id);
-        }
+        let Some(admission) = self.admission.take() else {
+            if let Ok(mut waiters) = self.router.waiters.lock() {
+                waiters.remove(&self.request_id);
+            }
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // The rest of the reply still comes: read it, so its usage settles the admission.
+        let (_, closed) = mpsc::channel(1);
+        let mut rx = std::mem::replace(&mut self.rx, closed);
+        let (router, request_id, wait) = (self.router.clone(), self.request_id.clone(), self.wait);
+        runtime.spawn(async move {
+            let last = loop {
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(Some(chunk)) if chunk.kind == ReplyKind::Delta => continue,
+                    Ok(Some(chunk)) => break Some(chunk),
+                    _ => break None,
+                }
+            };
+            if let Ok(mut waiters) = router.waiters.lock() {
+                waiters.remove(&request_id);
+            }
+            // No last chunk in time: the reservation stays spent.
+            if let Some(chunk) = last {
+                admission.settle_by(&chunk);
+            }
+        });
     }
 }
 
@@ -83,6 +142,8 @@ impl ReplyRouter {
             rx,
             router: self.clone(),
             request_id: request_id.to_owned(),
+            admission: None,
+            wait: Duration::from_secs(120),
         }
     }
 

@@ -14,7 +14,6 @@ use sluice_schemas::{ReplyChunk, ReplyKind};
 
 use crate::{
     error::ApiError,
-    limits::Admission,
     openai::{chunk_json, usage_json},
     replies::Subscription,
     EdgeState,
@@ -23,7 +22,10 @@ use crate::{
 /// The next chunk of a reply, or a timeout error.
 pub async fn next_chunk(sub: &mut Subscription, timeout: Duration) -> Result<ReplyChunk, ApiError> {
     match tokio::time::timeout(timeout, sub.rx.recv()).await {
-        Ok(Some(chunk)) => Ok(chunk),
+        Ok(Some(chunk)) => {
+            sub.observe(&chunk);
+            Ok(chunk)
+        }
         Ok(None) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stream_dropped",
@@ -126,8 +128,6 @@ pub struct ReplyStream {
     /// A chunk already read (the first, which the handler waits for before answering).
     pending: Option<ReplyChunk>,
     finished: bool,
-    /// The request's hold on its caller's limits, settled by the reply's last chunk.
-    admission: Option<Admission>,
 }
 
 impl ReplyStream {
@@ -147,14 +147,7 @@ impl ReplyStream {
             timeout,
             pending: first,
             finished: false,
-            admission: None,
         }
-    }
-
-    /// Settles `admission` with the reply's usage when its last chunk arrives.
-    pub fn settling(mut self, admission: Option<Admission>) -> Self {
-        self.admission = admission;
-        self
     }
 
     /// The next objects of the reply, or `None` once it has ended (after `Finished` or
@@ -168,13 +161,7 @@ impl ReplyStream {
             None => next_chunk(&mut self.subscription, self.timeout).await,
         };
         let translated = match chunk {
-            Ok(chunk) => {
-                let translated = self.translator.translate(&chunk);
-                if chunk.kind != ReplyKind::Delta {
-                    crate::chat::settle(self.admission.take(), &chunk);
-                }
-                translated
-            }
+            Ok(chunk) => self.translator.translate(&chunk),
             Err(e) => Translated::Failed(e),
         };
         self.finished = !matches!(translated, Translated::More(_));

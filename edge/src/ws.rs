@@ -58,14 +58,17 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let key = auth::bearer(&parts).map(str::to_owned).or(query.api_key);
-    let caller = auth::caller_for_key(&state, key.as_deref()).await?;
+    auth::caller_for_key(&state, key.as_deref()).await?;
     let max = state.config.max_body_bytes;
     Ok(ws
         .max_message_size(max)
-        .on_upgrade(move |socket| session(state, caller, socket)))
+        .on_upgrade(move |socket| session(state, key.unwrap_or_default(), socket)))
 }
 
-async fn session(state: Arc<EdgeState>, caller: Caller, socket: WebSocket) {
+/// One socket. The caller is checked again for every request it sends (from the cache, so
+/// cheaply): a key revoked, a token expired or a tenant deleted while the socket is open stops
+/// it there, with an error frame and a close.
+async fn session(state: Arc<EdgeState>, key: String, socket: WebSocket) {
     let _open = OpenStream::new(&state, "websocket");
     let (mut sink, mut source) = socket.split();
     let (outbox, mut outgoing) = mpsc::channel::<Value>(OUTBOX);
@@ -114,9 +117,17 @@ async fn session(state: Arc<EdgeState>, caller: Caller, socket: WebSocket) {
             while requests.len() >= MAX_IN_FLIGHT {
                 requests.join_next().await;
             }
+            let caller = match auth::caller_for_key(&reader_state, Some(&key)).await {
+                Ok(caller) => caller,
+                Err(e) => {
+                    let _ = outbox
+                        .send(json!({ "id": Value::Null, "error": e.body()["error"] }))
+                        .await;
+                    break;
+                }
+            };
             let state = reader_state.clone();
             let outbox = outbox.clone();
-            let caller = caller.clone();
             requests
                 .spawn(async move { run_request(&state, &caller, text.as_bytes(), &outbox).await });
         }
@@ -167,8 +178,7 @@ async fn run_request(
         None,
         true,
         Duration::from_secs(state.config.reply_timeout_secs),
-    )
-    .settling(submitted.admission);
+    );
     while let Some(translated) = reply.next().await {
         let objects = match translated {
             Translated::More(objects) | Translated::Finished(objects) => objects,

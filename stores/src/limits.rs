@@ -200,10 +200,7 @@ for i = 1, #KEYS do
   elseif kind == 'concurrent' then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     local open = redis.call('ZCARD', KEYS[i])
-    if open >= limit then
-      local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-      return {0, i, math.max(1, tonumber(first[2]) - now)}
-    end
+    if open >= limit then return {0, i, 1000} end
     remaining = limit - open - 1
     reset = 0
   else

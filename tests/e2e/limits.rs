@@ -433,3 +433,30 @@ async fn with_redis_down_limited_keys_are_refused_and_unlimited_ones_served() {
     assert_eq!(status, 200, "keys with no limits never need Redis: {body}");
     assert!(metric(&sluice.url, "sluice_edge_limit_store_errors_total").await >= 1.0);
 }
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_is_settled_to_what_the_reply_used() {
+    let edges = TwoEdges::start_with(sim_speed(20.0)).await;
+    let tenant = edges.tenant_on_plan(&["--monthly-tokens", "100000", "--max-concurrent", "5"]);
+    // No max_tokens: the request reserves its prompt plus 512 tokens.
+    let ask = json!({"model": "sim-small", "stream": true,
+        "messages": [{"role": "user", "content": "a story, then hang up"}]});
+    let mut response = http()
+        .post(format!("{}/v1/chat/completions", edges.urls[0]))
+        .bearer_auth(&tenant.key)
+        .json(&ask)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.chunk().await.unwrap().unwrap();
+    drop(response);
+    // The edge read the rest of the reply for it: the counter holds what was used and billed,
+    // not the reservation.
+    let billed = billed_tokens(&edges.urls[1], &tenant.key, 1).await;
+    assert!(billed < 400, "{billed}");
+    eventually(10, "the abandoned request to settle", || async {
+        (month_counter(&tenant.id) == Some(billed)).then_some(())
+    })
+    .await;
+}

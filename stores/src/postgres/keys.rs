@@ -232,7 +232,7 @@ pub async fn rotate(
     let old = sqlx::query(
         "SELECT tenant_id, name FROM api_keys
           WHERE id = $1 AND (revoked_at IS NULL OR revoked_at > now())
-            AND (expires_at IS NULL OR expires_at > now())
+            AND (expires_at IS NULL OR expires_at > now()) AND replaced_by IS NULL
           FOR UPDATE",
     )
     .bind(key_id)

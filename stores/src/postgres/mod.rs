@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "flags_and_registries",
         sql: include_str!("../../migrations/0005_flags_and_registries.sql"),
     },
+    Migration {
+        version: 6,
+        name: "hardening",
+        sql: include_str!("../../migrations/0006_hardening.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

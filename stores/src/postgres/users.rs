@@ -136,13 +136,14 @@ fn taken(e: sqlx::Error, what: &str) -> Error {
     }
 }
 
-/// Registers a new tenant and its first admin (runtime role): returns the tenant's and the
-/// user's ids.
+/// Registers a new tenant and its first admin (runtime role), subscribed to `plan` when one is
+/// named: returns the tenant's and the user's ids.
 pub async fn register(
     app: &PgPool,
     tenant: &str,
     email: &str,
     password_hash: &str,
+    plan: Option<&str>,
 ) -> Result<(Uuid, Uuid)> {
     let tenant = tenant.trim();
     if tenant.is_empty() || tenant.len() > 200 {
@@ -150,10 +151,18 @@ pub async fn register(
             "tenant name must be 1 to 200 characters".into(),
         ));
     }
-    let row = sqlx::query("SELECT tenant_id, user_id FROM sluice_register($1, $2, $3)")
+    let query = match plan {
+        Some(_) => "SELECT tenant_id, user_id FROM sluice_register_on_plan($1, $2, $3, $4)",
+        None => "SELECT tenant_id, user_id FROM sluice_register($1, $2, $3)",
+    };
+    let mut query = sqlx::query(query)
         .bind(tenant)
         .bind(email.trim())
-        .bind(password_hash)
+        .bind(password_hash);
+    if let Some(plan) = plan {
+        query = query.bind(plan);
+    }
+    let row = query
         .fetch_one(app)
         .await
         .map_err(|e| taken(e, "that tenant name or email"))?;

@@ -170,6 +170,7 @@ impl EdgeLimits {
                 month,
                 standings,
                 settled: false,
+                leased_at: std::time::Instant::now(),
             })),
             Verdict::Refused {
                 counter,
@@ -319,9 +320,43 @@ pub struct Admission {
     month: Month,
     standings: Vec<Standing>,
     settled: bool,
+    /// When its concurrency leases were last taken or extended.
+    leased_at: std::time::Instant,
 }
 
 impl Admission {
+    /// Keeps a long reply's concurrency places: once a third of the lease has passed, extends
+    /// it (in the background).
+    pub fn keep_alive(&mut self) {
+        let concurrent = self.counters.iter().any(|c| c.kind == Kind::Concurrent);
+        if !concurrent || self.leased_at.elapsed() < self.limits.lease / 3 {
+            return;
+        }
+        self.leased_at = std::time::Instant::now();
+        let limits = self.limits.clone();
+        let (tenant, request_id, counters, tokens, month) = (
+            self.tenant,
+            self.request_id.clone(),
+            self.counters.clone(),
+            self.tokens,
+            self.month.clone(),
+        );
+        tokio::spawn(async move {
+            let demand = Demand {
+                tenant,
+                request_id: &request_id,
+                counters: &counters,
+                tokens,
+                lease: limits.lease,
+                month: &month,
+            };
+            if let Err(error) = limits.limiter.renew(&demand).await {
+                limits.store_errors.inc();
+                tracing::warn!(%error, %request_id, "extending a request's concurrency lease failed");
+            }
+        });
+    }
+
     /// The `x-ratelimit-*` headers: for requests and for tokens per minute, the tightest of
     /// the key's and the plan's counters.
     pub fn headers(&self) -> HeaderMap {

@@ -73,6 +73,8 @@ impl Subscription {
             if let Some(admission) = self.admission.take() {
                 admission.settle_by(chunk);
             }
+        } else if let Some(admission) = self.admission.as_mut() {
+            admission.keep_alive();
         }
     }
 }
@@ -92,10 +94,11 @@ impl Drop for Subscription {
         let (_, closed) = mpsc::channel(1);
         let mut rx = std::mem::replace(&mut self.rx, closed);
         let (router, request_id, wait) = (self.router.clone(), self.request_id.clone(), self.wait);
+        let mut admission = admission;
         runtime.spawn(async move {
             let last = loop {
                 match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(Some(chunk)) if chunk.kind == ReplyKind::Delta => continue,
+                    Ok(Some(chunk)) if chunk.kind == ReplyKind::Delta => admission.keep_alive(),
                     Ok(Some(chunk)) => break Some(chunk),
                     _ => break None,
                 }

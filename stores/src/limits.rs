@@ -256,6 +256,20 @@ end
 return 1
 ";
 
+/// Extends a request's concurrency leases. KEYS: its concurrency counters. ARGV: request id,
+/// lease ms.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], lease + 1000)
+  end
+end
+return 1
+";
+
 /// The counters, in Redis.
 #[derive(Clone)]
 pub struct Limiter {
@@ -263,6 +277,7 @@ pub struct Limiter {
     prefix: String,
     admit: Script,
     settle: Script,
+    renew: Script,
 }
 
 impl Limiter {
@@ -282,6 +297,7 @@ impl Limiter {
             prefix: config.key_prefix.clone(),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            renew: Script::new(RENEW),
         })
     }
 
@@ -393,6 +409,30 @@ impl Limiter {
         }
         let mut connection = self.connection.clone();
         invocation.invoke_async::<i64>(&mut connection).await?;
+        Ok(())
+    }
+
+    /// Extends the concurrency leases of a request admitted with `demand` by `demand.lease`
+    /// from now (a long reply keeps its place for as long as it streams). A lease already
+    /// released stays released.
+    pub async fn renew(&self, demand: &Demand<'_>) -> Result<()> {
+        let mut invocation = self.renew.prepare_invoke();
+        invocation
+            .arg(demand.request_id)
+            .arg(u64::try_from(demand.lease.as_millis()).unwrap_or(u64::MAX));
+        let mut any = false;
+        for counter in demand
+            .counters
+            .iter()
+            .filter(|c| c.kind == Kind::Concurrent)
+        {
+            invocation.key(self.key(demand.tenant, counter, demand.month));
+            any = true;
+        }
+        if any {
+            let mut connection = self.connection.clone();
+            invocation.invoke_async::<i64>(&mut connection).await?;
+        }
         Ok(())
     }
 
@@ -531,6 +571,55 @@ mod tests {
                 retry_after_ms: None,
                 ..
             })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_lease_outlives_its_first_term_and_an_unrenewed_one_expires() {
+        let limiter = local_limiter();
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let one_place = [Counter {
+            holder: Holder::Tenant,
+            kind: Kind::Concurrent,
+            limit: 1,
+        }];
+        let demand = |id| Demand {
+            tenant,
+            request_id: id,
+            counters: &one_place,
+            tokens: 1,
+            lease: Duration::from_millis(1000),
+            month: &month,
+        };
+        assert!(matches!(
+            limiter.admit(&demand("long")).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        limiter.renew(&demand("long")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            matches!(
+                limiter.admit(&demand("next")).await,
+                Ok(Verdict::Refused { .. })
+            ),
+            "renewed: the place is still held past its first term"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            matches!(
+                limiter.admit(&demand("next")).await,
+                Ok(Verdict::Admitted(_))
+            ),
+            "not renewed again: the lease expired and the place is free"
+        );
+        // Renewing a released lease does not take the place back.
+        limiter.settle(&demand("next"), 0).await.unwrap();
+        limiter.renew(&demand("next")).await.unwrap();
+        assert!(matches!(
+            limiter.admit(&demand("third")).await,
+            Ok(Verdict::Admitted(_))
         ));
     }
 }

@@ -541,3 +541,22 @@ async fn a_feature_flag_turns_chat_off_for_one_tenant_without_a_restart() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn self_registered_tenants_land_on_the_configured_plan() {
+    let prefix = unique("t");
+    let plan = unique("plan-");
+    run_cli(
+        &prefix,
+        &["plan", "create", &plan, "--requests-per-minute", "30"],
+    );
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![("SLUICE_EDGE__REGISTRATION_PLAN".into(), plan.clone())],
+    );
+    let admin = register(&sluice).await;
+    let (status, me) = get_json(&sluice.v1("/me"), admin.access()).await;
+    assert_eq!(status, 200);
+    assert_eq!(me["plan"]["name"], plan.as_str(), "{me}");
+    assert_eq!(me["plan"]["limits"]["requests_per_minute"], 30);
+}

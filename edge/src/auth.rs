@@ -193,21 +193,12 @@ pub async fn forget_changes(
     cancel: CancellationToken,
 ) {
     loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for key changes; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
+        let Some(mut listener) =
+            sluice_stores::postgres::listen(&pool, keys::AUTH_CHANNEL, "key changes", &cancel)
+                .await
+        else {
+            return;
         };
-        if let Err(error) = listener.listen(keys::AUTH_CHANNEL).await {
-            tracing::warn!(%error, "cannot listen for key changes; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
         // Anything cached before listening may be stale.
         cache.forget(keys::EVERY_KEY);
         loop {

@@ -333,28 +333,7 @@ impl Admission {
             return;
         }
         self.leased_at = std::time::Instant::now();
-        let limits = self.limits.clone();
-        let (tenant, request_id, counters, tokens, month) = (
-            self.tenant,
-            self.request_id.clone(),
-            self.counters.clone(),
-            self.tokens,
-            self.month.clone(),
-        );
-        tokio::spawn(async move {
-            let demand = Demand {
-                tenant,
-                request_id: &request_id,
-                counters: &counters,
-                tokens,
-                lease: limits.lease,
-                month: &month,
-            };
-            if let Err(error) = limits.limiter.renew(&demand).await {
-                limits.store_errors.inc();
-                tracing::warn!(%error, %request_id, "extending a request's concurrency lease failed");
-            }
-        });
+        self.in_background(Renewal::Extend);
     }
 
     /// The `x-ratelimit-*` headers: for requests and for tokens per minute, the tightest of
@@ -412,6 +391,11 @@ impl Admission {
     }
 
     fn spawn_settle(&self, tokens_beyond: i64) {
+        self.in_background(Renewal::Settle(tokens_beyond));
+    }
+
+    /// Settles or extends the admission on its own task: the reply does not wait for Redis.
+    fn in_background(&self, work: Renewal) {
         let limits = self.limits.clone();
         let (tenant, request_id, counters, tokens, month) = (
             self.tenant,
@@ -429,12 +413,26 @@ impl Admission {
                 lease: limits.lease,
                 month: &month,
             };
-            if let Err(error) = limits.limiter.settle(&demand, tokens_beyond).await {
+            let done = match work {
+                Renewal::Settle(tokens_beyond) => {
+                    limits.limiter.settle(&demand, tokens_beyond).await
+                }
+                Renewal::Extend => limits.limiter.renew(&demand).await,
+            };
+            if let Err(error) = done {
                 limits.store_errors.inc();
-                tracing::warn!(%error, %request_id, "settling a request's limits failed; its concurrency place frees when its lease ends");
+                tracing::warn!(%error, %request_id, "settling or extending a request's limits failed; its concurrency place frees when its lease ends");
             }
         });
     }
+}
+
+/// What [`Admission::in_background`] does.
+enum Renewal {
+    /// Settle, taking this many tokens beyond the reservation (negative: giving back).
+    Settle(i64),
+    /// Extend the concurrency leases.
+    Extend,
 }
 
 impl Drop for Admission {

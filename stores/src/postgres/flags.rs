@@ -164,21 +164,11 @@ impl Flags {
     /// `cancel` fires.
     pub async fn follow(self: Arc<Self>, app: PgPool, cancel: CancellationToken) {
         loop {
-            let mut listener = match sqlx::postgres::PgListener::connect_with(&app).await {
-                Ok(listener) => listener,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for flag changes; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
+            let Some(mut listener) =
+                super::listen(&app, FLAGS_CHANNEL, "flag changes", &cancel).await
+            else {
+                return;
             };
-            if let Err(error) = listener.listen(FLAGS_CHANNEL).await {
-                tracing::warn!(%error, "cannot listen for flag changes; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
             loop {
                 match load(&app).await {
                     Ok(settings) => self.replace(settings),

@@ -136,6 +136,30 @@ async fn apply_migrations(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
     Ok(applied_now)
 }
 
+/// A connection listening on `channel`, made once PostgreSQL answers (retrying every second);
+/// `None` if `cancel` fires first. `what` names the changes, for the log.
+pub async fn listen(
+    app: &PgPool,
+    channel: &str,
+    what: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<sqlx::postgres::PgListener> {
+    loop {
+        let error = match sqlx::postgres::PgListener::connect_with(app).await {
+            Ok(mut listener) => match listener.listen(channel).await {
+                Ok(()) => return Some(listener),
+                Err(error) => error,
+            },
+            Err(error) => error,
+        };
+        tracing::warn!(%error, "cannot listen for {what}; retrying");
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// A transaction in which row-level security shows only `tenant_id`'s rows. Every read or
 /// write of tenant-owned rows by the runtime role goes through one.
 pub async fn tenant_transaction(

@@ -589,16 +589,16 @@ mod tests {
             request_id: id,
             counters: &one_place,
             tokens: 1,
-            lease: Duration::from_millis(1000),
+            lease: Duration::from_millis(2000),
             month: &month,
         };
         assert!(matches!(
             limiter.admit(&demand("long")).await,
             Ok(Verdict::Admitted(_))
         ));
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(1400)).await;
         limiter.renew(&demand("long")).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(
             matches!(
                 limiter.admit(&demand("next")).await,
@@ -606,7 +606,7 @@ mod tests {
             ),
             "renewed: the place is still held past its first term"
         );
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(
             matches!(
                 limiter.admit(&demand("next")).await,

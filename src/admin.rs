@@ -81,8 +81,13 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             let tenant = tenant_named(&admin, &name).await?;
             let clickhouse = sluice_stores::ClickHouse::new(&config.clickhouse);
             let mut conn = admin.acquire().await?;
-            let export =
-                sluice_stores::export::tenant_export(&mut conn, &clickhouse, tenant.id).await?;
+            let export = sluice_stores::export::tenant_export(
+                &mut conn,
+                &clickhouse,
+                tenant.id,
+                sluice_pipelines::now_ms(),
+            )
+            .await?;
             drop(conn);
             audit_cli(&admin, Some(tenant.id), "tenant.export", &name, json!({})).await?;
             println!("{}", serde_json::to_string_pretty(&export)?);

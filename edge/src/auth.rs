@@ -27,42 +27,18 @@ use sluice_stores::postgres::{
 use sqlx::{types::Uuid, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    error::ApiError,
-    sessions::{self, Claims},
-    EdgeState,
-};
+use crate::{error::ApiError, sessions, EdgeState};
 
 /// The authenticated tenant of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantId(pub Uuid);
 
-/// Who is calling.
-#[derive(Debug, Clone)]
-pub enum Principal {
-    /// An API key.
-    Key,
-    /// A user, by their access token.
-    User(Arc<Claims>),
-}
-
-/// The authenticated caller of a request: its tenant, what it may do (a key's limits and its
-/// plan's; a user has their tenant's plan's), and who it is.
+/// The authenticated caller of a request: its tenant, and what it may do (a key's limits and
+/// its plan's; a user has their tenant's plan's).
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub tenant: TenantId,
     pub grant: Arc<KeyGrant>,
-    pub principal: Principal,
-}
-
-impl Caller {
-    /// How the audit log names the caller.
-    pub fn actor(&self) -> String {
-        match &self.principal {
-            Principal::Key => format!("key:{}", self.grant.key_id),
-            Principal::User(claims) => format!("user:{}", claims.email),
-        }
-    }
 }
 
 /// Caches key-hash → grant for a short time.
@@ -244,7 +220,7 @@ pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Call
         )
     })?;
     if sessions::looks_like_jwt(key) {
-        let claims = Arc::new(state.tokens.verify(key)?);
+        let claims = state.tokens.verify(key)?;
         let tenant = claims.tid.ok_or_else(|| {
             ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -260,7 +236,6 @@ pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Call
             Some(grant) => Ok(Caller {
                 tenant: TenantId(tenant),
                 grant,
-                principal: Principal::User(claims),
             }),
             None => Err(ApiError::unauthorized(
                 "The tenant of this session is not active.",
@@ -271,7 +246,6 @@ pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Call
         Some(grant) => Ok(Caller {
             tenant: TenantId(grant.tenant_id),
             grant,
-            principal: Principal::Key,
         }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }

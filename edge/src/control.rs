@@ -705,13 +705,17 @@ pub async fn export_tenant(
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("exporting a tenant", e))?;
-    let export = sluice_stores::export::tenant_export(&mut tx, &state.clickhouse, admin.tenant)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "a tenant export failed");
-            ApiError::unavailable("The export is unavailable right now; retry shortly.")
-                .retry_after(5)
-        })?;
+    let export = sluice_stores::export::tenant_export(
+        &mut tx,
+        &state.clickhouse,
+        admin.tenant,
+        sluice_pipelines::now_ms(),
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "a tenant export failed");
+        ApiError::unavailable("The export is unavailable right now; retry shortly.").retry_after(5)
+    })?;
     audit::record(
         &mut tx,
         &Action {

@@ -11,12 +11,13 @@ use crate::{
     ClickHouse, Error, Result,
 };
 
-/// Every row the tenant owns. Run it in the tenant's transaction (the runtime role) or as the
-/// owner.
+/// Every row the tenant owns, as of `exported_at_ms`. Run it in the tenant's transaction (the
+/// runtime role) or as the owner.
 pub async fn tenant_export(
     conn: &mut PgConnection,
     clickhouse: &ClickHouse,
     tenant_id: Uuid,
+    exported_at_ms: i64,
 ) -> Result<Value> {
     let tenant = sqlx::query(
         "SELECT name, status, (extract(epoch FROM created_at) * 1000)::bigint FROM tenants WHERE id = $1",
@@ -47,7 +48,7 @@ pub async fn tenant_export(
     let events = usage::tenant_events(clickhouse, &tenant_id.to_string()).await?;
     Ok(json!({
         "object": "tenant.export",
-        "exported_at_ms": now_ms(),
+        "exported_at_ms": exported_at_ms,
         "tenant": {
             "id": tenant_id,
             "name": tenant.try_get::<String, _>(0)?,
@@ -60,10 +61,4 @@ pub async fn tenant_export(
         "audit_log": log,
         "usage_events": events,
     }))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

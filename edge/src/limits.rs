@@ -263,26 +263,32 @@ fn refusal(counter: Counter, retry_after_ms: Option<u64>, tokens: u64) -> ApiErr
     if let Some(ms) = retry_after_ms {
         error = error.retry_after(ms.div_ceil(1000).max(1));
     }
-    let (limit_name, remaining_name, reset_name) = match counter.kind {
-        Kind::RequestsPerMinute => (
+    let mut headers = HeaderMap::new();
+    rate_headers(&mut headers, counter, 0, retry_after_ms.map(duration_text));
+    error.with_headers(headers)
+}
+
+/// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for a per-minute
+/// `counter` (other kinds have none).
+fn rate_headers(headers: &mut HeaderMap, counter: Counter, remaining: u64, reset: Option<String>) {
+    let [limit_name, remaining_name, reset_name] = match counter.kind {
+        Kind::RequestsPerMinute => [
             "x-ratelimit-limit-requests",
             "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests",
-        ),
-        Kind::TokensPerMinute => (
+        ],
+        Kind::TokensPerMinute => [
             "x-ratelimit-limit-tokens",
             "x-ratelimit-remaining-tokens",
             "x-ratelimit-reset-tokens",
-        ),
-        _ => return error,
+        ],
+        Kind::Concurrent | Kind::MonthlyTokens => return,
     };
-    let mut headers = HeaderMap::new();
-    insert(&mut headers, limit_name, counter.limit.to_string());
-    insert(&mut headers, remaining_name, "0".to_owned());
-    if let Some(ms) = retry_after_ms {
-        insert(&mut headers, reset_name, duration_text(ms));
+    insert(headers, limit_name, counter.limit.to_string());
+    insert(headers, remaining_name, remaining.to_string());
+    if let Some(reset) = reset {
+        insert(headers, reset_name, reset);
     }
-    error.with_headers(headers)
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
@@ -346,26 +352,14 @@ impl Admission {
                 .filter(|s| s.counter.kind == kind)
                 .min_by_key(|s| s.remaining)
         };
-        for (kind, suffix) in [
-            (Kind::RequestsPerMinute, "requests"),
-            (Kind::TokensPerMinute, "tokens"),
-        ] {
+        for kind in [Kind::RequestsPerMinute, Kind::TokensPerMinute] {
             if let Some(standing) = tightest(kind) {
-                let [limit, remaining, reset] = match suffix {
-                    "requests" => [
-                        "x-ratelimit-limit-requests",
-                        "x-ratelimit-remaining-requests",
-                        "x-ratelimit-reset-requests",
-                    ],
-                    _ => [
-                        "x-ratelimit-limit-tokens",
-                        "x-ratelimit-remaining-tokens",
-                        "x-ratelimit-reset-tokens",
-                    ],
-                };
-                insert(&mut headers, limit, standing.counter.limit.to_string());
-                insert(&mut headers, remaining, standing.remaining.to_string());
-                insert(&mut headers, reset, duration_text(standing.reset_ms));
+                rate_headers(
+                    &mut headers,
+                    standing.counter,
+                    standing.remaining,
+                    Some(duration_text(standing.reset_ms)),
+                );
             }
         }
         headers

@@ -66,38 +66,12 @@ impl AuthCache {
         pool: &PgPool,
         key: &str,
     ) -> Result<Option<Arc<KeyGrant>>, ApiError> {
-        let hash = tenants::hash_api_key(key);
-        if let Ok(entries) = self.entries.lock() {
-            if let Some((grant, until)) = entries.get(&hash) {
-                if Instant::now() < *until {
-                    return Ok(Some(grant.clone()));
-                }
-            }
-        }
-        let began = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
-        let Some(grant) = keys::authorize(pool, key)
-            .await
-            .map_err(|e| ApiError::internal("authentication lookup failed", e))?
-        else {
-            return Ok(None);
-        };
-        let grant = Arc::new(grant);
-        // Kept no longer than the key is valid (a rotated key's grace, an expiry).
-        let left_valid = grant.valid_until_ms.map(|until| {
-            Duration::from_millis(u64::try_from(until - sluice_pipelines::now_ms()).unwrap_or(0))
-        });
-        let until = Instant::now() + left_valid.map_or(self.ttl, |left| left.min(self.ttl));
-        if let Ok(mut entries) = self.entries.lock() {
-            if self.forgets.load(std::sync::atomic::Ordering::SeqCst) != began {
-                return Ok(Some(grant));
-            }
-            if entries.len() > 100_000 {
-                let now = Instant::now();
-                entries.retain(|_, (_, until)| now < *until);
-            }
-            entries.insert(hash, (grant.clone(), until));
-        }
-        Ok(Some(grant))
+        self.cached_or(tenants::hash_api_key(key), async {
+            keys::authorize(pool, key)
+                .await
+                .map_err(|e| ApiError::internal("authentication lookup failed", e))
+        })
+        .await
     }
 
     /// The tenant's plan, from the cache or PostgreSQL, as a grant for its user `user`; `None`
@@ -108,42 +82,62 @@ impl AuthCache {
         tenant: Uuid,
         user: Uuid,
     ) -> Result<Option<Arc<KeyGrant>>, ApiError> {
-        let cache_key = format!("tenant:{tenant}");
-        let cached = self.entries.lock().ok().and_then(|entries| {
-            entries
-                .get(&cache_key)
-                .filter(|(_, until)| Instant::now() < *until)
-                .map(|(grant, _)| grant.clone())
-        });
-        let tenant_grant = match cached {
-            Some(grant) => grant,
-            None => {
-                let began = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
-                let Some(plan) = plans::tenant_plan(pool, tenant)
+        let tenant_grant = self
+            .cached_or(format!("tenant:{tenant}"), async {
+                let plan = plans::tenant_plan(pool, tenant)
                     .await
-                    .map_err(|e| ApiError::internal("tenant lookup failed", e))?
-                else {
-                    return Ok(None);
-                };
-                let grant = Arc::new(KeyGrant {
+                    .map_err(|e| ApiError::internal("tenant lookup failed", e))?;
+                Ok(plan.map(|plan| KeyGrant {
                     tenant_id: tenant,
                     key_id: Uuid::nil(),
                     valid_until_ms: None,
                     key: Limits::default(),
                     plan,
-                });
-                if let Ok(mut entries) = self.entries.lock() {
-                    if self.forgets.load(std::sync::atomic::Ordering::SeqCst) == began {
-                        entries.insert(cache_key, (grant.clone(), Instant::now() + self.ttl));
-                    }
+                }))
+            })
+            .await?;
+        Ok(tenant_grant.map(|grant| {
+            Arc::new(KeyGrant {
+                key_id: user,
+                ..(*grant).clone()
+            })
+        }))
+    }
+
+    /// The grant cached under `cache_key`, or the one `load` finds, cached for the TTL and no
+    /// longer than it is valid (a rotated key's grace, an expiry). A load that overlapped a
+    /// [`forget`](Self::forget) may have read what was forgotten: its answer is used, not kept.
+    async fn cached_or(
+        &self,
+        cache_key: String,
+        load: impl std::future::Future<Output = Result<Option<KeyGrant>, ApiError>>,
+    ) -> Result<Option<Arc<KeyGrant>>, ApiError> {
+        if let Ok(entries) = self.entries.lock() {
+            if let Some((grant, until)) = entries.get(&cache_key) {
+                if Instant::now() < *until {
+                    return Ok(Some(grant.clone()));
                 }
-                grant
             }
+        }
+        let began = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
+        let Some(grant) = load.await? else {
+            return Ok(None);
         };
-        Ok(Some(Arc::new(KeyGrant {
-            key_id: user,
-            ..(*tenant_grant).clone()
-        })))
+        let grant = Arc::new(grant);
+        let left_valid = grant.valid_until_ms.map(|until| {
+            Duration::from_millis(u64::try_from(until - sluice_pipelines::now_ms()).unwrap_or(0))
+        });
+        let until = Instant::now() + left_valid.map_or(self.ttl, |left| left.min(self.ttl));
+        if let Ok(mut entries) = self.entries.lock() {
+            if self.forgets.load(std::sync::atomic::Ordering::SeqCst) == began {
+                if entries.len() > 100_000 {
+                    let now = Instant::now();
+                    entries.retain(|_, (_, until)| now < *until);
+                }
+                entries.insert(cache_key, (grant.clone(), until));
+            }
+        }
+        Ok(Some(grant))
     }
 
     /// Forgets the key with this hash, or every key given [`keys::EVERY_KEY`].

@@ -21,7 +21,9 @@ pub const FLAGS_CHANNEL: &str = "sluice_flags";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlagSettings {
     global: HashMap<String, bool>,
-    tenants: HashMap<(Uuid, String), bool>,
+    /// Per tenant, its own settings (looked up on every chat request: by borrowed name, with
+    /// no allocation).
+    tenants: HashMap<Uuid, HashMap<String, bool>>,
 }
 
 impl FlagSettings {
@@ -29,7 +31,8 @@ impl FlagSettings {
     /// `default`.
     pub fn enabled(&self, name: &str, tenant: Option<Uuid>, default: bool) -> bool {
         tenant
-            .and_then(|t| self.tenants.get(&(t, name.to_owned())))
+            .and_then(|t| self.tenants.get(&t))
+            .and_then(|own| own.get(name))
             .or_else(|| self.global.get(name))
             .copied()
             .unwrap_or(default)
@@ -47,7 +50,11 @@ pub async fn load(app: &PgPool) -> Result<FlagSettings> {
         let tenant: Option<Uuid> = row.try_get(1)?;
         let enabled: bool = row.try_get(2)?;
         match tenant {
-            Some(tenant) => settings.tenants.insert((tenant, name), enabled),
+            Some(tenant) => settings
+                .tenants
+                .entry(tenant)
+                .or_default()
+                .insert(name, enabled),
             None => settings.global.insert(name, enabled),
         };
     }
@@ -197,7 +204,11 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let mut settings = FlagSettings::default();
         settings.global.insert("chat".into(), false);
-        settings.tenants.insert((a, "chat".into()), true);
+        settings
+            .tenants
+            .entry(a)
+            .or_default()
+            .insert("chat".into(), true);
         assert!(settings.enabled("chat", Some(a), true));
         assert!(!settings.enabled("chat", Some(b), true));
         assert!(!settings.enabled("chat", None, true));

@@ -460,3 +460,55 @@ async fn a_caller_that_hangs_up_is_settled_to_what_the_reply_used() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_keys_own_limits_and_expiry_hold_under_a_plan_with_none() {
+    let edges = TwoEdges::start().await;
+    let tenant = create_tenant(&edges.sluice.prefix);
+    let prefix = &tenant.key[..16];
+    run_cli(
+        &edges.sluice.prefix,
+        &[
+            "key",
+            "limits",
+            prefix,
+            "--requests-per-minute",
+            "2",
+            "--models",
+            "sim-small",
+        ],
+    );
+    // The key's own rules: sim-small only, two a minute, across both edges.
+    eventually(5, "the key's limits on every edge", || async {
+        let (_, headers, _) = post_chat(&edges.urls[0], &tenant.key, &short(2, "limits")).await;
+        (header(&headers, "x-ratelimit-limit-requests").as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    let named = json!({"model": "sim-large", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, body) = post_chat(&edges.urls[1], &tenant.key, &named).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let mut statuses = Vec::new();
+    for url in &edges.urls {
+        statuses.push(post_chat(url, &tenant.key, &short(2, "more")).await.0);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // An expiry: the key stops on every edge when it comes.
+    run_cli(
+        &edges.sluice.prefix,
+        &["key", "limits", prefix, "--expires-in-secs", "2"],
+    );
+    for url in &edges.urls {
+        eventually(10, "the key to expire", || async {
+            (get_json(&format!("{url}/v1/me"), &tenant.key).await.0 == 401).then_some(())
+        })
+        .await;
+    }
+    let audit = run_cli(
+        &edges.sluice.prefix,
+        &["audit", "--tenant", &tenant.name, "--json"],
+    );
+    assert_eq!(audit.matches("\"key.limits\"").count(), 2, "{audit}");
+}

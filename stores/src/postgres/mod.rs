@@ -60,6 +60,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "hardening",
         sql: include_str!("../../migrations/0006_hardening.sql"),
     },
+    Migration {
+        version: 7,
+        name: "drop_key_only_authentication",
+        sql: include_str!("../../migrations/0007_drop_key_only_authentication.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

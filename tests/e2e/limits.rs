@@ -432,6 +432,27 @@ async fn with_redis_down_limited_keys_are_refused_and_unlimited_ones_served() {
     let (status, _, body) = post_chat(&sluice.url, &free.key, &short(2, "free")).await;
     assert_eq!(status, 200, "keys with no limits never need Redis: {body}");
     assert!(metric(&sluice.url, "sluice_edge_limit_store_errors_total").await >= 1.0);
+    drop(sluice);
+
+    // Told to admit when the counters are down, the edge lets limited keys through unchecked.
+    let down = format!("redis://127.0.0.1:{}", free_port());
+    let admitting = Sluice::start_with(
+        &unique("t"),
+        vec![
+            ("SLUICE_REDIS__URL".into(), down),
+            (
+                "SLUICE_EDGE__LIMITS__WHEN_STORE_DOWN".into(),
+                "admit".into(),
+            ),
+        ],
+    );
+    let (status, _, body) = post_chat(
+        &admitting.url,
+        limited["api_key"].as_str().unwrap(),
+        &short(2, "admitted unchecked"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use sluice_stores::{
     postgres::{
         self,
         audit::{self, Action},
-        keys, models,
+        keys, models, origins,
         plans::{self, Limits, LimitsChange},
         tenants,
         users::{self, Role},
@@ -91,6 +91,36 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             drop(conn);
             audit_cli(&admin, Some(tenant.id), "tenant.export", &name, json!({})).await?;
             println!("{}", serde_json::to_string_pretty(&export)?);
+            return Ok(());
+        }
+        TenantCommand::Origins { name, set, clear } => {
+            let tenant = tenant_named(&admin, &name).await?;
+            let mut conn = admin.acquire().await?;
+            let origins = match (set, clear) {
+                (None, false) => origins::list(&mut conn, tenant.id).await?,
+                (set, _) => {
+                    let mut tx = admin.begin().await?;
+                    let origins =
+                        origins::replace(&mut tx, tenant.id, &set.unwrap_or_default()).await?;
+                    tx.commit().await?;
+                    audit_cli(
+                        &admin,
+                        Some(tenant.id),
+                        "tenant.origins",
+                        &name,
+                        json!({ "origins": origins }),
+                    )
+                    .await?;
+                    origins
+                }
+            };
+            drop(conn);
+            if origins.is_empty() {
+                println!("tenant {name} lists no origins: browsers cannot use its keys");
+            }
+            for origin in origins {
+                println!("{origin}");
+            }
             return Ok(());
         }
         TenantCommand::Delete { name } => {

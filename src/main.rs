@@ -187,6 +187,25 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         limits: bool,
     },
+    /// Streaming WebSocket sessions held by one edge and the memory each costs, vs. a bare
+    /// WebSocket server on the same stack.
+    Websocket {
+        /// Sessions to open.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Sessions opening at once.
+        #[arg(long, default_value_t = 200)]
+        connecting: usize,
+        /// Seconds every session streams before the memory is read.
+        #[arg(long, default_value_t = 10)]
+        stream_seconds: u64,
+    },
+    /// The bare WebSocket server `bench websocket` measures against (started by it).
+    #[command(hide = true)]
+    WebsocketBareServer {
+        #[arg(long)]
+        listen: String,
+    },
     /// Records through the operator runtime vs. raw librdkafka consume+produce on the same broker.
     Passthrough {
         /// Records per path.
@@ -240,6 +259,16 @@ pub(crate) enum TenantCommand {
     Plan { name: String, plan: String },
     /// Print everything a tenant owns as one JSON document.
     Export { name: String },
+    /// Print the browser origins a tenant's keys may be used from (CORS), or replace them.
+    Origins {
+        name: String,
+        /// Replace the list with these (`https://host[:port]`, or `*` for any).
+        #[arg(long, num_args = 1..)]
+        set: Option<Vec<String>>,
+        /// Empty the list (browsers can no longer use the tenant's keys).
+        #[arg(long, conflicts_with = "set")]
+        clear: bool,
+    },
     /// Delete a tenant: its keys and sessions stop at once; its rows go at the next purge
     /// after the grace period; its usage facts stay for invoicing.
     Delete { name: String },

@@ -73,6 +73,8 @@ impl Modify for Bearer {
         crate::control::audit_log,
         crate::control::export_tenant,
         crate::control::delete_tenant,
+        crate::control::list_origins,
+        crate::control::set_origins,
     ),
     modifiers(&Bearer),
     tags(

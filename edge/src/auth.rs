@@ -252,7 +252,9 @@ impl FromRequestParts<Arc<EdgeState>> for Caller {
         parts: &mut Parts,
         state: &Arc<EdgeState>,
     ) -> Result<Self, Self::Rejection> {
-        caller_for_key(state, bearer(parts)).await
+        let caller = caller_for_key(state, bearer(parts)).await?;
+        crate::cors::check_origin(state, crate::cors::origin(&parts.headers), caller.tenant.0)?;
+        Ok(caller)
     }
 }
 
@@ -263,6 +265,6 @@ impl FromRequestParts<Arc<EdgeState>> for TenantId {
         parts: &mut Parts,
         state: &Arc<EdgeState>,
     ) -> Result<Self, Self::Rejection> {
-        Ok(caller_for_key(state, bearer(parts)).await?.tenant)
+        Ok(Caller::from_request_parts(parts, state).await?.tenant)
     }
 }

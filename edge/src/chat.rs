@@ -32,7 +32,11 @@ pub const CHAT_FLAG: &str = "chat";
 /// An accepted request, on its way through the pipeline.
 pub struct Submitted {
     pub request_id: String,
+    /// When it was received (Unix seconds, and milliseconds).
     pub created: i64,
+    pub created_ms: i64,
+    /// An offset of the replies partition at or before the reply's first chunk.
+    pub replies_offset: i64,
     pub subscription: Subscription,
     /// The `x-ratelimit-*` headers of its admission, if any limit applies.
     pub limit_headers: HeaderMap,
@@ -101,6 +105,7 @@ pub async fn submit(
         )
         .await?;
     let subscription = state.replies.subscribe(&request_id);
+    let replies_offset = state.replies.position();
     let trace = parent_trace
         .map(|p| p.child())
         .unwrap_or_else(TraceContext::new_root);
@@ -134,6 +139,8 @@ pub async fn submit(
     Ok(Submitted {
         request_id,
         created: received_at_ms / 1000,
+        created_ms: received_at_ms,
+        replies_offset,
         limit_headers: subscription.limit_headers(),
         subscription,
     })

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use sluice_stores::postgres::{
     audit::{self, Action, Entry},
     keys::{self, KeyInfo},
-    tenant_transaction,
+    origins, tenant_transaction,
     users::{self, Member, Role, Rotation},
 };
 use sqlx::types::Uuid;
@@ -433,6 +433,7 @@ impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
         {
             return Err(ApiError::unauthorized("The tenant is not active."));
         }
+        crate::cors::check_origin(state, crate::cors::origin(&parts.headers), tenant)?;
         Ok(Self {
             tenant,
             claims,
@@ -693,9 +694,56 @@ pub async fn audit_log(
     Ok(Json(list(entries)))
 }
 
+/// The browser origins a tenant's keys and tokens may be used from.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OriginList {
+    /// `https://host[:port]` or `http://…`, or `*` for any origin.
+    pub origins: Vec<String>,
+}
+
+/// `GET /v1/tenant/origins`.
+#[utoipa::path(get, path = "/v1/tenant/origins", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "The origins browsers may use the tenant's credentials from", body = OriginList), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
+pub async fn list_origins(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+) -> Result<Json<OriginList>, ApiError> {
+    let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing origins", e))?;
+    let origins = origins::list(&mut tx, admin.tenant)
+        .await
+        .map_err(|e| ApiError::internal("listing origins", e))?;
+    Ok(Json(OriginList { origins }))
+}
+
+/// `PUT /v1/tenant/origins`: replaces the list; every edge applies it within moments.
+#[utoipa::path(put, path = "/v1/tenant/origins", tag = "admin", security(("bearer" = [])), request_body = OriginList,
+    responses((status = 200, description = "The list now in force (normalized)", body = OriginList), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
+pub async fn set_origins(
+    State(state): State<Arc<EdgeState>>,
+    admin: TenantAdmin,
+    body: Bytes,
+) -> Result<Json<OriginList>, ApiError> {
+    let form: OriginList = parse(&body)?;
+    let tenant = admin.tenant;
+    let origins = in_tenant(&state, &admin, "tenant.origins", |tx| {
+        Box::pin(async move {
+            let origins = origins::replace(tx, tenant, &form.origins)
+                .await
+                .map_err(|e| store_error("setting origins", e))?;
+            let detail = json!({ "origins": origins });
+            Ok((origins, None, detail))
+        })
+    })
+    .await?;
+    Ok(Json(OriginList { origins }))
+}
+
 /// `GET /v1/tenant/export`: everything the tenant owns, as one JSON document.
 #[utoipa::path(get, path = "/v1/tenant/export", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, description = "The tenant's record and plan, keys (prefixes), users (no password hashes), audit log and usage facts", body = Object),
+    responses((status = 200, description = "The tenant's record, plan and CORS origins, keys (prefixes), users (no password hashes), audit log and usage facts", body = Object),
         (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody),
         (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn export_tenant(

@@ -20,11 +20,13 @@ pub mod api_doc;
 pub mod auth;
 pub mod chat;
 pub mod control;
+pub mod cors;
 pub mod error;
 pub mod limits;
 pub mod openai;
 pub mod registry;
 pub mod replies;
+pub mod resume;
 pub mod sessions;
 pub mod stream;
 pub mod usage;
@@ -108,6 +110,11 @@ pub struct EdgeConfig {
     pub access_token_secs: u64,
     /// Days a refresh token is valid if not used.
     pub refresh_token_days: u64,
+    /// Seconds a stopping edge lets its streams finish; then its WebSockets are closed with
+    /// 1012, and their clients resume on another edge.
+    pub drain_secs: u64,
+    /// Chat over a WebSocket.
+    pub websocket: ws::WebSocketConfig,
 }
 
 impl Default for EdgeConfig {
@@ -122,6 +129,8 @@ impl Default for EdgeConfig {
             registration_plan: None,
             access_token_secs: 900,
             refresh_token_days: 30,
+            drain_secs: 30,
+            websocket: ws::WebSocketConfig::default(),
         }
     }
 }
@@ -154,6 +163,7 @@ impl EdgeConfig {
         if self.limits.assumed_output_tokens == 0 {
             problems.push("edge.limits.assumed_output_tokens must be at least 1".to_owned());
         }
+        problems.extend(self.websocket.validate());
         problems
     }
 }
@@ -175,11 +185,23 @@ pub struct EdgeState {
     pub tokens: sessions::TokenKeys,
     /// Feature flags, kept current.
     pub flags: Arc<sluice_stores::postgres::flags::Flags>,
+    /// Every tenant's CORS origins, kept current.
+    pub origins: Arc<sluice_stores::postgres::origins::Origins>,
     /// Places for password hashing (slow on purpose), one per core: beyond them, login and
     /// registration answer 503 rather than queue unbounded work.
     pub password_work: Arc<tokio::sync::Semaphore>,
     /// Places for chat requests in flight (`edge.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The broker settings (a resumed stream reads the replies topic with a consumer of its own).
+    pub kafka: KafkaConfig,
+    /// Partitions of the replies topic.
+    pub replies_partitions: i32,
+    /// Fires when the edge begins to stop: WebSockets take no new requests.
+    pub draining: CancellationToken,
+    /// Fires `edge.drain_secs` later: WebSockets still streaming are closed (resumably).
+    pub closing: CancellationToken,
+    /// The open WebSocket sessions, waited for when the edge stops.
+    pub ws_sessions: tokio_util::task::TaskTracker,
 }
 
 /// What the edge is built from.
@@ -257,6 +279,12 @@ pub async fn run(
             .clone()
             .follow(deps.app_pool.clone(), dispatcher_cancel.clone()),
     );
+    let origins = sluice_stores::postgres::origins::Origins::load(&deps.app_pool).await?;
+    let origins_follower = tokio::spawn(
+        origins
+            .clone()
+            .follow(deps.app_pool.clone(), dispatcher_cancel.clone()),
+    );
     // Built before serving, so the first unknown email at login costs what the others do.
     tokio::task::spawn_blocking(control::dummy_hash)
         .await
@@ -271,8 +299,14 @@ pub async fn run(
         limits,
         tokens,
         flags,
+        origins,
         password_work: Arc::new(tokio::sync::Semaphore::new(cores)),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+        kafka: deps.kafka.clone(),
+        replies_partitions: partitions,
+        draining: CancellationToken::new(),
+        closing: CancellationToken::new(),
+        ws_sessions: tokio_util::task::TaskTracker::new(),
         config,
         app_pool: deps.app_pool,
         catalog: deps.catalog,
@@ -283,14 +317,29 @@ pub async fn run(
         metrics: deps.metrics.clone(),
         clickhouse,
     });
-    let app = app(state, deps.metrics, deps.readiness.clone());
+    let app = app(state.clone(), deps.metrics, deps.readiness.clone());
     deps.readiness.set("edge", true);
     let serving = cancel.child_token();
     let lost = CancellationToken::new();
     let watcher = tokio::spawn(watch_claim(claim, serving.clone(), lost.clone()));
+    let drain = tokio::spawn(drain_when_stopping(state.clone(), serving.clone()));
     let served = ops::serve(listener, app, serving.clone()).await;
     deps.readiness.set("edge", false);
     serving.cancel();
+    // WebSockets outlive the HTTP server's graceful shutdown: wait for them (they close by
+    // the drain deadline), while replies still reach them.
+    state.ws_sessions.close();
+    let drain_limit = Duration::from_secs(state.config.drain_secs.saturating_add(5));
+    if tokio::time::timeout(drain_limit, state.ws_sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = state.ws_sessions.len(),
+            "WebSocket sessions did not close in time"
+        );
+    }
+    drop(drain.await);
     dispatcher_cancel.cancel();
     if let Err(e) = dispatcher.await {
         tracing::error!(error = %e, "reply dispatcher failed");
@@ -301,11 +350,26 @@ pub async fn run(
     if let Err(e) = flags_follower.await {
         tracing::error!(error = %e, "the feature-flag follower failed");
     }
+    if let Err(e) = origins_follower.await {
+        tracing::error!(error = %e, "the CORS origins follower failed");
+    }
     drop(watcher.await);
     if lost.is_cancelled() {
         return Err(Error::LostRepliesClaim { partition });
     }
     served.map_err(Error::Serve)
+}
+
+/// When `serving` ends, tells WebSocket sessions to drain, and `edge.drain_secs` later to close.
+async fn drain_when_stopping(state: Arc<EdgeState>, serving: CancellationToken) {
+    serving.cancelled().await;
+    state.draining.cancel();
+    let deadline = Duration::from_secs(state.config.drain_secs);
+    tokio::select! {
+        _ = tokio::time::sleep(deadline) => {}
+        _ = state.ws_sessions.wait() => {}
+    }
+    state.closing.cancel();
 }
 
 /// How often the edge checks that it still holds its replies partition.
@@ -350,6 +414,7 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/audit",
     "/v1/tenant",
     "/v1/tenant/export",
+    "/v1/tenant/origins",
 ];
 
 /// The edge's routes.
@@ -380,9 +445,14 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route("/v1/audit", get(control::audit_log))
         .route("/v1/tenant", axum::routing::delete(control::delete_tenant))
         .route("/v1/tenant/export", get(control::export_tenant))
+        .route(
+            "/v1/tenant/origins",
+            get(control::list_origins).put(control::set_origins),
+        )
         .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .with_state(state.clone());
     api.merge(ops::router(metrics, readiness))
         .layer(middleware::from_fn_with_state(state, record_http))

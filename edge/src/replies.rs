@@ -9,7 +9,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -36,6 +39,9 @@ pub struct ReplyRouter {
     topic: String,
     partition: i32,
     waiters: Mutex<HashMap<String, Waiter>>,
+    /// The offset of the next record the dispatcher will read: every chunk of a request sent
+    /// after reading it lies at or beyond it (where a resumed stream starts reading).
+    position: AtomicI64,
     metrics: Arc<Metrics>,
 }
 
@@ -121,8 +127,19 @@ impl ReplyRouter {
             topic: topic.to_owned(),
             partition,
             waiters: Mutex::new(HashMap::new()),
+            position: AtomicI64::new(0),
             metrics,
         })
+    }
+
+    /// The offset of the next record the dispatcher reads.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    /// Notes that the dispatcher has read up to `offset` (inclusive).
+    fn advance(&self, offset: i64) {
+        self.position.fetch_max(offset + 1, Ordering::AcqRel);
     }
 
     /// The replies topic.
@@ -203,6 +220,7 @@ pub fn assign_at_end(consumer: &KafkaConsumer, router: &ReplyRouter) -> crate::R
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(router.topic(), router.partition(), Offset::Offset(high))?;
     consumer.assign(&list)?;
+    router.advance(high - 1);
     Ok(())
 }
 
@@ -228,6 +246,7 @@ pub async fn run_dispatcher(
                 continue;
             }
         };
+        router.advance(message.offset());
         match codec
             .decode::<ReplyChunk>(message.payload().unwrap_or_default())
             .await

@@ -68,6 +68,10 @@ pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
 pub const LIMIT_REFUSALS: &str = "sluice_edge_limit_refusals_total";
 /// Times the limits' counters (Redis) could not be reached, total.
 pub const LIMIT_STORE_ERRORS: &str = "sluice_edge_limit_store_errors_total";
+/// WebSocket sessions closed, by `reason` (normal, heartbeat, slow_reader, unauthorized, drain).
+pub const WS_CLOSES: &str = "sluice_edge_ws_closes_total";
+/// WebSocket streams resumed, by `outcome` (complete, refused, stream_not_found, timeout, failed).
+pub const WS_RESUMES: &str = "sluice_edge_ws_resumes_total";
 /// Changes to keys, plans or subscriptions the edge was told of, total.
 pub const AUTH_CHANGES: &str = "sluice_edge_auth_changes_total";
 
@@ -99,6 +103,8 @@ pub struct Metrics {
     pub orphan_replies: IntCounter,
     pub edge_shed: IntCounter,
     pub open_streams: IntGaugeVec,
+    pub ws_closes: IntCounterVec,
+    pub ws_resumes: IntCounterVec,
     pub limit_refusals: IntCounterVec,
     pub limit_store_errors: IntCounter,
     pub auth_changes: IntCounter,
@@ -223,6 +229,16 @@ impl Metrics {
                 c
             },
             open_streams: gauge(OPEN_STREAMS, "Open SSE and WebSocket streams.", &["kind"])?,
+            ws_closes: counter(
+                WS_CLOSES,
+                "WebSocket sessions closed, by reason.",
+                &["reason"],
+            )?,
+            ws_resumes: counter(
+                WS_RESUMES,
+                "WebSocket streams resumed, by outcome.",
+                &["outcome"],
+            )?,
             limit_refusals: counter(
                 LIMIT_REFUSALS,
                 "Chat requests refused for a limit, by kind.",

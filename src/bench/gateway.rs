@@ -13,18 +13,10 @@
 //!
 //! The last line is `max_rps=<Sluice's best requests/s> p99_tax_ms_c10=<p99 tax at 10 clients>`.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::json;
-use sluice_pipelines::{
-    bench::{self, hop},
-    kafka, now_ms,
-};
+use sluice_pipelines::{bench::hop, kafka, now_ms};
 use sluice_stores::{
     postgres::{
         self, models,
@@ -36,9 +28,10 @@ use sluice_stores::{
 
 use super::{
     load::{self, LoadReport, Target},
+    under_test::SluiceUnderTest,
     upstream::Upstream,
 };
-use crate::{config::Config, setup};
+use crate::config::Config;
 
 /// Price per million tokens of the benchmark's model (a trillion dollars).
 const BENCH_PRICE_MICROS: i64 = 1_000_000_000_000_000_000;
@@ -125,110 +118,6 @@ fn percent(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_owned(), |p| format!("{p:.0}%"))
 }
 
-/// A `sluice up` of its own, on fresh topics; terminated when dropped.
-struct SluiceUnderTest {
-    child: std::process::Child,
-    edge_url: String,
-    log: PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-impl SluiceUnderTest {
-    async fn start(config: &Config, id: &str) -> anyhow::Result<Self> {
-        let mut child_config = config.clone();
-        child_config.kafka.topic_prefix = id.to_owned();
-        let edge = format!("127.0.0.1:{}", free_port()?);
-        let registry = format!("127.0.0.1:{}", free_port()?);
-        child_config.edge.listen = edge.clone();
-        child_config.registry.url = format!("http://{registry}");
-        child_config.registry.listen = registry;
-        child_config.ops.listen = format!("127.0.0.1:{}", free_port()?);
-        setup::create_topics(&child_config).await?;
-        let dir = std::env::temp_dir();
-        let config_path = dir.join(format!("{id}.toml"));
-        std::fs::write(&config_path, toml::to_string(&child_config)?)
-            .with_context(|| format!("writing {}", config_path.display()))?;
-        let log = dir.join(format!("{id}.log"));
-        let mut command = std::process::Command::new(std::env::current_exe()?);
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .arg("up")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        // Its settings are all in the file; the caller's SLUICE_* overrides would undo them.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("SLUICE_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command.spawn().context("starting sluice up")?;
-        let mut sluice = Self {
-            child,
-            edge_url: format!("http://{edge}"),
-            log,
-        };
-        sluice.wait_ready().await?;
-        Ok(sluice)
-    }
-
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let url = format!("{}/readyz", self.edge_url);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!(
-                    "sluice up exited ({status}) before it was ready; log: {}",
-                    self.log.display()
-                );
-            }
-            if let Ok(response) = http.get(&url).send().await {
-                if response.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "sluice up was not ready within 90 s; log: {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Asks it to stop (SIGTERM: it drains and commits) and waits up to 30 s, then kills it.
-    fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for SluiceUnderTest {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 fn chat_body(model: &str, stream: bool) -> axum::body::Bytes {
     let body = json!({
         "model": model,
@@ -270,17 +159,6 @@ fn print_level(level: &Level) {
             println!("        {path}: {} failed, first: {why}", report.failed);
         }
     }
-}
-
-/// Deletes the run's topics, its `sluice up`'s and the hop's, so that repeated runs do not pile
-/// records up in the broker (the local one keeps them in memory).
-async fn remove_topics(config: &Config, id: &str, hop_topic: &str) {
-    let mut kafka = config.kafka.clone();
-    kafka.topic_prefix = id.to_owned();
-    let topics = kafka.topics();
-    let mut names = topics.all().to_vec();
-    names.push(hop_topic);
-    bench::remove_topics(&kafka, id, &names).await;
 }
 
 /// Runs the benchmark and prints its report, the summary line last.
@@ -342,7 +220,7 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
         outcome
     }
     .await;
-    remove_topics(config, &id, &hop_topic).await;
+    super::remove_topics(config, &id, &[&hop_topic]).await;
     outcome
 }
 
@@ -356,7 +234,7 @@ async fn measure(
 ) -> anyhow::Result<()> {
     eprintln!("starting sluice up on topics {id}.* ...");
     let sluice = SluiceUnderTest::start(config, id).await?;
-    let sluice_pid = Some(sluice.child.id());
+    let sluice_pid = Some(sluice.pid());
     let broker_pid = find_process(&options.broker_process);
     let idle = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;

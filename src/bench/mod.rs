@@ -4,7 +4,9 @@
 
 mod gateway;
 mod load;
+mod under_test;
 mod upstream;
+mod websocket;
 
 use sluice_pipelines::bench::{passthrough, Summary};
 use sluice_stores::ClickHouse;
@@ -14,6 +16,17 @@ use crate::{config::Config, process, BenchCommand};
 /// Names the run's topics, deleted when it ended (as `sluice bench gateway` says up front).
 fn print_topics(workspace: &str) {
     println!("topics: {workspace}.* (deleted when the run ended)");
+}
+
+/// Deletes a run's topics, its `sluice up`'s and `extra`, so that repeated runs do not pile
+/// records up in the broker (the local one keeps them in memory).
+async fn remove_topics(config: &Config, id: &str, extra: &[&str]) {
+    let mut kafka = config.kafka.clone();
+    kafka.topic_prefix = id.to_owned();
+    let topics = kafka.topics();
+    let mut names = topics.all().to_vec();
+    names.extend_from_slice(extra);
+    sluice_pipelines::bench::remove_topics(&kafka, id, &names).await;
 }
 
 /// `label: <median> records/s (rounds <slowest>..<fastest>)<extra>`.
@@ -49,6 +62,19 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             };
             gateway::run(&config, &options).await?;
         }
+        BenchCommand::Websocket {
+            sessions,
+            connecting,
+            stream_seconds,
+        } => {
+            let options = websocket::WebSocketOptions {
+                sessions,
+                connecting,
+                stream_seconds,
+            };
+            websocket::run(&config, &options).await?;
+        }
+        BenchCommand::WebsocketBareServer { listen } => websocket::bare_server(&listen).await?,
         BenchCommand::Passthrough {
             records,
             record_bytes,

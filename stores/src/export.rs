@@ -1,13 +1,13 @@
 //! A tenant's data export: everything it owns, as one JSON document — its record and plan, its
-//! keys (prefixes, never secrets), its users (never password hashes), its audit log, and its
-//! usage facts.
+//! keys (prefixes, never secrets), its users (never password hashes), its CORS origins, its
+//! audit log, and its usage facts.
 
 use serde_json::{json, Value};
 use sqlx::{types::Uuid, PgConnection, Row};
 
 use crate::{
     clickhouse::usage,
-    postgres::{audit, keys, users},
+    postgres::{audit, keys, origins, users},
     ClickHouse, Error, Result,
 };
 
@@ -34,6 +34,7 @@ pub async fn tenant_export(
     .await?;
     let keys = keys::list_keys(&mut *conn, tenant_id).await?;
     let members = users::list_members(&mut *conn, tenant_id).await?;
+    let origins = origins::list(&mut *conn, tenant_id).await?;
     let mut log = Vec::new();
     let mut before = None;
     loop {
@@ -55,6 +56,7 @@ pub async fn tenant_export(
             "status": tenant.try_get::<String, _>(1)?,
             "created_at_ms": tenant.try_get::<i64, _>(2)?,
             "plan": plan,
+            "cors_origins": origins,
         },
         "api_keys": keys,
         "users": members,

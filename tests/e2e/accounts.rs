@@ -393,6 +393,7 @@ async fn the_openapi_document_names_exactly_what_is_served() {
             let request = match method.as_str() {
                 "get" => http().get(&url),
                 "post" => http().post(&url).json(&json!({})),
+                "put" => http().put(&url).json(&json!({})),
                 "delete" => http().delete(&url).json(&json!({})),
                 other => panic!("{other} {path}"),
             };
@@ -559,4 +560,149 @@ async fn self_registered_tenants_land_on_the_configured_plan() {
     assert_eq!(status, 200);
     assert_eq!(me["plan"]["name"], plan.as_str(), "{me}");
     assert_eq!(me["plan"]["limits"]["requests_per_minute"], 30);
+}
+
+/// GET `url` with `key` and an `Origin`: status, and the `Access-Control-Allow-Origin` sent.
+async fn from_origin(url: &str, key: &str, origin: &str) -> (u16, Option<String>) {
+    let response = http()
+        .get(url)
+        .bearer_auth(key)
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    let allowed = response
+        .headers()
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (response.status().as_u16(), allowed)
+}
+
+/// A preflight for `POST url` from `origin`: status and `Access-Control-Allow-Origin`.
+async fn preflight(url: &str, origin: &str) -> (u16, Option<String>) {
+    let response = http()
+        .request(reqwest::Method::OPTIONS, url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    let allowed = response
+        .headers()
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (response.status().as_u16(), allowed)
+}
+
+#[tokio::test]
+async fn browsers_reach_the_api_only_from_their_tenants_origins() {
+    let sluice = Sluice::start();
+    let admin = register(&sluice).await;
+    let token = admin.access().to_owned();
+    let other = create_tenant(&sluice.prefix);
+    let app = "https://app.example.com";
+    let chat = sluice.v1("/chat/completions");
+
+    // Preflights are answered from every tenant's lists at once (they carry no credentials),
+    // and other tests' tenants share this database: an origin no tenant lists is unique.
+    let unlisted = format!("https://{}.example", unique("nobody-"));
+    assert_eq!(preflight(&chat, &unlisted).await.0, 403);
+    let put = |origins: Value| {
+        let (url, token) = (sluice.v1("/tenant/origins"), token.clone());
+        async move {
+            let response = http()
+                .put(url)
+                .bearer_auth(token)
+                .json(&json!({ "origins": origins }))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, body) = put(json!(["https://App.Example.com/", "http://localhost:5173"])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["origins"],
+        json!(["http://localhost:5173", app]),
+        "normalized"
+    );
+    let (status, body) = put(json!(["app.example.com"])).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        get_json(&sluice.v1("/tenant/origins"), &token).await.1["origins"],
+        json!(["http://localhost:5173", app])
+    );
+    // A key of this tenant's, and the other tenant's.
+    let (_, created) = post(&sluice.v1("/keys"), Some(&token), json!({ "name": "web" })).await;
+    let key = created["api_key"].as_str().unwrap().to_owned();
+
+    let (status, allowed) = eventually(10, "every edge to follow the new list", || async {
+        let answer = preflight(&chat, app).await;
+        (answer.0 == 204).then_some(answer)
+    })
+    .await;
+    assert_eq!((status, allowed.as_deref()), (204, Some(app)));
+
+    let me = sluice.v1("/me");
+    assert_eq!(
+        from_origin(&me, &key, app).await,
+        (200, Some(app.to_owned()))
+    );
+    let (status, _) = from_origin(&me, &other.key, app).await;
+    assert_eq!(status, 403, "another tenant's key from this tenant's app");
+    assert_eq!(from_origin(&me, &key, "https://evil.example").await.0, 403);
+    assert_eq!(
+        get_json(&me, &other.key).await.0,
+        200,
+        "no Origin: not a browser, not affected"
+    );
+
+    // WebSockets: browsers always send Origin.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws = |key: String, origin: &'static str| {
+        let url = format!(
+            "ws://{}/v1/chat/stream",
+            sluice.url.trim_start_matches("http://")
+        );
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
+            tokio_tungstenite::connect_async(request)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    assert!(ws(key.clone(), "https://app.example.com").await.is_ok());
+    let refused = ws(other.key.clone(), "https://app.example.com")
+        .await
+        .unwrap_err();
+    assert!(refused.contains("403"), "{refused}");
+
+    // Operators: `sluice tenant origins`, and `*` for any origin.
+    sluice.cli(&["tenant", "origins", &other.name, "--set", "*"]);
+    assert_eq!(sluice.cli(&["tenant", "origins", &other.name]).trim(), "*");
+    eventually(10, "the other tenant's `*` to apply", || async {
+        (from_origin(&me, &other.key, "https://anywhere.example")
+            .await
+            .0
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let (_, audit) = get_json(&sluice.v1("/audit"), &token).await;
+    assert!(audit.to_string().contains("tenant.origins"), "{audit}");
 }

@@ -1,8 +1,7 @@
-//! Chat through the whole pipeline: plain, streamed (SSE), over a WebSocket, through the
-//! official OpenAI Python SDK, and through the `openai` provider to an OpenAI-compatible
+//! Chat through the whole pipeline: plain, streamed (SSE), through the official OpenAI Python
+//! SDK, and through the `openai` provider to an OpenAI-compatible
 //! upstream.
 
-use futures::{SinkExt, StreamExt};
 use rdkafka::Message;
 use serde_json::{json, Value};
 use sluice_schemas::{Codec, RegistryClient, RoutedRequest};
@@ -164,101 +163,6 @@ async fn streamed_completion_ends_with_a_usage_chunk() {
     assert!(chunks
         .iter()
         .all(|c| c["model"] == "sim-large" && c["object"] == "chat.completion.chunk"));
-}
-
-#[tokio::test]
-async fn websocket_chat_streams_the_same_chunks() {
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message as Frame};
-    let sluice = Sluice::start();
-    let tenant = create_tenant(&sluice.prefix);
-    let url = format!(
-        "ws://{}/v1/chat/stream",
-        sluice.url.trim_start_matches("http://")
-    );
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", tenant.key).parse().unwrap(),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    for content in ["first question", "second question"] {
-        let body = json!({"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": content}]});
-        socket
-            .send(Frame::Text(body.to_string().into()))
-            .await
-            .unwrap();
-    }
-    socket.send(Frame::Text("not json".into())).await.unwrap();
-    let mut finished = std::collections::HashMap::new();
-    let mut errors = 0;
-    while finished.len() < 2 || errors < 1 {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), socket.next())
-            .await
-            .expect("a frame in time")
-            .expect("socket open")
-            .unwrap();
-        let Frame::Text(text) = frame else { continue };
-        let v: Value = serde_json::from_str(&text).unwrap();
-        if v.get("error").is_some() {
-            assert_eq!(v["error"]["type"], "invalid_request_error");
-            errors += 1;
-            continue;
-        }
-        assert_eq!(v["object"], "chat.completion.chunk");
-        let id = v["id"].as_str().unwrap().to_owned();
-        if v["choices"][0]["finish_reason"].is_string() {
-            assert!(!finished.contains_key(&id));
-            finished.insert(id, Value::Null);
-        } else if v["choices"] == json!([]) {
-            // The usage chunk follows the finish chunk.
-            assert_eq!(finished.get(&id), Some(&Value::Null));
-            finished.insert(id, v["usage"]["completion_tokens"].clone());
-        }
-    }
-    // Wait for the second usage chunk if it has not come yet.
-    while finished.values().any(Value::is_null) {
-        let Some(Ok(Frame::Text(text))) = socket.next().await else {
-            panic!("socket closed")
-        };
-        let v: Value = serde_json::from_str(&text).unwrap();
-        if v["choices"] == json!([]) {
-            finished.insert(
-                v["id"].as_str().unwrap().to_owned(),
-                v["usage"]["completion_tokens"].clone(),
-            );
-        }
-    }
-    assert_eq!(finished.len(), 2);
-    assert!(finished.values().all(|u| u.as_i64() == Some(8)));
-
-    // Browsers cannot set headers on a WebSocket: the key may come as `?api_key=`.
-    let url = format!(
-        "ws://{}/v1/chat/stream?api_key={}",
-        sluice.url.trim_start_matches("http://"),
-        tenant.key
-    );
-    let (mut browser, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let body = json!({"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "from a browser"}]});
-    browser
-        .send(Frame::Text(body.to_string().into()))
-        .await
-        .unwrap();
-    let Some(Ok(Frame::Text(first))) = browser.next().await else {
-        panic!("no frame")
-    };
-    assert_eq!(
-        serde_json::from_str::<Value>(&first).unwrap()["object"],
-        "chat.completion.chunk"
-    );
-
-    // Without a key the upgrade is refused with a JSON 401.
-    let err = tokio_tungstenite::connect_async(format!(
-        "ws://{}/v1/chat/stream",
-        sluice.url.trim_start_matches("http://")
-    ))
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("401"), "{err}");
 }
 
 #[tokio::test]

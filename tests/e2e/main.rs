@@ -21,3 +21,4 @@ mod registry;
 mod replay;
 mod scaling;
 mod sql;
+mod websocket;

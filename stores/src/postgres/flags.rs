@@ -2,16 +2,12 @@
 //! them in memory and reloads them whenever PostgreSQL announces a change (`sluice_flags`), so
 //! a process applies a flag without a restart.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::collections::HashMap;
 
 use serde::Serialize;
 use sqlx::{types::Uuid, PgPool, Row};
-use tokio_util::sync::CancellationToken;
 
+use super::followed::{Followed, Snapshot};
 use crate::{Error, Result};
 
 /// The channel flag changes are announced on.
@@ -130,68 +126,22 @@ pub async fn list(admin: &PgPool) -> Result<Vec<Setting>> {
         .collect()
 }
 
-/// The settings in force in this process, kept current by [`Flags::follow`].
-#[derive(Default)]
-pub struct Flags {
-    current: RwLock<Arc<FlagSettings>>,
+/// The flag settings in force in this process, kept current by [`Followed::follow`].
+pub type Flags = Followed<FlagSettings>;
+
+impl Snapshot for FlagSettings {
+    const CHANNEL: &'static str = FLAGS_CHANNEL;
+    const WHAT: &'static str = "feature flags";
+
+    async fn load(app: &PgPool) -> Result<Self> {
+        load(app).await
+    }
 }
 
-/// How often settings are reloaded even when no change was announced (a missed notification
-/// costs at most this long).
-const RELOAD_EVERY: Duration = Duration::from_secs(30);
-
 impl Flags {
-    /// Flags as they are in PostgreSQL now.
-    pub async fn load(app: &PgPool) -> Result<Arc<Self>> {
-        let flags = Arc::new(Self::default());
-        flags.replace(load(app).await?);
-        Ok(flags)
-    }
-
-    fn replace(&self, settings: FlagSettings) {
-        if let Ok(mut current) = self.current.write() {
-            *current = Arc::new(settings);
-        }
-    }
-
-    /// The settings now.
-    pub fn settings(&self) -> Arc<FlagSettings> {
-        self.current
-            .read()
-            .map(|current| current.clone())
-            .unwrap_or_default()
-    }
-
     /// Whether `name` is on for `tenant` (see [`FlagSettings::enabled`]).
     pub fn enabled(&self, name: &str, tenant: Option<Uuid>, default: bool) -> bool {
-        self.settings().enabled(name, tenant, default)
-    }
-
-    /// Reloads the settings whenever a change is announced, and every [`RELOAD_EVERY`], until
-    /// `cancel` fires.
-    pub async fn follow(self: Arc<Self>, app: PgPool, cancel: CancellationToken) {
-        loop {
-            let Some(mut listener) =
-                super::listen(&app, FLAGS_CHANNEL, "flag changes", &cancel).await
-            else {
-                return;
-            };
-            loop {
-                match load(&app).await {
-                    Ok(settings) => self.replace(settings),
-                    Err(error) => tracing::warn!(%error, "reloading feature flags failed"),
-                }
-                let heard = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(RELOAD_EVERY) => Ok(None),
-                    heard = listener.try_recv() => heard,
-                };
-                if let Err(error) = heard {
-                    tracing::warn!(%error, "listening for flag changes failed; reconnecting");
-                    break;
-                }
-            }
-        }
+        self.get().enabled(name, tenant, default)
     }
 }
 

@@ -9,8 +9,10 @@
 pub mod audit;
 pub mod claims;
 pub mod flags;
+pub mod followed;
 pub mod keys;
 pub mod models;
+pub mod origins;
 pub mod plans;
 pub mod registry;
 pub mod tenants;
@@ -64,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 7,
         name: "drop_key_only_authentication",
         sql: include_str!("../../migrations/0007_drop_key_only_authentication.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "cors_origins",
+        sql: include_str!("../../migrations/0008_cors_origins.sql"),
     },
 ];
 

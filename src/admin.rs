@@ -239,12 +239,13 @@ pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
     match command {
         PlanCommand::Create { name, limits } => {
             let limits = limits.limits()?;
-            plans::create_plan(&admin, &name, &limits).await?;
+            plans::create_plan(&mut *admin.acquire().await?, &name, &limits).await?;
             audit_cli(&admin, None, "plan.create", &name, json!(limits)).await?;
             println!("plan {name} created");
         }
         PlanCommand::Update { name, limits } => {
-            let plan = plans::update_plan(&admin, &name, &limits.change()?).await?;
+            let plan =
+                plans::update_plan(&mut *admin.acquire().await?, &name, &limits.change()?).await?;
             audit_cli(&admin, None, "plan.update", &name, json!(plan.limits)).await?;
             println!(
                 "plan {name} updated (in force for its {} tenant(s) on every edge at once)",
@@ -252,7 +253,7 @@ pub async fn plan(config: Config, command: PlanCommand) -> anyhow::Result<()> {
             );
         }
         PlanCommand::Delete { name } => {
-            plans::delete_plan(&admin, &name).await?;
+            plans::delete_plan(&mut *admin.acquire().await?, &name).await?;
             audit_cli(&admin, None, "plan.delete", &name, json!({})).await?;
             println!("plan {name} deleted");
         }

@@ -75,13 +75,21 @@ impl Modify for Bearer {
         crate::control::delete_tenant,
         crate::control::list_origins,
         crate::control::set_origins,
+        crate::platform::list_plans,
+        crate::platform::create_plan,
+        crate::platform::update_plan,
+        crate::platform::delete_plan,
+        crate::platform::list_tenants,
+        crate::platform::create_tenant,
+        crate::platform::set_tenant_plan,
     ),
     modifiers(&Bearer),
     tags(
         (name = "openai", description = "OpenAI's API, as its SDKs call it"),
         (name = "usage", description = "The caller's usage and account"),
         (name = "auth", description = "Users' sessions"),
-        (name = "admin", description = "A tenant's keys, members and audit log, for its admins"),
+        (name = "admin", description = "A tenant's keys, members, origins and audit log, for its admins"),
+        (name = "platform", description = "Plans and tenants, for platform admins"),
     )
 )]
 pub struct ApiDoc;

@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Parses a JSON body, naming the field at fault.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -55,7 +55,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn store_error(context: &str, e: sluice_stores::Error) -> ApiError {
+pub(crate) fn store_error(context: &str, e: sluice_stores::Error) -> ApiError {
     match e {
         sluice_stores::Error::Invalid(message) => ApiError::invalid(message),
         sluice_stores::Error::NotFound(message) => {
@@ -86,7 +86,7 @@ async fn blocking<T: Send + 'static>(
     .map_err(|e| ApiError::internal("password work", e))
 }
 
-fn peer(parts: &Parts) -> Option<String> {
+pub(crate) fn peer(parts: &Parts) -> Option<String> {
     parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -188,7 +188,7 @@ pub type MemberList = List<Member>;
 /// The tenant's audit log.
 pub type AuditList = List<Entry>;
 
-fn list<T>(data: Vec<T>) -> List<T> {
+pub(crate) fn list<T>(data: Vec<T>) -> List<T> {
     List {
         object: "list",
         data,

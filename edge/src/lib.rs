@@ -2,10 +2,12 @@
 //!
 //! - `POST /v1/chat/completions` — OpenAI's chat API, plain or SSE ([`chat`]; the wire shapes
 //!   and their validation in [`openai`], the streaming in [`stream`]).
-//! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]).
+//! - `GET /v1/chat/stream` — the same replies over a WebSocket ([`ws`]), resumable on any edge
+//!   ([`resume`]).
 //! - `GET /v1/models`, `GET /v1/usage`, `GET /v1/me` — read APIs ([`usage`]).
 //! - `/v1/auth/*`, `/v1/keys`, `/v1/members`, `/v1/audit`, `/v1/tenant` — users' sessions and a tenant's
-//!   administration ([`control`], the tokens in [`sessions`]).
+//!   administration ([`control`], the tokens in [`sessions`]); browser origins per tenant ([`cors`]).
+//! - `/v1/admin/*` — the platform admin's plans and tenants ([`platform`]).
 //! - `GET /openapi.json` — the API's OpenAPI document, generated from the handlers ([`api_doc`]).
 //! - Authentication by API key or a user's access token, cached and forgotten as soon as a key
 //!   changes ([`auth`]), and rate limits and quotas shared by every edge replica ([`limits`]).
@@ -24,6 +26,7 @@ pub mod cors;
 pub mod error;
 pub mod limits;
 pub mod openai;
+pub mod platform;
 pub mod registry;
 pub mod replies;
 pub mod resume;
@@ -415,6 +418,10 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/tenant",
     "/v1/tenant/export",
     "/v1/tenant/origins",
+    "/v1/admin/plans",
+    "/v1/admin/plans/{name}",
+    "/v1/admin/tenants",
+    "/v1/admin/tenants/{id}/plan",
 ];
 
 /// The edge's routes.
@@ -448,6 +455,22 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route(
             "/v1/tenant/origins",
             get(control::list_origins).put(control::set_origins),
+        )
+        .route(
+            "/v1/admin/plans",
+            get(platform::list_plans).post(platform::create_plan),
+        )
+        .route(
+            "/v1/admin/plans/{name}",
+            axum::routing::patch(platform::update_plan).delete(platform::delete_plan),
+        )
+        .route(
+            "/v1/admin/tenants",
+            get(platform::list_tenants).post(platform::create_tenant),
+        )
+        .route(
+            "/v1/admin/tenants/{id}/plan",
+            axum::routing::put(platform::set_tenant_plan),
         )
         .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(not_found)

@@ -204,7 +204,7 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
         };
         models::upsert_model(&admin, &model).await?;
         if options.limits {
-            plans::create_plan(&admin, &id, &unreachable_limits()).await?;
+            plans::create_plan(&mut *admin.acquire().await?, &id, &unreachable_limits()).await?;
             plans::subscribe(&admin, tenant.id, &id).await?;
             println!("limits: on (plan {id}: every limit set beyond reach, each request admitted and settled in Redis)");
         } else {
@@ -214,7 +214,7 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
         models::disable_model(&admin, &id).await?;
         if options.limits {
             plans::unsubscribe(&admin, tenant.id).await?;
-            plans::delete_plan(&admin, &id).await?;
+            plans::delete_plan(&mut *admin.acquire().await?, &id).await?;
         }
         tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
         outcome

@@ -72,6 +72,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "cors_origins",
         sql: include_str!("../../migrations/0008_cors_origins.sql"),
     },
+    Migration {
+        version: 9,
+        name: "platform_admin",
+        sql: include_str!("../../migrations/0009_platform_admin.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

@@ -3,7 +3,7 @@
 //! to one plan, or to none (no limits). Periods are calendar months (UTC).
 
 use serde::Serialize;
-use sqlx::{types::Uuid, PgPool, Row};
+use sqlx::{types::Uuid, Connection, PgConnection, PgPool, Row};
 
 use crate::{Error, Result};
 
@@ -58,7 +58,7 @@ impl Limits {
 }
 
 /// A plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Plan {
     pub name: String,
     #[serde(flatten)]
@@ -134,8 +134,8 @@ fn validated(name: &str, limits: &Limits) -> Result<()> {
     Ok(())
 }
 
-/// Creates a plan (owner role).
-pub async fn create_plan(admin: &PgPool, name: &str, limits: &Limits) -> Result<()> {
+/// Creates a plan (the owner role, or the runtime role for a platform admin).
+pub async fn create_plan(conn: &mut PgConnection, name: &str, limits: &Limits) -> Result<()> {
     validated(name, limits)?;
     let inserted = sqlx::query(
         "INSERT INTO plans (name, requests_per_minute, tokens_per_minute, monthly_tokens, max_concurrent, allowed_models)
@@ -147,7 +147,7 @@ pub async fn create_plan(admin: &PgPool, name: &str, limits: &Limits) -> Result<
     .bind(limits.monthly_tokens.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
     .bind(column(limits.max_concurrent))
     .bind(&limits.allowed_models)
-    .execute(admin)
+    .execute(conn)
     .await?;
     if inserted.rows_affected() == 0 {
         return Err(Error::Invalid(format!(
@@ -157,10 +157,14 @@ pub async fn create_plan(admin: &PgPool, name: &str, limits: &Limits) -> Result<
     Ok(())
 }
 
-/// Changes some of a plan's limits (owner role); they apply to every subscribed tenant at once
+/// Changes some of a plan's limits (the owner role, or the runtime role for a platform admin); they apply to every subscribed tenant at once
 /// (edges are told through `sluice_auth`). Returns the plan as it now is.
-pub async fn update_plan(admin: &PgPool, name: &str, change: &LimitsChange) -> Result<Plan> {
-    let mut tx = admin.begin().await?;
+pub async fn update_plan(
+    conn: &mut PgConnection,
+    name: &str,
+    change: &LimitsChange,
+) -> Result<Plan> {
+    let mut tx = conn.begin().await?;
     let row = sqlx::query(
         "SELECT requests_per_minute, tokens_per_minute, monthly_tokens, max_concurrent, allowed_models
            FROM plans WHERE name = $1 FOR UPDATE",
@@ -189,7 +193,7 @@ pub async fn update_plan(admin: &PgPool, name: &str, change: &LimitsChange) -> R
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    let plans = list_plans(admin).await?;
+    let plans = list_plans(conn).await?;
     plans
         .into_iter()
         .find(|p| p.name == name)
@@ -197,14 +201,14 @@ pub async fn update_plan(admin: &PgPool, name: &str, change: &LimitsChange) -> R
 }
 
 /// Every plan, by name, with how many tenants are subscribed.
-pub async fn list_plans(pool: &PgPool) -> Result<Vec<Plan>> {
+pub async fn list_plans<'e>(conn: impl sqlx::PgExecutor<'e>) -> Result<Vec<Plan>> {
     let rows = sqlx::query(
         "SELECT p.requests_per_minute, p.tokens_per_minute, p.monthly_tokens, p.max_concurrent,
-                p.allowed_models, p.name,
-                (SELECT count(*) FROM subscriptions s WHERE s.plan_id = p.id)
-           FROM plans p ORDER BY p.name",
+                p.allowed_models, p.name, coalesce(c.tenants, 0)
+           FROM plans p LEFT JOIN sluice_plan_subscribers() c ON c.plan_id = p.id
+          ORDER BY p.name",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     rows.iter()
         .map(|row| {
@@ -217,9 +221,14 @@ pub async fn list_plans(pool: &PgPool) -> Result<Vec<Plan>> {
         .collect()
 }
 
-/// Subscribes a tenant to a plan, replacing its current one (owner role). The new limits apply
-/// at once; tokens already used this month still count against the new budget.
-pub async fn subscribe(admin: &PgPool, tenant_id: Uuid, plan: &str) -> Result<()> {
+/// Subscribes a tenant to a plan, replacing its current one (owner role, or the runtime role in
+/// the tenant's transaction). The new limits apply at once; tokens already used this month
+/// still count against the new budget.
+pub async fn subscribe<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    tenant_id: Uuid,
+    plan: &str,
+) -> Result<()> {
     let updated = sqlx::query(
         "INSERT INTO subscriptions (tenant_id, plan_id)
          SELECT $1, id FROM plans WHERE name = $2
@@ -227,7 +236,7 @@ pub async fn subscribe(admin: &PgPool, tenant_id: Uuid, plan: &str) -> Result<()
     )
     .bind(tenant_id)
     .bind(plan)
-    .execute(admin)
+    .execute(conn)
     .await?;
     if updated.rows_affected() == 0 {
         return Err(Error::NotFound(format!("no plan named {plan:?}")));
@@ -244,13 +253,15 @@ pub async fn unsubscribe(admin: &PgPool, tenant_id: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// Deletes a plan no tenant is subscribed to (owner role).
-pub async fn delete_plan(admin: &PgPool, name: &str) -> Result<()> {
+/// Deletes a plan no tenant is subscribed to (the owner role, or the runtime role for a
+/// platform admin).
+pub async fn delete_plan(conn: &mut PgConnection, name: &str) -> Result<()> {
     let subscribed: Option<i64> = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM subscriptions s WHERE s.plan_id = p.id) FROM plans p WHERE p.name = $1",
+        "SELECT coalesce(c.tenants, 0) FROM plans p LEFT JOIN sluice_plan_subscribers() c ON c.plan_id = p.id
+          WHERE p.name = $1",
     )
     .bind(name)
-    .fetch_optional(admin)
+    .fetch_optional(&mut *conn)
     .await?;
     match subscribed {
         None => Err(Error::NotFound(format!("no plan named {name:?}"))),
@@ -261,7 +272,7 @@ pub async fn delete_plan(admin: &PgPool, name: &str) -> Result<()> {
             // A subscription made meanwhile fails the delete on its foreign key.
             sqlx::query("DELETE FROM plans WHERE name = $1")
                 .bind(name)
-                .execute(admin)
+                .execute(conn)
                 .await?;
             Ok(())
         }

@@ -45,22 +45,69 @@ pub fn hash_api_key(key: &str) -> String {
 /// Creates a tenant and its first API key (owner role). Returns the tenant and the key, which
 /// is shown once and never stored.
 pub async fn create_tenant(admin: &PgPool, name: &str) -> Result<(Tenant, String)> {
+    let mut tx = admin.begin().await?;
+    let created = insert_tenant(&mut tx, Uuid::new_v4(), name).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// Creates tenant `id` and its first API key in `conn`: the owner role's transaction, or the
+/// runtime role's in the new tenant's row-level security (see
+/// [`tenant_transaction`](super::tenant_transaction)). Returns the tenant and the key (shown
+/// once).
+pub async fn insert_tenant(
+    conn: &mut PgConnection,
+    id: Uuid,
+    name: &str,
+) -> Result<(Tenant, String)> {
     let name = name.trim();
     if name.is_empty() || name.len() > 200 {
         return Err(Error::Invalid(
             "tenant name must be 1 to 200 characters".into(),
         ));
     }
-    let mut tx = admin.begin().await?;
-    let row = sqlx::query("INSERT INTO tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id, name, status")
+    let row = sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id, name, status")
+        .bind(id)
         .bind(name)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| Error::Invalid(format!("a tenant named {name:?} already exists")))?;
     let tenant = Tenant::from_row(&row)?;
-    let (key, _) = insert_api_key(&mut tx, tenant.id, "default").await?;
-    tx.commit().await?;
+    let (key, _) = insert_api_key(conn, tenant.id, "default").await?;
     Ok((tenant, key))
+}
+
+/// A tenant as the platform's operators see it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct TenantSummary {
+    pub id: Uuid,
+    pub name: String,
+    /// `active`, `suspended` or `deleted`.
+    pub status: String,
+    /// Its plan's name; none: no limits.
+    pub plan: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// Every tenant (runtime role, through `sluice_platform_tenants`: for platform admins only).
+pub async fn platform_tenants(app: &PgPool) -> Result<Vec<TenantSummary>> {
+    let rows = sqlx::query(
+        "SELECT id, name, status, plan, (extract(epoch FROM created_at) * 1000)::bigint
+           FROM sluice_platform_tenants()",
+    )
+    .fetch_all(app)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(TenantSummary {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                status: row.try_get(2)?,
+                plan: row.try_get(3)?,
+                created_at_ms: row.try_get(4)?,
+            })
+        })
+        .collect()
 }
 
 /// Issues another API key for a tenant (owner role).

@@ -205,12 +205,13 @@ pub struct Registration {
 
 /// `POST /v1/auth/register`.
 #[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = Registration,
-    responses((status = 201, description = "The tenant, its first admin and a session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody)))]
+    responses((status = 201, description = "The tenant, its first admin and a session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 429, description = "Too many attempts from this address (with Retry-After)", body = crate::api_doc::ErrorBody)))]
 pub async fn register(
     State(state): State<Arc<EdgeState>>,
     parts: Parts,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    state.limits.throttle_login(peer(&parts).as_deref()).await?;
     let form: Registration = parse(&body)?;
     if !state.flags.enabled(REGISTRATION_FLAG, None, true) {
         return Err(ApiError::new(
@@ -266,11 +267,13 @@ pub struct Login {
 
 /// `POST /v1/auth/login`.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = Login,
-    responses((status = 200, description = "A session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody)))]
+    responses((status = 200, description = "A session", body = Session), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 429, description = "Too many attempts from this address (with Retry-After)", body = crate::api_doc::ErrorBody)))]
 pub async fn login(
     State(state): State<Arc<EdgeState>>,
+    parts: Parts,
     body: Bytes,
 ) -> Result<Json<Session>, ApiError> {
+    state.limits.throttle_login(peer(&parts).as_deref()).await?;
     let form: Login = parse(&body)?;
     let found = users::user_for_login(&state.app_pool, &form.email)
         .await

@@ -37,6 +37,9 @@ pub struct LimitsConfig {
     /// When Redis cannot be reached: `refuse` limited keys' requests with 503 (a limit that
     /// cannot be checked is not honoured by admitting), or `admit` them unchecked.
     pub when_store_down: WhenStoreDown,
+    /// Logins and registrations one network address may attempt a minute (0: no limit).
+    /// Behind a proxy every caller shares its address: raise it there, or limit at the proxy.
+    pub login_attempts_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -44,6 +47,7 @@ impl Default for LimitsConfig {
         Self {
             assumed_output_tokens: 512,
             when_store_down: WhenStoreDown::Refuse,
+            login_attempts_per_minute: 20,
         }
     }
 }
@@ -187,6 +191,47 @@ impl EdgeLimits {
         }
     }
 
+    /// Counts a login or registration attempt from `address`: 429 once it has made
+    /// `login_attempts_per_minute` in the last minute. If Redis cannot be reached the attempt
+    /// goes on (password hashing stays bounded by the edge's places for it).
+    pub async fn throttle_login(&self, address: Option<&str>) -> Result<(), ApiError> {
+        let (Some(address), limit) = (address, self.config.login_attempts_per_minute) else {
+            return Ok(());
+        };
+        if limit == 0 {
+            return Ok(());
+        }
+        let counters = [Counter {
+            holder: Holder::Address,
+            kind: Kind::RequestsPerMinute,
+            limit: u64::from(limit),
+        }];
+        let month = Month::of(sluice_pipelines::now_ms());
+        let demand = Demand {
+            tenant: sluice_stores::limits::address_scope(address),
+            request_id: "login",
+            counters: &counters,
+            tokens: 0,
+            lease: self.lease,
+            month: &month,
+        };
+        match self.limiter.admit(&demand).await {
+            Ok(Verdict::Refused {
+                counter,
+                retry_after_ms,
+            }) => {
+                self.refusals.with_label_values(&["login_attempts"]).inc();
+                Err(refusal(counter, retry_after_ms, 0))
+            }
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.store_errors.inc();
+                tracing::warn!(%error, "login attempts cannot be counted; letting this one through");
+                Ok(())
+            }
+        }
+    }
+
     /// Seeds `tenant`'s budget counter for `month` with the tokens its usage facts hold.
     async fn seed_month(&self, tenant: Uuid, month: &Month) -> sluice_stores::Result<()> {
         let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
@@ -231,12 +276,17 @@ fn refusal(counter: Counter, retry_after_ms: Option<u64>, tokens: u64) -> ApiErr
     let whose = match counter.holder {
         Holder::Tenant => "your organization's plan",
         Holder::Key(_) => "this API key",
+        Holder::Address => "your network address",
     };
     let message = match (counter.kind, retry_after_ms) {
         (Kind::TokensPerMinute | Kind::MonthlyTokens, None) => format!(
             "Request too large: it may use {tokens} tokens and {whose} allows {} {}. Lower max_tokens or the prompt.",
             counter.limit,
             if counter.kind == Kind::MonthlyTokens { "a month" } else { "a minute" }
+        ),
+        (Kind::RequestsPerMinute, _) if counter.holder == Holder::Address => format!(
+            "Too many attempts: {whose} may try {} times a minute.",
+            counter.limit
         ),
         (Kind::RequestsPerMinute, _) => format!(
             "Rate limit reached for requests: {whose} allows {} requests per minute.",

@@ -85,6 +85,17 @@ impl Kind {
 pub enum Holder {
     Tenant,
     Key(Uuid),
+    /// Attempts from one network address (login throttling): the demand's `tenant` is the
+    /// address's [`address_scope`].
+    Address,
+}
+
+/// The scope one network address's counters live under, in place of a tenant's id.
+pub fn address_scope(address: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("sluice-address:{address}").as_bytes(),
+    )
 }
 
 /// One limit on one holder.
@@ -306,6 +317,7 @@ impl Limiter {
         let holder = match counter.holder {
             Holder::Tenant => "tenant".to_owned(),
             Holder::Key(id) => format!("key:{}", id.simple()),
+            Holder::Address => "address".to_owned(),
         };
         let kind = counter.kind.suffix();
         match counter.kind {

@@ -908,3 +908,52 @@ async fn a_platform_admin_manages_plans_and_tenants_over_the_api() {
         "{audit}"
     );
 }
+
+#[tokio::test]
+async fn an_address_that_keeps_guessing_passwords_is_slowed_down() {
+    // Three attempts a minute, counted under this test's own Redis keys.
+    let sluice = Sluice::start_with(
+        &unique("t"),
+        vec![
+            (
+                "SLUICE_EDGE__LIMITS__LOGIN_ATTEMPTS_PER_MINUTE".to_owned(),
+                "3".to_owned(),
+            ),
+            ("SLUICE_REDIS__KEY_PREFIX".to_owned(), unique("login-")),
+        ],
+    );
+    let admin = register(&sluice).await; // the first attempt
+    let login = |password: &'static str| {
+        let (url, email) = (sluice.v1("/auth/login"), admin.email.clone());
+        async move {
+            let response = http()
+                .post(url)
+                .json(&json!({ "email": email, "password": password }))
+                .send()
+                .await
+                .unwrap();
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (response.status().as_u16(), retry)
+        }
+    };
+    assert_eq!(login("wrong guess one").await.0, 401);
+    assert_eq!(login("wrong guess two").await.0, 401);
+    let (status, retry) = login("wrong guess three").await;
+    assert_eq!(
+        status, 429,
+        "the fourth attempt from this address in a minute"
+    );
+    let retry = retry.expect("Retry-After");
+    assert!(
+        (1..=20).contains(&retry),
+        "one attempt refills every 20 s: {retry}"
+    );
+    assert_eq!(
+        login("a long enough password").await.0,
+        429,
+        "the right password waits too"
+    );
+}

@@ -74,7 +74,9 @@ pub fn sluice(prefix: &str) -> Command {
         .env("SLUICE_POSTGRES__ADMIN_URL", admin_database_url())
         .env("SLUICE_LOG__FORMAT", "json")
         .env("SLUICE_ORCHESTRATOR__SIM__FIRST_TOKEN_MS", "5")
-        .env("SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND", "2000.0");
+        .env("SLUICE_ORCHESTRATOR__SIM__TOKENS_PER_SECOND", "2000.0")
+        // Every test logs in from 127.0.0.1 and shares one Redis.
+        .env("SLUICE_EDGE__LIMITS__LOGIN_ATTEMPTS_PER_MINUTE", "0");
     command
 }
 

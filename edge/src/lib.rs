@@ -347,6 +347,7 @@ pub async fn run(
     if let Err(e) = dispatcher.await {
         tracing::error!(error = %e, "reply dispatcher failed");
     }
+    state.limits.flush().await;
     if let Err(e) = auth_listener.await {
         tracing::error!(error = %e, "the key-change listener failed");
     }

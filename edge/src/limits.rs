@@ -14,13 +14,17 @@
 //!   admitted response carries too.
 //! - A key whose plan and own settings limit nothing never touches the counters.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use sluice_stores::{
     clickhouse::usage,
-    limits::{Counter, Demand, Holder, Kind, Limiter, Month, Standing, Verdict},
+    limits::{Counter, Demand, Holder, Kind, Limiter, Month, Settle, Standing, Verdict},
     postgres::keys::KeyGrant,
     ClickHouse,
 };
@@ -69,6 +73,78 @@ pub struct EdgeLimits {
     lease: Duration,
     refusals: prometheus::IntCounterVec,
     store_errors: prometheus::IntCounter,
+    /// Settlements waiting to be sent, by tenant.
+    pending: Arc<PendingSettles>,
+}
+
+/// A request's settlement, waiting for [`flush_settles`].
+struct PendingSettle {
+    request_id: String,
+    counters: Vec<Counter>,
+    month: Month,
+    tokens_beyond: i64,
+}
+
+/// Settlements waiting to be sent. Replies end independently, so settling each on its own
+/// would cost a Redis call (and a task) per request; instead one task sends what has gathered,
+/// each tenant's in one call, as soon as it is free: no wait when traffic is light, batches
+/// when it is heavy. Bounded by the requests in flight (each settles once).
+#[derive(Default)]
+struct PendingSettles {
+    by_tenant: Mutex<HashMap<Uuid, Vec<PendingSettle>>>,
+    wake: tokio::sync::Notify,
+}
+
+/// Settlements sent in one call at most: the script holds Redis while it runs.
+const SETTLE_BATCH: usize = 64;
+
+impl PendingSettles {
+    fn push(&self, tenant: Uuid, settle: PendingSettle) {
+        if let Ok(mut by_tenant) = self.by_tenant.lock() {
+            by_tenant.entry(tenant).or_default().push(settle);
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> HashMap<Uuid, Vec<PendingSettle>> {
+        self.by_tenant
+            .lock()
+            .map(|mut by_tenant| std::mem::take(&mut *by_tenant))
+            .unwrap_or_default()
+    }
+
+    /// Sends everything waiting, a tenant's in calls of [`SETTLE_BATCH`].
+    async fn send(&self, limiter: &Limiter, store_errors: &prometheus::IntCounter) {
+        for (tenant, waiting) in self.take() {
+            for batch in waiting.chunks(SETTLE_BATCH) {
+                let settles: Vec<Settle<'_>> = batch
+                    .iter()
+                    .map(|p| Settle {
+                        request_id: &p.request_id,
+                        counters: &p.counters,
+                        month: &p.month,
+                        tokens_beyond: p.tokens_beyond,
+                    })
+                    .collect();
+                if let Err(error) = limiter.settle_many(tenant, &settles).await {
+                    store_errors.inc();
+                    tracing::warn!(%error, %tenant, requests = settles.len(), "settling requests' limits failed; their reservations stay spent and their concurrency places free when their leases end");
+                }
+            }
+        }
+    }
+}
+
+/// Sends settlements as they gather, for as long as the process runs.
+async fn flush_settles(
+    pending: Arc<PendingSettles>,
+    limiter: Limiter,
+    store_errors: prometheus::IntCounter,
+) {
+    loop {
+        pending.wake.notified().await;
+        pending.send(&limiter, &store_errors).await;
+    }
 }
 
 /// The counters a key's grant puts on a request: the key's own limits and its plan's.
@@ -114,14 +190,27 @@ impl EdgeLimits {
         lease: Duration,
         metrics: &sluice_pipelines::metrics::Metrics,
     ) -> Self {
+        let pending = Arc::new(PendingSettles::default());
+        let store_errors = metrics.limit_store_errors.clone();
+        tokio::spawn(flush_settles(
+            pending.clone(),
+            limiter.clone(),
+            store_errors.clone(),
+        ));
         Self {
             limiter,
             clickhouse,
             config,
             lease,
             refusals: metrics.limit_refusals.clone(),
-            store_errors: metrics.limit_store_errors.clone(),
+            store_errors,
+            pending,
         }
+    }
+
+    /// Sends the settlements still waiting (when the edge stops).
+    pub async fn flush(&self) {
+        self.pending.send(&self.limiter, &self.store_errors).await;
     }
 
     /// Admits a request of `prompt_tokens` asking for at most `max_tokens`, or refuses it.
@@ -389,7 +478,7 @@ impl Admission {
             return;
         }
         self.leased_at = std::time::Instant::now();
-        self.in_background(Renewal::Extend);
+        self.extend_in_background();
     }
 
     /// The `x-ratelimit-*` headers: for requests and for tokens per minute, the tightest of
@@ -426,7 +515,7 @@ impl Admission {
     }
 
     /// Settles the reservation to the `used` tokens the reply reported, and frees the place.
-    /// Runs in the background: the reply does not wait for it.
+    /// Queued for the edge's settler ([`PendingSettles`]): the reply does not wait for it.
     pub fn settle(mut self, used: u64) {
         self.settled = true;
         let beyond = i64::try_from(used).unwrap_or(i64::MAX)
@@ -435,11 +524,20 @@ impl Admission {
     }
 
     fn spawn_settle(&self, tokens_beyond: i64) {
-        self.in_background(Renewal::Settle(tokens_beyond));
+        self.limits.pending.push(
+            self.tenant,
+            PendingSettle {
+                request_id: self.request_id.clone(),
+                counters: self.counters.clone(),
+                month: self.month.clone(),
+                tokens_beyond,
+            },
+        );
     }
 
-    /// Settles or extends the admission on its own task: the reply does not wait for Redis.
-    fn in_background(&self, work: Renewal) {
+    /// Extends the admission's concurrency leases on a task of its own: the reply does not
+    /// wait for Redis.
+    fn extend_in_background(&self) {
         let limits = self.limits.clone();
         let (tenant, request_id, counters, tokens, month) = (
             self.tenant,
@@ -457,26 +555,12 @@ impl Admission {
                 lease: limits.lease,
                 month: &month,
             };
-            let done = match work {
-                Renewal::Settle(tokens_beyond) => {
-                    limits.limiter.settle(&demand, tokens_beyond).await
-                }
-                Renewal::Extend => limits.limiter.renew(&demand).await,
-            };
-            if let Err(error) = done {
+            if let Err(error) = limits.limiter.renew(&demand).await {
                 limits.store_errors.inc();
-                tracing::warn!(%error, %request_id, "settling or extending a request's limits failed; its concurrency place frees when its lease ends");
+                tracing::warn!(%error, %request_id, "extending a request's concurrency lease failed; its place frees when its lease ends");
             }
         });
     }
-}
-
-/// What [`Admission::in_background`] does.
-enum Renewal {
-    /// Settle, taking this many tokens beyond the reservation (negative: giving back).
-    Settle(i64),
-    /// Extend the concurrency leases.
-    Extend,
 }
 
 impl Drop for Admission {

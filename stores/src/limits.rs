@@ -158,6 +158,16 @@ pub struct Demand<'a> {
     pub month: &'a Month,
 }
 
+/// One admitted request's settlement (see [`Limiter::settle_many`]).
+#[derive(Debug, Clone)]
+pub struct Settle<'a> {
+    pub request_id: &'a str,
+    pub counters: &'a [Counter],
+    pub month: &'a Month,
+    /// Tokens to take beyond the reservation (negative: give back).
+    pub tokens_beyond: i64,
+}
+
 /// Where a counter stands after an admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {
@@ -241,27 +251,36 @@ end
 return out
 ";
 
-/// Settles a request: gives back (or takes more of) the tokens it reserved and ends its
-/// concurrency lease. KEYS[i]: counter i. ARGV: request id, then per counter its kind, limit
-/// and the tokens to take beyond the reservation (negative: give back).
+/// Settles requests of one tenant (their keys share its hash slot): gives back (or takes more
+/// of) the tokens each reserved and ends its concurrency lease. KEYS: every request's counters,
+/// in order. ARGV: the number of requests, then per request its id and number of counters, and
+/// per counter its kind, limit and the tokens to take beyond the reservation (negative: give
+/// back). One call settles a whole batch: the script's fixed cost is paid once.
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #KEYS do
-  local kind, limit, delta = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  if kind == 'rate' and delta ~= 0 then
-    local state = redis.call('HMGET', KEYS[i], 'level', 'at')
-    local level = limit
-    if state[1] then
-      level = math.min(limit, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * limit / 60000)
+local a, k = 2, 1
+for r = 1, tonumber(ARGV[1]) do
+  local id, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  for i = 1, n do
+    local kind, limit, delta = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local key = KEYS[k]
+    a, k = a + 3, k + 1
+    if kind == 'rate' and delta ~= 0 then
+      local state = redis.call('HMGET', key, 'level', 'at')
+      local level = limit
+      if state[1] then
+        level = math.min(limit, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * limit / 60000)
+      end
+      level = math.min(limit, level - delta)
+      redis.call('HSET', key, 'level', tostring(level), 'at', now)
+      redis.call('PEXPIRE', key, 61000 + math.max(0, math.ceil(-level * 60000 / limit)))
+    elseif kind == 'concurrent' then
+      redis.call('ZREM', key, id)
+    elseif kind == 'budget' and delta ~= 0 and redis.call('EXISTS', key) == 1 then
+      if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
     end
-    level = math.min(limit, level - delta)
-    redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', now)
-    redis.call('PEXPIRE', KEYS[i], 61000 + math.max(0, math.ceil(-level * 60000 / limit)))
-  elseif kind == 'concurrent' then
-    redis.call('ZREM', KEYS[i], ARGV[1])
-  elseif kind == 'budget' and delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
-    if redis.call('INCRBY', KEYS[i], delta) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
   end
 end
 return 1
@@ -405,19 +424,36 @@ impl Limiter {
     /// Settles a request admitted with `demand`: takes `tokens_beyond` more tokens than it
     /// reserved (negative: gives the difference back) and ends its concurrency lease.
     pub async fn settle(&self, demand: &Demand<'_>, tokens_beyond: i64) -> Result<()> {
+        let settle = Settle {
+            request_id: demand.request_id,
+            counters: demand.counters,
+            month: demand.month,
+            tokens_beyond,
+        };
+        self.settle_many(demand.tenant, &[settle]).await
+    }
+
+    /// Settles many requests of `tenant` in one call (see [`Limiter::settle`]).
+    pub async fn settle_many(&self, tenant: Uuid, settles: &[Settle<'_>]) -> Result<()> {
+        if settles.is_empty() {
+            return Ok(());
+        }
         let mut invocation = self.settle.prepare_invoke();
-        invocation.arg(demand.request_id);
-        for counter in demand.counters {
-            let delta = if counter.kind.counts_tokens() {
-                tokens_beyond
-            } else {
-                0
-            };
-            invocation
-                .key(self.key(demand.tenant, counter, demand.month))
-                .arg(counter.kind.script_kind())
-                .arg(counter.limit)
-                .arg(delta);
+        invocation.arg(settles.len());
+        for settle in settles {
+            invocation.arg(settle.request_id).arg(settle.counters.len());
+            for counter in settle.counters {
+                let delta = if counter.kind.counts_tokens() {
+                    settle.tokens_beyond
+                } else {
+                    0
+                };
+                invocation
+                    .key(self.key(tenant, counter, settle.month))
+                    .arg(counter.kind.script_kind())
+                    .arg(counter.limit)
+                    .arg(delta);
+            }
         }
         let mut connection = self.connection.clone();
         invocation.invoke_async::<i64>(&mut connection).await?;
@@ -633,5 +669,55 @@ mod tests {
             limiter.admit(&demand("third")).await,
             Ok(Verdict::Admitted(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn one_call_settles_a_batch_each_to_its_own_usage() {
+        let limiter = local_limiter();
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let counters = [
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::TokensPerMinute,
+                limit: 100,
+            },
+            Counter {
+                holder: Holder::Tenant,
+                kind: Kind::Concurrent,
+                limit: 2,
+            },
+        ];
+        for id in ["a", "b"] {
+            assert!(matches!(
+                limiter
+                    .admit(&demand(tenant, id, &counters, 40, &month))
+                    .await,
+                Ok(Verdict::Admitted(_))
+            ));
+        }
+        let settle = |id, tokens_beyond| Settle {
+            request_id: id,
+            counters: &counters,
+            month: &month,
+            tokens_beyond,
+        };
+        // `a` used 10 of its 40, `b` 50: 30 back, 10 more taken; both places free.
+        limiter
+            .settle_many(tenant, &[settle("a", -30), settle("b", 10)])
+            .await
+            .unwrap();
+        let Ok(Verdict::Admitted(standing)) = limiter
+            .admit(&demand(tenant, "c", &counters, 1, &month))
+            .await
+        else {
+            panic!("room again");
+        };
+        assert!(
+            (39..=41).contains(&standing[0].remaining),
+            "100 - 10 - 50 - 1, plus what refilled since: {standing:?}"
+        );
+        assert_eq!(standing[1].remaining, 1, "both places were freed");
+        limiter.settle_many(tenant, &[]).await.unwrap();
     }
 }

@@ -20,8 +20,10 @@ use uuid::Uuid;
 use crate::{error::ApiError, EdgeState};
 
 /// Methods the API answers to, as a preflight lists them.
-const METHODS: &str = "GET, POST, PUT, DELETE";
-/// Request headers a browser may send.
+const METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
+/// Request headers a browser may send when its preflight names none. A preflight that names
+/// some (SDKs send their own, `x-stainless-*` say) gets them back: credentials are bearer
+/// tokens, never cookies, so no header is dangerous to allow.
 const ALLOWED_HEADERS: &str =
     "authorization, content-type, x-session-id, traceparent, x-sluice-tenant";
 /// Response headers a browser app may read.
@@ -70,6 +72,11 @@ pub async fn cors(State(state): State<Arc<EdgeState>>, request: Request, next: N
             )
             .into_response();
         }
+        let asked = request
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static(ALLOWED_HEADERS));
         let mut response = StatusCode::NO_CONTENT.into_response();
         let headers = response.headers_mut();
         allow(headers, &origin);
@@ -77,10 +84,7 @@ pub async fn cors(State(state): State<Arc<EdgeState>>, request: Request, next: N
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static(METHODS),
         );
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static(ALLOWED_HEADERS),
-        );
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked);
         headers.insert(
             header::ACCESS_CONTROL_MAX_AGE,
             HeaderValue::from_static(PREFLIGHT_MAX_AGE),

@@ -205,6 +205,10 @@ pub struct EdgeState {
     pub closing: CancellationToken,
     /// The open WebSocket sessions, waited for when the edge stops.
     pub ws_sessions: tokio_util::task::TaskTracker,
+    /// Signs and checks WebSocket stream ids.
+    pub stream_ids: resume::StreamSigner,
+    /// Places for streams read back for resuming clients (`edge.websocket.max_resumes`).
+    pub resumes: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the edge is built from.
@@ -310,6 +314,10 @@ pub async fn run(
         draining: CancellationToken::new(),
         closing: CancellationToken::new(),
         ws_sessions: tokio_util::task::TaskTracker::new(),
+        stream_ids: resume::StreamSigner::new(
+            signing_keys.iter().map(|(_, secret)| secret.as_slice()),
+        ),
+        resumes: Arc::new(tokio::sync::Semaphore::new(config.websocket.max_resumes)),
         config,
         app_pool: deps.app_pool,
         catalog: deps.catalog,

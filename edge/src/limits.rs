@@ -93,6 +93,8 @@ struct PendingSettle {
 struct PendingSettles {
     by_tenant: Mutex<HashMap<Uuid, Vec<PendingSettle>>>,
     wake: tokio::sync::Notify,
+    /// Held while a batch is being sent, so a final flush waits for one already taken.
+    sending: tokio::sync::Mutex<()>,
 }
 
 /// Settlements sent in one call at most: the script holds Redis while it runs.
@@ -113,24 +115,36 @@ impl PendingSettles {
             .unwrap_or_default()
     }
 
-    /// Sends everything waiting, a tenant's in calls of [`SETTLE_BATCH`].
+    /// Sends everything waiting: each tenant's in calls of [`SETTLE_BATCH`], tenants at once.
     async fn send(&self, limiter: &Limiter, store_errors: &prometheus::IntCounter) {
-        for (tenant, waiting) in self.take() {
-            for batch in waiting.chunks(SETTLE_BATCH) {
-                let settles: Vec<Settle<'_>> = batch
-                    .iter()
-                    .map(|p| Settle {
-                        request_id: &p.request_id,
-                        counters: &p.counters,
-                        month: &p.month,
-                        tokens_beyond: p.tokens_beyond,
-                    })
-                    .collect();
-                if let Err(error) = limiter.settle_many(tenant, &settles).await {
-                    store_errors.inc();
-                    tracing::warn!(%error, %tenant, requests = settles.len(), "settling requests' limits failed; their reservations stay spent and their concurrency places free when their leases end");
-                }
-            }
+        let _sending = self.sending.lock().await;
+        let waiting = self.take();
+        let calls = waiting.iter().flat_map(|(tenant, settles)| {
+            settles
+                .chunks(SETTLE_BATCH)
+                .map(move |batch| Self::send_batch(limiter, store_errors, *tenant, batch))
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    async fn send_batch(
+        limiter: &Limiter,
+        store_errors: &prometheus::IntCounter,
+        tenant: Uuid,
+        batch: &[PendingSettle],
+    ) {
+        let settles: Vec<Settle<'_>> = batch
+            .iter()
+            .map(|p| Settle {
+                request_id: &p.request_id,
+                counters: &p.counters,
+                month: &p.month,
+                tokens_beyond: p.tokens_beyond,
+            })
+            .collect();
+        if let Err(error) = limiter.settle_many(tenant, &settles).await {
+            store_errors.inc();
+            tracing::warn!(%error, %tenant, requests = settles.len(), "settling requests' limits failed; their reservations stay spent and their concurrency places free when their leases end");
         }
     }
 }
@@ -290,6 +304,7 @@ impl EdgeLimits {
         if limit == 0 {
             return Ok(());
         }
+        let address = attempt_source(address);
         let counters = [Counter {
             holder: Holder::Address,
             kind: Kind::RequestsPerMinute,
@@ -297,7 +312,7 @@ impl EdgeLimits {
         }];
         let month = Month::of(sluice_pipelines::now_ms());
         let demand = Demand {
-            tenant: sluice_stores::limits::address_scope(address),
+            tenant: sluice_stores::limits::address_scope(&address),
             request_id: "login",
             counters: &counters,
             tokens: 0,
@@ -348,6 +363,21 @@ impl EdgeLimits {
             )
             .retry_after(1)),
         }
+    }
+}
+
+/// Whose attempts count together: an IPv4 address, or an IPv6 address's /64 (one host holds a
+/// whole /64 and could otherwise try from each of its addresses).
+fn attempt_source(address: &str) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map_or_else(String::new, |v4| v4.to_string()),
+        _ => address.to_owned(),
     }
 }
 
@@ -575,6 +605,17 @@ impl Drop for Admission {
 mod tests {
     use super::*;
     use sluice_stores::postgres::plans::Limits;
+
+    #[test]
+    fn attempts_count_per_ipv4_address_and_per_ipv6_slash_64() {
+        assert_eq!(attempt_source("203.0.113.7"), "203.0.113.7");
+        assert_eq!(attempt_source("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            attempt_source("2001:db8:1:2:bbbb::9"),
+            attempt_source("2001:db8:1:2:aaaa::1")
+        );
+        assert_eq!(attempt_source("::ffff:203.0.113.7"), "203.0.113.7");
+    }
 
     #[test]
     fn reset_durations_read_as_openai_writes_them() {

@@ -3,15 +3,23 @@
 //!
 //! A stream's id says where its chunks are: the request id, the replies partition its edge
 //! owns, and an offset at or before its first chunk (the dispatcher's position when the
-//! request was sent: every chunk of it is produced later, so it lies beyond). Any edge reads
-//! that partition from that offset with a consumer of its own, keeps the stream's chunks after
-//! the client's last sequence number, and stops at the last one. The id is not a secret that
-//! grants access: a chunk of another tenant's stream ends the read as "not found".
+//! request was sent: every chunk of it is produced later, so it lies beyond), and it is signed
+//! (HMAC-SHA256 with a key derived from the access-token signing keys every edge shares), so a
+//! client cannot point a read anywhere else. Any edge reads that partition from that offset with
+//! a consumer of its own, keeps the stream's chunks after the client's last sequence number, and
+//! stops at the last one. The id grants no access: a chunk of another tenant's stream ends the
+//! read as "not found".
 
-use std::{fmt, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::http::StatusCode;
+use hmac::{Mac, SimpleHmac};
 use rdkafka::{consumer::Consumer, message::Message, Offset, TopicPartitionList};
+use sha2::Sha256;
 use sluice_pipelines::kafka::{self, KafkaConsumer};
 use sluice_schemas::{Codec, ReplyChunk, ReplyKind};
 
@@ -38,27 +46,85 @@ impl fmt::Display for StreamId {
     }
 }
 
-impl FromStr for StreamId {
-    type Err = ApiError;
-
-    fn from_str(s: &str) -> Result<Self, ApiError> {
-        let bad = || {
-            ApiError::invalid("`stream` is not a stream id this API gave out.").with_param("stream")
-        };
+impl StreamId {
+    /// Parses the unsigned form (`Display`'s).
+    fn parse_unsigned(s: &str) -> Option<Self> {
         let mut parts = s.rsplitn(4, '.');
-        let created_ms = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-        let offset: i64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-        let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-        let request_id = parts.next().filter(|r| !r.is_empty()).ok_or_else(bad)?;
-        if offset < 0 || partition < 0 {
-            return Err(bad());
-        }
-        Ok(Self {
+        let created_ms = parts.next()?.parse().ok()?;
+        let offset: i64 = parts.next()?.parse().ok()?;
+        let partition: i32 = parts.next()?.parse().ok()?;
+        let request_id = parts.next().filter(|r| !r.is_empty())?;
+        (offset >= 0 && partition >= 0).then(|| Self {
             request_id: request_id.to_owned(),
             partition,
             offset,
             created_ms,
         })
+    }
+}
+
+/// Signs stream ids and checks them: every edge derives the same keys from the access-token
+/// signing keys in PostgreSQL, so any edge accepts any edge's ids.
+pub struct StreamSigner {
+    /// Newest first: the first signs, all verify.
+    keys: Vec<Vec<u8>>,
+}
+
+/// Hex digits of the signature kept in an id (128 bits).
+const SIGNATURE_HEX: usize = 32;
+
+type HmacSha256 = SimpleHmac<Sha256>;
+
+impl StreamSigner {
+    /// A signer from the access-token signing secrets, newest first.
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        // A key of its own for each secret: a stream id's signature is never a token's.
+        let keys = secrets
+            .into_iter()
+            .filter_map(|secret| Self::mac(secret, "sluice stream ids"))
+            .map(|mac| mac.finalize().into_bytes().to_vec())
+            .collect();
+        Self { keys }
+    }
+
+    fn mac(key: &[u8], text: &str) -> Option<HmacSha256> {
+        let mut mac = HmacSha256::new_from_slice(key).ok()?;
+        mac.update(text.as_bytes());
+        Some(mac)
+    }
+
+    /// `id` with its signature: what clients are given.
+    pub fn sign(&self, id: &StreamId) -> String {
+        let text = id.to_string();
+        let signature = self
+            .keys
+            .first()
+            .and_then(|key| Self::mac(key, &text))
+            .map(|mac| hex::encode(mac.finalize().into_bytes()))
+            .unwrap_or_default();
+        format!(
+            "{text}.{}",
+            signature.get(..SIGNATURE_HEX).unwrap_or_default()
+        )
+    }
+
+    /// The id a client gave back, if it is one this Sluice signed.
+    pub fn verify(&self, given: &str) -> Result<StreamId, ApiError> {
+        let bad = || {
+            ApiError::invalid("`stream` is not a stream id this API gave out.").with_param("stream")
+        };
+        let (text, signature) = given.rsplit_once('.').ok_or_else(bad)?;
+        let signature = hex::decode(signature).map_err(|_| bad())?;
+        if signature.len() * 2 != SIGNATURE_HEX {
+            return Err(bad());
+        }
+        let genuine = self.keys.iter().any(|key| {
+            Self::mac(key, text).is_some_and(|mac| mac.verify_truncated_left(&signature).is_ok())
+        });
+        if !genuine {
+            return Err(bad());
+        }
+        StreamId::parse_unsigned(text).ok_or_else(bad)
     }
 }
 
@@ -74,9 +140,14 @@ fn not_found(stream: &StreamId) -> ApiError {
     .with_param("stream")
 }
 
+/// What a resumed stream's consumer fetches ahead (KiB): it reads one stream, not the topic.
+const RESUME_PREFETCH_KIB: &str = "1024";
+
 /// Reads one stream's chunks back from the replies topic.
 pub struct StreamReader {
     consumer: KafkaConsumer,
+    /// One of the edge's places for resumed streams (`edge.websocket.max_resumes`).
+    _place: tokio::sync::OwnedSemaphorePermit,
     codec: Arc<Codec>,
     stream: StreamId,
     tenant: String,
@@ -102,8 +173,16 @@ impl StreamReader {
         let unavailable = |e: &dyn fmt::Display| {
             ApiError::unavailable(format!("cannot read the replies topic: {e}"))
         };
-        let consumer = kafka::assigned_consumer(&state.kafka, kafka::FETCH_WAIT_MS)
-            .map_err(|e| unavailable(&e))?;
+        let place = state.resumes.clone().try_acquire_owned().map_err(|_| {
+            ApiError::unavailable("This edge is resuming as many streams as it can; retry shortly.")
+                .retry_after(1)
+        })?;
+        let consumer = kafka::assigned_consumer_with(
+            &state.kafka,
+            kafka::FETCH_WAIT_MS,
+            &[("queued.max.messages.kbytes", RESUME_PREFETCH_KIB)],
+        )
+        .map_err(|e| unavailable(&e))?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(
             state.replies.topic(),
@@ -114,6 +193,7 @@ impl StreamReader {
         consumer.assign(&list).map_err(|e| unavailable(&e))?;
         Ok(Self {
             consumer,
+            _place: place,
             codec: state.codec.clone(),
             stream,
             tenant: tenant.to_owned(),
@@ -135,8 +215,11 @@ impl StreamReader {
             .stream
             .created_ms
             .saturating_add(i64::try_from(self.wait.as_millis()).unwrap_or(i64::MAX));
+        // Other requests' chunks do not count: this stream's next one is due within the wait.
+        let deadline = Instant::now() + self.wait;
         loop {
-            let message = match tokio::time::timeout(self.wait, self.consumer.recv()).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = match tokio::time::timeout(left, self.consumer.recv()).await {
                 Ok(Ok(message)) => message,
                 Ok(Err(e)) => {
                     return Err(ApiError::unavailable(format!(
@@ -196,20 +279,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stream_ids_round_trip_and_refuse_what_we_never_gave_out() {
+    fn stream_ids_round_trip_signed_and_refuse_what_we_never_gave_out() {
         let id = StreamId {
             request_id: "chatcmpl-0a1b".into(),
             partition: 2,
             offset: 12345,
             created_ms: 1_700_000_000_000,
         };
-        let text = id.to_string();
-        assert_eq!(text, "chatcmpl-0a1b.2.12345.1700000000000");
-        assert_eq!(text.parse::<StreamId>().unwrap(), id);
+        assert_eq!(id.to_string(), "chatcmpl-0a1b.2.12345.1700000000000");
+        let older: &[u8] = b"an older secret";
+        let signer = StreamSigner::new([&b"a secret"[..], older]);
+        let signed = signer.sign(&id);
+        assert_eq!(signer.verify(&signed).unwrap(), id);
+        // Another edge, with the keys from the same store, accepts it; after the key rotates
+        // (a newer one signs), it still does.
+        let rotated = StreamSigner::new([&b"a newer secret"[..], b"a secret"]);
+        assert_eq!(rotated.verify(&signed).unwrap(), id);
+        // Anything else is refused: unsigned, altered, or signed with another key.
+        let other = StreamSigner::new([&b"not ours"[..]]);
+        let moved = signed.replacen(".12345.", ".0.", 1);
         for bad in [
-            "", "x", "a.b.c.d", "r.-1.0.0", "r.0.-5.0", ".1.2.3", "r.1.2",
+            "",
+            "x",
+            "chatcmpl-0a1b.2.12345.1700000000000",
+            moved.as_str(),
+            &other.sign(&id),
+            &format!("{signed}0"),
         ] {
-            assert!(bad.parse::<StreamId>().is_err(), "{bad}");
+            assert!(signer.verify(bad).is_err(), "{bad}");
         }
     }
 }

@@ -60,6 +60,9 @@ use crate::{
     EdgeState,
 };
 
+/// The reason of the close that ends a drained session.
+const DRAINED: &str = "edge restarting; reconnect and resume your streams";
+
 /// The protocol's name, in the server's `hello`.
 pub const PROTOCOL: &str = "sluice.chat.v1";
 
@@ -91,6 +94,9 @@ pub struct WebSocketConfig {
     pub buffer_frames: usize,
     /// Streams one socket may have in flight.
     pub max_streams: usize,
+    /// Streams this edge reads back for resuming clients at once (each with a consumer of its
+    /// own); beyond them, a resume is answered 503 to retry.
+    pub max_resumes: usize,
 }
 
 impl Default for WebSocketConfig {
@@ -101,6 +107,7 @@ impl Default for WebSocketConfig {
             slow_reader_secs: 10,
             buffer_frames: 64,
             max_streams: 64,
+            max_resumes: 64,
         }
     }
 }
@@ -409,19 +416,24 @@ async fn read_frames(
         return;
     }
     let mut streams = tokio::task::JoinSet::new();
+    // Once the edge drains: no new requests; the socket is still read (pongs, pings, a close)
+    // until its streams finish or the drain deadline comes, then it is closed resumably.
+    let mut draining = false;
     loop {
+        if draining && streams.is_empty() {
+            end.end(close::RESTART, DRAINED);
+            break;
+        }
         let frame = tokio::select! {
             biased;
             _ = end.token.cancelled() => break,
-            _ = state.draining.cancelled() => {
-                // Stop taking requests; let the streams finish while the edge drains.
-                tokio::select! {
-                    _ = async { while streams.join_next().await.is_some() {} } => {}
-                    _ = state.closing.cancelled() => {}
-                    _ = end.token.cancelled() => {}
-                }
-                end.end(close::RESTART, "edge restarting; reconnect and resume your streams");
+            _ = state.closing.cancelled(), if draining => {
+                end.end(close::RESTART, DRAINED);
                 break;
+            }
+            _ = state.draining.cancelled(), if !draining => {
+                draining = true;
+                continue;
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             frame = source.next() => frame,
@@ -466,6 +478,14 @@ async fn read_frames(
                 if !authenticate(state, &credential, origin, &outbox).await {
                     break;
                 }
+                continue;
+            }
+            _ if draining => {
+                let e = ApiError::unavailable(
+                    "This edge is stopping: connect again (to any edge) and send it there.",
+                )
+                .retry_after(1);
+                outbox.error(None, reference.as_deref(), &e).await;
                 continue;
             }
             _ if streams.len() >= config.max_streams => {
@@ -609,13 +629,12 @@ async fn run_chat(
             return;
         }
     };
-    let stream = StreamId {
+    let stream = state.stream_ids.sign(&StreamId {
         request_id: submitted.request_id.clone(),
         partition: state.replies.partition(),
         offset: submitted.replies_offset,
         created_ms: submitted.created_ms,
-    }
-    .to_string();
+    });
     let started = json!({
         "type": "started", "stream": stream, "request_id": submitted.request_id, "ref": reference,
     });
@@ -652,8 +671,9 @@ async fn run_resume(
     let reference = reference.as_deref();
     let after_seq = after_seq.unwrap_or(-1);
     let tenant = caller.tenant.0.to_string();
-    let opened = stream
-        .parse::<StreamId>()
+    let opened = state
+        .stream_ids
+        .verify(stream)
         .and_then(|id| StreamReader::open(state, id, &tenant, after_seq));
     let mut reader = match opened {
         Ok(reader) => reader,

@@ -18,7 +18,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -55,11 +55,18 @@ fn client_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// One open session, read by its own task until the benchmark ends: frames received.
+/// The open sessions, each read by its own task until the benchmark ends.
 struct Sessions {
-    tasks: JoinSet<()>,
+    /// The sessions' tasks: dropping them closes the sessions.
+    _tasks: JoinSet<()>,
+    /// Frames read after the first answer.
     frames: Arc<AtomicU64>,
+    /// Sessions that opened.
     open: usize,
+    /// Sessions still open.
+    live: Arc<AtomicUsize>,
+    /// Sessions that have read a `delta` frame (their reply is streaming).
+    streaming: Arc<AtomicUsize>,
 }
 
 /// Opens `n` sessions to `url`: each sends `hello` (when `key` is given, as a Bearer header,
@@ -75,11 +82,14 @@ async fn open_sessions(
 ) -> anyhow::Result<Sessions> {
     let gate = Arc::new(Semaphore::new(connecting));
     let frames = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(AtomicUsize::new(0));
+    let streaming = Arc::new(AtomicUsize::new(0));
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(connecting);
     let mut tasks = JoinSet::new();
     for _ in 0..n {
         let (url, key, first) = (url.to_owned(), key.map(str::to_owned), first.to_string());
         let (gate, frames, opened) = (gate.clone(), frames.clone(), opened_tx.clone());
+        let (live, streaming) = (live.clone(), streaming.clone());
         tasks.spawn(async move {
             let connected = async {
                 let _place = gate.acquire().await?;
@@ -114,9 +124,20 @@ async fn open_sessions(
                 }
             };
             drop(opened);
-            while let Some(Ok(_)) = socket.next().await {
+            live.fetch_add(1, Ordering::Relaxed);
+            let mut streamed = false;
+            while let Some(Ok(message)) = socket.next().await {
                 frames.fetch_add(1, Ordering::Relaxed);
+                if !streamed {
+                    if let Message::Text(text) = &message {
+                        if text.contains("\"type\":\"delta\"") {
+                            streamed = true;
+                            streaming.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
+            live.fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(opened_tx);
@@ -145,9 +166,11 @@ async fn open_sessions(
         eprintln!("  {what}: first failure: {e:#}");
     }
     Ok(Sessions {
-        tasks,
+        _tasks: tasks,
         frames,
         open,
+        live,
+        streaming,
     })
 }
 
@@ -244,17 +267,21 @@ async fn measure_edge(
     let (_, api_key) = tenants::create_tenant(&admin, id).await?;
     eprintln!("starting sluice up on topics {id}.*, and a second edge ...");
     let sluice = SluiceUnderTest::start(config, id).await?;
+    // Each phase on a fresh edge, so one's memory does not stay in the other's figures.
     let edge = sluice.start_edge().await?;
-    let url = format!(
-        "ws://{}/v1/chat/stream",
-        edge.edge_url.trim_start_matches("http://")
-    );
+    let url = |edge: &super::under_test::SluiceProcess| {
+        format!(
+            "ws://{}/v1/chat/stream",
+            edge.edge_url.trim_start_matches("http://")
+        )
+    };
     let before = settled_rss(edge.pid()).await?;
     // Sessions that authenticate and ping: idle sessions.
+    let ping = json!({"type": "ping"});
     let idle = open_sessions(
-        &url,
+        &url(&edge),
         Some(&api_key),
-        json!({"type": "ping"}),
+        ping,
         n,
         options.connecting,
         "idle",
@@ -269,7 +296,8 @@ async fn measure_edge(
         per_session(before, idle_rss, idle_open)
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(edge);
+    let edge = sluice.start_edge().await?;
     let before = settled_rss(edge.pid()).await?;
     // Sessions that each stream a reply for the rest of the run.
     let chat = json!({
@@ -278,7 +306,7 @@ async fn measure_edge(
                     "messages": [{"role": "user", "content": "Tell a long story about streams."}]},
     });
     let streaming = open_sessions(
-        &url,
+        &url(&edge),
         Some(&api_key),
         chat,
         n,
@@ -287,13 +315,16 @@ async fn measure_edge(
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(options.stream_seconds)).await;
-    let frames_before = streaming.frames.load(Ordering::Relaxed);
+    let frames = streaming.frames.load(Ordering::Relaxed);
     let streaming_rss = settled_rss(edge.pid()).await?;
-    let streaming_open = streaming.open;
-    let live = streaming.tasks.len();
-    let per = per_session(before, streaming_rss, streaming_open);
+    let (opened, live, streamed) = (
+        streaming.open,
+        streaming.live.load(Ordering::Relaxed),
+        streaming.streaming.load(Ordering::Relaxed),
+    );
+    let per = per_session(before, streaming_rss, opened);
     println!(
-        "edge, {streaming_open} sessions each streaming a reply: {:.1} -> {:.1} MiB, {per:.1} KiB per session; {frames_before} frames read; {live} sessions still open after {} s",
+        "edge, {opened} sessions each streaming a reply: {:.1} -> {:.1} MiB, {per:.1} KiB per session; after {} s {live} still open, {streamed} streaming (a delta read), {frames} frames read",
         mib(before),
         mib(streaming_rss),
         options.stream_seconds
@@ -302,9 +333,12 @@ async fn measure_edge(
     drop(streaming);
     drop(edge);
     drop(sluice);
-    anyhow::ensure!(streaming_open > 0, "no session opened against the edge");
+    anyhow::ensure!(
+        streamed > 0 && streamed == opened,
+        "{streamed} of {opened} sessions were streaming (the logs are in the temp directory)"
+    );
     println!(
-        "sessions={streaming_open} rss_mib={:.0} per_session_kib={per:.1} ratio={:.2}",
+        "sessions={streamed} rss_mib={:.0} per_session_kib={per:.1} ratio={:.2}",
         mib(streaming_rss),
         per / bare_per_session.max(0.1)
     );

@@ -288,12 +288,24 @@ pub fn consumer(
 
 /// A consumer with no group, for reading assigned partitions (the edge's replies partition).
 pub fn assigned_consumer(config: &KafkaConfig, fetch_wait_ms: u32) -> Result<KafkaConsumer> {
+    assigned_consumer_with(config, fetch_wait_ms, &[])
+}
+
+/// [`assigned_consumer`] with more librdkafka settings (a smaller prefetch, say).
+pub fn assigned_consumer_with(
+    config: &KafkaConfig,
+    fetch_wait_ms: u32,
+    settings: &[(&str, &str)],
+) -> Result<KafkaConsumer> {
     let mut client = consumer_config(config, "sluice-unused");
     client
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("enable.partition.eof", "false");
+    for (name, value) in settings {
+        client.set(*name, *value);
+    }
     Ok(client.create_with_context(StageContext {
         group: "(assigned)".to_owned(),
         rebalances: None,

@@ -94,11 +94,21 @@ pub fn normalize(origin: &str) -> Result<String> {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
     let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
-    if host_ok && port_ok {
-        Ok(origin)
-    } else {
-        Err(invalid())
+    if !(host_ok && port_ok) {
+        return Err(invalid());
     }
+    // Browsers leave a scheme's default port out of `Origin`.
+    let default_port = match origin.split_once("://") {
+        Some(("https", _)) => "443",
+        _ => "80",
+    };
+    Ok(match port {
+        Some(p) if p.trim_start_matches('0') == default_port => origin
+            .strip_suffix(&format!(":{p}"))
+            .unwrap_or(&origin)
+            .to_owned(),
+        _ => origin,
+    })
 }
 
 /// `tenant`'s origins (in its row-level-security transaction, or as the owner role).
@@ -114,7 +124,8 @@ pub async fn list(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<String>> 
 }
 
 /// Replaces `tenant`'s origins with `origins` (normalized, duplicates dropped), in its
-/// row-level-security transaction (or as the owner role); returns the list now in force.
+/// row-level-security transaction (or the owner role's): run it in a transaction. Returns the
+/// list now in force.
 pub async fn replace(
     conn: &mut PgConnection,
     tenant: Uuid,
@@ -131,6 +142,11 @@ pub async fn replace(
             "at most {MAX_ORIGINS} origins per tenant"
         )));
     }
+    // Two replacements at once take turns, rather than collide on the same origin.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice-origins:' || $1::text))")
+        .bind(tenant)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("DELETE FROM tenant_origins WHERE tenant_id = $1")
         .bind(tenant)
         .execute(&mut *conn)
@@ -158,6 +174,9 @@ mod tests {
             "http://localhost:5173"
         );
         assert_eq!(normalize(" * ").unwrap(), "*");
+        assert_eq!(normalize("https://a.com:443").unwrap(), "https://a.com");
+        assert_eq!(normalize("http://a.com:80").unwrap(), "http://a.com");
+        assert_eq!(normalize("http://a.com:443").unwrap(), "http://a.com:443");
         for bad in [
             "app.example.com",
             "ftp://x",

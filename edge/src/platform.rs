@@ -1,6 +1,6 @@
 //! `/v1/admin/*`: the platform admin's API — plans and tenants, as `sluice plan` and
-//! `sluice tenant` do them for operators. Only a user whose session says `platform_admin` gets
-//! in (a tenant admin, a member or an API key gets 403). Every change and its audit entry are
+//! `sluice tenant` do them for operators. Only a user whose session says `platform_admin`, and
+//! who still is one, gets in (a tenant admin, a member or an API key gets 403). Every change and its audit entry are
 //! one transaction: a plan's with no tenant, a tenant's in that tenant's row-level security.
 
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use sluice_stores::postgres::{
     plans::{self, Limits, LimitsChange, Plan},
     tenant_transaction,
     tenants::{self, TenantSummary},
-    users::Role,
+    users::{self, Role},
 };
 use sqlx::types::Uuid;
 use utoipa::ToSchema;
@@ -87,6 +87,15 @@ impl FromRequestParts<Arc<EdgeState>> for PlatformAdmin {
         let claims = state.tokens.verify(token)?;
         if claims.role()? != Role::PlatformAdmin {
             return Err(forbidden());
+        }
+        // The token may outlive the role: a disabled or demoted admin stops here at once.
+        let user = users::user_for_login(&state.app_pool, &claims.email)
+            .await
+            .map_err(|e| ApiError::internal("checking a platform admin", e))?;
+        if !user.is_some_and(|u| u.id == claims.sub && u.role == Role::PlatformAdmin) {
+            return Err(ApiError::unauthorized(
+                "This session's user is no longer a platform admin.",
+            ));
         }
         Ok(Self {
             claims,

@@ -907,6 +907,15 @@ async fn a_platform_admin_manages_plans_and_tenants_over_the_api() {
         audit.contains("tenant.create") && audit.contains("tenant.plan"),
         "{audit}"
     );
+
+    // A platform admin disabled while its token is still valid is out at once.
+    let pool = sqlx::PgPool::connect(&admin_database_url()).await.unwrap();
+    sqlx::query("UPDATE users SET disabled_at = now() WHERE id = $1::uuid")
+        .bind(session["user_id"].as_str().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(get_json(&plans, &token).await.0, 401);
 }
 
 #[tokio::test]

@@ -251,6 +251,9 @@ pub async fn run(config: &Config, options: &WebSocketOptions) -> anyhow::Result<
     sluice_config.orchestrator.sim.first_token_ms = 0;
     sluice_config.orchestrator.sim.tokens_per_second = 0.2;
     sluice_config.edge.max_in_flight = n + 64;
+    // Every session's model call runs at once (they stream for the whole run).
+    sluice_config.stages.orchestrator_max_in_flight =
+        sluice_config.stages.orchestrator_max_in_flight.max(n + 64);
     let outcome = measure_edge(&sluice_config, options, &id, bare_per_session).await;
     super::remove_topics(config, &id, &[]).await;
     outcome

@@ -12,6 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use futures::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use sluice_stores::postgres::{
@@ -41,24 +42,6 @@ pub struct PlatformAdmin {
 impl PlatformAdmin {
     fn actor(&self) -> String {
         format!("user:{}", self.claims.email)
-    }
-
-    fn action<'a>(
-        &'a self,
-        actor: &'a str,
-        tenant_id: Option<Uuid>,
-        action: &'a str,
-        target: &'a str,
-        detail: Value,
-    ) -> Action<'a> {
-        Action {
-            tenant_id,
-            actor,
-            action,
-            target: Some(target),
-            detail,
-            source: self.source.as_deref(),
-        }
     }
 }
 
@@ -104,8 +87,40 @@ impl FromRequestParts<Arc<EdgeState>> for PlatformAdmin {
     }
 }
 
-fn db(context: &'static str) -> impl Fn(sqlx::Error) -> ApiError {
-    move |e| ApiError::internal(context, e)
+/// Runs `change` and records it in the audit log, in one transaction: the tenant's (under its
+/// row-level security) when it concerns one, else the platform's. `change` answers its result,
+/// the action's target and its detail.
+async fn audited<T>(
+    state: &EdgeState,
+    admin: &PlatformAdmin,
+    tenant: Option<Uuid>,
+    action: &str,
+    change: impl for<'c> FnOnce(
+        &'c mut sqlx::PgConnection,
+    ) -> BoxFuture<'c, Result<(T, String, Value), ApiError>>,
+) -> Result<T, ApiError> {
+    let failed = |e: &dyn std::fmt::Display| ApiError::internal(action, e);
+    let mut tx = match tenant {
+        Some(tenant) => tenant_transaction(&state.app_pool, tenant)
+            .await
+            .map_err(|e| failed(&e))?,
+        None => state.app_pool.begin().await.map_err(|e| failed(&e))?,
+    };
+    let (out, target, detail) = change(&mut tx).await?;
+    let actor = admin.actor();
+    let entry = Action {
+        tenant_id: tenant,
+        actor: &actor,
+        action,
+        target: Some(&target),
+        detail,
+        source: admin.source.as_deref(),
+    };
+    audit::record(&mut tx, &entry)
+        .await
+        .map_err(|e| failed(&e))?;
+    tx.commit().await.map_err(|e| failed(&e))?;
+    Ok(out)
 }
 
 /// The platform's plans.
@@ -191,25 +206,17 @@ pub async fn create_plan(
         max_concurrent: form.max_concurrent,
         allowed_models: form.allowed_models,
     };
-    let mut tx = state
-        .app_pool
-        .begin()
-        .await
-        .map_err(db("creating a plan"))?;
-    plans::create_plan(&mut tx, &form.name, &limits)
-        .await
-        .map_err(|e| store_error("creating a plan", e))?;
-    let name = form.name.trim();
-    let plan = plan_named(&mut tx, name).await?;
-    let actor = admin.actor();
-    let detail = serde_json::to_value(&plan.limits).unwrap_or_default();
-    audit::record(
-        &mut tx,
-        &admin.action(&actor, None, "plan.create", name, detail),
-    )
-    .await
-    .map_err(|e| ApiError::internal("recording an action", e))?;
-    tx.commit().await.map_err(db("creating a plan"))?;
+    let plan = audited(&state, &admin, None, "plan.create", |tx| {
+        Box::pin(async move {
+            plans::create_plan(tx, &form.name, &limits)
+                .await
+                .map_err(|e| store_error("creating a plan", e))?;
+            let plan = plan_named(tx, form.name.trim()).await?;
+            let detail = serde_json::to_value(&plan.limits).unwrap_or_default();
+            Ok((plan.clone(), plan.name, detail))
+        })
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(plan)).into_response())
 }
 
@@ -230,23 +237,16 @@ pub async fn update_plan(
         max_concurrent: form.max_concurrent,
         allowed_models: form.allowed_models,
     };
-    let mut tx = state
-        .app_pool
-        .begin()
-        .await
-        .map_err(db("changing a plan"))?;
-    let plan = plans::update_plan(&mut tx, &name, &change)
-        .await
-        .map_err(|e| store_error("changing a plan", e))?;
-    let actor = admin.actor();
-    let detail = serde_json::to_value(&plan.limits).unwrap_or_default();
-    audit::record(
-        &mut tx,
-        &admin.action(&actor, None, "plan.update", &name, detail),
-    )
-    .await
-    .map_err(|e| ApiError::internal("recording an action", e))?;
-    tx.commit().await.map_err(db("changing a plan"))?;
+    let plan = audited(&state, &admin, None, "plan.update", |tx| {
+        Box::pin(async move {
+            let plan = plans::update_plan(tx, &name, &change)
+                .await
+                .map_err(|e| store_error("changing a plan", e))?;
+            let detail = serde_json::to_value(&plan.limits).unwrap_or_default();
+            Ok((plan, name, detail))
+        })
+    })
+    .await?;
     Ok(Json(plan))
 }
 
@@ -258,22 +258,16 @@ pub async fn delete_plan(
     admin: PlatformAdmin,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut tx = state
-        .app_pool
-        .begin()
-        .await
-        .map_err(db("deleting a plan"))?;
-    plans::delete_plan(&mut tx, &name)
-        .await
-        .map_err(|e| store_error("deleting a plan", e))?;
-    let actor = admin.actor();
-    audit::record(
-        &mut tx,
-        &admin.action(&actor, None, "plan.delete", &name, json!({})),
-    )
-    .await
-    .map_err(|e| ApiError::internal("recording an action", e))?;
-    tx.commit().await.map_err(db("deleting a plan"))?;
+    let target = name.clone();
+    audited(&state, &admin, None, "plan.delete", |tx| {
+        Box::pin(async move {
+            plans::delete_plan(tx, &target)
+                .await
+                .map_err(|e| store_error("deleting a plan", e))?;
+            Ok(((), target, json!({})))
+        })
+    })
+    .await?;
     Ok(Json(json!({ "name": name, "deleted": true })))
 }
 
@@ -317,30 +311,26 @@ pub async fn create_tenant(
 ) -> Result<Response, ApiError> {
     let form: NewTenant = parse(&body)?;
     let id = Uuid::new_v4();
-    let mut tx = tenant_transaction(&state.app_pool, id)
-        .await
-        .map_err(|e| ApiError::internal("creating a tenant", e))?;
-    let (tenant, api_key) = tenants::insert_tenant(&mut tx, id, &form.name)
-        .await
-        .map_err(|e| store_error("creating a tenant", e))?;
-    if let Some(plan) = &form.plan {
-        plans::subscribe(&mut *tx, id, plan)
-            .await
-            .map_err(|e| store_error("subscribing a tenant", e))?;
-    }
-    let actor = admin.actor();
-    let detail = json!({ "plan": form.plan });
-    audit::record(
-        &mut tx,
-        &admin.action(&actor, Some(id), "tenant.create", &tenant.name, detail),
-    )
-    .await
-    .map_err(|e| ApiError::internal("recording an action", e))?;
-    tx.commit().await.map_err(db("creating a tenant"))?;
+    let plan = form.plan.clone();
+    let (tenant, api_key) = audited(&state, &admin, Some(id), "tenant.create", |tx| {
+        Box::pin(async move {
+            let (tenant, api_key) = tenants::insert_tenant(tx, id, &form.name)
+                .await
+                .map_err(|e| store_error("creating a tenant", e))?;
+            if let Some(plan) = &form.plan {
+                plans::subscribe(&mut *tx, id, plan)
+                    .await
+                    .map_err(|e| store_error("subscribing a tenant", e))?;
+            }
+            let target = tenant.name.clone();
+            Ok(((tenant, api_key), target, json!({ "plan": form.plan })))
+        })
+    })
+    .await?;
     let created = CreatedTenant {
         tenant_id: tenant.id,
         name: tenant.name,
-        plan: form.plan,
+        plan,
         api_key,
     };
     Ok((StatusCode::CREATED, Json(created)).into_response())
@@ -363,27 +353,23 @@ pub async fn set_tenant_plan(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let form: PlanChoice = parse(&body)?;
-    let mut tx = tenant_transaction(&state.app_pool, id)
-        .await
-        .map_err(|e| ApiError::internal("subscribing a tenant", e))?;
-    let name: Option<String> = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db("subscribing a tenant"))?;
-    let name =
-        name.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such tenant."))?;
-    plans::subscribe(&mut *tx, id, &form.plan)
-        .await
-        .map_err(|e| store_error("subscribing a tenant", e))?;
-    let actor = admin.actor();
-    let detail = json!({ "plan": form.plan });
-    audit::record(
-        &mut tx,
-        &admin.action(&actor, Some(id), "tenant.plan", &name, detail),
-    )
-    .await
-    .map_err(|e| ApiError::internal("recording an action", e))?;
-    tx.commit().await.map_err(db("subscribing a tenant"))?;
+    let plan = form.plan.clone();
+    audited(&state, &admin, Some(id), "tenant.plan", |tx| {
+        Box::pin(async move {
+            let name: Option<String> = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| ApiError::internal("subscribing a tenant", e))?;
+            let name = name.ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such tenant.")
+            })?;
+            plans::subscribe(&mut *tx, id, &plan)
+                .await
+                .map_err(|e| store_error("subscribing a tenant", e))?;
+            Ok(((), name, json!({ "plan": plan })))
+        })
+    })
+    .await?;
     Ok(Json(json!({ "tenant_id": id, "plan": form.plan })))
 }

@@ -90,7 +90,15 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
             .await?;
             drop(conn);
             audit_cli(&admin, Some(tenant.id), "tenant.export", &name, json!({})).await?;
-            println!("{}", serde_json::to_string_pretty(&export)?);
+            // Written as it is read: a large tenant's usage facts never sit whole in memory.
+            use futures::StreamExt;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let mut pieces = std::pin::pin!(export.into_stream());
+            while let Some(piece) = pieces.next().await {
+                out.write_all(&piece?)?;
+            }
+            writeln!(out)?;
             return Ok(());
         }
         TenantCommand::Origins { name, set, clear } => {

@@ -447,6 +447,10 @@ async fn a_tenant_exports_everything_it_owns_and_deletes_itself() {
     };
     assert_eq!(delete("not the name".into()).await, 400);
     let name = export["tenant"]["name"].as_str().unwrap().to_owned();
+    // Operators get the same document from the CLI.
+    let by_cli: Value = serde_json::from_str(&sluice.cli(&["tenant", "export", &name])).unwrap();
+    assert_eq!(by_cli["usage_events"], export["usage_events"]);
+    assert_eq!(by_cli["tenant"], export["tenant"]);
     assert_eq!(delete(name.clone()).await, 200);
     eventually(5, "the deleted tenant's key and token to stop", || async {
         let key_refused = get_json(&sluice.v1("/me"), &key).await.0 == 401;

@@ -108,16 +108,18 @@ pub async fn usage_by_model(
         .await?)
 }
 
-/// Every usage fact of a tenant, oldest first (for the tenant's data export).
-pub async fn tenant_events(clickhouse: &ClickHouse, tenant_id: &str) -> Result<Vec<UsageRow>> {
+/// Every usage fact of a tenant, oldest first, as they are read (for the tenant's data export).
+pub fn tenant_events(
+    clickhouse: &ClickHouse,
+    tenant_id: &str,
+) -> Result<clickhouse::query::RowCursor<UsageRow>> {
     Ok(clickhouse
         .client()
         .query(
             "SELECT ?fields FROM usage_events FINAL WHERE tenant_id = ? ORDER BY occurred_at_ms, event_id",
         )
         .bind(tenant_id)
-        .fetch_all::<UsageRow>()
-        .await?)
+        .fetch::<UsageRow>()?)
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ use sluice_pipelines::{
     ReplayRange,
 };
 use sluice_schemas::{Codec, RegistryClient};
-use sluice_stores::{postgres, ModelCatalog};
+use sluice_stores::{
+    postgres::{self, flags::Flags},
+    ModelCatalog,
+};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -82,6 +85,7 @@ pub struct Process {
     tasks: JoinSet<(String, anyhow::Result<()>)>,
     /// The model catalogue, loaded once and kept fresh for every part that needs it.
     catalog: Option<Arc<ModelCatalog>>,
+    flags: Option<Arc<Flags>>,
     /// The producers every part of the process sends through, made on first use.
     producers: Option<Producers>,
 }
@@ -125,6 +129,7 @@ impl Process {
             cancel: CancellationToken::new(),
             tasks: JoinSet::new(),
             catalog: None,
+            flags: None,
             producers: None,
         })
     }
@@ -140,6 +145,24 @@ impl Process {
     }
 
     /// The process's model catalogue: loaded on first use, then refreshed in the background.
+    /// The feature flags, loaded once per process and followed live.
+    pub async fn flags(&mut self, config: &Config) -> anyhow::Result<Arc<Flags>> {
+        if let Some(flags) = &self.flags {
+            return Ok(flags.clone());
+        }
+        let pool = postgres::connect(&config.postgres.url, 2).await?;
+        let flags = Flags::load(&pool).await?;
+        self.spawn("flags", {
+            let (flags, cancel) = (flags.clone(), self.cancel.clone());
+            async move {
+                flags.follow(pool, cancel).await;
+                Ok(())
+            }
+        });
+        self.flags = Some(flags.clone());
+        Ok(flags)
+    }
+
     pub async fn catalog(&mut self, config: &Config) -> anyhow::Result<Arc<ModelCatalog>> {
         if let Some(catalog) = &self.catalog {
             return Ok(catalog.clone());

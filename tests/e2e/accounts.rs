@@ -970,3 +970,49 @@ async fn an_address_that_keeps_guessing_passwords_is_slowed_down() {
         "the right password waits too"
     );
 }
+
+#[tokio::test]
+async fn an_operator_switches_a_model_off_for_one_tenant_and_the_router_follows() {
+    let sluice = Sluice::start();
+    let (a, b) = (create_tenant(&sluice.prefix), create_tenant(&sluice.prefix));
+    let ask = |model: &str| json!({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "switch"}]});
+    let (status, body) = chat(&sluice, &a.key, ask("auto")).await;
+    assert_eq!(
+        (status, body["model"].as_str()),
+        (200, Some("sim-small")),
+        "the cheapest"
+    );
+    run_cli(
+        &sluice.prefix,
+        &["flag", "set", "model.sim-small", "off", "--tenant", &a.name],
+    );
+    let refused = eventually(
+        10,
+        "the router to stop serving sim-small to the tenant",
+        || async {
+            let (status, body) = chat(&sluice, &a.key, ask("sim-small")).await;
+            (status == 404).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "model_not_found", "{refused}");
+    let (status, body) = chat(&sluice, &a.key, ask("auto")).await;
+    assert_eq!(
+        (status, body["model"].as_str()),
+        (200, Some("sim-large")),
+        "auto passes over it"
+    );
+    assert_eq!(
+        chat(&sluice, &b.key, ask("sim-small")).await.0,
+        200,
+        "another tenant is untouched"
+    );
+    run_cli(
+        &sluice.prefix,
+        &["flag", "unset", "model.sim-small", "--tenant", &a.name],
+    );
+    eventually(10, "sim-small back for the tenant", || async {
+        (chat(&sluice, &a.key, ask("sim-small")).await.0 == 200).then_some(())
+    })
+    .await;
+}

@@ -10,7 +10,9 @@
 //!   when the caller set none). Ties go to the name that sorts first, so the rule is
 //!   deterministic.
 //! - Either way, only among the models the request's `allowed_models` names, when it names
-//!   any (the caller's key and plan): another is `model_not_found`, as if it did not exist.
+//!   any (the caller's key and plan), and the models not switched off for the tenant by the
+//!   feature flag `model.<name>` (an operator's kill switch for one model, globally or for one
+//!   tenant, followed live): another is `model_not_found`, as if it did not exist.
 //!
 //! A request the router refuses gets an ERROR reply chunk on its reply address, so the caller
 //! hears why at once; nothing goes to `sluice.routed`.
@@ -21,7 +23,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{now_ms, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
 use sluice_schemas::{ChatRequest, ReplyChunk, RoutedRequest, RoutingDecision};
-use sluice_stores::{ModelCatalog, ModelSpec};
+use sluice_stores::{
+    postgres::flags::{self, Flags},
+    ModelCatalog, ModelSpec,
+};
+use uuid::Uuid;
 
 /// The model name that asks the router to choose.
 pub const AUTO: &str = sluice_stores::AUTO_MODEL;
@@ -67,10 +73,12 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// Chooses a model for `request` from `models` (cheapest first). Pure: no I/O.
+/// Chooses a model for `request` from `models` (cheapest first), among those `usable` accepts.
+/// Pure: no I/O.
 pub fn decide(
     request: &ChatRequest,
     models: &[ModelSpec],
+    usable: impl Fn(&ModelSpec) -> bool,
     config: &RouterConfig,
     now_ms: i64,
 ) -> Result<RoutingDecision, Refusal> {
@@ -91,6 +99,7 @@ pub fn decide(
             .allowed_models
             .as_ref()
             .is_none_or(|names| names.contains(&m.name))
+            && usable(m)
     };
     if request.model == AUTO {
         return models
@@ -142,15 +151,23 @@ pub fn decide(
 /// The router as a stream operator.
 pub struct Router {
     catalog: Arc<ModelCatalog>,
+    flags: Arc<Flags>,
     config: RouterConfig,
     topics: Topics,
 }
 
 impl Router {
-    /// A router reading models from `catalog` and writing to `topics.routed`.
-    pub fn new(catalog: Arc<ModelCatalog>, config: RouterConfig, topics: Topics) -> Self {
+    /// A router reading models from `catalog`, honouring `flags`' `model.<name>` switches, and
+    /// writing to `topics.routed`.
+    pub fn new(
+        catalog: Arc<ModelCatalog>,
+        flags: Arc<Flags>,
+        config: RouterConfig,
+        topics: Topics,
+    ) -> Self {
         Self {
             catalog,
+            flags,
             config,
             topics,
         }
@@ -168,7 +185,10 @@ impl RecordOperator for Router {
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
         let models = self.catalog.snapshot();
-        match decide(&request, &models, &self.config, now_ms()) {
+        let flags = self.flags.get();
+        let tenant = Uuid::parse_str(&request.tenant_id).ok();
+        let usable = |m: &ModelSpec| flags.enabled(&flags::model_flag(&m.name), tenant, true);
+        match decide(&request, &models, usable, &self.config, now_ms()) {
             Ok(decision) => {
                 // The decision and its reason are on `sluice.routed`; a log line each is for
                 // debugging.
@@ -253,27 +273,62 @@ mod tests {
     #[test]
     fn auto_picks_the_cheapest_model_that_fits() {
         let config = RouterConfig::default();
-        let d = decide(&request(AUTO, 10, Some(20)), &catalogue(), &config, 5).unwrap();
+        let d = decide(
+            &request(AUTO, 10, Some(20)),
+            &catalogue(),
+            |_| true,
+            &config,
+            5,
+        )
+        .unwrap();
         assert_eq!(d.model, "small");
         assert_eq!(d.decided_at_ms, 5);
         assert!(d.reason.starts_with("auto"));
-        let d = decide(&request(AUTO, 200, Some(20)), &catalogue(), &config, 0).unwrap();
+        let d = decide(
+            &request(AUTO, 200, Some(20)),
+            &catalogue(),
+            |_| true,
+            &config,
+            0,
+        )
+        .unwrap();
         assert_eq!(d.model, "large");
         // With no max_tokens, the assumed 512 output tokens rule out the small model.
-        let d = decide(&request(AUTO, 10, None), &catalogue(), &config, 0).unwrap();
+        let d = decide(&request(AUTO, 10, None), &catalogue(), |_| true, &config, 0).unwrap();
         assert_eq!(d.model, "large");
     }
 
     #[test]
     fn refuses_what_cannot_be_served() {
         let config = RouterConfig::default();
-        let r = decide(&request(AUTO, 5000, Some(1)), &catalogue(), &config, 0).unwrap_err();
+        let r = decide(
+            &request(AUTO, 5000, Some(1)),
+            &catalogue(),
+            |_| true,
+            &config,
+            0,
+        )
+        .unwrap_err();
         assert_eq!((r.status, r.code), (400, "context_length_exceeded"));
-        let r = decide(&request("nope", 1, Some(1)), &catalogue(), &config, 0).unwrap_err();
+        let r = decide(
+            &request("nope", 1, Some(1)),
+            &catalogue(),
+            |_| true,
+            &config,
+            0,
+        )
+        .unwrap_err();
         assert_eq!((r.status, r.code), (404, "model_not_found"));
-        let r = decide(&request("small", 90, Some(50)), &catalogue(), &config, 0).unwrap_err();
+        let r = decide(
+            &request("small", 90, Some(50)),
+            &catalogue(),
+            |_| true,
+            &config,
+            0,
+        )
+        .unwrap_err();
         assert_eq!(r.code, "context_length_exceeded");
-        assert!(decide(&request(AUTO, 1, Some(1)), &[], &config, 0).is_err());
+        assert!(decide(&request(AUTO, 1, Some(1)), &[], |_| true, &config, 0).is_err());
     }
 
     #[test]
@@ -281,14 +336,31 @@ mod tests {
         let config = RouterConfig::default();
         let mut only_large = request(AUTO, 10, Some(20));
         only_large.allowed_models = Some(vec!["large".into()]);
-        let d = decide(&only_large, &catalogue(), &config, 0).unwrap();
+        let d = decide(&only_large, &catalogue(), |_| true, &config, 0).unwrap();
         assert_eq!(
             d.model, "large",
             "auto chooses among the allowed models only"
         );
         let mut small_named = request("small", 10, Some(20));
         small_named.allowed_models = Some(vec!["large".into()]);
-        let r = decide(&small_named, &catalogue(), &config, 0).unwrap_err();
+        let r = decide(&small_named, &catalogue(), |_| true, &config, 0).unwrap_err();
+        assert_eq!((r.status, r.code), (404, "model_not_found"));
+    }
+
+    #[test]
+    fn a_model_switched_off_is_neither_chosen_nor_served() {
+        let config = RouterConfig::default();
+        let off = |m: &ModelSpec| m.name != "small";
+        let d = decide(&request(AUTO, 10, Some(20)), &catalogue(), off, &config, 0).unwrap();
+        assert_eq!(d.model, "large", "auto passes over it");
+        let r = decide(
+            &request("small", 10, Some(20)),
+            &catalogue(),
+            off,
+            &config,
+            0,
+        )
+        .unwrap_err();
         assert_eq!((r.status, r.code), (404, "model_not_found"));
     }
 
@@ -297,6 +369,7 @@ mod tests {
         let d = decide(
             &request("large", 1, Some(1)),
             &catalogue(),
+            |_| true,
             &RouterConfig::default(),
             0,
         )

@@ -13,6 +13,12 @@ use crate::{Error, Result};
 /// The channel flag changes are announced on.
 pub const FLAGS_CHANNEL: &str = "sluice_flags";
 
+/// The flag that switches a model off (`model.<name>`, on unless set): the router neither
+/// chooses nor serves it, globally or for one tenant.
+pub fn model_flag(model: &str) -> String {
+    format!("model.{model}")
+}
+
 /// Every flag setting at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlagSettings {

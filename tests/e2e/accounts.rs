@@ -278,13 +278,24 @@ async fn another_tenants_admin_sees_and_touches_nothing_of_the_first() {
     )
     .await;
     let alices_key_id = alices_key["id"].as_str().unwrap();
+    let alices_origin = format!("https://{}.example", unique("alice-"));
+    let response = http()
+        .put(sluice.v1("/tenant/origins"))
+        .bearer_auth(alice.access())
+        .json(&json!({ "origins": [alices_origin] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
 
-    for path in ["/keys", "/members", "/audit"] {
+    for path in ["/keys", "/members", "/audit", "/tenant/origins"] {
         let (status, body) = get_json(&sluice.v1(path), bob.access()).await;
         assert_eq!(status, 200);
         let text = body.to_string();
         assert!(
-            !text.contains(alices_key_id) && !text.contains(&alice.email),
+            !text.contains(alices_key_id)
+                && !text.contains(&alice.email)
+                && !text.contains(&alices_origin),
             "{path}: {text}"
         );
     }

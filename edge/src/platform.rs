@@ -356,11 +356,13 @@ pub async fn set_tenant_plan(
     let plan = form.plan.clone();
     audited(&state, &admin, Some(id), "tenant.plan", |tx| {
         Box::pin(async move {
-            let name: Option<String> = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| ApiError::internal("subscribing a tenant", e))?;
+            let name: Option<String> = sqlx::query_scalar(
+                "SELECT name FROM tenants WHERE id = $1 AND status <> 'deleted'",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| ApiError::internal("subscribing a tenant", e))?;
             let name = name.ok_or_else(|| {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such tenant.")
             })?;

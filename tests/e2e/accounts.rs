@@ -890,6 +890,15 @@ async fn a_platform_admin_manages_plans_and_tenants_over_the_api() {
     )
     .await;
     assert_eq!(status, 404, "no such tenant");
+    sluice.cli(&["tenant", "delete", &name]);
+    let (status, _) = call(
+        Method::PUT,
+        &format!("{tenants}/{tenant_id}/plan"),
+        &token,
+        json!({"plan": other}),
+    )
+    .await;
+    assert_eq!(status, 404, "a deleted tenant takes no plan");
 
     // Nobody else gets in: a tenant admin, a member's key, no credentials.
     let tenant_admin = register(&sluice).await;

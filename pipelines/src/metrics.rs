@@ -301,6 +301,11 @@ pub const ALL: &[&str] = &[
     ORPHAN_REPLIES,
     EDGE_SHED,
     OPEN_STREAMS,
+    WS_CLOSES,
+    WS_RESUMES,
+    LIMIT_REFUSALS,
+    LIMIT_STORE_ERRORS,
+    AUTH_CHANGES,
 ];
 
 #[cfg(test)]

@@ -250,6 +250,11 @@ async fn a_stream_resumes_on_another_edge_after_its_edge_drains() {
         "SLUICE_ORCHESTRATOR__SIM__REPLY_TOKENS".to_owned(),
         "60".to_owned(),
     ));
+    // One stream read back at a time on the edge that resumes.
+    env.push((
+        "SLUICE_EDGE__WEBSOCKET__MAX_RESUMES".to_owned(),
+        "1".to_owned(),
+    ));
     let sluice = Sluice::start_with(&unique("t"), env);
     let tenant = create_tenant(&sluice.prefix);
     let other = create_tenant(&sluice.prefix);
@@ -319,6 +324,13 @@ async fn a_stream_resumes_on_another_edge_after_its_edge_drains() {
     let resumed = ws.frame().await;
     assert_eq!(resumed["type"], "resumed", "{resumed}");
     assert_eq!(resumed["ref"], "again");
+    // While it is read back, the edge has no place for another: a clear 503 to retry.
+    let mut second = Ws::open(&sluice.url, &tenant.key).await;
+    second
+        .send(json!({"type": "resume", "stream": long_id}))
+        .await;
+    let busy = second.frame().await;
+    assert_eq!(busy["error"]["code"], "service_unavailable", "{busy}");
     let mut long = std::mem::take(&mut streams.get_mut(&long_id).unwrap().1);
     while long.done.is_none() {
         long.take(&ws.frame().await);
@@ -420,4 +432,38 @@ async fn a_client_that_stops_reading_is_closed_not_buffered() {
     let mut other = Ws::open(&sluice.url, &tenant.key).await;
     other.chat("after", "still here", 3).await;
     assert_eq!(other.frame().await["type"], "started");
+}
+
+#[tokio::test]
+async fn the_server_pings_and_closes_a_client_that_stops_answering() {
+    let sluice = Sluice::start_with(
+        &unique("t"),
+        vec![(
+            "SLUICE_EDGE__WEBSOCKET__HEARTBEAT_SECS".to_owned(),
+            "1".to_owned(),
+        )],
+    );
+    let tenant = create_tenant(&sluice.prefix);
+    // A client that keeps reading answers the server's pings (tungstenite does it as it
+    // reads): after four heartbeats it is still served.
+    let mut lively = Ws::open(&sluice.url, &tenant.key).await;
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, lively.socket.next()).await {
+        if matches!(frame, Frame::Ping(_)) {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 2, "the server pinged every second: {pings}");
+    lively
+        .send(json!({"type": "ping", "data": "still here"}))
+        .await;
+    assert_eq!(lively.frame().await["data"], "still here");
+    // One that reads nothing, and so answers nothing, is closed as gone.
+    let mut silent = Ws::open(&sluice.url, &tenant.key).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        matches!(silent.event().await, Event::Closed(Some(1001))),
+        "closed with 1001 after two silent heartbeats"
+    );
 }

@@ -32,14 +32,20 @@ pub const CHAT_FLAG: &str = "chat";
 /// An accepted request, on its way through the pipeline.
 pub struct Submitted {
     pub request_id: String,
-    /// When it was received (Unix seconds, and milliseconds).
-    pub created: i64,
+    /// When it was received (Unix milliseconds).
     pub created_ms: i64,
     /// An offset of the replies partition at or before the reply's first chunk.
     pub replies_offset: i64,
     pub subscription: Subscription,
     /// The `x-ratelimit-*` headers of its admission, if any limit applies.
     pub limit_headers: HeaderMap,
+}
+
+impl Submitted {
+    /// When it was received, in Unix seconds (as OpenAI's `created`).
+    pub fn created(&self) -> i64 {
+        self.created_ms / 1000
+    }
 }
 
 /// Validates the model, admits the request against the caller's limits, sends it to
@@ -138,7 +144,6 @@ pub async fn submit(
     );
     Ok(Submitted {
         request_id,
-        created: received_at_ms / 1000,
         created_ms: received_at_ms,
         replies_offset,
         limit_headers: subscription.limit_headers(),
@@ -192,7 +197,7 @@ pub async fn completions(
             .unwrap_or(false);
         let reply = ReplyStream::new(
             &submitted.request_id,
-            submitted.created,
+            submitted.created(),
             submitted.subscription,
             Some(first),
             include_usage,
@@ -216,7 +221,7 @@ pub async fn completions(
                 text.push_str(&chunk.delta);
                 let body = openai::completion_json(
                     &submitted.request_id,
-                    submitted.created,
+                    submitted.created(),
                     &chunk.model,
                     &text,
                     chunk.finish_reason.as_deref().unwrap_or("stop"),

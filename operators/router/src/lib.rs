@@ -187,7 +187,10 @@ impl RecordOperator for Router {
         let models = self.catalog.snapshot();
         let flags = self.flags.get();
         let tenant = Uuid::parse_str(&request.tenant_id).ok();
-        let usable = |m: &ModelSpec| flags.enabled(&flags::model_flag(&m.name), tenant, true);
+        // Names are built only when some model is switched off somewhere.
+        let switches = flags.has_model_switches();
+        let usable =
+            |m: &ModelSpec| !switches || flags.enabled(&flags::model_flag(&m.name), tenant, true);
         match decide(&request, &models, usable, &self.config, now_ms()) {
             Ok(decision) => {
                 // The decision and its reason are on `sluice.routed`; a log line each is for

@@ -16,8 +16,10 @@ pub const FLAGS_CHANNEL: &str = "sluice_flags";
 /// The flag that switches a model off (`model.<name>`, on unless set): the router neither
 /// chooses nor serves it, globally or for one tenant.
 pub fn model_flag(model: &str) -> String {
-    format!("model.{model}")
+    format!("{MODEL_FLAG_PREFIX}{model}")
 }
+
+const MODEL_FLAG_PREFIX: &str = "model.";
 
 /// Every flag setting at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,9 +28,16 @@ pub struct FlagSettings {
     /// Per tenant, its own settings (looked up on every chat request: by borrowed name, with
     /// no allocation).
     tenants: HashMap<Uuid, HashMap<String, bool>>,
+    /// Whether any setting is a `model.<name>` switch (the router looks only then).
+    model_switches: bool,
 }
 
 impl FlagSettings {
+    /// Whether any `model.<name>` switch is set, globally or for a tenant.
+    pub fn has_model_switches(&self) -> bool {
+        self.model_switches
+    }
+
     /// Whether `name` is on for `tenant`: the tenant's own setting, else the global one, else
     /// `default`.
     pub fn enabled(&self, name: &str, tenant: Option<Uuid>, default: bool) -> bool {
@@ -60,6 +69,11 @@ pub async fn load(app: &PgPool) -> Result<FlagSettings> {
             None => settings.global.insert(name, enabled),
         };
     }
+    settings.model_switches = settings
+        .global
+        .keys()
+        .chain(settings.tenants.values().flat_map(HashMap::keys))
+        .any(|name| name.starts_with(MODEL_FLAG_PREFIX));
     Ok(settings)
 }
 

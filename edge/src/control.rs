@@ -389,8 +389,43 @@ pub struct TenantAdmin {
 
 impl TenantAdmin {
     fn actor(&self) -> String {
-        format!("user:{}", self.claims.email)
+        self.claims.actor()
     }
+}
+
+/// The user's session a request carries, for administration: an API key is refused with 403
+/// `key_refusal`. A platform admin's is checked against the user each time (the token may
+/// outlive the role: a disabled or demoted admin stops at once); a tenant admin's is checked
+/// with its tenant by the caller.
+pub(crate) async fn admin_session(
+    state: &EdgeState,
+    parts: &Parts,
+    key_refusal: &str,
+) -> Result<Claims, ApiError> {
+    let token = auth::bearer(parts).ok_or_else(|| {
+        ApiError::unauthorized(
+            "Log in (POST /v1/auth/login) and send the access token as `Bearer`.",
+        )
+    })?;
+    if !sessions::looks_like_jwt(token) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            key_refusal,
+        ));
+    }
+    let claims = state.tokens.verify(token)?;
+    if claims.role()? == Role::PlatformAdmin {
+        let user = users::user_for_login(&state.app_pool, &claims.email)
+            .await
+            .map_err(|e| ApiError::internal("checking a platform admin", e))?;
+        if !user.is_some_and(|u| u.id == claims.sub && u.role == Role::PlatformAdmin) {
+            return Err(ApiError::unauthorized(
+                "This session's user is no longer a platform admin.",
+            ));
+        }
+    }
+    Ok(claims)
 }
 
 impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
@@ -402,17 +437,14 @@ impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
     ) -> Result<Self, Self::Rejection> {
         let forbidden =
             |message: &str| ApiError::new(StatusCode::FORBIDDEN, "permission_denied", message);
-        let token = auth::bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized(
-                "Log in (POST /v1/auth/login) and send the access token as `Bearer`.",
-            )
-        })?;
-        if !sessions::looks_like_jwt(token) {
-            return Err(forbidden(
+        let claims = Arc::new(
+            admin_session(
+                state,
+                parts,
                 "API keys cannot administer a tenant; use a tenant admin's session.",
-            ));
-        }
-        let claims = Arc::new(state.tokens.verify(token)?);
+            )
+            .await?,
+        );
         let tenant = match claims.role()? {
             Role::TenantAdmin => claims
                 .tid

@@ -20,16 +20,15 @@ use sluice_stores::postgres::{
     plans::{self, Limits, LimitsChange, Plan},
     tenant_transaction,
     tenants::{self, TenantSummary},
-    users::{self, Role},
+    users::Role,
 };
 use sqlx::types::Uuid;
 use utoipa::ToSchema;
 
 use crate::{
-    auth,
-    control::{list, parse, peer, store_error, List},
+    control::{admin_session, list, parse, peer, store_error, List},
     error::ApiError,
-    sessions::{self, Claims},
+    sessions::Claims,
     EdgeState,
 };
 
@@ -41,7 +40,7 @@ pub struct PlatformAdmin {
 
 impl PlatformAdmin {
     fn actor(&self) -> String {
-        format!("user:{}", self.claims.email)
+        self.claims.actor()
     }
 }
 
@@ -52,32 +51,13 @@ impl FromRequestParts<Arc<EdgeState>> for PlatformAdmin {
         parts: &mut Parts,
         state: &Arc<EdgeState>,
     ) -> Result<Self, Self::Rejection> {
-        let forbidden = || {
-            ApiError::new(
+        const ONLY: &str = "Only a platform admin may do this.";
+        let claims = admin_session(state, parts, ONLY).await?;
+        if claims.role()? != Role::PlatformAdmin {
+            return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "permission_denied",
-                "Only a platform admin may do this.",
-            )
-        };
-        let token = auth::bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized(
-                "Log in (POST /v1/auth/login) and send the access token as `Bearer`.",
-            )
-        })?;
-        if !sessions::looks_like_jwt(token) {
-            return Err(forbidden());
-        }
-        let claims = state.tokens.verify(token)?;
-        if claims.role()? != Role::PlatformAdmin {
-            return Err(forbidden());
-        }
-        // The token may outlive the role: a disabled or demoted admin stops here at once.
-        let user = users::user_for_login(&state.app_pool, &claims.email)
-            .await
-            .map_err(|e| ApiError::internal("checking a platform admin", e))?;
-        if !user.is_some_and(|u| u.id == claims.sub && u.role == Role::PlatformAdmin) {
-            return Err(ApiError::unauthorized(
-                "This session's user is no longer a platform admin.",
+                ONLY,
             ));
         }
         Ok(Self {

@@ -37,6 +37,11 @@ impl Claims {
         Role::parse(&self.role)
             .map_err(|_| ApiError::unauthorized("The access token names an unknown role."))
     }
+
+    /// Who acts, as the audit log names a user: `user:<email>`.
+    pub fn actor(&self) -> String {
+        format!("user:{}", self.email)
+    }
 }
 
 const ISSUER: &str = "sluice";

@@ -940,6 +940,18 @@ async fn a_platform_admin_manages_plans_and_tenants_over_the_api() {
         .await
         .unwrap();
     assert_eq!(get_json(&plans, &token).await.0, 401);
+    let response = http()
+        .get(sluice.v1("/keys"))
+        .bearer_auth(&token)
+        .header("x-sluice-tenant", tenant_admin.tenant())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        401,
+        "nor does it administer a tenant by naming it"
+    );
 }
 
 #[tokio::test]

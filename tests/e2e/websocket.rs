@@ -467,3 +467,59 @@ async fn the_server_pings_and_closes_a_client_that_stops_answering() {
         "closed with 1001 after two silent heartbeats"
     );
 }
+
+#[tokio::test]
+async fn socket_chats_share_the_edges_places_and_a_revoked_key_closes_its_socket() {
+    // One chat in flight per edge, and replies that stream for two seconds.
+    let mut env = sim_speed(20.0);
+    env.push((
+        "SLUICE_ORCHESTRATOR__SIM__REPLY_TOKENS".to_owned(),
+        "40".to_owned(),
+    ));
+    env.push(("SLUICE_EDGE__MAX_IN_FLIGHT".to_owned(), "1".to_owned()));
+    let sluice = Sluice::start_with(&unique("t"), env);
+    let tenant = create_tenant(&sluice.prefix);
+    let mut ws = Ws::open(&sluice.url, &tenant.key).await;
+    ws.chat("first", "a long one", 40).await;
+    assert_eq!(ws.frame().await["type"], "started");
+    ws.chat("second", "and another", 40).await;
+    let shed = loop {
+        let frame = ws.frame().await;
+        if frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(shed["ref"], "second");
+    assert_eq!(shed["error"]["code"], "service_unavailable", "{shed}");
+
+    // The key is revoked while the socket is open: its next request ends the socket.
+    sluice.cli(&["key", "revoke", &tenant.key]);
+    let mut refused = None;
+    for _ in 0..50 {
+        ws.chat("after", "am I still welcome", 2).await;
+        let frame = loop {
+            let frame = match ws.event().await {
+                Event::Frame(frame) => frame,
+                Event::Closed(code) => panic!("closed before the error frame: {code:?}"),
+            };
+            if frame["ref"] == "after" || frame["type"] == "started" {
+                break frame;
+            }
+        };
+        if frame["type"] == "error" && frame["error"]["type"] == "authentication_error" {
+            refused = Some(frame);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused.is_some(),
+        "the revoked key was refused on the open socket"
+    );
+    let code = loop {
+        if let Event::Closed(code) = ws.event().await {
+            break code;
+        }
+    };
+    assert_eq!(code, Some(4401));
+}

@@ -68,6 +68,10 @@ pub const OPEN_STREAMS: &str = "sluice_edge_open_streams";
 pub const LIMIT_REFUSALS: &str = "sluice_edge_limit_refusals_total";
 /// Times the limits' counters (Redis) could not be reached, total.
 pub const LIMIT_STORE_ERRORS: &str = "sluice_edge_limit_store_errors_total";
+/// Calls to the limits' counters (Redis), by `purpose`: `admit` (a request no share could
+/// cover), `settle` (a batch of settlements), `sync` (shares topped up, handed back or
+/// renewed), `renew` (a long request's own concurrency place), `login`.
+pub const LIMIT_STORE_CALLS: &str = "sluice_edge_limit_store_calls_total";
 /// WebSocket sessions closed, by `reason` (normal, heartbeat, slow_reader, unauthorized, drain).
 pub const WS_CLOSES: &str = "sluice_edge_ws_closes_total";
 /// WebSocket streams resumed, by `outcome` (complete, refused, stream_not_found, timeout, failed).
@@ -107,6 +111,7 @@ pub struct Metrics {
     pub ws_resumes: IntCounterVec,
     pub limit_refusals: IntCounterVec,
     pub limit_store_errors: IntCounter,
+    pub limit_store_calls: IntCounterVec,
     pub auth_changes: IntCounter,
 }
 
@@ -244,6 +249,11 @@ impl Metrics {
                 "Chat requests refused for a limit, by kind.",
                 &["kind"],
             )?,
+            limit_store_calls: counter(
+                LIMIT_STORE_CALLS,
+                "Calls to the limits' counters, by purpose.",
+                &["purpose"],
+            )?,
             limit_store_errors: {
                 let c = IntCounter::new(
                     LIMIT_STORE_ERRORS,
@@ -305,6 +315,7 @@ pub const ALL: &[&str] = &[
     WS_RESUMES,
     LIMIT_REFUSALS,
     LIMIT_STORE_ERRORS,
+    LIMIT_STORE_CALLS,
     AUTH_CHANGES,
 ];
 

@@ -14,8 +14,19 @@
 //! ([`Limiter::settle`]), so concurrent requests cannot spend what others have reserved: a
 //! budget is overrun only by what the requests in flight use beyond their estimates.
 //!
+//! **Shares.** A counter whose limit is large next to one request can instead be drawn on
+//! through an edge's *share* ([`Ask::Share`]): the same script grants the edge a few more units
+//! than the request needs, which the edge then hands out to its next requests without asking
+//! Redis. What a share holds is taken from the counter like any request's demand, so every
+//! limit still holds across edges; it only means one edge may hold room another wants, for as
+//! long as the edge keeps it (it hands it back when idle). Concurrency places and budget tokens
+//! held in shares are recorded per edge beside the counter and lapse unless renewed
+//! ([`SHARE_LAPSE`]): a dead edge's places come free, and its budget requests in flight stay
+//! counted as spent. Per-minute units in a dead edge's share are simply gone for the minute.
+//!
 //! Every counter of a request carries its tenant as the Redis hash tag, so one script's keys
-//! are in one slot of a Redis cluster.
+//! are in one slot of a Redis cluster (a counter's shares are kept under keys derived from its
+//! own, in the same slot).
 
 use std::time::Duration;
 
@@ -74,6 +85,15 @@ impl Kind {
         }
     }
 
+    /// What a demand of `tokens` costs this counter.
+    pub fn cost(self, tokens: u64) -> u64 {
+        if self.counts_tokens() {
+            tokens
+        } else {
+            1
+        }
+    }
+
     /// Whether it counts tokens (and so is settled to the real count).
     pub fn counts_tokens(self) -> bool {
         matches!(self, Kind::TokensPerMinute | Kind::MonthlyTokens)
@@ -99,7 +119,7 @@ pub fn address_scope(address: &str) -> Uuid {
 }
 
 /// One limit on one holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Counter {
     pub holder: Holder,
     pub kind: Kind,
@@ -144,6 +164,33 @@ impl Month {
     }
 }
 
+/// How long an edge's share lasts unless renewed: a dead edge's share comes free after it.
+pub const SHARE_LAPSE: Duration = Duration::from_secs(15);
+
+/// How a counter is asked for a demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ask {
+    /// For this request alone: its own concurrency place, its tokens straight into the month's
+    /// counter.
+    #[default]
+    Alone,
+    /// Through the asking edge's share (see the module doc).
+    Share {
+        /// Units to grant the share beyond the demand's cost, as many as there is room for.
+        want: u64,
+        /// What the share holds before this demand, as the edge counts it (concurrency places,
+        /// budget tokens; per-minute counters keep no record of shares). The counter records
+        /// the share as this plus the cost plus what is granted.
+        held: u64,
+        /// Budget tokens the edge's requests in flight have reserved, before this demand.
+        in_flight: u64,
+        /// Units handed over first: per-minute, the share's unused units going back to the
+        /// bucket (negative: units the edge used beyond its share, taken now); budget, tokens
+        /// the edge's settled requests used, added to the month's counter.
+        hand_over: i64,
+    },
+}
+
 /// One request's demand on its counters.
 #[derive(Debug, Clone)]
 pub struct Demand<'a> {
@@ -151,6 +198,11 @@ pub struct Demand<'a> {
     /// Ends the request's concurrency lease early ([`Limiter::settle`]).
     pub request_id: &'a str,
     pub counters: &'a [Counter],
+    /// How each counter is asked, in the order of `counters` (missing: [`Ask::Alone`]).
+    pub asks: &'a [Ask],
+    /// No request at all, only shares being topped up, handed back or renewed: nothing costs
+    /// anything and nothing is refused.
+    pub shares_only: bool,
     /// Tokens reserved: the prompt plus the most the reply may use.
     pub tokens: u64,
     /// Longest a concurrency lease lasts if it is never released.
@@ -176,6 +228,8 @@ pub struct Standing {
     pub remaining: u64,
     /// Milliseconds until the counter is full again (for a monthly budget: the month's end).
     pub reset_ms: u64,
+    /// Units granted to the edge's share beyond the demand ([`Ask::Share`]).
+    pub granted: u64,
 }
 
 /// The answer to a [`Demand`].
@@ -183,7 +237,7 @@ pub struct Standing {
 pub enum Verdict {
     /// Every counter had room; each has given its share.
     Admitted(Vec<Standing>),
-    /// `counter` had no room; nothing was taken. `retry_after_ms` is when it will have room
+    /// `counter` had no room; nothing was taken (nor handed over). `retry_after_ms` is when it will have room
     /// for this demand if nothing else takes it (`None`: never, the demand is larger than the
     /// limit itself).
     Refused {
@@ -195,57 +249,126 @@ pub enum Verdict {
     Unseeded(Counter),
 }
 
-/// Checks every counter and, only if all have room, takes the demand from each.
-/// KEYS[i]: counter i. ARGV: request id, lease ms, month end ms, then per counter its kind,
-/// limit and cost. Answers {1, remaining, reset, ...} or {0, i, retry ms (-1: never)} or {2, i}.
+/// Checks every counter and, only if all have room, takes the demand from each; for a counter
+/// asked through an edge's share, also grants up to `want` units more to the share.
+/// KEYS[i]: counter i. ARGV: request id, lease ms, month end ms, the edge's share holder, share
+/// lapse ms, then per counter its kind, limit, cost, want, share (-1: this request alone),
+/// tokens in flight and units handed over. Answers {1, remaining, reset, granted, ...} or
+/// {0, i, retry ms (-1: never)} or {2, i}.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id, lease, month_end = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {1}
-local levels = {}
+local holder, ttl = ARGV[4], tonumber(ARGV[5])
+-- Edges' shares of a counter live beside it, in its hash slot: KEY:shares (edge -> units),
+-- KEY:in-flight (edge -> tokens of its requests in flight, budgets), KEY:share-ends (edge by
+-- when its share lapses). A lapsed share is dropped; a budget keeps its requests in flight as
+-- spent. Answers the units the other edges hold.
+local function others(key, spent)
+  local ends = key .. ':share-ends'
+  local lapsed = redis.call('ZRANGEBYSCORE', ends, '-inf', now)
+  for _, edge in ipairs(lapsed) do
+    if spent then
+      local tokens = redis.call('HGET', key .. ':in-flight', edge)
+      if tokens and redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, tokens) end
+      redis.call('HDEL', key .. ':in-flight', edge)
+    end
+    redis.call('HDEL', key .. ':shares', edge)
+  end
+  if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', ends, '-inf', now) end
+  local total = 0
+  local all = redis.call('HGETALL', key .. ':shares')
+  for j = 1, #all, 2 do
+    if all[j] ~= holder then total = total + tonumber(all[j + 1]) end
+  end
+  return total
+end
+local function set_share(key, units, tokens)
+  if units > 0 then
+    redis.call('HSET', key .. ':shares', holder, units)
+    redis.call('ZADD', key .. ':share-ends', now + ttl, holder)
+    redis.call('PEXPIRE', key .. ':shares', 2 * ttl)
+    redis.call('PEXPIRE', key .. ':share-ends', 2 * ttl)
+    if tokens then
+      redis.call('HSET', key .. ':in-flight', holder, tokens)
+      redis.call('PEXPIRE', key .. ':in-flight', 2 * ttl)
+    end
+  else
+    redis.call('HDEL', key .. ':shares', holder)
+    redis.call('HDEL', key .. ':in-flight', holder)
+    redis.call('ZREM', key .. ':share-ends', holder)
+  end
+end
+local N = 7
+local out, after = {1}, {}
 for i = 1, #KEYS do
-  local kind, limit, cost = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
-  local remaining, reset
+  local a = 5 + N * (i - 1)
+  local kind, limit, cost, want = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local share, give = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
+  local room, reset
+  if cost > limit then return {0, i, -1} end
   if kind == 'rate' then
     local state = redis.call('HMGET', KEYS[i], 'level', 'at')
     local level = limit
     if state[1] then
       level = math.min(limit, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * limit / 60000)
     end
-    if cost > limit then return {0, i, -1} end
-    if level < cost then return {0, i, math.ceil((cost - level) * 60000 / limit)} end
-    levels[i] = level - cost
-    remaining = level - cost
-    reset = math.ceil((limit - remaining) * 60000 / limit)
+    level = math.min(limit, level + give)
+    if cost > 0 and level < cost then return {0, i, math.ceil((cost - level) * 60000 / limit)} end
+    room = level - cost
   elseif kind == 'concurrent' then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    local open = redis.call('ZCARD', KEYS[i])
-    if open >= limit then return {0, i, 1000} end
-    remaining = limit - open - 1
-    reset = 0
+    local open = redis.call('ZCARD', KEYS[i]) + others(KEYS[i], false) + math.max(share, 0)
+    if cost > 0 and open + cost > limit then return {0, i, 1000} end
+    room = limit - open - cost
   else
+    local held = others(KEYS[i], true)
     local used = redis.call('GET', KEYS[i])
     if not used then return {2, i} end
-    used = tonumber(used)
-    if cost > limit then return {0, i, -1} end
-    if used + cost > limit then return {0, i, math.max(1, month_end - now)} end
-    remaining = limit - used - cost
+    used = tonumber(used) + math.max(give, 0)
+    if cost > 0 and used + held + math.max(share, 0) + cost > limit then
+      -- Room held in other edges' shares comes back within moments; spent room at month's end.
+      if used + cost <= limit then return {0, i, 1000} end
+      return {0, i, math.max(1, month_end - now)}
+    end
+    room = limit - used - held - math.max(share, 0) - cost
+  end
+  local granted = 0
+  if share >= 0 and room > 0 then granted = math.min(tonumber(ARGV[a + 4]), math.floor(room)) end
+  after[i] = room - granted
+  if kind == 'rate' then
+    reset = math.ceil((limit - math.max(0, after[i])) * 60000 / limit)
+  elseif kind == 'concurrent' then
+    reset = 0
+  else
     reset = math.max(0, month_end - now)
   end
-  out[#out + 1] = math.floor(remaining)
+  out[#out + 1] = math.max(0, math.floor(after[i]))
   out[#out + 1] = reset
+  out[#out + 1] = granted
 end
 for i = 1, #KEYS do
-  local kind, limit, cost = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  local a = 5 + N * (i - 1)
+  local kind, limit, cost = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local share, in_flight, give = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local granted = out[3 * i + 1]
   if kind == 'rate' then
-    redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'at', now)
-    redis.call('PEXPIRE', KEYS[i], 61000)
+    redis.call('HSET', KEYS[i], 'level', tostring(after[i]), 'at', now)
+    redis.call('PEXPIRE', KEYS[i], 61000 + math.max(0, math.ceil(-after[i] * 60000 / limit)))
   elseif kind == 'concurrent' then
-    redis.call('ZADD', KEYS[i], now + lease, id)
-    redis.call('PEXPIRE', KEYS[i], lease + 1000)
+    if share >= 0 then
+      set_share(KEYS[i], share + cost + granted, nil)
+    elseif cost > 0 then
+      redis.call('ZADD', KEYS[i], now + lease, id)
+      redis.call('PEXPIRE', KEYS[i], lease + 1000)
+    end
   else
-    redis.call('INCRBY', KEYS[i], cost)
+    if give > 0 then redis.call('INCRBY', KEYS[i], give) end
+    if share >= 0 then
+      set_share(KEYS[i], share + cost + granted, in_flight + cost)
+    elseif cost > 0 then
+      redis.call('INCRBY', KEYS[i], cost)
+    end
   end
 end
 return out
@@ -305,6 +428,9 @@ return 1
 pub struct Limiter {
     connection: ConnectionManager,
     prefix: String,
+    /// Names this process's shares in Redis.
+    share_holder: String,
+    share_lapse: Duration,
     admit: Script,
     settle: Script,
     renew: Script,
@@ -324,11 +450,28 @@ impl Limiter {
         )?;
         Ok(Self {
             connection,
+            share_lapse: SHARE_LAPSE,
             prefix: config.key_prefix.clone(),
+            share_holder: Uuid::new_v4().simple().to_string(),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
         })
+    }
+
+    /// The same counters, as another process would see them (its own shares), whose shares
+    /// lapse after `lapse` unless renewed.
+    pub fn another_holder(&self, lapse: Duration) -> Self {
+        Self {
+            share_holder: Uuid::new_v4().simple().to_string(),
+            share_lapse: lapse,
+            ..self.clone()
+        }
+    }
+
+    /// How long this process's shares last unless renewed.
+    pub fn share_lapse(&self) -> Duration {
+        self.share_lapse
     }
 
     /// The Redis key of `counter` for `tenant` (in `month`, for a budget).
@@ -350,23 +493,46 @@ impl Limiter {
         }
     }
 
-    /// Admits `demand` if every counter has room for it, taking its share from each.
+    /// Admits `demand` if every counter has room for it, taking its share from each (and
+    /// granting shares what there is room for).
     pub async fn admit(&self, demand: &Demand<'_>) -> Result<Verdict> {
         let mut invocation = self.admit.prepare_invoke();
         invocation
             .arg(demand.request_id)
             .arg(u64::try_from(demand.lease.as_millis()).unwrap_or(u64::MAX))
-            .arg(demand.month.end_ms);
-        for counter in demand.counters {
-            let cost = match counter.kind {
-                Kind::RequestsPerMinute | Kind::Concurrent => 1,
-                Kind::TokensPerMinute | Kind::MonthlyTokens => demand.tokens,
+            .arg(demand.month.end_ms)
+            .arg(&self.share_holder)
+            .arg(u64::try_from(self.share_lapse.as_millis()).unwrap_or(u64::MAX));
+        for (i, counter) in demand.counters.iter().enumerate() {
+            let cost = if demand.shares_only {
+                0
+            } else {
+                counter.kind.cost(demand.tokens)
             };
+            let (want, held, in_flight, hand_over) =
+                match demand.asks.get(i).copied().unwrap_or_default() {
+                    Ask::Alone => (0, -1, 0, 0),
+                    Ask::Share {
+                        want,
+                        held,
+                        in_flight,
+                        hand_over,
+                    } => (
+                        want,
+                        i64::try_from(held).unwrap_or(i64::MAX),
+                        in_flight,
+                        hand_over,
+                    ),
+                };
             invocation
                 .key(self.key(demand.tenant, counter, demand.month))
                 .arg(counter.kind.script_kind())
                 .arg(counter.limit)
-                .arg(cost);
+                .arg(cost)
+                .arg(want)
+                .arg(held)
+                .arg(in_flight)
+                .arg(hand_over);
         }
         let mut connection = self.connection.clone();
         let answer: Vec<i64> = invocation.invoke_async(&mut connection).await?;
@@ -376,16 +542,18 @@ impl Limiter {
                 .copied()
                 .ok_or_else(|| Error::Corrupt(format!("limit script answered {answer:?}")))
         };
+        let unsigned = |v: Option<&i64>| v.map_or(0, |v| u64::try_from(*v).unwrap_or(0));
         match answer.first() {
             Some(1) => Ok(Verdict::Admitted(
                 demand
                     .counters
                     .iter()
-                    .zip(answer[1..].chunks(2))
-                    .map(|(counter, pair)| Standing {
+                    .zip(answer[1..].chunks(3))
+                    .map(|(counter, triple)| Standing {
                         counter: *counter,
-                        remaining: pair.first().map_or(0, |r| u64::try_from(*r).unwrap_or(0)),
-                        reset_ms: pair.get(1).map_or(0, |r| u64::try_from(*r).unwrap_or(0)),
+                        remaining: unsigned(triple.first()),
+                        reset_ms: unsigned(triple.get(1)),
+                        granted: unsigned(triple.get(2)),
                     })
                     .collect(),
             )),
@@ -533,6 +701,8 @@ mod tests {
             tenant,
             request_id: id,
             counters,
+            asks: &[],
+            shares_only: false,
             tokens,
             lease: Duration::from_secs(60),
             month,
@@ -636,6 +806,8 @@ mod tests {
             tenant,
             request_id: id,
             counters: &one_place,
+            asks: &[],
+            shares_only: false,
             tokens: 1,
             lease: Duration::from_millis(2000),
             month: &month,
@@ -719,5 +891,102 @@ mod tests {
         );
         assert_eq!(standing[1].remaining, 1, "both places were freed");
         limiter.settle_many(tenant, &[]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shares_count_against_every_edge_and_a_dead_edges_share_lapses() {
+        let edge_a = local_limiter();
+        let edge_b = edge_a.another_holder(SHARE_LAPSE);
+        let dying = edge_a.another_holder(Duration::from_millis(400));
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let counter = |kind, limit| Counter {
+            holder: Holder::Tenant,
+            kind,
+            limit,
+        };
+        let places = [counter(Kind::Concurrent, 64)];
+        let share = |want, held| Ask::Share {
+            want,
+            held,
+            in_flight: 0,
+            hand_over: 0,
+        };
+        // Edge A takes a place for a request and ten more for its share: 11 of 64.
+        let asks = [share(10, 0)];
+        let mut first = demand(tenant, "a", &places, 1, &month);
+        first.asks = &asks;
+        let Ok(Verdict::Admitted(standing)) = edge_a.admit(&first).await else {
+            panic!("room for a share");
+        };
+        assert_eq!((standing[0].granted, standing[0].remaining), (10, 53));
+        // Edge B's requests, each alone, find 53 places.
+        for i in 0..53 {
+            let id = format!("b{i}");
+            assert!(matches!(
+                edge_b.admit(&demand(tenant, &id, &places, 1, &month)).await,
+                Ok(Verdict::Admitted(_))
+            ));
+        }
+        assert!(matches!(
+            edge_b.admit(&demand(tenant, "full", &places, 1, &month)).await,
+            Ok(Verdict::Refused { .. })
+        ));
+        // A keeps only its request's place and hands the ten back: B finds them.
+        let back = [share(0, 1)];
+        let mut hand_back = demand(tenant, "", &places, 0, &month);
+        hand_back.asks = &back;
+        hand_back.shares_only = true;
+        assert!(matches!(
+            edge_a.admit(&hand_back).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        assert!(matches!(
+            edge_b.admit(&demand(tenant, "again", &places, 1, &month)).await,
+            Ok(Verdict::Admitted(_))
+        ));
+
+        // A budget share of an edge that dies: its free tokens come back when it lapses, and
+        // its requests in flight stay spent.
+        let budget = [counter(Kind::MonthlyTokens, 1000)];
+        edge_a.seed_month(tenant, &month, 0).await.unwrap();
+        let asks = [share(100, 0)];
+        let mut dying_demand = demand(tenant, "d", &budget, 50, &month);
+        dying_demand.asks = &asks;
+        assert!(matches!(
+            dying.admit(&dying_demand).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        assert!(
+            matches!(
+                edge_b.admit(&demand(tenant, "x", &budget, 900, &month)).await,
+                Ok(Verdict::Refused { retry_after_ms: Some(1000), .. })
+            ),
+            "150 tokens held in the share: room soon, not at the month's end"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(matches!(
+            edge_b.admit(&demand(tenant, "y", &budget, 900, &month)).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        assert!(
+            matches!(
+                edge_b.admit(&demand(tenant, "z", &budget, 60, &month)).await,
+                Ok(Verdict::Refused { .. })
+            ),
+            "the dead edge's 50 tokens in flight still count"
+        );
+
+        // Per-minute units granted to a share leave the bucket.
+        let rate = [counter(Kind::RequestsPerMinute, 100)];
+        let asks = [share(10, 0)];
+        let mut shared = demand(tenant, "r", &rate, 1, &month);
+        shared.asks = &asks;
+        assert!(matches!(edge_a.admit(&shared).await, Ok(Verdict::Admitted(_))));
+        let Ok(Verdict::Admitted(standing)) = edge_b.admit(&demand(tenant, "s", &rate, 1, &month)).await
+        else {
+            panic!("room left");
+        };
+        assert!((88..=89).contains(&standing[0].remaining), "{standing:?}");
     }
 }

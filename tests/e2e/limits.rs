@@ -135,6 +135,108 @@ async fn a_limit_of_n_a_minute_admits_n_across_two_edges_and_retry_after_is_hone
     assert_eq!(status, 200, "a retry after Retry-After is admitted: {body}");
 }
 
+/// Calls an edge has made to the limits' counters (Redis), for every purpose.
+async fn redis_calls(base: &str) -> f64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("sluice_edge_limit_store_calls_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn large_limits_are_drawn_on_through_shares_with_few_redis_calls() {
+    let edges = TwoEdges::start().await;
+    let tenant = edges.tenant_on_plan(&[
+        "--requests-per-minute",
+        "100000",
+        "--tokens-per-minute",
+        "10000000",
+        "--monthly-tokens",
+        "100000000",
+        "--max-concurrent",
+        "1000",
+    ]);
+    let before = redis_calls(&edges.urls[0]).await + redis_calls(&edges.urls[1]).await;
+    // 40 clients, each sending 10 requests one after another, half of them to each edge.
+    let (clients, each) = (40, 10);
+    let mut calls = Vec::new();
+    for client in 0..clients {
+        let (base, key) = (edges.urls[client % 2].clone(), tenant.key.clone());
+        calls.push(tokio::spawn(async move {
+            for i in 0..each {
+                let (status, headers, body) =
+                    post_chat(&base, &key, &short(4, &format!("share {client} {i}"))).await;
+                assert_eq!(status, 200, "{body}");
+                let remaining: u64 = header(&headers, "x-ratelimit-remaining-requests")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    (99_000..=100_000).contains(&remaining),
+                    "the bucket refills faster than 400 requests drain it: {remaining}"
+                );
+            }
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let requests = (clients * each) as f64;
+    let calls = redis_calls(&edges.urls[0]).await + redis_calls(&edges.urls[1]).await - before;
+    eprintln!("{calls} Redis calls for {requests} requests");
+    assert!(
+        calls * 4.0 <= requests,
+        "{calls} Redis calls for {requests} requests"
+    );
+    // The budget's share hands the tokens used over: the month's counter is what is billed.
+    let billed = billed_tokens(&edges.urls[0], &tenant.key, (clients * each) as u64).await;
+    eventually(5, "the shares to hand their tokens over", || async {
+        (month_counter(&tenant.id) == Some(billed)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_limit_drawn_on_through_shares_still_holds_in_total_across_two_edges() {
+    let edges = TwoEdges::start().await;
+    // 160 a minute: a sixteenth is ten requests, so each edge holds a share of up to ten.
+    let tenant = edges.tenant_on_plan(&["--requests-per-minute", "160"]);
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let (base, key) = (edges.urls[i % 2].clone(), tenant.key.clone());
+        calls.push(tokio::spawn(async move {
+            post_chat(&base, &key, &short(2, &format!("shared {i}"))).await.0
+        }));
+    }
+    let mut admitted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // The bucket refills 160 a minute while the burst runs.
+    let refilled = (started.elapsed().as_secs_f64() * 160.0 / 60.0).ceil() as u64;
+    assert!(
+        admitted <= 160 + refilled,
+        "{admitted} admitted of a 160 limit (+{refilled} refilled)"
+    );
+    assert!(
+        admitted >= 160 - 2 * 10,
+        "no more than a share per edge may sit unused: {admitted}"
+    );
+}
+
 #[tokio::test]
 async fn a_burst_against_a_small_token_budget_overshoots_it_by_nothing() {
     let edges = TwoEdges::start().await;

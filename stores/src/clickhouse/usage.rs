@@ -108,6 +108,37 @@ pub async fn usage_by_model(
         .await?)
 }
 
+/// The tokens (input and output) a tenant's usage facts hold between `from_s` and `to_s`,
+/// leaving out the requests named in `excluding` (counted elsewhere already).
+pub async fn tokens_used(
+    clickhouse: &ClickHouse,
+    tenant_id: &str,
+    from_s: u32,
+    to_s: u32,
+    excluding: &[String],
+) -> Result<u64> {
+    // An empty array literal has no element type on older servers: no filter instead.
+    let filter = if excluding.is_empty() {
+        ""
+    } else {
+        " AND NOT has(?, request_id)"
+    };
+    let mut query = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT toUInt64(sum(input_tokens) + sum(output_tokens)) \
+               FROM usage_events FINAL \
+              WHERE tenant_id = ? AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?){filter}"
+        ))
+        .bind(tenant_id)
+        .bind(from_s)
+        .bind(to_s);
+    if !excluding.is_empty() {
+        query = query.bind(excluding);
+    }
+    Ok(query.fetch_one::<u64>().await?)
+}
+
 /// Every usage fact of a tenant, oldest first, as they are read (for the tenant's data export).
 pub fn tenant_events(
     clickhouse: &ClickHouse,

@@ -13,6 +13,11 @@
 //!   for this request, if nothing else takes it) and the `x-ratelimit-*` headers, which every
 //!   admitted response carries too.
 //! - A key whose plan and own settings limit nothing never touches the counters.
+//! - A counter whose limit is large next to one request is drawn on through this edge's share
+//!   of it ([`shares`]): most requests are then admitted and settled in memory, and Redis
+//!   sees a call now and then per tenant rather than one per request.
+
+mod shares;
 
 use std::{
     collections::HashMap,
@@ -24,13 +29,14 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use sluice_stores::{
     clickhouse::usage,
-    limits::{Counter, Demand, Holder, Kind, Limiter, Month, Settle, Standing, Verdict},
+    limits::{Ask, Counter, Demand, Holder, Kind, Limiter, Month, Settle, Standing, Verdict},
     postgres::keys::KeyGrant,
     ClickHouse,
 };
 use sqlx::types::Uuid;
 
 use crate::error::ApiError;
+use shares::{Return, Route, Shares};
 
 /// What the edge does about limits.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,18 +72,27 @@ pub enum WhenStoreDown {
 
 /// The edge's side of the limits.
 pub struct EdgeLimits {
-    limiter: Limiter,
-    clickhouse: ClickHouse,
+    store: Arc<Store>,
     config: LimitsConfig,
-    /// How long a concurrency place is held if its request is never settled (its edge died).
-    lease: Duration,
     refusals: prometheus::IntCounterVec,
-    store_errors: prometheus::IntCounter,
-    /// Settlements waiting to be sent, by tenant.
-    pending: Arc<PendingSettles>,
 }
 
-/// A request's settlement, waiting for [`flush_settles`].
+/// The counters as this edge uses them: Redis, this edge's shares of it, the settlements
+/// waiting to be sent, and ClickHouse to seed a month's budget from.
+struct Store {
+    limiter: Limiter,
+    clickhouse: ClickHouse,
+    /// How long a concurrency place is held if its request is never settled (its edge died).
+    lease: Duration,
+    store_errors: prometheus::IntCounter,
+    /// Calls to Redis, by purpose.
+    calls: prometheus::IntCounterVec,
+    /// Settlements waiting to be sent, by tenant.
+    pending: PendingSettles,
+    shares: Shares,
+}
+
+/// A request's settlement, waiting for [`Store::keep`].
 struct PendingSettle {
     request_id: String,
     counters: Vec<Counter>,
@@ -85,7 +100,7 @@ struct PendingSettle {
     tokens_beyond: i64,
 }
 
-/// Settlements waiting to be sent. Replies end independently, so settling each on its own
+/// Settlements waiting to be sent (of counters counted alone). Replies end independently, so settling each on its own
 /// would cost a Redis call (and a task) per request; instead one task sends what has gathered,
 /// each tenant's in one call, as soon as it is free: no wait when traffic is light, batches
 /// when it is heavy. Bounded by the requests in flight (each settles once).
@@ -116,20 +131,19 @@ impl PendingSettles {
     }
 
     /// Sends everything waiting: each tenant's in calls of [`SETTLE_BATCH`], tenants at once.
-    async fn send(&self, limiter: &Limiter, store_errors: &prometheus::IntCounter) {
+    async fn send(&self, store: &Store) {
         let _sending = self.sending.lock().await;
         let waiting = self.take();
         let calls = waiting.iter().flat_map(|(tenant, settles)| {
             settles
                 .chunks(SETTLE_BATCH)
-                .map(move |batch| Self::send_batch(limiter, store_errors, *tenant, batch))
+                .map(move |batch| Self::send_batch(store, *tenant, batch))
         });
         futures::future::join_all(calls).await;
     }
 
     async fn send_batch(
-        limiter: &Limiter,
-        store_errors: &prometheus::IntCounter,
+        store: &Store,
         tenant: Uuid,
         batch: &[PendingSettle],
     ) {
@@ -142,22 +156,92 @@ impl PendingSettles {
                 tokens_beyond: p.tokens_beyond,
             })
             .collect();
-        if let Err(error) = limiter.settle_many(tenant, &settles).await {
-            store_errors.inc();
+        store.calls.with_label_values(&["settle"]).inc();
+        if let Err(error) = store.limiter.settle_many(tenant, &settles).await {
+            store.store_errors.inc();
             tracing::warn!(%error, %tenant, requests = settles.len(), "settling requests' limits failed; their reservations stay spent and their concurrency places free when their leases end");
         }
     }
 }
 
-/// Sends settlements as they gather, for as long as the process runs.
-async fn flush_settles(
-    pending: Arc<PendingSettles>,
-    limiter: Limiter,
-    store_errors: prometheus::IntCounter,
-) {
-    loop {
-        pending.wake.notified().await;
-        pending.send(&limiter, &store_errors).await;
+impl Store {
+    /// Sends settlements as they gather and looks after this edge's shares, for as long as
+    /// the process runs.
+    async fn keep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(shares::SYNC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.pending.wake.notified() => {}
+                () = self.shares.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+            tokio::join!(
+                self.pending.send(&self),
+                self.sync_shares(false)
+            );
+        }
+    }
+
+    /// Tops up, hands back and renews the shares that need it (`closing`: hands everything
+    /// back).
+    async fn sync_shares(&self, closing: bool) {
+        for tenant in self.shares.due(closing) {
+            let _stripe = self.shares.stripe(tenant).lock().await;
+            for sync in self.shares.sync(tenant, closing) {
+                let demand = Demand {
+                    tenant,
+                    request_id: "",
+                    counters: &sync.counters,
+                    asks: &sync.asks,
+                    shares_only: true,
+                    tokens: 0,
+                    lease: self.lease,
+                    month: &sync.month,
+                };
+                match self.admit(&demand, "sync").await {
+                    Ok(Verdict::Admitted(standings)) => self.shares.synced(&sync, &standings),
+                    Ok(verdict) => {
+                        self.store_errors.inc();
+                        tracing::warn!(%tenant, ?verdict, "a share's sync was not admitted");
+                    }
+                    Err(error) => {
+                        self.store_errors.inc();
+                        tracing::warn!(%error, %tenant, "syncing this edge's shares of the limits failed; they are tried again shortly");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks Redis for `demand` (counted under `purpose`), first seeding the month's budget
+    /// counter if Redis lacks it.
+    async fn admit(&self, demand: &Demand<'_>, purpose: &str) -> sluice_stores::Result<Verdict> {
+        self.calls.with_label_values(&[purpose]).inc();
+        match self.limiter.admit(demand).await? {
+            Verdict::Unseeded(_) => {
+                self.seed_month(demand.tenant, demand.month).await?;
+                self.limiter.admit(demand).await
+            }
+            verdict => Ok(verdict),
+        }
+    }
+
+    /// Seeds `tenant`'s budget counter for `month` with the tokens its usage facts hold,
+    /// leaving out the requests whose tokens this edge still holds to hand over itself.
+    async fn seed_month(&self, tenant: Uuid, month: &Month) -> sluice_stores::Result<()> {
+        let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
+        let excluding = self.shares.unhanded_requests(tenant, month);
+        let used = usage::tokens_used(
+            &self.clickhouse,
+            &tenant.to_string(),
+            seconds(month.start_ms),
+            seconds(month.end_ms),
+            &excluding,
+        )
+        .await?;
+        tracing::info!(%tenant, month = %month.label, used, "monthly token budget counter seeded from usage");
+        self.limiter.seed_month(tenant, month, used).await
     }
 }
 
@@ -204,27 +288,29 @@ impl EdgeLimits {
         lease: Duration,
         metrics: &sluice_pipelines::metrics::Metrics,
     ) -> Self {
-        let pending = Arc::new(PendingSettles::default());
-        let store_errors = metrics.limit_store_errors.clone();
-        tokio::spawn(flush_settles(
-            pending.clone(),
-            limiter.clone(),
-            store_errors.clone(),
-        ));
-        Self {
+        let store = Arc::new(Store {
+            shares: Shares::new(limiter.share_lapse()),
             limiter,
             clickhouse,
-            config,
             lease,
+            store_errors: metrics.limit_store_errors.clone(),
+            calls: metrics.limit_store_calls.clone(),
+            pending: PendingSettles::default(),
+        });
+        tokio::spawn(store.clone().keep());
+        Self {
+            store,
+            config,
             refusals: metrics.limit_refusals.clone(),
-            store_errors,
-            pending,
         }
     }
 
-    /// Sends the settlements still waiting (when the edge stops).
+    /// Sends the settlements still waiting and hands this edge's shares back (when the edge
+    /// stops).
     pub async fn flush(&self) {
-        self.pending.send(&self.limiter, &self.store_errors).await;
+        let store = &self.store;
+        store.pending.send(store).await;
+        store.sync_shares(true).await;
     }
 
     /// Admits a request of `prompt_tokens` asking for at most `max_tokens`, or refuses it.
@@ -246,51 +332,80 @@ impl EdgeLimits {
             .unwrap_or(0)
             .saturating_add(output);
         let month = Month::of(sluice_pipelines::now_ms());
-        let demand = Demand {
-            tenant: grant.tenant_id,
-            request_id,
-            counters: &counters,
+        let tenant = grant.tenant_id;
+        let shares = &self.store.shares;
+        let mut routes = Vec::new();
+        shares.take(tenant, &counters, tokens, &month, &mut routes, false);
+        let admission = |routes: Vec<Route>, standings: Vec<Standing>| Admission {
+            limits: self.clone(),
+            tenant,
+            request_id: request_id.to_owned(),
+            standings: shares.standings(tenant, &counters, &routes, &month, &standings),
+            counters: counters.clone(),
+            routes,
             tokens,
-            lease: self.lease,
+            month: month.clone(),
+            settled: false,
+            leased_at: std::time::Instant::now(),
+        };
+        if routes.iter().all(|r| *r == Route::Taken) {
+            return Ok(Some(admission(routes, Vec::new())));
+        }
+        // Calls about a tenant's shares go to Redis one at a time. A share that was answered
+        // while this request waited may have room now; one this request would leave low is
+        // topped up in the same call rather than in one of its own.
+        let _stripe = if routes.iter().any(|r| *r != Route::Alone) {
+            let stripe = shares.stripe(tenant).lock().await;
+            shares.untake(tenant, &counters, &routes, tokens, &month);
+            routes.clear();
+            shares.take(tenant, &counters, tokens, &month, &mut routes, true);
+            if routes.iter().all(|r| *r == Route::Taken) {
+                return Ok(Some(admission(routes, Vec::new())));
+            }
+            Some(stripe)
+        } else {
+            None
+        };
+        let asks = shares.asks(tenant, &counters, &routes, &month);
+        let (asked, asks): (Vec<Counter>, Vec<Ask>) = counters
+            .iter()
+            .zip(&routes)
+            .zip(asks)
+            .filter(|((_, route), _)| **route != Route::Taken)
+            .map(|((counter, _), ask)| (*counter, ask))
+            .unzip();
+        let demand = Demand {
+            tenant,
+            request_id,
+            counters: &asked,
+            asks: &asks,
+            shares_only: false,
+            tokens,
+            lease: self.store.lease,
             month: &month,
         };
-        let mut seeded = false;
-        let verdict = loop {
-            match self.limiter.admit(&demand).await {
-                Ok(Verdict::Unseeded(_)) if !seeded => {
-                    seeded = true;
-                    if let Err(e) = self.seed_month(grant.tenant_id, &month).await {
-                        return self.store_down(e);
-                    }
-                }
-                Ok(verdict) => break verdict,
-                Err(e) => return self.store_down(e),
-            }
-        };
+        let verdict = self.store.admit(&demand, "admit").await;
+        if !matches!(verdict, Ok(Verdict::Admitted(_))) {
+            shares.untake(tenant, &counters, &routes, tokens, &month);
+        }
         match verdict {
-            Verdict::Admitted(standings) => Ok(Some(Admission {
-                limits: self.clone(),
-                tenant: grant.tenant_id,
-                request_id: request_id.to_owned(),
-                counters,
-                tokens,
-                month,
-                standings,
-                settled: false,
-                leased_at: std::time::Instant::now(),
-            })),
-            Verdict::Refused {
+            Ok(Verdict::Admitted(standings)) => {
+                shares.admitted(tenant, &asked, &asks, &standings, Some(tokens), &month);
+                Ok(Some(admission(routes, standings)))
+            }
+            Ok(Verdict::Refused {
                 counter,
                 retry_after_ms,
-            } => {
+            }) => {
                 self.refusals
                     .with_label_values(&[kind_label(counter.kind)])
                     .inc();
                 Err(refusal(counter, retry_after_ms, tokens))
             }
-            Verdict::Unseeded(_) => self.store_down(sluice_stores::Error::Corrupt(
+            Ok(Verdict::Unseeded(_)) => self.store_down(sluice_stores::Error::Corrupt(
                 "the month's budget counter is missing right after it was seeded".into(),
             )),
+            Err(e) => self.store_down(e),
         }
     }
 
@@ -315,11 +430,14 @@ impl EdgeLimits {
             tenant: sluice_stores::limits::address_scope(&address),
             request_id: "login",
             counters: &counters,
+            asks: &[],
+            shares_only: false,
             tokens: 0,
-            lease: self.lease,
+            lease: self.store.lease,
             month: &month,
         };
-        match self.limiter.admit(&demand).await {
+        self.store.calls.with_label_values(&["login"]).inc();
+        match self.store.limiter.admit(&demand).await {
             Ok(Verdict::Refused {
                 counter,
                 retry_after_ms,
@@ -329,32 +447,15 @@ impl EdgeLimits {
             }
             Ok(_) => Ok(()),
             Err(error) => {
-                self.store_errors.inc();
+                self.store.store_errors.inc();
                 tracing::warn!(%error, "login attempts cannot be counted; letting this one through");
                 Ok(())
             }
         }
     }
 
-    /// Seeds `tenant`'s budget counter for `month` with the tokens its usage facts hold.
-    async fn seed_month(&self, tenant: Uuid, month: &Month) -> sluice_stores::Result<()> {
-        let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
-        let used: u64 = usage::usage_by_model(
-            &self.clickhouse,
-            &tenant.to_string(),
-            seconds(month.start_ms),
-            seconds(month.end_ms),
-        )
-        .await?
-        .iter()
-        .map(|m| m.input_tokens.saturating_add(m.output_tokens))
-        .sum();
-        tracing::info!(%tenant, month = %month.label, used, "monthly token budget counter seeded from usage");
-        self.limiter.seed_month(tenant, month, used).await
-    }
-
     fn store_down(&self, error: sluice_stores::Error) -> Result<Option<Admission>, ApiError> {
-        self.store_errors.inc();
+        self.store.store_errors.inc();
         tracing::warn!(%error, "the limits' counters cannot be reached");
         match self.config.when_store_down {
             WhenStoreDown::Admit => Ok(None),
@@ -491,6 +592,8 @@ pub struct Admission {
     tenant: Uuid,
     request_id: String,
     counters: Vec<Counter>,
+    /// How each counter was counted: alone in Redis, or through this edge's share.
+    routes: Vec<Route>,
     tokens: u64,
     month: Month,
     standings: Vec<Standing>,
@@ -500,11 +603,20 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// The counters counted for this request alone in Redis.
+    fn alone(&self) -> impl Iterator<Item = &Counter> {
+        self.counters
+            .iter()
+            .zip(&self.routes)
+            .filter(|(_, route)| **route == Route::Alone)
+            .map(|(counter, _)| counter)
+    }
+
     /// Keeps a long reply's concurrency places: once a third of the lease has passed, extends
-    /// it (in the background).
+    /// it (in the background). A place in a share is kept with the share.
     pub fn keep_alive(&mut self) {
-        let concurrent = self.counters.iter().any(|c| c.kind == Kind::Concurrent);
-        if !concurrent || self.leased_at.elapsed() < self.limits.lease / 3 {
+        let concurrent = self.alone().any(|c| c.kind == Kind::Concurrent);
+        if !concurrent || self.leased_at.elapsed() < self.limits.store.lease / 3 {
             return;
         }
         self.leased_at = std::time::Instant::now();
@@ -545,48 +657,69 @@ impl Admission {
     }
 
     /// Settles the reservation to the `used` tokens the reply reported, and frees the place.
-    /// Queued for the edge's settler ([`PendingSettles`]): the reply does not wait for it.
+    /// Counters in shares settle in memory; the rest are queued for the edge's settler
+    /// ([`PendingSettles`]): the reply waits for neither.
     pub fn settle(mut self, used: u64) {
         self.settled = true;
-        let beyond = i64::try_from(used).unwrap_or(i64::MAX)
-            - i64::try_from(self.tokens).unwrap_or(i64::MAX);
-        self.spawn_settle(beyond);
+        self.finish(used);
     }
 
-    fn spawn_settle(&self, tokens_beyond: i64) {
-        self.limits.pending.push(
-            self.tenant,
-            PendingSettle {
-                request_id: self.request_id.clone(),
-                counters: self.counters.clone(),
-                month: self.month.clone(),
-                tokens_beyond,
-            },
-        );
+    fn finish(&self, used: u64) {
+        let store = &self.limits.store;
+        if self.routes.iter().any(|r| *r != Route::Alone) {
+            store.shares.settle(
+                self.tenant,
+                &self.counters,
+                &self.routes,
+                &self.month,
+                &Return {
+                    request_id: &self.request_id,
+                    reserved: self.tokens,
+                    used,
+                },
+            );
+        }
+        let alone: Vec<Counter> = self.alone().copied().collect();
+        if !alone.is_empty() {
+            store.pending.push(
+                self.tenant,
+                PendingSettle {
+                    request_id: self.request_id.clone(),
+                    counters: alone,
+                    month: self.month.clone(),
+                    tokens_beyond: i64::try_from(used)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(i64::try_from(self.tokens).unwrap_or(i64::MAX)),
+                },
+            );
+        }
     }
 
     /// Extends the admission's concurrency leases on a task of its own: the reply does not
     /// wait for Redis.
     fn extend_in_background(&self) {
-        let limits = self.limits.clone();
-        let (tenant, request_id, counters, tokens, month) = (
+        let store = self.limits.store.clone();
+        let (tenant, request_id, tokens, month) = (
             self.tenant,
             self.request_id.clone(),
-            self.counters.clone(),
             self.tokens,
             self.month.clone(),
         );
+        let counters: Vec<Counter> = self.alone().copied().collect();
         tokio::spawn(async move {
             let demand = Demand {
                 tenant,
                 request_id: &request_id,
                 counters: &counters,
+                asks: &[],
+                shares_only: false,
                 tokens,
-                lease: limits.lease,
+                lease: store.lease,
                 month: &month,
             };
-            if let Err(error) = limits.limiter.renew(&demand).await {
-                limits.store_errors.inc();
+            store.calls.with_label_values(&["renew"]).inc();
+            if let Err(error) = store.limiter.renew(&demand).await {
+                store.store_errors.inc();
                 tracing::warn!(%error, %request_id, "extending a request's concurrency lease failed; its place frees when its lease ends");
             }
         });
@@ -596,7 +729,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if !self.settled {
-            self.spawn_settle(0);
+            self.finish(self.tokens);
         }
     }
 }

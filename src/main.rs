@@ -186,6 +186,11 @@ pub(crate) enum BenchCommand {
         /// settled through the shared counters: what the limiter costs.
         #[arg(long)]
         limits: bool,
+        /// Measure each level through Sluice twice, for a tenant without limits and for one on
+        /// a plan with every limit set beyond reach, alternately in the same run: the limiter's
+        /// cost as a ratio (`limits_rate_ratio=`) and added p99 (`limits_p99_added_ms_c10=`).
+        #[arg(long, conflicts_with = "limits")]
+        compare_limits: bool,
     },
     /// Streaming WebSocket sessions held by one edge and the memory each costs, vs. a bare
     /// WebSocket server on the same stack.

@@ -56,6 +56,35 @@ pub struct GatewayOptions {
     /// Whether the tenant is on a plan whose limits it never reaches (every request goes
     /// through the limits' counters).
     pub limits: bool,
+    /// Whether each level is also measured for a second tenant on such a plan, alternately
+    /// with the first (which then has none).
+    pub compare_limits: bool,
+}
+
+/// What the limits cost, from levels measured with and without them.
+struct LimitsComparison {
+    limited_max_rps: f64,
+    /// The best rate with limits on ÷ the best with them off.
+    rate_ratio: f64,
+    /// p99 with limits on − p99 with them off, at the level nearest ten clients.
+    p99_added_ms: f64,
+}
+
+fn limits_comparison(levels: &[Level]) -> Option<LimitsComparison> {
+    let pairs: Vec<(&LoadReport, &LoadReport)> = levels
+        .iter()
+        .map(|l| Some((&l.sluice, &l.limited.as_ref()?.sluice)))
+        .collect::<Option<_>>()?;
+    let best = |pick: fn(&(&LoadReport, &LoadReport)) -> f64| {
+        pairs.iter().map(pick).fold(0.0, f64::max)
+    };
+    let (off, on) = (best(|p| p.0.rps), best(|p| p.1.rps));
+    let (off_at_ten, on_at_ten) = pairs.iter().min_by_key(|p| p.0.clients.abs_diff(10))?;
+    Some(LimitsComparison {
+        limited_max_rps: on,
+        rate_ratio: if off > 0.0 { on / off } else { f64::NAN },
+        p99_added_ms: on_at_ten.p99_ms - off_at_ten.p99_ms,
+    })
 }
 
 /// Limits a benchmark never reaches, each of them counted.
@@ -128,18 +157,20 @@ fn chat_body(model: &str, stream: bool) -> axum::body::Bytes {
     axum::body::Bytes::from(body.to_string())
 }
 
-/// One concurrency level: the upstream direct, and Sluice with its and the broker's CPU.
+/// One concurrency level: the upstream direct, and Sluice with its and the broker's CPU (and
+/// again for the limited tenant, when comparing).
 struct Level {
     direct: LoadReport,
     sluice: LoadReport,
     sluice_cpu: Option<f64>,
     broker_cpu: Option<f64>,
+    limited: Option<Box<Level>>,
 }
 
-fn print_level(level: &Level) {
+fn print_level(level: &Level, label: &str) {
     let (d, s) = (&level.direct, &level.sluice);
     println!(
-        "{:>7} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} | {:>6} {:>6} | {:>6} {:>6}",
+        "{:>7} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} | {:>6} {:>6} | {:>6} {:>6}{label}",
         s.clients,
         d.rps,
         d.p50_ms,
@@ -158,6 +189,9 @@ fn print_level(level: &Level) {
         if let Some(why) = &report.first_failure {
             println!("        {path}: {} failed, first: {why}", report.failed);
         }
+    }
+    if let Some(limited) = &level.limited {
+        print_level(limited, "  (limits on)");
     }
 }
 
@@ -203,17 +237,39 @@ pub async fn run(config: &Config, options: &GatewayOptions) -> anyhow::Result<()
             created_at: 0,
         };
         models::upsert_model(&admin, &model).await?;
-        if options.limits {
-            plans::create_plan(&mut *admin.acquire().await?, &id, &unreachable_limits()).await?;
-            plans::subscribe(&admin, tenant.id, &id).await?;
-            println!("limits: on (plan {id}: every limit set beyond reach, each request admitted and settled in Redis)");
+        let limited_name = format!("{id}-limited");
+        let limited = if options.compare_limits {
+            Some(tenants::create_tenant(&admin, &limited_name).await?)
         } else {
-            println!("limits: off (the tenant has no plan; run with --limits to compare)");
+            None
+        };
+        let on_plan = match (&limited, options.limits) {
+            (Some((limited, _)), _) => Some(limited.id),
+            (None, true) => Some(tenant.id),
+            (None, false) => None,
+        };
+        if let Some(on_plan) = on_plan {
+            plans::create_plan(&mut *admin.acquire().await?, &id, &unreachable_limits()).await?;
+            plans::subscribe(&admin, on_plan, &id).await?;
         }
-        let outcome = measure(config, options, &id, &upstream, &api_key, three_hops).await;
+        match (&limited, options.limits) {
+            (Some(_), _) => println!("limits: compared (each level measured for a tenant with no plan, then for one on plan {id}: every limit set beyond reach, each request counted)"),
+            (None, true) => println!("limits: on (plan {id}: every limit set beyond reach, each request counted)"),
+            (None, false) => println!("limits: off (the tenant has no plan; run with --compare-limits to compare)"),
+        }
+        let limited_key = limited.as_ref().map(|(_, key)| key.as_str());
+        let outcome = measure(
+            config,
+            options,
+            &id,
+            &upstream,
+            (&api_key, limited_key),
+            three_hops,
+        )
+        .await;
         models::disable_model(&admin, &id).await?;
-        if options.limits {
-            plans::unsubscribe(&admin, tenant.id).await?;
+        if let Some(on_plan) = on_plan {
+            plans::unsubscribe(&admin, on_plan).await?;
             plans::delete_plan(&mut *admin.acquire().await?, &id).await?;
         }
         tracing::debug!(tenant = %tenant.id, "benchmark tenant left in place");
@@ -229,7 +285,7 @@ async fn measure(
     options: &GatewayOptions,
     id: &str,
     upstream: &Upstream,
-    api_key: &str,
+    (api_key, limited_key): (&str, Option<&str>),
     three_hops: f64,
 ) -> anyhow::Result<()> {
     eprintln!("starting sluice up on topics {id}.* ...");
@@ -258,6 +314,10 @@ async fn measure(
         api_key: Some(api_key.to_owned()),
         body: chat_body(id, options.stream),
     };
+    let limited = limited_key.map(|key| Target {
+        api_key: Some(key.to_owned()),
+        ..through_sluice.clone()
+    });
     let (warmup, window) = (
         Duration::from_secs(options.warmup_seconds),
         Duration::from_secs(options.seconds.max(1)),
@@ -284,13 +344,25 @@ async fn measure(
         let direct = load::run(&http, &direct, clients, warmup, window).await;
         let cpu = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
         let measured = load::run(&http, &through_sluice, clients, warmup, window).await;
-        let level = Level {
-            direct,
+        let mut level = Level {
             sluice: measured,
             sluice_cpu: cpu.0.percent(),
             broker_cpu: cpu.1.percent(),
+            limited: None,
+            direct,
         };
-        print_level(&level);
+        if let Some(limited) = &limited {
+            let cpu = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
+            let measured = load::run(&http, limited, clients, warmup, window).await;
+            level.limited = Some(Box::new(Level {
+                direct: level.direct.clone(),
+                sluice: measured,
+                sluice_cpu: cpu.0.percent(),
+                broker_cpu: cpu.1.percent(),
+                limited: None,
+            }));
+        }
+        print_level(&level, "");
         levels.push(level);
     }
     drop(sluice);
@@ -310,6 +382,16 @@ async fn measure(
         "goal: p99 tax at 10 clients within three hops + 4 ms = {:.2} ms",
         three_hops + 4.0
     );
-    println!("max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2}");
+    let Some(comparison) = limits_comparison(&levels) else {
+        println!("max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2}");
+        return Ok(());
+    };
+    println!(
+        "goal: limits on keep over 95% of the rate and add under 1 ms of p99 at 10 clients"
+    );
+    println!(
+        "max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2} limited_max_rps={:.0} limits_rate_ratio={:.3} limits_p99_added_ms_c10={:.2}",
+        comparison.limited_max_rps, comparison.rate_ratio, comparison.p99_added_ms
+    );
     Ok(())
 }

@@ -49,6 +49,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             idle_seconds,
             broker_process,
             limits,
+            compare_limits,
         } => {
             let options = gateway::GatewayOptions {
                 clients,
@@ -59,6 +60,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 idle_seconds,
                 broker_process,
                 limits,
+                compare_limits,
             };
             gateway::run(&config, &options).await?;
         }

@@ -116,7 +116,7 @@ async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
 }
 
 #[tokio::test]
-async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_with_its_summary() {
+async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_with_and_without_limits() {
     let sluice = Sluice::start();
     let args = [
         "bench",
@@ -131,6 +131,7 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_wit
         "1",
         "--hop-samples",
         "20",
+        "--compare-limits",
     ];
     let out = sluice.cli(&args);
     assert!(out.contains("one broker hop"), "{out}");
@@ -138,18 +139,33 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_and_ends_wit
         .lines()
         .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
         .collect();
-    assert_eq!(rows.len(), 2, "one row per level: {out}");
+    assert_eq!(
+        rows.len(),
+        4,
+        "a row per level, and one with limits on: {out}"
+    );
+    assert_eq!(rows.iter().filter(|r| r.ends_with("(limits on)")).count(), 2);
     let last = out.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()
         .filter_map(|f| f.split_once('='))
         .map(|(k, v)| (k, v.parse().unwrap()))
         .collect();
-    assert_eq!(fields.len(), 2, "{out}");
-    assert_eq!(fields[0].0, "max_rps");
+    let names: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        names,
+        [
+            "max_rps",
+            "p99_tax_ms_c10",
+            "limited_max_rps",
+            "limits_rate_ratio",
+            "limits_p99_added_ms_c10"
+        ],
+        "{out}"
+    );
     assert!(fields[0].1 > 0.0, "requests went through Sluice: {out}");
-    assert_eq!(fields[1].0, "p99_tax_ms_c10");
-    assert!(fields[1].1.is_finite(), "{out}");
+    assert!(fields[2].1 > 0.0, "limited requests too: {out}");
+    assert!(fields.iter().all(|(_, v)| v.is_finite()), "{out}");
     assert!(out.contains("no level with 10 clients"), "{out}");
     // Its topics, the hop's and its own sluice up's, are gone once it has reported.
     assert_topics_gone(

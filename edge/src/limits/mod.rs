@@ -240,7 +240,7 @@ impl Store {
             &excluding,
         )
         .await?;
-        tracing::info!(%tenant, month = %month.label, used, "monthly token budget counter seeded from usage");
+        tracing::info!(%tenant, month = %month.label, used, excluded = excluding.len(), "monthly token budget counter seeded from usage");
         self.limiter.seed_month(tenant, month, used).await
     }
 }

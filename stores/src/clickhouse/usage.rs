@@ -175,4 +175,40 @@ mod tests {
         assert_eq!(row.occurred_at_ms, 1_700_000_000_123);
         assert_eq!((row.input_tokens, row.output_tokens), (3, 0));
     }
+
+    #[tokio::test]
+    async fn tokens_used_leaves_out_the_requests_named() {
+        let url = std::env::var("SLUICE_CLICKHOUSE__URL")
+            .unwrap_or_else(|_| crate::clickhouse::ClickHouseConfig::default().url);
+        let clickhouse = ClickHouse::new(&crate::clickhouse::ClickHouseConfig {
+            url,
+            ..Default::default()
+        });
+        let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let row = |request: &str, input, output| UsageRow {
+            event_id: format!("{request}-event"),
+            request_id: request.into(),
+            tenant_id: tenant.clone(),
+            model: "sim-small".into(),
+            provider: "sim".into(),
+            input_tokens: input,
+            output_tokens: output,
+            occurred_at: 1_796_572_800,
+            occurred_at_ms: 1_796_572_800_000,
+        };
+        let rows = [row("r1", 10, 5), row("r2", 20, 1), row("r3", 100, 0)];
+        clickhouse.insert_rows("usage_events", &rows).await.unwrap();
+        let used = |excluding: Vec<String>| {
+            let (clickhouse, tenant) = (clickhouse.clone(), tenant.clone());
+            async move {
+                tokens_used(&clickhouse, &tenant, 1_796_572_000, 1_796_573_000, &excluding)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(used(Vec::new()).await, 136);
+        assert_eq!(used(vec!["r3".into(), "elsewhere".into()]).await, 36);
+        let nothing = tokens_used(&clickhouse, "no-such-tenant", 0, u32::MAX, &[]).await;
+        assert_eq!(nothing.unwrap(), 0);
+    }
 }

@@ -75,9 +75,8 @@ fn limits_comparison(levels: &[Level]) -> Option<LimitsComparison> {
         .iter()
         .map(|l| Some((&l.sluice, &l.limited.as_ref()?.sluice)))
         .collect::<Option<_>>()?;
-    let best = |pick: fn(&(&LoadReport, &LoadReport)) -> f64| {
-        pairs.iter().map(pick).fold(0.0, f64::max)
-    };
+    let best =
+        |pick: fn(&(&LoadReport, &LoadReport)) -> f64| pairs.iter().map(pick).fold(0.0, f64::max);
     let (off, on) = (best(|p| p.0.rps), best(|p| p.1.rps));
     let (off_at_ten, on_at_ten) = pairs.iter().min_by_key(|p| p.0.clients.abs_diff(10))?;
     Some(LimitsComparison {
@@ -386,9 +385,7 @@ async fn measure(
         println!("max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2}");
         return Ok(());
     };
-    println!(
-        "goal: limits on keep over 95% of the rate and add under 1 ms of p99 at 10 clients"
-    );
+    println!("goal: limits on keep over 95% of the rate and add under 1 ms of p99 at 10 clients");
     println!(
         "max_rps={max_rps:.0} p99_tax_ms_c10={p99_tax:.2} limited_max_rps={:.0} limits_rate_ratio={:.3} limits_p99_added_ms_c10={:.2}",
         comparison.limited_max_rps, comparison.rate_ratio, comparison.p99_added_ms

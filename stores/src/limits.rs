@@ -929,7 +929,9 @@ mod tests {
             ));
         }
         assert!(matches!(
-            edge_b.admit(&demand(tenant, "full", &places, 1, &month)).await,
+            edge_b
+                .admit(&demand(tenant, "full", &places, 1, &month))
+                .await,
             Ok(Verdict::Refused { .. })
         ));
         // A keeps only its request's place and hands the ten back: B finds them.
@@ -942,7 +944,9 @@ mod tests {
             Ok(Verdict::Admitted(_))
         ));
         assert!(matches!(
-            edge_b.admit(&demand(tenant, "again", &places, 1, &month)).await,
+            edge_b
+                .admit(&demand(tenant, "again", &places, 1, &month))
+                .await,
             Ok(Verdict::Admitted(_))
         ));
 
@@ -959,19 +963,28 @@ mod tests {
         ));
         assert!(
             matches!(
-                edge_b.admit(&demand(tenant, "x", &budget, 900, &month)).await,
-                Ok(Verdict::Refused { retry_after_ms: Some(1000), .. })
+                edge_b
+                    .admit(&demand(tenant, "x", &budget, 900, &month))
+                    .await,
+                Ok(Verdict::Refused {
+                    retry_after_ms: Some(1000),
+                    ..
+                })
             ),
             "150 tokens held in the share: room soon, not at the month's end"
         );
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(matches!(
-            edge_b.admit(&demand(tenant, "y", &budget, 900, &month)).await,
+            edge_b
+                .admit(&demand(tenant, "y", &budget, 900, &month))
+                .await,
             Ok(Verdict::Admitted(_))
         ));
         assert!(
             matches!(
-                edge_b.admit(&demand(tenant, "z", &budget, 60, &month)).await,
+                edge_b
+                    .admit(&demand(tenant, "z", &budget, 60, &month))
+                    .await,
                 Ok(Verdict::Refused { .. })
             ),
             "the dead edge's 50 tokens in flight still count"
@@ -982,8 +995,12 @@ mod tests {
         let asks = [share(10, 0)];
         let mut shared = demand(tenant, "r", &rate, 1, &month);
         shared.asks = &asks;
-        assert!(matches!(edge_a.admit(&shared).await, Ok(Verdict::Admitted(_))));
-        let Ok(Verdict::Admitted(standing)) = edge_b.admit(&demand(tenant, "s", &rate, 1, &month)).await
+        assert!(matches!(
+            edge_a.admit(&shared).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        let Ok(Verdict::Admitted(standing)) =
+            edge_b.admit(&demand(tenant, "s", &rate, 1, &month)).await
         else {
             panic!("room left");
         };

@@ -214,7 +214,9 @@ async fn a_limit_drawn_on_through_shares_still_holds_in_total_across_two_edges()
     for i in 0..200 {
         let (base, key) = (edges.urls[i % 2].clone(), tenant.key.clone());
         calls.push(tokio::spawn(async move {
-            post_chat(&base, &key, &short(2, &format!("shared {i}"))).await.0
+            post_chat(&base, &key, &short(2, &format!("shared {i}")))
+                .await
+                .0
         }));
     }
     let mut admitted = 0;

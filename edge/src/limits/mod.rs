@@ -142,11 +142,7 @@ impl PendingSettles {
         futures::future::join_all(calls).await;
     }
 
-    async fn send_batch(
-        store: &Store,
-        tenant: Uuid,
-        batch: &[PendingSettle],
-    ) {
+    async fn send_batch(store: &Store, tenant: Uuid, batch: &[PendingSettle]) {
         let settles: Vec<Settle<'_>> = batch
             .iter()
             .map(|p| Settle {
@@ -176,10 +172,7 @@ impl Store {
                 () = self.shares.wake.notified() => {}
                 _ = tick.tick() => {}
             }
-            tokio::join!(
-                self.pending.send(&self),
-                self.sync_shares(false)
-            );
+            tokio::join!(self.pending.send(&self), self.sync_shares(false));
         }
     }
 

@@ -661,7 +661,10 @@ mod tests {
             holder: Holder::Address,
             ..counter(Kind::RequestsPerMinute, 1_000_000)
         };
-        assert!(!shareable(&address, 1), "login attempts are always counted alone");
+        assert!(
+            !shareable(&address, 1),
+            "login attempts are always counted alone"
+        );
     }
 
     #[test]
@@ -710,7 +713,11 @@ mod tests {
         );
         let mut routes = Vec::new();
         shares.take(tenant, &counters, 100, &month, &mut routes, false);
-        assert_eq!(routes, [Route::Taken; 3], "the untaken request and the settled one's room");
+        assert_eq!(
+            routes,
+            [Route::Taken; 3],
+            "the untaken request and the settled one's room"
+        );
         assert_eq!(shares.unhanded_requests(tenant, &month), ["r1"]);
         // The tokens used are owed to the month's counter: a sync hands them over and records
         // what the share still holds (closing: only its requests in flight).

@@ -201,9 +201,15 @@ mod tests {
         let used = |excluding: Vec<String>| {
             let (clickhouse, tenant) = (clickhouse.clone(), tenant.clone());
             async move {
-                tokens_used(&clickhouse, &tenant, 1_796_572_000, 1_796_573_000, &excluding)
-                    .await
-                    .unwrap()
+                tokens_used(
+                    &clickhouse,
+                    &tenant,
+                    1_796_572_000,
+                    1_796_573_000,
+                    &excluding,
+                )
+                .await
+                .unwrap()
             }
         };
         assert_eq!(used(Vec::new()).await, 136);

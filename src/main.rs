@@ -186,9 +186,10 @@ pub(crate) enum BenchCommand {
         /// settled through the shared counters: what the limiter costs.
         #[arg(long)]
         limits: bool,
-        /// Measure each level through Sluice twice, for a tenant without limits and for one on
-        /// a plan with every limit set beyond reach, alternately in the same run: the limiter's
-        /// cost as a ratio (`limits_rate_ratio=`) and added p99 (`limits_p99_added_ms_c10=`).
+        /// After each level, run its clients again split between a tenant without limits and
+        /// one on a plan with every limit set beyond reach, at the same time: the limiter's cost
+        /// as a ratio of their rates (`limits_rate_ratio=`) and added p99
+        /// (`limits_p99_added_ms_c10=`).
         #[arg(long, conflicts_with = "limits")]
         compare_limits: bool,
     },

@@ -73,10 +73,34 @@ pub async fn run(
     warmup: Duration,
     measure: Duration,
 ) -> LoadReport {
+    let mut reports = run_mixed(
+        client,
+        std::slice::from_ref(target),
+        clients,
+        warmup,
+        measure,
+    )
+    .await;
+    reports.pop().unwrap_or_default()
+}
+
+/// Runs `clients` concurrent clients, client i against `targets[i % targets.len()]`, all in
+/// the same window: one report per target, each measured under the same load as the others.
+pub async fn run_mixed(
+    client: &reqwest::Client,
+    targets: &[Target],
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Vec<LoadReport> {
     let begin = Instant::now();
     let (window_start, window_end) = (begin + warmup, begin + warmup + measure);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients.max(1) {
+    let kinds = targets.len().max(1);
+    for i in 0..clients.max(targets.len()) {
+        let Some(target) = targets.get(i % kinds) else {
+            break;
+        };
         let (client, target) = (client.clone(), target.clone());
         tasks.spawn(async move {
             let mut latencies = Vec::new();
@@ -104,17 +128,25 @@ pub async fn run(
                     }
                 }
             }
-            (latencies, shed, failed, first_failure)
+            (i % kinds, latencies, shed, failed, first_failure)
         });
     }
-    let mut report = LoadReport {
-        clients,
-        ..LoadReport::default()
-    };
-    let mut latencies = Vec::new();
+    let mut reports: Vec<(LoadReport, Vec<f64>)> = targets
+        .iter()
+        .map(|_| (LoadReport::default(), Vec::new()))
+        .collect();
+    for (i, (report, _)) in reports.iter_mut().enumerate() {
+        report.clients = clients
+            .max(targets.len())
+            .saturating_sub(i)
+            .div_ceil(targets.len());
+    }
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok((mine, shed, failed, first_failure)) => {
+            Ok((which, mine, shed, failed, first_failure)) => {
+                let Some((report, latencies)) = reports.get_mut(which) else {
+                    continue;
+                };
                 latencies.extend(mine);
                 report.shed += shed;
                 report.failed += failed;
@@ -123,17 +155,24 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                report.failed += 1;
-                report.first_failure.get_or_insert(e.to_string());
+                if let Some((report, _)) = reports.first_mut() {
+                    report.failed += 1;
+                    report.first_failure.get_or_insert(e.to_string());
+                }
             }
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    report.completed = latencies.len() as u64;
-    report.rps = report.completed as f64 / measure.as_secs_f64();
-    report.p50_ms = quantile(&latencies, 0.5);
-    report.p99_ms = quantile(&latencies, 0.99);
-    report
+    reports
+        .into_iter()
+        .map(|(mut report, mut latencies)| {
+            latencies.sort_by(f64::total_cmp);
+            report.completed = latencies.len() as u64;
+            report.rps = report.completed as f64 / measure.as_secs_f64();
+            report.p50_ms = quantile(&latencies, 0.5);
+            report.p99_ms = quantile(&latencies, 0.99);
+            report
+        })
+        .collect()
 }
 
 /// An HTTP client for `clients` concurrent connections to one host.

@@ -100,10 +100,11 @@ struct PendingSettle {
     tokens_beyond: i64,
 }
 
-/// Settlements waiting to be sent (of counters counted alone). Replies end independently, so settling each on its own
-/// would cost a Redis call (and a task) per request; instead one task sends what has gathered,
-/// each tenant's in one call, as soon as it is free: no wait when traffic is light, batches
-/// when it is heavy. Bounded by the requests in flight (each settles once).
+/// Settlements waiting to be sent, for counters counted alone. Replies end independently, so
+/// settling each on its own would cost a Redis call (and a task) per request; instead one task
+/// sends what has gathered, each tenant's in one call, as soon as it is free: no wait when
+/// traffic is light, batches when it is heavy. Bounded by the requests in flight (each settles
+/// once).
 #[derive(Default)]
 struct PendingSettles {
     by_tenant: Mutex<HashMap<Uuid, Vec<PendingSettle>>>,

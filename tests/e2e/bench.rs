@@ -141,11 +141,11 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_with_and_wit
         .collect();
     assert_eq!(
         rows.len(),
-        4,
-        "a row per level, and one with limits on: {out}"
+        6,
+        "a row per level, and two for its clients split by limits: {out}"
     );
     assert_eq!(
-        rows.iter().filter(|r| r.ends_with("(limits on)")).count(),
+        rows.iter().filter(|r| r.ends_with("limits on)")).count(),
         2
     );
     let last = out.lines().last().unwrap_or_default();

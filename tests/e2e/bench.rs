@@ -144,10 +144,7 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_with_and_wit
         6,
         "a row per level, and two for its clients split by limits: {out}"
     );
-    assert_eq!(
-        rows.iter().filter(|r| r.ends_with("limits on)")).count(),
-        2
-    );
+    assert_eq!(rows.iter().filter(|r| r.ends_with("limits on)")).count(), 2);
     let last = out.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()

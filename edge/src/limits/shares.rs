@@ -6,12 +6,13 @@
 //!   four requests ([`shareable`]); smaller limits are counted request by request in Redis.
 //! - A share is topped up in the background before it runs dry, by about a second's worth of
 //!   what this edge takes and never more than a sixteenth of the limit.
-//! - What a share has not handed out goes back after [`IDLE`] without a request, and a budget
-//!   share hands the tokens its requests used over to the month's counter within
-//!   [`HAND_OVER_EVERY`]; an edge that stops hands everything back.
+//! - A share keeps at most one top-up's worth free: what ended requests give back beyond two
+//!   goes back to the counter at once, and everything goes back after [`IDLE`] without a
+//!   request. A budget share hands the tokens its requests used over to the month's counter
+//!   within [`HAND_OVER_EVERY`]; an edge that stops hands everything back.
 //! - So with E edges a limit still holds exactly; what changes is that a request may be
-//!   refused while other edges hold room in their shares: at most E × limit/16, for at most
-//!   [`IDLE`].
+//!   refused while other edges hold room in their shares: at most about E × limit/8, and
+//!   none of it for longer than [`IDLE`] after an edge's last request.
 
 use std::{
     collections::HashMap,
@@ -197,23 +198,23 @@ impl Share {
         want.min(counter.limit / 16)
     }
 
-    /// What to ask Redis for: `want` more units, keeping what the share has unless `idle`,
-    /// handing over what is owed. Also the amount handed over.
-    fn ask(&self, kind: Kind, want: u64, idle: bool) -> Ask {
+    /// What to ask Redis for: `want` more units, keeping what the share has (no more than a
+    /// top-up's worth; nothing if `idle`), handing over what is owed.
+    fn ask(&self, counter: &Counter, want: u64, idle: bool) -> Ask {
+        let kind = counter.kind;
         let free = self.free(kind);
+        let most = i64::try_from(self.chunk(counter)).unwrap_or(i64::MAX);
+        let keep = if idle { 0 } else { free.clamp(0, most) };
         match kind {
             Kind::RequestsPerMinute | Kind::TokensPerMinute => Ask::Share {
                 want,
                 held: 0,
                 in_flight: 0,
-                hand_over: if idle { free } else { free.min(0) },
+                // Beyond what it keeps: the excess back, or a debt taken.
+                hand_over: free.saturating_sub(keep),
             },
             Kind::Concurrent | Kind::MonthlyTokens => {
-                let keep = if idle {
-                    0
-                } else {
-                    u64::try_from(free).unwrap_or(0)
-                };
+                let keep = u64::try_from(keep).unwrap_or(0);
                 Ask::Share {
                     want,
                     held: self.in_use.saturating_add(keep),
@@ -395,7 +396,7 @@ impl Shares {
                     let share = table
                         .entry(ShareKey::new(tenant, *counter, month))
                         .or_insert_with(|| Share::new(now));
-                    share.ask(counter.kind, share.chunk(counter), false)
+                    share.ask(counter, share.chunk(counter), false)
                 }
                 Route::Alone | Route::Taken => Ask::Alone,
             })
@@ -562,13 +563,18 @@ impl Shares {
         let kind = key.counter.kind;
         let free = share.free(kind);
         let idle = now.duration_since(share.last_take) >= IDLE;
-        let low = u64::try_from(free).unwrap_or(0) < share.chunk(&key.counter) / 2;
+        let chunk = share.chunk(&key.counter);
+        let low = u64::try_from(free).unwrap_or(0) < chunk / 2;
+        // Settled requests give their places and unused tokens back to the share: what grows
+        // beyond two top-ups' worth goes back to the counter for the other edges.
+        let swollen = u64::try_from(free).unwrap_or(0) > chunk.saturating_mul(2);
         let recorded = !matches!(kind, Kind::RequestsPerMinute | Kind::TokensPerMinute);
         let since_answer = now.duration_since(share.answered_at);
         (idle && free != 0)
             // A counter with no room grants nothing: ask again only now and then.
             || (!idle && low && since_answer >= TOP_UP_EVERY)
             || free < 0
+            || (swollen && since_answer >= TOP_UP_EVERY)
             || (share.spent > 0 && since_answer >= HAND_OVER_EVERY)
             || (recorded && share.held > 0 && since_answer >= lapse / 3)
     }
@@ -594,7 +600,7 @@ impl Shares {
             } else {
                 share.chunk(&key.counter).saturating_sub(free)
             };
-            let ask = share.ask(key.counter.kind, want, idle);
+            let ask = share.ask(&key.counter, want, idle);
             let month = if key.counter.kind == Kind::MonthlyTokens {
                 Month::of(key.month_start_ms)
             } else {
@@ -739,5 +745,53 @@ mod tests {
         assert_eq!(hand_over, 40);
         assert_eq!(in_flight, 300, "three requests in flight");
         assert_eq!(held, 300, "the 10 free tokens go back");
+    }
+
+    #[test]
+    fn a_share_swollen_by_settled_requests_hands_the_excess_back() {
+        let shares = Shares::new(Duration::from_secs(15));
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let places = [counter(Kind::Concurrent, 10_000)];
+        let mut routes = Vec::new();
+        shares.take(tenant, &places, 1, &month, &mut routes, false);
+        let asks = shares.asks(tenant, &places, &routes, &month);
+        shares.admitted(
+            tenant,
+            &places,
+            &asks,
+            &[standing(places[0], 100)],
+            Some(1),
+            &month,
+        );
+        // 40 more requests, then they all end: 100 free places, far more than a top-up.
+        for _ in 0..40 {
+            let mut routes = Vec::new();
+            shares.take(tenant, &places, 1, &month, &mut routes, false);
+            assert_eq!(routes, [Route::Taken]);
+        }
+        let back = Return {
+            request_id: "r",
+            reserved: 1,
+            used: 1,
+        };
+        for _ in 0..40 {
+            shares.settle(tenant, &places, &[Route::Taken], &month, &back);
+        }
+        std::thread::sleep(TOP_UP_EVERY);
+        assert_eq!(shares.due(false), [tenant]);
+        let syncs = shares.sync(tenant, false);
+        let Some(Ask::Share { held, want, .. }) = syncs.first().and_then(|s| s.asks.first()) else {
+            panic!(
+                "the swollen share syncs: {:?}",
+                syncs.first().map(|s| &s.asks)
+            );
+        };
+        assert_eq!(*want, 0);
+        assert_eq!(
+            *held,
+            1 + 16,
+            "the first request's place and one top-up's worth"
+        );
     }
 }

@@ -90,7 +90,12 @@ struct Store {
     /// Settlements waiting to be sent, by tenant.
     pending: PendingSettles,
     shares: Shares,
+    /// When a failed sync was last logged.
+    last_sync_warning: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often failed share syncs are logged at most.
+const SYNC_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// A request's settlement, waiting for [`Store::keep`].
 struct PendingSettle {
@@ -195,17 +200,27 @@ impl Store {
                 };
                 match self.admit(&demand, "sync").await {
                     Ok(Verdict::Admitted(standings)) => self.shares.synced(&sync, &standings),
-                    Ok(verdict) => {
-                        self.store_errors.inc();
-                        tracing::warn!(%tenant, ?verdict, "a share's sync was not admitted");
-                    }
-                    Err(error) => {
-                        self.store_errors.inc();
-                        tracing::warn!(%error, %tenant, "syncing this edge's shares of the limits failed; they are tried again shortly");
-                    }
+                    Ok(verdict) => self.sync_failed(tenant, &format!("{verdict:?}")),
+                    Err(error) => self.sync_failed(tenant, &error.to_string()),
                 }
             }
         }
+    }
+
+    /// Counts a failed sync; says so in the log once per [`SYNC_WARNING_EVERY`] at most, as
+    /// syncs are retried every few hundred milliseconds while Redis stays away.
+    fn sync_failed(&self, tenant: Uuid, why: &str) {
+        self.store_errors.inc();
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_sync_warning
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < SYNC_WARNING_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(%tenant, why, "syncing this edge's shares of the limits failed; they are tried again shortly (further failures in the next 10 s are only counted)");
     }
 
     /// Asks Redis for `demand` (counted under `purpose`), first seeding the month's budget
@@ -290,6 +305,7 @@ impl EdgeLimits {
             store_errors: metrics.limit_store_errors.clone(),
             calls: metrics.limit_store_calls.clone(),
             pending: PendingSettles::default(),
+            last_sync_warning: Mutex::new(None),
         });
         tokio::spawn(store.clone().keep());
         Self {

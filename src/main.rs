@@ -246,6 +246,20 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The metering sink writing usage events to ClickHouse vs. `clickhouse-client` inserting
+    /// the same rows in bulk.
+    Sink {
+        /// Usage events per path and round.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Runs of each path (alternating); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// ClickHouse's native (TCP) port, for `clickhouse-client` (the host, database, user and
+        /// password are the configured ones).
+        #[arg(long, env = "SLUICE_CLICKHOUSE_TCP_PORT", default_value_t = 19000)]
+        clickhouse_port: u16,
+    },
 }
 
 #[derive(Subcommand)]

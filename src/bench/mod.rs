@@ -142,6 +142,55 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
             );
             println!("ratio={:.3}", report.comparison.ratio());
         }
+        BenchCommand::Sink {
+            records,
+            rounds,
+            clickhouse_port,
+        } => {
+            let ch = &config.clickhouse;
+            // The host of the HTTP URL (`http://host:port`), which the native port shares.
+            let host = ch
+                .url
+                .split("://")
+                .nth(1)
+                .and_then(|rest| rest.split([':', '/']).next())
+                .unwrap_or("127.0.0.1")
+                .to_owned();
+            let options = sluice_clickhouse_sink::bench::SinkOptions {
+                records,
+                rounds,
+                max_batch: config.stages.metering_max_batch,
+                client: sluice_clickhouse_sink::bench::ClientOptions {
+                    program: "clickhouse-client".into(),
+                    host,
+                    port: clickhouse_port,
+                    database: ch.database.clone(),
+                    user: ch.user.clone(),
+                    password: ch.password.clone(),
+                },
+            };
+            let codec = process::codec(&config)?;
+            let clickhouse = ClickHouse::new(&config.clickhouse);
+            let report =
+                sluice_clickhouse_sink::bench::sink(&config.kafka, codec, clickhouse, &options)
+                    .await?;
+            print_topics(&report.workspace);
+            println!(
+                "records: {} usage events per path, median of {rounds} rounds per path, sink batches of {}",
+                report.records, options.max_batch
+            );
+            print_rate(
+                "clickhouse-client, one bulk insert",
+                &report.comparison.limit,
+                "",
+            );
+            print_rate(
+                "metering sink (consume, decode, batch, stored-id check, insert, commit)",
+                &report.comparison.measured,
+                "",
+            );
+            println!("ratio={:.3}", report.comparison.ratio());
+        }
     }
     Ok(())
 }

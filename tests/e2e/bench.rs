@@ -80,6 +80,43 @@ async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
 }
 
 #[tokio::test]
+async fn sink_benchmark_writes_every_row_both_ways_and_reports_a_ratio() {
+    let sluice = Sluice::start();
+    let args = ["bench", "sink", "--records", "2000", "--rounds", "2"];
+    let out = sluice.cli(&args);
+    let ratio = last_line_ratio(&out);
+    let rate = |label: &str| -> f64 {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {label} line in {out}"))
+    };
+    let (client, sink) = (rate("clickhouse-client"), rate("metering sink"));
+    assert!(client > 0.0 && sink > 0.0, "{out}");
+    assert!(
+        (sink / client / ratio - 1.0).abs() < 0.02,
+        "ratio is sink/clickhouse-client: {out}"
+    );
+    // Every round wrote its 2,000 rows each way, once.
+    let id = workspace_of(&out);
+    for path in ["sink", "client"] {
+        for round in 1..=2 {
+            let tenant = format!("{id}-{path}-{round}");
+            let rows: u64 = clickhouse()
+                .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
+                .bind(&tenant)
+                .fetch_one()
+                .await
+                .unwrap();
+            assert_eq!(rows, 2000, "{tenant}: {out}");
+        }
+    }
+    assert_topics_gone(&out, &["usage-1", "usage-2", "dlq"]);
+}
+
+#[tokio::test]
 async fn window_benchmark_writes_every_closed_window_and_reports_a_ratio() {
     let sluice = Sluice::start();
     let args = [

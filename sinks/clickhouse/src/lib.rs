@@ -4,7 +4,9 @@
 //! instances racing on a redelivered batch cannot count an event twice.
 //!
 //! The table, its DDL and its queries belong to the stores (`sluice_stores::clickhouse::usage`);
-//! this crate is the stage that fills it.
+//! this crate is the stage that fills it, and its benchmark ([`bench`]).
+
+pub mod bench;
 
 use std::collections::HashSet;
 

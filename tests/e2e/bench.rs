@@ -2,7 +2,6 @@
 
 use crate::harness::*;
 
-/// The `ratio=<x>` every benchmark prints last; positive.
 /// The `<id>` of the `topics: <id>.*` line a benchmark prints.
 fn workspace_of(out: &str) -> &str {
     out.lines()
@@ -21,6 +20,17 @@ fn assert_topics_gone(out: &str, suffixes: &[&str]) {
     }
 }
 
+/// The records/s a benchmark printed on its line starting with `label` (`label…: <n> records/s`).
+fn printed_rate(out: &str, label: &str) -> f64 {
+    out.lines()
+        .find(|l| l.starts_with(label))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {label} line in {out}"))
+}
+
+/// The `ratio=<x>` every benchmark prints last; positive.
 fn last_line_ratio(out: &str) -> f64 {
     let last = out.lines().last().unwrap_or_default();
     let ratio: f64 = last
@@ -61,15 +71,7 @@ async fn passthrough_benchmark_reports_both_paths_and_a_ratio() {
     ];
     let out = sluice.cli(&args);
     let ratio = last_line_ratio(&out);
-    let rate = |label: &str| -> f64 {
-        out.lines()
-            .find(|l| l.starts_with(label))
-            .and_then(|l| l.split(": ").nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} line in {out}"))
-    };
-    let (raw, pipeline) = (rate("raw"), rate("pipeline"));
+    let (raw, pipeline) = (printed_rate(&out, "raw"), printed_rate(&out, "pipeline"));
     assert!(raw > 0.0 && pipeline > 0.0);
     // The printed rates are rounded to whole records/s.
     assert!(
@@ -85,15 +87,10 @@ async fn sink_benchmark_writes_every_row_both_ways_and_reports_a_ratio() {
     let args = ["bench", "sink", "--records", "2000", "--rounds", "2"];
     let out = sluice.cli(&args);
     let ratio = last_line_ratio(&out);
-    let rate = |label: &str| -> f64 {
-        out.lines()
-            .find(|l| l.starts_with(label))
-            .and_then(|l| l.split(": ").nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {label} line in {out}"))
-    };
-    let (client, sink) = (rate("clickhouse-client"), rate("metering sink"));
+    let (client, sink) = (
+        printed_rate(&out, "clickhouse-client"),
+        printed_rate(&out, "metering sink"),
+    );
     assert!(client > 0.0 && sink > 0.0, "{out}");
     assert!(
         (sink / client / ratio - 1.0).abs() < 0.02,

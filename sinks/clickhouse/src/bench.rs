@@ -199,6 +199,9 @@ async fn through_sink(
 ) -> Result<f64> {
     let metrics = stage_metrics()?;
     let rows = metrics.sink_rows.with_label_values(&[&wiring.name]);
+    let writes = metrics
+        .sink_batch_seconds
+        .with_label_values(&[&wiring.name]);
     let mut spec = SinkSpec::new(wiring);
     spec.max_batch = options.max_batch.max(1);
     let stage = StageUnderTest::start(
@@ -218,6 +221,11 @@ async fn through_sink(
         )
         .await?;
     stage.stop().await?;
+    eprintln!(
+        "  sink: {seconds:.2} s, of which {:.2} s in {} writes (the stored-id check and the insert)",
+        writes.get_sample_sum(),
+        writes.get_sample_count()
+    );
     Ok(options.records as f64 / seconds)
 }
 

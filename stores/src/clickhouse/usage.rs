@@ -176,6 +176,16 @@ pub fn tenant_events(
 mod tests {
     use super::*;
 
+    /// The local stack's ClickHouse (`SLUICE_CLICKHOUSE__URL`, as `deploy/local` sets it).
+    fn local_clickhouse() -> ClickHouse {
+        let url = std::env::var("SLUICE_CLICKHOUSE__URL")
+            .unwrap_or_else(|_| crate::clickhouse::ClickHouseConfig::default().url);
+        ClickHouse::new(&crate::clickhouse::ClickHouseConfig {
+            url,
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn rows_carry_event_time_in_seconds_and_milliseconds() {
         let event = UsageEvent {
@@ -197,12 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_used_leaves_out_the_requests_named() {
-        let url = std::env::var("SLUICE_CLICKHOUSE__URL")
-            .unwrap_or_else(|_| crate::clickhouse::ClickHouseConfig::default().url);
-        let clickhouse = ClickHouse::new(&crate::clickhouse::ClickHouseConfig {
-            url,
-            ..Default::default()
-        });
+        let clickhouse = local_clickhouse();
         let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
         let row = |request: &str, input, output| UsageRow {
             event_id: format!("{request}-event"),
@@ -239,12 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn stored_ids_are_found_per_tenant_in_one_batch_of_many_tenants() {
-        let url = std::env::var("SLUICE_CLICKHOUSE__URL")
-            .unwrap_or_else(|_| crate::clickhouse::ClickHouseConfig::default().url);
-        let clickhouse = ClickHouse::new(&crate::clickhouse::ClickHouseConfig {
-            url,
-            ..Default::default()
-        });
+        let clickhouse = local_clickhouse();
         let run = uuid::Uuid::new_v4().simple().to_string();
         let (a, b) = (format!("test-{run}-a"), format!("test-{run}-b"));
         let event = |tenant: &str, id: &str| UsageEvent {

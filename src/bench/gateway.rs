@@ -98,6 +98,25 @@ fn limits_comparison(levels: &[Level]) -> Option<LimitsComparison> {
     })
 }
 
+/// Calls the edge at `edge_url` has made to the limits' counters so far, from its `/metrics`.
+async fn limiter_calls(http: &reqwest::Client, edge_url: &str) -> Option<f64> {
+    let page = http
+        .get(format!("{edge_url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let series = format!("{}{{", sluice_pipelines::metrics::LIMIT_STORE_CALLS);
+    Some(
+        page.lines()
+            .filter(|l| l.starts_with(&series))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// Limits a benchmark never reaches, each of them counted.
 fn unreachable_limits() -> Limits {
     Limits {
@@ -180,6 +199,9 @@ struct Level {
     mixed: Option<(LoadReport, LoadReport)>,
     /// Sluice's and the broker's CPU while the mixed clients ran.
     mixed_cpu: (Option<f64>, Option<f64>),
+    /// Calls the edge made to the limits' counters (Redis) during the mixed run, warm-up
+    /// included, read from its `/metrics`.
+    mixed_limiter_calls: Option<f64>,
 }
 
 impl Level {
@@ -241,7 +263,13 @@ fn print_level(level: &Level) {
             d,
             on,
             (None, None),
-            &format!("  ({} of them: limits on)", on.clients),
+            &format!(
+                "  ({} of them: limits on; {} Redis calls)",
+                on.clients,
+                level
+                    .mixed_limiter_calls
+                    .map_or_else(|| "?".to_owned(), |c| format!("{c:.0}"))
+            ),
         );
     }
 }
@@ -397,6 +425,7 @@ async fn measure(
         let measured = load::run(&http, &through_sluice, clients, warmup, window).await;
         let (sluice_cpu, broker_cpu) = (cpu.0.percent(), cpu.1.percent());
         let cpu = (CpuMeter::start(sluice_pid), CpuMeter::start(broker_pid));
+        let calls_before = limiter_calls(&http, &sluice.edge_url).await;
         let mixed = match &limited {
             Some(limited) => {
                 let targets = [through_sluice.clone(), limited.clone()];
@@ -408,7 +437,9 @@ async fn measure(
             None => None,
         };
         let mixed_cpu = (cpu.0.percent(), cpu.1.percent());
+        let calls_after = limiter_calls(&http, &sluice.edge_url).await;
         let level = Level {
+            mixed_limiter_calls: calls_after.zip(calls_before).map(|(a, b)| a - b),
             direct,
             sluice: measured,
             sluice_cpu,

@@ -178,7 +178,15 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_with_and_wit
         6,
         "a row per level, and two for its clients split by limits: {out}"
     );
-    assert_eq!(rows.iter().filter(|r| r.ends_with("limits on)")).count(), 2);
+    assert_eq!(rows.iter().filter(|r| r.contains("limits on;")).count(), 2);
+    // The limited half's rows say how often the edge called Redis for them.
+    for row in rows.iter().filter(|r| r.contains("limits on;")) {
+        let calls = row
+            .rsplit_once("limits on; ")
+            .and_then(|(_, c)| c.split_whitespace().next())
+            .and_then(|c| c.parse::<f64>().ok());
+        assert!(calls.is_some(), "{row}");
+    }
     let last = out.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()

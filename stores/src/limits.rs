@@ -678,6 +678,15 @@ mod tests {
         assert_eq!(february.end_ms - february.start_ms, 28 * 86_400_000);
     }
 
+    /// A tenant's counter of `kind` with `limit`.
+    fn tenant_counter(kind: Kind, limit: u64) -> Counter {
+        Counter {
+            holder: Holder::Tenant,
+            kind,
+            limit,
+        }
+    }
+
     /// A limiter on the local stack's Redis (`SLUICE_REDIS__URL`, as `deploy/local` sets it),
     /// with keys of a fresh prefix.
     fn local_limiter() -> Limiter {
@@ -715,26 +724,10 @@ mod tests {
         let tenant = Uuid::new_v4();
         let month = Month::of(1_796_572_800_000);
         let counters = [
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::RequestsPerMinute,
-                limit: 3,
-            },
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::TokensPerMinute,
-                limit: 100,
-            },
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::Concurrent,
-                limit: 2,
-            },
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::MonthlyTokens,
-                limit: 1000,
-            },
+            tenant_counter(Kind::RequestsPerMinute, 3),
+            tenant_counter(Kind::TokensPerMinute, 100),
+            tenant_counter(Kind::Concurrent, 2),
+            tenant_counter(Kind::MonthlyTokens, 1000),
         ];
         let first = demand(tenant, "a", &counters, 40, &month);
         assert_eq!(
@@ -797,11 +790,7 @@ mod tests {
         let limiter = local_limiter();
         let tenant = Uuid::new_v4();
         let month = Month::of(1_796_572_800_000);
-        let one_place = [Counter {
-            holder: Holder::Tenant,
-            kind: Kind::Concurrent,
-            limit: 1,
-        }];
+        let one_place = [tenant_counter(Kind::Concurrent, 1)];
         let demand = |id| Demand {
             tenant,
             request_id: id,
@@ -849,16 +838,8 @@ mod tests {
         let tenant = Uuid::new_v4();
         let month = Month::of(1_796_572_800_000);
         let counters = [
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::TokensPerMinute,
-                limit: 100,
-            },
-            Counter {
-                holder: Holder::Tenant,
-                kind: Kind::Concurrent,
-                limit: 2,
-            },
+            tenant_counter(Kind::TokensPerMinute, 100),
+            tenant_counter(Kind::Concurrent, 2),
         ];
         for id in ["a", "b"] {
             assert!(matches!(
@@ -900,12 +881,7 @@ mod tests {
         let dying = edge_a.another_holder(Duration::from_millis(400));
         let tenant = Uuid::new_v4();
         let month = Month::of(1_796_572_800_000);
-        let counter = |kind, limit| Counter {
-            holder: Holder::Tenant,
-            kind,
-            limit,
-        };
-        let places = [counter(Kind::Concurrent, 64)];
+        let places = [tenant_counter(Kind::Concurrent, 64)];
         let share = |want, held| Ask::Share {
             want,
             held,
@@ -952,7 +928,7 @@ mod tests {
 
         // A budget share of an edge that dies: its free tokens come back when it lapses, and
         // its requests in flight stay spent.
-        let budget = [counter(Kind::MonthlyTokens, 1000)];
+        let budget = [tenant_counter(Kind::MonthlyTokens, 1000)];
         edge_a.seed_month(tenant, &month, 0).await.unwrap();
         let asks = [share(100, 0)];
         let mut dying_demand = demand(tenant, "d", &budget, 50, &month);
@@ -991,7 +967,7 @@ mod tests {
         );
 
         // Per-minute units granted to a share leave the bucket.
-        let rate = [counter(Kind::RequestsPerMinute, 100)];
+        let rate = [tenant_counter(Kind::RequestsPerMinute, 100)];
         let asks = [share(10, 0)];
         let mut shared = demand(tenant, "r", &rate, 1, &month);
         shared.asks = &asks;

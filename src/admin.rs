@@ -383,7 +383,7 @@ pub async fn key(config: Config, command: KeyCommand) -> anyhow::Result<()> {
 }
 
 /// The tenant named `name`, or an error saying there is none.
-async fn tenant_named(admin: &PgPool, name: &str) -> anyhow::Result<tenants::Tenant> {
+pub(crate) async fn tenant_named(admin: &PgPool, name: &str) -> anyhow::Result<tenants::Tenant> {
     tenants::find_tenant(admin, name)
         .await?
         .with_context(|| format!("no tenant named {name:?}"))

@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod billing;
 mod config;
 mod process;
 mod setup;
@@ -103,6 +104,16 @@ enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// The price book: versions of each model's, tool's, workflow's and plan's prices.
+    Price {
+        #[command(subcommand)]
+        command: PriceCommand,
+    },
+    /// Invoices: close a month, preview the current one, read and export them.
+    Invoices {
+        #[command(subcommand)]
+        command: InvoicesCommand,
     },
     /// Re-read a topic between two times and feed it through a stage (backfills, evaluation).
     /// Runs outside the stage's consumer group; the metering sink makes a backfill idempotent.
@@ -245,6 +256,16 @@ pub(crate) enum BenchCommand {
         /// Runs of each path (alternating); the median is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// An invoice run over many usage events of many tenants vs. one plain ClickHouse `GROUP
+    /// BY` over the same rows.
+    Invoices {
+        /// Usage events in the month invoiced.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Tenants they belong to (each gets an invoice).
+        #[arg(long, default_value_t = 1_000)]
+        tenants: u64,
     },
     /// The metering sink writing usage events to ClickHouse vs. `clickhouse-client` inserting
     /// the same rows in bulk.
@@ -480,6 +501,109 @@ pub(crate) enum ModelCommand {
     List,
 }
 
+#[derive(Subcommand)]
+pub(crate) enum PriceCommand {
+    /// Add a version of an item's price, in force from `--from` (default now; never earlier).
+    /// Prices are decimals in the billing currency: per million tokens for models, per call or
+    /// run for tools and workflows, per month for a plan's base fee and included usage.
+    Set {
+        /// `model:<name>`, `tool:<name>`, `workflow:<name>` (`tool:*`, `workflow:*` for every
+        /// one without its own price) or `plan:<name>`.
+        item: String,
+        /// Per million input tokens.
+        #[arg(long, default_value = "0")]
+        input: String,
+        /// Per million output tokens.
+        #[arg(long, default_value = "0")]
+        output: String,
+        /// Per million cached input tokens.
+        #[arg(long, default_value = "0")]
+        cached_input: String,
+        /// Per tool call or workflow run.
+        #[arg(long, default_value = "0")]
+        per_unit: String,
+        /// A plan's monthly base fee.
+        #[arg(long, default_value = "0")]
+        base_fee: String,
+        /// The usage a plan's base fee includes each month.
+        #[arg(long, default_value = "0")]
+        included: String,
+        /// When the price starts (RFC 3339, e.g. 2027-01-01T00:00:00Z).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List price versions (of one item, or all).
+    List {
+        item: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the billing currency, or set it (only before the first invoice).
+    Currency { code: Option<String> },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum InvoicesCommand {
+    /// Close a month: one final invoice per tenant with something to bill. Safe to run again:
+    /// tenants already invoiced for the month are left alone.
+    Run {
+        /// The month, YYYY-MM (it must have ended).
+        #[arg(long)]
+        period: String,
+        /// Who issues them (numbering is per issuer, without gaps).
+        #[arg(long, default_value = "default")]
+        issuer: String,
+        /// Only this tenant (by name).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The current month to date for a tenant, as it would be invoiced now.
+    Preview {
+        tenant: String,
+        /// Print JSON (`currency`, `total`, `lines` with `model`, `input_tokens`,
+        /// `output_tokens`, `amount`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List final invoices.
+    List {
+        /// Only this month (YYYY-MM).
+        #[arg(long)]
+        period: Option<String>,
+        /// Only this tenant (by name).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Print one invoice (by number or id).
+    Show {
+        invoice: String,
+        /// As JSON.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// As CSV.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// A month's invoices as one CSV (every tenant's, or one's).
+    Export {
+        #[arg(long)]
+        period: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// A tenant's usage per day, key and model, priced, as CSV.
+    Usage {
+        tenant: String,
+        /// First day (YYYY-MM-DD, UTC; default: the first of this month).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last (YYYY-MM-DD; default: tomorrow).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref(), std::env::vars())?;
@@ -535,6 +659,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             json,
         } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
+        Command::Price { command } => billing::price(config, command).await,
+        Command::Invoices { command } => billing::invoices(config, command).await,
         Command::Dlq { command } => admin::dlq(config, command).await,
         Command::Replay {
             stage,

@@ -82,6 +82,11 @@ impl Modify for Bearer {
         crate::platform::list_tenants,
         crate::platform::create_tenant,
         crate::platform::set_tenant_plan,
+        crate::invoices::list,
+        crate::invoices::preview,
+        crate::invoices::show,
+        crate::invoices::export,
+        crate::invoices::usage,
     ),
     modifiers(&Bearer),
     tags(
@@ -90,6 +95,7 @@ impl Modify for Bearer {
         (name = "auth", description = "Users' sessions"),
         (name = "admin", description = "A tenant's keys, members, origins and audit log, for its admins"),
         (name = "platform", description = "Plans and tenants, for platform admins"),
+        (name = "billing", description = "Invoices, their preview and finance's exports, for a tenant's admins (a platform admin's period export covers every tenant)"),
     )
 )]
 pub struct ApiDoc;

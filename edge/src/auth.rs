@@ -39,6 +39,20 @@ pub struct TenantId(pub Uuid);
 pub struct Caller {
     pub tenant: TenantId,
     pub grant: Arc<KeyGrant>,
+    /// The user of a login session (`None`: an API key, `grant.key_id`).
+    pub user: Option<Uuid>,
+}
+
+impl Caller {
+    /// The API key that calls (`None` for a user's session), as usage records name it.
+    pub fn key_id(&self) -> Option<String> {
+        self.user.is_none().then(|| self.grant.key_id.to_string())
+    }
+
+    /// The user whose session calls (`None` for an API key).
+    pub fn user_id(&self) -> Option<String> {
+        self.user.map(|u| u.to_string())
+    }
 }
 
 /// Caches key-hash → grant for a short time.
@@ -230,6 +244,7 @@ pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Call
             Some(grant) => Ok(Caller {
                 tenant: TenantId(tenant),
                 grant,
+                user: Some(claims.sub),
             }),
             None => Err(ApiError::unauthorized(
                 "The tenant of this session is not active.",
@@ -240,6 +255,7 @@ pub async fn caller_for_key(state: &EdgeState, key: Option<&str>) -> Result<Call
         Some(grant) => Ok(Caller {
             tenant: TenantId(grant.tenant_id),
             grant,
+            user: None,
         }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }

@@ -100,6 +100,8 @@ pub async fn submit(
         },
         received_at_ms,
         allowed_models: caller.grant.allowed_models(),
+        key_id: caller.key_id(),
+        user_id: caller.user_id(),
     };
     let admission = state
         .limits

@@ -24,6 +24,7 @@ pub mod chat;
 pub mod control;
 pub mod cors;
 pub mod error;
+pub mod invoices;
 pub mod limits;
 pub mod openai;
 pub mod platform;
@@ -58,6 +59,8 @@ mod test_support {
             },
             received_at_ms: 0,
             allowed_models: None,
+            key_id: None,
+            user_id: None,
         }
     }
 }
@@ -431,6 +434,11 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/admin/plans/{name}",
     "/v1/admin/tenants",
     "/v1/admin/tenants/{id}/plan",
+    "/v1/invoices",
+    "/v1/invoices/preview",
+    "/v1/invoices/export",
+    "/v1/invoices/usage",
+    "/v1/invoices/{invoice}",
 ];
 
 /// The edge's routes.
@@ -481,6 +489,11 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
             "/v1/admin/tenants/{id}/plan",
             axum::routing::put(platform::set_tenant_plan),
         )
+        .route("/v1/invoices", get(invoices::list))
+        .route("/v1/invoices/preview", get(invoices::preview))
+        .route("/v1/invoices/export", get(invoices::export))
+        .route("/v1/invoices/usage", get(invoices::usage))
+        .route("/v1/invoices/{invoice}", get(invoices::show))
         .route("/openapi.json", get(api_doc::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -111,6 +111,12 @@ pub struct ChatRequest {
     /// The models the caller's key and plan allow (`None`: every enabled model).
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
+    /// The API key that made the request (`None` for a user's session).
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// The user whose session made the request (`None` for an API key).
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
@@ -231,6 +237,18 @@ pub struct UsageEvent {
     pub occurred_at_ms: i64,
     #[serde(default)]
     pub latency_ms: Option<i64>,
+    /// The API key that made the request.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// The user whose session made the request.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Input tokens served from the provider's prompt cache (a part of `input_tokens`).
+    #[serde(default)]
+    pub cached_input_tokens: Option<i64>,
+    /// The request's W3C trace id (hex).
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 record!(UsageEvent, "sluice.v1.UsageEvent", "usage_event.avsc");
 
@@ -295,6 +313,8 @@ mod tests {
             },
             received_at_ms: 1_700_000_000_000,
             allowed_models: None,
+            key_id: None,
+            user_id: None,
         }
     }
 
@@ -341,6 +361,10 @@ mod tests {
             output_tokens: 7,
             occurred_at_ms: 3,
             latency_ms: Some(12),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         });
         round_trip(DeadLetter {
             source_topic: "sluice.requests".into(),

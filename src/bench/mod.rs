@@ -1,8 +1,10 @@
 //! `sluice bench`: each benchmark measures Sluice against the limit on the same machine in the
-//! same run and prints both: `passthrough` and `window` print `ratio=<measured/limit>` last,
-//! `gateway` prints `max_rps=<n> p99_tax_ms_c10=<x>` last.
+//! same run and prints both: `passthrough`, `window` and `sink` print `ratio=<measured/limit>`
+//! last, `invoices` `ratio=<run time ÷ GROUP BY time>`, `gateway` `max_rps=<n>
+//! p99_tax_ms_c10=<x>`.
 
 mod gateway;
+mod invoices;
 mod load;
 mod under_test;
 mod upstream;
@@ -141,6 +143,9 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 ),
             );
             println!("ratio={:.3}", report.comparison.ratio());
+        }
+        BenchCommand::Invoices { events, tenants } => {
+            invoices::run(&config, &invoices::InvoiceBenchOptions { events, tenants }).await?;
         }
         BenchCommand::Sink {
             records,

@@ -12,6 +12,8 @@
 //!   instance's replies partition).
 //! - [`clickhouse`]: the facts. Connection settings, the DDL of database `sluice`, the one
 //!   writer every ClickHouse write goes through, and the read queries ([`clickhouse::usage`]).
+//! - [`billing`]: the price book, exact money, invoices (runs, previews, reading back) and
+//!   finance's CSV exports, from both stores.
 //! - [`export`]: a tenant's data export, from both stores.
 //! - [`limits`]: the Redis counters behind rate limits and quotas, shared by every edge.
 //! - [`Error`]: one error type, which says whose fault a failure is and whether a retry can
@@ -20,6 +22,7 @@
 //! This crate depends only on `schemas`: the runtime, the operators, the sinks and the edge
 //! read and write the stores through it.
 
+pub mod billing;
 pub mod clickhouse;
 pub mod export;
 pub mod limits;

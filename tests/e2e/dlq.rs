@@ -48,6 +48,8 @@ async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
                 },
                 received_at_ms: 0,
                 allowed_models: None,
+                key_id: None,
+                user_id: None,
             };
             let bytes = codec.encode(&request).unwrap();
             bytes[..bytes.len() / 2].to_vec()

@@ -607,6 +607,10 @@ pub fn usage_event(request_id: String, tenant: &str) -> sluice_schemas::UsageEve
         output_tokens: 1,
         occurred_at_ms: sluice_pipelines::now_ms(),
         latency_ms: None,
+        key_id: None,
+        user_id: None,
+        cached_input_tokens: None,
+        trace_id: None,
     }
 }
 

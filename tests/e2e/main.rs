@@ -14,6 +14,7 @@ mod chat;
 mod conformance;
 mod dlq;
 mod failover;
+mod invoices;
 mod isolation;
 mod limits;
 mod ordering;

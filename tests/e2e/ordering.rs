@@ -47,6 +47,8 @@ async fn records_of_one_key_leave_the_router_in_the_order_they_came() {
                 },
                 received_at_ms: 0,
                 allowed_models: None,
+                key_id: None,
+                user_id: None,
             };
             let bytes = codec.encode(&request).unwrap();
             let record = FutureRecord::to(&requests_topic)

@@ -258,11 +258,18 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
     assert_eq!(chunk.error_status, 0, "filled from the default");
     assert_eq!(chunk.finish_reason.as_deref(), Some("stop"));
 
-    // A usage event from before `latency_ms` existed reads as "not measured".
+    // A usage event from before `latency_ms` (and who called, cached tokens and the trace)
+    // existed reads as "not measured" and "not known".
     let framed = written_with_older_schema(
         &sluice,
         UsageEvent::AVSC,
-        &["latency_ms"],
+        &[
+            "latency_ms",
+            "key_id",
+            "user_id",
+            "cached_input_tokens",
+            "trace_id",
+        ],
         Avro::Record(vec![
             ("event_id".into(), Avro::String("e".into())),
             ("request_id".into(), Avro::String("r".into())),
@@ -277,6 +284,7 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
     .await;
     let event: UsageEvent = codec.decode(&framed).await.unwrap();
     assert_eq!((event.output_tokens, event.latency_ms), (2, None));
+    assert_eq!((event.key_id, event.trace_id), (None, None));
 
     // A field with no default cannot be invented: such a record fails to decode (and a stage
     // sends it to the DLQ) rather than being read wrongly.
@@ -293,6 +301,13 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
             ("output_tokens".into(), Avro::Long(2)),
             ("occurred_at_ms".into(), Avro::TimestampMillis(3)),
             ("latency_ms".into(), Avro::Union(0, Box::new(Avro::Null))),
+            ("key_id".into(), Avro::Union(0, Box::new(Avro::Null))),
+            ("user_id".into(), Avro::Union(0, Box::new(Avro::Null))),
+            (
+                "cached_input_tokens".into(),
+                Avro::Union(0, Box::new(Avro::Null)),
+            ),
+            ("trace_id".into(), Avro::Union(0, Box::new(Avro::Null))),
         ]),
     )
     .await;

@@ -51,6 +51,10 @@ impl UsageWriter {
             output_tokens: output,
             occurred_at_ms: at_ms,
             latency_ms: Some(latency),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
             ..usage_event(format!("{tenant}-{n}"), tenant)
         };
         let bytes = self.codec.encode(&event).unwrap();
@@ -282,6 +286,10 @@ async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_
         let event = UsageEvent {
             occurred_at_ms: base + i * 30,
             latency_ms: Some(5),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
             ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
         (tenant.clone(), writer.codec.encode(&event).unwrap())

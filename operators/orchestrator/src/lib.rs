@@ -163,6 +163,7 @@ impl RecordOperator for Orchestrator {
         let mut pending = String::new();
         let mut last_sent = std::time::Instant::now();
         let mut finish: Option<(String, Option<i64>, Option<i64>)> = None;
+        let mut cached: Option<i64> = None;
         let mut failure: Option<ProviderError> = None;
         loop {
             // What is already here is taken without waiting; before waiting for more, a
@@ -199,8 +200,10 @@ impl RecordOperator for Orchestrator {
                     finish_reason,
                     input_tokens,
                     output_tokens,
+                    cached_input_tokens,
                 })) => {
                     finish = Some((finish_reason, input_tokens, output_tokens));
+                    cached = cached_input_tokens;
                     break;
                 }
                 Some(Err(e)) => {
@@ -240,6 +243,10 @@ impl RecordOperator for Orchestrator {
                 latency_ms: Some(
                     i64::try_from(call_started.elapsed().as_millis()).unwrap_or(i64::MAX),
                 ),
+                key_id: request.key_id.clone(),
+                user_id: request.user_id.clone(),
+                cached_input_tokens: cached.filter(|c| *c > 0).map(|c| c.min(input_tokens)),
+                trace_id: Some(ctx.trace.trace_id_hex()),
             };
             // Nobody waits on usage: it leaves batched with other requests' usage.
             out.emit_batched(

@@ -266,6 +266,8 @@ mod tests {
             },
             received_at_ms: 0,
             allowed_models: None,
+            key_id: None,
+            user_id: None,
         }
     }
 

@@ -129,6 +129,10 @@ fn events(id: &str, options: &WindowOptions) -> impl Iterator<Item = (String, Us
             output_tokens: 50,
             occurred_at_ms: base + i * span_ms / records,
             latency_ms: Some(20 + i % 200),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         };
         (tenant, event)
     })

@@ -599,6 +599,10 @@ mod tests {
             output_tokens: output,
             occurred_at_ms: at,
             latency_ms: Some(latency),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         }
     }
 

@@ -434,6 +434,10 @@ mod tests {
             output_tokens: 5,
             occurred_at_ms: 1_000,
             latency_ms: Some(40),
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         }
     }
 
@@ -458,6 +462,10 @@ mod tests {
                 "output_tokens",
                 "occurred_at_ms",
                 "latency_ms",
+                "key_id",
+                "user_id",
+                "cached_input_tokens",
+                "trace_id",
                 "window_start",
                 "window_end"
             ]
@@ -517,7 +525,7 @@ mod tests {
             .write_value_to_vec(record)
             .unwrap();
         let row: Row<UsageEvent> = sluice_schemas::codec::decode_body(&writer, &body).unwrap();
-        assert_eq!(row.cells.len(), 9);
+        assert_eq!(row.cells.len(), 13);
         assert_eq!(row.cells[2], Cell::Text("t".into()));
         assert_eq!(row.cells[7], Cell::Int(1_000));
         assert_eq!(row.cells[8], Cell::Null);

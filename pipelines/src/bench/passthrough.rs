@@ -93,6 +93,8 @@ fn sample(i: u64, record_bytes: usize) -> ChatRequest {
         },
         received_at_ms: crate::now_ms(),
         allowed_models: None,
+        key_id: None,
+        user_id: None,
     }
 }
 

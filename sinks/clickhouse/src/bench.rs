@@ -119,6 +119,11 @@ fn events(tenant: &str, records: u64) -> impl Iterator<Item = (String, UsageEven
             output_tokens: 50,
             occurred_at_ms: at + i64::try_from(i % 60_000).unwrap_or(0),
             latency_ms: Some(20),
+            // As the orchestrator writes them: who called, and the trace.
+            key_id: Some("6f1c2a4e-0d4b-4c5e-9a7b-3e2f1d0c9b8a".to_owned()),
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: Some(format!("{i:032x}")),
         };
         (tenant.clone(), event)
     })
@@ -131,7 +136,7 @@ fn tab_separated(tenant: &str, records: u64) -> Vec<u8> {
         let row = usage::UsageRow::from(&event);
         body.extend_from_slice(
             format!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                 row.event_id,
                 row.request_id,
                 row.tenant_id,
@@ -140,7 +145,11 @@ fn tab_separated(tenant: &str, records: u64) -> Vec<u8> {
                 row.input_tokens,
                 row.output_tokens,
                 row.occurred_at,
-                row.occurred_at_ms
+                row.occurred_at_ms,
+                row.key_id,
+                row.user_id,
+                row.cached_input_tokens,
+                row.trace_id
             )
             .as_bytes(),
         );
@@ -154,7 +163,8 @@ async fn client_insert(client: &ClientOptions, tenant: &str, records: u64) -> Re
     let body = tab_separated(tenant, records);
     let query = format!(
         "INSERT INTO {} (event_id, request_id, tenant_id, model, provider, input_tokens, \
-         output_tokens, occurred_at, occurred_at_ms) FORMAT TabSeparated",
+         output_tokens, occurred_at, occurred_at_ms, key_id, user_id, cached_input_tokens, \
+         trace_id) FORMAT TabSeparated",
         usage::TABLE
     );
     let setup = |e: std::io::Error| BenchError::Setup(format!("{}: {e}", client.program).into());
@@ -240,7 +250,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         let fields: Vec<&str> = lines[1].split('\t').collect();
-        assert_eq!(fields.len(), 9);
+        assert_eq!(fields.len(), 13);
         assert_eq!(&fields[..3], ["t-1:0", "t-1", "t"]);
         let seconds: i64 = fields[7].parse().unwrap();
         let millis: i64 = fields[8].parse().unwrap();

@@ -81,6 +81,10 @@ mod tests {
             output_tokens: 4,
             occurred_at_ms: 1_700_000_000_123,
             latency_ms: None,
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         }
     }
 

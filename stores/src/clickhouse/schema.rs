@@ -55,12 +55,53 @@ const STATEMENTS: &[&str] = &[
     ORDER BY (model, window_start, source_partition)",
 ];
 
-/// Creates the database and tables if they are missing.
+/// Columns added to tables after they were first released: `(table, column, type and
+/// default)`. Added where missing (ClickHouse 18.16 knows no `ADD COLUMN IF NOT EXISTS`).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // Who made the request, and the provider's cached input tokens (usage events carry them).
+    ("usage_events", "key_id", "String DEFAULT ''"),
+    ("usage_events", "user_id", "String DEFAULT ''"),
+    ("usage_events", "cached_input_tokens", "UInt64 DEFAULT 0"),
+    ("usage_events", "trace_id", "String DEFAULT ''"),
+];
+
+/// Creates the database and tables if they are missing, and adds missing columns.
 pub async fn migrate(config: &ClickHouseConfig) -> Result<()> {
     let client = config.server_client();
     for statement in STATEMENTS {
         let sql = statement.replace("{db}", &config.database);
         client.query(&sql).execute().await?;
     }
+    for (table, column, definition) in ADDED_COLUMNS {
+        if has_column(&client, &config.database, table, column).await? {
+            continue;
+        }
+        let sql = format!(
+            "ALTER TABLE {}.{table} ADD COLUMN {column} {definition}",
+            config.database
+        );
+        if let Err(e) = client.query(&sql).execute().await {
+            // Another process migrating at the same moment may have added it first.
+            if !has_column(&client, &config.database, table, column).await? {
+                return Err(e.into());
+            }
+        }
+    }
     Ok(())
+}
+
+async fn has_column(
+    client: &::clickhouse::Client,
+    database: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool> {
+    let found: Vec<String> = client
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+        .bind(database)
+        .bind(table)
+        .bind(column)
+        .fetch_all()
+        .await?;
+    Ok(!found.is_empty())
 }

@@ -27,6 +27,14 @@ pub struct UsageRow {
     pub occurred_at: u32,
     /// Event time, milliseconds.
     pub occurred_at_ms: i64,
+    /// The API key that made the request (empty for a user's session).
+    pub key_id: String,
+    /// The user whose session made the request (empty for an API key).
+    pub user_id: String,
+    /// Input tokens the provider served from its cache (a part of `input_tokens`).
+    pub cached_input_tokens: u64,
+    /// The request's W3C trace id (hex; empty when unknown).
+    pub trace_id: String,
 }
 
 impl From<&UsageEvent> for UsageRow {
@@ -41,6 +49,13 @@ impl From<&UsageEvent> for UsageRow {
             output_tokens: u64::try_from(e.output_tokens).unwrap_or(0),
             occurred_at: u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0),
             occurred_at_ms: e.occurred_at_ms,
+            key_id: e.key_id.clone().unwrap_or_default(),
+            user_id: e.user_id.clone().unwrap_or_default(),
+            cached_input_tokens: e
+                .cached_input_tokens
+                .and_then(|c| u64::try_from(c).ok())
+                .unwrap_or(0),
+            trace_id: e.trace_id.clone().unwrap_or_default(),
         }
     }
 }
@@ -158,6 +173,174 @@ pub async fn tokens_used(
     Ok(query.fetch_one::<u64>().await?)
 }
 
+/// Usage summed between moments at which a price changes (and, if asked, per key and day):
+/// every fact in one slice has one price.
+#[derive(Debug, Clone, PartialEq, Eq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct UsageSlice {
+    pub tenant_id: String,
+    pub model: String,
+    /// How many of the boundaries given are at or before the slice's facts: slice `k` lies
+    /// between boundary `k - 1` and boundary `k` (or the end).
+    pub segment: u32,
+    /// The key (or, for a session, the user) and UTC day, when asked for; otherwise empty
+    /// and 0.
+    pub caller: String,
+    pub day: u32,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+}
+
+/// Which facts [`usage_slices`] reads, and how it splits them.
+#[derive(Debug, Clone)]
+pub struct SliceQuery<'a> {
+    /// Event time range, Unix milliseconds, `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Moments (ascending, the first `from_ms`) at which prices change or periods start.
+    pub boundaries: &'a [i64],
+    /// Only these tenants (`None`: all).
+    pub tenants: Option<&'a [String]>,
+    /// Also split per key (or user) and UTC day (days since 1970-01-01).
+    pub by_key_and_day: bool,
+}
+
+/// The usage facts in a range, summed per tenant, model and slice between `boundaries`.
+pub async fn usage_slices(
+    clickhouse: &ClickHouse,
+    query: &SliceQuery<'_>,
+) -> Result<Vec<UsageSlice>> {
+    let tenant_filter = if query.tenants.is_some() {
+        " AND tenant_id IN (SELECT arrayJoin(?))"
+    } else {
+        ""
+    };
+    let (key, day) = if query.by_key_and_day {
+        (
+            "if(key_id != '', key_id, user_id)",
+            "toUInt32(intDiv(occurred_at_ms, 86400000))",
+        )
+    } else {
+        ("''", "toUInt32(0)")
+    };
+    // `occurred_at` bounds pick the monthly partitions; `occurred_at_ms` the exact range.
+    let sql = format!(
+        "SELECT tenant_id, model, toUInt32(arrayCount(b -> b <= occurred_at_ms, ?)) AS segment, \
+                {key} AS caller, {day} AS day, count() AS requests, \
+                sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
+                sum(cached_input_tokens) AS cached_input_tokens \
+           FROM {TABLE} FINAL \
+          WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
+            AND occurred_at_ms >= ? AND occurred_at_ms < ?{tenant_filter} \
+          GROUP BY tenant_id, model, segment, caller, day"
+    );
+    let from_s = u32::try_from(query.from_ms.div_euclid(1000)).unwrap_or(0);
+    let to_s = u32::try_from(query.to_ms.div_euclid(1000) + 1).unwrap_or(u32::MAX);
+    let mut select = clickhouse
+        .client()
+        .query(&sql)
+        .bind(query.boundaries)
+        .bind(from_s)
+        .bind(to_s)
+        .bind(query.from_ms)
+        .bind(query.to_ms);
+    if let Some(tenants) = query.tenants {
+        select = select.bind(tenants);
+    }
+    Ok(select.fetch_all::<UsageSlice>().await?)
+}
+
+/// Usage of one tenant and model.
+#[derive(Debug, Clone, PartialEq, Eq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct TenantModelUsage {
+    pub tenant_id: String,
+    pub model: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Every tenant's usage per model for events in `[from_ms, to_ms)`: one plain `GROUP BY`.
+pub async fn totals_by_tenant_and_model(
+    clickhouse: &ClickHouse,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<TenantModelUsage>> {
+    Ok(clickhouse
+        .client()
+        .query(&format!(
+            "SELECT tenant_id, model, count() AS requests, sum(input_tokens) AS input_tokens, \
+                    sum(output_tokens) AS output_tokens \
+               FROM {TABLE} FINAL \
+              WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
+                AND occurred_at_ms >= ? AND occurred_at_ms < ? \
+              GROUP BY tenant_id, model"
+        ))
+        .bind(u32::try_from(from_ms.div_euclid(1000)).unwrap_or(0))
+        .bind(u32::try_from(to_ms.div_euclid(1000) + 1).unwrap_or(u32::MAX))
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all::<TenantModelUsage>()
+        .await?)
+}
+
+/// Synthetic usage for benchmarks, made inside ClickHouse: `events` facts spread over
+/// `tenants` (in turn) and `models`, at times spread over `[from_ms, from_ms + span_ms)`,
+/// with ids starting `id_prefix`.
+pub struct SyntheticUsage<'a> {
+    pub id_prefix: &'a str,
+    pub tenants: &'a [String],
+    /// The first model gets four fifths of the events, the second the rest.
+    pub models: [&'a str; 2],
+    pub events: u64,
+    pub from_ms: i64,
+    pub span_ms: i64,
+}
+
+/// Writes [`SyntheticUsage`] (one `INSERT … SELECT`, no rows through the client).
+pub async fn fill_synthetic(clickhouse: &ClickHouse, usage: &SyntheticUsage<'_>) -> Result<()> {
+    if usage.tenants.is_empty() || usage.span_ms <= 0 {
+        return Err(crate::Error::Invalid(
+            "synthetic usage needs tenants and a time span".into(),
+        ));
+    }
+    clickhouse
+        .client()
+        .query(&format!(
+            "INSERT INTO {TABLE} (event_id, request_id, tenant_id, model, provider, input_tokens, \
+                    output_tokens, occurred_at, occurred_at_ms, key_id) \
+             SELECT concat(?, toString(number)), concat(?, toString(number)), \
+                    arrayElement(?, (number % ?) + 1), if(intDiv(number, ?) % 5 = 0, ?, ?), 'sim', \
+                    100 + number % 900, 10 + number % 300, toDateTime(intDiv(at, 1000)), at, 'synthetic' \
+               FROM (SELECT number, ? + (number * 7919) % ? AS at FROM system.numbers LIMIT ?)"
+        ))
+        .bind(format!("{}-e", usage.id_prefix))
+        .bind(format!("{}-r", usage.id_prefix))
+        .bind(usage.tenants)
+        .bind(usage.tenants.len() as u64)
+        .bind(usage.tenants.len() as u64)
+        .bind(usage.models[1])
+        .bind(usage.models[0])
+        .bind(usage.from_ms)
+        .bind(usage.span_ms)
+        .bind(usage.events)
+        .execute()
+        .await?;
+    Ok(())
+}
+
+/// Drops every fact of one month (`YYYYMM`, the table's partition): for a benchmark's own
+/// month of the distant past, never for a month anyone bills.
+pub async fn drop_month(clickhouse: &ClickHouse, yyyymm: u32) -> Result<()> {
+    clickhouse
+        .client()
+        .query(&format!("ALTER TABLE {TABLE} DROP PARTITION {yyyymm}"))
+        .execute()
+        .await?;
+    Ok(())
+}
+
 /// Every usage fact of a tenant, oldest first, as they are read (for the tenant's data export).
 pub fn tenant_events(
     clickhouse: &ClickHouse,
@@ -198,6 +381,10 @@ mod tests {
             output_tokens: -4,
             occurred_at_ms: 1_700_000_000_123,
             latency_ms: None,
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         };
         let row = UsageRow::from(&event);
         assert_eq!(row.occurred_at, 1_700_000_000);
@@ -219,6 +406,10 @@ mod tests {
             output_tokens: output,
             occurred_at: 1_796_572_800,
             occurred_at_ms: 1_796_572_800_000,
+            key_id: String::new(),
+            user_id: String::new(),
+            cached_input_tokens: 0,
+            trace_id: String::new(),
         };
         let rows = [row("r1", 10, 5), row("r2", 20, 1), row("r3", 100, 0)];
         clickhouse.insert_rows("usage_events", &rows).await.unwrap();
@@ -257,6 +448,10 @@ mod tests {
             output_tokens: 1,
             occurred_at_ms: 1_796_572_800_000,
             latency_ms: None,
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
         };
         let stored = [event(&a, "1"), event(&b, "2")];
         let rows: Vec<UsageRow> = stored.iter().map(UsageRow::from).collect();

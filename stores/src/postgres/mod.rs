@@ -77,6 +77,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "platform_admin",
         sql: include_str!("../../migrations/0009_platform_admin.sql"),
     },
+    Migration {
+        version: 10,
+        name: "billing",
+        sql: include_str!("../../migrations/0010_billing.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

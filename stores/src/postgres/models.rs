@@ -146,7 +146,8 @@ pub async fn enabled_models(pool: &PgPool) -> Result<Vec<ModelSpec>> {
 }
 
 /// Adds or replaces a model in the catalogue (owner role); a model with problems is refused
-/// with all of them.
+/// with all of them. Prices that differ from the price book's current ones become its next
+/// version, in force from now.
 pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
     let problems = model.validate();
     if !problems.is_empty() {
@@ -156,6 +157,7 @@ pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
             problems.join("; ")
         )));
     }
+    let mut tx = admin.begin().await?;
     sqlx::query(
         "INSERT INTO models (name, provider, upstream_model, base_url, api_key_env, context_window, \
                              input_price_micros, output_price_micros, enabled) \
@@ -172,8 +174,24 @@ pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
     .bind(model.context_window)
     .bind(model.input_price_micros)
     .bind(model.output_price_micros)
-    .execute(admin)
+    .execute(&mut *tx)
     .await?;
+    // The price book follows the catalogue: new prices are in force from now on (the past
+    // keeps the prices it had).
+    sqlx::query(
+        "INSERT INTO price_versions (item, input_per_mtok, output_per_mtok, valid_from) \
+         SELECT $1, $2, $3, now() \
+          WHERE NOT EXISTS (SELECT 1 FROM ( \
+                SELECT input_per_mtok, output_per_mtok FROM price_versions \
+                 WHERE item = $1 AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1) current \
+                 WHERE current.input_per_mtok = $2 AND current.output_per_mtok = $3)",
+    )
+    .bind(crate::billing::prices::model_item(&model.name))
+    .bind(model.input_price_micros)
+    .bind(model.output_price_micros)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -61,6 +61,8 @@ fn chat_request(world: &World, key: &str, seq: u32) -> ChatRequest {
         },
         received_at_ms: sluice_pipelines::now_ms(),
         allowed_models: None,
+        key_id: None,
+        user_id: None,
     }
 }
 
@@ -69,6 +71,10 @@ fn usage(key: &str, seq: u32, at_ms: i64) -> UsageEvent {
         model: key.to_owned(),
         occurred_at_ms: at_ms,
         latency_ms: Some(i64::from(seq)),
+        key_id: None,
+        user_id: None,
+        cached_input_tokens: None,
+        trace_id: None,
         ..usage_event(format!("{key}-{seq}"), key)
     }
 }

@@ -37,6 +37,8 @@ pub enum ProviderEvent {
         finish_reason: String,
         input_tokens: Option<i64>,
         output_tokens: Option<i64>,
+        /// Input tokens the provider served from its prompt cache (a part of `input_tokens`).
+        cached_input_tokens: Option<i64>,
     },
 }
 

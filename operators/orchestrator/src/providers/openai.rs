@@ -104,7 +104,7 @@ impl OpenAiProvider {
         }
         let mut decoder = SseDecoder::default();
         let mut finish_reason: Option<String> = None;
-        let mut usage: Option<(i64, i64)> = None;
+        let mut usage: Option<ChunkUsage> = None;
         let mut finished = false;
         let bytes = response.bytes_stream();
         let events = bytes
@@ -120,8 +120,12 @@ impl OpenAiProvider {
                         finished = true;
                         out.push(ProviderEvent::Done {
                             finish_reason: finish_reason.clone().unwrap_or_else(|| "stop".into()),
-                            input_tokens: usage.map(|u| u.0),
-                            output_tokens: usage.map(|u| u.1),
+                            input_tokens: usage.as_ref().map(|u| u.prompt_tokens),
+                            output_tokens: usage.as_ref().map(|u| u.completion_tokens),
+                            cached_input_tokens: usage
+                                .as_ref()
+                                .and_then(|u| u.prompt_tokens_details.as_ref())
+                                .and_then(|d| d.cached_tokens),
                         });
                         continue;
                     }
@@ -134,7 +138,7 @@ impl OpenAiProvider {
                         )));
                     }
                     if let Some(u) = chunk.usage {
-                        usage = Some((u.prompt_tokens, u.completion_tokens));
+                        usage = Some(u);
                     }
                     if let Some(choice) = chunk.choices.into_iter().flatten().next() {
                         if let Some(text) = choice.delta.and_then(|d| d.content) {
@@ -190,6 +194,15 @@ struct ChunkUsage {
     prompt_tokens: i64,
     #[serde(default)]
     completion_tokens: i64,
+    /// OpenAI's `prompt_tokens_details.cached_tokens`: input served from its prompt cache.
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<i64>,
 }
 
 /// Splits a server-sent-event byte stream into the `data` payloads of its events, in one pass
@@ -293,12 +306,14 @@ mod tests {
     fn a_chunk_reads_content_finish_reason_usage_and_escapes() {
         let chunk: StreamChunk = serde_json::from_str(
             r#"{"choices":[{"delta":{"content":"say \"hi\""},"finish_reason":"stop"}],
-                "usage":{"prompt_tokens":3,"completion_tokens":2},"error":null}"#,
+                "usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}},"error":null}"#,
         )
         .expect("a valid chunk");
         assert!(chunk.error.is_none());
         let usage = chunk.usage.expect("usage");
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 2));
+        let cached = usage.prompt_tokens_details.and_then(|d| d.cached_tokens);
+        assert_eq!(cached, Some(1));
         let choice = chunk
             .choices
             .into_iter()

@@ -141,6 +141,7 @@ pub fn complete(call: &ModelCall, config: &SimConfig) -> EventStream {
         finish_reason: if truncated { "length" } else { "stop" }.to_owned(),
         input_tokens: i64::try_from(input_tokens).ok(),
         output_tokens: i64::try_from(output_tokens).ok(),
+        cached_input_tokens: None,
     };
     let deltas = stream::iter(pieces.into_iter().enumerate()).then(move |(i, piece)| async move {
         let wait = if i == 0 { first } else { gap };
@@ -198,6 +199,7 @@ mod tests {
                 finish_reason,
                 input_tokens,
                 output_tokens,
+                ..
             })) => {
                 assert_eq!(finish_reason, "stop");
                 assert_eq!(*input_tokens, Some(6));

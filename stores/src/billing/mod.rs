@@ -1,0 +1,19 @@
+//! Billing: the versioned price book ([`prices`]), exact money ([`money`]), billing periods
+//! ([`period`]), the arithmetic of an invoice ([`statement`]), invoices in the stores — runs,
+//! previews, reading them back ([`invoices`]) — and finance's CSV exports ([`csv`]).
+//!
+//! Usage is priced when it is read, by event time: the price book only ever gains versions
+//! that start from now on, so the version in force at any past moment never changes, and every
+//! invoice line names the version it used.
+
+pub mod csv;
+pub mod invoices;
+pub mod money;
+pub mod period;
+pub mod prices;
+pub mod statement;
+
+pub use invoices::Invoice;
+pub use money::{Currency, Exact, Minor};
+pub use period::Period;
+pub use prices::{PriceBook, PriceVersion};

@@ -115,7 +115,7 @@ async fn measure(
     times.sort();
     let limit = times[1];
     println!(
-        "ClickHouse GROUP BY tenant, model (FINAL) over the month: {:.3} s (median of 3; {} groups)",
+        "ClickHouse GROUP BY tenant, model (FINAL; requests, input, output and cached tokens) over the month: {:.3} s (median of 3; {} groups)",
         limit.as_secs_f64(),
         totals.len()
     );
@@ -154,7 +154,8 @@ async fn measure(
         let version = book
             .in_force(&format!("model:{}", row.model), period.start_ms())
             .with_context(|| format!("{} has no price in force", row.model))?;
-        expected = expected + version.tokens_cost(row.input_tokens, row.output_tokens, 0);
+        expected = expected
+            + version.tokens_cost(row.input_tokens, row.output_tokens, row.cached_input_tokens);
     }
     let invoiced: Exact = report
         .written

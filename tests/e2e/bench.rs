@@ -217,3 +217,38 @@ async fn gateway_benchmark_measures_the_upstream_the_hop_and_sluice_with_and_wit
         &["hop", "requests", "routed", "replies", "usage", "dlq"],
     );
 }
+
+#[tokio::test]
+async fn invoice_benchmark_checks_its_invoices_and_leaves_only_them_behind() {
+    let prefix = unique("t");
+    let out = run_cli(
+        &prefix,
+        &["bench", "invoices", "--events", "30000", "--tenants", "30"],
+    );
+    last_line_ratio(&out);
+    assert!(out.contains("checked: 30 invoices"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.split("(tenants ").nth(1))
+        .and_then(|l| l.strip_suffix("-*)"))
+        .unwrap_or_else(|| panic!("no tenants line in {out}"));
+    let facts: u64 = clickhouse()
+        .query("SELECT count() FROM usage_events WHERE startsWith(event_id, ?)")
+        .bind(format!("{id}-"))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(facts, 0, "{out}");
+    let admin = sluice_stores::postgres::connect(&admin_database_url(), 1)
+        .await
+        .unwrap();
+    let (tenants, invoices): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tenants WHERE name LIKE $1 || '-%'), \
+                (SELECT count(*) FROM invoices WHERE tenant_name LIKE $1 || '-%')",
+    )
+    .bind(id)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!((tenants, invoices), (0, 30), "{out}");
+}

@@ -13,8 +13,8 @@ use super::{
     period::Period,
     prices::{model_item, plan_item, PriceBook},
     statement::{
-        difference, period_lines, slice_boundaries, slice_start, totals, Line, LineKind, PlanFees,
-        PricedUsage, Quantities,
+        difference, period_lines, slice_start, totals, Line, LineKind, PlanFees, PricedUsage,
+        Quantities,
     },
 };
 use crate::{
@@ -116,13 +116,13 @@ async fn priced_usage(
     to: Period,
     tenants: Option<&[String]>,
 ) -> Result<PeriodUsage> {
-    let boundaries = slice_boundaries(book, from, to);
+    let price_changes = book.changes_between(from.start_ms(), to.end_ms());
     let slices = usage::usage_slices(
         clickhouse,
         &SliceQuery {
             from_ms: from.start_ms(),
             to_ms: to.end_ms(),
-            boundaries: &boundaries,
+            price_changes: &price_changes,
             tenants,
             by_key_and_day: false,
         },
@@ -131,12 +131,12 @@ async fn priced_usage(
     // (tenant, period, model, price version) → quantities.
     let mut summed: BTreeMap<(String, Period, String, Option<i64>), Quantities> = BTreeMap::new();
     for s in slices {
-        let Some(start) = slice_start(&boundaries, s.segment) else {
+        let Some((month, start)) = slice_start(&price_changes, s.month, s.segment) else {
             continue;
         };
         let version = book.in_force(&model_item(&s.model), start).map(|v| v.id);
         let q = summed
-            .entry((s.tenant_id, Period::containing(start), s.model, version))
+            .entry((s.tenant_id, month, s.model, version))
             .or_default();
         q.requests += count(s.requests);
         q.input_tokens += count(s.input_tokens);
@@ -468,6 +468,7 @@ async fn run_locked(
         .collect();
     report.unknown_tenants.sort();
     let all = tenants.len();
+    let mut pending = Vec::new();
     for (done, row) in tenants.iter().enumerate() {
         progress(done, all);
         let tenant_id: Uuid = row.try_get(0)?;
@@ -494,7 +495,7 @@ async fn run_locked(
             .iter()
             .filter(|l| l.kind == LineKind::Usage && l.price_version_id.is_none())
             .count();
-        let mut invoice = Invoice {
+        let invoice = Invoice {
             id: None,
             number: None,
             tenant_id,
@@ -507,9 +508,16 @@ async fn run_locked(
             finalized_at_ms: None,
         };
         let plan_version = plan.and_then(|p| p.version).map(|v| v.id);
-        finalize(admin, issuer, &mut invoice, plan_version).await?;
-        report.written.push(invoice);
+        pending.push((invoice, plan_version));
+        if pending.len() == WRITE_BATCH {
+            report
+                .written
+                .extend(finalize(admin, issuer, std::mem::take(&mut pending)).await?);
+        }
     }
+    report
+        .written
+        .extend(finalize(admin, issuer, pending).await?);
     progress(all, all);
     if only.is_none() {
         sqlx::query("UPDATE invoice_runs SET finished_at = now() WHERE period = $1::date")
@@ -520,73 +528,163 @@ async fn run_locked(
     Ok(report)
 }
 
-/// Writes `invoice` as final, numbered by `issuer`, in one transaction (a failure takes no
-/// number).
+/// Invoices written in one transaction.
+const WRITE_BATCH: usize = 250;
+
+/// Writes `invoices` as final, numbered by `issuer` in order, in one transaction: a failure
+/// writes none of them and takes no number.
 async fn finalize(
     admin: &PgPool,
     issuer: &str,
-    invoice: &mut Invoice,
-    plan_version: Option<i64>,
-) -> Result<()> {
+    invoices: Vec<(Invoice, Option<i64>)>,
+) -> Result<Vec<Invoice>> {
+    if invoices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = i64::try_from(invoices.len()).unwrap_or(i64::MAX);
     let mut tx = admin.begin().await?;
-    let (sequence, prefix): (i64, String) = sqlx::query_as(
-        "UPDATE invoice_issuers SET next_number = next_number + 1 WHERE id = $1 \
-         RETURNING next_number - 1, prefix",
+    let (first, prefix): (i64, String) = sqlx::query_as(
+        "UPDATE invoice_issuers SET next_number = next_number + $2 WHERE id = $1 \
+         RETURNING next_number - $2, prefix",
     )
     .bind(issuer)
+    .bind(count)
     .fetch_one(&mut *tx)
     .await?;
-    let number = format!("{prefix}{sequence:06}");
-    let row = sqlx::query(
+    let mut numbered: Vec<Invoice> = Vec::with_capacity(invoices.len());
+    let (mut tenant_ids, mut names, mut sequences, mut numbers) = (vec![], vec![], vec![], vec![]);
+    let (mut plans, mut plan_versions, mut totals_minor, mut read_at) =
+        (vec![], vec![], vec![], vec![]);
+    let (mut periods, mut currencies) = (vec![], vec![]);
+    for (i, (mut invoice, plan_version)) in invoices.into_iter().enumerate() {
+        let sequence = first + i64::try_from(i).unwrap_or(i64::MAX);
+        invoice.number = Some(format!("{prefix}{sequence:06}"));
+        tenant_ids.push(invoice.tenant_id);
+        names.push(invoice.tenant_name.clone());
+        sequences.push(sequence);
+        numbers.push(invoice.number.clone().unwrap_or_default());
+        periods.push(invoice.period.date_text());
+        currencies.push(invoice.currency.code().to_owned());
+        plans.push(invoice.plan.clone());
+        plan_versions.push(plan_version);
+        totals_minor.push(invoice.total().0);
+        read_at.push(invoice.usage_read_at_ms);
+        numbered.push(invoice);
+    }
+    let written = sqlx::query(
         "INSERT INTO invoices (tenant_id, tenant_name, issuer_id, sequence, number, period, \
                 currency, plan_name, plan_version_id, total_minor, usage_read_at) \
-         VALUES ($1, $2, $3, $4, $5, $6::date, $7, $8, $9, $10, to_timestamp($11::bigint / 1000.0)) \
-         RETURNING id, (extract(epoch FROM finalized_at) * 1000)::bigint",
+         SELECT t, n, $5, s, num, p::date, c, pl, pv, tot, to_timestamp(r / 1000.0) \
+           FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $6::text[], $7::text[], \
+                       $8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+                AS x(t, n, s, num, p, c, pl, pv, tot, r) \
+         RETURNING number, id, (extract(epoch FROM finalized_at) * 1000)::bigint",
     )
-    .bind(invoice.tenant_id)
-    .bind(&invoice.tenant_name)
+    .bind(&tenant_ids)
+    .bind(&names)
+    .bind(&sequences)
+    .bind(&numbers)
     .bind(issuer)
-    .bind(sequence)
-    .bind(&number)
-    .bind(invoice.period.date_text())
-    .bind(invoice.currency.code())
-    .bind(&invoice.plan)
-    .bind(plan_version)
-    .bind(invoice.total().0)
-    .bind(invoice.usage_read_at_ms)
-    .fetch_one(&mut *tx)
+    .bind(&periods)
+    .bind(&currencies)
+    .bind(&plans)
+    .bind(&plan_versions)
+    .bind(&totals_minor)
+    .bind(&read_at)
+    .fetch_all(&mut *tx)
     .await?;
-    let id: Uuid = row.try_get(0)?;
-    for (position, l) in invoice.lines.iter().enumerate() {
+    let mut ids: HashMap<String, (Uuid, i64)> = HashMap::with_capacity(written.len());
+    for row in &written {
+        ids.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+    }
+    let mut lines = LineColumns::default();
+    for invoice in &mut numbered {
+        let (id, finalized_at) = ids
+            .get(invoice.number.as_deref().unwrap_or_default())
+            .copied()
+            .ok_or_else(|| Error::Corrupt("an invoice written returned no id".into()))?;
+        invoice.id = Some(id);
+        invoice.finalized_at_ms = Some(finalized_at);
+        for (position, line) in invoice.lines.iter().enumerate() {
+            lines.push(id, position, invoice.tenant_id, line);
+        }
+    }
+    lines.insert(&mut tx).await?;
+    tx.commit().await?;
+    Ok(numbered)
+}
+
+/// Invoice lines as columns, for one `INSERT … SELECT FROM UNNEST`.
+#[derive(Default)]
+struct LineColumns {
+    invoice_id: Vec<Uuid>,
+    position: Vec<i32>,
+    tenant_id: Vec<Uuid>,
+    kind: Vec<&'static str>,
+    for_period: Vec<String>,
+    adjustment: Vec<bool>,
+    description: Vec<String>,
+    item: Vec<Option<String>>,
+    price_version_id: Vec<Option<i64>>,
+    requests: Vec<i64>,
+    input_tokens: Vec<i64>,
+    output_tokens: Vec<i64>,
+    cached_input_tokens: Vec<i64>,
+    exact_amount: Vec<String>,
+    amount_minor: Vec<i64>,
+}
+
+impl LineColumns {
+    fn push(&mut self, invoice: Uuid, position: usize, tenant: Uuid, l: &Line) {
+        self.invoice_id.push(invoice);
+        self.position
+            .push(i32::try_from(position + 1).unwrap_or(i32::MAX));
+        self.tenant_id.push(tenant);
+        self.kind.push(l.kind.as_str());
+        self.for_period.push(l.for_period.date_text());
+        self.adjustment.push(l.adjustment);
+        self.description.push(l.description.clone());
+        self.item.push(l.item.clone());
+        self.price_version_id.push(l.price_version_id);
+        self.requests.push(l.quantities.requests);
+        self.input_tokens.push(l.quantities.input_tokens);
+        self.output_tokens.push(l.quantities.output_tokens);
+        self.cached_input_tokens
+            .push(l.quantities.cached_input_tokens);
+        self.exact_amount.push(l.exact.decimal());
+        self.amount_minor.push(l.amount.0);
+    }
+
+    async fn insert(&self, tx: &mut PgConnection) -> Result<()> {
         sqlx::query(
             "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, for_period, \
                     adjustment, description, item, price_version_id, requests, input_tokens, \
                     output_tokens, cached_input_tokens, exact_amount, amount_minor) \
-             VALUES ($1, $2, $3, $4, $5::date, $6, $7, $8, $9, $10, $11, $12, $13, $14::numeric, $15)",
+             SELECT i, pos, t, k, fp::date, adj, d, it, pv, rq, inp, outp, ca, ex::numeric, am \
+               FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[], $6::bool[], \
+                           $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], \
+                           $12::bigint[], $13::bigint[], $14::text[], $15::bigint[]) \
+                    AS x(i, pos, t, k, fp, adj, d, it, pv, rq, inp, outp, ca, ex, am)",
         )
-        .bind(id)
-        .bind(i32::try_from(position + 1).unwrap_or(i32::MAX))
-        .bind(invoice.tenant_id)
-        .bind(l.kind.as_str())
-        .bind(l.for_period.date_text())
-        .bind(l.adjustment)
-        .bind(&l.description)
-        .bind(&l.item)
-        .bind(l.price_version_id)
-        .bind(l.quantities.requests)
-        .bind(l.quantities.input_tokens)
-        .bind(l.quantities.output_tokens)
-        .bind(l.quantities.cached_input_tokens)
-        .bind(l.exact.decimal())
-        .bind(l.amount.0)
-        .execute(&mut *tx)
+        .bind(&self.invoice_id)
+        .bind(&self.position)
+        .bind(&self.tenant_id)
+        .bind(&self.kind)
+        .bind(&self.for_period)
+        .bind(&self.adjustment)
+        .bind(&self.description)
+        .bind(&self.item)
+        .bind(&self.price_version_id)
+        .bind(&self.requests)
+        .bind(&self.input_tokens)
+        .bind(&self.output_tokens)
+        .bind(&self.cached_input_tokens)
+        .bind(&self.exact_amount)
+        .bind(&self.amount_minor)
+        .execute(tx)
         .await?;
+        Ok(())
     }
-    tx.commit().await?;
-    invoice.id = Some(id);
-    invoice.number = Some(number);
-    invoice.finalized_at_ms = Some(row.try_get(1)?);
-    Ok(())
 }
 
 const INVOICE_COLUMNS: &str = "id, number, tenant_id, tenant_name, to_char(period, 'YYYY-MM'), \
@@ -717,15 +815,14 @@ pub async fn usage_by_key_model_day(
     to_ms: i64,
 ) -> Result<(Currency, Vec<UsageDay>)> {
     let book = PriceBook::load(conn).await?;
-    let mut boundaries = vec![from_ms];
-    boundaries.extend(book.changes_between(from_ms, to_ms));
+    let price_changes = book.changes_between(from_ms, to_ms);
     let tenants = [tenant_id.to_string()];
     let slices = usage::usage_slices(
         clickhouse,
         &SliceQuery {
             from_ms,
             to_ms,
-            boundaries: &boundaries,
+            price_changes: &price_changes,
             tenants: Some(&tenants),
             by_key_and_day: true,
         },
@@ -733,7 +830,7 @@ pub async fn usage_by_key_model_day(
     .await?;
     let mut rows: BTreeMap<(u32, String, String), (Quantities, Exact)> = BTreeMap::new();
     for s in slices {
-        let Some(start) = slice_start(&boundaries, s.segment) else {
+        let Some((_, start)) = slice_start(&price_changes, s.month, s.segment) else {
             continue;
         };
         let exact = book

@@ -336,27 +336,16 @@ pub fn totals(lines: &[Line]) -> Totals {
     }
 }
 
-/// Splits a book's changes and month starts over `[from_ms, to_ms)` into the boundaries the
-/// usage query slices by (the first is `from_ms`).
-pub fn slice_boundaries(book: &PriceBook, from: Period, to: Period) -> Vec<i64> {
-    let (from_ms, to_ms) = (from.start_ms(), to.end_ms());
-    let mut boundaries = vec![from_ms];
-    let mut month = from.next();
-    while month <= to {
-        boundaries.push(month.start_ms());
-        month = month.next();
-    }
-    boundaries.extend(book.changes_between(from_ms, to_ms));
-    boundaries.sort_unstable();
-    boundaries.dedup();
-    boundaries
-}
-
-/// The start of slice `segment` (as the usage query numbers them: 1 is the first).
-pub fn slice_start(boundaries: &[i64], segment: u32) -> Option<i64> {
-    boundaries
-        .get(usize::try_from(segment).ok()?.checked_sub(1)?)
-        .copied()
+/// The first moment of a slice of usage the facts query returns: facts of month `yyyymm`
+/// after `segment` of the `price_changes` (ascending). Every fact of the slice lies between it
+/// and the next change or the month's end, so one price applies to all of them.
+pub fn slice_start(price_changes: &[i64], yyyymm: u32, segment: u32) -> Option<(Period, i64)> {
+    let month = Period::parse(&format!("{}-{:02}", yyyymm / 100, yyyymm % 100)).ok()?;
+    let after_change = match usize::try_from(segment).ok()? {
+        0 => i64::MIN,
+        k => *price_changes.get(k - 1)?,
+    };
+    Some((month, after_change.max(month.start_ms())))
 }
 
 #[cfg(test)]
@@ -508,13 +497,27 @@ mod tests {
     }
 
     #[test]
-    fn boundaries_split_months_and_price_changes() {
-        let (book, _) = book_with_plan();
-        let jan = Period::parse("1970-01").unwrap();
-        let b = slice_boundaries(&book, jan, jan.next());
-        assert_eq!(b, vec![0, 1_000, jan.next().start_ms()]);
-        assert_eq!(slice_start(&b, 2), Some(1_000));
-        assert_eq!(slice_start(&b, 0), None);
+    fn slices_start_at_their_month_or_the_price_change_before_them() {
+        let feb = Period::parse("1970-02").unwrap();
+        let changes = [1_000, feb.start_ms() + 5];
+        assert_eq!(
+            slice_start(&changes, 197001, 0),
+            Some((Period::parse("1970-01").unwrap(), 0))
+        );
+        assert_eq!(
+            slice_start(&changes, 197001, 1),
+            Some((Period::parse("1970-01").unwrap(), 1_000))
+        );
+        assert_eq!(
+            slice_start(&changes, 197002, 1),
+            Some((feb, feb.start_ms()))
+        );
+        assert_eq!(
+            slice_start(&changes, 197002, 2),
+            Some((feb, feb.start_ms() + 5))
+        );
+        assert_eq!(slice_start(&changes, 197002, 3), None);
+        assert_eq!(slice_start(&changes, 197013, 0), None);
         assert_eq!(
             LineKind::parse("included_usage"),
             Some(LineKind::IncludedUsage)

@@ -179,8 +179,10 @@ pub async fn tokens_used(
 pub struct UsageSlice {
     pub tenant_id: String,
     pub model: String,
-    /// How many of the boundaries given are at or before the slice's facts: slice `k` lies
-    /// between boundary `k - 1` and boundary `k` (or the end).
+    /// The month of the slice's facts (UTC), `YYYYMM`.
+    pub month: u32,
+    /// How many of the price changes given are at or before the slice's facts: slice `k`
+    /// lies between change `k - 1` (or the month's start) and change `k` (or its end).
     pub segment: u32,
     /// The key (or, for a session, the user) and UTC day, when asked for; otherwise empty
     /// and 0.
@@ -198,15 +200,16 @@ pub struct SliceQuery<'a> {
     /// Event time range, Unix milliseconds, `[from_ms, to_ms)`.
     pub from_ms: i64,
     pub to_ms: i64,
-    /// Moments (ascending, the first `from_ms`) at which prices change or periods start.
-    pub boundaries: &'a [i64],
+    /// Moments (ascending) at which prices change inside the range.
+    pub price_changes: &'a [i64],
     /// Only these tenants (`None`: all).
     pub tenants: Option<&'a [String]>,
     /// Also split per key (or user) and UTC day (days since 1970-01-01).
     pub by_key_and_day: bool,
 }
 
-/// The usage facts in a range, summed per tenant, model and slice between `boundaries`.
+/// The usage facts in a range, summed per tenant, model, month and slice between price
+/// changes.
 pub async fn usage_slices(
     clickhouse: &ClickHouse,
     query: &SliceQuery<'_>,
@@ -215,6 +218,12 @@ pub async fn usage_slices(
         " AND tenant_id IN (SELECT arrayJoin(?))"
     } else {
         ""
+    };
+    // With no price change in the range (the usual case) there is one slice per month.
+    let segment = if query.price_changes.is_empty() {
+        "toUInt32(0)"
+    } else {
+        "toUInt32(arrayCount(b -> b <= occurred_at_ms, ?))"
     };
     let (key, day) = if query.by_key_and_day {
         (
@@ -226,21 +235,22 @@ pub async fn usage_slices(
     };
     // `occurred_at` bounds pick the monthly partitions; `occurred_at_ms` the exact range.
     let sql = format!(
-        "SELECT tenant_id, model, toUInt32(arrayCount(b -> b <= occurred_at_ms, ?)) AS segment, \
+        "SELECT tenant_id, model, toYYYYMM(occurred_at, 'UTC') AS month, {segment} AS segment, \
                 {key} AS caller, {day} AS day, count() AS requests, \
                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
                 sum(cached_input_tokens) AS cached_input_tokens \
            FROM {TABLE} FINAL \
           WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
             AND occurred_at_ms >= ? AND occurred_at_ms < ?{tenant_filter} \
-          GROUP BY tenant_id, model, segment, caller, day"
+          GROUP BY tenant_id, model, month, segment, caller, day"
     );
     let from_s = u32::try_from(query.from_ms.div_euclid(1000)).unwrap_or(0);
     let to_s = u32::try_from(query.to_ms.div_euclid(1000) + 1).unwrap_or(u32::MAX);
-    let mut select = clickhouse
-        .client()
-        .query(&sql)
-        .bind(query.boundaries)
+    let mut select = clickhouse.client().query(&sql);
+    if !query.price_changes.is_empty() {
+        select = select.bind(query.price_changes);
+    }
+    select = select
         .bind(from_s)
         .bind(to_s)
         .bind(query.from_ms)
@@ -259,6 +269,7 @@ pub struct TenantModelUsage {
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    pub cached_input_tokens: u64,
 }
 
 /// Every tenant's usage per model for events in `[from_ms, to_ms)`: one plain `GROUP BY`.
@@ -271,7 +282,8 @@ pub async fn totals_by_tenant_and_model(
         .client()
         .query(&format!(
             "SELECT tenant_id, model, count() AS requests, sum(input_tokens) AS input_tokens, \
-                    sum(output_tokens) AS output_tokens \
+                    sum(output_tokens) AS output_tokens, \
+                    sum(cached_input_tokens) AS cached_input_tokens \
                FROM {TABLE} FINAL \
               WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
                 AND occurred_at_ms >= ? AND occurred_at_ms < ? \

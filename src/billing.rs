@@ -1,16 +1,24 @@
 //! The billing commands: `sluice price` (the price book) and `sluice invoices` (runs,
-//! previews, reading and exporting invoices). Operators' commands: they connect as the owner.
+//! previews, reading and exporting invoices, reconciling a month's sources). Operators'
+//! commands: they connect as the owner.
 
-use std::io::Write;
+use std::{
+    collections::HashSet,
+    io::Write,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context;
+use sluice_schemas::UsageEvent;
 use sluice_stores::{
     billing::{
         csv, invoices,
         money::{micros_text, parse_micros},
         prices::{self, NewPrice},
+        reconcile::{differences, ByModel, Counts, Sources},
         Invoice, Period,
     },
+    clickhouse::usage,
     postgres, ClickHouse,
 };
 
@@ -220,6 +228,25 @@ pub async fn invoices(config: Config, command: InvoicesCommand) -> anyhow::Resul
             all.retain(|i| tenant.is_none_or(|t| t == i.tenant_id));
             write_out(&csv::invoice_lines(&all))?;
         }
+        InvoicesCommand::Reconcile {
+            period,
+            tenant,
+            no_rollup,
+        } => {
+            let period = Period::parse(&period)?;
+            let tenant = match tenant {
+                Some(name) => Some(tenant_named(&admin, &name).await?.id),
+                None => None,
+            };
+            let found = reconcile(&config, &admin, &clickhouse, period, tenant, !no_rollup).await?;
+            for difference in &found {
+                println!("{difference}");
+            }
+            println!("differences={}", found.len());
+            if !found.is_empty() {
+                std::process::exit(1);
+            }
+        }
         InvoicesCommand::Usage { tenant, from, to } => {
             let tenant = tenant_named(&admin, &tenant).await?;
             let day = |text: Option<String>, default: i64| -> anyhow::Result<i64> {
@@ -285,4 +312,98 @@ fn print_invoice(invoice: &Invoice) {
         value["included_usage"].as_str().unwrap_or(""),
         value["overage"].as_str().unwrap_or("")
     );
+}
+
+/// Reads the four sources of `period`'s usage (each event id once from the topic) and returns
+/// their differences.
+async fn reconcile(
+    config: &Config,
+    admin: &sqlx::PgPool,
+    clickhouse: &ClickHouse,
+    period: Period,
+    tenant: Option<sqlx::types::Uuid>,
+    with_rollup: bool,
+) -> anyhow::Result<Vec<String>> {
+    let (from_ms, to_ms) = (period.start_ms(), period.end_ms());
+    let only = tenant.map(|t| t.to_string());
+    let mut sources = Sources::default();
+
+    // The topic: every record it still holds (from its start: brokers' timestamp lookups are
+    // not all to be trusted), each event id once, those of the month counted.
+    let codec = crate::process::codec(config)?;
+    let topic = config.kafka.topics().usage.clone();
+    // (event ids seen, counts per tenant and model, records that did not decode)
+    type Scanned = (HashSet<(String, String)>, ByModel, u64);
+    let scanned: Arc<Mutex<Scanned>> = Arc::default();
+    sluice_pipelines::replay::scan(&config.kafka, &topic, 0, i64::MAX, |payload| {
+        let (codec, scanned, only) = (codec.clone(), scanned.clone(), only.clone());
+        async move {
+            let decoded = codec.decode::<UsageEvent>(&payload).await;
+            let Ok(mut state) = scanned.lock() else {
+                return;
+            };
+            let (seen, topic, undecodable) = &mut *state;
+            let Ok(event) = decoded else {
+                *undecodable += 1;
+                return;
+            };
+            let in_month = event.occurred_at_ms >= from_ms && event.occurred_at_ms < to_ms;
+            let wanted = only.as_deref().is_none_or(|t| t == event.tenant_id);
+            if in_month && wanted && seen.insert((event.tenant_id.clone(), event.event_id.clone()))
+            {
+                topic
+                    .entry((event.tenant_id, event.model))
+                    .or_default()
+                    .add(1, event.input_tokens, event.output_tokens);
+            }
+        }
+    })
+    .await?;
+    let (_, topic_counts, undecodable) = std::mem::take(
+        &mut *scanned
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the topic scan failed"))?,
+    );
+    sources.topic = topic_counts;
+    if undecodable > 0 {
+        eprintln!("warning: {undecodable} records of {topic} did not decode (see the DLQ)");
+    }
+
+    for row in
+        usage::totals_by_tenant_and_model(clickhouse, from_ms, to_ms, only.as_deref()).await?
+    {
+        sources
+            .facts
+            .entry((row.tenant_id, row.model))
+            .or_default()
+            .add(
+                count(row.requests),
+                count(row.input_tokens),
+                count(row.output_tokens),
+            );
+    }
+    if with_rollup {
+        let mut rollup = std::collections::BTreeMap::new();
+        for row in usage::rollup_by_tenant(clickhouse, from_ms, to_ms, only.as_deref()).await? {
+            let counts: &mut Counts = rollup.entry(row.tenant_id).or_default();
+            counts.add(count(row.requests), row.input_tokens, row.output_tokens);
+        }
+        sources.rollup = Some(rollup);
+    }
+    let mut conn = admin.acquire().await?;
+    let billed = invoices::billed_for_period(&mut conn, period, tenant).await?;
+    for (tenant, model, q) in billed.usage {
+        sources
+            .invoiced
+            .entry((tenant.to_string(), model))
+            .or_default()
+            .add(q.requests, q.input_tokens, q.output_tokens);
+    }
+    sources.invoiced_tenants = billed.tenants.iter().map(ToString::to_string).collect();
+    sources.closed = billed.closed;
+    Ok(differences(&sources))
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

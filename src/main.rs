@@ -592,6 +592,18 @@ pub(crate) enum InvoicesCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Compare a month's usage as the usage topic, the ClickHouse facts, the per-minute rollup
+    /// and the invoices have it, and print every difference (last line `differences=<n>`).
+    Reconcile {
+        #[arg(long)]
+        period: String,
+        /// Only this tenant (by name).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Leave out the rollup (when the SQL pipelines do not run).
+        #[arg(long)]
+        no_rollup: bool,
+    },
     /// A tenant's usage per day, key and model, priced, as CSV.
     Usage {
         tenant: String,

@@ -18,6 +18,9 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`).
     pub client_properties: BTreeMap<String, String>,
+    /// How long a stage's consumer may go silent before its group gives its partitions to
+    /// the others (a killed instance's work resumes elsewhere after this long).
+    pub session_timeout_ms: u32,
 }
 
 impl Default for KafkaConfig {
@@ -28,6 +31,7 @@ impl Default for KafkaConfig {
             partitions: 8,
             replication_factor: 1,
             client_properties: BTreeMap::new(),
+            session_timeout_ms: 10_000,
         }
     }
 }
@@ -44,6 +48,9 @@ impl KafkaConfig {
         }
         if self.replication_factor < 1 {
             problems.push("kafka.replication_factor must be at least 1".to_owned());
+        }
+        if self.session_timeout_ms < 2_000 {
+            problems.push("kafka.session_timeout_ms must be at least 2000".to_owned());
         }
         if self
             .topic_prefix

@@ -63,6 +63,7 @@ impl RangeReader {
         for p in 0..partitions {
             let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
             let start = match starts.find_partition(topic, p).map(|e| e.offset()) {
+                _ if from_ms <= 0 => low,
                 Some(Offset::Offset(o)) => o.clamp(low, high),
                 _ => high,
             };
@@ -124,6 +125,38 @@ impl RangeReader {
             }
         }
     }
+}
+
+/// Reads every record of `topic` with a timestamp in `[from_ms, to_ms)`, each partition up to
+/// its end when the scan began, and hands each one's payload to `each` — for audits such as
+/// `sluice invoices reconcile`. Shows progress on stderr once a second; returns how many records it read.
+pub async fn scan<F, Fut>(
+    config: &KafkaConfig,
+    topic: &str,
+    from_ms: i64,
+    to_ms: i64,
+    mut each: F,
+) -> Result<u64>
+where
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut reader = RangeReader::open(config, topic, from_ms, to_ms).await?;
+    let (started, mut last_progress) = (Instant::now(), Instant::now());
+    let mut read = 0u64;
+    while let Some(message) = reader.next().await? {
+        each(message.payload().map(<[u8]>::to_vec).unwrap_or_default()).await;
+        read += 1;
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "scanned {read} records of at most {} ({:.0}/s)",
+                reader.total,
+                read as f64 / started.elapsed().as_secs_f64()
+            );
+            last_progress = Instant::now();
+        }
+    }
+    Ok(read)
 }
 
 /// One replay's reader, DLQ writer and counts.

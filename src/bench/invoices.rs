@@ -100,7 +100,7 @@ async fn measure(
     let group_by = || async {
         let started = Instant::now();
         let rows =
-            usage::totals_by_tenant_and_model(clickhouse, period.start_ms(), period.end_ms())
+            usage::totals_by_tenant_and_model(clickhouse, period.start_ms(), period.end_ms(), None)
                 .await?;
         anyhow::Ok((started.elapsed(), rows))
     };

@@ -10,6 +10,7 @@ mod backpressure;
 mod bad_input;
 mod bench;
 mod billing;
+mod chaos;
 mod chat;
 mod conformance;
 mod dlq;

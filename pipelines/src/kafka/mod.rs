@@ -272,8 +272,13 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "500")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (config.session_timeout_ms / 10)
+                .clamp(100, 1_000)
+                .to_string(),
+        )
         .set("fetch.wait.max.ms", fetch.wait_ms.to_string())
         .set("fetch.min.bytes", fetch.min_bytes.to_string())
         .set("max.partition.fetch.bytes", FETCH_PARTITION_BYTES)

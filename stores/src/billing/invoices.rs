@@ -858,3 +858,69 @@ pub async fn usage_by_key_model_day(
         .collect();
     Ok((book.currency, days))
 }
+
+/// The usage lines billed for `period` (on its invoices and as adjustments on later ones), per
+/// tenant and model, with the tenants that have an invoice for it and whether a run closed it.
+pub async fn billed_for_period(
+    conn: &mut PgConnection,
+    period: Period,
+    tenant: Option<Uuid>,
+) -> Result<BilledPeriod> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, item, sum(requests)::bigint, sum(input_tokens)::bigint, \
+                sum(output_tokens)::bigint \
+           FROM invoice_lines \
+          WHERE for_period = $1::date AND kind = 'usage' AND ($2::uuid IS NULL OR tenant_id = $2) \
+          GROUP BY tenant_id, item",
+    )
+    .bind(period.date_text())
+    .bind(tenant)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut usage = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let item: Option<String> = row.try_get(1)?;
+        usage.push((
+            row.try_get::<Uuid, _>(0)?,
+            item.as_deref()
+                .and_then(|i| i.strip_prefix("model:"))
+                .unwrap_or_default()
+                .to_owned(),
+            Quantities {
+                requests: row.try_get(2)?,
+                input_tokens: row.try_get(3)?,
+                output_tokens: row.try_get(4)?,
+                cached_input_tokens: 0,
+            },
+        ));
+    }
+    let tenants: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT tenant_id FROM invoices WHERE period = $1::date AND ($2::uuid IS NULL OR tenant_id = $2)",
+    )
+    .bind(period.date_text())
+    .bind(tenant)
+    .fetch_all(&mut *conn)
+    .await?;
+    let closed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM invoice_runs WHERE period = $1::date AND finished_at IS NOT NULL)",
+    )
+    .bind(period.date_text())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(BilledPeriod {
+        usage,
+        tenants,
+        closed,
+    })
+}
+
+/// What [`billed_for_period`] found.
+#[derive(Debug, Default)]
+pub struct BilledPeriod {
+    /// (tenant, model, quantities billed).
+    pub usage: Vec<(Uuid, String, Quantities)>,
+    /// Tenants with an invoice for the period.
+    pub tenants: Vec<Uuid>,
+    /// Whether a full invoice run closed the period.
+    pub closed: bool,
+}

@@ -1,6 +1,7 @@
 //! Billing: the versioned price book ([`prices`]), exact money ([`money`]), billing periods
 //! ([`period`]), the arithmetic of an invoice ([`statement`]), invoices in the stores — runs,
-//! previews, reading them back ([`invoices`]) — and finance's CSV exports ([`csv`]).
+//! previews, reading them back ([`invoices`]) — finance's CSV exports ([`csv`]) and the
+//! comparison of a month's usage across its sources ([`reconcile`]).
 //!
 //! Usage is priced when it is read, by event time: the price book only ever gains versions
 //! that start from now on, so the version in force at any past moment never changes, and every
@@ -11,6 +12,7 @@ pub mod invoices;
 pub mod money;
 pub mod period;
 pub mod prices;
+pub mod reconcile;
 pub mod statement;
 
 pub use invoices::Invoice;

@@ -272,11 +272,13 @@ pub struct TenantModelUsage {
     pub cached_input_tokens: u64,
 }
 
-/// Every tenant's usage per model for events in `[from_ms, to_ms)`: one plain `GROUP BY`.
+/// Every tenant's (or one's) usage per model for events in `[from_ms, to_ms)`: one plain
+/// `GROUP BY`.
 pub async fn totals_by_tenant_and_model(
     clickhouse: &ClickHouse,
     from_ms: i64,
     to_ms: i64,
+    tenant: Option<&str>,
 ) -> Result<Vec<TenantModelUsage>> {
     Ok(clickhouse
         .client()
@@ -286,14 +288,51 @@ pub async fn totals_by_tenant_and_model(
                     sum(cached_input_tokens) AS cached_input_tokens \
                FROM {TABLE} FINAL \
               WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
-                AND occurred_at_ms >= ? AND occurred_at_ms < ? \
+                AND occurred_at_ms >= ? AND occurred_at_ms < ? AND (? = '' OR tenant_id = ?) \
               GROUP BY tenant_id, model"
         ))
         .bind(u32::try_from(from_ms.div_euclid(1000)).unwrap_or(0))
         .bind(u32::try_from(to_ms.div_euclid(1000) + 1).unwrap_or(u32::MAX))
         .bind(from_ms)
         .bind(to_ms)
+        .bind(tenant.unwrap_or_default())
+        .bind(tenant.unwrap_or_default())
         .fetch_all::<TenantModelUsage>()
+        .await?)
+}
+
+/// Usage of one tenant as the per-minute rollup (`tenant_usage_1m`) has it.
+#[derive(Debug, Clone, PartialEq, Eq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct RolledUp {
+    pub tenant_id: String,
+    pub requests: u64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// Every tenant's (or one's) usage in the per-minute rollup, for windows starting in
+/// `[from_ms, to_ms)`.
+pub async fn rollup_by_tenant(
+    clickhouse: &ClickHouse,
+    from_ms: i64,
+    to_ms: i64,
+    tenant: Option<&str>,
+) -> Result<Vec<RolledUp>> {
+    Ok(clickhouse
+        .client()
+        .query(
+            "SELECT tenant_id, sum(requests) AS requests, sum(input_tokens) AS input_tokens, \
+                    sum(output_tokens) AS output_tokens \
+               FROM tenant_usage_1m FINAL \
+              WHERE window_start >= toDateTime(?) AND window_start < toDateTime(?) \
+                AND (? = '' OR tenant_id = ?) \
+              GROUP BY tenant_id",
+        )
+        .bind(u32::try_from(from_ms.div_euclid(1000)).unwrap_or(0))
+        .bind(u32::try_from(to_ms.div_euclid(1000)).unwrap_or(u32::MAX))
+        .bind(tenant.unwrap_or_default())
+        .bind(tenant.unwrap_or_default())
+        .fetch_all::<RolledUp>()
         .await?)
 }
 

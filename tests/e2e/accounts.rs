@@ -49,19 +49,11 @@ impl Registered {
 }
 
 async fn register(sluice: &Sluice) -> Registered {
-    let email = format!("{}@example.com", unique("admin-"));
-    let password = "a long enough password".to_owned();
-    let (status, session) = post(
-        &sluice.v1("/auth/register"),
-        None,
-        json!({ "tenant": unique("org-"), "email": email, "password": password }),
-    )
-    .await;
-    assert_eq!(status, 201, "{session}");
+    let (email, session) = register_tenant_admin(sluice).await;
     assert_eq!(session["role"], "tenant_admin");
     Registered {
         email,
-        password,
+        password: ADMIN_PASSWORD.to_owned(),
         session,
     }
 }
@@ -557,32 +549,6 @@ async fn self_registered_tenants_land_on_the_configured_plan() {
     assert_eq!(status, 200);
     assert_eq!(me["plan"]["name"], plan.as_str(), "{me}");
     assert_eq!(me["plan"]["limits"]["requests_per_minute"], 30);
-}
-
-/// A new platform admin (made by an operator with the CLI), logged in: the session.
-async fn platform_admin_session(sluice: &Sluice) -> Value {
-    let email = format!("{}@example.com", unique("ops-"));
-    let mut create = crate::harness::sluice(&sluice.prefix);
-    create
-        .args(["user", "create", &email, "--role", "platform_admin"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = create.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"platform password\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    let (status, session) = post(
-        &sluice.v1("/auth/login"),
-        None,
-        json!({ "email": email, "password": "platform password" }),
-    )
-    .await;
-    assert_eq!(status, 200, "{session}");
-    session
 }
 
 /// GET `url` with `key` and an `Origin`: status, and the `Access-Control-Allow-Origin` sent.

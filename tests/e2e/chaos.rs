@@ -102,30 +102,12 @@ async fn every_request_is_billed_once_and_the_preview_is_exact_through_twenty_ki
     let mut metering = sluice.spawn_part(&["run", "metering"], &part_env);
 
     // A tenant's admin, and a key of the tenant for the callers.
-    let session: Value = http()
-        .post(sluice.v1("/auth/register"))
-        .json(&json!({ "tenant": unique("org-"), "email": format!("{}@example.com", unique("chaos-")), "password": "a long enough password" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, session) = register_tenant_admin(&sluice).await;
     let (tenant_id, admin) = (
         session["tenant_id"].as_str().unwrap().to_owned(),
         session["access_token"].as_str().unwrap().to_owned(),
     );
-    let created: Value = http()
-        .post(sluice.v1("/keys"))
-        .bearer_auth(&admin)
-        .json(&json!({ "name": "chaos" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = created["api_key"].as_str().unwrap().to_owned();
+    let (_, key) = create_key(&sluice, &admin, "chaos").await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let told: Told = Arc::default();
@@ -231,31 +213,10 @@ async fn every_request_is_billed_once_and_the_preview_is_exact_through_twenty_ki
         (Some(input), Some(output)),
         "{preview}"
     );
-    let admin_db = sluice_stores::postgres::connect(&admin_database_url(), 1)
-        .await
-        .unwrap();
-    let (input_price, output_price): (i64, i64) = sqlx::query_as(
-        "SELECT input_per_mtok, output_per_mtok FROM price_versions WHERE item = 'model:sim-small' \
-          AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1",
-    )
-    .fetch_one(&admin_db)
-    .await
-    .unwrap();
-    let pico =
-        i128::from(input) * i128::from(input_price) + i128::from(output) * i128::from(output_price);
-    let cents = (pico + 5_000_000_000) / 10_000_000_000;
+    let (exact, rounded) = sim_small_amounts(input, output).await;
     assert_eq!(
-        line["amount"],
-        format!("{}.{:02}", cents / 100, cents % 100),
-        "{preview}"
-    );
-    assert_eq!(
-        line["exact_amount"],
-        format!(
-            "{}.{:012}",
-            pico / 1_000_000_000_000,
-            pico % 1_000_000_000_000
-        ),
+        (&line["exact_amount"], &line["amount"]),
+        (&json!(exact), &json!(rounded)),
         "{preview}"
     );
     assert_eq!(preview["total"], line["amount"], "{preview}");

@@ -643,3 +643,92 @@ pub async fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec
         .await
         .unwrap();
 }
+
+/// The password every test's registered admin has.
+pub const ADMIN_PASSWORD: &str = "a long enough password";
+
+/// Registers a new tenant and its first admin through the API: (email, session), the session
+/// with `tenant_id` and `access_token`.
+pub async fn register_tenant_admin(sluice: &Sluice) -> (String, Value) {
+    let email = format!("{}@example.com", unique("admin-"));
+    let response = http()
+        .post(sluice.v1("/auth/register"))
+        .json(&serde_json::json!({ "tenant": unique("org-"), "email": email, "password": ADMIN_PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let session: Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "{session}");
+    (email, session)
+}
+
+/// A new key of the tenant whose admin holds `access_token`: (its id, the key).
+pub async fn create_key(sluice: &Sluice, access_token: &str, name: &str) -> (String, String) {
+    let created: Value = http()
+        .post(sluice.v1("/keys"))
+        .bearer_auth(access_token)
+        .json(&serde_json::json!({ "name": name }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        created["id"].as_str().unwrap().to_owned(),
+        created["api_key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A new platform admin (made by an operator with the CLI), logged in: the session.
+pub async fn platform_admin_session(sluice: &Sluice) -> Value {
+    let email = format!("{}@example.com", unique("ops-"));
+    let mut create = self::sluice(&sluice.prefix);
+    create
+        .args(["user", "create", &email, "--role", "platform_admin"])
+        .stdin(Stdio::piped());
+    let mut child = create.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"platform password\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let response = http()
+        .post(sluice.v1("/auth/login"))
+        .json(&serde_json::json!({ "email": email, "password": "platform password" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.json().await.unwrap()
+}
+
+/// What `input` and `output` tokens of `sim-small` cost at the price in force now, as invoice
+/// lines show it: (exact amount, amount rounded to the cent).
+pub async fn sim_small_amounts(input: u64, output: u64) -> (String, String) {
+    let admin = sluice_stores::postgres::connect(&admin_database_url(), 1)
+        .await
+        .unwrap();
+    let (input_price, output_price): (i64, i64) = sqlx::query_as(
+        "SELECT input_per_mtok, output_per_mtok FROM price_versions WHERE item = 'model:sim-small' \
+          AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    let pico =
+        i128::from(input) * i128::from(input_price) + i128::from(output) * i128::from(output_price);
+    let cents = (pico + 5_000_000_000) / 10_000_000_000;
+    (
+        format!(
+            "{}.{:012}",
+            pico / 1_000_000_000_000,
+            pico % 1_000_000_000_000
+        ),
+        format!("{}.{:02}", cents / 100, cents % 100),
+    )
+}

@@ -55,17 +55,18 @@ async fn get_text(url: &str, token: &str) -> (u16, String) {
 
 /// A self-registered tenant admin: (tenant id, tenant name, access token).
 async fn tenant_admin(sluice: &Sluice) -> (String, String, String) {
-    let name = unique("org-");
-    let response = http()
-        .post(sluice.v1("/auth/register"))
-        .json(&json!({ "tenant": name, "email": format!("{}@example.com", unique("fin-")), "password": "a long enough password" }))
-        .send()
+    let (_, session) = register_tenant_admin(sluice).await;
+    let tenant_id = session["tenant_id"].as_str().unwrap().to_owned();
+    let admin = sluice_stores::postgres::connect(&admin_database_url(), 1)
         .await
         .unwrap();
-    assert_eq!(response.status().as_u16(), 201);
-    let session: Value = response.json().await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1::uuid")
+        .bind(&tenant_id)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
     (
-        session["tenant_id"].as_str().unwrap().to_owned(),
+        tenant_id,
         name,
         session["access_token"].as_str().unwrap().to_owned(),
     )
@@ -334,16 +335,7 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     let (tenant_id, tenant_name, admin_token) = tenant_admin(&sluice).await;
     let (_, _, other_token) = tenant_admin(&sluice).await;
     // A key of the tenant, made by its admin, calls the model.
-    let response = http()
-        .post(sluice.v1("/keys"))
-        .bearer_auth(&admin_token)
-        .json(&json!({ "name": "finance-test" }))
-        .send()
-        .await
-        .unwrap();
-    let created: Value = response.json().await.unwrap();
-    let key = created["api_key"].as_str().unwrap().to_owned();
-    let key_id = created["id"].as_str().unwrap().to_owned();
+    let (key_id, key) = create_key(&sluice, &admin_token, "finance-test").await;
 
     let (mut told_in, mut told_out) = (0i64, 0i64);
     for i in 0..3 {
@@ -367,17 +359,7 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     .await;
     assert_eq!(preview["status"], "preview");
     assert_eq!(preview["currency"], "USD");
-    let admin = postgres::connect(&admin_database_url(), 2).await.unwrap();
-    let (input_price, output_price): (i64, i64) = sqlx::query_as(
-        "SELECT input_per_mtok, output_per_mtok FROM price_versions WHERE item = 'model:sim-small' \
-          AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1",
-    )
-    .fetch_one(&admin)
-    .await
-    .unwrap();
-    let pico = i128::from(told_in) * i128::from(input_price)
-        + i128::from(told_out) * i128::from(output_price);
-    let cents = (pico + 5_000_000_000) / 10_000_000_000;
+    let (exact, rounded) = sim_small_amounts(told_in as u64, told_out as u64).await;
     let line = preview["lines"]
         .as_array()
         .unwrap()
@@ -385,16 +367,8 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
         .find(|l| l["model"] == "sim-small")
         .unwrap();
     assert_eq!(
-        line["amount"],
-        format!("{}.{:02}", cents / 100, cents % 100)
-    );
-    assert_eq!(
-        line["exact_amount"],
-        format!(
-            "{}.{:012}",
-            pico / 1_000_000_000_000,
-            pico % 1_000_000_000_000
-        )
+        (&line["exact_amount"], &line["amount"]),
+        (&json!(exact), &json!(rounded))
     );
     // The CLI's preview says the same.
     let cli: Value = serde_json::from_str(&run_cli(
@@ -485,7 +459,10 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     );
     let (status, bad) = get_json(&sluice.v1("/invoices/export?period=2026-13"), &admin_token).await;
     assert_eq!(status, 400, "{bad}");
-    let platform = platform_admin_token(&sluice).await;
+    let platform = platform_admin_session(&sluice).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (status, all) = get_text(
         &sluice.v1(&format!("/invoices/export?period={last_month}")),
         &platform,
@@ -499,128 +476,4 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     )
     .await;
     assert!(!own.contains(&number));
-}
-
-/// A new platform admin's access token.
-async fn platform_admin_token(sluice: &Sluice) -> String {
-    let email = format!("{}@example.com", unique("ops-"));
-    let mut create = crate::harness::sluice(&sluice.prefix);
-    create
-        .args(["user", "create", &email, "--role", "platform_admin"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = create.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"platform password\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    let session: Value = http()
-        .post(sluice.v1("/auth/login"))
-        .json(&json!({ "email": email, "password": "platform password" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    session["access_token"].as_str().unwrap().to_owned()
-}
-
-#[tokio::test]
-async fn reconcile_finds_the_sources_agreeing_then_a_planted_fact_everywhere_it_shows() {
-    let sluice = Sluice::start();
-    let tenant = create_tenant(&sluice.prefix);
-    let codec = sluice_schemas::Codec::new(
-        sluice_schemas::RegistryClient::new(&sluice.registry_url).unwrap(),
-    );
-    codec
-        .register::<sluice_schemas::UsageEvent>()
-        .await
-        .unwrap();
-    // Last month's usage, on this instance's usage topic as orchestrators write it.
-    let month = Period::containing(sluice_pipelines::now_ms()).previous();
-    let at = month.start_ms() + 3 * 3_600_000;
-    let events: Vec<sluice_schemas::UsageEvent> = (0..4)
-        .map(|i| sluice_schemas::UsageEvent {
-            occurred_at_ms: at + i * 1_000,
-            input_tokens: 100 + i,
-            output_tokens: 10,
-            ..usage_event(format!("{}-{i}", sluice.prefix), &tenant.id)
-        })
-        .collect();
-    let records = events
-        .iter()
-        .map(|e| (tenant.id.clone(), codec.encode(e).unwrap()));
-    produce_all(&sluice.topic("usage"), records).await;
-    // The facts and the per-minute rollup (its window closes once the partition is quiet).
-    eventually(60, "the facts and the rollup", || async {
-        let (facts, rolled): (u64, u64) = clickhouse()
-            .query(
-                "SELECT (SELECT count() FROM usage_events FINAL WHERE tenant_id = ?), \
-                        (SELECT sum(requests) FROM tenant_usage_1m FINAL WHERE tenant_id = ?)",
-            )
-            .bind(&tenant.id)
-            .bind(&tenant.id)
-            .fetch_one()
-            .await
-            .ok()?;
-        (facts == 4 && rolled == 4).then_some(())
-    })
-    .await;
-    let period = month.to_string();
-    sluice.cli(&[
-        "invoices",
-        "run",
-        "--period",
-        &period,
-        "--tenant",
-        &tenant.name,
-    ]);
-    let reconcile = [
-        "invoices",
-        "reconcile",
-        "--period",
-        &period,
-        "--tenant",
-        &tenant.name,
-    ];
-    let run = |args: &[&str]| {
-        let output = crate::harness::sluice(&sluice.prefix)
-            .env("SLUICE_REGISTRY__URL", &sluice.registry_url)
-            .args(args)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&output.stdout).into_owned();
-        (output.status.success(), out)
-    };
-    let (agreed, out) = run(&reconcile);
-    assert!(agreed && out.trim() == "differences=0", "{out}");
-
-    // A fact that never was on the topic: the facts disagree with the topic, the rollup and
-    // the invoice (which the next invoice adjusts), and the command fails.
-    stores_clickhouse()
-        .insert_rows(
-            "usage_events",
-            &[fact(
-                &tenant.id,
-                "sim-small",
-                &chrono::DateTime::from_timestamp_millis(at)
-                    .unwrap()
-                    .to_rfc3339(),
-                7,
-                7,
-                "",
-            )],
-        )
-        .await
-        .unwrap();
-    let (agreed, out) = run(&reconcile);
-    assert!(!agreed, "{out}");
-    assert_eq!(out.lines().last(), Some("differences=3"), "{out}");
-    for source in ["topic/facts", "facts/rollup", "facts/invoices"] {
-        assert!(out.contains(source), "{source}: {out}");
-    }
 }

@@ -339,7 +339,9 @@ async fn sql_pipelines_run_as_their_own_process() {
     wait_ready(&part.ops_url);
     let writer = UsageWriter::new(&sluice).await;
     let tenant = unique("sql-alone-");
-    let base = (sluice_pipelines::now_ms() / 60_000 - 10) * 60_000;
+    // Not the minute the crash test writes: `model_latency_1m` rows are per model, so two
+    // tests' rows of one minute and partition would fold into one.
+    let base = (sluice_pipelines::now_ms() / 60_000 - 20) * 60_000;
     for n in 0..3 {
         writer
             .send(&tenant, n, base + 1_000 * n as i64, 10, 10, 100)

@@ -337,18 +337,17 @@ async fn tenant_and_plan(
     conn: &mut PgConnection,
     tenant: Uuid,
 ) -> Result<(String, Option<String>)> {
-    let row = sqlx::query(
-        "SELECT t.name, p.name FROM tenants t \
-           LEFT JOIN subscriptions s ON s.tenant_id = t.id \
-           LEFT JOIN plans p ON p.id = s.plan_id \
-          WHERE t.id = $1",
-    )
-    .bind(tenant)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| Error::NotFound(format!("no tenant {tenant}")))?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
+    let row = sqlx::query(&format!("{TENANTS_AND_PLANS} WHERE t.id = $1"))
+        .bind(tenant)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no tenant {tenant}")))?;
+    Ok((row.try_get(1)?, row.try_get(2)?))
 }
+
+/// Tenants (id, name) and the name of the plan each is subscribed to.
+const TENANTS_AND_PLANS: &str = "SELECT t.id, t.name, p.name FROM tenants t \
+     LEFT JOIN subscriptions s ON s.tenant_id = t.id LEFT JOIN plans p ON p.id = s.plan_id";
 
 /// What an invoice run did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -442,12 +441,9 @@ async fn run_locked(
             .await?
             .into_iter()
             .collect();
-    let tenants = sqlx::query(
-        "SELECT t.id, t.name, p.name FROM tenants t \
-           LEFT JOIN subscriptions s ON s.tenant_id = t.id \
-           LEFT JOIN plans p ON p.id = s.plan_id \
-          WHERE $1::uuid IS NULL OR t.id = $1 ORDER BY t.created_at, t.id",
-    )
+    let tenants = sqlx::query(&format!(
+        "{TENANTS_AND_PLANS} WHERE $1::uuid IS NULL OR t.id = $1 ORDER BY t.created_at, t.id"
+    ))
     .bind(only)
     .fetch_all(&mut *conn)
     .await?;

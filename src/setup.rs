@@ -13,9 +13,17 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .context("connecting to PostgreSQL as the owner")?;
     let applied = postgres::migrate(&admin).await?;
     println!("postgres: {} migration(s) applied", applied.len());
-    clickhouse::schema::migrate(&config.clickhouse)
-        .await
-        .context("creating ClickHouse tables")?;
+    // ClickHouse has no locks: setups running at once take turns through PostgreSQL's, so a
+    // new rollup is filled from the stored facts once.
+    let mut turn = admin.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('sluice-clickhouse-migrations'))")
+        .execute(&mut *turn)
+        .await?;
+    let migrated = clickhouse::schema::migrate(&config.clickhouse).await;
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('sluice-clickhouse-migrations'))")
+        .execute(&mut *turn)
+        .await?;
+    migrated.context("creating ClickHouse tables")?;
     println!("clickhouse: database {} ready", config.clickhouse.database);
     Ok(())
 }

@@ -195,6 +195,9 @@ async fn every_request_is_billed_once_and_the_preview_is_exact_through_twenty_ki
         output += billed_out;
     }
 
+    // So do the hourly and daily rollups.
+    assert_rollups_equal_facts(&tenant_id).await;
+
     // The preview says the same, to the token and to the cent.
     let (status, preview) = get_json(&sluice.v1("/invoices/preview"), &admin).await;
     assert_eq!(status, 200, "{preview}");

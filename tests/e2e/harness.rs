@@ -732,3 +732,43 @@ pub async fn sim_small_amounts(input: u64, output: u64) -> (String, String) {
         format!("{}.{:02}", cents / 100, cents % 100),
     )
 }
+
+/// Asserts that the hourly and daily rollups hold exactly what `tenant`'s facts hold.
+pub async fn assert_rollups_equal_facts(tenant: &str) {
+    type Bucket = (u32, String, u64, u64, u64, u64);
+    let read = |sql: &'static str| async move {
+        clickhouse()
+            .query(sql)
+            .bind(tenant)
+            .fetch_all::<Bucket>()
+            .await
+            .unwrap()
+    };
+    let facts = read(
+        "SELECT toUInt32(toStartOfHour(toDateTime(occurred_at, 'UTC'))) AS h, model, count(), \
+                sum(input_tokens), sum(output_tokens), sum(cached_input_tokens) \
+           FROM usage_events FINAL WHERE tenant_id = ? GROUP BY h, model ORDER BY h, model",
+    )
+    .await;
+    let hourly = read(
+        "SELECT toUInt32(hour) AS h, model, sum(requests), sum(input_tokens), sum(output_tokens), \
+                sum(cached_input_tokens) \
+           FROM usage_hourly WHERE tenant_id = ? GROUP BY h, model ORDER BY h, model",
+    )
+    .await;
+    assert!(!facts.is_empty(), "no facts of {tenant}");
+    assert_eq!(hourly, facts, "usage_hourly of {tenant}");
+    let daily = read(
+        "SELECT toUInt32(toDate(day)) AS d, '' AS m, sum(requests), sum(input_tokens), \
+                sum(output_tokens), sum(cached_input_tokens) \
+           FROM usage_daily WHERE tenant_id = ? GROUP BY d ORDER BY d",
+    )
+    .await;
+    let facts_daily = read(
+        "SELECT toUInt32(toDate(occurred_at, 'UTC')) AS d, '' AS m, count(), sum(input_tokens), \
+                sum(output_tokens), sum(cached_input_tokens) \
+           FROM usage_events FINAL WHERE tenant_id = ? GROUP BY d ORDER BY d",
+    )
+    .await;
+    assert_eq!(daily, facts_daily, "usage_daily of {tenant}");
+}

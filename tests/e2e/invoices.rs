@@ -178,29 +178,26 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
         .unwrap();
 
     let period = Period::parse("2031-03").unwrap();
+    // Closes `month` for this tenant as if it were `now`.
+    let close = |month: Period, now: &'static str| {
+        let (admin, clickhouse) = (admin.clone(), clickhouse.clone());
+        async move {
+            invoices::run(
+                &admin,
+                &clickhouse,
+                month,
+                "default",
+                Some(tenant_id),
+                ms(now),
+                |_, _| {},
+            )
+            .await
+        }
+    };
     // A month that has not ended cannot close.
-    let early = invoices::run(
-        &admin,
-        &clickhouse,
-        period,
-        "default",
-        Some(tenant_id),
-        ms("2031-03-31T00:00:00Z"),
-        |_, _| {},
-    )
-    .await;
+    let early = close(period, "2031-03-31T00:00:00Z").await;
     assert!(early.is_err());
-    let report = invoices::run(
-        &admin,
-        &clickhouse,
-        period,
-        "default",
-        Some(tenant_id),
-        ms("2031-04-02T00:00:00Z"),
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    let report = close(period, "2031-04-02T00:00:00Z").await.unwrap();
     assert_eq!(report.written.len(), 1, "{report:?}");
     let invoice = &report.written[0];
     let json = invoice.to_json();
@@ -237,17 +234,7 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
     );
 
     // Idempotent: running the month again writes nothing.
-    let again = invoices::run(
-        &admin,
-        &clickhouse,
-        period,
-        "default",
-        Some(tenant_id),
-        ms("2031-04-02T00:00:00Z"),
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    let again = close(period, "2031-04-02T00:00:00Z").await.unwrap();
     assert!(again.written.is_empty());
     assert_eq!(again.already_invoiced, 1);
 
@@ -283,17 +270,7 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
         )
         .await
         .unwrap();
-    let april = invoices::run(
-        &admin,
-        &clickhouse,
-        period.next(),
-        "default",
-        Some(tenant_id),
-        ms("2031-05-02T00:00:00Z"),
-        |_, _| {},
-    )
-    .await
-    .unwrap();
+    let april = close(period.next(), "2031-05-02T00:00:00Z").await.unwrap();
     let april = april.written[0].to_json();
     let adjustments: Vec<&Value> = april["lines"]
         .as_array()
@@ -312,6 +289,8 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
         .unwrap();
     assert_eq!(march_again.to_json()["total"], "22.50");
     assert_eq!(march_again.lines, invoice.lines);
+    // The hourly and daily rollups hold what the facts hold.
+    assert_rollups_equal_facts(&tenant.id).await;
     // Numbers follow each other without a gap.
     let seq = |n: &str| n.trim_start_matches("INV-").parse::<i64>().unwrap();
     assert!(seq(april["number"].as_str().unwrap()) > seq(invoice.number.as_deref().unwrap()));

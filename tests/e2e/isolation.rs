@@ -112,6 +112,23 @@ async fn analysts_read_clickhouse_but_cannot_change_it() {
         .fetch_one::<u64>()
         .await
         .expect("the analyst user reads the facts");
+    for rollup in [
+        "usage_hourly",
+        "usage_daily",
+        "tenant_usage_1m",
+        "model_latency_1m",
+    ] {
+        analyst
+            .query(&format!("SELECT count() FROM {rollup}"))
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or_else(|e| panic!("the analyst user reads {rollup}: {e}"));
+        let refused = analyst
+            .query(&format!("INSERT INTO {rollup} (tenant_id) VALUES ('x')"))
+            .execute()
+            .await;
+        assert!(refused.is_err(), "the analyst user cannot write {rollup}");
+    }
     let refused = analyst.query("DROP TABLE usage_events").execute().await;
     assert!(refused.is_err(), "the analyst user is read-only");
     let refused = analyst

@@ -65,7 +65,52 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("usage_events", "trace_id", "String DEFAULT ''"),
 ];
 
-/// Creates the database and tables if they are missing, and adds missing columns.
+/// Rollups of the facts, kept by materialized views as facts are inserted: `(target table,
+/// its DDL, the view's name, the view's SELECT over usage_events)`. The metering sink inserts
+/// each event id once, so each event is counted once (two sinks racing on one redelivered
+/// batch could insert it twice: `sluice invoices reconcile` would show it).
+const ROLLUPS: &[(&str, &str, &str, &str)] = &[
+    (
+        "usage_hourly",
+        "CREATE TABLE IF NOT EXISTS {db}.usage_hourly (
+            hour                DateTime('UTC'),
+            tenant_id           String,
+            model               String,
+            requests            UInt64,
+            input_tokens        UInt64,
+            output_tokens       UInt64,
+            cached_input_tokens UInt64
+        ) ENGINE = SummingMergeTree()
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (tenant_id, hour, model)",
+        "usage_hourly_mv",
+        "SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, tenant_id, model,
+                count() AS requests, sum(input_tokens) AS input_tokens,
+                sum(output_tokens) AS output_tokens, sum(cached_input_tokens) AS cached_input_tokens
+           FROM {db}.usage_events{final} GROUP BY hour, tenant_id, model",
+    ),
+    (
+        "usage_daily",
+        "CREATE TABLE IF NOT EXISTS {db}.usage_daily (
+            day                 Date,
+            tenant_id           String,
+            requests            UInt64,
+            input_tokens        UInt64,
+            output_tokens       UInt64,
+            cached_input_tokens UInt64
+        ) ENGINE = SummingMergeTree()
+        PARTITION BY toYYYYMM(day)
+        ORDER BY (tenant_id, day)",
+        "usage_daily_mv",
+        "SELECT toDate(occurred_at, 'UTC') AS day, tenant_id,
+                count() AS requests, sum(input_tokens) AS input_tokens,
+                sum(output_tokens) AS output_tokens, sum(cached_input_tokens) AS cached_input_tokens
+           FROM {db}.usage_events{final} GROUP BY day, tenant_id",
+    ),
+];
+
+/// Creates the database and tables if they are missing, adds missing columns, and creates the
+/// rollups' views (filling a new rollup once from the facts already stored).
 pub async fn migrate(config: &ClickHouseConfig) -> Result<()> {
     let client = config.server_client();
     for statement in STATEMENTS {
@@ -86,6 +131,38 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<()> {
                 return Err(e.into());
             }
         }
+    }
+    let db = &config.database;
+    for (table, ddl, view, select) in ROLLUPS {
+        client.query(&ddl.replace("{db}", db)).execute().await?;
+        let existed: Vec<String> = client
+            .query("SELECT name FROM system.tables WHERE database = ? AND name = ?")
+            .bind(db)
+            .bind(view)
+            .fetch_all()
+            .await?;
+        if !existed.is_empty() {
+            continue;
+        }
+        // Facts stored before the view existed are rolled up once, from those inserted before
+        // the second it was made (run `sluice setup` with metering stopped to make it exact).
+        let before: u32 = client.query("SELECT toUInt32(now())").fetch_one().await?;
+        let view_select = select.replace("{db}", db).replace("{final}", "");
+        let create = format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view} TO {db}.{table} AS {view_select}"
+        );
+        client.query(&create).execute().await?;
+        let backfill = select
+            .replace("{db}", db)
+            .replace("{final}", " FINAL")
+            .replace(
+                " GROUP BY ",
+                &format!(" WHERE inserted_at < toDateTime({before}) GROUP BY "),
+            );
+        client
+            .query(&format!("INSERT INTO {db}.{table} {backfill}"))
+            .execute()
+            .await?;
     }
     Ok(())
 }

@@ -456,3 +456,99 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     .await;
     assert!(!own.contains(&number));
 }
+
+#[tokio::test]
+async fn reconcile_finds_the_sources_agreeing_then_a_planted_fact_everywhere_it_shows() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let codec = sluice_schemas::Codec::new(
+        sluice_schemas::RegistryClient::new(&sluice.registry_url).unwrap(),
+    );
+    codec
+        .register::<sluice_schemas::UsageEvent>()
+        .await
+        .unwrap();
+    // Last month's usage, on this instance's usage topic as orchestrators write it.
+    let month = Period::containing(sluice_pipelines::now_ms()).previous();
+    let at = month.start_ms() + 3 * 3_600_000;
+    let events: Vec<sluice_schemas::UsageEvent> = (0..4)
+        .map(|i| sluice_schemas::UsageEvent {
+            occurred_at_ms: at + i * 1_000,
+            input_tokens: 100 + i,
+            output_tokens: 10,
+            ..usage_event(format!("{}-{i}", sluice.prefix), &tenant.id)
+        })
+        .collect();
+    let records = events
+        .iter()
+        .map(|e| (tenant.id.clone(), codec.encode(e).unwrap()));
+    produce_all(&sluice.topic("usage"), records).await;
+    // The facts and the per-minute rollup (its window closes once the partition is quiet).
+    eventually(60, "the facts and the rollup", || async {
+        let (facts, rolled): (u64, u64) = clickhouse()
+            .query(
+                "SELECT (SELECT count() FROM usage_events FINAL WHERE tenant_id = ?), \
+                        (SELECT sum(requests) FROM tenant_usage_1m FINAL WHERE tenant_id = ?)",
+            )
+            .bind(&tenant.id)
+            .bind(&tenant.id)
+            .fetch_one()
+            .await
+            .ok()?;
+        (facts == 4 && rolled == 4).then_some(())
+    })
+    .await;
+    let period = month.to_string();
+    sluice.cli(&[
+        "invoices",
+        "run",
+        "--period",
+        &period,
+        "--tenant",
+        &tenant.name,
+    ]);
+    let reconcile = [
+        "invoices",
+        "reconcile",
+        "--period",
+        &period,
+        "--tenant",
+        &tenant.name,
+    ];
+    let run = |args: &[&str]| {
+        let output = crate::harness::sluice(&sluice.prefix)
+            .env("SLUICE_REGISTRY__URL", &sluice.registry_url)
+            .args(args)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.success(), out)
+    };
+    let (agreed, out) = run(&reconcile);
+    assert!(agreed && out.trim() == "differences=0", "{out}");
+
+    // A fact that never was on the topic: the facts disagree with the topic, the rollup and
+    // the invoice (which the next invoice adjusts), and the command fails.
+    stores_clickhouse()
+        .insert_rows(
+            "usage_events",
+            &[fact(
+                &tenant.id,
+                "sim-small",
+                &chrono::DateTime::from_timestamp_millis(at)
+                    .unwrap()
+                    .to_rfc3339(),
+                7,
+                7,
+                "",
+            )],
+        )
+        .await
+        .unwrap();
+    let (agreed, out) = run(&reconcile);
+    assert!(!agreed, "{out}");
+    assert_eq!(out.lines().last(), Some("differences=3"), "{out}");
+    for source in ["topic/facts", "facts/rollup", "facts/invoices"] {
+        assert!(out.contains(source), "{source}: {out}");
+    }
+}

@@ -75,6 +75,17 @@ impl Format {
 }
 
 fn csv_response(name: &str, body: String) -> Response {
+    // The file name comes from the issuer's prefix: only plain characters reach the header.
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),

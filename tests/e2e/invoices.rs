@@ -128,6 +128,43 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
         ],
     );
     run_cli(&prefix, &["tenant", "plan", &tenant.name, &plan]);
+    // A tenant on the same plan, deleted before the month: it owes no fee for it.
+    let gone = create_tenant(&prefix);
+    run_cli(&prefix, &["tenant", "plan", &gone.name, &plan]);
+    run_cli(&prefix, &["tenant", "delete", &gone.name]);
+    // Adding the model to the catalogue, or saving it again, leaves the price book's versions
+    // alone; a change of its catalogue price becomes a version from now (before the month's).
+    let versions = || async {
+        let admin = postgres::connect(&admin_database_url(), 1).await.unwrap();
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM price_versions WHERE item = $1")
+            .bind(&item)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    // Priced far above the others, so that `auto` never picks it for anyone.
+    let add_model = |price: &str| {
+        run_cli(
+            &prefix,
+            &[
+                "model",
+                "add",
+                &model,
+                "--provider",
+                "sim",
+                "--input-price-micros",
+                price,
+                "--output-price-micros",
+                price,
+            ],
+        );
+    };
+    add_model("900000000");
+    add_model("900000000");
+    assert_eq!(versions().await, 2);
+    add_model("900000001");
+    assert_eq!(versions().await, 3);
+    run_cli(&prefix, &["model", "remove", &model]);
     // A price may not start in the past: that would re-price usage already billed.
     let refused = sluice(&prefix)
         .args([
@@ -231,6 +268,23 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
     assert_ne!(
         json["lines"][1]["price_version_id"],
         json["lines"][2]["price_version_id"]
+    );
+
+    let gone_id = Uuid::parse_str(&gone.id).unwrap();
+    let gone_report = invoices::run(
+        &admin,
+        &clickhouse,
+        period,
+        "default",
+        Some(gone_id),
+        ms("2031-04-02T00:00:00Z"),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (gone_report.written.len(), gone_report.nothing_to_bill),
+        (0, 1)
     );
 
     // Idempotent: running the month again writes nothing.

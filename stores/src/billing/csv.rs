@@ -126,7 +126,7 @@ fn field_text(field: &str) -> String {
         let digits = field.strip_prefix('-').unwrap_or(field);
         !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
     };
-    let defused = if !numeric && field.starts_with(['=', '+', '-', '@']) {
+    let defused = if !numeric && field.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{field}")
     } else {
         field.to_owned()
@@ -150,6 +150,7 @@ mod tests {
         assert_eq!(field_text("=HYPERLINK(1)"), "'=HYPERLINK(1)");
         assert_eq!(field_text("-0.05"), "-0.05");
         assert_eq!(field_text("-x"), "'-x");
+        assert_eq!(field_text("\t=1"), "'\t=1");
         assert_eq!(field_text("two\nlines"), "\"two\nlines\"");
         let mut out = String::new();
         row(&mut out, &["a", "b,c"]);

@@ -131,7 +131,8 @@ async fn priced_usage(
     // (tenant, period, model, price version) → quantities.
     let mut summed: BTreeMap<(String, Period, String, Option<i64>), Quantities> = BTreeMap::new();
     for s in slices {
-        let Some((month, start)) = slice_start(&price_changes, s.month, s.segment) else {
+        let Some((month, start)) = slice_start(&price_changes, from.start_ms(), s.month, s.segment)
+        else {
             continue;
         };
         let version = book.in_force(&model_item(&s.model), start).map(|v| v.id);
@@ -345,8 +346,11 @@ async fn tenant_and_plan(
     Ok((row.try_get(1)?, row.try_get(2)?))
 }
 
-/// Tenants (id, name) and the name of the plan each is subscribed to.
-const TENANTS_AND_PLANS: &str = "SELECT t.id, t.name, p.name FROM tenants t \
+/// Tenants (id, name), the name of the plan each is subscribed to, and when each was created
+/// and deleted (Unix milliseconds).
+const TENANTS_AND_PLANS: &str = "SELECT t.id, t.name, p.name, \
+     (extract(epoch FROM t.created_at) * 1000)::bigint, \
+     (extract(epoch FROM t.deleted_at) * 1000)::bigint FROM tenants t \
      LEFT JOIN subscriptions s ON s.tenant_id = t.id LEFT JOIN plans p ON p.id = s.plan_id";
 
 /// What an invoice run did.
@@ -470,11 +474,16 @@ async fn run_locked(
         let tenant_id: Uuid = row.try_get(0)?;
         let tenant_name: String = row.try_get(1)?;
         let plan: Option<String> = row.try_get(2)?;
+        let created_ms: i64 = row.try_get(3)?;
+        let deleted_ms: Option<i64> = row.try_get(4)?;
         if invoiced.contains(&tenant_id) {
             report.already_invoiced += 1;
             continue;
         }
-        let plan = plan_fees(&book, plan, period);
+        // A plan's fees are owed for a month the tenant existed in (its usage always is).
+        let existed =
+            created_ms < period.end_ms() && deleted_ms.is_none_or(|d| d >= period.start_ms());
+        let plan = plan_fees(&book, plan.filter(|_| existed), period);
         let lines = draft(
             &book,
             period,
@@ -826,7 +835,7 @@ pub async fn usage_by_key_model_day(
     .await?;
     let mut rows: BTreeMap<(u32, String, String), (Quantities, Exact)> = BTreeMap::new();
     for s in slices {
-        let Some((_, start)) = slice_start(&price_changes, s.month, s.segment) else {
+        let Some((_, start)) = slice_start(&price_changes, from_ms, s.month, s.segment) else {
             continue;
         };
         let exact = book

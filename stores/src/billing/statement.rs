@@ -336,16 +336,22 @@ pub fn totals(lines: &[Line]) -> Totals {
     }
 }
 
-/// The first moment of a slice of usage the facts query returns: facts of month `yyyymm`
-/// after `segment` of the `price_changes` (ascending). Every fact of the slice lies between it
-/// and the next change or the month's end, so one price applies to all of them.
-pub fn slice_start(price_changes: &[i64], yyyymm: u32, segment: u32) -> Option<(Period, i64)> {
+/// The first moment of a slice of usage the facts query returns for a range starting at
+/// `from_ms`: facts of month `yyyymm` after `segment` of the `price_changes` (ascending, inside
+/// the range). Every fact of the slice lies between it and the next change or the month's end,
+/// so one price applies to all of them.
+pub fn slice_start(
+    price_changes: &[i64],
+    from_ms: i64,
+    yyyymm: u32,
+    segment: u32,
+) -> Option<(Period, i64)> {
     let month = Period::parse(&format!("{}-{:02}", yyyymm / 100, yyyymm % 100)).ok()?;
     let after_change = match usize::try_from(segment).ok()? {
         0 => i64::MIN,
         k => *price_changes.get(k - 1)?,
     };
-    Some((month, after_change.max(month.start_ms())))
+    Some((month, after_change.max(month.start_ms()).max(from_ms)))
 }
 
 #[cfg(test)]
@@ -501,23 +507,26 @@ mod tests {
         let feb = Period::parse("1970-02").unwrap();
         let changes = [1_000, feb.start_ms() + 5];
         assert_eq!(
-            slice_start(&changes, 197001, 0),
+            slice_start(&changes, 0, 197001, 0),
             Some((Period::parse("1970-01").unwrap(), 0))
         );
         assert_eq!(
-            slice_start(&changes, 197001, 1),
+            slice_start(&changes, 0, 197001, 1),
             Some((Period::parse("1970-01").unwrap(), 1_000))
         );
         assert_eq!(
-            slice_start(&changes, 197002, 1),
+            slice_start(&changes, 0, 197002, 1),
             Some((feb, feb.start_ms()))
         );
         assert_eq!(
-            slice_start(&changes, 197002, 2),
+            slice_start(&changes, 0, 197002, 2),
             Some((feb, feb.start_ms() + 5))
         );
-        assert_eq!(slice_start(&changes, 197002, 3), None);
-        assert_eq!(slice_start(&changes, 197013, 0), None);
+        assert_eq!(slice_start(&changes, 0, 197002, 3), None);
+        assert_eq!(slice_start(&changes, 0, 197013, 0), None);
+        // A range starting inside a month: its first slice starts with the range.
+        let mid = feb.start_ms() + 2;
+        assert_eq!(slice_start(&changes, mid, 197002, 1), Some((feb, mid)));
         assert_eq!(
             LineKind::parse("included_usage"),
             Some(LineKind::IncludedUsage)

@@ -146,8 +146,8 @@ pub async fn enabled_models(pool: &PgPool) -> Result<Vec<ModelSpec>> {
 }
 
 /// Adds or replaces a model in the catalogue (owner role); a model with problems is refused
-/// with all of them. Prices that differ from the price book's current ones become its next
-/// version, in force from now.
+/// with all of them. A new model, or new catalogue prices, become the price book's next version
+/// for it, in force from now (unless the book already prices a model new to the catalogue).
 pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
     let problems = model.validate();
     if !problems.is_empty() {
@@ -158,6 +158,12 @@ pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
         )));
     }
     let mut tx = admin.begin().await?;
+    let previous: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT input_price_micros, output_price_micros FROM models WHERE name = $1 FOR UPDATE",
+    )
+    .bind(&model.name)
+    .fetch_optional(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO models (name, provider, upstream_model, base_url, api_key_env, context_window, \
                              input_price_micros, output_price_micros, enabled) \
@@ -176,21 +182,28 @@ pub async fn upsert_model(admin: &PgPool, model: &ModelSpec) -> Result<()> {
     .bind(model.output_price_micros)
     .execute(&mut *tx)
     .await?;
-    // The price book follows the catalogue: new prices are in force from now on (the past
-    // keeps the prices it had).
-    sqlx::query(
-        "INSERT INTO price_versions (item, input_per_mtok, output_per_mtok, valid_from) \
-         SELECT $1, $2, $3, now() \
-          WHERE NOT EXISTS (SELECT 1 FROM ( \
-                SELECT input_per_mtok, output_per_mtok FROM price_versions \
-                 WHERE item = $1 AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1) current \
-                 WHERE current.input_per_mtok = $2 AND current.output_per_mtok = $3)",
-    )
-    .bind(crate::billing::prices::model_item(&model.name))
-    .bind(model.input_price_micros)
-    .bind(model.output_price_micros)
-    .execute(&mut *tx)
-    .await?;
+    // The price book follows the catalogue's price changes (not its re-saves): a new model with
+    // no price yet, or new catalogue prices, become a version in force from now on, keeping the
+    // book's cached-input price. The past keeps the prices it had.
+    let changed = match previous {
+        Some(prices) => prices != (model.input_price_micros, model.output_price_micros),
+        None => true,
+    };
+    if changed {
+        sqlx::query(
+            "INSERT INTO price_versions (item, input_per_mtok, output_per_mtok, cached_input_per_mtok, valid_from) \
+             SELECT $1, $2, $3, coalesce(( \
+                    SELECT cached_input_per_mtok FROM price_versions \
+                     WHERE item = $1 AND valid_from <= now() ORDER BY valid_from DESC LIMIT 1), 0), now() \
+              WHERE $4 OR NOT EXISTS (SELECT 1 FROM price_versions WHERE item = $1)",
+        )
+        .bind(crate::billing::prices::model_item(&model.name))
+        .bind(model.input_price_micros)
+        .bind(model.output_price_micros)
+        .bind(previous.is_some())
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -713,8 +713,7 @@ pub async fn audit_log(
     admin: TenantAdmin,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditList>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(query) = query?;
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
         .map_err(|e| ApiError::internal("reading the audit log", e))?;

@@ -144,6 +144,14 @@ impl ApiError {
     }
 }
 
+/// A query string that does not parse: 400 saying why. Handlers take
+/// `Result<Query<T>, QueryRejection>` and answer with `?`.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::invalid(format!("Invalid query: {}", rejection.body_text()))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();

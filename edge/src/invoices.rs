@@ -15,7 +15,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_stores::{
-    billing::{csv, invoices, Invoice, Period},
+    billing::{csv, invoices, period::day_range, Invoice, Period},
     postgres::tenant_transaction,
 };
 use utoipa::IntoParams;
@@ -125,6 +125,8 @@ fn period_param(text: Option<&str>) -> Result<Option<Period>, ApiError> {
 pub struct PeriodQuery {
     /// A month, `YYYY-MM`.
     period: Option<String>,
+    /// `json` or `csv` (the export's default is `csv`).
+    format: Option<String>,
 }
 
 /// `GET /v1/invoices`: the tenant's final invoices, newest first.
@@ -135,8 +137,7 @@ pub async fn list(
     admin: TenantAdmin,
     query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(query) = query?;
     let period = period_param(query.period.as_deref())?;
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
@@ -155,8 +156,7 @@ pub async fn preview(
     admin: TenantAdmin,
     query: Result<Query<Format>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(format) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(format) = query?;
     let csv_wanted = format.csv(false)?;
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
@@ -189,8 +189,7 @@ pub async fn show(
     Path(invoice): Path<String>,
     query: Result<Query<Format>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(format) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(format) = query?;
     let csv_wanted = format.csv(false)?;
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await
@@ -209,19 +208,18 @@ pub async fn show(
 
 /// `GET /v1/invoices/export?period=YYYY-MM`: a month's invoices as one CSV — the tenant's, or
 /// every tenant's for a platform admin.
-#[utoipa::path(get, path = "/v1/invoices/export", tag = "billing", security(("bearer" = [])), params(PeriodQuery, Format),
+#[utoipa::path(get, path = "/v1/invoices/export", tag = "billing", security(("bearer" = [])), params(PeriodQuery),
     responses((status = 200, description = "One CSV row per invoice line (`format=json` for JSON)", body = String), (status = 400, description = "Invalid input", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 403, description = "Not allowed for this caller", body = crate::api_doc::ErrorBody)))]
 pub async fn export(
     State(state): State<Arc<EdgeState>>,
     reader: InvoiceReader,
     query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
-    format: Result<Query<Format>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
-    let Query(format) =
-        format.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
-    let csv_wanted = format.csv(true)?;
+    let Query(query) = query?;
+    let csv_wanted = Format {
+        format: query.format.clone(),
+    }
+    .csv(true)?;
     let period = period_param(query.period.as_deref())?
         .ok_or_else(|| ApiError::invalid("Name the month: period=YYYY-MM.").with_param("period"))?;
     let found = match reader {
@@ -269,41 +267,19 @@ pub async fn usage(
     admin: TenantAdmin,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(query) = query?;
     let csv_wanted = Format {
         format: query.format.clone(),
     }
     .csv(true)?;
-    let now_ms = sluice_pipelines::now_ms();
-    let day = |text: Option<&str>, param: &str, default: i64| -> Result<i64, ApiError> {
-        match text {
-            None => Ok(default),
-            Some(text) => chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|t| t.and_utc().timestamp_millis())
-                .ok_or_else(|| {
-                    ApiError::invalid(format!("{param} must be a day, YYYY-MM-DD."))
-                        .with_param(param)
-                }),
-        }
-    };
-    let start = day(
+    let (start, end) = day_range(
         query.start.as_deref(),
-        "start",
-        Period::containing(now_ms).start_ms(),
-    )?;
-    let end = day(
         query.end.as_deref(),
-        "end",
-        (now_ms / 86_400_000 + 1) * 86_400_000,
-    )?;
-    if start >= end || end - start > 400 * 86_400_000 {
-        return Err(
-            ApiError::invalid("start must be before end, and at most 400 days apart.")
-                .with_param("start"),
-        );
+        sluice_pipelines::now_ms(),
+    )
+    .map_err(|e| ApiError::invalid(e.to_string()).with_param("start"))?;
+    if end - start > 400 * 86_400_000 {
+        return Err(ApiError::invalid("A usage export spans at most 400 days.").with_param("start"));
     }
     let mut tx = tenant_transaction(&state.app_pool, admin.tenant)
         .await

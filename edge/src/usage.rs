@@ -51,8 +51,7 @@ pub async fn usage(
     tenant: TenantId,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid(format!("Invalid query: {}", e.body_text())))?;
+    let Query(query) = query?;
     let now = u32::try_from(sluice_pipelines::now_ms() / 1000).unwrap_or(u32::MAX);
     let start = query.start_time.unwrap_or(now.saturating_sub(30 * 86_400));
     let end = query.end_time.unwrap_or(now.saturating_add(60));

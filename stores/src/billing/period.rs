@@ -82,6 +82,29 @@ impl Period {
     }
 }
 
+/// A range of whole UTC days, `[from, to)` in Unix milliseconds, from days written `YYYY-MM-DD`
+/// (`to` is the day after the last): by default from the first of the month containing `now_ms`
+/// to the end of its day. Refused when a day does not parse or the range is empty.
+pub fn day_range(from: Option<&str>, to: Option<&str>, now_ms: i64) -> Result<(i64, i64)> {
+    let day = |text: Option<&str>, default: i64| match text {
+        None => Ok(default),
+        Some(text) => NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc().timestamp_millis())
+            .ok_or_else(|| Error::Invalid(format!("{text:?} is not a day (YYYY-MM-DD)"))),
+    };
+    const DAY_MS: i64 = 86_400_000;
+    let from = day(from, Period::containing(now_ms).start_ms())?;
+    let to = day(to, now_ms.div_euclid(DAY_MS).saturating_add(1) * DAY_MS)?;
+    if from >= to {
+        return Err(Error::Invalid(
+            "the first day must come before the end of the range".into(),
+        ));
+    }
+    Ok((from, to))
+}
+
 impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.first_day.format("%Y-%m"))
@@ -106,5 +129,16 @@ mod tests {
         for bad in ["2026", "2026-13", "x-01", "", "1969-12"] {
             assert!(Period::parse(bad).is_err(), "{bad}");
         }
+        let now = p.start_ms() + 3 * 86_400_000 + 5;
+        assert_eq!(
+            day_range(None, None, now).unwrap(),
+            (p.start_ms(), p.start_ms() + 4 * 86_400_000)
+        );
+        assert_eq!(
+            day_range(Some("2026-12-02"), Some("2026-12-03"), now).unwrap(),
+            (p.start_ms() + 86_400_000, p.start_ms() + 2 * 86_400_000)
+        );
+        assert!(day_range(Some("2026-12-03"), Some("2026-12-03"), now).is_err());
+        assert!(day_range(Some("12/03/2026"), None, now).is_err());
     }
 }

@@ -249,21 +249,8 @@ pub async fn invoices(config: Config, command: InvoicesCommand) -> anyhow::Resul
         }
         InvoicesCommand::Usage { tenant, from, to } => {
             let tenant = tenant_named(&admin, &tenant).await?;
-            let day = |text: Option<String>, default: i64| -> anyhow::Result<i64> {
-                match text {
-                    None => Ok(default),
-                    Some(text) => chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d")
-                        .ok()
-                        .and_then(|d| d.and_hms_opt(0, 0, 0))
-                        .map(|t| t.and_utc().timestamp_millis())
-                        .with_context(|| format!("{text:?} is not a day (YYYY-MM-DD)")),
-                }
-            };
-            let from_ms = day(from, Period::containing(now_ms).start_ms())?;
-            let to_ms = day(to, (now_ms / 86_400_000 + 1) * 86_400_000)?;
-            if from_ms >= to_ms {
-                anyhow::bail!("--from must be before --to");
-            }
+            let (from_ms, to_ms) =
+                sluice_stores::billing::period::day_range(from.as_deref(), to.as_deref(), now_ms)?;
             let mut conn = admin.acquire().await?;
             let (currency, days) =
                 invoices::usage_by_key_model_day(&mut conn, &clickhouse, tenant.id, from_ms, to_ms)
@@ -369,8 +356,14 @@ async fn reconcile(
         eprintln!("warning: {undecodable} records of {topic} did not decode (see the DLQ)");
     }
 
-    for row in
-        usage::totals_by_tenant_and_model(clickhouse, from_ms, to_ms, only.as_deref()).await?
+    for row in usage::totals_by_tenant_and_model(
+        clickhouse,
+        from_ms,
+        to_ms,
+        only.as_deref(),
+        usage::Rows::Deduplicated,
+    )
+    .await?
     {
         sources
             .facts

@@ -272,21 +272,34 @@ pub struct TenantModelUsage {
     pub cached_input_tokens: u64,
 }
 
-/// Every tenant's (or one's) usage per model for events in `[from_ms, to_ms)`: one plain
-/// `GROUP BY`.
+/// How a read treats an event stored twice whose rows have not merged yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Once (`FINAL`): what billing needs.
+    Deduplicated,
+    /// As stored: what a hand-written `GROUP BY` reads, right while no event is stored twice.
+    AsStored,
+}
+
+/// Every tenant's (or one's) usage per model for events in `[from_ms, to_ms)`: one `GROUP BY`.
 pub async fn totals_by_tenant_and_model(
     clickhouse: &ClickHouse,
     from_ms: i64,
     to_ms: i64,
     tenant: Option<&str>,
+    rows: Rows,
 ) -> Result<Vec<TenantModelUsage>> {
+    let final_ = match rows {
+        Rows::Deduplicated => " FINAL",
+        Rows::AsStored => "",
+    };
     Ok(clickhouse
         .client()
         .query(&format!(
             "SELECT tenant_id, model, count() AS requests, sum(input_tokens) AS input_tokens, \
                     sum(output_tokens) AS output_tokens, \
                     sum(cached_input_tokens) AS cached_input_tokens \
-               FROM {TABLE} FINAL \
+               FROM {TABLE}{final_} \
               WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
                 AND occurred_at_ms >= ? AND occurred_at_ms < ? AND (? = '' OR tenant_id = ?) \
               GROUP BY tenant_id, model"

@@ -9,8 +9,6 @@ use crate::{Error, Result};
 
 /// Pico-units in one micro-unit.
 const PICO_PER_MICRO: i128 = 1_000_000;
-/// Tokens a per-token price is quoted for.
-const TOKENS_PER_QUOTE: i128 = 1_000_000;
 
 /// An exact amount, in pico-units of the currency.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,7 +18,7 @@ impl Exact {
     /// `tokens` at `micros_per_mtok` micro-units per million tokens.
     pub fn tokens(tokens: u64, micros_per_mtok: i64) -> Self {
         // A token costs micros × 10⁻⁶ currency units ÷ 10⁶ tokens = micros pico-units.
-        Self(i128::from(tokens) * i128::from(micros_per_mtok) * PICO_PER_MICRO / TOKENS_PER_QUOTE)
+        Self(i128::from(tokens) * i128::from(micros_per_mtok))
     }
 
     /// `units` at `micros` micro-units each.

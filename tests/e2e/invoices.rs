@@ -84,48 +84,27 @@ async fn a_month_closes_at_the_prices_in_force_and_late_usage_is_adjusted_on_the
     let model = unique("priced-");
     let plan = unique("plan-");
     let item = format!("model:{model}");
-    run_cli(
-        &prefix,
-        &[
-            "price",
-            "set",
-            &item,
-            "--input",
-            "1",
-            "--output",
-            "2",
-            "--from",
-            "2031-03-01T00:00:00Z",
-        ],
+    let price_set = |item: &str, prices: &[&str], from: &str| {
+        let mut args = vec!["price", "set", item];
+        args.extend_from_slice(prices);
+        args.extend_from_slice(&["--from", from]);
+        run_cli(&prefix, &args);
+    };
+    price_set(
+        &item,
+        &["--input", "1", "--output", "2"],
+        "2031-03-01T00:00:00Z",
     );
-    run_cli(
-        &prefix,
-        &[
-            "price",
-            "set",
-            &item,
-            "--input",
-            "3",
-            "--output",
-            "6",
-            "--from",
-            "2031-03-16T00:00:00Z",
-        ],
+    price_set(
+        &item,
+        &["--input", "3", "--output", "6"],
+        "2031-03-16T00:00:00Z",
     );
     run_cli(&prefix, &["plan", "create", &plan]);
-    run_cli(
-        &prefix,
-        &[
-            "price",
-            "set",
-            &format!("plan:{plan}"),
-            "--base-fee",
-            "20",
-            "--included",
-            "5",
-            "--from",
-            "2031-03-01T00:00:00Z",
-        ],
+    price_set(
+        &format!("plan:{plan}"),
+        &["--base-fee", "20", "--included", "5"],
+        "2031-03-01T00:00:00Z",
     );
     run_cli(&prefix, &["tenant", "plan", &tenant.name, &plan]);
     // A tenant on the same plan, deleted before the month: it owes no fee for it.
@@ -492,6 +471,71 @@ async fn the_preview_equals_what_callers_were_told_and_exports_are_walled_off() 
     );
     let (status, bad) = get_json(&sluice.v1("/invoices/export?period=2026-13"), &admin_token).await;
     assert_eq!(status, 400, "{bad}");
+    let (status, bad) = get_json(&sluice.v1("/invoices/preview?format=xml"), &admin_token).await;
+    assert_eq!(
+        (status, &bad["error"]["param"]),
+        (400, &json!("format")),
+        "{bad}"
+    );
+    let (status, bad) = get_json(
+        &sluice.v1("/invoices/usage?start=2026-12-05&end=2026-12-01"),
+        &admin_token,
+    )
+    .await;
+    assert_eq!(status, 400, "{bad}");
+
+    // The same invoice through the CLI: shown as JSON and CSV, in the month's export, and the
+    // usage export with this key's row.
+    let shown: Value =
+        serde_json::from_str(&run_cli(&prefix, &["invoices", "show", &number, "--json"])).unwrap();
+    assert_eq!(shown["total"], one["total"]);
+    let shown_csv = run_cli(&prefix, &["invoices", "show", &number, "--csv"]);
+    assert!(
+        shown_csv.starts_with("\u{feff}invoice_number,"),
+        "{shown_csv}"
+    );
+    assert!(shown_csv.contains(&number));
+    let period = last_month.to_string();
+    let exported = run_cli(
+        &prefix,
+        &[
+            "invoices",
+            "export",
+            "--period",
+            &period,
+            "--tenant",
+            &tenant_name,
+        ],
+    );
+    assert!(exported.contains(&number), "{exported}");
+    let usage_csv = run_cli(&prefix, &["invoices", "usage", &tenant_name]);
+    assert!(usage_csv.contains(&key_id), "{usage_csv}");
+    // Refusals: a currency change once invoices exist, an issuer nobody set up.
+    let refused = |args: &[&str], says: &str| {
+        let out = crate::harness::sluice(&prefix).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    };
+    refused(
+        &["price", "currency", "EUR"],
+        "cannot change once invoices exist",
+    );
+    refused(
+        &[
+            "invoices",
+            "run",
+            "--period",
+            &period,
+            "--issuer",
+            "nobody",
+            "--tenant",
+            &tenant_name,
+        ],
+        "no invoice issuer",
+    );
     let platform = platform_admin_session(&sluice).await["access_token"]
         .as_str()
         .unwrap()

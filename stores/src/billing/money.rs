@@ -21,11 +21,6 @@ impl Exact {
         Self(i128::from(tokens) * i128::from(micros_per_mtok))
     }
 
-    /// `units` at `micros` micro-units each.
-    pub fn units(units: u64, micros: i64) -> Self {
-        Self(i128::from(units) * i128::from(micros) * PICO_PER_MICRO)
-    }
-
     /// A whole amount of micro-units.
     pub fn micros(micros: i64) -> Self {
         Self(i128::from(micros) * PICO_PER_MICRO)
@@ -147,11 +142,6 @@ impl Currency {
     pub fn code(&self) -> &str {
         std::str::from_utf8(&self.code).unwrap_or("XXX")
     }
-
-    /// Digits after the decimal point in an amount.
-    pub fn exponent(&self) -> u32 {
-        self.exponent
-    }
 }
 
 impl fmt::Display for Currency {
@@ -251,7 +241,7 @@ mod tests {
         assert_eq!(Minor(-5).decimal(usd), "-0.05");
         assert_eq!(Minor(1230).decimal(usd), "12.30");
         let yen = Currency::new("JPY").unwrap();
-        assert_eq!(Exact::units(3, 1_500_000).round(yen), Minor(5));
+        assert_eq!(Exact::micros(4_500_000).round(yen), Minor(5));
         assert_eq!(Minor(5).decimal(yen), "5");
         assert_eq!(Minor(1230).exact(usd), Exact::parse("12.3").unwrap());
     }
@@ -276,6 +266,6 @@ mod tests {
         assert_eq!(micros_text(2_500_000), "2.50");
         assert_eq!(micros_text(1), "0.000001");
         assert!(Currency::new("usd").is_err());
-        assert_eq!(Currency::new("KWD").unwrap().exponent(), 3);
+        assert_eq!(Minor(1234).decimal(Currency::new("KWD").unwrap()), "1.234");
     }
 }

@@ -126,17 +126,26 @@ async fn every_request_is_billed_once_and_the_preview_is_exact_through_twenty_ki
     // Twenty kills, the orchestrator and the metering sink in turn, each started again at once.
     for kill in 0..20 {
         tokio::time::sleep(Duration::from_millis(2_500)).await;
-        let part = if kill % 2 == 0 {
-            &mut orchestrator
-        } else {
-            &mut metering
-        };
-        part.kill();
         let stage = if kill % 2 == 0 {
             "orchestrator"
         } else {
             "metering"
         };
+        let part = if kill % 2 == 0 {
+            &mut orchestrator
+        } else {
+            &mut metering
+        };
+        // An orchestrator is killed while it holds partitions and does their work (the
+        // metering part holds the tenant's one usage partition only some of the time).
+        if stage == "orchestrator" {
+            let processed = "sluice_records_in_total{stage=\"orchestrator\"}";
+            eventually(20, "the orchestrator part to process records", || async {
+                (metric(&part.ops_url, processed).await > 0.0).then_some(())
+            })
+            .await;
+        }
+        part.kill();
         *part = sluice.spawn_part(&["run", stage], &part_env);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

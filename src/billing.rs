@@ -1,6 +1,6 @@
-//! The billing commands: `sluice price` (the price book) and `sluice invoices` (runs,
-//! previews, reading and exporting invoices, reconciling a month's sources). Operators'
-//! commands: they connect as the owner.
+//! The billing commands: `sluice price` (the price book), `sluice budget` (monthly spend
+//! budgets) and `sluice invoices` (runs, previews, reading and exporting invoices, reconciling
+//! a month's sources). Operators' commands: they connect as the owner.
 
 use std::{
     collections::HashSet,
@@ -12,7 +12,7 @@ use anyhow::Context;
 use sluice_schemas::UsageEvent;
 use sluice_stores::{
     billing::{
-        csv, invoices,
+        budgets, csv, invoices,
         money::{micros_text, parse_micros},
         prices::{self, NewPrice},
         reconcile::{differences, ByModel, Counts, Sources},
@@ -22,7 +22,73 @@ use sluice_stores::{
     postgres, ClickHouse,
 };
 
-use crate::{admin::tenant_named, config::Config, InvoicesCommand, PriceCommand};
+use crate::{admin::tenant_named, config::Config, BudgetCommand, InvoicesCommand, PriceCommand};
+
+pub async fn budget(config: Config, command: BudgetCommand) -> anyhow::Result<()> {
+    let admin = postgres::connect(&config.postgres.admin_url, 2).await?;
+    let mut conn = admin.acquire().await?;
+    match command {
+        BudgetCommand::Set {
+            tenant,
+            amount,
+            key,
+            alert,
+        } => {
+            let tenant = tenant_named(&admin, &tenant).await?;
+            let budget = budgets::Budget::new(parse_micros(&amount)?, alert)?;
+            budgets::set(&mut conn, tenant.id, key, budget).await?;
+            let whose =
+                key.map_or_else(|| format!("tenant {}", tenant.name), |k| format!("key {k}"));
+            let alert = budget
+                .alert_percent
+                .map_or_else(String::new, |p| format!(", alerting at {p}%"));
+            println!("monthly spend budget of {whose}: {amount}{alert}");
+        }
+        BudgetCommand::Remove { tenant, key } => {
+            let tenant = tenant_named(&admin, &tenant).await?;
+            if !budgets::remove(&mut conn, tenant.id, key).await? {
+                anyhow::bail!("there is no such budget");
+            }
+            println!("budget removed");
+        }
+        BudgetCommand::List { tenant, json } => {
+            let tenant = tenant_named(&admin, &tenant).await?;
+            let clickhouse = ClickHouse::new(&config.clickhouse);
+            let report = budgets::report(
+                &mut conn,
+                &clickhouse,
+                tenant.id,
+                sluice_pipelines::now_ms(),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(());
+            }
+            println!("{} in {}", report.month, report.currency);
+            for b in &report.budgets {
+                let whose = b
+                    .key_id
+                    .map_or_else(|| "tenant".to_owned(), |k| format!("key {k}"));
+                let alert = b
+                    .alert_percent
+                    .map_or_else(|| "-".to_owned(), |p| format!("{p}%"));
+                let state = if b.exhausted {
+                    "exhausted"
+                } else if b.alerting {
+                    "alerting"
+                } else {
+                    "ok"
+                };
+                println!(
+                    "{whose:<42} budget {:>12}  spent {:>12}  left {:>12}  alert {alert:>4}  {state}",
+                    b.monthly, b.spent, b.remaining
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 pub async fn price(config: Config, command: PriceCommand) -> anyhow::Result<()> {
     let admin = postgres::connect(&config.postgres.admin_url, 2).await?;

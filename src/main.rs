@@ -110,6 +110,11 @@ enum Command {
         #[command(subcommand)]
         command: PriceCommand,
     },
+    /// Monthly spend budgets: a tenant's own and its keys', enforced at the edge.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
     /// Invoices: close a month, preview the current one, read and export them.
     Invoices {
         #[command(subcommand)]
@@ -544,6 +549,37 @@ pub(crate) enum PriceCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum BudgetCommand {
+    /// Set a tenant's monthly spend budget (or one of its keys'), replacing any. Spend is
+    /// usage priced by the price book; requests that would go beyond it get 429.
+    Set {
+        /// The tenant, by name.
+        tenant: String,
+        /// The budget a month, a decimal in the billing currency (e.g. 50.00).
+        amount: String,
+        /// Only this key's (its id, as `sluice key list` shows it).
+        #[arg(long)]
+        key: Option<sqlx::types::Uuid>,
+        /// Alert at this share of the budget (percent, 1-100).
+        #[arg(long)]
+        alert: Option<i64>,
+    },
+    /// Remove a tenant's budget (or one of its keys').
+    Remove {
+        tenant: String,
+        #[arg(long)]
+        key: Option<sqlx::types::Uuid>,
+    },
+    /// A tenant's budgets and what was spent against each this month.
+    List {
+        tenant: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum InvoicesCommand {
     /// Close a month: one final invoice per tenant with something to bill. Safe to run again:
     /// tenants already invoiced for the month are left alone.
@@ -672,6 +708,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
         Command::Price { command } => billing::price(config, command).await,
+        Command::Budget { command } => billing::budget(config, command).await,
         Command::Invoices { command } => billing::invoices(config, command).await,
         Command::Dlq { command } => admin::dlq(config, command).await,
         Command::Replay {

@@ -101,12 +101,14 @@ impl AuthCache {
                 let plan = plans::tenant_plan(pool, tenant)
                     .await
                     .map_err(|e| ApiError::internal("tenant lookup failed", e))?;
-                Ok(plan.map(|plan| KeyGrant {
+                Ok(plan.map(|terms| KeyGrant {
                     tenant_id: tenant,
                     key_id: Uuid::nil(),
                     valid_until_ms: None,
                     key: Limits::default(),
-                    plan,
+                    plan: terms.plan,
+                    tenant_spend: terms.spend,
+                    key_spend: None,
                 }))
             })
             .await?;

@@ -108,6 +108,7 @@ pub async fn submit(
         .admit(
             &caller.grant,
             &request_id,
+            (&record.model, &state.catalog),
             record.prompt_tokens(),
             max_tokens,
         )
@@ -132,7 +133,7 @@ pub async fn submit(
     if let Err(e) = sent {
         // Not on the broker: nothing will be used, so the reservation goes back.
         if let Some(admission) = admission {
-            admission.settle(0);
+            admission.settle(sluice_stores::limits::Amounts::default());
         }
         drop(subscription);
         return Err(ApiError::unavailable(format!(

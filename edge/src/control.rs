@@ -478,7 +478,7 @@ impl FromRequestParts<Arc<EdgeState>> for TenantAdmin {
 }
 
 /// One change and its audit entry, in one transaction of the admin's tenant.
-async fn in_tenant<T>(
+pub(crate) async fn in_tenant<T>(
     state: &EdgeState,
     admin: &TenantAdmin,
     action: &str,

@@ -20,6 +20,7 @@
 
 pub mod api_doc;
 pub mod auth;
+pub mod budgets;
 pub mod chat;
 pub mod control;
 pub mod cors;
@@ -272,9 +273,16 @@ pub async fn run(
         dispatcher_cancel.clone(),
     ));
     let clickhouse = ClickHouse::new(&deps.clickhouse);
+    let prices = sluice_stores::billing::prices::Prices::load(&deps.app_pool).await?;
+    let prices_follower = tokio::spawn(
+        prices
+            .clone()
+            .follow(deps.app_pool.clone(), dispatcher_cancel.clone()),
+    );
     let limits = Arc::new(limits::EdgeLimits::new(
         deps.limiter,
         clickhouse.clone(),
+        prices,
         config.limits.clone(),
         // A request outlives its reply timeout only if its edge died without settling it.
         Duration::from_secs(config.reply_timeout_secs.saturating_add(30)),
@@ -367,6 +375,9 @@ pub async fn run(
     }
     if let Err(e) = origins_follower.await {
         tracing::error!(error = %e, "the CORS origins follower failed");
+    }
+    if let Err(e) = prices_follower.await {
+        tracing::error!(error = %e, "the price book follower failed");
     }
     drop(watcher.await);
     if lost.is_cancelled() {
@@ -488,6 +499,15 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route(
             "/v1/admin/tenants/{id}/plan",
             axum::routing::put(platform::set_tenant_plan),
+        )
+        .route("/v1/budgets", get(budgets::list))
+        .route(
+            "/v1/budgets/tenant",
+            axum::routing::put(budgets::set_tenant).delete(budgets::remove_tenant),
+        )
+        .route(
+            "/v1/budgets/keys/{id}",
+            axum::routing::put(budgets::set_key).delete(budgets::remove_key),
         )
         .route("/v1/invoices", get(invoices::list))
         .route("/v1/invoices/preview", get(invoices::preview))

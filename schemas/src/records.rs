@@ -185,6 +185,9 @@ pub struct ReplyChunk {
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub error_status: i32,
+    /// Of `input_tokens`, those served from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_input_tokens: i64,
 }
 record!(ReplyChunk, "sluice.v1.ReplyChunk", "reply_chunk.avsc");
 
@@ -204,6 +207,7 @@ impl ReplyChunk {
             error_code: None,
             error_message: None,
             error_status: 0,
+            cached_input_tokens: 0,
         }
     }
 

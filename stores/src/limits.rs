@@ -1,12 +1,13 @@
 //! The shared counters behind rate limits and quotas, in Redis, so a limit holds across every
-//! edge replica: requests and tokens per minute, concurrent requests, and the monthly token
-//! budget, per key and per tenant.
+//! edge replica: requests and tokens per minute, concurrent requests, and the monthly token and
+//! spend budgets, per key and per tenant.
 //!
 //! - **Per minute** limits are token buckets that refill continuously, as OpenAI's do: a
 //!   limit of N a minute admits a burst of N, then one more every 60/N seconds.
 //! - **Concurrent** requests are leases in a sorted set, released when the request ends, and
 //!   expiring on their own if the edge holding one dies.
-//! - The **monthly token budget** is a counter per calendar month (UTC).
+//! - The **monthly budgets** are counters per calendar month (UTC): tokens, and spend in
+//!   micro-units of the billing currency (each request's cost rounded up to a micro-unit).
 //!
 //! A request is admitted in one round trip ([`Limiter::admit`]): one script checks every
 //! counter and, only if all have room, takes its share from each. Tokens are reserved as an
@@ -65,6 +66,8 @@ pub enum Kind {
     TokensPerMinute,
     Concurrent,
     MonthlyTokens,
+    /// Money spent in the month, in micro-units of the billing currency.
+    MonthlySpend,
 }
 
 impl Kind {
@@ -72,7 +75,7 @@ impl Kind {
         match self {
             Kind::RequestsPerMinute | Kind::TokensPerMinute => "rate",
             Kind::Concurrent => "concurrent",
-            Kind::MonthlyTokens => "budget",
+            Kind::MonthlyTokens | Kind::MonthlySpend => "budget",
         }
     }
 
@@ -82,21 +85,54 @@ impl Kind {
             Kind::TokensPerMinute => "tpm",
             Kind::Concurrent => "concurrent",
             Kind::MonthlyTokens => "tokens",
+            Kind::MonthlySpend => "spend",
         }
     }
 
-    /// What a demand of `tokens` costs this counter.
-    pub fn cost(self, tokens: u64) -> u64 {
-        if self.counts_tokens() {
-            tokens
-        } else {
-            1
+    /// What a demand of `amounts` costs this counter.
+    pub fn cost(self, amounts: Amounts) -> u64 {
+        match self {
+            Kind::TokensPerMinute | Kind::MonthlyTokens => amounts.tokens,
+            Kind::MonthlySpend => amounts.spend_micros,
+            Kind::RequestsPerMinute | Kind::Concurrent => 1,
         }
     }
 
-    /// Whether it counts tokens (and so is settled to the real count).
-    pub fn counts_tokens(self) -> bool {
-        matches!(self, Kind::TokensPerMinute | Kind::MonthlyTokens)
+    /// Whether a demand's cost is an estimate, settled to the real amount afterwards.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            Kind::TokensPerMinute | Kind::MonthlyTokens | Kind::MonthlySpend
+        )
+    }
+
+    /// Whether it is a month's budget (counted per calendar month, seeded from the facts).
+    pub fn is_budget(self) -> bool {
+        matches!(self, Kind::MonthlyTokens | Kind::MonthlySpend)
+    }
+}
+
+/// What one request costs or used: tokens (the prompt plus the reply) and money (micro-units
+/// of the billing currency).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub tokens: u64,
+    pub spend_micros: u64,
+}
+
+impl Amounts {
+    /// `tokens` and no money.
+    pub fn tokens(tokens: u64) -> Self {
+        Self {
+            tokens,
+            spend_micros: 0,
+        }
+    }
+
+    /// What `used` costs `kind` beyond (negative: short of) what `self` reserved.
+    pub fn beyond(self, kind: Kind, used: Amounts) -> i64 {
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        signed(kind.cost(used)).saturating_sub(signed(kind.cost(self)))
     }
 }
 
@@ -203,8 +239,8 @@ pub struct Demand<'a> {
     /// No request at all, only shares being topped up, handed back or renewed: nothing costs
     /// anything and nothing is refused.
     pub shares_only: bool,
-    /// Tokens reserved: the prompt plus the most the reply may use.
-    pub tokens: u64,
+    /// What is reserved: the prompt plus the most the reply may use, in tokens and money.
+    pub amounts: Amounts,
     /// Longest a concurrency lease lasts if it is never released.
     pub lease: Duration,
     pub month: &'a Month,
@@ -216,8 +252,9 @@ pub struct Settle<'a> {
     pub request_id: &'a str,
     pub counters: &'a [Counter],
     pub month: &'a Month,
-    /// Tokens to take beyond the reservation (negative: give back).
-    pub tokens_beyond: i64,
+    /// What the request reserved, and what it used: the difference is taken (or given back).
+    pub reserved: Amounts,
+    pub used: Amounts,
 }
 
 /// Where a counter stands after an admission.
@@ -245,7 +282,7 @@ pub enum Verdict {
         retry_after_ms: Option<u64>,
     },
     /// The month's budget counter is not in Redis (a new month, or Redis lost it): it must be
-    /// seeded with the tokens already used ([`Limiter::seed_month`]) before admitting.
+    /// seeded with what was already used ([`Limiter::seed_month`]) before admitting.
     Unseeded(Counter),
 }
 
@@ -483,7 +520,7 @@ impl Limiter {
         };
         let kind = counter.kind.suffix();
         match counter.kind {
-            Kind::MonthlyTokens => format!(
+            Kind::MonthlyTokens | Kind::MonthlySpend => format!(
                 "{}:{{{}}}:{holder}:{kind}:{}",
                 self.prefix,
                 tenant.simple(),
@@ -507,7 +544,7 @@ impl Limiter {
             let cost = if demand.shares_only {
                 0
             } else {
-                counter.kind.cost(demand.tokens)
+                counter.kind.cost(demand.amounts)
             };
             let (want, held, in_flight, hand_over) =
                 match demand.asks.get(i).copied().unwrap_or_default() {
@@ -566,15 +603,16 @@ impl Limiter {
         }
     }
 
-    /// Sets `tenant`'s budget counter for `month` to `used` tokens unless it is already there
-    /// (an edge that seeded it first, or admissions since, win).
-    pub async fn seed_month(&self, tenant: Uuid, month: &Month, used: u64) -> Result<()> {
-        let counter = Counter {
-            holder: Holder::Tenant,
-            kind: Kind::MonthlyTokens,
-            limit: 0,
-        };
-        let key = self.key(tenant, &counter, month);
+    /// Sets `tenant`'s budget `counter` for `month` to `used` (tokens or micro-units) unless
+    /// it is already there (an edge that seeded it first, or admissions since, win).
+    pub async fn seed_month(
+        &self,
+        tenant: Uuid,
+        counter: &Counter,
+        month: &Month,
+        used: u64,
+    ) -> Result<()> {
+        let key = self.key(tenant, counter, month);
         // Kept for a month after the month ends, for anyone reading it late.
         let expire_at_ms = month.end_ms.saturating_add(31 * 86_400_000);
         let mut connection = self.connection.clone();
@@ -589,14 +627,15 @@ impl Limiter {
         Ok(())
     }
 
-    /// Settles a request admitted with `demand`: takes `tokens_beyond` more tokens than it
-    /// reserved (negative: gives the difference back) and ends its concurrency lease.
-    pub async fn settle(&self, demand: &Demand<'_>, tokens_beyond: i64) -> Result<()> {
+    /// Settles a request admitted with `demand` to what it `used`: takes what it used beyond
+    /// its reservation (or gives the difference back) and ends its concurrency lease.
+    pub async fn settle(&self, demand: &Demand<'_>, used: Amounts) -> Result<()> {
         let settle = Settle {
             request_id: demand.request_id,
             counters: demand.counters,
             month: demand.month,
-            tokens_beyond,
+            reserved: demand.amounts,
+            used,
         };
         self.settle_many(demand.tenant, &[settle]).await
     }
@@ -611,8 +650,8 @@ impl Limiter {
         for settle in settles {
             invocation.arg(settle.request_id).arg(settle.counters.len());
             for counter in settle.counters {
-                let delta = if counter.kind.counts_tokens() {
-                    settle.tokens_beyond
+                let delta = if counter.kind.is_settled() {
+                    settle.reserved.beyond(counter.kind, settle.used)
                 } else {
                     0
                 };
@@ -678,6 +717,26 @@ mod tests {
         assert_eq!(february.end_ms - february.start_ms, 28 * 86_400_000);
     }
 
+    #[test]
+    fn each_kind_counts_its_own_amount_and_settles_the_difference() {
+        let reserved = Amounts {
+            tokens: 40,
+            spend_micros: 9,
+        };
+        let used = Amounts {
+            tokens: 25,
+            spend_micros: 11,
+        };
+        assert_eq!(Kind::MonthlyTokens.cost(reserved), 40);
+        assert_eq!(Kind::MonthlySpend.cost(reserved), 9);
+        assert_eq!(Kind::Concurrent.cost(reserved), 1);
+        assert_eq!(reserved.beyond(Kind::TokensPerMinute, used), -15);
+        assert_eq!(reserved.beyond(Kind::MonthlySpend, used), 2);
+        assert_eq!(reserved.beyond(Kind::RequestsPerMinute, used), 0);
+        assert!(Kind::MonthlySpend.is_budget() && Kind::MonthlySpend.is_settled());
+        assert!(!Kind::Concurrent.is_settled());
+    }
+
     /// A tenant's counter of `kind` with `limit`.
     fn tenant_counter(kind: Kind, limit: u64) -> Counter {
         Counter {
@@ -712,7 +771,7 @@ mod tests {
             counters,
             asks: &[],
             shares_only: false,
-            tokens,
+            amounts: Amounts::tokens(tokens),
             lease: Duration::from_secs(60),
             month,
         }
@@ -735,7 +794,10 @@ mod tests {
             Some(Verdict::Unseeded(counters[3])),
             "a month's budget starts from what was used"
         );
-        limiter.seed_month(tenant, &month, 100).await.ok();
+        limiter
+            .seed_month(tenant, &counters[3], &month, 100)
+            .await
+            .ok();
         let Ok(Verdict::Admitted(standing)) = limiter.admit(&first).await else {
             panic!("the first request fits");
         };
@@ -755,7 +817,7 @@ mod tests {
             Ok(Verdict::Refused { counter, .. }) if counter.kind == Kind::Concurrent
         ));
         // The first used 5 tokens of the 40 reserved: 35 come back, and its place frees.
-        limiter.settle(&first, 5 - 40).await.ok();
+        limiter.settle(&first, Amounts::tokens(5)).await.ok();
         let Ok(Verdict::Admitted(standing)) = limiter.admit(&third).await else {
             panic!("room again");
         };
@@ -763,7 +825,7 @@ mod tests {
         assert!(standing[1].remaining >= 45, "{standing:?}");
         assert_eq!(standing[3].remaining, 1000 - 100 - 5 - 40 - 10);
         // Requests per minute are spent: the fourth is told when one comes back (20 s).
-        limiter.settle(&second, 0).await.ok();
+        limiter.settle(&second, Amounts::tokens(40)).await.ok();
         let fourth = demand(tenant, "d", &counters, 1, &month);
         let Ok(Verdict::Refused {
             counter,
@@ -797,7 +859,7 @@ mod tests {
             counters: &one_place,
             asks: &[],
             shares_only: false,
-            tokens: 1,
+            amounts: Amounts::tokens(1),
             lease: Duration::from_millis(2000),
             month: &month,
         };
@@ -824,7 +886,10 @@ mod tests {
             "not renewed again: the lease expired and the place is free"
         );
         // Renewing a released lease does not take the place back.
-        limiter.settle(&demand("next"), 0).await.unwrap();
+        limiter
+            .settle(&demand("next"), Amounts::tokens(1))
+            .await
+            .unwrap();
         limiter.renew(&demand("next")).await.unwrap();
         assert!(matches!(
             limiter.admit(&demand("third")).await,
@@ -849,15 +914,16 @@ mod tests {
                 Ok(Verdict::Admitted(_))
             ));
         }
-        let settle = |id, tokens_beyond| Settle {
+        let settle = |id, used| Settle {
             request_id: id,
             counters: &counters,
             month: &month,
-            tokens_beyond,
+            reserved: Amounts::tokens(40),
+            used: Amounts::tokens(used),
         };
         // `a` used 10 of its 40, `b` 50: 30 back, 10 more taken; both places free.
         limiter
-            .settle_many(tenant, &[settle("a", -30), settle("b", 10)])
+            .settle_many(tenant, &[settle("a", 10), settle("b", 50)])
             .await
             .unwrap();
         let Ok(Verdict::Admitted(standing)) = limiter
@@ -929,7 +995,10 @@ mod tests {
         // A budget share of an edge that dies: its free tokens come back when it lapses, and
         // its requests in flight stay spent.
         let budget = [tenant_counter(Kind::MonthlyTokens, 1000)];
-        edge_a.seed_month(tenant, &month, 0).await.unwrap();
+        edge_a
+            .seed_month(tenant, &budget[0], &month, 0)
+            .await
+            .unwrap();
         let asks = [share(100, 0)];
         let mut dying_demand = demand(tenant, "d", &budget, 50, &month);
         dying_demand.asks = &asks;

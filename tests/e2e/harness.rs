@@ -707,9 +707,9 @@ pub async fn platform_admin_session(sluice: &Sluice) -> Value {
     response.json().await.unwrap()
 }
 
-/// What `input` and `output` tokens of `sim-small` cost at the price in force now, as invoice
-/// lines show it: (exact amount, amount rounded to the cent).
-pub async fn sim_small_amounts(input: u64, output: u64) -> (String, String) {
+/// What `input` and `output` tokens of `sim-small` cost at the price in force now, exactly, in
+/// pico-units (10⁻¹² of the currency).
+pub async fn sim_small_pico(input: u64, output: u64) -> i128 {
     let admin = sluice_stores::postgres::connect(&admin_database_url(), 1)
         .await
         .unwrap();
@@ -720,8 +720,13 @@ pub async fn sim_small_amounts(input: u64, output: u64) -> (String, String) {
     .fetch_one(&admin)
     .await
     .unwrap();
-    let pico =
-        i128::from(input) * i128::from(input_price) + i128::from(output) * i128::from(output_price);
+    i128::from(input) * i128::from(input_price) + i128::from(output) * i128::from(output_price)
+}
+
+/// What `input` and `output` tokens of `sim-small` cost at the price in force now, as invoice
+/// lines show it: (exact amount, amount rounded to the cent).
+pub async fn sim_small_amounts(input: u64, output: u64) -> (String, String) {
+    let pico = sim_small_pico(input, output).await;
     let cents = (pico + 5_000_000_000) / 10_000_000_000;
     (
         format!(

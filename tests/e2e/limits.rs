@@ -443,12 +443,18 @@ async fn a_plan_change_applies_at_once_on_every_edge() {
 /// Runs `redis-cli` against the stack's Redis on the tenant's monthly token counter (as
 /// `sluice_stores::limits` names it) and returns what it printed.
 fn month_counter_command(tenant_id: &str, command: &str) -> String {
+    counter_command(tenant_id, "tenant:tokens", command)
+}
+
+/// Runs `redis-cli` on one of the tenant's monthly counters: `holder_and_kind` is
+/// `tenant:tokens`, `tenant:spend` or `key:<id without dashes>:spend`.
+fn counter_command(tenant_id: &str, holder_and_kind: &str, command: &str) -> String {
     let month = std::process::Command::new("date")
         .args(["-u", "+%Y-%m"])
         .output()
         .unwrap();
     let key = format!(
-        "sluice:{{{}}}:tenant:tokens:{}",
+        "sluice:{{{}}}:{holder_and_kind}:{}",
         tenant_id.replace('-', ""),
         String::from_utf8_lossy(&month.stdout).trim()
     );
@@ -636,4 +642,237 @@ async fn a_keys_own_limits_and_expiry_hold_under_a_plan_with_none() {
         &["audit", "--tenant", &tenant.name, "--json"],
     );
     assert_eq!(audit.matches("\"key.limits\"").count(), 2, "{audit}");
+}
+
+/// A chat request for `sim-small` (whose price no test changes) of at most `max_tokens`.
+fn priced(max_tokens: u32, text: &str) -> Value {
+    json!({"model": "sim-small", "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]})
+}
+
+/// What an answered request's usage cost on `sim-small`, in micro-units rounded up (as the
+/// spend counter counts it).
+async fn spend_micros(body: &Value) -> u64 {
+    let usage = &body["usage"];
+    let pico = sim_small_pico(
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    )
+    .await;
+    u64::try_from((pico + 999_999) / 1_000_000).unwrap()
+}
+
+#[tokio::test]
+async fn a_burst_against_a_small_spend_budget_overshoots_it_by_nothing_across_two_edges() {
+    let edges = TwoEdges::start().await;
+    let tenant = create_tenant(&edges.sluice.prefix);
+    // 100 micro-units ($0.0001); a request of ~10 prompt tokens and max_tokens 20 on sim-small
+    // ($0.10 / $0.40 per million) reserves about 9.
+    run_cli(
+        &edges.sluice.prefix,
+        &["budget", "set", &tenant.name, "0.0001", "--alert", "50"],
+    );
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let (base, key) = (edges.urls[i % 2].clone(), tenant.key.clone());
+        calls.push(tokio::spawn(async move {
+            post_chat(&base, &key, &priced(20, &format!("spend burst {i}"))).await
+        }));
+    }
+    let (mut spent, mut admitted, mut refused) = (0, 0, 0);
+    for call in calls {
+        let (status, _, body) = call.await.unwrap();
+        match status {
+            200 => {
+                spent += spend_micros(&body).await;
+                admitted += 1;
+            }
+            429 => {
+                assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("spend budget of 0.0001 USD"), "{message}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "24 requests of ~9 micro-units do not fit in 100"
+    );
+    // With max_tokens set, a reservation is never exceeded, so the bound is zero.
+    assert!(spent <= 100, "the burst spent {spent} of a 100 budget");
+    assert!(
+        admitted >= 8,
+        "100 micro-units hold ten reservations: {admitted}"
+    );
+    // Settled to what the replies cost: the counter is what was spent.
+    eventually(10, "the spend counter to settle", || async {
+        let counter: Option<u64> = counter_command(&tenant.id, "tenant:spend", "GET")
+            .parse()
+            .ok();
+        (counter == Some(spent)).then_some(())
+    })
+    .await;
+    // The budget's report prices the usage facts as the invoice will: the same spend, once
+    // the facts are in, and past its 50% alert.
+    let report = eventually(30, "the budget report to see the facts", || async {
+        let out = run_cli(
+            &edges.sluice.prefix,
+            &["budget", "list", &tenant.name, "--json"],
+        );
+        let report: Value = serde_json::from_str(out.trim()).unwrap();
+        let facts = billed_per_request(&tenant.id).await.unwrap_or_default();
+        (facts.len() == admitted).then_some(report)
+    })
+    .await;
+    let budget = &report["budgets"][0];
+    assert_eq!(budget["monthly"], "0.0001", "{report}");
+    assert!(budget["key_id"].is_null());
+    assert_eq!(budget["alerting"], true, "{report}");
+    let reported =
+        sluice_stores::billing::money::parse_micros(budget["spent"].as_str().unwrap()).unwrap();
+    // Rounded up once over the month, not once per request.
+    assert!(
+        (reported as u64) <= spent && reported as u64 + admitted as u64 >= spent,
+        "{reported} reported, {spent} counted"
+    );
+}
+
+#[tokio::test]
+async fn a_keys_spend_budget_is_its_own_and_only_its_tenants_admins_see_or_change_it() {
+    let sluice = Sluice::start();
+    let (_, session) = register_tenant_admin(&sluice).await;
+    let token = session["access_token"].as_str().unwrap().to_owned();
+    let tenant_id = session["tenant_id"].as_str().unwrap().to_owned();
+    let (capped_id, capped) = create_key(&sluice, &token, "capped").await;
+    let (_, free) = create_key(&sluice, &token, "free").await;
+    let base = sluice.url.clone();
+    let send = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
+        let mut request = http()
+            .request(method, format!("{base}/v1/budgets{path}"))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let key_path = format!("/keys/{capped_id}");
+
+    // Wrong input is a 400 naming the field.
+    for bad in [
+        json!({"monthly": "-1"}),
+        json!({"monthly": "1.0000001"}),
+        json!({"monthly": "0"}),
+        json!({"monthly": "1", "alert_percent": 0}),
+        json!({"monthly": "1", "extra": true}),
+    ] {
+        let (status, body) = send(reqwest::Method::PUT, &key_path, &token, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+    // 30 micro-units: about three requests of ~9.
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        &key_path,
+        &token,
+        Some(json!({"monthly": "0.00003", "alert_percent": 80})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["monthly"], "0.00003");
+
+    // Another tenant's admin can neither set, remove nor see it; an API key is no admin.
+    let (_, other) = register_tenant_admin(&sluice).await;
+    let other_token = other["access_token"].as_str().unwrap();
+    let (status, _) = send(
+        reqwest::Method::PUT,
+        &key_path,
+        other_token,
+        Some(json!({"monthly": "100"})),
+    )
+    .await;
+    assert_eq!(status, 404, "another tenant's key is unknown to it");
+    let (status, _) = send(reqwest::Method::DELETE, &key_path, other_token, None).await;
+    assert_eq!(status, 404);
+    let (status, theirs) = send(reqwest::Method::GET, "", other_token, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(theirs["budgets"], json!([]), "{theirs}");
+    let (status, _) = send(reqwest::Method::GET, "", &capped, None).await;
+    assert_eq!(status, 403);
+
+    // The capped key runs out; the tenant's other key does not.
+    let (mut answered, mut exact_pico, mut spent) = (0, 0i128, 0);
+    let mut refusal = Value::Null;
+    for i in 0..20 {
+        let (status, _, body) =
+            post_chat(&sluice.url, &capped, &priced(20, &format!("capped {i}"))).await;
+        match status {
+            200 => {
+                answered += 1;
+                spent += spend_micros(&body).await;
+                let usage = &body["usage"];
+                exact_pico += sim_small_pico(
+                    usage["prompt_tokens"].as_u64().unwrap(),
+                    usage["completion_tokens"].as_u64().unwrap(),
+                )
+                .await;
+            }
+            429 => {
+                refusal = body;
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(refusal["error"]["code"], "insufficient_quota", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this API key"), "{message}");
+    assert!(
+        answered >= 2 && spent <= 30,
+        "{answered} answered, {spent} spent"
+    );
+    let (status, _, body) = post_chat(&sluice.url, &free, &priced(20, "free")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Redis loses the counter: it is seeded again from the usage facts, priced as the
+    // invoice prices them (rounded up once).
+    let holder = format!("key:{}:spend", capped_id.replace('-', ""));
+    eventually(30, "the facts of both keys", || async {
+        let facts = billed_per_request(&tenant_id).await.unwrap_or_default();
+        (facts.len() == answered + 1).then_some(())
+    })
+    .await;
+    counter_command(&tenant_id, &holder, "DEL");
+    let seeded = u64::try_from((exact_pico + 999_999) / 1_000_000).unwrap();
+    let (status, _, body) = post_chat(&sluice.url, &capped, &priced(20, "after the loss")).await;
+    let after = match status {
+        200 => spend_micros(&body).await,
+        429 => 0,
+        other => panic!("unexpected {other}: {body}"),
+    };
+    eventually(10, "the counter seeded from the facts", || async {
+        let counter: Option<u64> = counter_command(&tenant_id, &holder, "GET").parse().ok();
+        (counter == Some(seeded + after)).then_some(())
+    })
+    .await;
+
+    // The report shows it; removing the budget frees the key (every edge drops its grants).
+    let (status, report) = send(reqwest::Method::GET, "", &token, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(report["budgets"][0]["key_id"], capped_id, "{report}");
+    assert_eq!(report["currency"], "USD");
+    let (status, _) = send(reqwest::Method::DELETE, &key_path, &token, None).await;
+    assert_eq!(status, 200);
+    eventually(10, "the key to be free again", || async {
+        let (status, _, _) = post_chat(&sluice.url, &capped, &priced(2, "free again")).await;
+        (status == 200).then_some(())
+    })
+    .await;
 }

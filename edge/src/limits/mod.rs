@@ -3,9 +3,11 @@
 //! on the broker, and settled when its reply is done.
 //!
 //! - Admission reserves the request's tokens as an estimate: the prompt as Sluice counts it,
-//!   plus `max_tokens` (or [`LimitsConfig::assumed_output_tokens`] when the request sets none).
+//!   plus `max_tokens` (or [`LimitsConfig::assumed_output_tokens`] when the request sets none);
+//!   and for a spend budget, what those tokens would cost on the model asked for (for `auto`,
+//!   the dearest model the caller may use) at today's prices.
 //! - The reply's real usage settles the reservation: unused tokens go back, tokens beyond the
-//!   estimate are taken. A failed model call gives its reservation back. A caller that goes
+//!   estimate are taken; its spend is what the model that answered costs for them. A failed model call gives its reservation back. A caller that goes
 //!   away mid-stream changes nothing: the edge reads the reply to its end for it (the model
 //!   call goes on) and settles then, holding the concurrency place until then
 //!   ([`Subscription`](crate::replies::Subscription) does this).
@@ -28,10 +30,13 @@ use std::{
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use sluice_stores::{
+    billing::{budgets, money::micros_text, prices::Prices, PriceBook},
     clickhouse::usage,
-    limits::{Ask, Counter, Demand, Holder, Kind, Limiter, Month, Settle, Standing, Verdict},
-    postgres::keys::KeyGrant,
-    ClickHouse,
+    limits::{
+        Amounts, Ask, Counter, Demand, Holder, Kind, Limiter, Month, Settle, Standing, Verdict,
+    },
+    postgres::{keys::KeyGrant, models::ModelCatalog},
+    ClickHouse, AUTO_MODEL,
 };
 use sqlx::types::Uuid;
 
@@ -78,10 +83,11 @@ pub struct EdgeLimits {
 }
 
 /// The counters as this edge uses them: Redis, this edge's shares of it, the settlements
-/// waiting to be sent, and ClickHouse to seed a month's budget from.
+/// waiting to be sent, and ClickHouse and the price book to seed a month's budget from.
 struct Store {
     limiter: Limiter,
     clickhouse: ClickHouse,
+    prices: Arc<Prices>,
     /// How long a concurrency place is held if its request is never settled (its edge died).
     lease: Duration,
     store_errors: prometheus::IntCounter,
@@ -102,7 +108,8 @@ struct PendingSettle {
     request_id: String,
     counters: Vec<Counter>,
     month: Month,
-    tokens_beyond: i64,
+    reserved: Amounts,
+    used: Amounts,
 }
 
 /// Settlements waiting to be sent, for counters counted alone. Replies end independently, so
@@ -155,7 +162,8 @@ impl PendingSettles {
                 request_id: &p.request_id,
                 counters: &p.counters,
                 month: &p.month,
-                tokens_beyond: p.tokens_beyond,
+                reserved: p.reserved,
+                used: p.used,
             })
             .collect();
         store.calls.with_label_values(&["settle"]).inc();
@@ -194,7 +202,7 @@ impl Store {
                     counters: &sync.counters,
                     asks: &sync.asks,
                     shares_only: true,
-                    tokens: 0,
+                    amounts: Amounts::default(),
                     lease: self.lease,
                     month: &sync.month,
                 };
@@ -223,38 +231,62 @@ impl Store {
         tracing::warn!(%tenant, why, "syncing this edge's shares of the limits failed; they are tried again shortly (further failures in the next 10 s are only counted)");
     }
 
-    /// Asks Redis for `demand` (counted under `purpose`), first seeding the month's budget
-    /// counter if Redis lacks it.
+    /// Asks Redis for `demand` (counted under `purpose`), first seeding each month's budget
+    /// counter Redis lacks.
     async fn admit(&self, demand: &Demand<'_>, purpose: &str) -> sluice_stores::Result<Verdict> {
         self.calls.with_label_values(&[purpose]).inc();
-        match self.limiter.admit(demand).await? {
-            Verdict::Unseeded(_) => {
-                self.seed_month(demand.tenant, demand.month).await?;
-                self.limiter.admit(demand).await
-            }
-            verdict => Ok(verdict),
+        let mut verdict = self.limiter.admit(demand).await?;
+        // Each budget counter is seeded once at most.
+        for _ in demand.counters.iter().filter(|c| c.kind.is_budget()) {
+            let Verdict::Unseeded(counter) = verdict else {
+                break;
+            };
+            self.seed_month(demand.tenant, &counter, demand.month)
+                .await?;
+            verdict = self.limiter.admit(demand).await?;
         }
+        Ok(verdict)
     }
 
-    /// Seeds `tenant`'s budget counter for `month` with the tokens its usage facts hold,
-    /// leaving out the requests whose tokens this edge still holds to hand over itself.
-    async fn seed_month(&self, tenant: Uuid, month: &Month) -> sluice_stores::Result<()> {
-        let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
-        let excluding = self.shares.unhanded_requests(tenant, month);
-        let used = usage::tokens_used(
-            &self.clickhouse,
-            &tenant.to_string(),
-            seconds(month.start_ms),
-            seconds(month.end_ms),
-            &excluding,
-        )
-        .await?;
-        tracing::info!(%tenant, month = %month.label, used, excluded = excluding.len(), "monthly token budget counter seeded from usage");
-        self.limiter.seed_month(tenant, month, used).await
+    /// Seeds `tenant`'s budget `counter` for `month` with what its usage facts hold — tokens,
+    /// or spend priced by the price book — leaving out the requests whose use this edge still
+    /// holds to hand over itself.
+    async fn seed_month(
+        &self,
+        tenant: Uuid,
+        counter: &Counter,
+        month: &Month,
+    ) -> sluice_stores::Result<()> {
+        let excluding = self.shares.unhanded_requests(tenant, counter, month);
+        let used = match (counter.kind, counter.holder) {
+            (Kind::MonthlySpend, holder) => {
+                let key = match holder {
+                    Holder::Key(key) => Some(key),
+                    Holder::Tenant | Holder::Address => None,
+                };
+                let book = self.prices.get();
+                let range = (month.start_ms, month.end_ms);
+                budgets::spent(&self.clickhouse, &book, tenant, key, range, &excluding).await?
+            }
+            _ => {
+                let seconds = |ms: i64| u32::try_from(ms.div_euclid(1000)).unwrap_or(u32::MAX);
+                usage::tokens_used(
+                    &self.clickhouse,
+                    &tenant.to_string(),
+                    seconds(month.start_ms),
+                    seconds(month.end_ms),
+                    &excluding,
+                )
+                .await?
+            }
+        };
+        tracing::info!(%tenant, month = %month.label, budget = kind_label(counter.kind), used, excluded = excluding.len(), "monthly budget counter seeded from usage");
+        self.limiter.seed_month(tenant, counter, month, used).await
     }
 }
 
-/// The counters a key's grant puts on a request: the key's own limits and its plan's.
+/// The counters a key's grant puts on a request: the key's own limits and spend budget, and
+/// its plan's limits and its tenant's spend budget.
 pub fn counters(grant: &KeyGrant) -> Vec<Counter> {
     let mut counters = Vec::new();
     let mut add = |holder, limits: &sluice_stores::postgres::plans::Limits| {
@@ -284,15 +316,54 @@ pub fn counters(grant: &KeyGrant) -> Vec<Counter> {
     if let Some((_, plan)) = &grant.plan {
         add(Holder::Tenant, plan);
     }
+    let budgets = [
+        (Holder::Key(grant.key_id), grant.key_spend),
+        (Holder::Tenant, grant.tenant_spend),
+    ];
+    for (holder, budget) in budgets {
+        if let Some(budget) = budget {
+            counters.push(Counter {
+                holder,
+                kind: Kind::MonthlySpend,
+                limit: budget.monthly_micros,
+            });
+        }
+    }
     counters
 }
 
+/// What `input` and `output` tokens cost on `model` at `at_ms`, in micro-units rounded up;
+/// for `auto`, on the dearest model of the catalogue that `grant` may use (the router may
+/// choose any of them).
+fn estimated_spend(
+    book: &PriceBook,
+    catalog: &ModelCatalog,
+    grant: &KeyGrant,
+    model: &str,
+    at_ms: i64,
+    (input, output): (u64, u64),
+) -> u64 {
+    let cost = |name: &str| budgets::request_cost(book, name, at_ms, input, output, 0);
+    if model != AUTO_MODEL {
+        return cost(model).unwrap_or(0);
+    }
+    catalog
+        .snapshot()
+        .iter()
+        .filter(|m| grant.allows(&m.name))
+        .filter_map(|m| cost(&m.name))
+        .max()
+        .unwrap_or(0)
+}
+
 impl EdgeLimits {
-    /// Limits counted in `limiter`, a month's budget seeded from `clickhouse`'s usage facts;
-    /// concurrency places are held at most `lease` by a request nobody settles.
+    /// Limits counted in `limiter`, a month's budget seeded from `clickhouse`'s usage facts
+    /// (spend priced by `prices`); concurrency places are held at most `lease` by a request
+    /// nobody settles.
     pub fn new(
         limiter: Limiter,
         clickhouse: ClickHouse,
+        prices: Arc<Prices>,
         config: LimitsConfig,
         lease: Duration,
         metrics: &sluice_pipelines::metrics::Metrics,
@@ -301,6 +372,7 @@ impl EdgeLimits {
             shares: Shares::new(limiter.share_lapse()),
             limiter,
             clickhouse,
+            prices,
             lease,
             store_errors: metrics.limit_store_errors.clone(),
             calls: metrics.limit_store_calls.clone(),
@@ -323,11 +395,13 @@ impl EdgeLimits {
         store.sync_shares(true).await;
     }
 
-    /// Admits a request of `prompt_tokens` asking for at most `max_tokens`, or refuses it.
+    /// Admits a request for `model` (of `catalog`) of `prompt_tokens` asking for at most
+    /// `max_tokens`, or refuses it.
     pub async fn admit(
         self: &Arc<Self>,
         grant: &KeyGrant,
         request_id: &str,
+        (model, catalog): (&str, &ModelCatalog),
         prompt_tokens: i64,
         max_tokens: Option<i32>,
     ) -> Result<Option<Admission>, ApiError> {
@@ -338,14 +412,23 @@ impl EdgeLimits {
         let output = max_tokens
             .and_then(|m| u64::try_from(m).ok())
             .unwrap_or(u64::from(self.config.assumed_output_tokens));
-        let tokens = u64::try_from(prompt_tokens)
-            .unwrap_or(0)
-            .saturating_add(output);
-        let month = Month::of(sluice_pipelines::now_ms());
+        let input = u64::try_from(prompt_tokens).unwrap_or(0);
+        let now = sluice_pipelines::now_ms();
+        let spend_micros = if counters.iter().any(|c| c.kind == Kind::MonthlySpend) {
+            let book = self.store.prices.get();
+            estimated_spend(&book, catalog, grant, model, now, (input, output))
+        } else {
+            0
+        };
+        let amounts = Amounts {
+            tokens: input.saturating_add(output),
+            spend_micros,
+        };
+        let month = Month::of(now);
         let tenant = grant.tenant_id;
         let shares = &self.store.shares;
         let mut routes = Vec::new();
-        shares.take(tenant, &counters, tokens, &month, &mut routes, false);
+        shares.take(tenant, &counters, amounts, &month, &mut routes, false);
         let admission = |routes: Vec<Route>, standings: Vec<Standing>| Admission {
             limits: self.clone(),
             tenant,
@@ -353,7 +436,7 @@ impl EdgeLimits {
             standings: shares.standings(tenant, &counters, &routes, &month, &standings),
             counters: counters.clone(),
             routes,
-            tokens,
+            reserved: amounts,
             month: month.clone(),
             settled: false,
             leased_at: std::time::Instant::now(),
@@ -366,9 +449,9 @@ impl EdgeLimits {
         // topped up in the same call rather than in one of its own.
         let _stripe = if routes.iter().any(|r| *r != Route::Alone) {
             let stripe = shares.stripe(tenant).lock().await;
-            shares.untake(tenant, &counters, &routes, tokens, &month);
+            shares.untake(tenant, &counters, &routes, amounts, &month);
             routes.clear();
-            shares.take(tenant, &counters, tokens, &month, &mut routes, true);
+            shares.take(tenant, &counters, amounts, &month, &mut routes, true);
             if routes.iter().all(|r| *r == Route::Taken) {
                 return Ok(Some(admission(routes, Vec::new())));
             }
@@ -390,17 +473,17 @@ impl EdgeLimits {
             counters: &asked,
             asks: &asks,
             shares_only: false,
-            tokens,
+            amounts,
             lease: self.store.lease,
             month: &month,
         };
         let verdict = self.store.admit(&demand, "admit").await;
         if !matches!(verdict, Ok(Verdict::Admitted(_))) {
-            shares.untake(tenant, &counters, &routes, tokens, &month);
+            shares.untake(tenant, &counters, &routes, amounts, &month);
         }
         match verdict {
             Ok(Verdict::Admitted(standings)) => {
-                shares.admitted(tenant, &asked, &asks, &standings, Some(tokens), &month);
+                shares.admitted(tenant, &asked, &asks, &standings, Some(amounts), &month);
                 Ok(Some(admission(routes, standings)))
             }
             Ok(Verdict::Refused {
@@ -410,7 +493,8 @@ impl EdgeLimits {
                 self.refusals
                     .with_label_values(&[kind_label(counter.kind)])
                     .inc();
-                Err(refusal(counter, retry_after_ms, tokens))
+                let currency = self.store.prices.get().currency;
+                Err(refusal(counter, retry_after_ms, amounts, currency.code()))
             }
             Ok(Verdict::Unseeded(_)) => self.store_down(sluice_stores::Error::Corrupt(
                 "the month's budget counter is missing right after it was seeded".into(),
@@ -442,7 +526,7 @@ impl EdgeLimits {
             counters: &counters,
             asks: &[],
             shares_only: false,
-            tokens: 0,
+            amounts: Amounts::default(),
             lease: self.store.lease,
             month: &month,
         };
@@ -453,7 +537,7 @@ impl EdgeLimits {
                 retry_after_ms,
             }) => {
                 self.refusals.with_label_values(&["login_attempts"]).inc();
-                Err(refusal(counter, retry_after_ms, 0))
+                Err(refusal(counter, retry_after_ms, Amounts::default(), ""))
             }
             Ok(_) => Ok(()),
             Err(error) => {
@@ -498,11 +582,24 @@ fn kind_label(kind: Kind) -> &'static str {
         Kind::TokensPerMinute => "tokens_per_minute",
         Kind::Concurrent => "concurrent",
         Kind::MonthlyTokens => "monthly_tokens",
+        Kind::MonthlySpend => "monthly_spend",
     }
 }
 
-/// The 429 for a demand of `tokens` that `counter` has no room for.
-fn refusal(counter: Counter, retry_after_ms: Option<u64>, tokens: u64) -> ApiError {
+/// The 429 for a demand of `amounts` that `counter` has no room for (money in `currency`).
+fn refusal(
+    counter: Counter,
+    retry_after_ms: Option<u64>,
+    amounts: Amounts,
+    currency: &str,
+) -> ApiError {
+    let tokens = amounts.tokens;
+    let money = |micros: u64| {
+        format!(
+            "{} {currency}",
+            micros_text(i64::try_from(micros).unwrap_or(i64::MAX))
+        )
+    };
     let whose = match counter.holder {
         Holder::Tenant => "your organization's plan",
         Holder::Key(_) => "this API key",
@@ -534,9 +631,18 @@ fn refusal(counter: Counter, retry_after_ms: Option<u64>, tokens: u64) -> ApiErr
             "You exceeded your monthly token budget of {}: it renews at the start of next month (UTC).",
             counter.limit
         ),
+        (Kind::MonthlySpend, None) => format!(
+            "Request too costly: it may cost {} and {whose} has a monthly spend budget of {}. Lower max_tokens or the prompt.",
+            money(amounts.spend_micros),
+            money(counter.limit)
+        ),
+        (Kind::MonthlySpend, _) => format!(
+            "You exceeded {whose} monthly spend budget of {}: it renews at the start of next month (UTC), or an admin can raise it.",
+            money(counter.limit)
+        ),
     };
     let code = match counter.kind {
-        Kind::MonthlyTokens => "insufficient_quota",
+        Kind::MonthlyTokens | Kind::MonthlySpend => "insufficient_quota",
         _ => "rate_limit_exceeded",
     };
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
@@ -562,7 +668,7 @@ fn rate_headers(headers: &mut HeaderMap, counter: Counter, remaining: u64, reset
             "x-ratelimit-remaining-tokens",
             "x-ratelimit-reset-tokens",
         ],
-        Kind::Concurrent | Kind::MonthlyTokens => return,
+        Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => return,
     };
     insert(headers, limit_name, counter.limit.to_string());
     insert(headers, remaining_name, remaining.to_string());
@@ -604,7 +710,8 @@ pub struct Admission {
     counters: Vec<Counter>,
     /// How each counter was counted: alone in Redis, or through this edge's share.
     routes: Vec<Route>,
-    tokens: u64,
+    /// What it reserved.
+    reserved: Amounts,
     month: Month,
     standings: Vec<Standing>,
     settled: bool,
@@ -656,25 +763,35 @@ impl Admission {
         headers
     }
 
-    /// Settles the reservation with the usage of the reply's last chunk: a DONE chunk's
-    /// tokens, or none for a failed model call.
+    /// Settles the reservation with the usage of the reply's last chunk: the tokens billed
+    /// (a DONE chunk's, or an ERROR chunk's for a reply that broke part-way; none for a call
+    /// that failed outright) and what they cost on the model that answered.
     pub fn settle_by(self, last: &sluice_schemas::ReplyChunk) {
-        let used = match last.kind {
-            sluice_schemas::ReplyKind::Done => last.input_tokens.saturating_add(last.output_tokens),
-            _ => 0,
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let (input, output) = (count(last.input_tokens), count(last.output_tokens));
+        let spend_micros = if self.counters.iter().any(|c| c.kind == Kind::MonthlySpend) {
+            let book = self.limits.store.prices.get();
+            let now = sluice_pipelines::now_ms();
+            let cached = count(last.cached_input_tokens);
+            budgets::request_cost(&book, &last.model, now, input, output, cached).unwrap_or(0)
+        } else {
+            0
         };
-        self.settle(u64::try_from(used).unwrap_or(0));
+        self.settle(Amounts {
+            tokens: input.saturating_add(output),
+            spend_micros,
+        });
     }
 
-    /// Settles the reservation to the `used` tokens the reply reported, and frees the place.
-    /// Counters in shares settle in memory; the rest are queued for the edge's settler
+    /// Settles the reservation to what the reply `used`, and frees the place. Counters in
+    /// shares settle in memory; the rest are queued for the edge's settler
     /// ([`PendingSettles`]): the reply waits for neither.
-    pub fn settle(mut self, used: u64) {
+    pub fn settle(mut self, used: Amounts) {
         self.settled = true;
         self.finish(used);
     }
 
-    fn finish(&self, used: u64) {
+    fn finish(&self, used: Amounts) {
         let store = &self.limits.store;
         if self.routes.iter().any(|r| *r != Route::Alone) {
             store.shares.settle(
@@ -684,7 +801,7 @@ impl Admission {
                 &self.month,
                 &Return {
                     request_id: &self.request_id,
-                    reserved: self.tokens,
+                    reserved: self.reserved,
                     used,
                 },
             );
@@ -697,9 +814,8 @@ impl Admission {
                     request_id: self.request_id.clone(),
                     counters: alone,
                     month: self.month.clone(),
-                    tokens_beyond: i64::try_from(used)
-                        .unwrap_or(i64::MAX)
-                        .saturating_sub(i64::try_from(self.tokens).unwrap_or(i64::MAX)),
+                    reserved: self.reserved,
+                    used,
                 },
             );
         }
@@ -709,10 +825,10 @@ impl Admission {
     /// wait for Redis.
     fn extend_in_background(&self) {
         let store = self.limits.store.clone();
-        let (tenant, request_id, tokens, month) = (
+        let (tenant, request_id, amounts, month) = (
             self.tenant,
             self.request_id.clone(),
-            self.tokens,
+            self.reserved,
             self.month.clone(),
         );
         let counters: Vec<Counter> = self.alone().copied().collect();
@@ -723,7 +839,7 @@ impl Admission {
                 counters: &counters,
                 asks: &[],
                 shares_only: false,
-                tokens,
+                amounts,
                 lease: store.lease,
                 month: &month,
             };
@@ -739,7 +855,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if !self.settled {
-            self.finish(self.tokens);
+            self.finish(self.reserved);
         }
     }
 }
@@ -747,7 +863,7 @@ impl Drop for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_stores::postgres::plans::Limits;
+    use sluice_stores::{billing::budgets::Budget, postgres::plans::Limits};
 
     #[test]
     fn attempts_count_per_ipv4_address_and_per_ipv6_slash_64() {
@@ -788,14 +904,22 @@ mod tests {
                     ..Limits::default()
                 },
             )),
+            tenant_spend: Budget::new(5_000_000, Some(80)).ok(),
+            key_spend: None,
         };
         let counters = counters(&grant);
-        assert_eq!(counters.len(), 3);
+        assert_eq!(counters.len(), 4);
         assert_eq!(counters[0].holder, Holder::Key(key_id));
         assert!(counters[1..].iter().all(|c| c.holder == Holder::Tenant));
+        assert_eq!(
+            (counters[3].kind, counters[3].limit),
+            (Kind::MonthlySpend, 5_000_000),
+            "the tenant's spend budget, in micro-units"
+        );
         let unlimited = KeyGrant {
             plan: None,
             key: Limits::default(),
+            tenant_spend: None,
             ..grant
         };
         assert!(super::counters(&unlimited).is_empty());
@@ -808,7 +932,7 @@ mod tests {
             kind: Kind::RequestsPerMinute,
             limit: 60,
         };
-        let error = refusal(counter, Some(1200), 10);
+        let error = refusal(counter, Some(1200), Amounts::tokens(10), "USD");
         assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(error.retry_after_secs, Some(2));
         assert_eq!(error.kind(), "rate_limit_error");
@@ -825,7 +949,9 @@ mod tests {
             ..counter
         };
         assert_eq!(
-            refusal(budget, Some(5), 10).code.as_deref(),
+            refusal(budget, Some(5), Amounts::tokens(10), "USD")
+                .code
+                .as_deref(),
             Some("insufficient_quota")
         );
     }

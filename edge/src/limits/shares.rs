@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_stores::limits::{Ask, Counter, Holder, Kind, Month, Standing};
+use sluice_stores::limits::{Amounts, Ask, Counter, Holder, Kind, Month, Standing};
 use sqlx::types::Uuid;
 
 /// A share unused this long goes back.
@@ -63,7 +63,7 @@ struct ShareKey {
 
 impl ShareKey {
     fn new(tenant: Uuid, counter: Counter, month: &Month) -> Self {
-        let month_start_ms = if counter.kind == Kind::MonthlyTokens {
+        let month_start_ms = if counter.kind.is_budget() {
             month.start_ms
         } else {
             0
@@ -125,7 +125,7 @@ impl Share {
     fn free(&self, kind: Kind) -> i64 {
         match kind {
             Kind::RequestsPerMinute | Kind::TokensPerMinute => self.held,
-            Kind::Concurrent | Kind::MonthlyTokens => {
+            Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => {
                 let committed = self.in_use.saturating_add(self.spent);
                 self.held
                     .saturating_sub(i64::try_from(committed).unwrap_or(i64::MAX))
@@ -151,7 +151,7 @@ impl Share {
                     .held
                     .saturating_sub(i64::try_from(cost).unwrap_or(i64::MAX));
             }
-            Kind::Concurrent | Kind::MonthlyTokens => {
+            Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => {
                 self.in_use = self.in_use.saturating_add(cost);
             }
         }
@@ -178,7 +178,7 @@ impl Share {
                     .held
                     .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX));
             }
-            Kind::Concurrent | Kind::MonthlyTokens => {
+            Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => {
                 self.in_use = self.in_use.saturating_sub(cost);
             }
         }
@@ -213,7 +213,7 @@ impl Share {
                 // Beyond what it keeps: the excess back, or a debt taken.
                 hand_over: free.saturating_sub(keep),
             },
-            Kind::Concurrent | Kind::MonthlyTokens => {
+            Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => {
                 let keep = u64::try_from(keep).unwrap_or(0);
                 Ask::Share {
                     want,
@@ -239,7 +239,7 @@ impl Share {
             Kind::RequestsPerMinute | Kind::TokensPerMinute => {
                 self.held = self.held.saturating_sub(hand_over).saturating_add(granted);
             }
-            Kind::Concurrent | Kind::MonthlyTokens => {
+            Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend => {
                 let recorded = held.saturating_add(cost).saturating_add(standing.granted);
                 self.held = i64::try_from(recorded).unwrap_or(i64::MAX);
                 let handed = u64::try_from(hand_over).unwrap_or(0);
@@ -260,11 +260,11 @@ impl Share {
     }
 }
 
-/// A request's reservation coming back: `reserved` tokens held, `used` used.
+/// A request's reservation coming back: `reserved` held, `used` used.
 pub(super) struct Return<'a> {
     pub request_id: &'a str,
-    pub reserved: u64,
-    pub used: u64,
+    pub reserved: Amounts,
+    pub used: Amounts,
 }
 
 /// One tenant's shares that need Redis, and what to ask for each.
@@ -308,7 +308,7 @@ impl Shares {
         &self.stripes[index]
     }
 
-    /// Counts a request of `tokens` on each counter from this edge's shares where they have
+    /// Counts a request of `amounts` on each counter from this edge's shares where they have
     /// it, and says how each counter goes: `Taken`, or still to ask Redis (`Alone`, or
     /// `Asked` through a short share). `routes` holds what an earlier call decided: only the
     /// counters it left to Redis are tried again. `going_anyway`: the request asks Redis in
@@ -317,7 +317,7 @@ impl Shares {
         &self,
         tenant: Uuid,
         counters: &[Counter],
-        tokens: u64,
+        amounts: Amounts,
         month: &Month,
         routes: &mut Vec<Route>,
         going_anyway: bool,
@@ -330,7 +330,7 @@ impl Shares {
             if *route == Route::Taken {
                 continue;
             }
-            let cost = counter.kind.cost(tokens);
+            let cost = counter.kind.cost(amounts);
             if !shareable(counter, cost) {
                 *route = Route::Alone;
                 continue;
@@ -363,7 +363,7 @@ impl Shares {
         tenant: Uuid,
         counters: &[Counter],
         routes: &[Route],
-        tokens: u64,
+        amounts: Amounts,
         month: &Month,
     ) {
         let mut table = self.table();
@@ -373,7 +373,7 @@ impl Shares {
             .filter(|(_, r)| **r == Route::Taken)
         {
             if let Some(share) = table.get_mut(&ShareKey::new(tenant, *counter, month)) {
-                share.uncommit(counter.kind, counter.kind.cost(tokens));
+                share.uncommit(counter.kind, counter.kind.cost(amounts));
             }
         }
     }
@@ -403,14 +403,14 @@ impl Shares {
             .collect()
     }
 
-    /// Records Redis's answer to `asks` for an admitted request of `tokens` (`None`: a sync).
+    /// Records Redis's answer to `asks` for an admitted request of `amounts` (`None`: a sync).
     pub fn admitted(
         &self,
         tenant: Uuid,
         counters: &[Counter],
         asks: &[Ask],
         standings: &[Standing],
-        tokens: Option<u64>,
+        amounts: Option<Amounts>,
         month: &Month,
     ) {
         let now = Instant::now();
@@ -422,16 +422,16 @@ impl Shares {
             let share = table
                 .entry(ShareKey::new(tenant, *counter, month))
                 .or_insert_with(|| Share::new(now));
-            let cost = tokens.map_or(0, |t| counter.kind.cost(t));
+            let cost = amounts.map_or(0, |a| counter.kind.cost(a));
             share.answered(counter.kind, ask, cost, standing, now);
-            match (tokens, counter.kind) {
+            match (amounts, counter.kind) {
                 (None, _) => {}
                 // Redis took the cost from the bucket, not from the share.
                 (Some(_), Kind::RequestsPerMinute | Kind::TokensPerMinute) => {
                     share.note_take(cost, now);
                 }
                 // Redis recorded the cost in the share: it is this request's, in use.
-                (Some(_), Kind::Concurrent | Kind::MonthlyTokens) => {
+                (Some(_), Kind::Concurrent | Kind::MonthlyTokens | Kind::MonthlySpend) => {
                     share.commit(counter.kind, cost, now);
                 }
             }
@@ -506,30 +506,30 @@ impl Shares {
             let share = table
                 .entry(ShareKey::new(tenant, *counter, month))
                 .or_insert_with(|| Share::new(now));
-            let unused = i64::try_from(back.reserved)
-                .unwrap_or(i64::MAX)
-                .saturating_sub(i64::try_from(back.used).unwrap_or(i64::MAX));
-            match counter.kind {
+            let kind = counter.kind;
+            let unused = -back.reserved.beyond(kind, back.used);
+            match kind {
                 Kind::RequestsPerMinute => {}
                 Kind::TokensPerMinute => share.held = share.held.saturating_add(unused),
                 Kind::Concurrent => share.in_use = share.in_use.saturating_sub(1),
-                Kind::MonthlyTokens => {
-                    share.in_use = share.in_use.saturating_sub(back.reserved);
-                    share.spent = share.spent.saturating_add(back.used);
+                Kind::MonthlyTokens | Kind::MonthlySpend => {
+                    share.in_use = share.in_use.saturating_sub(kind.cost(back.reserved));
+                    share.spent = share.spent.saturating_add(kind.cost(back.used));
                     share.spent_requests.push(back.request_id.to_owned());
                 }
             }
         }
     }
 
-    /// The requests whose budget tokens this edge holds for `tenant`'s `month` and has not
-    /// yet handed over.
-    pub fn unhanded_requests(&self, tenant: Uuid, month: &Month) -> Vec<String> {
+    /// The requests whose use of `tenant`'s budget `counter` in `month` this edge holds and
+    /// has not yet handed over.
+    pub fn unhanded_requests(&self, tenant: Uuid, counter: &Counter, month: &Month) -> Vec<String> {
         self.table()
             .iter()
             .filter(|(key, _)| {
                 key.tenant == tenant
-                    && key.counter.kind == Kind::MonthlyTokens
+                    && key.counter.holder == counter.holder
+                    && key.counter.kind == counter.kind
                     && key.month_start_ms == month.start_ms
             })
             .flat_map(|(_, share)| share.spent_requests.iter().cloned())
@@ -601,7 +601,7 @@ impl Shares {
                 share.chunk(&key.counter).saturating_sub(free)
             };
             let ask = share.ask(&key.counter, want, idle);
-            let month = if key.counter.kind == Kind::MonthlyTokens {
+            let month = if key.counter.kind.is_budget() {
                 Month::of(key.month_start_ms)
             } else {
                 Month::of(sluice_pipelines::now_ms())
@@ -681,31 +681,38 @@ mod tests {
         let counters = [
             counter(Kind::RequestsPerMinute, 1_000_000),
             counter(Kind::Concurrent, 1_000),
-            counter(Kind::MonthlyTokens, 10_000_000),
+            counter(Kind::MonthlySpend, 10_000_000),
         ];
         let mut routes = Vec::new();
-        shares.take(tenant, &counters, 100, &month, &mut routes, false);
+        shares.take(tenant, &counters, spend(100), &month, &mut routes, false);
         assert_eq!(routes, [Route::Asked; 3], "nothing held yet");
         let asks = shares.asks(tenant, &counters, &routes, &month);
-        // Redis grants 3 requests, 2 places and 250 tokens beyond the first request.
+        // Redis grants 3 requests, 2 places and 250 micro-units beyond the first request.
         let granted = [3, 2, 250];
         let standings: Vec<_> = counters
             .iter()
             .zip(granted)
             .map(|(c, g)| standing(*c, g))
             .collect();
-        shares.admitted(tenant, &counters, &asks, &standings, Some(100), &month);
-        // Two more requests fit (places and tokens run out after them); the third asks.
+        shares.admitted(
+            tenant,
+            &counters,
+            &asks,
+            &standings,
+            Some(spend(100)),
+            &month,
+        );
+        // Two more requests fit (places and money run out after them); the third asks.
         for _ in 0..2 {
             let mut routes = Vec::new();
-            shares.take(tenant, &counters, 100, &month, &mut routes, false);
+            shares.take(tenant, &counters, spend(100), &month, &mut routes, false);
             assert_eq!(routes, [Route::Taken; 3]);
         }
         let mut routes = Vec::new();
-        shares.take(tenant, &counters, 100, &month, &mut routes, false);
+        shares.take(tenant, &counters, spend(100), &month, &mut routes, false);
         assert_eq!(routes, [Route::Taken, Route::Asked, Route::Asked]);
-        shares.untake(tenant, &counters, &routes, 100, &month);
-        // A request settles: its place and its unused tokens come back to the share.
+        shares.untake(tenant, &counters, &routes, spend(100), &month);
+        // A request settles: its place and its unused money come back to the share.
         shares.settle(
             tenant,
             &counters,
@@ -713,25 +720,30 @@ mod tests {
             &month,
             &Return {
                 request_id: "r1",
-                reserved: 100,
-                used: 40,
+                reserved: spend(100),
+                used: spend(40),
             },
         );
         let mut routes = Vec::new();
-        shares.take(tenant, &counters, 100, &month, &mut routes, false);
+        shares.take(tenant, &counters, spend(100), &month, &mut routes, false);
         assert_eq!(
             routes,
             [Route::Taken; 3],
             "the untaken request and the settled one's room"
         );
-        assert_eq!(shares.unhanded_requests(tenant, &month), ["r1"]);
-        // The tokens used are owed to the month's counter: a sync hands them over and records
+        assert_eq!(
+            shares.unhanded_requests(tenant, &counters[2], &month),
+            ["r1"]
+        );
+        let tokens = counter(Kind::MonthlyTokens, 10_000_000);
+        assert!(shares.unhanded_requests(tenant, &tokens, &month).is_empty());
+        // The money spent is owed to the month's counter: a sync hands them over and records
         // what the share still holds (closing: only its requests in flight).
         let syncs = shares.sync(tenant, true);
         let budget = syncs
             .iter()
             .flat_map(|s| s.counters.iter().zip(&s.asks))
-            .find(|(c, _)| c.kind == Kind::MonthlyTokens)
+            .find(|(c, _)| c.kind == Kind::MonthlySpend)
             .map(|(_, a)| *a);
         let Some(Ask::Share {
             held,
@@ -740,11 +752,19 @@ mod tests {
             ..
         }) = budget
         else {
-            panic!("the budget share owes its used tokens: {budget:?}");
+            panic!("the budget share owes what was spent: {budget:?}");
         };
         assert_eq!(hand_over, 40);
         assert_eq!(in_flight, 300, "three requests in flight");
-        assert_eq!(held, 300, "the 10 free tokens go back");
+        assert_eq!(held, 300, "the 10 free micro-units go back");
+    }
+
+    /// A request costing `micros` of money (and as many tokens, which a spend budget ignores).
+    fn spend(micros: u64) -> Amounts {
+        Amounts {
+            tokens: micros,
+            spend_micros: micros,
+        }
     }
 
     #[test]
@@ -754,26 +774,40 @@ mod tests {
         let month = Month::of(1_796_572_800_000);
         let places = [counter(Kind::Concurrent, 10_000)];
         let mut routes = Vec::new();
-        shares.take(tenant, &places, 1, &month, &mut routes, false);
+        shares.take(
+            tenant,
+            &places,
+            Amounts::tokens(1),
+            &month,
+            &mut routes,
+            false,
+        );
         let asks = shares.asks(tenant, &places, &routes, &month);
         shares.admitted(
             tenant,
             &places,
             &asks,
             &[standing(places[0], 100)],
-            Some(1),
+            Some(Amounts::tokens(1)),
             &month,
         );
         // 40 more requests, then they all end: 100 free places, far more than a top-up.
         for _ in 0..40 {
             let mut routes = Vec::new();
-            shares.take(tenant, &places, 1, &month, &mut routes, false);
+            shares.take(
+                tenant,
+                &places,
+                Amounts::tokens(1),
+                &month,
+                &mut routes,
+                false,
+            );
             assert_eq!(routes, [Route::Taken]);
         }
         let back = Return {
             request_id: "r",
-            reserved: 1,
-            used: 1,
+            reserved: Amounts::tokens(1),
+            used: Amounts::tokens(1),
         };
         for _ in 0..40 {
             shares.settle(tenant, &places, &[Route::Taken], &month, &back);

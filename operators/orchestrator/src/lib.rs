@@ -230,7 +230,9 @@ impl RecordOperator for Orchestrator {
         }
 
         // Bill what was generated, even when the stream broke part-way.
-        if finish.is_some() || output_tokens > 0 {
+        let cached_input_tokens = cached.filter(|c| *c > 0).map(|c| c.min(input_tokens));
+        let billed = finish.is_some() || output_tokens > 0;
+        if billed {
             let usage = UsageEvent {
                 event_id: UsageEvent::event_id_for(&request.request_id, 0),
                 request_id: request.request_id.clone(),
@@ -245,7 +247,7 @@ impl RecordOperator for Orchestrator {
                 ),
                 key_id: request.key_id.clone(),
                 user_id: request.user_id.clone(),
-                cached_input_tokens: cached.filter(|c| *c > 0).map(|c| c.min(input_tokens)),
+                cached_input_tokens,
                 trace_id: Some(ctx.trace.trace_id_hex()),
             };
             // Nobody waits on usage: it leaves batched with other requests' usage.
@@ -262,7 +264,15 @@ impl RecordOperator for Orchestrator {
             Some(e) => {
                 send_pending(out, &routed, &mut seq, &mut pending).await?;
                 tracing::warn!(request_id = %request.request_id, trace_id = %ctx.trace.trace_id_hex(), error = %e, "model stream failed");
-                ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message)
+                let mut error =
+                    ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message);
+                // What was billed, so the edge settles the caller's limits with it.
+                if billed {
+                    error.input_tokens = input_tokens;
+                    error.output_tokens = output_tokens;
+                    error.cached_input_tokens = cached_input_tokens.unwrap_or(0);
+                }
+                error
             }
             None => {
                 let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
@@ -270,6 +280,7 @@ impl RecordOperator for Orchestrator {
                 done.finish_reason = Some(finish_reason);
                 done.input_tokens = input_tokens;
                 done.output_tokens = output_tokens;
+                done.cached_input_tokens = cached_input_tokens.unwrap_or(0);
                 done
             }
         };

@@ -125,6 +125,7 @@ async fn priced_usage(
             price_changes: &price_changes,
             tenants,
             by_key_and_day: false,
+            excluding: &[],
         },
     )
     .await?;
@@ -830,6 +831,7 @@ pub async fn usage_by_key_model_day(
             price_changes: &price_changes,
             tenants: Some(&tenants),
             by_key_and_day: true,
+            excluding: &[],
         },
     )
     .await?;

@@ -1,4 +1,5 @@
-//! Billing: the versioned price book ([`prices`]), exact money ([`money`]), billing periods
+//! Billing: the versioned price book ([`prices`]), exact money ([`money`]), monthly spend
+//! budgets ([`budgets`]), billing periods
 //! ([`period`]), the arithmetic of an invoice ([`statement`]), invoices in the stores — runs,
 //! previews, reading them back ([`invoices`]) — finance's CSV exports ([`csv`]) and the
 //! comparison of a month's usage across its sources ([`reconcile`]).
@@ -7,6 +8,7 @@
 //! that start from now on, so the version in force at any past moment never changes, and every
 //! invoice line names the version it used.
 
+pub mod budgets;
 pub mod csv;
 pub mod invoices;
 pub mod money;

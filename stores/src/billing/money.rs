@@ -39,6 +39,14 @@ impl Exact {
         Minor(i64::try_from(rounded).unwrap_or(if rounded > 0 { i64::MAX } else { i64::MIN }))
     }
 
+    /// In whole micro-units, rounded up (a budget counts what may have been spent, never
+    /// less); nothing below zero.
+    pub fn micros_up(self) -> u64 {
+        let pico = self.0.max(0);
+        let micros = (pico + PICO_PER_MICRO - 1) / PICO_PER_MICRO;
+        u64::try_from(micros).unwrap_or(u64::MAX)
+    }
+
     /// As a decimal string of currency units with every digit (for `numeric` columns and
     /// audits): `0.000000123400`.
     pub fn decimal(self) -> String {
@@ -141,6 +149,16 @@ impl Currency {
     /// The ISO code.
     pub fn code(&self) -> &str {
         std::str::from_utf8(&self.code).unwrap_or("XXX")
+    }
+}
+
+impl Default for Currency {
+    /// US dollars, the billing currency until one is set.
+    fn default() -> Self {
+        Self {
+            code: *b"USD",
+            exponent: 2,
+        }
     }
 }
 

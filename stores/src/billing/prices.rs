@@ -9,7 +9,10 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::money::{Currency, Exact};
-use crate::{Error, Result};
+use crate::{
+    postgres::followed::{Followed, Snapshot},
+    Error, Result,
+};
 
 /// What a price is for: `model:<name>`, `tool:<name>`, `workflow:<name>`, `plan:<name>`.
 pub fn model_item(model: &str) -> String {
@@ -115,6 +118,25 @@ impl PriceBook {
         moments
     }
 }
+
+impl Default for PriceBook {
+    fn default() -> Self {
+        Self::new(Currency::default(), Vec::new())
+    }
+}
+
+impl Snapshot for PriceBook {
+    const CHANNEL: &'static str = "sluice_prices";
+    const WHAT: &'static str = "the price book";
+
+    async fn load(app: &PgPool) -> Result<Self> {
+        let mut conn = app.acquire().await?;
+        PriceBook::load(&mut conn).await
+    }
+}
+
+/// The price book as this process knows it, reloaded whenever a price or the currency changes.
+pub type Prices = Followed<PriceBook>;
 
 /// A new version of an item's price.
 #[derive(Debug, Clone, Default)]

@@ -206,6 +206,8 @@ pub struct SliceQuery<'a> {
     pub tenants: Option<&'a [String]>,
     /// Also split per key (or user) and UTC day (days since 1970-01-01).
     pub by_key_and_day: bool,
+    /// Leave out these requests.
+    pub excluding: &'a [String],
 }
 
 /// The usage facts in a range, summed per tenant, model, month and slice between price
@@ -218,6 +220,12 @@ pub async fn usage_slices(
         " AND tenant_id IN (SELECT arrayJoin(?))"
     } else {
         ""
+    };
+    // An empty array literal has no element type on older servers: no filter instead.
+    let excluding = if query.excluding.is_empty() {
+        ""
+    } else {
+        " AND NOT has(?, request_id)"
     };
     // With no price change in the range (the usual case) there is one slice per month.
     let segment = if query.price_changes.is_empty() {
@@ -241,7 +249,7 @@ pub async fn usage_slices(
                 sum(cached_input_tokens) AS cached_input_tokens \
            FROM {TABLE} FINAL \
           WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
-            AND occurred_at_ms >= ? AND occurred_at_ms < ?{tenant_filter} \
+            AND occurred_at_ms >= ? AND occurred_at_ms < ?{tenant_filter}{excluding} \
           GROUP BY tenant_id, model, month, segment, caller, day"
     );
     let from_s = u32::try_from(query.from_ms.div_euclid(1000)).unwrap_or(0);
@@ -257,6 +265,9 @@ pub async fn usage_slices(
         .bind(query.to_ms);
     if let Some(tenants) = query.tenants {
         select = select.bind(tenants);
+    }
+    if !query.excluding.is_empty() {
+        select = select.bind(query.excluding);
     }
     Ok(select.fetch_all::<UsageSlice>().await?)
 }

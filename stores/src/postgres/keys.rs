@@ -10,7 +10,7 @@ use super::{
     plans::{limits_from_row, Limits},
     tenants::{self, API_KEY_PREFIX},
 };
-use crate::{Error, Result};
+use crate::{billing::budgets::Budget, Error, Result};
 
 /// The PostgreSQL channel on which key, plan and subscription changes are announced: the
 /// payload is the changed key's hash, or [`EVERY_KEY`].
@@ -30,12 +30,18 @@ pub struct KeyGrant {
     pub key: Limits,
     /// The tenant's plan and its limits, if it is subscribed to one.
     pub plan: Option<(String, Limits)>,
+    /// The tenant's monthly spend budget, and the key's own.
+    pub tenant_spend: Option<Budget>,
+    pub key_spend: Option<Budget>,
 }
 
 impl KeyGrant {
-    /// Whether neither the key nor its plan limits anything.
+    /// Whether neither the key nor its plan limits anything, and no budget applies.
     pub fn is_unlimited(&self) -> bool {
-        self.key.is_unlimited() && self.plan.as_ref().is_none_or(|(_, l)| l.is_unlimited())
+        self.key.is_unlimited()
+            && self.plan.as_ref().is_none_or(|(_, l)| l.is_unlimited())
+            && self.tenant_spend.is_none()
+            && self.key_spend.is_none()
     }
 
     /// Whether the key and its plan both allow `model` by name.
@@ -68,7 +74,8 @@ pub async fn authorize(app: &PgPool, key: &str) -> Result<Option<KeyGrant>> {
                 key_requests_per_minute, key_tokens_per_minute, NULL::bigint,
                 key_max_concurrent, key_allowed_models,
                 plan_name, plan_requests_per_minute, plan_tokens_per_minute, plan_monthly_tokens,
-                plan_max_concurrent, plan_allowed_models
+                plan_max_concurrent, plan_allowed_models,
+                tenant_spend_micros, tenant_spend_alert, key_spend_micros, key_spend_alert
            FROM sluice_authorize($1)",
     )
     .bind(tenants::hash_api_key(key))
@@ -88,6 +95,8 @@ pub async fn authorize(app: &PgPool, key: &str) -> Result<Option<KeyGrant>> {
         valid_until_ms: row.try_get(2)?,
         key: limits_from_row(&row, 3)?,
         plan,
+        tenant_spend: Budget::from_row(&row, 14)?,
+        key_spend: Budget::from_row(&row, 16)?,
     }))
 }
 

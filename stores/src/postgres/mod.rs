@@ -82,6 +82,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "billing",
         sql: include_str!("../../migrations/0010_billing.sql"),
     },
+    Migration {
+        version: 11,
+        name: "spend_budgets",
+        sql: include_str!("../../migrations/0011_spend_budgets.sql"),
+    },
 ];
 
 /// Connects a pool to `url`.

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sqlx::{types::Uuid, Connection, PgConnection, PgPool, Row};
 
-use crate::{Error, Result};
+use crate::{billing::budgets::Budget, Error, Result};
 
 /// Limits of one kind of holder (a plan, or a key's own); `None` is no limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -279,12 +279,17 @@ pub async fn delete_plan(conn: &mut PgConnection, name: &str) -> Result<()> {
     }
 }
 
-/// Whether the tenant is active, and its plan, read through row-level security (for callers
-/// known by a user's session rather than a key). `None`: no such active tenant.
-pub async fn tenant_plan(
-    app: &PgPool,
-    tenant_id: Uuid,
-) -> Result<Option<Option<(String, Limits)>>> {
+/// What an active tenant's callers may do: its plan and its own spend budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantTerms {
+    pub plan: Option<(String, Limits)>,
+    pub spend: Option<Budget>,
+}
+
+/// Whether the tenant is active, and its plan and spend budget, read through row-level
+/// security (for callers known by a user's session rather than a key). `None`: no such active
+/// tenant.
+pub async fn tenant_plan(app: &PgPool, tenant_id: Uuid) -> Result<Option<TenantTerms>> {
     let mut tx = super::tenant_transaction(app, tenant_id).await?;
     let active: Option<bool> = sqlx::query_scalar("SELECT status = 'active' FROM tenants")
         .fetch_optional(&mut *tx)
@@ -299,12 +304,20 @@ pub async fn tenant_plan(
     )
     .fetch_optional(&mut *tx)
     .await?;
+    let budget =
+        sqlx::query("SELECT monthly_micros, alert_percent FROM spend_budgets WHERE key_id IS NULL")
+            .fetch_optional(&mut *tx)
+            .await?;
     tx.commit().await?;
     let plan = match row {
         Some(row) => Some((row.try_get(5)?, limits_from_row(&row, 0)?)),
         None => None,
     };
-    Ok(Some(plan))
+    let spend = match budget {
+        Some(row) => Budget::from_row(&row, 0)?,
+        None => None,
+    };
+    Ok(Some(TenantTerms { plan, spend }))
 }
 
 #[cfg(test)]

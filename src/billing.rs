@@ -9,7 +9,8 @@ use std::{
 };
 
 use anyhow::Context;
-use sluice_schemas::UsageEvent;
+use sluice_pipelines::{kafka, trace::TraceContext, Emitter};
+use sluice_schemas::{Notification, UsageEvent};
 use sluice_stores::{
     billing::{
         budgets, csv, invoices,
@@ -173,6 +174,39 @@ pub async fn price(config: Config, command: PriceCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Puts `invoice.finalized` on the notifications topic for each of `finalized`, with the
+/// invoice as its data; the event id is the invoice's, so one told of twice is delivered once.
+async fn notify_finalized(config: &Config, finalized: &[Invoice]) -> anyhow::Result<usize> {
+    if finalized.is_empty() {
+        return Ok(0);
+    }
+    let topic = config.kafka.topics().notifications;
+    kafka::ensure_topics(&config.kafka, &[&topic]).await?;
+    let codec = crate::process::codec(config)?;
+    codec.register::<Notification>().await?;
+    let producers = kafka::Producers::new(&config.kafka)?;
+    let mut out = Emitter::new(
+        producers.get(kafka::ProducerProfile::Throughput).clone(),
+        codec,
+        TraceContext::new_root(),
+    );
+    let now_ms = sluice_pipelines::now_ms();
+    for invoice in finalized {
+        let Some(id) = invoice.id else { continue };
+        let record = Notification {
+            event_id: format!("invoice.finalized:{id}"),
+            tenant_id: invoice.tenant_id.to_string(),
+            kind: "invoice.finalized".into(),
+            occurred_at_ms: invoice.finalized_at_ms.unwrap_or(now_ms),
+            data_json: invoice.to_json().to_string(),
+        };
+        out.emit(&topic, None, record.tenant_id.as_bytes(), &record)
+            .await?;
+    }
+    out.flush().await?;
+    Ok(finalized.len())
+}
+
 fn time_text(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -238,6 +272,18 @@ pub async fn invoices(config: Config, command: InvoicesCommand) -> anyhow::Resul
                     report.unknown_tenants[0]
                 );
             }
+            // Every final invoice of the month, not only today's: a run that stopped between
+            // writing invoices and telling of them tells of them now (each once per endpoint).
+            let mut conn = admin.acquire().await?;
+            let finalized: Vec<Invoice> = invoices::all_of_period(&mut conn, period)
+                .await?
+                .into_iter()
+                .filter(|i| only.is_none_or(|t| i.tenant_id == t))
+                .collect();
+            let told = notify_finalized(&config, &finalized).await.context(
+                "the invoices are written, but telling webhooks of them failed; run again to retry",
+            )?;
+            println!("{period}: {told} invoice.finalized notifications sent");
         }
         InvoicesCommand::Preview { tenant, json } => {
             let tenant = tenant_named(&admin, &tenant).await?;

@@ -13,6 +13,7 @@ use sluice_router::RouterConfig;
 use sluice_schemas::UsageEvent;
 use sluice_sql::{Pipeline, PipelineConfig};
 use sluice_stores::{limits::RedisConfig, ClickHouseConfig};
+use sluice_webhooks::WebhookConfig;
 
 /// Every setting.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -38,6 +39,8 @@ pub struct Config {
     pub stages: StagesConfig,
     /// Streaming SQL pipelines (stage `sql`).
     pub sql: SqlConfig,
+    /// Webhook delivery (stage `webhooks`).
+    pub webhooks: WebhookConfig,
     /// Where stage-only processes serve `/metrics`, `/healthz` and `/readyz`.
     pub ops: OpsConfig,
     /// Logging.
@@ -238,6 +241,7 @@ impl Config {
         problems.extend(self.edge.validate());
         problems.extend(self.router.validate());
         problems.extend(self.orchestrator.validate());
+        problems.extend(self.webhooks.validate());
         problems.extend(self.sql.validate());
         if !["json", "pretty"].contains(&self.log.format.as_str()) {
             problems.push("log.format must be json or pretty".to_owned());

@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn keda_manifests_scale_every_stage_on_its_real_group() {
         let config = Config::default();
-        let mut groups: Vec<String> = ["router", "orchestrator", "metering"]
+        let mut groups: Vec<String> = ["router", "orchestrator", "metering", "webhooks"]
             .iter()
             .map(|stage| config.kafka.group(stage))
             .collect();

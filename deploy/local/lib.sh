@@ -263,6 +263,8 @@ export_sluice_env() {
   export SLUICE_EDGE__LISTEN="127.0.0.1:$EDGE_PORT"
   export SLUICE_REGISTRY__LISTEN="127.0.0.1:$REGISTRY_PORT"
   export SLUICE_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT"
+  # One machine: webhook endpoints for local receivers live on loopback.
+  export SLUICE_WEBHOOKS__ALLOW_PRIVATE_NETWORKS="${SLUICE_WEBHOOKS__ALLOW_PRIVATE_NETWORKS:-true}"
 }
 
 start_stack() {

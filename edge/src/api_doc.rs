@@ -87,6 +87,12 @@ impl Modify for Bearer {
         crate::budgets::set_key,
         crate::budgets::remove_tenant,
         crate::budgets::remove_key,
+        crate::webhooks::list,
+        crate::webhooks::create,
+        crate::webhooks::update,
+        crate::webhooks::remove,
+        crate::webhooks::rotate_secret,
+        crate::webhooks::deliveries,
         crate::invoices::list,
         crate::invoices::preview,
         crate::invoices::show,
@@ -100,7 +106,8 @@ impl Modify for Bearer {
         (name = "auth", description = "Users' sessions"),
         (name = "admin", description = "A tenant's keys, members, origins and audit log, for its admins"),
         (name = "platform", description = "Plans and tenants, for platform admins"),
-        (name = "billing", description = "Invoices, their preview and finance's exports, for a tenant's admins (a platform admin's period export covers every tenant)"),
+        (name = "billing", description = "Invoices, their preview and finance's exports, and spend budgets, for a tenant's admins (a platform admin's period export covers every tenant)"),
+        (name = "webhooks", description = "A tenant's webhook endpoints and their delivery log, for its admins"),
     )
 )]
 pub struct ApiDoc;

@@ -27,6 +27,7 @@ pub mod cors;
 pub mod error;
 pub mod invoices;
 pub mod limits;
+pub mod notify;
 pub mod openai;
 pub mod platform;
 pub mod registry;
@@ -35,6 +36,7 @@ pub mod resume;
 pub mod sessions;
 pub mod stream;
 pub mod usage;
+pub mod webhooks;
 pub mod ws;
 
 pub use error::{Error, Result};
@@ -286,7 +288,15 @@ pub async fn run(
         config.limits.clone(),
         // A request outlives its reply timeout only if its edge died without settling it.
         Duration::from_secs(config.reply_timeout_secs.saturating_add(30)),
-        &deps.metrics,
+        (
+            &deps.metrics,
+            Arc::new(notify::Notifier::new(
+                deps.producers.get(ProducerProfile::Throughput).clone(),
+                deps.codec.clone(),
+                &topics.notifications,
+                deps.metrics.notifications.clone(),
+            )),
+        ),
     ));
     let signing_keys = sluice_stores::postgres::users::signing_keys(&deps.app_pool).await?;
     let tokens =
@@ -450,6 +460,13 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/invoices/export",
     "/v1/invoices/usage",
     "/v1/invoices/{invoice}",
+    "/v1/budgets",
+    "/v1/budgets/tenant",
+    "/v1/budgets/keys/{id}",
+    "/v1/webhooks",
+    "/v1/webhooks/deliveries",
+    "/v1/webhooks/{id}",
+    "/v1/webhooks/{id}/rotate-secret",
 ];
 
 /// The edge's routes.
@@ -508,6 +525,16 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route(
             "/v1/budgets/keys/{id}",
             axum::routing::put(budgets::set_key).delete(budgets::remove_key),
+        )
+        .route("/v1/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/v1/webhooks/deliveries", get(webhooks::deliveries))
+        .route(
+            "/v1/webhooks/{id}",
+            axum::routing::patch(webhooks::update).delete(webhooks::remove),
+        )
+        .route(
+            "/v1/webhooks/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
         )
         .route("/v1/invoices", get(invoices::list))
         .route("/v1/invoices/preview", get(invoices::preview))

@@ -118,6 +118,8 @@ pub struct Topics {
     pub usage: String,
     /// Records a stage gave up on.
     pub dlq: String,
+    /// What tenants are told through their webhooks, keyed by tenant.
+    pub notifications: String,
 }
 
 impl Topics {
@@ -136,17 +138,19 @@ impl Topics {
             replies: name("replies"),
             usage: name("usage"),
             dlq: name("dlq"),
+            notifications: name("notifications"),
         }
     }
 
     /// Every topic, for creation.
-    pub fn all(&self) -> [&str; 5] {
+    pub fn all(&self) -> [&str; 6] {
         [
             &self.requests,
             &self.routed,
             &self.replies,
             &self.usage,
             &self.dlq,
+            &self.notifications,
         ]
     }
 }

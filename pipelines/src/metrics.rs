@@ -78,6 +78,11 @@ pub const WS_CLOSES: &str = "sluice_edge_ws_closes_total";
 pub const WS_RESUMES: &str = "sluice_edge_ws_resumes_total";
 /// Changes to keys, plans or subscriptions the edge was told of, total.
 pub const AUTH_CHANGES: &str = "sluice_edge_auth_changes_total";
+/// Webhook delivery attempts, by `outcome`: `delivered`, `retrying`, `failed` (no attempts
+/// left), total.
+pub const WEBHOOK_ATTEMPTS: &str = "sluice_webhook_attempts_total";
+/// Notifications (webhook events) a process put on `sluice.notifications`, by `type`, total.
+pub const NOTIFICATIONS: &str = "sluice_notifications_total";
 
 /// The process's metrics.
 pub struct Metrics {
@@ -113,6 +118,8 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub limit_store_calls: IntCounterVec,
     pub auth_changes: IntCounter,
+    pub webhook_attempts: IntCounterVec,
+    pub notifications: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -244,6 +251,16 @@ impl Metrics {
                 "WebSocket streams resumed, by outcome.",
                 &["outcome"],
             )?,
+            webhook_attempts: counter(
+                WEBHOOK_ATTEMPTS,
+                "Webhook delivery attempts, by outcome.",
+                &["outcome"],
+            )?,
+            notifications: counter(
+                NOTIFICATIONS,
+                "Notifications put on the notifications topic, by type.",
+                &["type"],
+            )?,
             limit_refusals: counter(
                 LIMIT_REFUSALS,
                 "Chat requests refused for a limit, by kind.",
@@ -317,6 +334,8 @@ pub const ALL: &[&str] = &[
     LIMIT_STORE_ERRORS,
     LIMIT_STORE_CALLS,
     AUTH_CHANGES,
+    WEBHOOK_ATTEMPTS,
+    NOTIFICATIONS,
 ];
 
 #[cfg(test)]

@@ -106,6 +106,7 @@ impl Codec {
         self.register::<crate::UsageEvent>().await?;
         self.register::<crate::DeadLetter>().await?;
         self.register::<crate::WindowResult>().await?;
+        self.register::<crate::Notification>().await?;
         Ok(())
     }
 

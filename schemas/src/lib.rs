@@ -13,8 +13,8 @@ pub mod wire;
 
 pub use codec::Codec;
 pub use records::{
-    ChatMessage, ChatRequest, DeadLetter, Record, ReplyAddress, ReplyChunk, ReplyKind,
-    RoutedRequest, RoutingDecision, UsageEvent, WindowResult,
+    ChatMessage, ChatRequest, DeadLetter, Notification, Record, ReplyAddress, ReplyChunk,
+    ReplyKind, RoutedRequest, RoutingDecision, UsageEvent, WindowResult,
 };
 pub use registry::RegistryClient;
 

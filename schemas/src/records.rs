@@ -280,6 +280,20 @@ pub struct DeadLetter {
 }
 record!(DeadLetter, "sluice.v1.DeadLetter", "dead_letter.avsc");
 
+/// Something a tenant is told about through its webhooks (`sluice.notifications`, keyed by
+/// tenant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub event_id: String,
+    pub tenant_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub occurred_at_ms: i64,
+    /// The event's data object, as JSON.
+    pub data_json: String,
+}
+record!(Notification, "sluice.v1.Notification", "notification.avsc");
+
 /// One result row of a streaming SQL pipeline for one window of one source partition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowResult {

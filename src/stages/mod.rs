@@ -7,6 +7,7 @@ mod metering;
 mod orchestrator;
 mod router;
 mod sql;
+mod webhooks;
 
 use sluice_pipelines::Runnable;
 
@@ -24,22 +25,25 @@ pub enum Stage {
     Metering,
     /// The streaming SQL pipelines (`[sql]` in the configuration).
     Sql,
+    /// Delivers notifications to tenants' webhook endpoints (`sluice.notifications` → HTTP).
+    Webhooks,
 }
 
 impl Stage {
     /// Every stage, in the order `sluice up` starts them.
-    pub const ALL: [Stage; 4] = [
+    pub const ALL: [Stage; 5] = [
         Stage::Router,
         Stage::Orchestrator,
         Stage::Metering,
         Stage::Sql,
+        Stage::Webhooks,
     ];
 
     /// Whether `sluice up` runs the stage with this configuration.
     pub fn runs_in_up(self, config: &Config) -> bool {
         match self {
             Stage::Sql => config.sql.enabled,
-            Stage::Router | Stage::Orchestrator | Stage::Metering => true,
+            Stage::Router | Stage::Orchestrator | Stage::Metering | Stage::Webhooks => true,
         }
     }
 
@@ -47,6 +51,7 @@ impl Stage {
     pub fn replay_refusal(self) -> Option<&'static str> {
         match self {
             Stage::Sql => Some(sql::NOT_REPLAYED),
+            Stage::Webhooks => Some(webhooks::NOT_REPLAYED),
             Stage::Router | Stage::Orchestrator | Stage::Metering => None,
         }
     }
@@ -63,6 +68,7 @@ impl Stage {
             Stage::Orchestrator => vec![orchestrator::build(config)?],
             Stage::Metering => vec![metering::build(config)],
             Stage::Sql => sql::build(config, process).await?,
+            Stage::Webhooks => vec![webhooks::build(config, process).await?],
         })
     }
 }

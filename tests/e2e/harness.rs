@@ -777,3 +777,129 @@ pub async fn assert_rollups_equal_facts(tenant: &str) {
     .await;
     assert_eq!(daily, facts_daily, "usage_daily of {tenant}");
 }
+
+/// One request a [`WebhookReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// Requests of one event type (`*`: any) to answer with 503, and how many more.
+type Failing = std::sync::Arc<std::sync::Mutex<(String, usize)>>;
+
+/// A local HTTP server standing in for a tenant's webhook endpoint: records every POST and
+/// answers 503 to the next requests [`fail_next`](Self::fail_next) names, 200 to the rest.
+pub struct WebhookReceiver {
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    failing: Failing,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> Self {
+        use axum::{extract::State, http::HeaderMap, routing::post, Router};
+        type Shared = (std::sync::Arc<std::sync::Mutex<Vec<Received>>>, Failing);
+        async fn hook(
+            State((received, failing)): State<Shared>,
+            headers: HeaderMap,
+            body: String,
+        ) -> axum::http::StatusCode {
+            let event = headers
+                .get("sluice-event")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let fails = {
+                let mut failing = failing.lock().unwrap();
+                let matches = failing.0 == "*" || failing.0 == event;
+                if matches && failing.1 > 0 {
+                    failing.1 -= 1;
+                    true
+                } else {
+                    false
+                }
+            };
+            let status = if fails { 503 } else { 200 };
+            let headers = headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            received.lock().unwrap().push(Received {
+                headers,
+                body,
+                status,
+            });
+            axum::http::StatusCode::from_u16(status).unwrap()
+        }
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failing: Failing = std::sync::Arc::new(std::sync::Mutex::new((String::new(), 0)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .with_state((received.clone(), failing.clone()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            received,
+            failing,
+        }
+    }
+
+    /// Answers the next `n` requests of event type `kind` (`*`: any) with 503.
+    pub fn fail_next(&self, kind: &str, n: usize) {
+        *self.failing.lock().unwrap() = (kind.to_owned(), n);
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// What was received of event type `kind`.
+    pub fn of_type(&self, kind: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.header("sluice-event") == kind)
+            .collect()
+    }
+}
+
+/// Checks `received`'s `Sluice-Signature` against `secret` with `openssl` (an implementation
+/// of HMAC-SHA256 other than Sluice's): the signed timestamp.
+pub fn verify_signature(received: &Received, secret: &str) -> i64 {
+    let header = received.header("sluice-signature");
+    let (t, v1) = header
+        .split_once(',')
+        .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v1=")?)))
+        .unwrap_or_else(|| panic!("a signature header: {header:?}"));
+    use std::io::Write;
+    let mut openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    openssl
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{t}.{}", received.body).as_bytes())
+        .unwrap();
+    let out = String::from_utf8(openssl.wait_with_output().unwrap().stdout).unwrap();
+    let expected = out.trim().rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(v1, expected, "the signature of {}", received.body);
+    t.parse().unwrap()
+}

@@ -597,14 +597,63 @@ async fn reconcile_finds_the_sources_agreeing_then_a_planted_fact_everywhere_it_
     })
     .await;
     let period = month.to_string();
-    sluice.cli(&[
-        "invoices",
-        "run",
-        "--period",
-        &period,
-        "--tenant",
-        &tenant.name,
-    ]);
+    // The tenant listens for finalized invoices (an endpoint made as the owner: this tenant
+    // has no admin user).
+    let receiver = WebhookReceiver::start().await;
+    let secret = "whsec_invoice-test-secret";
+    let admin = postgres::connect(&admin_database_url(), 1).await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, events) \
+         VALUES ($1, $2::uuid, $3, $4, ARRAY['invoice.finalized'])",
+    )
+    .bind(Uuid::new_v4())
+    .bind(&tenant.id)
+    .bind(&receiver.url)
+    .bind(secret)
+    .execute(&admin)
+    .await
+    .unwrap();
+    let run_invoices = || {
+        sluice.cli(&[
+            "invoices",
+            "run",
+            "--period",
+            &period,
+            "--tenant",
+            &tenant.name,
+        ])
+    };
+    let out = run_invoices();
+    assert!(
+        out.contains("1 invoice.finalized notifications sent"),
+        "{out}"
+    );
+    let told = eventually(30, "invoice.finalized", || async {
+        let got = receiver.of_type("invoice.finalized");
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    verify_signature(&told[0], secret);
+    let event = told[0].json();
+    assert_eq!(event["data"]["period"], period.as_str(), "{event}");
+    assert_eq!(event["data"]["status"], "final");
+    assert_eq!(event["data"]["tenant_id"], tenant.id.as_str());
+    assert_eq!(
+        event["id"],
+        format!(
+            "invoice.finalized:{}",
+            event["data"]["id"].as_str().unwrap()
+        )
+    );
+    // Run again (nothing new to write): it tells of the invoice again, and the endpoint still
+    // gets it once.
+    let out = run_invoices();
+    assert!(
+        out.contains("1 invoice.finalized notifications sent"),
+        "{out}"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(receiver.of_type("invoice.finalized").len(), 1);
     let reconcile = [
         "invoices",
         "reconcile",

@@ -23,4 +23,5 @@ mod registry;
 mod replay;
 mod scaling;
 mod sql;
+mod webhooks;
 mod websocket;

@@ -40,7 +40,7 @@ use sluice_stores::{
 };
 use sqlx::types::Uuid;
 
-use crate::error::ApiError;
+use crate::{error::ApiError, notify::Notifier};
 use shares::{Return, Route, Shares};
 
 /// What the edge does about limits.
@@ -80,6 +80,8 @@ pub struct EdgeLimits {
     store: Arc<Store>,
     config: LimitsConfig,
     refusals: prometheus::IntCounterVec,
+    /// Tells tenants of budgets alerting and exceeded.
+    notifier: Arc<Notifier>,
 }
 
 /// The counters as this edge uses them: Redis, this edge's shares of it, the settlements
@@ -332,6 +334,18 @@ pub fn counters(grant: &KeyGrant) -> Vec<Counter> {
     counters
 }
 
+/// The spend budget behind `counter` of `grant`.
+fn budget_of(
+    grant: &KeyGrant,
+    counter: Counter,
+) -> Option<sluice_stores::billing::budgets::Budget> {
+    match counter.holder {
+        Holder::Tenant => grant.tenant_spend,
+        Holder::Key(_) => grant.key_spend,
+        Holder::Address => None,
+    }
+}
+
 /// What `input` and `output` tokens cost on `model` at `at_ms`, in micro-units rounded up;
 /// for `auto`, on the dearest model of the catalogue that `grant` may use (the router may
 /// choose any of them).
@@ -366,7 +380,7 @@ impl EdgeLimits {
         prices: Arc<Prices>,
         config: LimitsConfig,
         lease: Duration,
-        metrics: &sluice_pipelines::metrics::Metrics,
+        (metrics, notifier): (&sluice_pipelines::metrics::Metrics, Arc<Notifier>),
     ) -> Self {
         let store = Arc::new(Store {
             shares: Shares::new(limiter.share_lapse()),
@@ -384,6 +398,7 @@ impl EdgeLimits {
             store,
             config,
             refusals: metrics.limit_refusals.clone(),
+            notifier,
         }
     }
 
@@ -442,7 +457,7 @@ impl EdgeLimits {
             leased_at: std::time::Instant::now(),
         };
         if routes.iter().all(|r| *r == Route::Taken) {
-            return Ok(Some(admission(routes, Vec::new())));
+            return Ok(Some(self.watched(grant, admission(routes, Vec::new()))));
         }
         // Calls about a tenant's shares go to Redis one at a time. A share that was answered
         // while this request waited may have room now; one this request would leave low is
@@ -453,7 +468,7 @@ impl EdgeLimits {
             routes.clear();
             shares.take(tenant, &counters, amounts, &month, &mut routes, true);
             if routes.iter().all(|r| *r == Route::Taken) {
-                return Ok(Some(admission(routes, Vec::new())));
+                return Ok(Some(self.watched(grant, admission(routes, Vec::new()))));
             }
             Some(stripe)
         } else {
@@ -484,7 +499,7 @@ impl EdgeLimits {
         match verdict {
             Ok(Verdict::Admitted(standings)) => {
                 shares.admitted(tenant, &asked, &asks, &standings, Some(amounts), &month);
-                Ok(Some(admission(routes, standings)))
+                Ok(Some(self.watched(grant, admission(routes, standings))))
             }
             Ok(Verdict::Refused {
                 counter,
@@ -494,6 +509,9 @@ impl EdgeLimits {
                     .with_label_values(&[kind_label(counter.kind)])
                     .inc();
                 let currency = self.store.prices.get().currency;
+                if counter.kind == Kind::MonthlySpend && retry_after_ms.is_some() {
+                    self.tell_of_budget(grant, counter, &month, None);
+                }
                 Err(refusal(counter, retry_after_ms, amounts, currency.code()))
             }
             Ok(Verdict::Unseeded(_)) => self.store_down(sluice_stores::Error::Corrupt(
@@ -501,6 +519,71 @@ impl EdgeLimits {
             )),
             Err(e) => self.store_down(e),
         }
+    }
+
+    /// `admission`, after telling its tenant of each spend budget it brings to its alert.
+    fn watched(&self, grant: &KeyGrant, admission: Admission) -> Admission {
+        for standing in &admission.standings {
+            let counter = standing.counter;
+            if counter.kind != Kind::MonthlySpend {
+                continue;
+            }
+            let spent = counter.limit.saturating_sub(standing.remaining);
+            if budget_of(grant, counter).is_some_and(|b| b.alerting(spent)) {
+                self.tell_of_budget(grant, counter, &admission.month, Some(spent));
+            }
+        }
+        admission
+    }
+
+    /// Tells the tenant that its spend budget `counter` reached its alert with `spent` (and
+    /// reservations in flight), or (`None`) refused a request.
+    fn tell_of_budget(
+        &self,
+        grant: &KeyGrant,
+        counter: Counter,
+        month: &Month,
+        spent: Option<u64>,
+    ) {
+        let Some(budget) = budget_of(grant, counter) else {
+            return;
+        };
+        let key_id = match counter.holder {
+            Holder::Key(key) => Some(key),
+            Holder::Tenant | Holder::Address => None,
+        };
+        let holder = key_id.map_or_else(|| "tenant".to_owned(), |k| format!("key:{k}"));
+        let currency = self.store.prices.get().currency;
+        let money = |micros: u64| micros_text(i64::try_from(micros).unwrap_or(i64::MAX));
+        let mut data = serde_json::json!({
+            "key_id": key_id,
+            "month": month.label,
+            "currency": currency.code(),
+            "monthly": money(budget.monthly_micros),
+            "alert_percent": budget.alert_percent,
+        });
+        let tenant = grant.tenant_id;
+        let (kind, event_id) = match spent {
+            Some(spent) => {
+                data["spent"] = money(spent).into();
+                let percent = budget.alert_percent.unwrap_or(100);
+                (
+                    "usage.threshold_reached",
+                    format!(
+                        "usage.threshold_reached:{tenant}:{holder}:{}:{}:{percent}",
+                        month.label, budget.monthly_micros
+                    ),
+                )
+            }
+            None => (
+                "budget.exceeded",
+                format!(
+                    "budget.exceeded:{tenant}:{holder}:{}:{}",
+                    month.label, budget.monthly_micros
+                ),
+            ),
+        };
+        self.notifier.notify(tenant, event_id, kind, &data);
     }
 
     /// Counts a login or registration attempt from `address`: 429 once it has made

@@ -17,6 +17,7 @@ pub mod plans;
 pub mod registry;
 pub mod tenants;
 pub mod users;
+pub mod webhooks;
 
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgPoolOptions, types::Uuid, PgPool, Postgres, Transaction};
@@ -86,6 +87,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 11,
         name: "spend_budgets",
         sql: include_str!("../../migrations/0011_spend_budgets.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "webhooks",
+        sql: include_str!("../../migrations/0012_webhooks.sql"),
     },
 ];
 

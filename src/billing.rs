@@ -447,7 +447,8 @@ async fn reconcile(
                 return;
             };
             let in_month = event.occurred_at_ms >= from_ms && event.occurred_at_ms < to_ms;
-            let wanted = only.as_deref().is_none_or(|t| t == event.tenant_id);
+            // Calls that failed before producing anything are not usage.
+            let wanted = event.billable && only.as_deref().is_none_or(|t| t == event.tenant_id);
             if in_month && wanted && seen.insert((event.tenant_id.clone(), event.event_id.clone()))
             {
                 topic

@@ -82,6 +82,7 @@ impl Modify for Bearer {
         crate::platform::list_tenants,
         crate::platform::create_tenant,
         crate::platform::set_tenant_plan,
+        crate::analytics::models,
         crate::budgets::list,
         crate::budgets::set_tenant,
         crate::budgets::set_key,

@@ -18,6 +18,7 @@
 //! to `sluice.requests` and reads its replies from the replies partition it owns ([`replies`]).
 //! Errors are answered in OpenAI's error shape from one place ([`error`]).
 
+pub mod analytics;
 pub mod api_doc;
 pub mod auth;
 pub mod budgets;
@@ -460,6 +461,7 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/invoices/export",
     "/v1/invoices/usage",
     "/v1/invoices/{invoice}",
+    "/v1/analytics/models",
     "/v1/budgets",
     "/v1/budgets/tenant",
     "/v1/budgets/keys/{id}",
@@ -517,6 +519,7 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
             "/v1/admin/tenants/{id}/plan",
             axum::routing::put(platform::set_tenant_plan),
         )
+        .route("/v1/analytics/models", get(analytics::models))
         .route("/v1/budgets", get(budgets::list))
         .route(
             "/v1/budgets/tenant",

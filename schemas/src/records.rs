@@ -253,6 +253,16 @@ pub struct UsageEvent {
     /// The request's W3C trace id (hex).
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// Why the call failed (its error code), if it did.
+    #[serde(default)]
+    pub outcome: Option<String>,
+    /// Whether it is billed: false only for a call that failed before producing anything.
+    #[serde(default = "billable_by_default")]
+    pub billable: bool,
+}
+
+fn billable_by_default() -> bool {
+    true
 }
 record!(UsageEvent, "sluice.v1.UsageEvent", "usage_event.avsc");
 
@@ -383,6 +393,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         });
         round_trip(DeadLetter {
             source_topic: "sluice.requests".into(),

@@ -611,6 +611,8 @@ pub fn usage_event(request_id: String, tenant: &str) -> sluice_schemas::UsageEve
         user_id: None,
         cached_input_tokens: None,
         trace_id: None,
+        outcome: None,
+        billable: true,
     }
 }
 

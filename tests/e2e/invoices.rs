@@ -39,6 +39,8 @@ fn fact(tenant: &str, model: &str, at: &str, input: u64, output: u64, key: &str)
         user_id: String::new(),
         cached_input_tokens: 0,
         trace_id: String::new(),
+        latency_ms: -1,
+        outcome: String::new(),
     }
 }
 

@@ -6,6 +6,7 @@
 mod harness;
 
 mod accounts;
+mod analytics;
 mod backpressure;
 mod bad_input;
 mod bench;

@@ -170,6 +170,7 @@ async fn confluent_client_writes_what_sluice_reads_and_back() {
         ("input_tokens", Avro::Long(11)),
         ("output_tokens", Avro::Long(22)),
         ("occurred_at_ms", Avro::TimestampMillis(1_700_000_000_000)),
+        ("billable", Avro::Boolean(true)),
     ];
     let bytes = encoder
         .encode(fields, strategy)
@@ -271,6 +272,8 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
             "user_id",
             "cached_input_tokens",
             "trace_id",
+            "outcome",
+            "billable",
         ],
         Avro::Record(vec![
             ("event_id".into(), Avro::String("e".into())),
@@ -287,6 +290,11 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
     let event: UsageEvent = codec.decode(&framed).await.unwrap();
     assert_eq!((event.output_tokens, event.latency_ms), (2, None));
     assert_eq!((event.key_id, event.trace_id), (None, None));
+    assert!(
+        event.billable,
+        "a call from before `billable` existed was billed"
+    );
+    assert_eq!(event.outcome, None);
 
     // A field with no default cannot be invented: such a record fails to decode (and a stage
     // sends it to the DLQ) rather than being read wrongly.
@@ -310,6 +318,8 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
                 Avro::Union(0, Box::new(Avro::Null)),
             ),
             ("trace_id".into(), Avro::Union(0, Box::new(Avro::Null))),
+            ("outcome".into(), Avro::Union(0, Box::new(Avro::Null))),
+            ("billable".into(), Avro::Boolean(true)),
         ]),
     )
     .await;

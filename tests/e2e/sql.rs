@@ -55,6 +55,8 @@ impl UsageWriter {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
             ..usage_event(format!("{tenant}-{n}"), tenant)
         };
         let bytes = self.codec.encode(&event).unwrap();
@@ -290,6 +292,8 @@ async fn a_pipeline_whose_store_is_down_stops_taking_records_instead_of_holding_
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
             ..usage_event(format!("{tenant}-{i}"), &tenant)
         };
         (tenant.clone(), writer.codec.encode(&event).unwrap())

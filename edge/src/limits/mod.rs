@@ -402,6 +402,11 @@ impl EdgeLimits {
         }
     }
 
+    /// The price book as this edge follows it.
+    pub fn prices(&self) -> Arc<PriceBook> {
+        self.store.prices.get()
+    }
+
     /// Sends the settlements still waiting and hands this edge's shares back (when the edge
     /// stops).
     pub async fn flush(&self) {

@@ -128,6 +128,36 @@ impl Orchestrator {
     }
 }
 
+/// The usage event of `routed`'s model call, begun at `started`: its (input, output, cached)
+/// tokens, why it failed if it did, and whether it is billed.
+fn call_event(
+    routed: &RoutedRequest,
+    ctx: &RecordContext,
+    started: std::time::Instant,
+    (input_tokens, output_tokens, cached_input_tokens): (i64, i64, Option<i64>),
+    outcome: Option<String>,
+    billable: bool,
+) -> UsageEvent {
+    let request = &routed.request;
+    UsageEvent {
+        event_id: UsageEvent::event_id_for(&request.request_id, 0),
+        request_id: request.request_id.clone(),
+        tenant_id: request.tenant_id.clone(),
+        model: routed.decision.model.clone(),
+        provider: routed.decision.provider.clone(),
+        input_tokens,
+        output_tokens,
+        occurred_at_ms: request.received_at_ms,
+        latency_ms: Some(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX)),
+        key_id: request.key_id.clone(),
+        user_id: request.user_id.clone(),
+        cached_input_tokens,
+        trace_id: Some(ctx.trace.trace_id_hex()),
+        outcome,
+        billable,
+    }
+}
+
 #[async_trait]
 impl RecordOperator for Orchestrator {
     type Input = RoutedRequest;
@@ -150,6 +180,22 @@ impl RecordOperator for Orchestrator {
             Ok(events) => events,
             Err(e) => {
                 tracing::warn!(request_id = %request.request_id, error = %e, "model call failed");
+                // Recorded unbilled, for error rates.
+                let usage = call_event(
+                    &routed,
+                    ctx,
+                    call_started,
+                    (0, 0, None),
+                    Some(e.code.clone()),
+                    false,
+                );
+                out.emit_batched(
+                    &self.topics.usage,
+                    None,
+                    request.tenant_id.as_bytes(),
+                    &usage,
+                )
+                .await?;
                 let chunk =
                     ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message);
                 return out
@@ -229,27 +275,18 @@ impl RecordOperator for Orchestrator {
             tracing::info!(model = %decision.model, "upstream reported no usage; billed by Sluice's token counter");
         }
 
-        // Bill what was generated, even when the stream broke part-way.
+        // Bill what was generated, even when the stream broke part-way; a call that failed
+        // before producing anything is recorded unbilled, for error rates.
         let cached_input_tokens = cached.filter(|c| *c > 0).map(|c| c.min(input_tokens));
         let billed = finish.is_some() || output_tokens > 0;
-        if billed {
-            let usage = UsageEvent {
-                event_id: UsageEvent::event_id_for(&request.request_id, 0),
-                request_id: request.request_id.clone(),
-                tenant_id: request.tenant_id.clone(),
-                model: decision.model.clone(),
-                provider: decision.provider.clone(),
-                input_tokens,
-                output_tokens,
-                occurred_at_ms: request.received_at_ms,
-                latency_ms: Some(
-                    i64::try_from(call_started.elapsed().as_millis()).unwrap_or(i64::MAX),
-                ),
-                key_id: request.key_id.clone(),
-                user_id: request.user_id.clone(),
-                cached_input_tokens,
-                trace_id: Some(ctx.trace.trace_id_hex()),
+        {
+            let tokens = if billed {
+                (input_tokens, output_tokens, cached_input_tokens)
+            } else {
+                (0, 0, None)
             };
+            let outcome = failure.as_ref().map(|e| e.code.clone());
+            let usage = call_event(&routed, ctx, call_started, tokens, outcome, billed);
             // Nobody waits on usage: it leaves batched with other requests' usage.
             out.emit_batched(
                 &self.topics.usage,

@@ -133,6 +133,8 @@ fn events(id: &str, options: &WindowOptions) -> impl Iterator<Item = (String, Us
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         };
         (tenant, event)
     })

@@ -4,7 +4,8 @@
 
 use crate::{OutputConfig, PipelineConfig};
 
-/// Per tenant and minute: requests, tokens and cost (micro-dollars, at catalogue prices).
+/// Per tenant and minute: requests, tokens and cost (micro-dollars, at catalogue prices) of
+/// the billable calls.
 pub const TENANT_USAGE_SQL: &str = "\
 SELECT window_start, window_end, u.tenant_id AS tenant_id,
        count(*) AS records,
@@ -14,9 +15,10 @@ SELECT window_start, window_end, u.tenant_id AS tenant_id,
        sum(u.input_tokens * coalesce(m.input_price_micros, 0)
          + u.output_tokens * coalesce(m.output_price_micros, 0)) / 1000000.0 AS cost_micros
 FROM usage u LEFT JOIN models m ON u.model = m.name
+WHERE u.billable
 GROUP BY tumble(interval '1 minute'), u.tenant_id";
 
-/// Per model and minute: latency percentiles of the model calls.
+/// Per model and minute: latency percentiles of the model calls, failed ones included.
 pub const MODEL_LATENCY_SQL: &str = "\
 SELECT window_start, window_end, model,
        count(*) AS records,

@@ -603,6 +603,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         }
     }
 

@@ -438,6 +438,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         }
     }
 
@@ -466,6 +468,8 @@ mod tests {
                 "user_id",
                 "cached_input_tokens",
                 "trace_id",
+                "outcome",
+                "billable",
                 "window_start",
                 "window_end"
             ]
@@ -525,9 +529,15 @@ mod tests {
             .write_value_to_vec(record)
             .unwrap();
         let row: Row<UsageEvent> = sluice_schemas::codec::decode_body(&writer, &body).unwrap();
-        assert_eq!(row.cells.len(), 13);
+        assert_eq!(row.cells.len(), 15);
         assert_eq!(row.cells[2], Cell::Text("t".into()));
         assert_eq!(row.cells[7], Cell::Int(1_000));
         assert_eq!(row.cells[8], Cell::Null);
+        assert_eq!(row.cells[13], Cell::Null, "no outcome: it succeeded");
+        assert_eq!(
+            row.cells[14],
+            Cell::Bool(true),
+            "billable unless said otherwise"
+        );
     }
 }

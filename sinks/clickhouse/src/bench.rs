@@ -124,6 +124,8 @@ fn events(tenant: &str, records: u64) -> impl Iterator<Item = (String, UsageEven
             user_id: None,
             cached_input_tokens: None,
             trace_id: Some(format!("{i:032x}")),
+            outcome: None,
+            billable: true,
         };
         (tenant.clone(), event)
     })

@@ -1,7 +1,8 @@
 //! The metering sink: `sluice.usage` → ClickHouse `usage_events`, batched and exactly once per
 //! `event_id`. Ids already stored are skipped before the insert, and the table is a
 //! `ReplacingMergeTree` keyed by `(tenant_id, event_id)` read through `FINAL`, so even two sink
-//! instances racing on a redelivered batch cannot count an event twice.
+//! instances racing on a redelivered batch cannot count an event twice. Calls that failed
+//! before producing anything (not billable) go to `failed_calls` instead.
 //!
 //! The table, its DDL and its queries belong to the stores (`sluice_stores::clickhouse::usage`);
 //! this crate is the stage that fills it, and its benchmark ([`bench`]).
@@ -14,15 +15,17 @@ use async_trait::async_trait;
 use sluice_pipelines::{runtime::EffectivelyOnce, BatchSink, ProcessError};
 use sluice_schemas::UsageEvent;
 use sluice_stores::{
-    clickhouse::usage::{self, UsageRow},
+    clickhouse::usage::{self, FailedCallRow, UsageRow},
     ClickHouse,
 };
 
-/// Rows of `batch` worth inserting: the first of each event id, minus ids already stored. Pure.
+/// Rows of `batch`'s billable events worth inserting: the first of each event id, minus ids
+/// already stored. Pure.
 pub fn rows_to_insert(batch: &[UsageEvent], already_stored: &HashSet<String>) -> Vec<UsageRow> {
     let mut seen = HashSet::with_capacity(batch.len());
     batch
         .iter()
+        .filter(|e| e.billable)
         .filter(|e| !already_stored.contains(&e.event_id) && seen.insert(e.event_id.as_str()))
         .map(UsageRow::from)
         .collect()
@@ -54,15 +57,26 @@ impl BatchSink for UsageSink {
     type Delivery = EffectivelyOnce;
 
     async fn write(&mut self, batch: &[UsageEvent]) -> Result<usize, ProcessError> {
-        let stored = usage::stored_event_ids(&self.clickhouse, batch)
+        // Failed calls feed no rollup: the table's FINAL reads fold a redelivered one.
+        let failed: Vec<FailedCallRow> = batch
+            .iter()
+            .filter(|e| !e.billable)
+            .map(FailedCallRow::from)
+            .collect();
+        self.clickhouse
+            .insert_rows(usage::FAILED_TABLE, &failed)
             .await
             .map_err(retriable)?;
-        let rows = rows_to_insert(batch, &stored);
+        let billable: Vec<UsageEvent> = batch.iter().filter(|e| e.billable).cloned().collect();
+        let stored = usage::stored_event_ids(&self.clickhouse, &billable)
+            .await
+            .map_err(retriable)?;
+        let rows = rows_to_insert(&billable, &stored);
         self.clickhouse
             .insert_rows(usage::TABLE, &rows)
             .await
             .map_err(retriable)?;
-        Ok(rows.len())
+        Ok(rows.len() + failed.len())
     }
 }
 
@@ -85,6 +99,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         }
     }
 

@@ -1,10 +1,11 @@
 //! ClickHouse, where the facts live: connection settings, the DDL of database `sluice`
 //! ([`schema`]), the one writer every ClickHouse write goes through ([`ClickHouse`]) and the
-//! read queries ([`usage`]).
+//! read queries ([`usage`], [`analytics`]).
 //!
 //! Everything here speaks SQL and formats that both ClickHouse 18.16 (the local stack) and
 //! current releases accept. Credentials travel in headers, never in the URL.
 
+pub mod analytics;
 pub mod schema;
 pub mod usage;
 

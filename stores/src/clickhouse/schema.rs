@@ -23,6 +23,25 @@ const STATEMENTS: &[&str] = &[
     ) ENGINE = ReplacingMergeTree()
     PARTITION BY toYYYYMM(occurred_at)
     ORDER BY (tenant_id, event_id)",
+    // One row per model call that failed before producing anything (nothing billed): the
+    // other half of an error rate. Keyed like the facts; read with FINAL.
+    "CREATE TABLE IF NOT EXISTS {db}.failed_calls (
+        event_id       String,
+        request_id     String,
+        tenant_id      String,
+        model          String,
+        provider       String,
+        occurred_at    DateTime,
+        occurred_at_ms Int64,
+        latency_ms     Int64,
+        outcome        String,
+        key_id         String,
+        user_id        String,
+        trace_id       String,
+        inserted_at    DateTime DEFAULT now()
+    ) ENGINE = ReplacingMergeTree()
+    PARTITION BY toYYYYMM(occurred_at)
+    ORDER BY (tenant_id, event_id)",
     // Streaming SQL results (pipelines/sql): one row per window, group and source partition.
     // A window emitted again (late records, or a restart that re-read its records) has at least
     // as many `records`; ReplacingMergeTree(records) keeps the most complete row, readers use
@@ -63,6 +82,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("usage_events", "user_id", "String DEFAULT ''"),
     ("usage_events", "cached_input_tokens", "UInt64 DEFAULT 0"),
     ("usage_events", "trace_id", "String DEFAULT ''"),
+    // How long the call took (-1: not measured), and why a billed call broke part-way.
+    ("usage_events", "latency_ms", "Int64 DEFAULT -1"),
+    ("usage_events", "outcome", "String DEFAULT ''"),
 ];
 
 /// Rollups of the facts, kept by materialized views as facts are inserted: `(target table,

@@ -12,6 +12,8 @@ use crate::Result;
 
 /// The table.
 pub const TABLE: &str = "usage_events";
+/// Calls that failed before producing anything.
+pub const FAILED_TABLE: &str = "failed_calls";
 
 /// One row of `usage_events`.
 #[derive(Debug, Clone, PartialEq, ::clickhouse::Row, Serialize, Deserialize)]
@@ -35,6 +37,47 @@ pub struct UsageRow {
     pub cached_input_tokens: u64,
     /// The request's W3C trace id (hex; empty when unknown).
     pub trace_id: String,
+    /// How long the model call took (-1: not measured).
+    pub latency_ms: i64,
+    /// Why the call broke part-way (empty: it finished).
+    pub outcome: String,
+}
+
+/// One row of `failed_calls`: a call that failed before producing anything.
+#[derive(Debug, Clone, PartialEq, ::clickhouse::Row, Serialize, Deserialize)]
+pub struct FailedCallRow {
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub model: String,
+    pub provider: String,
+    pub occurred_at: u32,
+    pub occurred_at_ms: i64,
+    pub latency_ms: i64,
+    /// The error code.
+    pub outcome: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub trace_id: String,
+}
+
+impl From<&UsageEvent> for FailedCallRow {
+    fn from(e: &UsageEvent) -> Self {
+        Self {
+            event_id: e.event_id.clone(),
+            request_id: e.request_id.clone(),
+            tenant_id: e.tenant_id.clone(),
+            model: e.model.clone(),
+            provider: e.provider.clone(),
+            occurred_at: u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0),
+            occurred_at_ms: e.occurred_at_ms,
+            latency_ms: e.latency_ms.unwrap_or(-1),
+            outcome: e.outcome.clone().unwrap_or_else(|| "unknown".into()),
+            key_id: e.key_id.clone().unwrap_or_default(),
+            user_id: e.user_id.clone().unwrap_or_default(),
+            trace_id: e.trace_id.clone().unwrap_or_default(),
+        }
+    }
 }
 
 impl From<&UsageEvent> for UsageRow {
@@ -56,6 +99,8 @@ impl From<&UsageEvent> for UsageRow {
                 .and_then(|c| u64::try_from(c).ok())
                 .unwrap_or(0),
             trace_id: e.trace_id.clone().unwrap_or_default(),
+            latency_ms: e.latency_ms.unwrap_or(-1),
+            outcome: e.outcome.clone().unwrap_or_default(),
         }
     }
 }
@@ -460,6 +505,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         };
         let row = UsageRow::from(&event);
         assert_eq!(row.occurred_at, 1_700_000_000);
@@ -485,6 +532,8 @@ mod tests {
             user_id: String::new(),
             cached_input_tokens: 0,
             trace_id: String::new(),
+            latency_ms: -1,
+            outcome: String::new(),
         };
         let rows = [row("r1", 10, 5), row("r2", 20, 1), row("r3", 100, 0)];
         clickhouse.insert_rows("usage_events", &rows).await.unwrap();
@@ -527,6 +576,8 @@ mod tests {
             user_id: None,
             cached_input_tokens: None,
             trace_id: None,
+            outcome: None,
+            billable: true,
         };
         let stored = [event(&a, "1"), event(&b, "2")];
         let rows: Vec<UsageRow> = stored.iter().map(UsageRow::from).collect();

@@ -75,6 +75,8 @@ fn usage(key: &str, seq: u32, at_ms: i64) -> UsageEvent {
         user_id: None,
         cached_input_tokens: None,
         trace_id: None,
+        outcome: None,
+        billable: true,
         ..usage_event(format!("{key}-{seq}"), key)
     }
 }

@@ -35,6 +35,24 @@ async fn call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Sets the tenant's own spend budget through the API.
+async fn set_budget(
+    sluice: &Sluice,
+    token: &str,
+    monthly: &str,
+    alert_percent: u8,
+) -> (u16, Value) {
+    let body = json!({"monthly": monthly, "alert_percent": alert_percent});
+    call(
+        sluice,
+        reqwest::Method::PUT,
+        "/budgets/tenant",
+        token,
+        Some(body),
+    )
+    .await
+}
+
 fn priced(text: &str) -> Value {
     json!({"model": "sim-small", "max_tokens": 20, "messages": [{"role": "user", "content": text}]})
 }
@@ -102,14 +120,7 @@ async fn budget_events_reach_the_endpoint_once_per_crossing_signed_and_retried()
     assert_eq!(status, 404);
 
     // A budget of 30 micro-units alerting at half: requests until it refuses, and a few more.
-    let (status, body) = call(
-        &sluice,
-        reqwest::Method::PUT,
-        "/budgets/tenant",
-        &token,
-        Some(json!({"monthly": "0.00003", "alert_percent": 50})),
-    )
-    .await;
+    let (status, body) = set_budget(&sluice, &token, "0.00003", 50).await;
     assert_eq!(status, 200, "{body}");
     let (_, key) = create_key(&sluice, &token, "spender").await;
     // The first alert delivery fails twice, then goes through on the third attempt.
@@ -220,14 +231,7 @@ async fn budget_events_reach_the_endpoint_once_per_crossing_signed_and_retried()
     let new_secret = rotated["secret"].as_str().unwrap().to_owned();
     assert_ne!(new_secret, secret);
     receiver.fail_next("*", usize::MAX);
-    let (status, body) = call(
-        &sluice,
-        reqwest::Method::PUT,
-        "/budgets/tenant",
-        &token,
-        Some(json!({"monthly": "0.00004", "alert_percent": 10})),
-    )
-    .await;
+    let (status, body) = set_budget(&sluice, &token, "0.00004", 10).await;
     assert_eq!(status, 200, "{body}");
     // A new budget is a new crossing: it alerts again, to an endpoint that fails every time.
     eventually(10, "the new budget to be in force", || async {
@@ -302,14 +306,7 @@ async fn a_delivery_waiting_for_its_retry_survives_a_crash() {
     .await;
     assert_eq!(status, 201, "{endpoint}");
     let secret = endpoint["secret"].as_str().unwrap().to_owned();
-    let (status, _) = call(
-        &sluice,
-        reqwest::Method::PUT,
-        "/budgets/tenant",
-        &token,
-        Some(json!({"monthly": "0.001", "alert_percent": 1})),
-    )
-    .await;
+    let (status, _) = set_budget(&sluice, &token, "0.001", 1).await;
     assert_eq!(status, 200);
     let (_, key) = create_key(&sluice, &token, "spender").await;
     receiver.fail_next("*", 1);

@@ -158,6 +158,15 @@ fn call_event(
     }
 }
 
+impl Orchestrator {
+    /// Puts `usage` on `sluice.usage`, keyed by tenant. Nobody waits on usage: it leaves
+    /// batched with other requests' usage.
+    async fn emit_usage(&self, out: &mut Emitter, usage: &UsageEvent) -> Result<(), ProcessError> {
+        out.emit_batched(&self.topics.usage, None, usage.tenant_id.as_bytes(), usage)
+            .await
+    }
+}
+
 #[async_trait]
 impl RecordOperator for Orchestrator {
     type Input = RoutedRequest;
@@ -189,13 +198,7 @@ impl RecordOperator for Orchestrator {
                     Some(e.code.clone()),
                     false,
                 );
-                out.emit_batched(
-                    &self.topics.usage,
-                    None,
-                    request.tenant_id.as_bytes(),
-                    &usage,
-                )
-                .await?;
+                self.emit_usage(out, &usage).await?;
                 let chunk =
                     ReplyChunk::error(request, &decision.model, seq, e.status, &e.code, e.message);
                 return out
@@ -287,14 +290,7 @@ impl RecordOperator for Orchestrator {
             };
             let outcome = failure.as_ref().map(|e| e.code.clone());
             let usage = call_event(&routed, ctx, call_started, tokens, outcome, billed);
-            // Nobody waits on usage: it leaves batched with other requests' usage.
-            out.emit_batched(
-                &self.topics.usage,
-                None,
-                request.tenant_id.as_bytes(),
-                &usage,
-            )
-            .await?;
+            self.emit_usage(out, &usage).await?;
         }
 
         let last = match failure {

@@ -63,19 +63,20 @@ pub struct FailedCallRow {
 
 impl From<&UsageEvent> for FailedCallRow {
     fn from(e: &UsageEvent) -> Self {
+        let row = UsageRow::from(e);
         Self {
-            event_id: e.event_id.clone(),
-            request_id: e.request_id.clone(),
-            tenant_id: e.tenant_id.clone(),
-            model: e.model.clone(),
-            provider: e.provider.clone(),
-            occurred_at: u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0),
-            occurred_at_ms: e.occurred_at_ms,
-            latency_ms: e.latency_ms.unwrap_or(-1),
+            event_id: row.event_id,
+            request_id: row.request_id,
+            tenant_id: row.tenant_id,
+            model: row.model,
+            provider: row.provider,
+            occurred_at: row.occurred_at,
+            occurred_at_ms: row.occurred_at_ms,
+            latency_ms: row.latency_ms,
             outcome: e.outcome.clone().unwrap_or_else(|| "unknown".into()),
-            key_id: e.key_id.clone().unwrap_or_default(),
-            user_id: e.user_id.clone().unwrap_or_default(),
-            trace_id: e.trace_id.clone().unwrap_or_default(),
+            key_id: row.key_id,
+            user_id: row.user_id,
+            trace_id: row.trace_id,
         }
     }
 }

@@ -33,6 +33,10 @@ pub enum Error {
     /// The stores are not as Sluice expects them.
     #[error("{0}")]
     Corrupt(String),
+    /// A store could not be reached, or failed a request (a query sent outside a typed
+    /// client): it may pass.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Result with the stores' [`Error`].
@@ -44,6 +48,7 @@ impl Error {
         match self {
             Error::Invalid(_) | Error::NotFound(_) => Fault::Caller,
             Error::Corrupt(_) => Fault::Bug,
+            Error::Unavailable(_) => Fault::External,
             Error::Postgres(e) => postgres_fault(e),
             Error::ClickHouse(e) => clickhouse_fault(e),
             Error::Redis(e) => redis_fault(e),

@@ -106,54 +106,54 @@ impl From<&UsageEvent> for UsageRow {
     }
 }
 
-/// Which of `events`' ids are already stored. Each query names one tenant, the leading column
-/// of the table's sort key, so it reads that tenant's index range, not the table.
+/// Which of `events`' ids are already stored: one query for the whole batch, the ids sent as
+/// a table beside it (parsing them as literals in the query cost ClickHouse 18.16 about 7 µs an
+/// id, and bounded the query's size); `(tenant_id, event_id)` is the table's sort key, so the
+/// lookup reads only the index granules that can hold the ids asked about.
 pub async fn stored_event_ids(
     clickhouse: &ClickHouse,
     events: &[UsageEvent],
 ) -> Result<HashSet<String>> {
-    let mut stored = HashSet::new();
-    // One query per chunk of the batch, whatever its tenants: a round trip per tenant made a
-    // batch of many tenants' events wait for as many queries. The ids go as arrays (an `IN`
-    // list of literals costs the server far more to parse), and bounded chunks keep each
-    // query under the server's size limit.
-    for chunk in events.chunks(STORED_CHECK_CHUNK) {
-        let wanted: HashSet<(&str, &str)> = chunk
-            .iter()
-            .map(|e| (e.tenant_id.as_str(), e.event_id.as_str()))
-            .collect();
-        let mut tenants: Vec<&str> = wanted.iter().map(|(t, _)| *t).collect();
-        tenants.sort_unstable();
-        tenants.dedup();
-        let ids: Vec<&str> = wanted.iter().map(|(_, e)| *e).collect();
-        let found = clickhouse
-            .client()
-            .query(&format!(
-                "SELECT ?fields FROM {TABLE} \
-                  WHERE tenant_id IN (SELECT arrayJoin(?)) AND event_id IN (SELECT arrayJoin(?))"
-            ))
-            .bind(&tenants)
-            .bind(&ids)
-            .fetch_all::<StoredId>()
-            .await?;
-        stored.extend(
-            found
-                .into_iter()
-                .filter(|f| wanted.contains(&(f.tenant_id.as_str(), f.event_id.as_str())))
-                .map(|f| f.event_id),
-        );
+    if events.is_empty() {
+        return Ok(HashSet::new());
     }
-    Ok(stored)
+    let asked: HashSet<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.tenant_id.as_str(), e.event_id.as_str()))
+        .collect();
+    let found: Vec<StoredId> = clickhouse
+        .query_with_table(
+            &format!(
+                "SELECT tenant_id, event_id FROM {TABLE} \
+                  WHERE (tenant_id, event_id) IN (SELECT tenant_id, event_id FROM asked) \
+                  FORMAT JSONEachRow"
+            ),
+            ("asked", "tenant_id String, event_id String"),
+            asked.iter().map(|(tenant_id, event_id)| StoredIdRef {
+                tenant_id,
+                event_id,
+            }),
+        )
+        .await?;
+    Ok(found
+        .into_iter()
+        .filter(|f| asked.contains(&(f.tenant_id.as_str(), f.event_id.as_str())))
+        .map(|f| f.event_id)
+        .collect())
 }
 
-/// Events checked in one query by [`stored_event_ids`].
-const STORED_CHECK_CHUNK: usize = 2000;
-
 /// An event already in the table.
-#[derive(Debug, ::clickhouse::Row, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct StoredId {
     tenant_id: String,
     event_id: String,
+}
+
+/// An event asked about.
+#[derive(Debug, Serialize)]
+struct StoredIdRef<'a> {
+    tenant_id: &'a str,
+    event_id: &'a str,
 }
 
 /// Usage of one model over a time range.
@@ -513,6 +513,51 @@ mod tests {
         assert_eq!(row.occurred_at, 1_700_000_000);
         assert_eq!(row.occurred_at_ms, 1_700_000_000_123);
         assert_eq!((row.input_tokens, row.output_tokens), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn stored_ids_are_found_whatever_characters_they_hold_and_only_for_their_tenant() {
+        let clickhouse = local_clickhouse();
+        let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let event = |id: &str, tenant: &str| UsageEvent {
+            event_id: id.into(),
+            request_id: "r".into(),
+            tenant_id: tenant.into(),
+            model: "sim-small".into(),
+            provider: "sim".into(),
+            input_tokens: 1,
+            output_tokens: 1,
+            occurred_at_ms: 1_796_572_800_000,
+            latency_ms: None,
+            key_id: None,
+            user_id: None,
+            cached_input_tokens: None,
+            trace_id: None,
+            outcome: None,
+            billable: true,
+        };
+        // Ids a producer could put on the topic: quotes, tabs, newlines, backslashes, unicode.
+        let odd = ["plain:0", "quote' \" :0", "tab\tnew\nline\\:0", "ünï:0"];
+        let stored: Vec<UsageRow> = odd
+            .iter()
+            .map(|id| UsageRow::from(&event(id, &tenant)))
+            .collect();
+        clickhouse.insert_rows(TABLE, &stored).await.unwrap();
+        let other = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let mut asked: Vec<UsageEvent> = odd.iter().map(|id| event(id, &tenant)).collect();
+        asked.push(event("absent:0", &tenant));
+        asked.push(event("plain:0", &other));
+        let found = stored_event_ids(&clickhouse, &asked).await.unwrap();
+        let mut found: Vec<&str> = found.iter().map(String::as_str).collect();
+        found.sort_unstable();
+        let mut expected = odd.to_vec();
+        expected.sort_unstable();
+        assert_eq!(found, expected);
+        let none = stored_event_ids(&clickhouse, &[event("plain:0", &other)])
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "another tenant's id is not this one's");
+        assert!(stored_event_ids(&clickhouse, &[]).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -49,8 +49,11 @@ pub trait BatchSink: Send + 'static {
 pub struct SinkSpec {
     /// Its name, group, input and DLQ.
     pub wiring: Wiring,
-    /// Largest batch written at once.
+    /// Largest batch written at once, in records.
     pub max_batch: usize,
+    /// Largest batch written at once, in bytes of the records as they came (keys and
+    /// payloads): with the prefetch, this bounds the sink's memory whatever the records' size.
+    pub max_batch_bytes: usize,
     /// Longest a record waits for its batch to fill.
     pub linger: Duration,
     /// Most the consumer fetches ahead of the sink (KiB), so a stalled store bounds memory.
@@ -58,11 +61,12 @@ pub struct SinkSpec {
 }
 
 impl SinkSpec {
-    /// A spec with the defaults: batches of up to 1000 records or 200 ms.
+    /// A spec with the defaults: batches of up to 1000 records, 8 MiB or 200 ms.
     pub fn new(wiring: Wiring) -> Self {
         Self {
             wiring,
             max_batch: 1000,
+            max_batch_bytes: 8 << 20,
             linger: Duration::from_millis(200),
             max_prefetch_kib: kafka::PREFETCH_KIB,
         }
@@ -96,9 +100,10 @@ pub async fn run_sink<S: BatchSink>(
     let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
     let mut stopping = false;
     while !stopping {
-        let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch);
+        let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch.min(4096));
+        let mut bytes = 0usize;
         let mut deadline: Option<tokio::time::Instant> = None;
-        while messages.len() < spec.max_batch {
+        while messages.len() < spec.max_batch && bytes < spec.max_batch_bytes {
             let wait = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -110,6 +115,7 @@ pub async fn run_sink<S: BatchSink>(
                 _ = wait => break,
                 received = hold_back.recv(&source.consumer) => match received {
                     Ok(m) => {
+                        bytes += m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
                         messages.push(m);
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
                     }

@@ -165,6 +165,7 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 records,
                 rounds,
                 max_batch: config.stages.metering_max_batch,
+                max_batch_bytes: config.stages.metering_max_batch_bytes,
                 client: sluice_clickhouse_sink::bench::ClientOptions {
                     program: "clickhouse-client".into(),
                     host,

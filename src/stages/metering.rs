@@ -13,6 +13,7 @@ pub fn build(config: &Config) -> Runnable {
     let sink = UsageSink::new(ClickHouse::new(&config.clickhouse));
     let mut spec = SinkSpec::new(config.kafka.wiring("metering", &topics.usage));
     spec.max_batch = config.stages.metering_max_batch;
+    spec.max_batch_bytes = config.stages.metering_max_batch_bytes;
     spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
     // Billing: the type refuses a sink whose writes are not idempotent.
     Runnable::effectively_once_sink(sink, spec)

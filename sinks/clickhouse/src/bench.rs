@@ -32,6 +32,8 @@ pub struct SinkOptions {
     pub rounds: usize,
     /// The sink's largest batch (as `stages.metering_max_batch`).
     pub max_batch: usize,
+    /// The sink's largest batch in bytes (as `stages.metering_max_batch_bytes`).
+    pub max_batch_bytes: usize,
     /// How to reach ClickHouse's native port with `clickhouse-client`.
     pub client: ClientOptions,
 }
@@ -216,6 +218,7 @@ async fn through_sink(
         .with_label_values(&[&wiring.name]);
     let mut spec = SinkSpec::new(wiring);
     spec.max_batch = options.max_batch.max(1);
+    spec.max_batch_bytes = options.max_batch_bytes.max(1);
     let stage = StageUnderTest::start(
         "sink",
         kafka,

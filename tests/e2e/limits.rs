@@ -870,6 +870,24 @@ async fn a_keys_spend_budget_is_its_own_and_only_its_tenants_admins_see_or_chang
     assert_eq!(report["currency"], "USD");
     let (status, _) = send(reqwest::Method::DELETE, &key_path, &token, None).await;
     assert_eq!(status, 200);
+    let (_, audit) = get_json(&sluice.v1("/audit"), &token).await;
+    let budget_actions: Vec<(&str, &str)> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap_or("").starts_with("budget."))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["target"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        budget_actions.contains(&("budget.set", capped_id.as_str()))
+            && budget_actions.contains(&("budget.remove", capped_id.as_str())),
+        "{audit}"
+    );
     eventually(10, "the key to be free again", || async {
         let (status, _, _) = post_chat(&sluice.url, &capped, &priced(2, "free again")).await;
         (status == 200).then_some(())

@@ -217,6 +217,14 @@ async fn budget_events_reach_the_endpoint_once_per_crossing_signed_and_retried()
     assert_eq!(theirs["data"], json!([]));
     let (status, _) = call(&sluice, reqwest::Method::GET, "/webhooks", &key, None).await;
     assert_eq!(status, 403, "an API key is no admin");
+    let (_, audit) = get_json(&sluice.v1("/audit"), &token).await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"webhook.create"), "{audit}");
 
     // A rotated secret signs what comes next; an endpoint that never answers ends failed.
     let (status, rotated) = call(

@@ -127,6 +127,10 @@ struct PendingSettles {
     sending: tokio::sync::Mutex<()>,
 }
 
+/// The retry the counters' script gives a budget whose room is held in other edges' shares
+/// (it comes back within moments), as against a spent one (at the month's end).
+const SHARE_RETRY_MS: u64 = 1000;
+
 /// Settlements sent in one call at most: the script holds Redis while it runs.
 const SETTLE_BATCH: usize = 64;
 
@@ -514,7 +518,10 @@ impl EdgeLimits {
                     .with_label_values(&[kind_label(counter.kind)])
                     .inc();
                 let currency = self.store.prices.get().currency;
-                if counter.kind == Kind::MonthlySpend && retry_after_ms.is_some() {
+                // Spent, not merely held for a moment in other edges' shares (those refusals
+                // say to retry in a second).
+                let spent = retry_after_ms.is_some_and(|ms| ms > SHARE_RETRY_MS);
+                if counter.kind == Kind::MonthlySpend && spent {
                     self.tell_of_budget(grant, counter, &month, None);
                 }
                 Err(refusal(counter, retry_after_ms, amounts, currency.code()))

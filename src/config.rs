@@ -255,6 +255,7 @@ impl Config {
         if self.stages.router_max_in_flight == 0
             || self.stages.orchestrator_max_in_flight == 0
             || self.stages.metering_max_batch == 0
+            || self.stages.metering_max_batch_bytes == 0
         {
             problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());
         }

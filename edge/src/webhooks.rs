@@ -95,7 +95,8 @@ pub async fn create(
             let (endpoint, secret) = webhooks::create(tx, tenant, &new)
                 .await
                 .map_err(|e| store_error("adding a webhook", e))?;
-            let detail = json!({ "url": endpoint.url, "events": endpoint.events });
+            let detail =
+                json!({ "url": without_secrets(&endpoint.url), "events": endpoint.events });
             Ok((
                 (endpoint.clone(), secret),
                 Some(endpoint.id.to_string()),
@@ -215,6 +216,21 @@ pub async fn deliveries(
     Ok(Json(json!({ "object": "list", "data": found })))
 }
 
+/// `url` with no user, password or query (they may carry credentials): what the audit log
+/// keeps.
+fn without_secrets(url: &str) -> String {
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return String::new();
+    };
+    let port = uri.port_u16().map_or_else(String::new, |p| format!(":{p}"));
+    format!(
+        "{}://{}{port}{}",
+        uri.scheme_str().unwrap_or("https"),
+        uri.host().unwrap_or(""),
+        uri.path()
+    )
+}
+
 fn endpoint_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|_| ApiError::invalid("The endpoint id is not a UUID.").with_param("id"))
@@ -226,4 +242,21 @@ fn not_found() -> ApiError {
         "not_found",
         "There is no such webhook endpoint.",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_log_keeps_no_credentials_of_a_url() {
+        assert_eq!(
+            without_secrets("https://user:pass@hooks.example.com:8443/in?token=s3cret"),
+            "https://hooks.example.com:8443/in"
+        );
+        assert_eq!(
+            without_secrets("http://hooks.example.com/in"),
+            "http://hooks.example.com/in"
+        );
+    }
 }

@@ -1,8 +1,10 @@
 //! Monthly spend budgets (`spend_budgets`): a tenant's own and any of its keys', in micro-units
 //! of the billing currency, with the share at which a budget alerts. The edge enforces them
 //! (see `sluice_stores::limits`, kind `MonthlySpend`) and seeds each month's counter with
-//! [`spent`]: the month's usage so far, priced by the price book exactly as an invoice prices
-//! it. A plan's base fee is not spend.
+//! [`spent`]: the month's usage so far, priced by the version in force when it happened (as
+//! invoices price it) and rounded up once; the edge then counts each request at the price in
+//! force when it settles, rounded up per request, so a counter may run a little above the exact
+//! spend, never below. A plan's base fee is not spend.
 
 use serde::Serialize;
 use sqlx::{types::Uuid, PgConnection, Row};
@@ -96,10 +98,13 @@ pub async fn set(
             return Err(Error::NotFound(format!("no key {key}")));
         }
     }
-    remove(&mut *conn, tenant_id, key_id).await?;
+    // One statement: two admins setting the same budget at once both succeed, the last wins.
     sqlx::query(
         "INSERT INTO spend_budgets (tenant_id, key_id, monthly_micros, alert_percent)
-         VALUES ($1, $2, $3, $4)",
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, coalesce(key_id, '00000000-0000-0000-0000-000000000000'::uuid))
+         DO UPDATE SET monthly_micros = EXCLUDED.monthly_micros,
+                       alert_percent = EXCLUDED.alert_percent, updated_at = now()",
     )
     .bind(tenant_id)
     .bind(key_id)

@@ -304,10 +304,13 @@ pub async fn tenant_plan(app: &PgPool, tenant_id: Uuid) -> Result<Option<TenantT
     )
     .fetch_optional(&mut *tx)
     .await?;
-    let budget =
-        sqlx::query("SELECT monthly_micros, alert_percent FROM spend_budgets WHERE key_id IS NULL")
-            .fetch_optional(&mut *tx)
-            .await?;
+    let budget = sqlx::query(
+        "SELECT monthly_micros, alert_percent FROM spend_budgets
+          WHERE tenant_id = $1 AND key_id IS NULL",
+    )
+    .bind(tenant_id)
+    .fetch_optional(&mut *tx)
+    .await?;
     tx.commit().await?;
     let plan = match row {
         Some(row) => Some((row.try_get(5)?, limits_from_row(&row, 0)?)),

@@ -330,7 +330,7 @@ pub async fn claim(
            FROM webhook_endpoints e
           WHERE d.tenant_id = $1 AND d.id = $2 AND d.state = 'pending'
             AND d.next_attempt_at <= now() AND e.id = d.endpoint_id
-         RETURNING d.event_type, e.url, e.secret, d.body, d.attempts, e.enabled",
+         RETURNING d.event_type, e.url, e.secret, d.body, d.attempts",
     )
     .bind(tenant_id)
     .bind(id)
@@ -365,11 +365,13 @@ pub enum Outcome {
     },
 }
 
-/// Records an attempt's outcome.
+/// Records the outcome of the attempt made after `attempts_before` others, unless the delivery
+/// has moved on meanwhile (another process took it once this one's lease ended, or it is no
+/// longer pending): a late answer never overwrites a newer one.
 pub async fn record_attempt(
     conn: &mut PgConnection,
     tenant_id: Uuid,
-    id: Uuid,
+    (id, attempts_before): (Uuid, i32),
     outcome: &Outcome,
 ) -> Result<()> {
     let query = match outcome {
@@ -377,11 +379,12 @@ pub async fn record_attempt(
             "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,
                     last_status = $3, last_error = NULL, next_attempt_at = NULL,
                     delivered_at = now()
-              WHERE tenant_id = $1 AND id = $2",
+              WHERE tenant_id = $1 AND id = $2 AND state = 'pending' AND attempts = $4",
         )
         .bind(tenant_id)
         .bind(id)
-        .bind(i32::from(*status)),
+        .bind(i32::from(*status))
+        .bind(attempts_before),
         Outcome::Failed {
             status,
             error,
@@ -392,13 +395,14 @@ pub async fn record_attempt(
                     state = CASE WHEN $5::bigint IS NULL THEN 'failed' ELSE 'pending' END,
                     next_attempt_at = CASE WHEN $5::bigint IS NULL THEN NULL
                         ELSE now() + make_interval(secs => $5::bigint / 1000.0) END
-              WHERE tenant_id = $1 AND id = $2",
+              WHERE tenant_id = $1 AND id = $2 AND state = 'pending' AND attempts = $6",
         )
         .bind(tenant_id)
         .bind(id)
         .bind(status.map(i32::from))
         .bind(error)
-        .bind(retry_in_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX))),
+        .bind(retry_in_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)))
+        .bind(attempts_before),
     };
     query.execute(&mut *conn).await?;
     Ok(())

@@ -280,6 +280,9 @@ pub enum Verdict {
     Refused {
         counter: Counter,
         retry_after_ms: Option<u64>,
+        /// The counter is a budget used up to its limit (not merely short of room for this
+        /// demand's estimate, or held for a moment in other edges' shares).
+        spent: bool,
     },
     /// The month's budget counter is not in Redis (a new month, or Redis lost it): it must be
     /// seeded with what was already used ([`Limiter::seed_month`]) before admitting.
@@ -291,7 +294,7 @@ pub enum Verdict {
 /// KEYS[i]: counter i. ARGV: request id, lease ms, month end ms, the edge's share holder, share
 /// lapse ms, then per counter its kind, limit, cost, want, share (-1: this request alone),
 /// tokens in flight and units handed over. Answers {1, remaining, reset, granted, ...} or
-/// {0, i, retry ms (-1: never)} or {2, i}.
+/// {0, i, retry ms (-1: never), 1 if a budget is spent to its limit} or {2, i}.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -365,8 +368,10 @@ for i = 1, #KEYS do
     used = tonumber(used) + math.max(give, 0)
     if cost > 0 and used + held + math.max(share, 0) + cost > limit then
       -- Room held in other edges' shares comes back within moments; spent room at month's end.
-      if used + cost <= limit then return {0, i, 1000} end
-      return {0, i, math.max(1, month_end - now)}
+      if used + cost <= limit then return {0, i, 1000, 0} end
+      local spent = 0
+      if used >= limit then spent = 1 end
+      return {0, i, math.max(1, month_end - now), spent}
     end
     room = limit - used - held - math.max(share, 0) - cost
   end
@@ -597,6 +602,7 @@ impl Limiter {
             Some(0) => Ok(Verdict::Refused {
                 counter: counter_at(answer.get(1))?,
                 retry_after_ms: answer.get(2).and_then(|ms| u64::try_from(*ms).ok()),
+                spent: answer.get(3) == Some(&1),
             }),
             Some(2) => Ok(Verdict::Unseeded(counter_at(answer.get(1))?)),
             _ => Err(Error::Corrupt(format!("limit script answered {answer:?}"))),
@@ -830,6 +836,7 @@ mod tests {
         let Ok(Verdict::Refused {
             counter,
             retry_after_ms: Some(ms),
+            spent: false,
         }) = limiter.admit(&fourth).await
         else {
             panic!("out of requests");
@@ -1013,6 +1020,7 @@ mod tests {
                     .await,
                 Ok(Verdict::Refused {
                     retry_after_ms: Some(1000),
+                    spent: false,
                     ..
                 })
             ),

@@ -172,6 +172,10 @@ async fn budget_events_reach_the_endpoint_once_per_crossing_signed_and_retried()
     .await;
     verify_signature(&exceeded[0], &secret);
     assert_eq!(exceeded[0].json()["data"]["currency"], "USD");
+    assert!(
+        exceeded[0].json()["data"]["exhausted"].is_boolean(),
+        "whether the budget is used up, or what is left cannot cover a request"
+    );
     // More requests past the alert and over the budget tell nothing new.
     for i in 0..3 {
         chat(&sluice, &key, priced(&format!("again {i}"))).await;

@@ -128,8 +128,18 @@ struct PendingSettles {
 }
 
 /// The retry the counters' script gives a budget whose room is held in other edges' shares
-/// (it comes back within moments), as against a spent one (at the month's end).
+/// (it comes back within moments), as against one refused for the month.
 const SHARE_RETRY_MS: u64 = 1000;
+
+/// What a spend budget is telling of.
+#[derive(Debug, Clone, Copy)]
+enum Budgeted {
+    /// The month's spend, with reservations in flight, reached the alert.
+    Alerting { spent_micros: u64 },
+    /// A request was refused for the rest of the month; `spent`: the budget is used up to its
+    /// limit (otherwise what is left cannot cover the request).
+    Refused { spent: bool },
+}
 
 /// Settlements sent in one call at most: the script holds Redis while it runs.
 const SETTLE_BATCH: usize = 64;
@@ -513,18 +523,24 @@ impl EdgeLimits {
             Ok(Verdict::Refused {
                 counter,
                 retry_after_ms,
+                spent,
             }) => {
                 self.refusals
                     .with_label_values(&[kind_label(counter.kind)])
                     .inc();
                 let currency = self.store.prices.get().currency;
-                // Spent, not merely held for a moment in other edges' shares (those refusals
-                // say to retry in a second).
-                let spent = retry_after_ms.is_some_and(|ms| ms > SHARE_RETRY_MS);
-                if counter.kind == Kind::MonthlySpend && spent {
-                    self.tell_of_budget(grant, counter, &month, None);
+                // Refused for the rest of the month, not for a moment while other edges hold
+                // room in their shares (those refusals say to retry in a second).
+                let for_the_month = retry_after_ms.is_some_and(|ms| ms > SHARE_RETRY_MS);
+                if counter.kind == Kind::MonthlySpend && for_the_month {
+                    self.tell_of_budget(grant, counter, &month, Budgeted::Refused { spent });
                 }
-                Err(refusal(counter, retry_after_ms, amounts, currency.code()))
+                Err(refusal(
+                    counter,
+                    (retry_after_ms, spent),
+                    amounts,
+                    currency.code(),
+                ))
             }
             Ok(Verdict::Unseeded(_)) => self.store_down(sluice_stores::Error::Corrupt(
                 "the month's budget counter is missing right after it was seeded".into(),
@@ -542,21 +558,17 @@ impl EdgeLimits {
             }
             let spent = counter.limit.saturating_sub(standing.remaining);
             if budget_of(grant, counter).is_some_and(|b| b.alerting(spent)) {
-                self.tell_of_budget(grant, counter, &admission.month, Some(spent));
+                let alerting = Budgeted::Alerting {
+                    spent_micros: spent,
+                };
+                self.tell_of_budget(grant, counter, &admission.month, alerting);
             }
         }
         admission
     }
 
-    /// Tells the tenant that its spend budget `counter` reached its alert with `spent` (and
-    /// reservations in flight), or (`None`) refused a request.
-    fn tell_of_budget(
-        &self,
-        grant: &KeyGrant,
-        counter: Counter,
-        month: &Month,
-        spent: Option<u64>,
-    ) {
+    /// Tells the tenant what its spend budget `counter` came to.
+    fn tell_of_budget(&self, grant: &KeyGrant, counter: Counter, month: &Month, what: Budgeted) {
         let Some(budget) = budget_of(grant, counter) else {
             return;
         };
@@ -575,9 +587,9 @@ impl EdgeLimits {
             "alert_percent": budget.alert_percent,
         });
         let tenant = grant.tenant_id;
-        let (kind, event_id) = match spent {
-            Some(spent) => {
-                data["spent"] = money(spent).into();
+        let (kind, event_id) = match what {
+            Budgeted::Alerting { spent_micros } => {
+                data["spent"] = money(spent_micros).into();
                 let percent = budget.alert_percent.unwrap_or(100);
                 (
                     "usage.threshold_reached",
@@ -587,13 +599,16 @@ impl EdgeLimits {
                     ),
                 )
             }
-            None => (
-                "budget.exceeded",
-                format!(
-                    "budget.exceeded:{tenant}:{holder}:{}:{}",
-                    month.label, budget.monthly_micros
-                ),
-            ),
+            Budgeted::Refused { spent } => {
+                data["exhausted"] = spent.into();
+                (
+                    "budget.exceeded",
+                    format!(
+                        "budget.exceeded:{tenant}:{holder}:{}:{}",
+                        month.label, budget.monthly_micros
+                    ),
+                )
+            }
         };
         self.notifier.notify(tenant, event_id, kind, &data);
     }
@@ -630,9 +645,15 @@ impl EdgeLimits {
             Ok(Verdict::Refused {
                 counter,
                 retry_after_ms,
+                ..
             }) => {
                 self.refusals.with_label_values(&["login_attempts"]).inc();
-                Err(refusal(counter, retry_after_ms, Amounts::default(), ""))
+                Err(refusal(
+                    counter,
+                    (retry_after_ms, false),
+                    Amounts::default(),
+                    "",
+                ))
             }
             Ok(_) => Ok(()),
             Err(error) => {
@@ -681,10 +702,11 @@ fn kind_label(kind: Kind) -> &'static str {
     }
 }
 
-/// The 429 for a demand of `amounts` that `counter` has no room for (money in `currency`).
+/// The 429 for a demand of `amounts` that `counter` has no room for (money in `currency`):
+/// when it will have room (`None`: never), and whether it is a budget spent to its limit.
 fn refusal(
     counter: Counter,
-    retry_after_ms: Option<u64>,
+    (retry_after_ms, spent): (Option<u64>, bool),
     amounts: Amounts,
     currency: &str,
 ) -> ApiError {
@@ -696,6 +718,7 @@ fn refusal(
         )
     };
     let whose = match counter.holder {
+        Holder::Tenant if counter.kind == Kind::MonthlySpend => "your organization",
         Holder::Tenant => "your organization's plan",
         Holder::Key(_) => "this API key",
         Holder::Address => "your network address",
@@ -722,6 +745,16 @@ fn refusal(
             "Too many concurrent requests: {whose} allows {} at once.",
             counter.limit
         ),
+        (Kind::MonthlyTokens | Kind::MonthlySpend, Some(_)) if !spent => {
+            let what = if counter.kind == Kind::MonthlyTokens {
+                format!("token budget of {}", counter.limit)
+            } else {
+                format!("spend budget of {}", money(counter.limit))
+            };
+            format!(
+                "This request may use more than is left of the monthly {what} set for {whose} (some of it held by requests in flight): retry shortly, or lower max_tokens or the prompt."
+            )
+        }
         (Kind::MonthlyTokens, _) => format!(
             "You exceeded your monthly token budget of {}: it renews at the start of next month (UTC).",
             counter.limit
@@ -732,7 +765,7 @@ fn refusal(
             money(counter.limit)
         ),
         (Kind::MonthlySpend, _) => format!(
-            "You exceeded {whose} monthly spend budget of {}: it renews at the start of next month (UTC), or an admin can raise it.",
+            "You exceeded the monthly spend budget of {} set for {whose}: it renews at the start of next month (UTC), or an admin can raise it.",
             money(counter.limit)
         ),
     };
@@ -1027,7 +1060,7 @@ mod tests {
             kind: Kind::RequestsPerMinute,
             limit: 60,
         };
-        let error = refusal(counter, Some(1200), Amounts::tokens(10), "USD");
+        let error = refusal(counter, (Some(1200), false), Amounts::tokens(10), "USD");
         assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(error.retry_after_secs, Some(2));
         assert_eq!(error.kind(), "rate_limit_error");
@@ -1044,10 +1077,30 @@ mod tests {
             ..counter
         };
         assert_eq!(
-            refusal(budget, Some(5), Amounts::tokens(10), "USD")
+            refusal(budget, (Some(5), true), Amounts::tokens(10), "USD")
                 .code
                 .as_deref(),
             Some("insufficient_quota")
+        );
+        // A spend budget that cannot cover this request is not one that is spent.
+        let spend = Counter {
+            kind: Kind::MonthlySpend,
+            limit: 5_000_000,
+            ..counter
+        };
+        let short = refusal(spend, (Some(86_400_000), false), Amounts::tokens(10), "USD");
+        assert!(
+            short.message.contains("more than is left"),
+            "{}",
+            short.message
+        );
+        let spent = refusal(spend, (Some(86_400_000), true), Amounts::tokens(10), "USD");
+        assert!(
+            spent
+                .message
+                .contains("exceeded the monthly spend budget of 5.00 USD"),
+            "{}",
+            spent.message
         );
     }
 }

@@ -115,7 +115,7 @@ impl Default for StagesConfig {
             router_max_in_flight: 1024,
             orchestrator_max_in_flight: 4096,
             metering_max_batch: 50_000,
-            metering_max_batch_bytes: 8 << 20,
+            metering_max_batch_bytes: 4 << 20,
             metering_linger_ms: 200,
         }
     }

@@ -515,13 +515,11 @@ mod tests {
         assert_eq!((row.input_tokens, row.output_tokens), (3, 0));
     }
 
-    #[tokio::test]
-    async fn stored_ids_are_found_whatever_characters_they_hold_and_only_for_their_tenant() {
-        let clickhouse = local_clickhouse();
-        let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
-        let event = |id: &str, tenant: &str| UsageEvent {
-            event_id: id.into(),
-            request_id: "r".into(),
+    /// A usage event of `tenant` on `sim-small`, one token each way.
+    fn one_token_each_way(tenant: &str, event_id: &str, request_id: &str) -> UsageEvent {
+        UsageEvent {
+            event_id: event_id.into(),
+            request_id: request_id.into(),
             tenant_id: tenant.into(),
             model: "sim-small".into(),
             provider: "sim".into(),
@@ -535,7 +533,14 @@ mod tests {
             trace_id: None,
             outcome: None,
             billable: true,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_ids_are_found_whatever_characters_they_hold_and_only_for_their_tenant() {
+        let clickhouse = local_clickhouse();
+        let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let event = |id: &str, tenant: &str| one_token_each_way(tenant, id, "r");
         // Ids a producer could put on the topic: quotes, tabs, newlines, backslashes, unicode.
         let odd = ["plain:0", "quote' \" :0", "tab\tnew\nline\\:0", "ünï:0"];
         let stored: Vec<UsageRow> = odd
@@ -608,23 +613,7 @@ mod tests {
         let clickhouse = local_clickhouse();
         let run = uuid::Uuid::new_v4().simple().to_string();
         let (a, b) = (format!("test-{run}-a"), format!("test-{run}-b"));
-        let event = |tenant: &str, id: &str| UsageEvent {
-            event_id: format!("{run}-{id}"),
-            request_id: id.into(),
-            tenant_id: tenant.into(),
-            model: "sim-small".into(),
-            provider: "sim".into(),
-            input_tokens: 1,
-            output_tokens: 1,
-            occurred_at_ms: 1_796_572_800_000,
-            latency_ms: None,
-            key_id: None,
-            user_id: None,
-            cached_input_tokens: None,
-            trace_id: None,
-            outcome: None,
-            billable: true,
-        };
+        let event = |tenant: &str, id: &str| one_token_each_way(tenant, &format!("{run}-{id}"), id);
         let stored = [event(&a, "1"), event(&b, "2")];
         let rows: Vec<UsageRow> = stored.iter().map(UsageRow::from).collect();
         clickhouse.insert_rows(TABLE, &rows).await.unwrap();

@@ -855,6 +855,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_budget_says_whether_it_is_spent_or_only_short_for_this_demand() {
+        let limiter = local_limiter();
+        let tenant = Uuid::new_v4();
+        let month = Month::of(1_796_572_800_000);
+        let budget = [tenant_counter(Kind::MonthlySpend, 100)];
+        limiter
+            .seed_month(tenant, &budget[0], &month, 95)
+            .await
+            .unwrap();
+        let mut costly = demand(tenant, "a", &budget, 0, &month);
+        costly.amounts.spend_micros = 10;
+        assert!(
+            matches!(
+                limiter.admit(&costly).await,
+                Ok(Verdict::Refused { spent: false, retry_after_ms: Some(ms), .. }) if ms > 1000
+            ),
+            "95 of 100 spent: a demand of 10 does not fit, a smaller one would"
+        );
+        let mut small = demand(tenant, "b", &budget, 0, &month);
+        small.amounts.spend_micros = 5;
+        assert!(matches!(
+            limiter.admit(&small).await,
+            Ok(Verdict::Admitted(_))
+        ));
+        small.request_id = "c";
+        assert!(
+            matches!(
+                limiter.admit(&small).await,
+                Ok(Verdict::Refused { spent: true, .. })
+            ),
+            "100 of 100: spent"
+        );
+    }
+
+    #[tokio::test]
     async fn a_renewed_lease_outlives_its_first_term_and_an_unrenewed_one_expires() {
         let limiter = local_limiter();
         let tenant = Uuid::new_v4();

@@ -261,7 +261,7 @@ impl Deliverer {
 
     /// Sends one attempt and records what came of it.
     async fn attempt(&self, attempt: Attempt) {
-        let result = self.send(&attempt).await;
+        let result = send(&self.config, &attempt).await;
         let tried = u32::try_from(attempt.attempts)
             .unwrap_or(0)
             .saturating_add(1);
@@ -306,63 +306,67 @@ impl Deliverer {
             tracing::warn!(%error, delivery = %attempt.id, "recording a webhook attempt failed");
         }
     }
+}
 
-    /// POSTs the attempt, all of it (resolving the host included) within the timeout: the
-    /// endpoint's status, or why there is none (tenants read it in the delivery log).
-    async fn send(&self, attempt: &Attempt) -> Result<u16, String> {
-        let timeout = Duration::from_millis(self.config.timeout_ms);
-        tokio::time::timeout(timeout, self.send_unbounded(attempt, timeout))
-            .await
-            .unwrap_or_else(|_| Err("the endpoint did not answer in time".into()))
-    }
+/// POSTs the attempt, all of it (resolving the host included) within the timeout: the
+/// endpoint's status, or why there is none (tenants read it in the delivery log).
+async fn send(config: &WebhookConfig, attempt: &Attempt) -> Result<u16, String> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    tokio::time::timeout(timeout, send_unbounded(config, attempt, timeout))
+        .await
+        .unwrap_or_else(|_| Err("the endpoint did not answer in time".into()))
+}
 
-    async fn send_unbounded(&self, attempt: &Attempt, timeout: Duration) -> Result<u16, String> {
-        let url = reqwest::Url::parse(&attempt.url).map_err(|_| "the URL does not parse")?;
-        // An IPv6 literal is looked up without its brackets.
-        let host = url
-            .host_str()
-            .ok_or("the URL has no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = url.port_or_known_default().ok_or("the URL has no port")?;
-        let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|_| "the host does not resolve".to_owned())?
-            .collect();
-        if addresses.is_empty() {
-            return Err("the host has no address".into());
-        }
-        if !self.config.allow_private_networks && addresses.iter().any(|a| is_private(a.ip())) {
-            // Which address is not said: the log is the tenant's, the network is not.
-            return Err("the host resolves to an address endpoints may not use: refused".into());
-        }
-        // To the addresses just checked, not to what a second lookup (or a proxy) might say.
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .resolve_to_addrs(&host, &addresses)
-            .build()
-            .map_err(|e| format!("building the HTTP client: {}", e.without_url()))?;
-        let timestamp = sluice_pipelines::now_ms().div_euclid(1000);
-        let response = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("user-agent", "Sluice-Webhooks/1")
-            .header("sluice-delivery", attempt.id.to_string())
-            .header("sluice-event", &attempt.event_type)
-            .header(
-                "sluice-signature",
-                signature(&attempt.secret, timestamp, &attempt.body),
-            )
-            .body(attempt.body.clone())
-            .send()
-            .await
-            // The URL may carry credentials: never in the log.
-            .map_err(|e| format!("sending failed: {}", e.without_url()))?;
-        Ok(response.status().as_u16())
+async fn send_unbounded(
+    config: &WebhookConfig,
+    attempt: &Attempt,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let url = reqwest::Url::parse(&attempt.url).map_err(|_| "the URL does not parse")?;
+    // An IPv6 literal is looked up without its brackets.
+    let host = url
+        .host_str()
+        .ok_or("the URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = url.port_or_known_default().ok_or("the URL has no port")?;
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|_| "the host does not resolve".to_owned())?
+        .collect();
+    if addresses.is_empty() {
+        return Err("the host has no address".into());
     }
+    if !config.allow_private_networks && addresses.iter().any(|a| is_private(a.ip())) {
+        // Which address is not said: the log is the tenant's, the network is not.
+        return Err("the host resolves to an address endpoints may not use: refused".into());
+    }
+    // To the addresses just checked, not to what a second lookup (or a proxy) might say.
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .resolve_to_addrs(&host, &addresses)
+        .build()
+        .map_err(|e| format!("building the HTTP client: {}", e.without_url()))?;
+    let timestamp = sluice_pipelines::now_ms().div_euclid(1000);
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("user-agent", "Sluice-Webhooks/1")
+        .header("sluice-delivery", attempt.id.to_string())
+        .header("sluice-event", &attempt.event_type)
+        .header(
+            "sluice-signature",
+            signature(&attempt.secret, timestamp, &attempt.body),
+        )
+        .body(attempt.body.clone())
+        .send()
+        .await
+        // The URL may carry credentials: never in the log.
+        .map_err(|e| format!("sending failed: {}", e.without_url()))?;
+    Ok(response.status().as_u16())
 }
 
 /// Whether `ip` is one a tenant's endpoint must not point at: this network (0.0.0.0/8),
@@ -445,6 +449,32 @@ mod tests {
         within(3, 3000);
         within(4, 3000);
         assert_eq!(config.retry_in_ms(5), None, "five attempts made: no more");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_on_a_private_address_is_refused_before_anything_is_sent() {
+        let attempt = Attempt {
+            id: sqlx::types::Uuid::new_v4(),
+            tenant_id: sqlx::types::Uuid::new_v4(),
+            event_type: "invoice.finalized".into(),
+            url: "http://127.0.0.1:1/hook".into(),
+            secret: "whsec_x".into(),
+            body: "{}".into(),
+            attempts: 0,
+        };
+        let guarded = WebhookConfig::default();
+        let refused = send(&guarded, &attempt).await.unwrap_err();
+        assert!(
+            refused.contains("refused") && !refused.contains("127.0.0.1"),
+            "{refused}"
+        );
+        // Allowed (local development), it is sent: here to a port nothing listens on.
+        let open = WebhookConfig {
+            allow_private_networks: true,
+            ..WebhookConfig::default()
+        };
+        let failed = send(&open, &attempt).await.unwrap_err();
+        assert!(failed.starts_with("sending failed"), "{failed}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! force when it settles, rounded up per request, so a counter may run a little above the exact
 //! spend, never below. A plan's base fee is not spend.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use sqlx::{types::Uuid, PgConnection, Row};
 
@@ -194,9 +196,15 @@ pub async fn report(
     let period = Period::containing(now_ms);
     let range = (period.start_ms(), period.end_ms());
     let micros = |m: u64| micros_text(i64::try_from(m).unwrap_or(i64::MAX));
+    // One read of the month for every budget of the tenant.
+    let spending = spending(clickhouse, &book, tenant_id, range, (true, &[])).await?;
     let mut budgets = Vec::with_capacity(rows.len());
     for row in rows {
-        let spent = spent(clickhouse, &book, tenant_id, row.key_id, range, &[]).await?;
+        let spent = match row.key_id {
+            None => spending.all,
+            Some(key) => spending.by_caller(key),
+        }
+        .micros_up();
         let limit = row.budget.monthly_micros;
         budgets.push(BudgetStatus {
             key_id: row.key_id,
@@ -223,9 +231,42 @@ pub async fn spent(
     book: &PriceBook,
     tenant: Uuid,
     key: Option<Uuid>,
-    (from_ms, to_ms): (i64, i64),
+    range: (i64, i64),
     excluding: &[String],
 ) -> Result<u64> {
+    let spending = spending(clickhouse, book, tenant, range, (key.is_some(), excluding)).await?;
+    let exact = match key {
+        None => spending.all,
+        Some(key) => spending.by_caller(key),
+    };
+    Ok(exact.micros_up())
+}
+
+/// A tenant's spend over a range: in all, and (when asked for) per caller.
+struct Spending {
+    all: Exact,
+    /// Per key (or, for a session, user) id.
+    callers: HashMap<String, Exact>,
+}
+
+impl Spending {
+    fn by_caller(&self, id: Uuid) -> Exact {
+        self.callers
+            .get(&id.to_string())
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// What `tenant` spent in `[from_ms, to_ms)` (one query), split per caller if `by_caller`,
+/// leaving out the requests in `excluding`.
+async fn spending(
+    clickhouse: &ClickHouse,
+    book: &PriceBook,
+    tenant: Uuid,
+    (from_ms, to_ms): (i64, i64),
+    (by_caller, excluding): (bool, &[String]),
+) -> Result<Spending> {
     let price_changes = book.changes_between(from_ms, to_ms);
     let tenants = [tenant.to_string()];
     let slices = usage::usage_slices(
@@ -235,31 +276,33 @@ pub async fn spent(
             to_ms,
             price_changes: &price_changes,
             tenants: Some(&tenants),
-            by_key_and_day: key.is_some(),
+            by_key_and_day: by_caller,
             excluding,
         },
     )
     .await?;
-    let key = key.map(|k| k.to_string());
-    let mut total = Exact(0);
+    let mut spending = Spending {
+        all: Exact(0),
+        callers: HashMap::new(),
+    };
     for slice in slices {
-        if key.as_ref().is_some_and(|k| *k != slice.caller) {
-            continue;
-        }
         let Some((_, start)) = slice_start(&price_changes, from_ms, slice.month, slice.segment)
         else {
             continue;
         };
-        if let Some(price) = book.in_force(&model_item(&slice.model), start) {
-            total = total
-                + price.tokens_cost(
-                    slice.input_tokens,
-                    slice.output_tokens,
-                    slice.cached_input_tokens,
-                );
-        }
+        let Some(price) = book.in_force(&model_item(&slice.model), start) else {
+            continue;
+        };
+        let cost = price.tokens_cost(
+            slice.input_tokens,
+            slice.output_tokens,
+            slice.cached_input_tokens,
+        );
+        spending.all = spending.all + cost;
+        let caller = spending.callers.entry(slice.caller).or_default();
+        *caller = *caller + cost;
     }
-    Ok(total.micros_up())
+    Ok(spending)
 }
 
 /// What a request of `input` and `output` tokens on `model` costs at the prices in force at

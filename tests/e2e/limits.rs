@@ -715,16 +715,18 @@ async fn a_burst_against_a_small_spend_budget_overshoots_it_by_nothing_across_tw
     .await;
     // The budget's report prices the usage facts as the invoice will: the same spend, once
     // the facts are in, and past its 50% alert.
-    let report = eventually(30, "the budget report to see the facts", || async {
-        let out = run_cli(
-            &edges.sluice.prefix,
-            &["budget", "list", &tenant.name, "--json"],
-        );
-        let report: Value = serde_json::from_str(out.trim()).unwrap();
+    // Every fact first, then the report: a report read before the last batch landed would
+    // price only part of the month.
+    eventually(30, "every admitted request's usage fact", || async {
         let facts = billed_per_request(&tenant.id).await.unwrap_or_default();
-        (facts.len() == admitted).then_some(report)
+        (facts.len() == admitted).then_some(())
     })
     .await;
+    let out = run_cli(
+        &edges.sluice.prefix,
+        &["budget", "list", &tenant.name, "--json"],
+    );
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
     let budget = &report["budgets"][0];
     assert_eq!(budget["monthly"], "0.0001", "{report}");
     assert!(budget["key_id"].is_null());

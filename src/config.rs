@@ -107,6 +107,10 @@ pub struct StagesConfig {
     pub metering_max_batch_bytes: usize,
     /// Longest a usage event waits for its batch (milliseconds).
     pub metering_linger_ms: u64,
+    /// How long after a month ends the metering stage merges that month's usage facts into one
+    /// part, so invoices and reports read it without `FINAL` (seconds; 0: never). Late usage
+    /// for the month is merged in the same way at the next look, every five minutes.
+    pub metering_compact_after_s: u32,
 }
 
 impl Default for StagesConfig {
@@ -115,8 +119,9 @@ impl Default for StagesConfig {
             router_max_in_flight: 1024,
             orchestrator_max_in_flight: 4096,
             metering_max_batch: 50_000,
-            metering_max_batch_bytes: 4 << 20,
+            metering_max_batch_bytes: 2 << 20,
             metering_linger_ms: 200,
+            metering_compact_after_s: 3600,
         }
     }
 }

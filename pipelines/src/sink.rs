@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Wiring,
     kafka::{self, ProducerProfile},
-    runtime::{backoff, Guarantee, StageDeps},
+    runtime::{backoff, DeadLetters, Guarantee, StageDeps},
     source::{Decoded, SourceTuning, StageSource},
     ProcessError, Result,
 };
@@ -42,6 +42,11 @@ pub trait BatchSink: Send + 'static {
     /// Writes `batch` (which may contain records already written before a crash: the write
     /// must be idempotent). Returns the number of records that were new.
     async fn write(&mut self, batch: &[Self::Input]) -> Result<usize, ProcessError>;
+
+    /// Looks after the store between batches, every [`SinkSpec::upkeep_every`] while the stage
+    /// runs in its consumer group (never in a replay): for instance compacting what no longer
+    /// changes. It runs between writes, so long work belongs on a task of its own.
+    async fn upkeep(&mut self) {}
 }
 
 /// How a sink runs.
@@ -58,17 +63,20 @@ pub struct SinkSpec {
     pub linger: Duration,
     /// Most the consumer fetches ahead of the sink (KiB), so a stalled store bounds memory.
     pub max_prefetch_kib: u32,
+    /// How often [`BatchSink::upkeep`] runs (`None`: never).
+    pub upkeep_every: Option<Duration>,
 }
 
 impl SinkSpec {
-    /// A spec with the defaults: batches of up to 1000 records, 4 MiB or 200 ms.
+    /// A spec with the defaults: batches of up to 1000 records, 2 MiB or 200 ms.
     pub fn new(wiring: Wiring) -> Self {
         Self {
             wiring,
             max_batch: 1000,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 2 << 20,
             linger: Duration::from_millis(200),
             max_prefetch_kib: kafka::PREFETCH_KIB,
+            upkeep_every: None,
         }
     }
 }
@@ -76,8 +84,13 @@ impl SinkSpec {
 /// Runs `sink` until `cancel` fires; the batch in hand is written before returning. (Billing
 /// sinks are run through [`Runnable::effectively_once_sink`](crate::Runnable), which refuses a
 /// sink whose writes are not idempotent.)
+///
+/// While one batch is being written, the next is consumed and decoded: writes stay one at a
+/// time and in order, and a batch's offsets are stored only after its write (and every write
+/// before it) succeeded. At most two batches are in hand; once the next is full and the write
+/// still runs, the partitions pause as in [`kafka::HoldBack::hold`].
 pub async fn run_sink<S: BatchSink>(
-    mut sink: S,
+    sink: S,
     spec: SinkSpec,
     deps: StageDeps,
     cancel: CancellationToken,
@@ -98,8 +111,15 @@ pub async fn run_sink<S: BatchSink>(
     );
 
     let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
+    let mut upkeep = spec.upkeep_every.map(|every| {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
+    let mut writer = Writer::Idle(sink);
+    let mut upkeep_due = false;
     let mut stopping = false;
-    while !stopping {
+    'batches: while !stopping {
         let mut messages: Vec<OwnedMessage> = Vec::with_capacity(spec.max_batch.min(4096));
         let mut bytes = 0usize;
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -110,9 +130,30 @@ pub async fn run_sink<S: BatchSink>(
                     None => std::future::pending().await,
                 }
             };
+            let stalls_at = writer.stalls_at();
+            let stalled = async {
+                match stalls_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let upkeep_tick = async {
+                match upkeep.as_mut() {
+                    Some(ticks) => ticks.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => { stopping = true; break; }
                 _ = wait => break,
+                done = writer.finished() => {
+                    if !writer.settle(done, &source.consumer)? {
+                        break 'batches;
+                    }
+                }
+                // The store is slow: stop fetching ahead (below) whatever is in hand.
+                _ = stalled => break,
+                _ = upkeep_tick => upkeep_due = true,
                 received = hold_back.recv(&source.consumer) => match received {
                     Ok(m) => {
                         bytes += m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
@@ -125,8 +166,23 @@ pub async fn run_sink<S: BatchSink>(
                     }
                 },
             }
+            if upkeep_due {
+                if let Writer::Idle(sink) = &mut writer {
+                    sink.upkeep().await;
+                    upkeep_due = false;
+                }
+            }
         }
         if messages.is_empty() {
+            if writer.is_busy() && !stopping {
+                let pause_in = writer.pause_in();
+                let done = hold_back
+                    .hold_after(&source.consumer, writer.finished(), pause_in)
+                    .await;
+                if !writer.settle(done, &source.consumer)? {
+                    break;
+                }
+            }
             continue;
         }
         deps.metrics
@@ -134,69 +190,198 @@ pub async fn run_sink<S: BatchSink>(
             .with_label_values(&[&spec.wiring.name])
             .inc_by(messages.len() as u64);
         let wait_token = if stopping { &never } else { &cancel };
-        // A store that stays down holds the batch in retries: the partitions pause meanwhile.
-        let written = hold_back
-            .hold(
-                &source.consumer,
-                write_batch(&mut sink, &spec, &deps, &source, &messages, wait_token),
-            )
-            .await;
-        if !written {
-            // Shutdown interrupted a retry: nothing is stored, the batch will be redelivered.
+        let Some(batch) = decode_batch::<S::Input>(&source, messages, wait_token).await else {
+            // Shutdown interrupted a wait: nothing of this batch is stored; it is redelivered.
             break;
+        };
+        // The write before must be done (and its offsets stored) before this one starts. A
+        // store that stays down holds it in retries: the partitions pause meanwhile.
+        if writer.is_busy() {
+            let pause_in = writer.pause_in();
+            let done = hold_back
+                .hold_after(&source.consumer, writer.finished(), pause_in)
+                .await;
+            if !writer.settle(done, &source.consumer)? {
+                break;
+            }
         }
-        store_batch_offsets(&source.consumer, &messages);
+        if upkeep_due {
+            if let Writer::Idle(sink) = &mut writer {
+                sink.upkeep().await;
+                upkeep_due = false;
+            }
+        }
+        writer.start(batch, &spec, &deps, &source, wait_token.clone());
+    }
+    // The write under way finishes (or shutdown interrupts its retries) before the offsets
+    // are committed.
+    if writer.is_busy() {
+        let done = hold_back.hold(&source.consumer, writer.finished()).await;
+        writer.settle(done, &source.consumer)?;
     }
     source.close().await;
     tracing::info!(sink = %spec.wiring.name, "sink stopped");
     Ok(())
 }
 
-/// Decodes and writes one batch; false if `cancel` interrupted it before it was done.
-async fn write_batch<S: BatchSink>(
-    sink: &mut S,
-    spec: &SinkSpec,
-    deps: &StageDeps,
+/// A batch decoded: the records to write, where each came from, and every message of the
+/// batch (whose offsets are stored once it is written).
+struct DecodedBatch<T> {
+    records: Vec<T>,
+    /// Per record, its message's index in `messages`.
+    sources: Vec<usize>,
+    messages: Vec<OwnedMessage>,
+}
+
+/// Decodes `messages` (undecodable ones go to the DLQ); `None` if `cancel` interrupted it.
+async fn decode_batch<T: Record>(
     source: &StageSource,
-    messages: &[OwnedMessage],
+    messages: Vec<OwnedMessage>,
     cancel: &CancellationToken,
-) -> bool {
-    let dead_letters = source.dead_letters();
+) -> Option<DecodedBatch<T>> {
     let mut records = Vec::with_capacity(messages.len());
     let mut sources = Vec::with_capacity(messages.len());
-    for message in messages {
-        match source.decoder.decode::<S::Input>(message, cancel).await {
+    for (i, message) in messages.iter().enumerate() {
+        match source.decoder.decode::<T>(message, cancel).await {
             Decoded::Ok(record) => {
                 records.push(record);
-                sources.push(message);
+                sources.push(i);
             }
             Decoded::DeadLettered => {}
-            Decoded::Interrupted => return false,
+            Decoded::Interrupted => return None,
         }
     }
+    Some(DecodedBatch {
+        records,
+        sources,
+        messages,
+    })
+}
+
+/// How a write task ended: the sink back, whether the batch was written, and its messages.
+type Finished<S> = std::result::Result<(S, bool, Vec<OwnedMessage>), tokio::task::JoinError>;
+
+/// The sink, either at hand or writing a batch on a task of its own.
+enum Writer<S: BatchSink> {
+    Idle(S),
+    /// Gives back the sink, whether the batch was written, and its messages.
+    Busy {
+        task: tokio::task::JoinHandle<(S, bool, Vec<OwnedMessage>)>,
+        started: tokio::time::Instant,
+    },
+    /// Only while changing from one to the other.
+    Moving,
+}
+
+impl<S: BatchSink> Writer<S> {
+    fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy { .. })
+    }
+
+    /// When the write under way will have taken [`kafka::PAUSE_AFTER`] (`None`: there is
+    /// none): from then the store is slow, and the partitions should pause rather than fetch
+    /// ahead.
+    fn stalls_at(&self) -> Option<tokio::time::Instant> {
+        match self {
+            Self::Busy { started, .. } => Some(*started + kafka::PAUSE_AFTER),
+            Self::Idle(_) | Self::Moving => None,
+        }
+    }
+
+    /// How much longer the write under way may take before the partitions pause.
+    fn pause_in(&self) -> Duration {
+        match self {
+            Self::Busy { started, .. } => kafka::PAUSE_AFTER.saturating_sub(started.elapsed()),
+            Self::Idle(_) | Self::Moving => kafka::PAUSE_AFTER,
+        }
+    }
+
+    /// Starts writing `batch`. The writer must be idle.
+    fn start(
+        &mut self,
+        batch: DecodedBatch<S::Input>,
+        spec: &SinkSpec,
+        deps: &StageDeps,
+        source: &StageSource,
+        cancel: CancellationToken,
+    ) {
+        let Self::Idle(mut sink) = std::mem::replace(self, Self::Moving) else {
+            return;
+        };
+        let name = spec.wiring.name.clone();
+        let metrics = deps.metrics.clone();
+        let dead_letters = source.dead_letters().clone();
+        let task = tokio::spawn(async move {
+            let written =
+                write_batch(&mut sink, &name, &metrics, &dead_letters, &batch, &cancel).await;
+            (sink, written, batch.messages)
+        });
+        *self = Self::Busy {
+            task,
+            started: tokio::time::Instant::now(),
+        };
+    }
+
+    /// The write under way, once it ends (never, when there is none). Cancel-safe.
+    async fn finished(&mut self) -> Finished<S> {
+        match self {
+            Self::Busy { task, .. } => task.await,
+            Self::Idle(_) | Self::Moving => std::future::pending().await,
+        }
+    }
+
+    /// Takes the sink back from a finished write and stores the batch's offsets if it was
+    /// written; false if shutdown interrupted it (nothing stored, the batch is redelivered).
+    fn settle(&mut self, done: Finished<S>, consumer: &kafka::KafkaConsumer) -> Result<bool> {
+        let (sink, written, messages) = match done {
+            Ok(done) => done,
+            // As if the write had run here.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(crate::Error::Stalled(format!("a sink write ended: {e}"))),
+        };
+        *self = Self::Idle(sink);
+        if written {
+            store_batch_offsets(consumer, &messages);
+        }
+        Ok(written)
+    }
+}
+
+/// Writes one decoded batch; false if `cancel` interrupted it before it was done.
+async fn write_batch<S: BatchSink>(
+    sink: &mut S,
+    name: &str,
+    metrics: &crate::metrics::Metrics,
+    dead_letters: &DeadLetters,
+    batch: &DecodedBatch<S::Input>,
+    cancel: &CancellationToken,
+) -> bool {
+    let records = &batch.records;
     if records.is_empty() {
         return true;
     }
     let mut attempt = 0;
     loop {
         let started = Instant::now();
-        match sink.write(&records).await {
+        match sink.write(records).await {
             Ok(new_rows) => {
-                let m = &deps.metrics;
-                m.sink_batch_seconds
-                    .with_label_values(&[&spec.wiring.name])
+                metrics
+                    .sink_batch_seconds
+                    .with_label_values(&[name])
                     .observe(started.elapsed().as_secs_f64());
-                m.sink_rows
-                    .with_label_values(&[&spec.wiring.name])
+                metrics
+                    .sink_rows
+                    .with_label_values(&[name])
                     .inc_by(new_rows as u64);
-                m.sink_duplicates
-                    .with_label_values(&[&spec.wiring.name])
+                metrics
+                    .sink_duplicates
+                    .with_label_values(&[name])
                     .inc_by(records.len().saturating_sub(new_rows) as u64);
                 return true;
             }
             Err(ProcessError::Poison(reason)) => {
-                for message in &sources {
-                    if !dead_letters.send(message, &reason, cancel).await {
+                for &i in &batch.sources {
+                    if !dead_letters.send(&batch.messages[i], &reason, cancel).await {
                         return false;
                     }
                 }
@@ -204,11 +389,8 @@ async fn write_batch<S: BatchSink>(
             }
             Err(ProcessError::Retriable(reason)) => {
                 attempt += 1;
-                deps.metrics
-                    .retries
-                    .with_label_values(&[&spec.wiring.name])
-                    .inc();
-                tracing::warn!(sink = %spec.wiring.name, reason, attempt, "batch write failed; retrying");
+                metrics.retries.with_label_values(&[name]).inc();
+                tracing::warn!(sink = %name, reason, attempt, "batch write failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return false,
                     _ = tokio::time::sleep(backoff(attempt)) => {}

@@ -8,13 +8,21 @@ use sluice_stores::ClickHouse;
 
 use crate::config::Config;
 
+/// How often the stage looks for closed months whose facts are not in one merged part.
+const COMPACTION_LOOK_EVERY: Duration = Duration::from_secs(300);
+
 pub fn build(config: &Config) -> Runnable {
     let topics = config.kafka.topics();
-    let sink = UsageSink::new(ClickHouse::new(&config.clickhouse));
+    let mut sink = UsageSink::new(ClickHouse::new(&config.clickhouse));
+    let compact_after_s = config.stages.metering_compact_after_s;
+    if compact_after_s > 0 {
+        sink = sink.compacting_closed_months(compact_after_s);
+    }
     let mut spec = SinkSpec::new(config.kafka.wiring("metering", &topics.usage));
     spec.max_batch = config.stages.metering_max_batch;
     spec.max_batch_bytes = config.stages.metering_max_batch_bytes;
     spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
+    spec.upkeep_every = (compact_after_s > 0).then_some(COMPACTION_LOOK_EVERY);
     // Billing: the type refuses a sink whose writes are not idempotent.
     Runnable::effectively_once_sink(sink, spec)
 }

@@ -592,11 +592,22 @@ impl HoldBack {
         consumer: &KafkaConsumer,
         work: F,
     ) -> F::Output {
+        self.hold_after(consumer, work, PAUSE_AFTER).await
+    }
+
+    /// [`HoldBack::hold`], pausing once `work` has taken `after` (for work that had been
+    /// running before it was held).
+    pub async fn hold_after<F: std::future::Future>(
+        &mut self,
+        consumer: &KafkaConsumer,
+        work: F,
+        after: Duration,
+    ) -> F::Output {
         use rdkafka::{consumer::Consumer, message::Message};
         tokio::pin!(work);
         tokio::select! {
             out = &mut work => return out,
-            _ = tokio::time::sleep(PAUSE_AFTER) => {}
+            _ = tokio::time::sleep(after) => {}
         }
         let paused = pause(consumer, None);
         self.pauses.inc();

@@ -34,12 +34,27 @@ pub fn rows_to_insert(batch: &[UsageEvent], already_stored: &HashSet<String>) ->
 /// Writes usage events to `usage_events`, once per event id.
 pub struct UsageSink {
     clickhouse: ClickHouse,
+    /// Seconds after a month ends before its facts are merged into one part (`None`: never).
+    compact_after_s: Option<u32>,
+    /// The compaction under way, if one is.
+    compacting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl UsageSink {
     /// A sink writing to `clickhouse`.
     pub fn new(clickhouse: ClickHouse) -> Self {
-        Self { clickhouse }
+        Self {
+            clickhouse,
+            compact_after_s: None,
+            compacting: None,
+        }
+    }
+
+    /// Also merges each closed month's facts into one part, `after_s` seconds after the month
+    /// ends (and again after late usage lands in it), so billing reads it without `FINAL`.
+    pub fn compacting_closed_months(mut self, after_s: u32) -> Self {
+        self.compact_after_s = Some(after_s);
+        self
     }
 }
 
@@ -67,16 +82,35 @@ impl BatchSink for UsageSink {
             .insert_rows(usage::FAILED_TABLE, &failed)
             .await
             .map_err(retriable)?;
-        let billable: Vec<UsageEvent> = batch.iter().filter(|e| e.billable).cloned().collect();
-        let stored = usage::stored_event_ids(&self.clickhouse, &billable)
+        let billable = batch.iter().filter(|e| e.billable);
+        let stored = usage::stored_event_ids(&self.clickhouse, billable)
             .await
             .map_err(retriable)?;
-        let rows = rows_to_insert(&billable, &stored);
+        let rows = rows_to_insert(batch, &stored);
         self.clickhouse
             .insert_rows(usage::TABLE, &rows)
             .await
             .map_err(retriable)?;
         Ok(rows.len() + failed.len())
+    }
+
+    async fn upkeep(&mut self) {
+        let Some(after_s) = self.compact_after_s else {
+            return;
+        };
+        if self.compacting.as_ref().is_some_and(|c| !c.is_finished()) {
+            return;
+        }
+        let clickhouse = self.clickhouse.clone();
+        self.compacting = Some(tokio::spawn(async move {
+            match usage::compact_closed_months(&clickhouse, after_s).await {
+                Ok(months) if months.is_empty() => {}
+                Ok(months) => tracing::info!(?months, "closed months' usage facts merged"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "closed months' usage facts not merged; trying again later")
+                }
+            }
+        }));
     }
 }
 

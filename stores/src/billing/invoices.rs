@@ -437,24 +437,31 @@ async fn run_locked(
     }
     let book = PriceBook::load(&mut conn).await?;
     let since = lookback_start(period);
-    let mut billed = billed_since(&mut conn, &book, since).await?;
-    let closed = closed_since(&mut conn, since).await?;
-    let invoiced: HashSet<Uuid> =
-        sqlx::query_scalar("SELECT tenant_id FROM invoices WHERE period = $1::date")
-            .bind(period.date_text())
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
-    let tenants = sqlx::query(&format!(
-        "{TENANTS_AND_PLANS} WHERE $1::uuid IS NULL OR t.id = $1 ORDER BY t.created_at, t.id"
-    ))
-    .bind(only)
-    .fetch_all(&mut *conn)
-    .await?;
-    drop(conn);
+    // What the control plane says and what the facts say are read at once.
+    let control_plane = async {
+        let billed = billed_since(&mut conn, &book, since).await?;
+        let closed = closed_since(&mut conn, since).await?;
+        let invoiced: HashSet<Uuid> =
+            sqlx::query_scalar("SELECT tenant_id FROM invoices WHERE period = $1::date")
+                .bind(period.date_text())
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .collect();
+        let tenants = sqlx::query(&format!(
+            "{TENANTS_AND_PLANS} WHERE $1::uuid IS NULL OR t.id = $1 ORDER BY t.created_at, t.id"
+        ))
+        .bind(only)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok::<_, Error>((billed, closed, invoiced, tenants))
+    };
     let filter: Option<Vec<String>> = only.map(|t| vec![t.to_string()]);
-    let usage = priced_usage(clickhouse, &book, since, period, filter.as_deref()).await?;
+    let ((mut billed, closed, invoiced, tenants), usage) = tokio::try_join!(
+        control_plane,
+        priced_usage(clickhouse, &book, since, period, filter.as_deref())
+    )?;
+    drop(conn);
 
     let mut report = RunReport::default();
     let known: HashSet<String> = tenants

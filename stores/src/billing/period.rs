@@ -80,6 +80,11 @@ impl Period {
     pub fn date_text(self) -> String {
         self.first_day.format("%Y-%m-%d").to_string()
     }
+
+    /// As ClickHouse's `toYYYYMM` has it (the facts' partition key).
+    pub fn yyyymm(self) -> u32 {
+        u32::try_from(self.first_day.year()).unwrap_or(0) * 100 + self.first_day.month()
+    }
 }
 
 /// A range of whole UTC days, `[from, to)` in Unix milliseconds, from days written `YYYY-MM-DD`

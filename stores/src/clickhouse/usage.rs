@@ -2,7 +2,7 @@
 //! sink and read by the edge's `/v1/usage` (and invoices to come). Every read names its tenant
 //! and goes through `FINAL`, so redelivered events are never counted twice.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use sluice_schemas::UsageEvent;
@@ -110,17 +110,17 @@ impl From<&UsageEvent> for UsageRow {
 /// a table beside it (parsing them as literals in the query cost ClickHouse 18.16 about 7 µs an
 /// id, and bounded the query's size); `(tenant_id, event_id)` is the table's sort key, so the
 /// lookup reads only the index granules that can hold the ids asked about.
-pub async fn stored_event_ids(
+pub async fn stored_event_ids<'a>(
     clickhouse: &ClickHouse,
-    events: &[UsageEvent],
+    events: impl IntoIterator<Item = &'a UsageEvent>,
 ) -> Result<HashSet<String>> {
-    if events.is_empty() {
-        return Ok(HashSet::new());
-    }
     let asked: HashSet<(&str, &str)> = events
-        .iter()
+        .into_iter()
         .map(|e| (e.tenant_id.as_str(), e.event_id.as_str()))
         .collect();
+    if asked.is_empty() {
+        return Ok(HashSet::new());
+    }
     let found: Vec<StoredId> = clickhouse
         .query_with_table(
             &format!(
@@ -258,9 +258,60 @@ pub struct SliceQuery<'a> {
 
 /// The usage facts in a range, summed per tenant, model, month and slice between price
 /// changes.
+///
+/// Exact whatever is stored twice, without paying for `FINAL` where it is not needed: a month
+/// whose partition is one merged part (see [`compact_closed_months`]) holds each event once
+/// and is read plainly; every other month goes through `FINAL`; both reads run at once. The
+/// partitions are looked at before and after: if a merged month changed meanwhile (late usage
+/// landed in it) or a month gained its first rows, the whole range is read again through
+/// `FINAL`.
 pub async fn usage_slices(
     clickhouse: &ClickHouse,
     query: &SliceQuery<'_>,
+) -> Result<Vec<UsageSlice>> {
+    let Some(months) = month_window(query.from_ms, query.to_ms) else {
+        return read_slices(clickhouse, query, Rows::Deduplicated, None).await;
+    };
+    let before = partitions(clickhouse, months).await?;
+    let (merged, unmerged): (Vec<&Partition>, Vec<&Partition>) =
+        before.values().partition(|p| p.merged);
+    if merged.is_empty() {
+        return read_slices(clickhouse, query, Rows::Deduplicated, None).await;
+    }
+    let merged_months: Vec<u32> = merged.iter().map(|p| p.month).collect();
+    let unmerged_months: Vec<u32> = unmerged.iter().map(|p| p.month).collect();
+    let plain = read_slices(clickhouse, query, Rows::AsStored, Some(&merged_months));
+    let deduplicated = async {
+        if unmerged_months.is_empty() {
+            return Ok(Vec::new());
+        }
+        read_slices(
+            clickhouse,
+            query,
+            Rows::Deduplicated,
+            Some(&unmerged_months),
+        )
+        .await
+    };
+    let (mut slices, rest) = tokio::try_join!(plain, deduplicated)?;
+    // Unmerged months may merge meanwhile (FINAL read one consistent set of their parts); a
+    // merged month that changed, or a month that gained its first rows, was not read right.
+    let after = partitions(clickhouse, months).await?;
+    let unchanged = after.keys().all(|m| before.contains_key(m))
+        && merged.iter().all(|p| after.get(&p.month) == Some(*p));
+    if !unchanged {
+        return read_slices(clickhouse, query, Rows::Deduplicated, None).await;
+    }
+    slices.extend(rest);
+    Ok(slices)
+}
+
+/// Reads the slices of `query` through `rows`, from the partitions of `months` only (or all).
+async fn read_slices(
+    clickhouse: &ClickHouse,
+    query: &SliceQuery<'_>,
+    rows: Rows,
+    months: Option<&[u32]>,
 ) -> Result<Vec<UsageSlice>> {
     let tenant_filter = if query.tenants.is_some() {
         " AND tenant_id IN (SELECT arrayJoin(?))"
@@ -273,6 +324,12 @@ pub async fn usage_slices(
     } else {
         " AND NOT has(?, request_id)"
     };
+    // Numbers of our own making: the condition on the partition key lets ClickHouse skip
+    // every other partition before reading (and before merging, through FINAL).
+    let partition_filter = months.map_or_else(String::new, |months| {
+        let listed: Vec<String> = months.iter().map(u32::to_string).collect();
+        format!(" AND toYYYYMM(occurred_at) IN ({})", listed.join(", "))
+    });
     // With no price change in the range (the usual case) there is one slice per month.
     let segment = if query.price_changes.is_empty() {
         "toUInt32(0)"
@@ -287,15 +344,19 @@ pub async fn usage_slices(
     } else {
         ("''", "toUInt32(0)")
     };
+    let final_ = match rows {
+        Rows::Deduplicated => " FINAL",
+        Rows::AsStored => "",
+    };
     // `occurred_at` bounds pick the monthly partitions; `occurred_at_ms` the exact range.
     let sql = format!(
         "SELECT tenant_id, model, toYYYYMM(occurred_at, 'UTC') AS month, {segment} AS segment, \
                 {key} AS caller, {day} AS day, count() AS requests, \
                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
                 sum(cached_input_tokens) AS cached_input_tokens \
-           FROM {TABLE} FINAL \
+           FROM {TABLE}{final_} \
           WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
-            AND occurred_at_ms >= ? AND occurred_at_ms < ?{tenant_filter}{excluding} \
+            AND occurred_at_ms >= ? AND occurred_at_ms < ?{partition_filter}{tenant_filter}{excluding} \
           GROUP BY tenant_id, model, month, segment, caller, day"
     );
     let from_s = u32::try_from(query.from_ms.div_euclid(1000)).unwrap_or(0);
@@ -316,6 +377,103 @@ pub async fn usage_slices(
         select = select.bind(query.excluding);
     }
     Ok(select.fetch_all::<UsageSlice>().await?)
+}
+
+/// One month's partition of the facts as ClickHouse holds it at a moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// `YYYYMM`, in the server's time zone (the table's partition key).
+    pub month: u32,
+    /// Its active parts, by name (a part never changes; a merge or insert makes a new name).
+    pub parts: Vec<String>,
+    /// One part written by a merge: every event in it once, so it reads the same without
+    /// `FINAL`. (An insert's part is not merged, even alone.)
+    pub merged: bool,
+}
+
+/// An active part of the table, as `system.parts` lists it.
+#[derive(Debug, ::clickhouse::Row, Deserialize)]
+struct ActivePart {
+    partition: String,
+    name: String,
+    level: u32,
+}
+
+/// The partitions of the facts holding rows, for months (`YYYYMM`) in `window` (inclusive).
+pub async fn partitions(
+    clickhouse: &ClickHouse,
+    (first, last): (u32, u32),
+) -> Result<BTreeMap<u32, Partition>> {
+    let parts: Vec<ActivePart> = clickhouse
+        .client()
+        .query(
+            "SELECT partition, name, level FROM system.parts \
+              WHERE database = currentDatabase() AND table = ? AND active \
+              ORDER BY partition, name",
+        )
+        .bind(TABLE)
+        .fetch_all()
+        .await?;
+    let mut partitions: BTreeMap<u32, Partition> = BTreeMap::new();
+    for part in parts {
+        // A partition of another key than ours would not parse: then nothing reads plainly.
+        let Ok(month) = part.partition.trim_matches('\'').parse::<u32>() else {
+            return Ok(BTreeMap::new());
+        };
+        if month < first || month > last {
+            continue;
+        }
+        let partition = partitions.entry(month).or_insert_with(|| Partition {
+            month,
+            parts: Vec::new(),
+            merged: true,
+        });
+        partition.parts.push(part.name);
+        partition.merged = partition.parts.len() == 1 && part.level > 0;
+    }
+    Ok(partitions)
+}
+
+/// The months (`YYYYMM`) whose partitions can hold facts of `[from_ms, to_ms)`: its UTC
+/// months and one either side, since the partition key is in the server's time zone. `None`
+/// for a range beyond the calendar.
+fn month_window(from_ms: i64, to_ms: i64) -> Option<(u32, u32)> {
+    use crate::billing::Period;
+    let month =
+        |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|_| Period::containing(ms));
+    let (first, last) = (month(from_ms)?, month(to_ms.saturating_sub(1))?);
+    Some((first.previous().yyyymm(), last.next().yyyymm()))
+}
+
+/// Merges into one part each partition of a month that ended at least `grace_s` seconds ago
+/// (by the server's clock) whose facts are not yet in one merged part, so reads of it need no
+/// `FINAL`. Returns the months merged. Late usage for such a month makes a new part, and the
+/// month is read through `FINAL` until the next compaction.
+pub async fn compact_closed_months(clickhouse: &ClickHouse, grace_s: u32) -> Result<Vec<u32>> {
+    let closed_before: u32 = clickhouse
+        .client()
+        .query("SELECT toYYYYMM(now() - ?)")
+        .bind(grace_s)
+        .fetch_one()
+        .await?;
+    let candidates = partitions(clickhouse, (0, closed_before.saturating_sub(1))).await?;
+    let mut compacted = Vec::new();
+    for partition in candidates.values().filter(|p| !p.merged) {
+        compact_month(clickhouse, partition.month).await?;
+        compacted.push(partition.month);
+    }
+    Ok(compacted)
+}
+
+/// Merges one month's (`YYYYMM`) facts into one part, keeping one row per event. (If a
+/// background merge holds its parts, nothing happens: the next look does it.)
+pub async fn compact_month(clickhouse: &ClickHouse, yyyymm: u32) -> Result<()> {
+    clickhouse
+        .client()
+        .query(&format!("OPTIMIZE TABLE {TABLE} PARTITION {yyyymm} FINAL"))
+        .execute()
+        .await?;
+    Ok(())
 }
 
 /// Usage of one tenant and model.
@@ -627,5 +785,100 @@ mod tests {
         let found = stored_event_ids(&clickhouse, &crossed).await.unwrap();
         assert!(found.is_empty(), "{found:?}");
         assert!(stored_event_ids(&clickhouse, &[]).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_month_window_reaches_one_month_either_side() {
+        use crate::billing::Period;
+        let november = Period::parse("2026-11").unwrap();
+        assert_eq!(
+            month_window(november.start_ms(), november.end_ms()),
+            Some((202610, 202612))
+        );
+        let january = Period::parse("2027-01").unwrap();
+        assert_eq!(
+            month_window(november.start_ms(), january.end_ms()),
+            Some((202610, 202702))
+        );
+        assert_eq!(month_window(0, i64::MAX), None);
+    }
+
+    #[tokio::test]
+    async fn a_merged_month_reads_plainly_and_every_month_counts_each_event_once() {
+        use crate::billing::Period;
+        let clickhouse = local_clickhouse();
+        let tenant = format!("test-{}", uuid::Uuid::new_v4().simple());
+        // A month of the 1970s of this test's own (others use the present or the 1980s).
+        let nth = uuid::Uuid::new_v4().as_u128() % 100;
+        let month = Period::parse(&format!("{}-{:02}", 1971 + nth / 12, 1 + nth % 12)).unwrap();
+        let next = month.next();
+        let event = |id: &str, at: Period| UsageEvent {
+            occurred_at_ms: at.start_ms() + 3_600_000,
+            ..one_token_each_way(&tenant, id, id)
+        };
+        let insert = |events: Vec<UsageEvent>| {
+            let clickhouse = clickhouse.clone();
+            async move {
+                let rows: Vec<UsageRow> = events.iter().map(UsageRow::from).collect();
+                clickhouse.insert_rows(TABLE, &rows).await.unwrap();
+            }
+        };
+        let requests = |from: Period, to: Period| {
+            let (clickhouse, tenants) = (clickhouse.clone(), vec![tenant.clone()]);
+            async move {
+                let query = SliceQuery {
+                    from_ms: from.start_ms(),
+                    to_ms: to.end_ms(),
+                    price_changes: &[],
+                    tenants: Some(&tenants),
+                    by_key_and_day: false,
+                    excluding: &[],
+                };
+                let slices = usage_slices(&clickhouse, &query).await.unwrap();
+                slices.iter().map(|s| s.requests).sum::<u64>()
+            }
+        };
+        let merged = |at: Period| {
+            let clickhouse = clickhouse.clone();
+            async move {
+                let window = (at.yyyymm(), at.yyyymm());
+                partitions(&clickhouse, window).await.unwrap()[&at.yyyymm()].merged
+            }
+        };
+        // Merged into one part by compaction (a background merge may get there first, or
+        // hold the parts for a moment: look again until it is done).
+        let compact = |months: Vec<Period>| {
+            let clickhouse = clickhouse.clone();
+            async move {
+                for _ in 0..50 {
+                    compact_closed_months(&clickhouse, 0).await.unwrap();
+                    let mut all = true;
+                    for &m in &months {
+                        all &= merged(m).await;
+                    }
+                    if all {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                panic!("{months:?} not merged into one part");
+            }
+        };
+        // Two inserts, one event in both: two parts (until merged), read through FINAL.
+        insert(vec![event("a", month), event("b", month)]).await;
+        insert(vec![event("a", month)]).await;
+        assert_eq!(requests(month, month).await, 2);
+        // Closed long ago: compaction merges it into one part, read plainly, still once each.
+        compact(vec![month]).await;
+        assert_eq!(requests(month, month).await, 2);
+        // A merged month beside one that is not: each read its way, both counted once.
+        insert(vec![event("c", next)]).await;
+        insert(vec![event("c", next), event("d", next)]).await;
+        assert_eq!(requests(month, next).await, 4);
+        // Late usage in the merged month (here a redelivery): a new part, still once.
+        insert(vec![event("b", month)]).await;
+        assert_eq!(requests(month, next).await, 4);
+        compact(vec![month, next]).await;
+        assert_eq!(requests(month, next).await, 4);
     }
 }

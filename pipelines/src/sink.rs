@@ -166,22 +166,11 @@ pub async fn run_sink<S: BatchSink>(
                     }
                 },
             }
-            if upkeep_due {
-                if let Writer::Idle(sink) = &mut writer {
-                    sink.upkeep().await;
-                    upkeep_due = false;
-                }
-            }
+            writer.upkeep_if_idle(&mut upkeep_due).await;
         }
         if messages.is_empty() {
-            if writer.is_busy() && !stopping {
-                let pause_in = writer.pause_in();
-                let done = hold_back
-                    .hold_after(&source.consumer, writer.finished(), pause_in)
-                    .await;
-                if !writer.settle(done, &source.consumer)? {
-                    break;
-                }
+            if !stopping && !writer.wait(&mut hold_back, &source.consumer).await? {
+                break;
             }
             continue;
         }
@@ -196,29 +185,15 @@ pub async fn run_sink<S: BatchSink>(
         };
         // The write before must be done (and its offsets stored) before this one starts. A
         // store that stays down holds it in retries: the partitions pause meanwhile.
-        if writer.is_busy() {
-            let pause_in = writer.pause_in();
-            let done = hold_back
-                .hold_after(&source.consumer, writer.finished(), pause_in)
-                .await;
-            if !writer.settle(done, &source.consumer)? {
-                break;
-            }
+        if !writer.wait(&mut hold_back, &source.consumer).await? {
+            break;
         }
-        if upkeep_due {
-            if let Writer::Idle(sink) = &mut writer {
-                sink.upkeep().await;
-                upkeep_due = false;
-            }
-        }
+        writer.upkeep_if_idle(&mut upkeep_due).await;
         writer.start(batch, &spec, &deps, &source, wait_token.clone());
     }
     // The write under way finishes (or shutdown interrupts its retries) before the offsets
     // are committed.
-    if writer.is_busy() {
-        let done = hold_back.hold(&source.consumer, writer.finished()).await;
-        writer.settle(done, &source.consumer)?;
-    }
+    writer.wait(&mut hold_back, &source.consumer).await?;
     source.close().await;
     tracing::info!(sink = %spec.wiring.name, "sink stopped");
     Ok(())
@@ -274,10 +249,6 @@ enum Writer<S: BatchSink> {
 }
 
 impl<S: BatchSink> Writer<S> {
-    fn is_busy(&self) -> bool {
-        matches!(self, Self::Busy { .. })
-    }
-
     /// When the write under way will have taken [`kafka::PAUSE_AFTER`] (`None`: there is
     /// none): from then the store is slow, and the partitions should pause rather than fetch
     /// ahead.
@@ -288,11 +259,28 @@ impl<S: BatchSink> Writer<S> {
         }
     }
 
-    /// How much longer the write under way may take before the partitions pause.
-    fn pause_in(&self) -> Duration {
-        match self {
-            Self::Busy { started, .. } => kafka::PAUSE_AFTER.saturating_sub(started.elapsed()),
-            Self::Idle(_) | Self::Moving => kafka::PAUSE_AFTER,
+    /// Waits for the write under way, if any, and settles it (see [`Writer::settle`]); the
+    /// partitions pause once the write has taken [`kafka::PAUSE_AFTER`].
+    async fn wait(
+        &mut self,
+        hold_back: &mut kafka::HoldBack,
+        consumer: &kafka::KafkaConsumer,
+    ) -> Result<bool> {
+        let Some(stalls_at) = self.stalls_at() else {
+            return Ok(true);
+        };
+        let pause_in = stalls_at.saturating_duration_since(tokio::time::Instant::now());
+        let done = hold_back
+            .hold_after(consumer, self.finished(), pause_in)
+            .await;
+        self.settle(done, consumer)
+    }
+
+    /// Runs the sink's upkeep if it is due and the sink is at hand.
+    async fn upkeep_if_idle(&mut self, due: &mut bool) {
+        if let (true, Self::Idle(sink)) = (*due, self) {
+            sink.upkeep().await;
+            *due = false;
         }
     }
 

@@ -109,8 +109,10 @@ pub struct StagesConfig {
     pub metering_linger_ms: u64,
     /// How long after a month ends the metering stage merges that month's usage facts into one
     /// part, so invoices and reports read it without `FINAL` (seconds; 0: never). Late usage
-    /// for the month is merged in the same way at the next look, every five minutes.
+    /// for the month is merged in the same way at the next look.
     pub metering_compact_after_s: u32,
+    /// How often the metering stage looks for closed months to merge (seconds).
+    pub metering_compact_every_s: u32,
 }
 
 impl Default for StagesConfig {
@@ -122,6 +124,7 @@ impl Default for StagesConfig {
             metering_max_batch_bytes: 2 << 20,
             metering_linger_ms: 200,
             metering_compact_after_s: 3600,
+            metering_compact_every_s: 300,
         }
     }
 }
@@ -261,6 +264,7 @@ impl Config {
             || self.stages.orchestrator_max_in_flight == 0
             || self.stages.metering_max_batch == 0
             || self.stages.metering_max_batch_bytes == 0
+            || self.stages.metering_compact_every_s == 0
         {
             problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());
         }

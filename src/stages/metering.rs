@@ -8,9 +8,6 @@ use sluice_stores::ClickHouse;
 
 use crate::config::Config;
 
-/// How often the stage looks for closed months whose facts are not in one merged part.
-const COMPACTION_LOOK_EVERY: Duration = Duration::from_secs(300);
-
 pub fn build(config: &Config) -> Runnable {
     let topics = config.kafka.topics();
     let mut sink = UsageSink::new(ClickHouse::new(&config.clickhouse));
@@ -22,7 +19,8 @@ pub fn build(config: &Config) -> Runnable {
     spec.max_batch = config.stages.metering_max_batch;
     spec.max_batch_bytes = config.stages.metering_max_batch_bytes;
     spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
-    spec.upkeep_every = (compact_after_s > 0).then_some(COMPACTION_LOOK_EVERY);
+    spec.upkeep_every = (compact_after_s > 0)
+        .then(|| Duration::from_secs(u64::from(config.stages.metering_compact_every_s)));
     // Billing: the type refuses a sink whose writes are not idempotent.
     Runnable::effectively_once_sink(sink, spec)
 }

@@ -191,3 +191,80 @@ async fn a_caller_that_goes_away_mid_stream_is_still_billed_for_the_whole_reply(
         "{usage}"
     );
 }
+
+#[tokio::test]
+async fn a_closed_months_facts_end_up_in_one_merged_part_that_reads_the_same_without_final() {
+    let prefix = unique("t");
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![
+            ("SLUICE_STAGES__METERING_COMPACT_AFTER_S".into(), "1".into()),
+            ("SLUICE_STAGES__METERING_COMPACT_EVERY_S".into(), "1".into()),
+        ],
+    );
+    let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
+    codec
+        .register::<sluice_schemas::UsageEvent>()
+        .await
+        .unwrap();
+    let tenant = unique("compact-");
+    // A month of the 1970s of this test's own.
+    let nth = uuid::Uuid::new_v4().as_u128() % 100;
+    let month =
+        sluice_stores::billing::Period::parse(&format!("{}-{:02}", 1971 + nth / 12, 1 + nth % 12))
+            .unwrap();
+    let usage_topic = sluice.topic("usage");
+    let rows = || async {
+        let n: u64 = clickhouse()
+            .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
+            .bind(tenant.as_str())
+            .fetch_one()
+            .await
+            .ok()?;
+        Some(n)
+    };
+    // Late usage for a month long closed, in two deliveries (two inserts, two parts), the
+    // second repeating an event of the first.
+    for (written, ids) in [(2u64, ["a", "b"]), (3, ["b", "c"])] {
+        let events = ids.map(|id| {
+            let event = sluice_schemas::UsageEvent {
+                occurred_at_ms: month.start_ms() + 3_600_000,
+                ..usage_event(format!("{tenant}-{id}"), &tenant)
+            };
+            (tenant.clone(), codec.encode(&event).unwrap())
+        });
+        produce_all(&usage_topic, events.into_iter()).await;
+        eventually(30, "the usage facts to be written", || async {
+            (rows().await? == written).then_some(())
+        })
+        .await;
+    }
+    // The stage looks every second (ClickHouse's own background merges may get there first):
+    // the month ends up in one part of a merge, which reads the same without FINAL.
+    let partition = month.yyyymm().to_string();
+    eventually(
+        60,
+        "the closed month to be merged into one part",
+        || async {
+            let parts: Vec<(String, u32)> = clickhouse()
+                .query(
+                    "SELECT name, level FROM system.parts \
+                  WHERE database = currentDatabase() AND table = 'usage_events' AND active \
+                    AND partition = ?",
+                )
+                .bind(partition.as_str())
+                .fetch_all()
+                .await
+                .ok()?;
+            (parts.len() == 1 && parts[0].1 > 0).then_some(())
+        },
+    )
+    .await;
+    let plain: u64 = clickhouse()
+        .query("SELECT count() FROM usage_events WHERE tenant_id = ?")
+        .bind(tenant.as_str())
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!((plain, rows().await), (3, Some(3)));
+}

@@ -15,19 +15,21 @@ use async_trait::async_trait;
 use sluice_pipelines::{runtime::EffectivelyOnce, BatchSink, ProcessError};
 use sluice_schemas::UsageEvent;
 use sluice_stores::{
-    clickhouse::usage::{self, FailedCallRow, UsageRow},
+    clickhouse::usage::{self, FailedCallRow},
     ClickHouse,
 };
 
-/// Rows of `batch`'s billable events worth inserting: the first of each event id, minus ids
-/// already stored. Pure.
-pub fn rows_to_insert(batch: &[UsageEvent], already_stored: &HashSet<String>) -> Vec<UsageRow> {
+/// `batch`'s billable events worth inserting: the first of each event id, minus ids already
+/// stored. Pure.
+pub fn events_to_insert<'a>(
+    batch: &'a [UsageEvent],
+    already_stored: &HashSet<String>,
+) -> Vec<&'a UsageEvent> {
     let mut seen = HashSet::with_capacity(batch.len());
     batch
         .iter()
         .filter(|e| e.billable)
         .filter(|e| !already_stored.contains(&e.event_id) && seen.insert(e.event_id.as_str()))
-        .map(UsageRow::from)
         .collect()
 }
 
@@ -86,12 +88,11 @@ impl BatchSink for UsageSink {
         let stored = usage::stored_event_ids(&self.clickhouse, billable)
             .await
             .map_err(retriable)?;
-        let rows = rows_to_insert(batch, &stored);
-        self.clickhouse
-            .insert_rows(usage::TABLE, &rows)
+        let new = events_to_insert(batch, &stored);
+        let inserted = usage::insert_events(&self.clickhouse, new)
             .await
             .map_err(retriable)?;
-        Ok(rows.len() + failed.len())
+        Ok(inserted + failed.len())
     }
 
     async fn upkeep(&mut self) {
@@ -142,10 +143,8 @@ mod tests {
     fn duplicates_within_a_batch_and_stored_ids_are_skipped() {
         let batch = [event("a"), event("b"), event("a"), event("c")];
         let stored: HashSet<String> = ["b".to_owned()].into();
-        let rows = rows_to_insert(&batch, &stored);
-        let ids: Vec<_> = rows.iter().map(|r| r.event_id.as_str()).collect();
+        let events = events_to_insert(&batch, &stored);
+        let ids: Vec<_> = events.iter().map(|e| e.event_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
-        assert_eq!(rows[0].occurred_at, 1_700_000_000);
-        assert_eq!(rows[0].occurred_at_ms, 1_700_000_000_123);
     }
 }

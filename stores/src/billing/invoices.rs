@@ -435,6 +435,7 @@ async fn run_locked(
         .execute(&mut *conn)
         .await?;
     }
+    let started = std::time::Instant::now();
     let book = PriceBook::load(&mut conn).await?;
     let since = lookback_start(period);
     // What the control plane says and what the facts say are read at once.
@@ -462,6 +463,7 @@ async fn run_locked(
         priced_usage(clickhouse, &book, since, period, filter.as_deref())
     )?;
     drop(conn);
+    let read = started.elapsed();
 
     let mut report = RunReport::default();
     let known: HashSet<String> = tenants
@@ -532,6 +534,13 @@ async fn run_locked(
         .written
         .extend(finalize(admin, issuer, pending).await?);
     progress(all, all);
+    tracing::info!(
+        %period,
+        invoices = report.written.len(),
+        read_ms = read.as_millis() as u64,
+        drafted_and_written_ms = (started.elapsed() - read).as_millis() as u64,
+        "invoice run done"
+    );
     if only.is_none() {
         sqlx::query("UPDATE invoice_runs SET finished_at = now() WHERE period = $1::date")
             .bind(period.date_text())
@@ -542,7 +551,7 @@ async fn run_locked(
 }
 
 /// Invoices written in one transaction.
-const WRITE_BATCH: usize = 250;
+const WRITE_BATCH: usize = 1000;
 
 /// Writes `invoices` as final, numbered by `issuer` in order, in one transaction: a failure
 /// writes none of them and takes no number.

@@ -121,7 +121,7 @@ impl Default for StagesConfig {
             router_max_in_flight: 1024,
             orchestrator_max_in_flight: 4096,
             metering_max_batch: 50_000,
-            metering_max_batch_bytes: 4 << 20,
+            metering_max_batch_bytes: 2 << 20,
             metering_linger_ms: 200,
             metering_compact_after_s: 3600,
             metering_compact_every_s: 300,

@@ -68,12 +68,12 @@ pub struct SinkSpec {
 }
 
 impl SinkSpec {
-    /// A spec with the defaults: batches of up to 1000 records, 4 MiB or 200 ms.
+    /// A spec with the defaults: batches of up to 1000 records, 2 MiB or 200 ms.
     pub fn new(wiring: Wiring) -> Self {
         Self {
             wiring,
             max_batch: 1000,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 2 << 20,
             linger: Duration::from_millis(200),
             max_prefetch_kib: kafka::PREFETCH_KIB,
             upkeep_every: None,

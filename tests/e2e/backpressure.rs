@@ -107,12 +107,7 @@ async fn a_stalled_sink_bounds_memory_and_loses_nothing() {
     sluice.extra_env.clear();
     sluice.restart();
     let rows: u64 = eventually(240, "the backlog to drain into ClickHouse", || async {
-        let n: u64 = clickhouse()
-            .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
-            .bind(tenant.as_str())
-            .fetch_one()
-            .await
-            .ok()?;
+        let n = facts_of(&tenant).await?;
         (n >= total).then_some(n)
     })
     .await;

@@ -214,15 +214,6 @@ async fn a_closed_months_facts_end_up_in_one_merged_part_that_reads_the_same_wit
         sluice_stores::billing::Period::parse(&format!("{}-{:02}", 1971 + nth / 12, 1 + nth % 12))
             .unwrap();
     let usage_topic = sluice.topic("usage");
-    let rows = || async {
-        let n: u64 = clickhouse()
-            .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
-            .bind(tenant.as_str())
-            .fetch_one()
-            .await
-            .ok()?;
-        Some(n)
-    };
     // Late usage for a month long closed, in two deliveries (two inserts, two parts), the
     // second repeating an event of the first.
     for (written, ids) in [(2u64, ["a", "b"]), (3, ["b", "c"])] {
@@ -235,7 +226,7 @@ async fn a_closed_months_facts_end_up_in_one_merged_part_that_reads_the_same_wit
         });
         produce_all(&usage_topic, events.into_iter()).await;
         eventually(30, "the usage facts to be written", || async {
-            (rows().await? == written).then_some(())
+            (facts_of(&tenant).await? == written).then_some(())
         })
         .await;
     }
@@ -266,5 +257,5 @@ async fn a_closed_months_facts_end_up_in_one_merged_part_that_reads_the_same_wit
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!((plain, rows().await), (3, Some(3)));
+    assert_eq!((plain, facts_of(&tenant).await), (3, Some(3)));
 }

@@ -585,6 +585,16 @@ pub async fn metric(base: &str, series: &str) -> f64 {
 }
 
 /// (request_id, rows) for every request billed to `tenant_id`, read through `FINAL`.
+/// How many usage facts `tenant_id` has (each event once), or `None` if ClickHouse did not answer.
+pub async fn facts_of(tenant_id: &str) -> Option<u64> {
+    clickhouse()
+        .query("SELECT count() FROM usage_events FINAL WHERE tenant_id = ?")
+        .bind(tenant_id)
+        .fetch_one()
+        .await
+        .ok()
+}
+
 pub async fn billed_per_request(tenant_id: &str) -> Option<Vec<(String, u64)>> {
     clickhouse()
         .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")

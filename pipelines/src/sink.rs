@@ -143,14 +143,17 @@ pub async fn run_sink<S: BatchSink>(
                     None => std::future::pending().await,
                 }
             };
+            // In this order when several are ready: shutdown, a finished write (so a write
+            // that ends as it stalls never pauses anything), the batch's time, a stall.
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => { stopping = true; break; }
-                _ = wait => break,
                 done = writer.finished() => {
                     if !writer.settle(done, &source.consumer)? {
                         break 'batches;
                     }
                 }
+                _ = wait => break,
                 // The store is slow: stop fetching ahead (below) whatever is in hand.
                 _ = stalled => break,
                 _ = upkeep_tick => upkeep_due = true,
@@ -188,8 +191,12 @@ pub async fn run_sink<S: BatchSink>(
             .records_in
             .with_label_values(&[&spec.wiring.name])
             .inc_by(messages.len() as u64);
+        stopping |= cancel.is_cancelled();
         let wait_token = if stopping { &never } else { &cancel };
-        let Some(batch) = decode_batch::<S::Input>(&source, messages, wait_token).await else {
+        // A registry or DLQ that keeps the decoding waiting pauses the partitions too, and the
+        // consumer is polled meanwhile, so the stage stays in its group.
+        let decoding = decode_batch::<S::Input>(&source, messages, wait_token);
+        let Some(batch) = hold_back.hold(&source.consumer, decoding).await else {
             // Shutdown interrupted a wait: nothing of this batch is stored; it is redelivered.
             break;
         };
@@ -199,7 +206,7 @@ pub async fn run_sink<S: BatchSink>(
             break;
         }
         writer.upkeep_if_idle(&mut upkeep_due).await;
-        writer.start(batch, &spec, &deps, &source, wait_token.clone());
+        writer.start(batch, &spec, &deps, &source, wait_token.clone())?;
     }
     // The write under way finishes (or shutdown interrupts its retries) before the offsets
     // are committed.
@@ -302,7 +309,8 @@ impl<S: BatchSink> Writer<S> {
         }
     }
 
-    /// Starts writing `batch`. The writer must be idle.
+    /// Starts writing `batch`. The writer must be idle (a write under way is waited for
+    /// first): otherwise nothing starts and the stage stops with an error.
     fn start(
         &mut self,
         batch: DecodedBatch<S::Input>,
@@ -310,9 +318,11 @@ impl<S: BatchSink> Writer<S> {
         deps: &StageDeps,
         source: &StageSource,
         cancel: CancellationToken,
-    ) {
+    ) -> Result<()> {
         let Self::Idle(mut sink) = std::mem::replace(self, Self::Moving) else {
-            return;
+            return Err(crate::Error::Stalled(
+                "a batch was handed to a sink still writing the one before".into(),
+            ));
         };
         let name = spec.wiring.name.clone();
         let metrics = deps.metrics.clone();
@@ -326,6 +336,7 @@ impl<S: BatchSink> Writer<S> {
             task,
             started: tokio::time::Instant::now(),
         };
+        Ok(())
     }
 
     /// The write under way, once it ends (never, when there is none). Cancel-safe.

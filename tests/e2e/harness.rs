@@ -584,7 +584,6 @@ pub async fn metric(base: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// (request_id, rows) for every request billed to `tenant_id`, read through `FINAL`.
 /// How many usage facts `tenant_id` has (each event once), or `None` if ClickHouse did not answer.
 pub async fn facts_of(tenant_id: &str) -> Option<u64> {
     clickhouse()
@@ -595,6 +594,7 @@ pub async fn facts_of(tenant_id: &str) -> Option<u64> {
         .ok()
 }
 
+/// (request_id, rows) for every request billed to `tenant_id`, read through `FINAL`.
 pub async fn billed_per_request(tenant_id: &str) -> Option<Vec<(String, u64)>> {
     clickhouse()
         .query("SELECT request_id, count() FROM usage_events FINAL WHERE tenant_id = ? GROUP BY request_id")

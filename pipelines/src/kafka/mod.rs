@@ -606,6 +606,7 @@ impl HoldBack {
         use rdkafka::{consumer::Consumer, message::Message};
         tokio::pin!(work);
         tokio::select! {
+            biased;
             out = &mut work => return out,
             _ = tokio::time::sleep(after) => {}
         }

@@ -1,6 +1,7 @@
 //! The usage facts, `usage_events`: one row per billable model call, written by the metering
-//! sink and read by the edge's `/v1/usage` (and invoices to come). Every read names its tenant
-//! and goes through `FINAL`, so redelivered events are never counted twice.
+//! sink and read by the edge's `/v1/usage`, budgets, previews and invoices. Every read counts a
+//! redelivered event once: through `FINAL`, or plainly for a closed month merged into one part
+//! ([`usage_slices`], [`compact_closed_months`]).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -63,20 +64,20 @@ pub struct FailedCallRow {
 
 impl From<&UsageEvent> for FailedCallRow {
     fn from(e: &UsageEvent) -> Self {
-        let row = UsageRow::from(e);
+        let row = UsageRowRef::from(e);
         Self {
-            event_id: row.event_id,
-            request_id: row.request_id,
-            tenant_id: row.tenant_id,
-            model: row.model,
-            provider: row.provider,
+            event_id: row.event_id.to_owned(),
+            request_id: row.request_id.to_owned(),
+            tenant_id: row.tenant_id.to_owned(),
+            model: row.model.to_owned(),
+            provider: row.provider.to_owned(),
             occurred_at: row.occurred_at,
             occurred_at_ms: row.occurred_at_ms,
             latency_ms: row.latency_ms,
             outcome: e.outcome.clone().unwrap_or_else(|| "unknown".into()),
-            key_id: row.key_id,
-            user_id: row.user_id,
-            trace_id: row.trace_id,
+            key_id: row.key_id.to_owned(),
+            user_id: row.user_id.to_owned(),
+            trace_id: row.trace_id.to_owned(),
         }
     }
 }
@@ -493,9 +494,12 @@ pub async fn partitions(
         .query(
             "SELECT partition, name, level FROM system.parts \
               WHERE database = currentDatabase() AND table = ? AND active \
+                AND partition >= ? AND partition <= ? \
               ORDER BY partition, name",
         )
         .bind(TABLE)
+        .bind(format!("{first:06}"))
+        .bind(format!("{last:06}"))
         .fetch_all()
         .await?;
     let mut partitions: BTreeMap<u32, Partition> = BTreeMap::new();
@@ -540,13 +544,25 @@ pub async fn compact_closed_months(clickhouse: &ClickHouse, grace_s: u32) -> Res
         .bind(grace_s)
         .fetch_one()
         .await?;
-    let candidates = partitions(clickhouse, (0, closed_before.saturating_sub(1))).await?;
-    let mut compacted = Vec::new();
-    for partition in candidates.values().filter(|p| !p.merged) {
-        compact_month(clickhouse, partition.month).await?;
-        compacted.push(partition.month);
+    let closed = (0, closed_before.saturating_sub(1));
+    let candidates: Vec<u32> = partitions(clickhouse, closed)
+        .await?
+        .into_values()
+        .filter(|p| !p.merged)
+        .map(|p| p.month)
+        .collect();
+    if candidates.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(compacted)
+    for &month in &candidates {
+        compact_month(clickhouse, month).await?;
+    }
+    // `OPTIMIZE` says nothing when a background merge held the parts: ask what is merged now.
+    let now = partitions(clickhouse, closed).await?;
+    Ok(candidates
+        .into_iter()
+        .filter(|m| now.get(m).is_some_and(|p| p.merged))
+        .collect())
 }
 
 /// Merges one month's (`YYYYMM`) facts into one part, keeping one row per event. (If a

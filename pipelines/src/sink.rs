@@ -206,6 +206,9 @@ pub async fn run_sink<S: BatchSink>(
             break;
         }
         writer.upkeep_if_idle(&mut upkeep_due).await;
+        // Records of partitions a rebalance took away while they waited are the new owner's
+        // to write: writing them too would race its stored-id check.
+        let batch = batch.of_assigned(&source.consumer);
         writer.start(batch, &spec, &deps, &source, wait_token.clone())?;
     }
     // The write under way finishes (or shutdown interrupts its retries) before the offsets
@@ -231,6 +234,54 @@ struct DecodedBatch<T> {
     /// Per record, its message's index in `messages`.
     sources: Vec<usize>,
     messages: Vec<OwnedMessage>,
+}
+
+impl<T> DecodedBatch<T> {
+    /// The batch without the records of partitions `consumer` no longer holds. (If the
+    /// assignment cannot be read, the batch as it is: the stored-id check still guards it.)
+    fn of_assigned(self, consumer: &kafka::KafkaConsumer) -> Self {
+        let Ok(assignment) = consumer.assignment() else {
+            return self;
+        };
+        let held = |m: &OwnedMessage| {
+            assignment
+                .find_partition(m.topic(), m.partition())
+                .is_some()
+        };
+        let dropped = self.messages.iter().filter(|m| !held(m)).count();
+        if dropped > 0 {
+            tracing::info!(
+                records = dropped,
+                "records of partitions revoked meanwhile left to their new owner"
+            );
+        }
+        self.retain(held)
+    }
+
+    /// The batch with only the messages `keep` says yes to, and their records.
+    fn retain(self, keep: impl Fn(&OwnedMessage) -> bool) -> Self {
+        if self.messages.iter().all(&keep) {
+            return self;
+        }
+        let mut kept = Self {
+            records: Vec::with_capacity(self.records.len()),
+            sources: Vec::with_capacity(self.sources.len()),
+            messages: Vec::with_capacity(self.messages.len()),
+        };
+        let mut records = self.records.into_iter().zip(self.sources).peekable();
+        for (i, message) in self.messages.into_iter().enumerate() {
+            let record = records.next_if(|(_, source)| *source == i).map(|(r, _)| r);
+            if !keep(&message) {
+                continue;
+            }
+            if let Some(record) = record {
+                kept.records.push(record);
+                kept.sources.push(kept.messages.len());
+            }
+            kept.messages.push(message);
+        }
+        kept
+    }
 }
 
 /// Decodes `messages` (undecodable ones go to the DLQ); `None` if `cancel` interrupted it.
@@ -435,5 +486,48 @@ fn store_batch_offsets(consumer: &kafka::KafkaConsumer, messages: &[OwnedMessage
     }
     if let Err(e) = consumer.store_offsets(&list) {
         tracing::debug!(error = %e, "offsets not stored (partition moved in a rebalance)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    fn message(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(vec![1]),
+            None,
+            "usage".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_batch_keeps_only_the_messages_asked_for_with_their_records() {
+        // Five messages; the one at index 2 did not decode (it went to the DLQ).
+        let batch = DecodedBatch {
+            records: vec!["a", "b", "d", "e"],
+            sources: vec![0, 1, 3, 4],
+            messages: (0..5).map(|i| message(i % 2, i64::from(i))).collect(),
+        };
+        // Partition 1 (messages 1 and 3) was revoked.
+        let kept = batch.retain(|m| m.partition() == 0);
+        assert_eq!(kept.records, ["a", "e"]);
+        let offsets: Vec<i64> = kept.messages.iter().map(Message::offset).collect();
+        assert_eq!(offsets, [0, 2, 4]);
+        // Each record still points at its own message.
+        assert_eq!(kept.sources, [0, 2]);
+        let all = DecodedBatch {
+            records: vec!["x"],
+            sources: vec![0],
+            messages: vec![message(0, 7)],
+        }
+        .retain(|_| true);
+        assert_eq!((all.records, all.sources), (vec!["x"], vec![0]));
     }
 }

@@ -200,11 +200,7 @@ pub async fn report(
     let spending = spending(clickhouse, &book, tenant_id, range, (true, &[])).await?;
     let mut budgets = Vec::with_capacity(rows.len());
     for row in rows {
-        let spent = match row.key_id {
-            None => spending.all,
-            Some(key) => spending.by_caller(key),
-        }
-        .micros_up();
+        let spent = spending.of(row.key_id).micros_up();
         let limit = row.budget.monthly_micros;
         budgets.push(BudgetStatus {
             key_id: row.key_id,
@@ -235,11 +231,7 @@ pub async fn spent(
     excluding: &[String],
 ) -> Result<u64> {
     let spending = spending(clickhouse, book, tenant, range, (key.is_some(), excluding)).await?;
-    let exact = match key {
-        None => spending.all,
-        Some(key) => spending.by_caller(key),
-    };
-    Ok(exact.micros_up())
+    Ok(spending.of(key).micros_up())
 }
 
 /// A tenant's spend over a range: in all, and (when asked for) per caller.
@@ -250,11 +242,16 @@ struct Spending {
 }
 
 impl Spending {
-    fn by_caller(&self, id: Uuid) -> Exact {
-        self.callers
-            .get(&id.to_string())
-            .copied()
-            .unwrap_or_default()
+    /// The tenant's spend (`None`), or one key's.
+    fn of(&self, key: Option<Uuid>) -> Exact {
+        match key {
+            None => self.all,
+            Some(id) => self
+                .callers
+                .get(&id.to_string())
+                .copied()
+                .unwrap_or_default(),
+        }
     }
 }
 

@@ -136,7 +136,7 @@ impl<'a> From<&'a UsageEvent> for UsageRowRef<'a> {
             provider: &e.provider,
             input_tokens: u64::try_from(e.input_tokens).unwrap_or(0),
             output_tokens: u64::try_from(e.output_tokens).unwrap_or(0),
-            occurred_at: u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0),
+            occurred_at: event_second(e),
             occurred_at_ms: e.occurred_at_ms,
             key_id: e.key_id.as_deref().unwrap_or_default(),
             user_id: e.user_id.as_deref().unwrap_or_default(),
@@ -149,6 +149,11 @@ impl<'a> From<&'a UsageEvent> for UsageRowRef<'a> {
             outcome: e.outcome.as_deref().unwrap_or_default(),
         }
     }
+}
+
+/// The event's time as the facts' `occurred_at` (`DateTime`, seconds) has it.
+fn event_second(e: &UsageEvent) -> u32 {
+    u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0)
 }
 
 /// Inserts `events` as rows of the facts in one request, each written straight from its event.
@@ -186,7 +191,7 @@ pub async fn stored_event_ids<'a>(
     let (mut first_s, mut last_s) = (u32::MAX, 0u32);
     for e in events {
         asked.insert((e.tenant_id.as_str(), e.event_id.as_str()));
-        let at = UsageRowRef::from(e).occurred_at;
+        let at = event_second(e);
         first_s = first_s.min(at);
         last_s = last_s.max(at);
     }

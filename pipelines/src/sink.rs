@@ -63,7 +63,8 @@ pub struct SinkSpec {
     pub linger: Duration,
     /// Most the consumer fetches ahead of the sink (KiB), so a stalled store bounds memory.
     pub max_prefetch_kib: u32,
-    /// How often [`BatchSink::upkeep`] runs (`None`: never).
+    /// How often [`BatchSink::upkeep`] runs, the first time one period after the stage starts
+    /// (`None`: never).
     pub upkeep_every: Option<Duration>,
 }
 
@@ -111,8 +112,10 @@ pub async fn run_sink<S: BatchSink>(
     );
 
     let mut hold_back = kafka::HoldBack::new(&deps.metrics, &spec.wiring.name);
+    // The first upkeep comes one period after start, not at it: a restart (or many replicas
+    // starting at once) adds no work to start-up.
     let mut upkeep = spec.upkeep_every.map(|every| {
-        let mut ticks = tokio::time::interval(every);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks
     });

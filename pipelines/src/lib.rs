@@ -35,7 +35,7 @@ mod source;
 pub use config::{KafkaConfig, Topics};
 pub use error::{Error, ProcessError, Result};
 pub use runtime::{BatchError, Emitter, Input, Operator, PerRecord, RecordContext, RecordOperator};
-pub use sink::BatchSink;
+pub use sink::{BatchCheck, BatchSink, Checked, NoCheck};
 pub use stage::{ReplayRange, Runnable};
 
 /// Milliseconds since the Unix epoch, now.

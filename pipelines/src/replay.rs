@@ -303,7 +303,7 @@ pub async fn replay_sink<S: BatchSink>(
         if pending.len() >= batch.max(1) || (next.is_none() && !pending.is_empty()) {
             let mut attempt = 0;
             loop {
-                match sink.write(&pending).await {
+                match sink.write(&pending, None).await {
                     Ok(new) => {
                         session.report.processed += new as u64;
                         break;

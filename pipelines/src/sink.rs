@@ -8,6 +8,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,6 +29,35 @@ use crate::{
     ProcessError, Result,
 };
 
+/// A look at the store that writing a batch needs first: for instance, which of its records
+/// are already stored. The sink loop runs it on the next batch while the batch before is still
+/// being written, so it may not see that write's effects: [`BatchSink::write`] accounts for
+/// them (it knows what it wrote last).
+#[async_trait]
+pub trait BatchCheck<T>: Send + Sync + 'static {
+    /// What the look found.
+    type Checked: Send + 'static;
+
+    /// Looks at the store for `batch`. Reads only: it may run beside a write.
+    async fn check(&self, batch: &[T]) -> Result<Self::Checked, ProcessError>;
+}
+
+/// For sinks whose writes need no look at the store first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCheck;
+
+#[async_trait]
+impl<T: Sync> BatchCheck<T> for NoCheck {
+    type Checked = ();
+
+    async fn check(&self, _batch: &[T]) -> Result<(), ProcessError> {
+        Ok(())
+    }
+}
+
+/// What `S`'s check found about a batch.
+pub type Checked<S> = <<S as BatchSink>::Check as BatchCheck<<S as BatchSink>::Input>>::Checked;
+
 /// A store that accepts batches of records.
 #[async_trait]
 pub trait BatchSink: Send + 'static {
@@ -39,9 +69,21 @@ pub trait BatchSink: Send + 'static {
     /// source coordinates, [`AtLeastOnce`](crate::runtime::AtLeastOnce) otherwise.
     type Delivery: Guarantee;
 
+    /// The look at the store a write needs first ([`NoCheck`] for none).
+    type Check: BatchCheck<Self::Input>;
+
+    /// The sink's check, to run on a batch before it is written.
+    fn check(&self) -> Self::Check;
+
     /// Writes `batch` (which may contain records already written before a crash: the write
-    /// must be idempotent). Returns the number of records that were new.
-    async fn write(&mut self, batch: &[Self::Input]) -> Result<usize, ProcessError>;
+    /// must be idempotent), given what the check found about it while the write before this
+    /// one may still have been under way (`None`: the write looks itself, as on a retry).
+    /// Returns the number of records that were new.
+    async fn write(
+        &mut self,
+        batch: &[Self::Input],
+        checked: Option<Checked<Self>>,
+    ) -> Result<usize, ProcessError>;
 
     /// Looks after the store between batches, every [`SinkSpec::upkeep_every`] while the stage
     /// runs in its consumer group (never in a replay): for instance compacting what no longer
@@ -119,6 +161,7 @@ pub async fn run_sink<S: BatchSink>(
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks
     });
+    let checker = Arc::new(sink.check());
     let mut writer = Writer::Idle(sink);
     let mut upkeep_due = false;
     let mut stopping = false;
@@ -203,16 +246,29 @@ pub async fn run_sink<S: BatchSink>(
             // Shutdown interrupted a wait: nothing of this batch is stored; it is redelivered.
             break;
         };
+        // The batch's look at the store runs while the write before it finishes.
+        let checking = tokio::spawn(check_batch(checker.clone(), batch, wait_token.clone()));
         // The write before must be done (and its offsets stored) before this one starts. A
         // store that stays down holds it in retries: the partitions pause meanwhile.
         if !writer.wait(&mut hold_back, &source.consumer).await? {
+            checking.abort();
             break;
         }
         writer.upkeep_if_idle(&mut upkeep_due).await;
+        let (batch, checked) = match hold_back.hold(&source.consumer, checking).await {
+            Ok(checked) => checked,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(crate::Error::Stalled(format!("a batch's check ended: {e}"))),
+        };
         // Records of partitions a rebalance took away while they waited are the new owner's
         // to write: writing them too would race its stored-id check.
         let batch = batch.of_assigned(&source.consumer);
-        writer.start(batch, &spec, &deps, &source, wait_token.clone())?;
+        writer.start(batch, checked, &spec, &deps, &source, wait_token.clone())?;
+        // A task spawned from a worker waits in that worker's next-task slot, which no other
+        // worker takes from, until the spawning task yields; consuming and decoding the next
+        // batch yields to nothing while records are ready, so without this the write would
+        // wait for them (a third of each batch's time).
+        tokio::task::yield_now().await;
     }
     // The write under way finishes (or shutdown interrupts its retries) before the offsets
     // are committed.
@@ -285,6 +341,29 @@ impl<T> DecodedBatch<T> {
         }
         kept
     }
+}
+
+/// Runs `checker` on `batch`'s records and hands both back; `None` if it failed (the write then
+/// looks itself, retrying as writes do) or `cancel` interrupted it.
+async fn check_batch<T, C: BatchCheck<T>>(
+    checker: Arc<C>,
+    batch: DecodedBatch<T>,
+    cancel: CancellationToken,
+) -> (DecodedBatch<T>, Option<C::Checked>) {
+    if batch.records.is_empty() {
+        return (batch, None);
+    }
+    let checked = tokio::select! {
+        _ = cancel.cancelled() => None,
+        checked = checker.check(&batch.records) => match checked {
+            Ok(checked) => Some(checked),
+            Err(e) => {
+                tracing::debug!(error = %e, "a batch's check failed; its write looks again");
+                None
+            }
+        },
+    };
+    (batch, checked)
 }
 
 /// Decodes `messages` (undecodable ones go to the DLQ); `None` if `cancel` interrupted it.
@@ -368,6 +447,7 @@ impl<S: BatchSink> Writer<S> {
     fn start(
         &mut self,
         batch: DecodedBatch<S::Input>,
+        checked: Option<Checked<S>>,
         spec: &SinkSpec,
         deps: &StageDeps,
         source: &StageSource,
@@ -382,8 +462,16 @@ impl<S: BatchSink> Writer<S> {
         let metrics = deps.metrics.clone();
         let dead_letters = source.dead_letters().clone();
         let task = tokio::spawn(async move {
-            let written =
-                write_batch(&mut sink, &name, &metrics, &dead_letters, &batch, &cancel).await;
+            let written = write_batch(
+                &mut sink,
+                &name,
+                &metrics,
+                &dead_letters,
+                &batch,
+                checked,
+                &cancel,
+            )
+            .await;
             (sink, written, batch.messages)
         });
         *self = Self::Busy {
@@ -418,13 +506,15 @@ impl<S: BatchSink> Writer<S> {
     }
 }
 
-/// Writes one decoded batch; false if `cancel` interrupted it before it was done.
+/// Writes one decoded batch, given what its check found; false if `cancel` interrupted it
+/// before it was done.
 async fn write_batch<S: BatchSink>(
     sink: &mut S,
     name: &str,
     metrics: &crate::metrics::Metrics,
     dead_letters: &DeadLetters,
     batch: &DecodedBatch<S::Input>,
+    mut checked: Option<Checked<S>>,
     cancel: &CancellationToken,
 ) -> bool {
     let records = &batch.records;
@@ -434,7 +524,9 @@ async fn write_batch<S: BatchSink>(
     let mut attempt = 0;
     loop {
         let started = Instant::now();
-        match sink.write(records).await {
+        // What the check found holds for the first attempt only: a failed write may have
+        // stored some of the batch.
+        match sink.write(records, checked.take()).await {
             Ok(new_rows) => {
                 metrics
                     .sink_batch_seconds

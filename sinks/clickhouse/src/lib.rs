@@ -9,33 +9,43 @@
 
 pub mod bench;
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Instant};
 
 use async_trait::async_trait;
-use sluice_pipelines::{runtime::EffectivelyOnce, BatchSink, ProcessError};
+use sluice_pipelines::{runtime::EffectivelyOnce, BatchCheck, BatchSink, ProcessError};
 use sluice_schemas::UsageEvent;
 use sluice_stores::{
-    clickhouse::usage::{self, FailedCallRow},
+    clickhouse::usage::{self, EventIds, FailedCallRow},
     ClickHouse,
 };
 
-/// `batch`'s billable events worth inserting: the first of each event id, minus ids already
-/// stored. Pure.
+/// `batch`'s billable events worth inserting: the first of each event, minus those already
+/// stored and those of the batch written before (which a check run beside that write may
+/// have missed).
+/// Pure.
 pub fn events_to_insert<'a>(
     batch: &'a [UsageEvent],
-    already_stored: &HashSet<String>,
+    already_stored: &EventIds,
+    written_before: &EventIds,
 ) -> Vec<&'a UsageEvent> {
     let mut seen = HashSet::with_capacity(batch.len());
     batch
         .iter()
         .filter(|e| e.billable)
-        .filter(|e| !already_stored.contains(&e.event_id) && seen.insert(e.event_id.as_str()))
+        .filter(|e| {
+            let (tenant, id) = (e.tenant_id.as_str(), e.event_id.as_str());
+            !already_stored.contains(tenant, id)
+                && !written_before.contains(tenant, id)
+                && seen.insert((tenant, id))
+        })
         .collect()
 }
 
 /// Writes usage events to `usage_events`, once per event id.
 pub struct UsageSink {
     clickhouse: ClickHouse,
+    /// The events of the last batch written: the next batch's check may have run beside it.
+    written_before: EventIds,
     /// Seconds after a month ends before its facts are merged into one part (`None`: never).
     compact_after_s: Option<u32>,
     /// The compaction under way, if one is.
@@ -47,6 +57,7 @@ impl UsageSink {
     pub fn new(clickhouse: ClickHouse) -> Self {
         Self {
             clickhouse,
+            written_before: EventIds::default(),
             compact_after_s: None,
             compacting: None,
         }
@@ -66,14 +77,43 @@ fn retriable(e: sluice_stores::Error) -> ProcessError {
     ProcessError::Retriable(e.to_string())
 }
 
+/// Which of a batch's billable events `usage_events` already holds.
+pub struct StoredIdCheck {
+    clickhouse: ClickHouse,
+}
+
+#[async_trait]
+impl BatchCheck<UsageEvent> for StoredIdCheck {
+    type Checked = EventIds;
+
+    async fn check(&self, batch: &[UsageEvent]) -> Result<EventIds, ProcessError> {
+        let billable = batch.iter().filter(|e| e.billable);
+        usage::stored_event_ids(&self.clickhouse, billable)
+            .await
+            .map_err(retriable)
+    }
+}
+
 #[async_trait]
 impl BatchSink for UsageSink {
     type Input = UsageEvent;
     /// Rows are keyed by event id: already stored ids are skipped, and the table's
     /// ReplacingMergeTree folds any that race in.
     type Delivery = EffectivelyOnce;
+    type Check = StoredIdCheck;
 
-    async fn write(&mut self, batch: &[UsageEvent]) -> Result<usize, ProcessError> {
+    fn check(&self) -> StoredIdCheck {
+        StoredIdCheck {
+            clickhouse: self.clickhouse.clone(),
+        }
+    }
+
+    async fn write(
+        &mut self,
+        batch: &[UsageEvent],
+        checked: Option<EventIds>,
+    ) -> Result<usize, ProcessError> {
+        let started = Instant::now();
         // Failed calls feed no rollup: the table's FINAL reads fold a redelivered one.
         let failed: Vec<FailedCallRow> = batch
             .iter()
@@ -84,14 +124,32 @@ impl BatchSink for UsageSink {
             .insert_rows(usage::FAILED_TABLE, &failed)
             .await
             .map_err(retriable)?;
-        let billable = batch.iter().filter(|e| e.billable);
-        let stored = usage::stored_event_ids(&self.clickhouse, billable)
-            .await
-            .map_err(retriable)?;
-        let new = events_to_insert(batch, &stored);
+        let looked_ahead = checked.is_some();
+        let stored = match checked {
+            Some(stored) => stored,
+            None => self.check().check(batch).await?,
+        };
+        let checked_at = Instant::now();
+        let new = events_to_insert(batch, &stored, &self.written_before);
         let inserted = usage::insert_events(&self.clickhouse, new)
             .await
             .map_err(retriable)?;
+        // Every event of the batch is stored now, some perhaps by an earlier attempt that
+        // failed after ClickHouse took its rows: the next check may have missed any of them.
+        let mut written = EventIds::default();
+        for e in batch.iter().filter(|e| e.billable) {
+            written.insert(&e.tenant_id, &e.event_id);
+        }
+        self.written_before = written;
+        tracing::debug!(
+            records = batch.len(),
+            inserted,
+            already_stored = stored.len(),
+            looked_ahead,
+            check_ms = checked_at.duration_since(started).as_millis() as u64,
+            insert_ms = checked_at.elapsed().as_millis() as u64,
+            "usage batch written"
+        );
         Ok(inserted + failed.len())
     }
 
@@ -139,11 +197,50 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_batch_checked_beside_the_write_before_it_stores_no_event_twice() {
+        let url = std::env::var("SLUICE_CLICKHOUSE__URL")
+            .unwrap_or_else(|_| sluice_stores::clickhouse::ClickHouseConfig::default().url);
+        let clickhouse = ClickHouse::new(&sluice_stores::clickhouse::ClickHouseConfig {
+            url,
+            ..Default::default()
+        });
+        let now_ms = sluice_pipelines::now_ms();
+        let tenant = format!("test-lookahead-{}-{now_ms}", std::process::id());
+        let of_tenant = |id: &str| UsageEvent {
+            tenant_id: tenant.clone(),
+            occurred_at_ms: now_ms,
+            ..event(id)
+        };
+        let mut sink = UsageSink::new(clickhouse.clone());
+        let first = [of_tenant("1"), of_tenant("2")];
+        let second = [of_tenant("2"), of_tenant("3")];
+        // The second batch is checked while the first is still on its way: "2" is not stored yet.
+        let checked_early = sink.check().check(&second).await.unwrap();
+        assert!(checked_early.is_empty());
+        assert_eq!(sink.write(&first, None).await.unwrap(), 2);
+        assert_eq!(sink.write(&second, Some(checked_early)).await.unwrap(), 1);
+        // Redelivered, with a check of its own: nothing new.
+        assert_eq!(sink.write(&second, None).await.unwrap(), 0);
+        let rows = usage::totals_by_tenant_and_model(
+            &clickhouse,
+            now_ms - 1000,
+            now_ms + 1000,
+            Some(&tenant),
+            usage::Rows::AsStored,
+        )
+        .await
+        .unwrap();
+        let stored: u64 = rows.iter().map(|r| r.requests).sum();
+        assert_eq!(stored, 3, "each event stored once, without FINAL: {rows:?}");
+    }
+
     #[test]
     fn duplicates_within_a_batch_and_stored_ids_are_skipped() {
         let batch = [event("a"), event("b"), event("a"), event("c")];
-        let stored: HashSet<String> = ["b".to_owned()].into();
-        let events = events_to_insert(&batch, &stored);
+        let mut stored = EventIds::default();
+        stored.insert("t", "b");
+        let events = events_to_insert(&batch, &stored, &EventIds::default());
         let ids: Vec<_> = events.iter().map(|e| e.event_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
     }

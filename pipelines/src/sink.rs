@@ -247,6 +247,10 @@ pub async fn run_sink<S: BatchSink>(
             break;
         };
         // The batch's look at the store runs while the write before it finishes.
+        let checked_from = (
+            tokio::time::Instant::now(),
+            source.consumer.context().rebalances_seen(),
+        );
         let checking = tokio::spawn(check_batch(checker.clone(), batch, wait_token.clone()));
         // The write before must be done (and its offsets stored) before this one starts. A
         // store that stays down holds it in retries: the partitions pause meanwhile.
@@ -255,11 +259,19 @@ pub async fn run_sink<S: BatchSink>(
             break;
         }
         writer.upkeep_if_idle(&mut upkeep_due).await;
-        let (batch, checked) = match hold_back.hold(&source.consumer, checking).await {
+        let (batch, mut checked) = match hold_back.hold(&source.consumer, checking).await {
             Ok(checked) => checked,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => return Err(crate::Error::Stalled(format!("a batch's check ended: {e}"))),
         };
+        // The check could miss only the write beside it, which the sink accounts for; not
+        // what another owner wrote if a rebalance moved partitions meanwhile (and gave them
+        // back), nor much else if the write took long: then the write looks again itself.
+        if source.consumer.context().rebalances_seen() != checked_from.1
+            || checked_from.0.elapsed() > kafka::PAUSE_AFTER
+        {
+            checked = None;
+        }
         // Records of partitions a rebalance took away while they waited are the new owner's
         // to write: writing them too would race its stored-id check.
         let batch = batch.of_assigned(&source.consumer);

@@ -167,6 +167,7 @@ async fn large_limits_are_drawn_on_through_shares_with_few_redis_calls() {
     let before = redis_calls(&edges.urls[0]).await + redis_calls(&edges.urls[1]).await;
     // 40 clients, each sending 10 requests one after another, half of them to each edge.
     let (clients, each) = (40, 10);
+    let started = Instant::now();
     let mut calls = Vec::new();
     for client in 0..clients {
         let (base, key) = (edges.urls[client % 2].clone(), tenant.key.clone());
@@ -191,10 +192,14 @@ async fn large_limits_are_drawn_on_through_shares_with_few_redis_calls() {
     }
     let requests = (clients * each) as f64;
     let calls = redis_calls(&edges.urls[0]).await + redis_calls(&edges.urls[1]).await - before;
-    eprintln!("{calls} Redis calls for {requests} requests");
+    // Besides the calls the requests cause, each edge's budget share hands its used tokens
+    // over at least every two seconds while it is drawn on, however few the requests: on a
+    // loaded machine the requests take longer, and those calls count too.
+    let hand_overs = 2.0 * (started.elapsed().as_secs_f64() / 2.0).ceil();
+    eprintln!("{calls} Redis calls for {requests} requests (hand-overs allowed for: {hand_overs})");
     assert!(
-        calls * 4.0 <= requests,
-        "{calls} Redis calls for {requests} requests"
+        calls <= requests / 4.0 + hand_overs,
+        "{calls} Redis calls for {requests} requests and {hand_overs} hand-overs"
     );
     // The budget's share hands the tokens used over: the month's counter is what is billed.
     let billed = billed_tokens(&edges.urls[0], &tenant.key, (clients * each) as u64).await;

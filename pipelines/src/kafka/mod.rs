@@ -27,6 +27,16 @@ pub struct StageContext {
     group: String,
     /// Counts rebalances that assigned or revoked partitions (`sluice_rebalances_total`).
     rebalances: Option<prometheus::IntCounter>,
+    /// Rebalances begun and done in this consumer's life (see [`StageContext::rebalances_seen`]).
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl StageContext {
+    /// How many times a rebalance began or ended for this consumer: if it is the same at two
+    /// moments, the assignment did not change between them.
+    pub fn rebalances_seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl rdkafka::client::ClientContext for StageContext {
@@ -52,6 +62,7 @@ impl rdkafka::consumer::ConsumerContext for StageContext {
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(group = %self.group, rebalance = %describe(rebalance), "rebalance starting");
     }
 
@@ -60,6 +71,7 @@ impl rdkafka::consumer::ConsumerContext for StageContext {
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(group = %self.group, rebalance = %describe(rebalance), "rebalance done");
         if let Some(counter) = &self.rebalances {
             counter.inc();
@@ -288,6 +300,7 @@ pub fn consumer(
     Ok(client.create_with_context(StageContext {
         group: group.to_owned(),
         rebalances: metrics.map(|m| m.rebalances.with_label_values(&[group])),
+        seen: std::sync::atomic::AtomicU64::new(0),
     })?)
 }
 
@@ -314,6 +327,7 @@ pub fn assigned_consumer_with(
     Ok(client.create_with_context(StageContext {
         group: "(assigned)".to_owned(),
         rebalances: None,
+        seen: std::sync::atomic::AtomicU64::new(0),
     })?)
 }
 

@@ -466,7 +466,12 @@ async fn read_by_month(
                 .await
             });
         }
-        month = month.next();
+        let next = month.next();
+        if next == month {
+            // The calendar's last month: nothing after it.
+            break;
+        }
+        month = next;
     }
     let read = futures::future::try_join_all(reads).await?;
     Ok(read.into_iter().flatten().collect())

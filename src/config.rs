@@ -98,15 +98,24 @@ pub struct StagesConfig {
     /// Requests the orchestrator works on at once, most of them waiting on a model: one
     /// session's turns in order, different sessions' calls concurrently.
     pub orchestrator_max_in_flight: usize,
-    /// Largest batch the metering sink writes to ClickHouse. Large batches make few large
-    /// inserts (what ClickHouse wants: each insert costs a fixed ~15 ms with the rollups' views,
-    /// whatever its size); under light traffic `metering_linger_ms` closes a batch first.
+    /// Largest batch the metering sink takes from the topic at once; under light traffic
+    /// `metering_linger_ms` closes a batch first.
     pub metering_max_batch: usize,
     /// Largest batch of the metering sink in bytes of records (a bound on its memory whatever
     /// the records' size).
     pub metering_max_batch_bytes: usize,
     /// Longest a usage event waits for its batch (milliseconds).
     pub metering_linger_ms: u64,
+    /// Most usage events one ClickHouse insert of the metering sink spans: batches join the
+    /// open insert until it holds this many (1: an insert per batch). Few large inserts are
+    /// what ClickHouse wants (each costs a part of the table and one of each rollup view,
+    /// whatever its size); the sink keeps only the ids of an open insert's events, not the
+    /// events, so this bounds memory far less than the batch does.
+    pub metering_max_insert_events: usize,
+    /// Longest an insert of the metering sink stays open before it ends (milliseconds): with
+    /// the linger, how long usage takes to reach ClickHouse under steady traffic. An insert
+    /// also ends as soon as the usage stops coming.
+    pub metering_max_insert_ms: u64,
     /// How long after a month ends the metering stage merges that month's usage facts into one
     /// part, so invoices and reports read it without `FINAL` (seconds; 0: never). Late usage
     /// for the month is merged in the same way at the next look.
@@ -123,6 +132,8 @@ impl Default for StagesConfig {
             metering_max_batch: 50_000,
             metering_max_batch_bytes: 2 << 20,
             metering_linger_ms: 200,
+            metering_max_insert_events: 100_000,
+            metering_max_insert_ms: 1000,
             metering_compact_after_s: 3600,
             metering_compact_every_s: 300,
         }
@@ -264,6 +275,7 @@ impl Config {
             || self.stages.orchestrator_max_in_flight == 0
             || self.stages.metering_max_batch == 0
             || self.stages.metering_max_batch_bytes == 0
+            || self.stages.metering_max_insert_events == 0
             || self.stages.metering_compact_every_s == 0
         {
             problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());

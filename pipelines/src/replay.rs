@@ -303,7 +303,12 @@ pub async fn replay_sink<S: BatchSink>(
         if pending.len() >= batch.max(1) || (next.is_none() && !pending.is_empty()) {
             let mut attempt = 0;
             loop {
-                match sink.write(&pending, None).await {
+                // Each batch is a write of its own: ended (stored) before the next is read.
+                let written = match sink.write(&pending, None).await {
+                    Ok(new) => sink.end().await.map(|()| new),
+                    Err(e) => Err(e),
+                };
+                match written {
                     Ok(new) => {
                         session.report.processed += new as u64;
                         break;

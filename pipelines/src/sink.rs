@@ -76,14 +76,29 @@ pub trait BatchSink: Send + 'static {
     fn check(&self) -> Self::Check;
 
     /// Writes `batch` (which may contain records already written before a crash: the write
-    /// must be idempotent), given what the check found about it while the write before this
-    /// one may still have been under way (`None`: the write looks itself, as on a retry).
-    /// Returns the number of records that were new.
+    /// must be idempotent) into the sink's open write, opening one if none is, given what the
+    /// check found about it while the write before this one may still have been under way
+    /// (`None`: the write looks itself, as on a retry). What it wrote is stored once
+    /// [`BatchSink::end`] returns (a sink whose writes are stored at once keeps the default
+    /// `end`). Returns the number of records that were new.
+    ///
+    /// A [`ProcessError::Retriable`] gives up the whole open write, earlier batches included
+    /// (the sink loop reads them again); a [`ProcessError::Poison`] refuses this batch alone
+    /// and leaves the open write as it was.
     async fn write(
         &mut self,
         batch: &[Self::Input],
         checked: Option<Checked<Self>>,
     ) -> Result<usize, ProcessError>;
+
+    /// Ends the open write: once this returns, every batch written since the last end is
+    /// stored. On an error none of it need be: the sink loop reads those batches again.
+    async fn end(&mut self) -> Result<(), ProcessError> {
+        Ok(())
+    }
+
+    /// Gives up the open write, storing none of it: the sink loop reads its batches again.
+    fn abandon(&mut self) {}
 
     /// Looks after the store between batches, every [`SinkSpec::upkeep_every`] while the stage
     /// runs in its consumer group (never in a replay): for instance compacting what no longer
@@ -108,10 +123,19 @@ pub struct SinkSpec {
     /// How often [`BatchSink::upkeep`] runs, the first time one period after the stage starts
     /// (`None`: never).
     pub upkeep_every: Option<Duration>,
+    /// Most records one write spans: batches join the sink's open write until it holds this
+    /// many (0: each batch is a write of its own). A write also ends once it is
+    /// `max_write_age` old, when the records stop coming, and at shutdown. Only ids and
+    /// offsets of a write's batches are kept until it ends, not their records: if it fails,
+    /// they are read again from the topic.
+    pub max_write_records: usize,
+    /// Longest a write stays open (and its batches' records wait to be stored).
+    pub max_write_age: Duration,
 }
 
 impl SinkSpec {
-    /// A spec with the defaults: batches of up to 1000 records, 2 MiB or 200 ms.
+    /// A spec with the defaults: batches of up to 1000 records, 2 MiB or 200 ms, each written
+    /// on its own.
     pub fn new(wiring: Wiring) -> Self {
         Self {
             wiring,
@@ -120,6 +144,8 @@ impl SinkSpec {
             linger: Duration::from_millis(200),
             max_prefetch_kib: kafka::PREFETCH_KIB,
             upkeep_every: None,
+            max_write_records: 0,
+            max_write_age: Duration::from_secs(1),
         }
     }
 }
@@ -129,9 +155,11 @@ impl SinkSpec {
 /// sink whose writes are not idempotent.)
 ///
 /// While one batch is being written, the next is consumed and decoded: writes stay one at a
-/// time and in order, and a batch's offsets are stored only after its write (and every write
-/// before it) succeeded. At most two batches are in hand; once the next is full and the write
-/// still runs, the partitions pause as in [`kafka::HoldBack::hold`].
+/// time and in order, and a batch's offsets are stored only after the write it joined ended
+/// (and every write before it). At most two batches are in hand; once the next is full and the
+/// write still runs, the partitions pause as in [`kafka::HoldBack::hold`]. A write that spans
+/// batches ([`SinkSpec::max_write_records`]) and fails is not retried from memory: its
+/// partitions are rewound to its first record and read again.
 pub async fn run_sink<S: BatchSink>(
     sink: S,
     spec: SinkSpec,
@@ -162,7 +190,8 @@ pub async fn run_sink<S: BatchSink>(
         ticks
     });
     let checker = Arc::new(sink.check());
-    let mut writer = Writer::Idle(sink);
+    let mut writer = Writer::new(sink, &spec, &deps, &source);
+    let consumer = &source.consumer;
     let mut upkeep_due = false;
     let mut stopping = false;
     'batches: while !stopping {
@@ -194,16 +223,34 @@ pub async fn run_sink<S: BatchSink>(
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => { stopping = true; break; }
-                done = writer.finished() => {
-                    if !writer.settle(done, &source.consumer)? {
-                        break 'batches;
+                done = writer.finished() => match writer.settle(done, consumer)? {
+                    Settled::Done => {
+                        // Nothing came while the write ran and nothing is ready: the records
+                        // stopped, so the open write ends rather than waiting for more.
+                        if messages.is_empty() {
+                            hold_back.take_ready(consumer, spec.max_batch.min(READY_AT_ONCE), &mut messages);
+                            if messages.is_empty() {
+                                writer.end_open(consumer, &cancel)?;
+                            } else {
+                                bytes += messages.iter().map(message_bytes).sum::<usize>();
+                                deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
+                            }
+                        }
                     }
-                }
+                    Settled::Interrupted => break 'batches,
+                    Settled::Lost(mut unstored) => {
+                        unstored.add(&messages);
+                        read_again(unstored, &mut hold_back, consumer)?;
+                        messages.clear();
+                        bytes = 0;
+                        deadline = None;
+                    }
+                },
                 _ = wait => break,
                 // The store is slow: stop fetching ahead (below) whatever is in hand.
                 _ = stalled => break,
                 _ = upkeep_tick => upkeep_due = true,
-                received = hold_back.recv(&source.consumer) => match received {
+                received = hold_back.recv(consumer) => match received {
                     Ok(m) => {
                         bytes += message_bytes(&m);
                         messages.push(m);
@@ -212,7 +259,7 @@ pub async fn run_sink<S: BatchSink>(
                         while messages.len() < spec.max_batch && bytes < spec.max_batch_bytes {
                             let before = messages.len();
                             let max = spec.max_batch.min(before + READY_AT_ONCE);
-                            hold_back.take_ready(&source.consumer, max, &mut messages);
+                            hold_back.take_ready(consumer, max, &mut messages);
                             if messages.len() == before {
                                 break;
                             }
@@ -228,8 +275,12 @@ pub async fn run_sink<S: BatchSink>(
             writer.upkeep_if_idle(&mut upkeep_due).await;
         }
         if messages.is_empty() {
-            if !stopping && !writer.wait(&mut hold_back, &source.consumer).await? {
-                break;
+            if !stopping {
+                match writer.wait(&mut hold_back, consumer).await? {
+                    Settled::Done => writer.end_open(consumer, &cancel)?,
+                    Settled::Interrupted => break,
+                    Settled::Lost(unstored) => read_again(unstored, &mut hold_back, consumer)?,
+                }
             }
             continue;
         }
@@ -242,49 +293,70 @@ pub async fn run_sink<S: BatchSink>(
         // A registry or DLQ that keeps the decoding waiting pauses the partitions too, and the
         // consumer is polled meanwhile, so the stage stays in its group.
         let decoding = decode_batch::<S::Input>(&source, messages, wait_token);
-        let Some(batch) = hold_back.hold(&source.consumer, decoding).await else {
+        let Some(batch) = hold_back.hold(consumer, decoding).await else {
             // Shutdown interrupted a wait: nothing of this batch is stored; it is redelivered.
             break;
         };
+        let in_hand = Span::of(&batch.messages);
         // The batch's look at the store runs while the write before it finishes.
         let checked_from = (
             tokio::time::Instant::now(),
-            source.consumer.context().rebalances_seen(),
+            consumer.context().rebalances_seen(),
         );
         let checking = tokio::spawn(check_batch(checker.clone(), batch, wait_token.clone()));
         // The write before must be done (and its offsets stored) before this one starts. A
         // store that stays down holds it in retries: the partitions pause meanwhile.
-        if !writer.wait(&mut hold_back, &source.consumer).await? {
-            checking.abort();
-            break;
+        match writer.wait(&mut hold_back, consumer).await? {
+            Settled::Done => {}
+            Settled::Interrupted => {
+                checking.abort();
+                break;
+            }
+            Settled::Lost(mut unstored) => {
+                checking.abort();
+                unstored.join(in_hand);
+                read_again(unstored, &mut hold_back, consumer)?;
+                continue;
+            }
         }
         writer.upkeep_if_idle(&mut upkeep_due).await;
-        let (batch, mut checked) = match hold_back.hold(&source.consumer, checking).await {
+        let (batch, mut checked) = match hold_back.hold(consumer, checking).await {
             Ok(checked) => checked,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => return Err(crate::Error::Stalled(format!("a batch's check ended: {e}"))),
         };
-        // The check could miss only the write beside it, which the sink accounts for; not
+        // The check could miss only the writes beside it, which the sink accounts for; not
         // what another owner wrote if a rebalance moved partitions meanwhile (and gave them
         // back), nor much else if the write took long: then the write looks again itself.
-        if source.consumer.context().rebalances_seen() != checked_from.1
+        if consumer.context().rebalances_seen() != checked_from.1
             || checked_from.0.elapsed() > kafka::PAUSE_AFTER
         {
             checked = None;
         }
+        // An open write a rebalance may have split is given up: the partitions moved may be
+        // written by their new owner meanwhile, and Kafka delivers the rest again.
+        if let Some(mut unstored) = writer.abandon_if_rebalanced(consumer) {
+            unstored.join(in_hand);
+            read_again(unstored, &mut hold_back, consumer)?;
+            continue;
+        }
         // Records of partitions a rebalance took away while they waited are the new owner's
         // to write: writing them too would race its stored-id check.
-        let batch = batch.of_assigned(&source.consumer);
-        writer.start(batch, checked, &spec, &deps, &source, wait_token.clone())?;
+        let batch = batch.of_assigned(consumer);
+        let end = writer.ends_with(batch.records.len(), &spec) || stopping;
+        writer.start(Some(batch), checked, end, consumer, wait_token.clone())?;
         // A task spawned from a worker waits in that worker's next-task slot, which no other
         // worker takes from, until the spawning task yields; consuming and decoding the next
         // batch yields to nothing while records are ready, so without this the write would
         // wait for them (a third of each batch's time).
         tokio::task::yield_now().await;
     }
-    // The write under way finishes (or shutdown interrupts its retries) before the offsets
-    // are committed.
-    writer.wait(&mut hold_back, &source.consumer).await?;
+    // The write under way finishes (or shutdown interrupts its retries) and the open write
+    // ends before the offsets are committed.
+    if let Settled::Done = writer.wait(&mut hold_back, consumer).await? {
+        writer.end_open(consumer, &never)?;
+        writer.wait(&mut hold_back, consumer).await?;
+    }
     source.close().await;
     tracing::info!(sink = %spec.wiring.name, "sink stopped");
     Ok(())
@@ -296,6 +368,23 @@ const READY_AT_ONCE: usize = 64;
 /// A record's size as the batch bound counts it: its key and payload.
 fn message_bytes(m: &OwnedMessage) -> usize {
     m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)
+}
+
+/// Rewinds the partitions of `unstored` (records taken from the consumer and not stored:
+/// a lost write's batches, and those in hand after them) to their first record, so they are
+/// consumed again; what waited in `hold_back` is dropped with them (it comes again too).
+fn read_again(
+    mut unstored: Span,
+    hold_back: &mut kafka::HoldBack,
+    consumer: &kafka::KafkaConsumer,
+) -> Result<()> {
+    unstored.add(&hold_back.take_arrived());
+    let rewound = unstored.rewind(consumer)?;
+    tracing::warn!(
+        partitions = rewound,
+        "a write spanning batches failed; its records are read again"
+    );
+    Ok(())
 }
 
 /// A batch decoded: the records to write, where each came from, and every message of the
@@ -403,41 +492,117 @@ async fn decode_batch<T: Record>(
     })
 }
 
-/// How a write task ended: the sink back, whether the batch was written, and its messages.
-type Finished<S> = std::result::Result<(S, bool, Vec<OwnedMessage>), tokio::task::JoinError>;
+/// How a write job ended, with the sink back and the messages of its batch (if it had one).
+struct JobDone<S> {
+    sink: S,
+    outcome: Outcome,
+    messages: Vec<OwnedMessage>,
+}
 
-/// The sink, either at hand or writing a batch on a task of its own.
-enum Writer<S: BatchSink> {
+/// What a write job did.
+enum Outcome {
+    /// Its batch joined the open write, not stored yet.
+    Written(Counts),
+    /// The open write ended (with its batch, if it had one): all of it is stored.
+    Ended(Counts),
+    /// The open write failed, with batches the loop no longer holds: none of it is stored.
+    Lost,
+    /// Shutdown interrupted it: nothing of its batch is stored.
+    Interrupted,
+}
+
+/// Records of a job's batch, and how many of them were new.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    records: usize,
+    new: usize,
+}
+
+/// What the loop learns when a job is settled.
+enum Settled {
+    /// Nothing went wrong (the batch joined the open write, or the write ended and its offsets
+    /// are stored).
+    Done,
+    /// Shutdown interrupted the job.
+    Interrupted,
+    /// The open write was lost: its records are to be read again.
+    Lost(Span),
+}
+
+/// A finished write task.
+type Finished<S> = std::result::Result<JobDone<S>, tokio::task::JoinError>;
+
+/// Batches written into the sink's open write, whose offsets are stored once it ends.
+struct OpenWrite {
+    span: Span,
+    counts: Counts,
+    opened: tokio::time::Instant,
+    /// The consumer's rebalance count when its first batch was handed over.
+    rebalances: u64,
+}
+
+/// The sink, either at hand or on a task of its own running a write job, and the write it has
+/// open.
+struct Writer<S: BatchSink> {
+    state: WriterState<S>,
+    open: Option<OpenWrite>,
+    name: String,
+    metrics: Arc<crate::metrics::Metrics>,
+    dead_letters: DeadLetters,
+}
+
+enum WriterState<S> {
     Idle(S),
-    /// Gives back the sink, whether the batch was written, and its messages.
     Busy {
-        task: tokio::task::JoinHandle<(S, bool, Vec<OwnedMessage>)>,
+        task: tokio::task::JoinHandle<JobDone<S>>,
         started: tokio::time::Instant,
+        rebalances: u64,
     },
     /// Only while changing from one to the other.
     Moving,
 }
 
 impl<S: BatchSink> Writer<S> {
-    /// When the write under way will have taken [`kafka::PAUSE_AFTER`] (`None`: there is
-    /// none): from then the store is slow, and the partitions should pause rather than fetch
-    /// ahead.
-    fn stalls_at(&self) -> Option<tokio::time::Instant> {
-        match self {
-            Self::Busy { started, .. } => Some(*started + kafka::PAUSE_AFTER),
-            Self::Idle(_) | Self::Moving => None,
+    fn new(sink: S, spec: &SinkSpec, deps: &StageDeps, source: &StageSource) -> Self {
+        Self {
+            state: WriterState::Idle(sink),
+            open: None,
+            name: spec.wiring.name.clone(),
+            metrics: deps.metrics.clone(),
+            dead_letters: source.dead_letters().clone(),
         }
     }
 
-    /// Waits for the write under way, if any, and settles it (see [`Writer::settle`]); the
-    /// partitions pause once the write has taken [`kafka::PAUSE_AFTER`].
+    /// When the job under way will have taken [`kafka::PAUSE_AFTER`] (`None`: there is
+    /// none): from then the store is slow, and the partitions should pause rather than fetch
+    /// ahead.
+    fn stalls_at(&self) -> Option<tokio::time::Instant> {
+        match &self.state {
+            WriterState::Busy { started, .. } => Some(*started + kafka::PAUSE_AFTER),
+            WriterState::Idle(_) | WriterState::Moving => None,
+        }
+    }
+
+    /// Whether a batch of `records` should end the open write it joins.
+    fn ends_with(&self, records: usize, spec: &SinkSpec) -> bool {
+        match &self.open {
+            None => records >= spec.max_write_records,
+            Some(open) => {
+                open.counts.records + records >= spec.max_write_records
+                    || open.opened.elapsed() >= spec.max_write_age
+            }
+        }
+    }
+
+    /// Waits for the job under way, if any, and settles it (see [`Writer::settle`]); the
+    /// partitions pause once the job has taken [`kafka::PAUSE_AFTER`].
     async fn wait(
         &mut self,
         hold_back: &mut kafka::HoldBack,
         consumer: &kafka::KafkaConsumer,
-    ) -> Result<bool> {
+    ) -> Result<Settled> {
         let Some(stalls_at) = self.stalls_at() else {
-            return Ok(true);
+            return Ok(Settled::Done);
         };
         let pause_in = stalls_at.saturating_duration_since(tokio::time::Instant::now());
         let done = hold_back
@@ -448,151 +613,362 @@ impl<S: BatchSink> Writer<S> {
 
     /// Runs the sink's upkeep if it is due and the sink is at hand.
     async fn upkeep_if_idle(&mut self, due: &mut bool) {
-        if let (true, Self::Idle(sink)) = (*due, self) {
+        if let (true, WriterState::Idle(sink)) = (*due, &mut self.state) {
             sink.upkeep().await;
             *due = false;
         }
     }
 
-    /// Starts writing `batch`. The writer must be idle (a write under way is waited for
+    /// Starts a job: writing `batch` into the open write (if there is a batch), then ending
+    /// the open write if `end`. The sink must be at hand (a job under way is waited for
     /// first): otherwise nothing starts and the stage stops with an error.
     fn start(
         &mut self,
-        batch: DecodedBatch<S::Input>,
+        batch: Option<DecodedBatch<S::Input>>,
         checked: Option<Checked<S>>,
-        spec: &SinkSpec,
-        deps: &StageDeps,
-        source: &StageSource,
+        end: bool,
+        consumer: &kafka::KafkaConsumer,
         cancel: CancellationToken,
     ) -> Result<()> {
-        let Self::Idle(mut sink) = std::mem::replace(self, Self::Moving) else {
+        let WriterState::Idle(mut sink) = std::mem::replace(&mut self.state, WriterState::Moving)
+        else {
             return Err(crate::Error::Stalled(
                 "a batch was handed to a sink still writing the one before".into(),
             ));
         };
-        let name = spec.wiring.name.clone();
-        let metrics = deps.metrics.clone();
-        let dead_letters = source.dead_letters().clone();
+        let job = Job {
+            name: self.name.clone(),
+            metrics: self.metrics.clone(),
+            dead_letters: self.dead_letters.clone(),
+            // Earlier batches the loop no longer holds ride on the open write.
+            joins_open: self.open.is_some(),
+            end,
+            cancel,
+        };
         let task = tokio::spawn(async move {
-            let written = write_batch(
-                &mut sink,
-                &name,
-                &metrics,
-                &dead_letters,
-                &batch,
-                checked,
-                &cancel,
-            )
-            .await;
-            (sink, written, batch.messages)
+            let (outcome, messages) = match batch {
+                Some(batch) => (job.run(&mut sink, &batch, checked).await, batch.messages),
+                None => (job.end(&mut sink).await, Vec::new()),
+            };
+            JobDone {
+                sink,
+                outcome,
+                messages,
+            }
         });
-        *self = Self::Busy {
+        self.state = WriterState::Busy {
             task,
             started: tokio::time::Instant::now(),
+            rebalances: self.open.as_ref().map_or_else(
+                || consumer.context().rebalances_seen(),
+                |open| open.rebalances,
+            ),
         };
         Ok(())
     }
 
-    /// The write under way, once it ends (never, when there is none). Cancel-safe.
+    /// Ends the open write, if there is one and the sink is at hand (else nothing): a job
+    /// without a batch. A write a rebalance may have split is given up instead, its records
+    /// read again (see [`Writer::abandon_if_rebalanced`]).
+    fn end_open(
+        &mut self,
+        consumer: &kafka::KafkaConsumer,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        if self.open.is_none() || !matches!(self.state, WriterState::Idle(_)) {
+            return Ok(());
+        }
+        if let Some(unstored) = self.abandon_if_rebalanced(consumer) {
+            let rewound = unstored.rewind(consumer)?;
+            tracing::info!(
+                partitions = rewound,
+                "a rebalance came while a write was open; its records are read again"
+            );
+            return Ok(());
+        }
+        self.start(None, None, true, consumer, cancel.clone())
+    }
+
+    /// Gives up the open write if the consumer saw a rebalance since it opened (and the sink is
+    /// at hand), returning the records to read again.
+    fn abandon_if_rebalanced(&mut self, consumer: &kafka::KafkaConsumer) -> Option<Span> {
+        let WriterState::Idle(sink) = &mut self.state else {
+            return None;
+        };
+        if self.open.as_ref()?.rebalances == consumer.context().rebalances_seen() {
+            return None;
+        }
+        sink.abandon();
+        self.open.take().map(|open| open.span)
+    }
+
+    /// The job under way, once it ends (never, when there is none). Cancel-safe.
     async fn finished(&mut self) -> Finished<S> {
-        match self {
-            Self::Busy { task, .. } => task.await,
-            Self::Idle(_) | Self::Moving => std::future::pending().await,
+        match &mut self.state {
+            WriterState::Busy { task, .. } => task.await,
+            WriterState::Idle(_) | WriterState::Moving => std::future::pending().await,
         }
     }
 
-    /// Takes the sink back from a finished write and stores the batch's offsets if it was
-    /// written; false if shutdown interrupted it (nothing stored, the batch is redelivered).
-    fn settle(&mut self, done: Finished<S>, consumer: &kafka::KafkaConsumer) -> Result<bool> {
-        let (sink, written, messages) = match done {
+    /// Takes the sink back from a finished job: its batch joins the open write, or the open
+    /// write's offsets are stored now that it ended.
+    fn settle(&mut self, done: Finished<S>, consumer: &kafka::KafkaConsumer) -> Result<Settled> {
+        let rebalances = match &self.state {
+            WriterState::Busy { rebalances, .. } => *rebalances,
+            WriterState::Idle(_) | WriterState::Moving => 0,
+        };
+        let JobDone {
+            sink,
+            outcome,
+            messages,
+        } = match done {
             Ok(done) => done,
             // As if the write had run here.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => return Err(crate::Error::Stalled(format!("a sink write ended: {e}"))),
         };
-        *self = Self::Idle(sink);
-        if written {
-            store_batch_offsets(consumer, &messages);
-        }
-        Ok(written)
+        self.state = WriterState::Idle(sink);
+        let joined = |open: &mut Option<OpenWrite>, counts: Counts| {
+            let open = open.get_or_insert_with(|| OpenWrite {
+                span: Span::default(),
+                counts: Counts::default(),
+                opened: tokio::time::Instant::now(),
+                rebalances,
+            });
+            open.span.add(&messages);
+            open.counts.records += counts.records;
+            open.counts.new += counts.new;
+        };
+        Ok(match outcome {
+            Outcome::Written(counts) => {
+                joined(&mut self.open, counts);
+                Settled::Done
+            }
+            Outcome::Ended(counts) => {
+                joined(&mut self.open, counts);
+                if let Some(open) = self.open.take() {
+                    open.span.store(consumer);
+                    let counts = open.counts;
+                    self.metrics
+                        .sink_rows
+                        .with_label_values(&[&self.name])
+                        .inc_by(counts.new as u64);
+                    self.metrics
+                        .sink_duplicates
+                        .with_label_values(&[&self.name])
+                        .inc_by(counts.records.saturating_sub(counts.new) as u64);
+                }
+                Settled::Done
+            }
+            Outcome::Lost => {
+                let mut unstored = self.open.take().map(|open| open.span).unwrap_or_default();
+                unstored.add(&messages);
+                Settled::Lost(unstored)
+            }
+            Outcome::Interrupted => Settled::Interrupted,
+        })
     }
 }
 
-/// Writes one decoded batch, given what its check found; false if `cancel` interrupted it
-/// before it was done.
-async fn write_batch<S: BatchSink>(
-    sink: &mut S,
-    name: &str,
-    metrics: &crate::metrics::Metrics,
-    dead_letters: &DeadLetters,
-    batch: &DecodedBatch<S::Input>,
-    mut checked: Option<Checked<S>>,
-    cancel: &CancellationToken,
-) -> bool {
-    let records = &batch.records;
-    if records.is_empty() {
-        return true;
-    }
-    let mut attempt = 0;
-    loop {
-        let started = Instant::now();
-        // What the check found holds for the first attempt only: a failed write may have
-        // stored some of the batch.
-        match sink.write(records, checked.take()).await {
-            Ok(new_rows) => {
-                metrics
-                    .sink_batch_seconds
-                    .with_label_values(&[name])
-                    .observe(started.elapsed().as_secs_f64());
-                metrics
-                    .sink_rows
-                    .with_label_values(&[name])
-                    .inc_by(new_rows as u64);
-                metrics
-                    .sink_duplicates
-                    .with_label_values(&[name])
-                    .inc_by(records.len().saturating_sub(new_rows) as u64);
-                return true;
-            }
-            Err(ProcessError::Poison(reason)) => {
-                for &i in &batch.sources {
-                    if !dead_letters.send(&batch.messages[i], &reason, cancel).await {
-                        return false;
+/// One write job's settings, moved onto its task.
+struct Job {
+    name: String,
+    metrics: Arc<crate::metrics::Metrics>,
+    dead_letters: DeadLetters,
+    /// The sink's open write holds batches before this one.
+    joins_open: bool,
+    /// End the open write after the batch.
+    end: bool,
+    cancel: CancellationToken,
+}
+
+impl Job {
+    /// Writes one decoded batch into the open write, given what its check found, and ends the
+    /// open write if asked. A failure is retried while the open write holds nothing else (the
+    /// batch is at hand); otherwise the write is lost and its batches are read again.
+    async fn run<S: BatchSink>(
+        &self,
+        sink: &mut S,
+        batch: &DecodedBatch<S::Input>,
+        mut checked: Option<Checked<S>>,
+    ) -> Outcome {
+        let records = &batch.records;
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            // What the check found holds for the first attempt only: a failed write may have
+            // stored some of the batch.
+            let written = if records.is_empty() {
+                Ok(0)
+            } else {
+                sink.write(records, checked.take()).await
+            };
+            let failure = match written {
+                Ok(new) => {
+                    self.metrics
+                        .sink_batch_seconds
+                        .with_label_values(&[&self.name])
+                        .observe(started.elapsed().as_secs_f64());
+                    let counts = Counts {
+                        records: records.len(),
+                        new,
+                    };
+                    if !self.end {
+                        return Outcome::Written(counts);
+                    }
+                    match sink.end().await {
+                        Ok(()) => return Outcome::Ended(counts),
+                        Err(e) => e,
                     }
                 }
-                return true;
-            }
-            Err(ProcessError::Retriable(reason)) => {
-                attempt += 1;
-                metrics.retries.with_label_values(&[name]).inc();
-                tracing::warn!(sink = %name, reason, attempt, "batch write failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(backoff(attempt)) => {}
+                Err(ProcessError::Poison(reason)) => {
+                    for &i in &batch.sources {
+                        if !self
+                            .dead_letters
+                            .send(&batch.messages[i], &reason, &self.cancel)
+                            .await
+                        {
+                            return Outcome::Interrupted;
+                        }
+                    }
+                    let counts = Counts::default();
+                    if !self.end {
+                        return Outcome::Written(counts);
+                    }
+                    return match self.end(sink).await {
+                        Outcome::Ended(_) => Outcome::Ended(counts),
+                        other => other,
+                    };
                 }
+                Err(e) => e,
+            };
+            if self.joins_open {
+                sink.abandon();
+                self.failed(&failure, attempt);
+                return Outcome::Lost;
+            }
+            attempt += 1;
+            self.failed(&failure, attempt);
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Outcome::Interrupted,
+                _ = tokio::time::sleep(backoff(attempt)) => {}
             }
         }
+    }
+
+    /// Ends the open write (a job without a batch). If it fails, the write is lost.
+    async fn end<S: BatchSink>(&self, sink: &mut S) -> Outcome {
+        match sink.end().await {
+            Ok(()) => Outcome::Ended(Counts::default()),
+            Err(e) => {
+                sink.abandon();
+                self.failed(&e, 0);
+                Outcome::Lost
+            }
+        }
+    }
+
+    fn failed(&self, error: &ProcessError, attempt: u32) {
+        self.metrics.retries.with_label_values(&[&self.name]).inc();
+        tracing::warn!(sink = %self.name, reason = %error, attempt, "batch write failed; retrying");
     }
 }
 
-/// Stores, per partition, the offset after the last record of the batch.
-fn store_batch_offsets(consumer: &kafka::KafkaConsumer, messages: &[OwnedMessage]) {
-    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-    for m in messages {
-        let entry = next.entry((m.topic(), m.partition())).or_insert(0);
-        *entry = (*entry).max(m.offset() + 1);
+/// Where records taken from the consumer lie in their partitions: per partition, the first
+/// offset and the one after the last.
+#[derive(Debug, Default)]
+struct Span(HashMap<String, HashMap<i32, (i64, i64)>>);
+
+impl Span {
+    fn of(messages: &[OwnedMessage]) -> Self {
+        let mut span = Self::default();
+        span.add(messages);
+        span
     }
-    let mut list = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
-        if list
-            .add_partition_offset(topic, partition, Offset::Offset(offset))
-            .is_err()
-        {
-            continue;
+
+    fn add(&mut self, messages: &[OwnedMessage]) {
+        for m in messages {
+            let partitions = match self.0.get_mut(m.topic()) {
+                Some(partitions) => partitions,
+                None => self.0.entry(m.topic().to_owned()).or_default(),
+            };
+            let offset = m.offset();
+            partitions
+                .entry(m.partition())
+                .and_modify(|(first, next)| {
+                    *first = (*first).min(offset);
+                    *next = (*next).max(offset + 1);
+                })
+                .or_insert((offset, offset + 1));
         }
     }
-    if let Err(e) = consumer.store_offsets(&list) {
-        tracing::debug!(error = %e, "offsets not stored (partition moved in a rebalance)");
+
+    fn join(&mut self, other: Span) {
+        for (topic, partitions) in other.0 {
+            let mine = self.0.entry(topic).or_default();
+            for (partition, (first, next)) in partitions {
+                mine.entry(partition)
+                    .and_modify(|(f, n)| {
+                        *f = (*f).min(first);
+                        *n = (*n).max(next);
+                    })
+                    .or_insert((first, next));
+            }
+        }
+    }
+
+    /// The partitions, each with one of its offsets.
+    fn offsets(&self, pick: impl Fn((i64, i64)) -> i64) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for (topic, partitions) in &self.0 {
+            for (&partition, &range) in partitions {
+                if list
+                    .add_partition_offset(topic, partition, Offset::Offset(pick(range)))
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+        }
+        list
+    }
+
+    /// Stores, per partition, the offset after the last record.
+    fn store(&self, consumer: &kafka::KafkaConsumer) {
+        if let Err(e) = consumer.store_offsets(&self.offsets(|(_, next)| next)) {
+            tracing::debug!(error = %e, "offsets not stored (partition moved in a rebalance)");
+        }
+    }
+
+    /// Moves each partition's fetch position back to its first record; returns how many
+    /// partitions were rewound (one a rebalance took away is not: its new owner reads it from
+    /// the committed offset). A partition still held that cannot be rewound stops the stage
+    /// rather than skip its records: it restarts from the committed offsets.
+    fn rewind(&self, consumer: &kafka::KafkaConsumer) -> Result<usize> {
+        let list = self.offsets(|(first, _)| first);
+        let sought = consumer
+            .seek_partitions(list, Duration::from_secs(5))
+            .map_err(|e| crate::Error::Stalled(format!("records could not be read again: {e}")))?;
+        let assignment = consumer.assignment()?;
+        let mut rewound = 0;
+        for element in sought.elements() {
+            match element.error() {
+                Ok(()) => rewound += 1,
+                Err(e) => {
+                    if assignment
+                        .find_partition(element.topic(), element.partition())
+                        .is_some()
+                    {
+                        return Err(crate::Error::Stalled(format!(
+                            "{}/{} could not be read again: {e}",
+                            element.topic(),
+                            element.partition()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(rewound)
     }
 }
 

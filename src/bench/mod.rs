@@ -166,6 +166,10 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 rounds,
                 max_batch: config.stages.metering_max_batch,
                 max_batch_bytes: config.stages.metering_max_batch_bytes,
+                max_insert_events: config.stages.metering_max_insert_events,
+                max_insert_age: std::time::Duration::from_millis(
+                    config.stages.metering_max_insert_ms,
+                ),
                 client: sluice_clickhouse_sink::bench::ClientOptions {
                     program: "clickhouse-client".into(),
                     host,

@@ -19,6 +19,8 @@ pub fn build(config: &Config) -> Runnable {
     spec.max_batch = config.stages.metering_max_batch;
     spec.max_batch_bytes = config.stages.metering_max_batch_bytes;
     spec.linger = Duration::from_millis(config.stages.metering_linger_ms);
+    spec.max_write_records = config.stages.metering_max_insert_events;
+    spec.max_write_age = Duration::from_millis(config.stages.metering_max_insert_ms);
     spec.upkeep_every = (compact_after_s > 0)
         .then(|| Duration::from_secs(u64::from(config.stages.metering_compact_every_s)));
     // Billing: the type refuses a sink whose writes are not idempotent.

@@ -323,3 +323,166 @@ async fn an_edge_at_capacity_sheds_with_503_and_retry_after_and_serves_again_aft
     let (status, reply) = chat(&sluice, &tenant.key, body).await;
     assert_eq!(status, 200, "{reply}");
 }
+
+/// A sink whose writes span batches, kept in memory, that fails on command: once, a write that
+/// joins an open write, and once, the end of an open write holding more than one batch (each
+/// loses the open write). Idempotent as the real ones are: it skips ids already stored or in its
+/// open write.
+struct FlakySink {
+    stored: Arc<Mutex<Vec<String>>>,
+    open: Vec<String>,
+    /// Batches in the open write.
+    open_batches: usize,
+    write_failed: bool,
+    end_failed: bool,
+}
+
+#[async_trait]
+impl sluice_pipelines::BatchSink for FlakySink {
+    type Input = UsageEvent;
+    type Delivery = runtime::EffectivelyOnce;
+    type Check = sluice_pipelines::NoCheck;
+
+    fn check(&self) -> sluice_pipelines::NoCheck {
+        sluice_pipelines::NoCheck
+    }
+
+    async fn write(
+        &mut self,
+        batch: &[UsageEvent],
+        _checked: Option<()>,
+    ) -> Result<usize, sluice_pipelines::ProcessError> {
+        if self.open_batches > 0 && !self.write_failed {
+            self.write_failed = true;
+            self.abandon();
+            return Err(sluice_pipelines::ProcessError::Retriable(
+                "write failed on command".into(),
+            ));
+        }
+        let stored = self.stored.lock().unwrap();
+        let mut new = 0;
+        for event in batch {
+            if !stored.contains(&event.request_id) && !self.open.contains(&event.request_id) {
+                self.open.push(event.request_id.clone());
+                new += 1;
+            }
+        }
+        self.open_batches += 1;
+        Ok(new)
+    }
+
+    async fn end(&mut self) -> Result<(), sluice_pipelines::ProcessError> {
+        if self.open_batches > 1 && !self.end_failed {
+            self.end_failed = true;
+            self.abandon();
+            return Err(sluice_pipelines::ProcessError::Retriable(
+                "end failed on command".into(),
+            ));
+        }
+        self.stored.lock().unwrap().append(&mut self.open);
+        self.open_batches = 0;
+        Ok(())
+    }
+
+    fn abandon(&mut self) {
+        self.open.clear();
+        self.open_batches = 0;
+    }
+}
+
+#[tokio::test]
+async fn a_write_spanning_batches_that_fails_is_read_again_and_stores_each_record_once() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let prefix = unique("t");
+    // Only for its schema registry.
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![("SLUICE_SQL__ENABLED".to_owned(), "false".to_owned())],
+    );
+    let kafka = KafkaConfig {
+        bootstrap: bootstrap(),
+        partitions: 3,
+        ..KafkaConfig::default()
+    };
+    let input = format!("{prefix}.spanning");
+    let dlq = format!("{prefix}.spanning-dlq");
+    kafka::ensure_topics(&kafka, &[&input, &dlq]).await.unwrap();
+    let codec = Arc::new(Codec::new(
+        RegistryClient::new(&sluice.registry_url).unwrap(),
+    ));
+    codec.register::<UsageEvent>().await.unwrap();
+    let total = 3_000;
+    let records = (0..total).map(|i| {
+        let key = format!("k{}", i % 7);
+        let event = usage_event(format!("r{i:05}"), &key);
+        (key, codec.encode(&event).unwrap())
+    });
+    produce_all(&input, records).await;
+
+    let stored = Arc::new(Mutex::new(Vec::new()));
+    let sink = FlakySink {
+        stored: stored.clone(),
+        open: Vec::new(),
+        open_batches: 0,
+        write_failed: false,
+        end_failed: false,
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let deps = StageDeps {
+        producers: sluice_pipelines::kafka::Producers::new(&kafka).unwrap(),
+        kafka: kafka.clone(),
+        codec,
+        metrics: metrics.clone(),
+        readiness: Readiness::default(),
+    };
+    let group = format!("{prefix}.spanning");
+    let mut spec =
+        sluice_pipelines::sink::SinkSpec::new(Wiring::new("spanning", &group, &input, &dlq));
+    spec.max_batch = 100;
+    spec.linger = Duration::from_millis(20);
+    spec.max_write_records = 1_000;
+    spec.max_write_age = Duration::from_secs(5);
+    let cancel = CancellationToken::new();
+    let stage = tokio::spawn(sluice_pipelines::sink::run_sink(
+        sink,
+        spec,
+        deps,
+        cancel.clone(),
+    ));
+    eventually(60, "every record stored", || async {
+        (stored.lock().unwrap().len() >= total).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    stage.await.unwrap().unwrap();
+
+    let stored = stored.lock().unwrap().clone();
+    let distinct: std::collections::HashSet<&String> = stored.iter().collect();
+    assert_eq!(distinct.len(), total, "every record stored");
+    assert_eq!(stored.len(), total, "none stored twice");
+    assert!(
+        metrics.retries.with_label_values(&["spanning"]).get() >= 2,
+        "both failures happened"
+    );
+    // The offsets committed cover every record: the lost writes' records were read again
+    // and nothing after them was committed past them.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        partitions.add_partition(&input, p);
+    }
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .unwrap();
+    let sum: i64 = committed
+        .elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw())
+        .sum();
+    assert_eq!(sum, total as i64);
+}

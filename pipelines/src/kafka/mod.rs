@@ -567,6 +567,12 @@ impl HoldBack {
         consumer.recv().await.map(|message| message.detach())
     }
 
+    /// Takes the records that arrived while paused and were not handed out yet (to be read
+    /// again from the broker instead).
+    pub fn take_arrived(&mut self) -> Vec<rdkafka::message::OwnedMessage> {
+        self.arrived.drain(..).collect()
+    }
+
     /// Appends to `out`, until it holds `max`, the records that are ready now (as
     /// [`HoldBack::recv`] would hand them out), without waiting for more. An error the
     /// consumer reports ends the take; it is logged, as the consume loops do.

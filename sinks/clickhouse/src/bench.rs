@@ -9,7 +9,11 @@
 //!
 //! It prints rows/s for both and, last, `ratio=<sink/clickhouse-client>`.
 
-use std::{process::Stdio, sync::Arc, time::Instant};
+use std::{
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sluice_pipelines::{
     bench::{fill, stage_metrics, BenchError, Comparison, Result, StageUnderTest, Workspace},
@@ -34,6 +38,10 @@ pub struct SinkOptions {
     pub max_batch: usize,
     /// The sink's largest batch in bytes (as `stages.metering_max_batch_bytes`).
     pub max_batch_bytes: usize,
+    /// Most events one insert spans (as `stages.metering_max_insert_events`).
+    pub max_insert_events: usize,
+    /// Longest an insert stays open (as `stages.metering_max_insert_ms`).
+    pub max_insert_age: Duration,
     /// How to reach ClickHouse's native port with `clickhouse-client`.
     pub client: ClientOptions,
 }
@@ -219,6 +227,8 @@ async fn through_sink(
     let mut spec = SinkSpec::new(wiring);
     spec.max_batch = options.max_batch.max(1);
     spec.max_batch_bytes = options.max_batch_bytes.max(1);
+    spec.max_write_records = options.max_insert_events.max(1);
+    spec.max_write_age = options.max_insert_age;
     let stage = StageUnderTest::start(
         "sink",
         kafka,
@@ -237,7 +247,7 @@ async fn through_sink(
         .await?;
     stage.stop().await?;
     eprintln!(
-        "  sink: {seconds:.2} s, of which {:.2} s in {} writes (the stored-id check and the insert)",
+        "  sink: {seconds:.2} s, of which {:.2} s in {} batch writes (the stored-id check and the rows sent)",
         writes.get_sample_sum(),
         writes.get_sample_count()
     );

@@ -15,18 +15,17 @@ use async_trait::async_trait;
 use sluice_pipelines::{runtime::EffectivelyOnce, BatchCheck, BatchSink, ProcessError};
 use sluice_schemas::UsageEvent;
 use sluice_stores::{
-    clickhouse::usage::{self, EventIds, FailedCallRow},
+    clickhouse::usage::{self, EventIds, EventsInsert, FailedCallRow},
     ClickHouse,
 };
 
 /// `batch`'s billable events worth inserting: the first of each event, minus those already
-/// stored and those of the batch written before (which a check run beside that write may
-/// have missed).
+/// stored and those in any of `written` (events of writes the check may not have seen).
 /// Pure.
 pub fn events_to_insert<'a>(
     batch: &'a [UsageEvent],
     already_stored: &EventIds,
-    written_before: &EventIds,
+    written: &[&EventIds],
 ) -> Vec<&'a UsageEvent> {
     let mut seen = HashSet::with_capacity(batch.len());
     batch
@@ -35,17 +34,25 @@ pub fn events_to_insert<'a>(
         .filter(|e| {
             let (tenant, id) = (e.tenant_id.as_str(), e.event_id.as_str());
             !already_stored.contains(tenant, id)
-                && !written_before.contains(tenant, id)
+                && !written.iter().any(|w| w.contains(tenant, id))
                 && seen.insert((tenant, id))
         })
         .collect()
 }
 
-/// Writes usage events to `usage_events`, once per event id.
+/// Writes usage events to `usage_events`, once per event id. One insert spans batches until
+/// the sink loop ends it, so ClickHouse makes one part of many batches (each insert costs it a
+/// part of the table and one of each rollup view, whatever its size).
 pub struct UsageSink {
     clickhouse: ClickHouse,
-    /// The events of the last batch written: the next batch's check may have run beside it.
-    written_before: EventIds,
+    /// The insert under way, if rows were written since the last end.
+    open: Option<EventsInsert>,
+    /// Every billable event of the batches written since the last end: a later batch's check
+    /// cannot see them until the insert ends.
+    open_events: EventIds,
+    /// The events of the insert that ended last: the next batch's check may have run beside
+    /// its end.
+    ended_last: EventIds,
     /// Seconds after a month ends before its facts are merged into one part (`None`: never).
     compact_after_s: Option<u32>,
     /// The compaction under way, if one is.
@@ -57,7 +64,9 @@ impl UsageSink {
     pub fn new(clickhouse: ClickHouse) -> Self {
         Self {
             clickhouse,
-            written_before: EventIds::default(),
+            open: None,
+            open_events: EventIds::default(),
+            ended_last: EventIds::default(),
             compact_after_s: None,
             compacting: None,
         }
@@ -68,6 +77,56 @@ impl UsageSink {
     pub fn compacting_closed_months(mut self, after_s: u32) -> Self {
         self.compact_after_s = Some(after_s);
         self
+    }
+
+    /// Writes `failed` to their table and `batch`'s new billable events into the open insert;
+    /// returns how many events were new.
+    async fn write_batch(
+        &mut self,
+        batch: &[UsageEvent],
+        failed: &[FailedCallRow],
+        checked: Option<EventIds>,
+        started: Instant,
+    ) -> sluice_stores::Result<usize> {
+        self.clickhouse
+            .insert_rows(usage::FAILED_TABLE, failed)
+            .await?;
+        let looked_ahead = checked.is_some();
+        let stored = match checked {
+            Some(stored) => stored,
+            None => {
+                let billable = batch.iter().filter(|e| e.billable);
+                usage::stored_event_ids(&self.clickhouse, billable).await?
+            }
+        };
+        let checked_at = Instant::now();
+        let new = events_to_insert(batch, &stored, &[&self.open_events, &self.ended_last]);
+        self.write_rows(&new).await?;
+        tracing::debug!(
+            records = batch.len(),
+            inserted = new.len(),
+            already_stored = stored.len(),
+            looked_ahead,
+            check_ms = checked_at.duration_since(started).as_millis() as u64,
+            write_ms = checked_at.elapsed().as_millis() as u64,
+            "usage batch written"
+        );
+        Ok(new.len())
+    }
+
+    /// Writes `new` into the open insert (opening one if none is).
+    async fn write_rows(&mut self, new: &[&UsageEvent]) -> sluice_stores::Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let insert = match &mut self.open {
+            Some(insert) => insert,
+            None => self
+                .open
+                .insert(EventsInsert::open(&self.clickhouse).await?),
+        };
+        insert.write(new).await?;
+        Ok(())
     }
 }
 
@@ -120,37 +179,48 @@ impl BatchSink for UsageSink {
             .filter(|e| !e.billable)
             .map(FailedCallRow::from)
             .collect();
-        self.clickhouse
-            .insert_rows(usage::FAILED_TABLE, &failed)
-            .await
-            .map_err(retriable)?;
-        let looked_ahead = checked.is_some();
-        let stored = match checked {
-            Some(stored) => stored,
-            None => self.check().check(batch).await?,
+        let inserted = match self.write_batch(batch, &failed, checked, started).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                // The insert is broken: none of it will be stored.
+                self.abandon();
+                return Err(retriable(e));
+            }
         };
-        let checked_at = Instant::now();
-        let new = events_to_insert(batch, &stored, &self.written_before);
-        let inserted = usage::insert_events(&self.clickhouse, new)
-            .await
-            .map_err(retriable)?;
-        // Every event of the batch is stored now, some perhaps by an earlier attempt that
-        // failed after ClickHouse took its rows: the next check may have missed any of them.
-        let mut written = EventIds::default();
+        // Every event of the batch is stored once the insert ends, some perhaps by an earlier
+        // attempt that failed after ClickHouse took its rows: a later check may miss any of them.
         for e in batch.iter().filter(|e| e.billable) {
-            written.insert(&e.tenant_id, &e.event_id);
+            self.open_events.insert(&e.tenant_id, &e.event_id);
         }
-        self.written_before = written;
-        tracing::debug!(
-            records = batch.len(),
-            inserted,
-            already_stored = stored.len(),
-            looked_ahead,
-            check_ms = checked_at.duration_since(started).as_millis() as u64,
-            insert_ms = checked_at.elapsed().as_millis() as u64,
-            "usage batch written"
-        );
+        // Checks started after the last insert ended (every one from now on) saw it.
+        self.ended_last = EventIds::default();
         Ok(inserted + failed.len())
+    }
+
+    async fn end(&mut self) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        let ended = match self.open.take() {
+            Some(insert) => insert.end().await,
+            None => Ok(0),
+        };
+        let events = std::mem::take(&mut self.open_events);
+        match ended {
+            Ok(rows) => {
+                tracing::debug!(
+                    rows,
+                    end_ms = started.elapsed().as_millis() as u64,
+                    "usage insert ended"
+                );
+                self.ended_last = events;
+                Ok(())
+            }
+            Err(e) => Err(retriable(e)),
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.open = None;
+        self.open_events = EventIds::default();
     }
 
     async fn upkeep(&mut self) {
@@ -197,42 +267,94 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batch_checked_beside_the_write_before_it_stores_no_event_twice() {
+    fn local_clickhouse() -> ClickHouse {
         let url = std::env::var("SLUICE_CLICKHOUSE__URL")
             .unwrap_or_else(|_| sluice_stores::clickhouse::ClickHouseConfig::default().url);
-        let clickhouse = ClickHouse::new(&sluice_stores::clickhouse::ClickHouseConfig {
+        ClickHouse::new(&sluice_stores::clickhouse::ClickHouseConfig {
             url,
             ..Default::default()
-        });
+        })
+    }
+
+    /// A fresh tenant's events at `now_ms`, and how many of its rows are stored (without
+    /// `FINAL`: a row stored twice counts twice).
+    fn tenant_events(name: &str) -> (impl Fn(&str) -> UsageEvent, String, i64) {
         let now_ms = sluice_pipelines::now_ms();
-        let tenant = format!("test-lookahead-{}-{now_ms}", std::process::id());
-        let of_tenant = |id: &str| UsageEvent {
-            tenant_id: tenant.clone(),
-            occurred_at_ms: now_ms,
-            ..event(id)
+        let tenant = format!("test-{name}-{}-{now_ms}", std::process::id());
+        let of_tenant = {
+            let tenant = tenant.clone();
+            move |id: &str| UsageEvent {
+                tenant_id: tenant.clone(),
+                occurred_at_ms: now_ms,
+                ..event(id)
+            }
         };
-        let mut sink = UsageSink::new(clickhouse.clone());
-        let first = [of_tenant("1"), of_tenant("2")];
-        let second = [of_tenant("2"), of_tenant("3")];
-        // The second batch is checked while the first is still on its way: "2" is not stored yet.
-        let checked_early = sink.check().check(&second).await.unwrap();
-        assert!(checked_early.is_empty());
-        assert_eq!(sink.write(&first, None).await.unwrap(), 2);
-        assert_eq!(sink.write(&second, Some(checked_early)).await.unwrap(), 1);
-        // Redelivered, with a check of its own: nothing new.
-        assert_eq!(sink.write(&second, None).await.unwrap(), 0);
+        (of_tenant, tenant, now_ms)
+    }
+
+    async fn rows_of(clickhouse: &ClickHouse, tenant: &str, now_ms: i64) -> u64 {
         let rows = usage::totals_by_tenant_and_model(
-            &clickhouse,
+            clickhouse,
             now_ms - 1000,
             now_ms + 1000,
-            Some(&tenant),
+            Some(tenant),
             usage::Rows::AsStored,
         )
         .await
         .unwrap();
-        let stored: u64 = rows.iter().map(|r| r.requests).sum();
-        assert_eq!(stored, 3, "each event stored once, without FINAL: {rows:?}");
+        rows.iter().map(|r| r.requests).sum()
+    }
+
+    #[tokio::test]
+    async fn an_insert_spanning_batches_stores_each_event_once_when_it_ends() {
+        let clickhouse = local_clickhouse();
+        let (of_tenant, tenant, now_ms) = tenant_events("spanning");
+        let mut sink = UsageSink::new(clickhouse.clone());
+        let first = [of_tenant("1"), of_tenant("2")];
+        let second = [of_tenant("2"), of_tenant("3")];
+        let third = [of_tenant("3"), of_tenant("4")];
+        // The second batch is checked while the first is written: "2" is not stored yet.
+        let checked_early = sink.check().check(&second).await.unwrap();
+        assert!(checked_early.is_empty());
+        assert_eq!(sink.write(&first, None).await.unwrap(), 2);
+        assert_eq!(sink.write(&second, Some(checked_early)).await.unwrap(), 1);
+        assert_eq!(
+            rows_of(&clickhouse, &tenant, now_ms).await,
+            0,
+            "nothing before the end"
+        );
+        // The third is checked beside the end: it cannot see "3" either.
+        let checked_early = sink.check().check(&third).await.unwrap();
+        sink.end().await.unwrap();
+        assert_eq!(rows_of(&clickhouse, &tenant, now_ms).await, 3);
+        assert_eq!(sink.write(&third, Some(checked_early)).await.unwrap(), 1);
+        sink.end().await.unwrap();
+        // Redelivered, with a check of its own: nothing new.
+        assert_eq!(sink.write(&third, None).await.unwrap(), 0);
+        sink.end().await.unwrap();
+        assert_eq!(
+            rows_of(&clickhouse, &tenant, now_ms).await,
+            4,
+            "each event stored once, without FINAL"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_insert_stores_nothing_and_its_events_are_written_again() {
+        let clickhouse = local_clickhouse();
+        let (of_tenant, tenant, now_ms) = tenant_events("abandoned");
+        let mut sink = UsageSink::new(clickhouse.clone());
+        // Enough rows that the client has sent some of them to ClickHouse before the abort.
+        let batch: Vec<UsageEvent> = (0..5_000).map(|i| of_tenant(&i.to_string())).collect();
+        assert_eq!(sink.write(&batch, None).await.unwrap(), 5_000);
+        sink.abandon();
+        // ClickHouse has seen the insert aborted: what it took is not stored.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(rows_of(&clickhouse, &tenant, now_ms).await, 0);
+        // Read again (as the sink loop does), the batch is new.
+        assert_eq!(sink.write(&batch, None).await.unwrap(), 5_000);
+        sink.end().await.unwrap();
+        assert_eq!(rows_of(&clickhouse, &tenant, now_ms).await, 5_000);
     }
 
     #[test]
@@ -240,7 +362,7 @@ mod tests {
         let batch = [event("a"), event("b"), event("a"), event("c")];
         let mut stored = EventIds::default();
         stored.insert("t", "b");
-        let events = events_to_insert(&batch, &stored, &EventIds::default());
+        let events = events_to_insert(&batch, &stored, &[&EventIds::default()]);
         let ids: Vec<_> = events.iter().map(|e| e.event_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
     }

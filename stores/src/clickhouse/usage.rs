@@ -156,23 +156,42 @@ fn event_second(e: &UsageEvent) -> u32 {
     u32::try_from(e.occurred_at_ms.div_euclid(1000)).unwrap_or(0)
 }
 
-/// Inserts `events` as rows of the facts in one request, each written straight from its event.
-pub async fn insert_events<'a>(
-    clickhouse: &ClickHouse,
-    events: impl IntoIterator<Item = &'a UsageEvent>,
-) -> Result<usize> {
-    let mut events = events.into_iter().peekable();
-    if events.peek().is_none() {
-        return Ok(0);
+/// An `INSERT` into the facts that stays open while rows are written to it, batch after batch:
+/// ClickHouse parses the rows as they come and stores them when it ends, as one part of the
+/// table (and one of each rollup view) however many batches it took. Its rows are stored only
+/// if [`EventsInsert::end`] succeeds; dropped, it is aborted.
+pub struct EventsInsert {
+    insert: ::clickhouse::insert::Insert<UsageRowRef<'static>>,
+    rows: usize,
+}
+
+impl EventsInsert {
+    /// Starts an insert.
+    pub async fn open(clickhouse: &ClickHouse) -> Result<Self> {
+        let insert = clickhouse.client().insert::<UsageRowRef>(TABLE).await?;
+        Ok(Self { insert, rows: 0 })
     }
-    let mut insert = clickhouse.client().insert::<UsageRowRef>(TABLE).await?;
-    let mut count = 0;
-    for event in events {
-        insert.write(&UsageRowRef::from(event)).await?;
-        count += 1;
+
+    /// Writes `events`, each straight from its event; returns how many. After an error the
+    /// insert is broken: drop it.
+    pub async fn write(&mut self, events: &[&UsageEvent]) -> Result<usize> {
+        for event in events {
+            self.insert.write(&UsageRowRef::from(*event)).await?;
+        }
+        self.rows += events.len();
+        Ok(events.len())
     }
-    insert.end().await?;
-    Ok(count)
+
+    /// Rows written so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Ends the insert: once this returns, its rows are stored. Returns how many.
+    pub async fn end(self) -> Result<usize> {
+        self.insert.end().await?;
+        Ok(self.rows)
+    }
 }
 
 /// Event ids per tenant (an event is `(tenant_id, event_id)`, the facts' sort key: two tenants'

@@ -110,7 +110,9 @@ pub struct StagesConfig {
     /// open insert until it holds this many (1: an insert per batch). Few large inserts are
     /// what ClickHouse wants (each costs a part of the table and one of each rollup view,
     /// whatever its size); the sink keeps only the ids of an open insert's events, not the
-    /// events, so this bounds memory far less than the batch does.
+    /// events, so this bounds memory far less than the batch does. At most 1,000,000: ClickHouse
+    /// stores an insert's rows in blocks of `max_insert_block_size` (1,048,576 by default), and
+    /// only an insert within one block is all or nothing when it is given up.
     pub metering_max_insert_events: usize,
     /// Longest an insert of the metering sink stays open before it ends (milliseconds): with
     /// the linger, how long usage takes to reach ClickHouse under steady traffic. An insert
@@ -123,6 +125,9 @@ pub struct StagesConfig {
     /// How often the metering stage looks for closed months to merge (seconds).
     pub metering_compact_every_s: u32,
 }
+
+/// Most events one insert of the metering sink may span: within one ClickHouse insert block.
+const MAX_INSERT_EVENTS: usize = 1_000_000;
 
 impl Default for StagesConfig {
     fn default() -> Self {
@@ -279,6 +284,11 @@ impl Config {
             || self.stages.metering_compact_every_s == 0
         {
             problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());
+        }
+        if self.stages.metering_max_insert_events > MAX_INSERT_EVENTS {
+            problems.push(format!(
+                "stages.metering_max_insert_events must be at most {MAX_INSERT_EVENTS} (one ClickHouse insert block)"
+            ));
         }
         problems
     }

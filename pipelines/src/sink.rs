@@ -1,10 +1,12 @@
-//! The sink loop: consume records into batches (by count and linger time), write each batch to
-//! a store, and store the offsets only after the store accepted the batch.
+//! The sink loop: consume records into batches (by count and linger time), write each batch
+//! into the sink's open write (which may span batches), and store the offsets only after the
+//! write they joined has ended.
 //!
 //! Sinks make their writes idempotent (keyed by event id or source coordinates), so the
 //! redelivery that follows a crash between the write and the offset commit changes nothing.
-//! A store outage is retried with backoff for as long as it lasts (never dropped); a batch the
-//! store refuses as invalid is sent record by record to the DLQ.
+//! A store outage is retried with backoff for as long as it lasts (never dropped): a batch in
+//! hand from memory, the batches of a write that spanned them by reading them again from the
+//! topic. A batch the store refuses as invalid is sent record by record to the DLQ.
 
 use std::{
     collections::HashMap,
@@ -32,7 +34,7 @@ use crate::{
 /// A look at the store that writing a batch needs first: for instance, which of its records
 /// are already stored. The sink loop runs it on the next batch while the batch before is still
 /// being written, so it may not see that write's effects: [`BatchSink::write`] accounts for
-/// them (it knows what it wrote last).
+/// them (it knows what its open write holds, and what the write that ended last held).
 #[async_trait]
 pub trait BatchCheck<T>: Send + Sync + 'static {
     /// What the look found.
@@ -92,7 +94,8 @@ pub trait BatchSink: Send + 'static {
     ) -> Result<usize, ProcessError>;
 
     /// Ends the open write: once this returns, every batch written since the last end is
-    /// stored. On an error none of it need be: the sink loop reads those batches again.
+    /// stored. An error gives the open write up (none of it need be stored): the sink loop
+    /// writes those batches again.
     async fn end(&mut self) -> Result<(), ProcessError> {
         Ok(())
     }
@@ -123,9 +126,11 @@ pub struct SinkSpec {
     /// How often [`BatchSink::upkeep`] runs, the first time one period after the stage starts
     /// (`None`: never).
     pub upkeep_every: Option<Duration>,
-    /// Most records one write spans: batches join the sink's open write until it holds this
-    /// many (0: each batch is a write of its own). A write also ends once it is
-    /// `max_write_age` old, when the records stop coming, and at shutdown. Only ids and
+    /// Most records one write spans: batches join the sink's open write until this many
+    /// records have joined it (0: each batch is a write of its own; a write may pass it by
+    /// less than a batch). A write also ends with the first batch that joins it once it is
+    /// `max_write_age` old, when no record is ready after a write, at shutdown, and, after a
+    /// write was lost, with the first batch written again. Only ids and
     /// offsets of a write's batches are kept until it ends, not their records: if it fails,
     /// they are read again from the topic.
     pub max_write_records: usize,
@@ -230,7 +235,7 @@ pub async fn run_sink<S: BatchSink>(
                         if messages.is_empty() {
                             hold_back.take_ready(consumer, spec.max_batch.min(READY_AT_ONCE), &mut messages);
                             if messages.is_empty() {
-                                writer.end_open(consumer, &cancel)?;
+                                writer.end_open(&mut hold_back, consumer, &cancel)?;
                             } else {
                                 bytes += messages.iter().map(message_bytes).sum::<usize>();
                                 deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
@@ -240,7 +245,7 @@ pub async fn run_sink<S: BatchSink>(
                     Settled::Interrupted => break 'batches,
                     Settled::Lost(mut unstored) => {
                         unstored.add(&messages);
-                        read_again(unstored, &mut hold_back, consumer)?;
+                        read_again(unstored, &mut hold_back, consumer, LOST)?;
                         messages.clear();
                         bytes = 0;
                         deadline = None;
@@ -277,9 +282,11 @@ pub async fn run_sink<S: BatchSink>(
         if messages.is_empty() {
             if !stopping {
                 match writer.wait(&mut hold_back, consumer).await? {
-                    Settled::Done => writer.end_open(consumer, &cancel)?,
+                    Settled::Done => writer.end_open(&mut hold_back, consumer, &cancel)?,
                     Settled::Interrupted => break,
-                    Settled::Lost(unstored) => read_again(unstored, &mut hold_back, consumer)?,
+                    Settled::Lost(unstored) => {
+                        read_again(unstored, &mut hold_back, consumer, LOST)?
+                    }
                 }
             }
             continue;
@@ -315,7 +322,7 @@ pub async fn run_sink<S: BatchSink>(
             Settled::Lost(mut unstored) => {
                 checking.abort();
                 unstored.join(in_hand);
-                read_again(unstored, &mut hold_back, consumer)?;
+                read_again(unstored, &mut hold_back, consumer, LOST)?;
                 continue;
             }
         }
@@ -337,7 +344,7 @@ pub async fn run_sink<S: BatchSink>(
         // written by their new owner meanwhile, and Kafka delivers the rest again.
         if let Some(mut unstored) = writer.abandon_if_rebalanced(consumer) {
             unstored.join(in_hand);
-            read_again(unstored, &mut hold_back, consumer)?;
+            read_again(unstored, &mut hold_back, consumer, REBALANCED)?;
             continue;
         }
         // Records of partitions a rebalance took away while they waited are the new owner's
@@ -354,7 +361,7 @@ pub async fn run_sink<S: BatchSink>(
     // The write under way finishes (or shutdown interrupts its retries) and the open write
     // ends before the offsets are committed.
     if let Settled::Done = writer.wait(&mut hold_back, consumer).await? {
-        writer.end_open(consumer, &never)?;
+        writer.end_open(&mut hold_back, consumer, &never)?;
         writer.wait(&mut hold_back, consumer).await?;
     }
     source.close().await;
@@ -377,15 +384,18 @@ fn read_again(
     mut unstored: Span,
     hold_back: &mut kafka::HoldBack,
     consumer: &kafka::KafkaConsumer,
+    why: &str,
 ) -> Result<()> {
     unstored.add(&hold_back.take_arrived());
     let rewound = unstored.rewind(consumer)?;
-    tracing::warn!(
-        partitions = rewound,
-        "a write spanning batches failed; its records are read again"
-    );
+    tracing::info!(partitions = rewound, why, "records read again");
     Ok(())
 }
+
+/// Why records are read again: their write failed.
+const LOST: &str = "their write was lost";
+/// Why records are read again: a rebalance came while their write was open.
+const REBALANCED: &str = "a rebalance came while their write was open";
 
 /// A batch decoded: the records to write, where each came from, and every message of the
 /// batch (whose offsets are stored once it is written).
@@ -546,6 +556,9 @@ struct OpenWrite {
 struct Writer<S: BatchSink> {
     state: WriterState<S>,
     open: Option<OpenWrite>,
+    /// The last write was lost: the next batch is written on its own (and retried from
+    /// memory if that fails too), so a store that refuses large writes still gets data.
+    lost: bool,
     name: String,
     metrics: Arc<crate::metrics::Metrics>,
     dead_letters: DeadLetters,
@@ -567,6 +580,7 @@ impl<S: BatchSink> Writer<S> {
         Self {
             state: WriterState::Idle(sink),
             open: None,
+            lost: false,
             name: spec.wiring.name.clone(),
             metrics: deps.metrics.clone(),
             dead_letters: source.dead_letters().clone(),
@@ -585,6 +599,9 @@ impl<S: BatchSink> Writer<S> {
 
     /// Whether a batch of `records` should end the open write it joins.
     fn ends_with(&self, records: usize, spec: &SinkSpec) -> bool {
+        if self.lost {
+            return true;
+        }
         match &self.open {
             None => records >= spec.max_write_records,
             Some(open) => {
@@ -636,6 +653,10 @@ impl<S: BatchSink> Writer<S> {
                 "a batch was handed to a sink still writing the one before".into(),
             ));
         };
+        let rebalances = self.open.as_ref().map_or_else(
+            || consumer.context().rebalances_seen(),
+            |open| open.rebalances,
+        );
         let job = Job {
             name: self.name.clone(),
             metrics: self.metrics.clone(),
@@ -643,12 +664,14 @@ impl<S: BatchSink> Writer<S> {
             // Earlier batches the loop no longer holds ride on the open write.
             joins_open: self.open.is_some(),
             end,
+            rebalances_seen: consumer.context().rebalance_counter(),
+            rebalances,
             cancel,
         };
         let task = tokio::spawn(async move {
             let (outcome, messages) = match batch {
                 Some(batch) => (job.run(&mut sink, &batch, checked).await, batch.messages),
-                None => (job.end(&mut sink).await, Vec::new()),
+                None => (job.end_only(&mut sink).await, Vec::new()),
             };
             JobDone {
                 sink,
@@ -659,10 +682,7 @@ impl<S: BatchSink> Writer<S> {
         self.state = WriterState::Busy {
             task,
             started: tokio::time::Instant::now(),
-            rebalances: self.open.as_ref().map_or_else(
-                || consumer.context().rebalances_seen(),
-                |open| open.rebalances,
-            ),
+            rebalances,
         };
         Ok(())
     }
@@ -672,6 +692,7 @@ impl<S: BatchSink> Writer<S> {
     /// read again (see [`Writer::abandon_if_rebalanced`]).
     fn end_open(
         &mut self,
+        hold_back: &mut kafka::HoldBack,
         consumer: &kafka::KafkaConsumer,
         cancel: &CancellationToken,
     ) -> Result<()> {
@@ -679,12 +700,7 @@ impl<S: BatchSink> Writer<S> {
             return Ok(());
         }
         if let Some(unstored) = self.abandon_if_rebalanced(consumer) {
-            let rewound = unstored.rewind(consumer)?;
-            tracing::info!(
-                partitions = rewound,
-                "a rebalance came while a write was open; its records are read again"
-            );
-            return Ok(());
+            return read_again(unstored, hold_back, consumer, REBALANCED);
         }
         self.start(None, None, true, consumer, cancel.clone())
     }
@@ -745,6 +761,7 @@ impl<S: BatchSink> Writer<S> {
                 Settled::Done
             }
             Outcome::Ended(counts) => {
+                self.lost = false;
                 joined(&mut self.open, counts);
                 if let Some(open) = self.open.take() {
                     open.span.store(consumer);
@@ -761,6 +778,7 @@ impl<S: BatchSink> Writer<S> {
                 Settled::Done
             }
             Outcome::Lost => {
+                self.lost = true;
                 let mut unstored = self.open.take().map(|open| open.span).unwrap_or_default();
                 unstored.add(&messages);
                 Settled::Lost(unstored)
@@ -779,6 +797,9 @@ struct Job {
     joins_open: bool,
     /// End the open write after the batch.
     end: bool,
+    /// The consumer's rebalance count, and what it was when the open write began.
+    rebalances_seen: Arc<std::sync::atomic::AtomicU64>,
+    rebalances: u64,
     cancel: CancellationToken,
 }
 
@@ -816,9 +837,10 @@ impl Job {
                     if !self.end {
                         return Outcome::Written(counts);
                     }
-                    match sink.end().await {
+                    match self.end(sink).await {
                         Ok(()) => return Outcome::Ended(counts),
-                        Err(e) => e,
+                        Err(None) => return Outcome::Lost,
+                        Err(Some(e)) => e,
                     }
                 }
                 Err(ProcessError::Poison(reason)) => {
@@ -831,24 +853,29 @@ impl Job {
                             return Outcome::Interrupted;
                         }
                     }
-                    let counts = Counts::default();
                     if !self.end {
-                        return Outcome::Written(counts);
+                        return Outcome::Written(Counts::default());
                     }
                     return match self.end(sink).await {
-                        Outcome::Ended(_) => Outcome::Ended(counts),
-                        other => other,
+                        Ok(()) => Outcome::Ended(Counts::default()),
+                        Err(e) => {
+                            if let Some(e) = e {
+                                self.failed(&e, "a write was lost; its records are read again");
+                            }
+                            Outcome::Lost
+                        }
                     };
                 }
                 Err(e) => e,
             };
+            // The sink gave its open write up (a failed write or end does).
+            sink.abandon();
             if self.joins_open {
-                sink.abandon();
-                self.failed(&failure, attempt);
+                self.failed(&failure, "a write was lost; its records are read again");
                 return Outcome::Lost;
             }
             attempt += 1;
-            self.failed(&failure, attempt);
+            self.failed(&failure, "batch write failed; retrying");
             tokio::select! {
                 _ = self.cancel.cancelled() => return Outcome::Interrupted,
                 _ = tokio::time::sleep(backoff(attempt)) => {}
@@ -856,21 +883,42 @@ impl Job {
         }
     }
 
-    /// Ends the open write (a job without a batch). If it fails, the write is lost.
-    async fn end<S: BatchSink>(&self, sink: &mut S) -> Outcome {
-        match sink.end().await {
+    /// Ends the open write, unless a rebalance came since it began: then it is given up
+    /// (`Err(None)`), since partitions it holds may have moved to an owner that reads them
+    /// from the committed offset, and storing them too would race its stored-id check.
+    async fn end<S: BatchSink>(
+        &self,
+        sink: &mut S,
+    ) -> std::result::Result<(), Option<ProcessError>> {
+        if self
+            .rebalances_seen
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != self.rebalances
+        {
+            sink.abandon();
+            tracing::info!(sink = %self.name, "a rebalance came while a write was open; it is given up");
+            return Err(None);
+        }
+        sink.end().await.map_err(Some)
+    }
+
+    /// Ends the open write (a job without a batch). If that fails, the write is lost.
+    async fn end_only<S: BatchSink>(&self, sink: &mut S) -> Outcome {
+        match self.end(sink).await {
             Ok(()) => Outcome::Ended(Counts::default()),
             Err(e) => {
                 sink.abandon();
-                self.failed(&e, 0);
+                if let Some(e) = e {
+                    self.failed(&e, "a write was lost; its records are read again");
+                }
                 Outcome::Lost
             }
         }
     }
 
-    fn failed(&self, error: &ProcessError, attempt: u32) {
+    fn failed(&self, error: &ProcessError, what: &str) {
         self.metrics.retries.with_label_values(&[&self.name]).inc();
-        tracing::warn!(sink = %self.name, reason = %error, attempt, "batch write failed; retrying");
+        tracing::warn!(sink = %self.name, reason = %error, "{what}");
     }
 }
 
@@ -941,31 +989,40 @@ impl Span {
     }
 
     /// Moves each partition's fetch position back to its first record; returns how many
-    /// partitions were rewound (one a rebalance took away is not: its new owner reads it from
-    /// the committed offset). A partition still held that cannot be rewound stops the stage
-    /// rather than skip its records: it restarts from the committed offsets.
+    /// partitions were rewound. A partition a rebalance took away is not (its new owner reads
+    /// it from the committed offset), nor one just assigned and not fetching yet (it starts from
+    /// the committed offset, which is at or before its first record here: offsets are stored
+    /// only for what was written). A partition held and fetching that cannot be rewound stops
+    /// the stage rather than skip its records: it restarts from the committed offsets.
     fn rewind(&self, consumer: &kafka::KafkaConsumer) -> Result<usize> {
+        use rdkafka::types::RDKafkaErrorCode;
         let list = self.offsets(|(first, _)| first);
+        if list.count() == 0 {
+            return Ok(0);
+        }
         let sought = consumer
             .seek_partitions(list, Duration::from_secs(5))
             .map_err(|e| crate::Error::Stalled(format!("records could not be read again: {e}")))?;
         let assignment = consumer.assignment()?;
         let mut rewound = 0;
         for element in sought.elements() {
-            match element.error() {
-                Ok(()) => rewound += 1,
-                Err(e) => {
-                    if assignment
-                        .find_partition(element.topic(), element.partition())
-                        .is_some()
-                    {
-                        return Err(crate::Error::Stalled(format!(
-                            "{}/{} could not be read again: {e}",
-                            element.topic(),
-                            element.partition()
-                        )));
-                    }
-                }
+            let Err(e) = element.error() else {
+                rewound += 1;
+                continue;
+            };
+            let starting = matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::State | RDKafkaErrorCode::PreviousInProgress)
+            );
+            let held = assignment
+                .find_partition(element.topic(), element.partition())
+                .is_some();
+            if held && !starting {
+                return Err(crate::Error::Stalled(format!(
+                    "{}/{} could not be read again: {e}",
+                    element.topic(),
+                    element.partition()
+                )));
             }
         }
         Ok(rewound)
@@ -988,6 +1045,27 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    #[test]
+    fn a_span_holds_each_partitions_first_offset_and_the_one_after_its_last() {
+        let mut span = Span::of(&[message(0, 7), message(1, 3), message(0, 5)]);
+        span.join(Span::of(&[message(1, 9), message(2, 4)]));
+        span.add(&[message(0, 8)]);
+        let offsets = |pick: fn((i64, i64)) -> i64| {
+            let mut found: Vec<(i32, i64)> = span
+                .offsets(pick)
+                .elements()
+                .iter()
+                .filter_map(|e| e.offset().to_raw().map(|o| (e.partition(), o)))
+                .collect();
+            found.sort_unstable();
+            found
+        };
+        // Read again from the first; stored as the one after the last.
+        assert_eq!(offsets(|(first, _)| first), [(0, 5), (1, 3), (2, 4)]);
+        assert_eq!(offsets(|(_, next)| next), [(0, 9), (1, 10), (2, 5)]);
+        assert_eq!(Span::default().offsets(|(first, _)| first).count(), 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! explicitly (`enable.auto.offset.store=false`) so the runtime decides what is done; the
 //! background auto-commit then commits only what was stored.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -28,7 +28,7 @@ pub struct StageContext {
     /// Counts rebalances that assigned or revoked partitions (`sluice_rebalances_total`).
     rebalances: Option<prometheus::IntCounter>,
     /// Rebalances begun and done in this consumer's life (see [`StageContext::rebalances_seen`]).
-    seen: std::sync::atomic::AtomicU64,
+    seen: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StageContext {
@@ -36,6 +36,11 @@ impl StageContext {
     /// moments, the assignment did not change between them.
     pub fn rebalances_seen(&self) -> u64 {
         self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The count behind [`StageContext::rebalances_seen`], to read from elsewhere.
+    pub fn rebalance_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.seen.clone()
     }
 }
 
@@ -300,7 +305,7 @@ pub fn consumer(
     Ok(client.create_with_context(StageContext {
         group: group.to_owned(),
         rebalances: metrics.map(|m| m.rebalances.with_label_values(&[group])),
-        seen: std::sync::atomic::AtomicU64::new(0),
+        seen: Arc::default(),
     })?)
 }
 
@@ -327,7 +332,7 @@ pub fn assigned_consumer_with(
     Ok(client.create_with_context(StageContext {
         group: "(assigned)".to_owned(),
         rebalances: None,
-        seen: std::sync::atomic::AtomicU64::new(0),
+        seen: Arc::default(),
     })?)
 }
 

@@ -159,7 +159,9 @@ fn event_second(e: &UsageEvent) -> u32 {
 /// An `INSERT` into the facts that stays open while rows are written to it, batch after batch:
 /// ClickHouse parses the rows as they come and stores them when it ends, as one part of the
 /// table (and one of each rollup view) however many batches it took. Its rows are stored only
-/// if [`EventsInsert::end`] succeeds; dropped, it is aborted.
+/// if [`EventsInsert::end`] succeeds; dropped, it is aborted and stores none of them, as long as
+/// it holds fewer rows than one insert block (`max_insert_block_size`, 1,048,576 by default:
+/// ClickHouse writes each full block as it goes).
 pub struct EventsInsert {
     insert: ::clickhouse::insert::Insert<UsageRowRef<'static>>,
     rows: usize,

@@ -304,7 +304,6 @@ pub async fn run_sink<S: BatchSink>(
             // Shutdown interrupted a wait: nothing of this batch is stored; it is redelivered.
             break;
         };
-        let in_hand = Span::of(&batch.messages);
         // The batch's look at the store runs while the write before it finishes.
         let checked_from = (
             tokio::time::Instant::now(),
@@ -320,8 +319,15 @@ pub async fn run_sink<S: BatchSink>(
                 break;
             }
             Settled::Lost(mut unstored) => {
-                checking.abort();
-                unstored.join(in_hand);
+                // The batch in hand comes after the lost write: it is read again too (its
+                // check ends as soon as it is done or interrupted).
+                match hold_back.hold(consumer, checking).await {
+                    Ok((batch, _)) => unstored.add(&batch.messages),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => {
+                        return Err(crate::Error::Stalled(format!("a batch's check ended: {e}")))
+                    }
+                }
                 read_again(unstored, &mut hold_back, consumer, LOST)?;
                 continue;
             }
@@ -343,7 +349,7 @@ pub async fn run_sink<S: BatchSink>(
         // An open write a rebalance may have split is given up: the partitions moved may be
         // written by their new owner meanwhile, and Kafka delivers the rest again.
         if let Some(mut unstored) = writer.abandon_if_rebalanced(consumer) {
-            unstored.join(in_hand);
+            unstored.add(&batch.messages);
             read_again(unstored, &mut hold_back, consumer, REBALANCED)?;
             continue;
         }
@@ -502,11 +508,12 @@ async fn decode_batch<T: Record>(
     })
 }
 
-/// How a write job ended, with the sink back and the messages of its batch (if it had one).
+/// How a write job ended, with the sink back and where its batch (if it had one) lay in its
+/// partitions.
 struct JobDone<S> {
     sink: S,
     outcome: Outcome,
-    messages: Vec<OwnedMessage>,
+    span: Span,
 }
 
 /// What a write job did.
@@ -669,14 +676,18 @@ impl<S: BatchSink> Writer<S> {
             cancel,
         };
         let task = tokio::spawn(async move {
-            let (outcome, messages) = match batch {
-                Some(batch) => (job.run(&mut sink, &batch, checked).await, batch.messages),
-                None => (job.end_only(&mut sink).await, Vec::new()),
+            // The batch's span is worked out here, off the loop that consumes the next.
+            let (outcome, span) = match batch {
+                Some(batch) => (
+                    job.run(&mut sink, &batch, checked).await,
+                    Span::of(&batch.messages),
+                ),
+                None => (job.end_only(&mut sink).await, Span::default()),
             };
             JobDone {
                 sink,
                 outcome,
-                messages,
+                span,
             }
         });
         self.state = WriterState::Busy {
@@ -736,7 +747,7 @@ impl<S: BatchSink> Writer<S> {
         let JobDone {
             sink,
             outcome,
-            messages,
+            span,
         } = match done {
             Ok(done) => done,
             // As if the write had run here.
@@ -744,25 +755,25 @@ impl<S: BatchSink> Writer<S> {
             Err(e) => return Err(crate::Error::Stalled(format!("a sink write ended: {e}"))),
         };
         self.state = WriterState::Idle(sink);
-        let joined = |open: &mut Option<OpenWrite>, counts: Counts| {
+        let joined = |open: &mut Option<OpenWrite>, counts: Counts, span: Span| {
             let open = open.get_or_insert_with(|| OpenWrite {
                 span: Span::default(),
                 counts: Counts::default(),
                 opened: tokio::time::Instant::now(),
                 rebalances,
             });
-            open.span.add(&messages);
+            open.span.join(span);
             open.counts.records += counts.records;
             open.counts.new += counts.new;
         };
         Ok(match outcome {
             Outcome::Written(counts) => {
-                joined(&mut self.open, counts);
+                joined(&mut self.open, counts, span);
                 Settled::Done
             }
             Outcome::Ended(counts) => {
                 self.lost = false;
-                joined(&mut self.open, counts);
+                joined(&mut self.open, counts, span);
                 if let Some(open) = self.open.take() {
                     open.span.store(consumer);
                     let counts = open.counts;
@@ -780,7 +791,7 @@ impl<S: BatchSink> Writer<S> {
             Outcome::Lost => {
                 self.lost = true;
                 let mut unstored = self.open.take().map(|open| open.span).unwrap_or_default();
-                unstored.add(&messages);
+                unstored.join(span);
                 Settled::Lost(unstored)
             }
             Outcome::Interrupted => Settled::Interrupted,
@@ -935,19 +946,27 @@ impl Span {
     }
 
     fn add(&mut self, messages: &[OwnedMessage]) {
-        for m in messages {
+        // Records come in runs of one partition: look its entry up once a run.
+        let mut messages = messages.iter().peekable();
+        while let Some(m) = messages.next() {
             let partitions = match self.0.get_mut(m.topic()) {
                 Some(partitions) => partitions,
                 None => self.0.entry(m.topic().to_owned()).or_default(),
             };
-            let offset = m.offset();
+            let (mut first, mut next) = (m.offset(), m.offset() + 1);
+            while let Some(same) =
+                messages.next_if(|n| n.partition() == m.partition() && n.topic() == m.topic())
+            {
+                first = first.min(same.offset());
+                next = next.max(same.offset() + 1);
+            }
             partitions
                 .entry(m.partition())
-                .and_modify(|(first, next)| {
-                    *first = (*first).min(offset);
-                    *next = (*next).max(offset + 1);
+                .and_modify(|(f, n)| {
+                    *f = (*f).min(first);
+                    *n = (*n).max(next);
                 })
-                .or_insert((offset, offset + 1));
+                .or_insert((first, next));
         }
     }
 

@@ -110,9 +110,10 @@ pub struct StagesConfig {
     /// open insert until it holds this many (1: an insert per batch). Few large inserts are
     /// what ClickHouse wants (each costs a part of the table and one of each rollup view,
     /// whatever its size); the sink keeps only the ids of an open insert's events, not the
-    /// events, so this bounds memory far less than the batch does. At most 1,000,000: ClickHouse
-    /// stores an insert's rows in blocks of `max_insert_block_size` (1,048,576 by default), and
-    /// only an insert within one block is all or nothing when it is given up.
+    /// events, so this bounds memory far less than the batch does. The batch that reaches it
+    /// joins the insert, so with `metering_max_batch` it may hold at most one ClickHouse insert
+    /// block (`max_insert_block_size`, 1,048,576 rows by default): only an insert within one
+    /// block is all or nothing when it is given up.
     pub metering_max_insert_events: usize,
     /// Longest an insert of the metering sink stays open before it ends (milliseconds): with
     /// the linger, how long usage takes to reach ClickHouse under steady traffic. An insert
@@ -126,8 +127,9 @@ pub struct StagesConfig {
     pub metering_compact_every_s: u32,
 }
 
-/// Most events one insert of the metering sink may span: within one ClickHouse insert block.
-const MAX_INSERT_EVENTS: usize = 1_000_000;
+/// Rows of one ClickHouse insert block (`max_insert_block_size`'s default): the most one insert
+/// of the metering sink may hold, so that giving it up stores none of it.
+const INSERT_BLOCK_ROWS: usize = 1_048_576;
 
 impl Default for StagesConfig {
     fn default() -> Self {
@@ -285,9 +287,13 @@ impl Config {
         {
             problems.push("stages: in-flight limits and batch sizes must be at least 1".to_owned());
         }
-        if self.stages.metering_max_insert_events > MAX_INSERT_EVENTS {
+        let largest_insert = self
+            .stages
+            .metering_max_insert_events
+            .saturating_add(self.stages.metering_max_batch);
+        if largest_insert > INSERT_BLOCK_ROWS {
             problems.push(format!(
-                "stages.metering_max_insert_events must be at most {MAX_INSERT_EVENTS} (one ClickHouse insert block)"
+                "stages.metering_max_insert_events plus stages.metering_max_batch must be at most {INSERT_BLOCK_ROWS} (one ClickHouse insert block)"
             ));
         }
         problems
@@ -373,5 +379,18 @@ mod tests {
             message.contains("partitions") && message.contains("log.format"),
             "{message}"
         );
+        // The sink's insert, with the batch that reaches its bound, must fit one ClickHouse
+        // insert block.
+        let env = [(
+            "SLUICE_STAGES__METERING_MAX_INSERT_EVENTS".to_owned(),
+            "1000000".to_owned(),
+        )];
+        let message = format!("{:#}", Config::load(None, env).unwrap_err());
+        assert!(message.contains("metering_max_insert_events"), "{message}");
+        let env = [(
+            "SLUICE_STAGES__METERING_MAX_INSERT_EVENTS".to_owned(),
+            "998576".to_owned(),
+        )];
+        assert!(Config::load(None, env).is_ok());
     }
 }

@@ -100,7 +100,9 @@ pub trait BatchSink: Send + 'static {
         Ok(())
     }
 
-    /// Gives up the open write, storing none of it: the sink loop reads its batches again.
+    /// Gives up the open write, storing none of it: the sink loop reads its batches again. The
+    /// loop calls it after a failed write or end, and instead of `end` when a rebalance came
+    /// while the write was open (even a write of one batch: its partitions may have moved).
     fn abandon(&mut self) {}
 
     /// Looks after the store between batches, every [`SinkSpec::upkeep_every`] while the stage
@@ -309,7 +311,8 @@ pub async fn run_sink<S: BatchSink>(
             tokio::time::Instant::now(),
             consumer.context().rebalances_seen(),
         );
-        let checking = tokio::spawn(check_batch(checker.clone(), batch, wait_token.clone()));
+        let check_cancel = wait_token.child_token();
+        let checking = tokio::spawn(check_batch(checker.clone(), batch, check_cancel.clone()));
         // The write before must be done (and its offsets stored) before this one starts. A
         // store that stays down holds it in retries: the partitions pause meanwhile.
         match writer.wait(&mut hold_back, consumer).await? {
@@ -320,7 +323,8 @@ pub async fn run_sink<S: BatchSink>(
             }
             Settled::Lost(mut unstored) => {
                 // The batch in hand comes after the lost write: it is read again too (its
-                // check ends as soon as it is done or interrupted).
+                // check, interrupted, hands it back at once).
+                check_cancel.cancel();
                 match hold_back.hold(consumer, checking).await {
                     Ok((batch, _)) => unstored.add(&batch.messages),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -870,6 +874,7 @@ impl Job {
                     return match self.end(sink).await {
                         Ok(()) => Outcome::Ended(Counts::default()),
                         Err(e) => {
+                            sink.abandon();
                             if let Some(e) = e {
                                 self.failed(&e, "a write was lost; its records are read again");
                             }

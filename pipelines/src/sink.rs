@@ -871,16 +871,8 @@ impl Job {
                     if !self.end {
                         return Outcome::Written(Counts::default());
                     }
-                    return match self.end(sink).await {
-                        Ok(()) => Outcome::Ended(Counts::default()),
-                        Err(e) => {
-                            sink.abandon();
-                            if let Some(e) = e {
-                                self.failed(&e, "a write was lost; its records are read again");
-                            }
-                            Outcome::Lost
-                        }
-                    };
+                    // What the open write held before the refused batch ends as it would alone.
+                    return self.end_only(sink).await;
                 }
                 Err(e) => e,
             };
@@ -918,7 +910,8 @@ impl Job {
         sink.end().await.map_err(Some)
     }
 
-    /// Ends the open write (a job without a batch). If that fails, the write is lost.
+    /// Ends the open write (a job without a batch, or after a refused one). If that fails, the
+    /// write is lost.
     async fn end_only<S: BatchSink>(&self, sink: &mut S) -> Outcome {
         match self.end(sink).await {
             Ok(()) => Outcome::Ended(Counts::default()),

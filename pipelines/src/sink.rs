@@ -237,7 +237,7 @@ pub async fn run_sink<S: BatchSink>(
                         if messages.is_empty() {
                             hold_back.take_ready(consumer, spec.max_batch.min(READY_AT_ONCE), &mut messages);
                             if messages.is_empty() {
-                                writer.end_open(&mut hold_back, consumer, &cancel)?;
+                                writer.end_open(consumer, &cancel)?;
                             } else {
                                 bytes += messages.iter().map(message_bytes).sum::<usize>();
                                 deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
@@ -247,7 +247,7 @@ pub async fn run_sink<S: BatchSink>(
                     Settled::Interrupted => break 'batches,
                     Settled::Lost(mut unstored) => {
                         unstored.add(&messages);
-                        read_again(unstored, &mut hold_back, consumer, LOST)?;
+                        read_again(unstored, &mut hold_back, consumer)?;
                         messages.clear();
                         bytes = 0;
                         deadline = None;
@@ -284,11 +284,9 @@ pub async fn run_sink<S: BatchSink>(
         if messages.is_empty() {
             if !stopping {
                 match writer.wait(&mut hold_back, consumer).await? {
-                    Settled::Done => writer.end_open(&mut hold_back, consumer, &cancel)?,
+                    Settled::Done => writer.end_open(consumer, &cancel)?,
                     Settled::Interrupted => break,
-                    Settled::Lost(unstored) => {
-                        read_again(unstored, &mut hold_back, consumer, LOST)?
-                    }
+                    Settled::Lost(unstored) => read_again(unstored, &mut hold_back, consumer)?,
                 }
             }
             continue;
@@ -332,7 +330,7 @@ pub async fn run_sink<S: BatchSink>(
                         return Err(crate::Error::Stalled(format!("a batch's check ended: {e}")))
                     }
                 }
-                read_again(unstored, &mut hold_back, consumer, LOST)?;
+                read_again(unstored, &mut hold_back, consumer)?;
                 continue;
             }
         }
@@ -350,13 +348,6 @@ pub async fn run_sink<S: BatchSink>(
         {
             checked = None;
         }
-        // An open write a rebalance may have split is given up: the partitions moved may be
-        // written by their new owner meanwhile, and Kafka delivers the rest again.
-        if let Some(mut unstored) = writer.abandon_if_rebalanced(consumer) {
-            unstored.add(&batch.messages);
-            read_again(unstored, &mut hold_back, consumer, REBALANCED)?;
-            continue;
-        }
         // Records of partitions a rebalance took away while they waited are the new owner's
         // to write: writing them too would race its stored-id check.
         let batch = batch.of_assigned(consumer);
@@ -371,7 +362,7 @@ pub async fn run_sink<S: BatchSink>(
     // The write under way finishes (or shutdown interrupts its retries) and the open write
     // ends before the offsets are committed.
     if let Settled::Done = writer.wait(&mut hold_back, consumer).await? {
-        writer.end_open(&mut hold_back, consumer, &never)?;
+        writer.end_open(consumer, &never)?;
         writer.wait(&mut hold_back, consumer).await?;
     }
     source.close().await;
@@ -394,18 +385,12 @@ fn read_again(
     mut unstored: Span,
     hold_back: &mut kafka::HoldBack,
     consumer: &kafka::KafkaConsumer,
-    why: &str,
 ) -> Result<()> {
     unstored.add(&hold_back.take_arrived());
     let rewound = unstored.rewind(consumer)?;
-    tracing::info!(partitions = rewound, why, "records read again");
+    tracing::info!(partitions = rewound, "records of a lost write read again");
     Ok(())
 }
-
-/// Why records are read again: their write failed.
-const LOST: &str = "their write was lost";
-/// Why records are read again: a rebalance came while their write was open.
-const REBALANCED: &str = "a rebalance came while their write was open";
 
 /// A batch decoded: the records to write, where each came from, and every message of the
 /// batch (whose offsets are stored once it is written).
@@ -703,34 +688,16 @@ impl<S: BatchSink> Writer<S> {
     }
 
     /// Ends the open write, if there is one and the sink is at hand (else nothing): a job
-    /// without a batch. A write a rebalance may have split is given up instead, its records
-    /// read again (see [`Writer::abandon_if_rebalanced`]).
+    /// without a batch.
     fn end_open(
         &mut self,
-        hold_back: &mut kafka::HoldBack,
         consumer: &kafka::KafkaConsumer,
         cancel: &CancellationToken,
     ) -> Result<()> {
         if self.open.is_none() || !matches!(self.state, WriterState::Idle(_)) {
             return Ok(());
         }
-        if let Some(unstored) = self.abandon_if_rebalanced(consumer) {
-            return read_again(unstored, hold_back, consumer, REBALANCED);
-        }
         self.start(None, None, true, consumer, cancel.clone())
-    }
-
-    /// Gives up the open write if the consumer saw a rebalance since it opened (and the sink is
-    /// at hand), returning the records to read again.
-    fn abandon_if_rebalanced(&mut self, consumer: &kafka::KafkaConsumer) -> Option<Span> {
-        let WriterState::Idle(sink) = &mut self.state else {
-            return None;
-        };
-        if self.open.as_ref()?.rebalances == consumer.context().rebalances_seen() {
-            return None;
-        }
-        sink.abandon();
-        self.open.take().map(|open| open.span)
     }
 
     /// The job under way, once it ends (never, when there is none). Cancel-safe.

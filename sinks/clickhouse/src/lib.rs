@@ -94,10 +94,7 @@ impl UsageSink {
         let looked_ahead = checked.is_some();
         let stored = match checked {
             Some(stored) => stored,
-            None => {
-                let billable = batch.iter().filter(|e| e.billable);
-                usage::stored_event_ids(&self.clickhouse, billable).await?
-            }
+            None => stored_billable(&self.clickhouse, batch).await?,
         };
         let checked_at = Instant::now();
         let new = events_to_insert(batch, &stored, &[&self.open_events, &self.ended_last]);
@@ -130,6 +127,14 @@ impl UsageSink {
     }
 }
 
+/// Which of `batch`'s billable events `usage_events` already holds.
+async fn stored_billable(
+    clickhouse: &ClickHouse,
+    batch: &[UsageEvent],
+) -> sluice_stores::Result<EventIds> {
+    usage::stored_event_ids(clickhouse, batch.iter().filter(|e| e.billable)).await
+}
+
 fn retriable(e: sluice_stores::Error) -> ProcessError {
     // Rows are built from decoded records, so a refusal means ClickHouse or its schema is not
     // as expected: keep retrying (and alerting through the retry metric) rather than drop usage.
@@ -146,8 +151,7 @@ impl BatchCheck<UsageEvent> for StoredIdCheck {
     type Checked = EventIds;
 
     async fn check(&self, batch: &[UsageEvent]) -> Result<EventIds, ProcessError> {
-        let billable = batch.iter().filter(|e| e.billable);
-        usage::stored_event_ids(&self.clickhouse, billable)
+        stored_billable(&self.clickhouse, batch)
             .await
             .map_err(retriable)
     }

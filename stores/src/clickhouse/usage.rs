@@ -184,11 +184,6 @@ impl EventsInsert {
         Ok(events.len())
     }
 
-    /// Rows written so far.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Ends the insert: once this returns, its rows are stored. Returns how many.
     pub async fn end(self) -> Result<usize> {
         self.insert.end().await?;

@@ -13,13 +13,13 @@ use axum::{
     Json,
 };
 use sluice_pipelines::{now_ms, trace::TraceContext};
-use sluice_schemas::{ChatMessage, ChatRequest, ReplyAddress, ReplyKind};
+use sluice_schemas::{ChatRequest, ReplyAddress, ReplyKind};
 use sluice_stores::AUTO_MODEL;
 
 use crate::{
     auth::Caller,
     error::ApiError,
-    openai::{self, CompletionRequest},
+    openai::{self, CompletionRequest, Prompt, ToolCallAssembler},
     replies::Subscription,
     stream::{chunk_error, next_chunk, sse_body, ReplyStream},
     EdgeState,
@@ -54,7 +54,7 @@ pub async fn submit(
     state: &EdgeState,
     caller: &Caller,
     request: &CompletionRequest,
-    messages: Vec<ChatMessage>,
+    prompt: Prompt,
     session_id: Option<String>,
     parent_trace: Option<TraceContext>,
 ) -> Result<Submitted, ApiError> {
@@ -90,7 +90,7 @@ pub async fn submit(
         tenant_id: tenant.0.to_string(),
         session_id: session_id.unwrap_or_else(|| request_id.clone()),
         model: request.model.clone(),
-        messages,
+        messages: prompt.messages,
         max_tokens,
         temperature: request.temperature,
         stream: request.stream.unwrap_or(false),
@@ -102,6 +102,12 @@ pub async fn submit(
         allowed_models: caller.grant.allowed_models(),
         key_id: caller.key_id(),
         user_id: caller.user_id(),
+        tools: prompt.tools,
+        tool_choice: prompt.tool_choice.as_ref().map(|(mode, _)| mode.clone()),
+        tool_choice_function: prompt.tool_choice.and_then(|(_, function)| function),
+        parallel_tool_calls: prompt.parallel_tool_calls,
+        response_format: prompt.response_format,
+        options_json: prompt.options_json,
     };
     let admission = state
         .limits
@@ -169,7 +175,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     openai::require_json(&headers)?;
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let (request, messages) = openai::parse(&body)?;
+    let (request, prompt) = openai::parse(&body)?;
     let session = headers
         .get("x-session-id")
         .and_then(|v| v.to_str().ok())
@@ -179,7 +185,7 @@ pub async fn completions(
         .get(sluice_pipelines::trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    let mut submitted = submit(&state, &caller, &request, messages, session, trace).await?;
+    let mut submitted = submit(&state, &caller, &request, prompt, session, trace).await?;
     let timeout = Duration::from_secs(state.config.reply_timeout_secs);
     let mut limit_headers = submitted.limit_headers.clone();
     limit_headers.insert(
@@ -215,18 +221,23 @@ pub async fn completions(
         return Ok(response);
     }
     let mut text = String::new();
+    let mut tool_calls = ToolCallAssembler::default();
     let mut chunk = first;
     loop {
         match chunk.kind {
-            ReplyKind::Delta => text.push_str(&chunk.delta),
+            ReplyKind::Delta => {
+                text.push_str(&chunk.delta);
+                tool_calls.push(&chunk.tool_calls);
+            }
             ReplyKind::Error => return Err(chunk_error(&chunk).with_headers(limit_headers)),
             ReplyKind::Done => {
                 text.push_str(&chunk.delta);
+                tool_calls.push(&chunk.tool_calls);
                 let body = openai::completion_json(
                     &submitted.request_id,
                     submitted.created(),
                     &chunk.model,
-                    &text,
+                    (&text, tool_calls.calls()),
                     chunk.finish_reason.as_deref().unwrap_or("stop"),
                     (chunk.input_tokens, chunk.output_tokens),
                 );

@@ -65,6 +65,7 @@ mod test_support {
             allowed_models: None,
             key_id: None,
             user_id: None,
+            ..Default::default()
         }
     }
 }

@@ -14,7 +14,7 @@ use sluice_schemas::{ReplyChunk, ReplyKind};
 
 use crate::{
     error::ApiError,
-    openai::{chunk_json, usage_json},
+    openai::{chunk_json, tool_call_deltas_json, usage_json},
     replies::Subscription,
     EdgeState,
 };
@@ -100,6 +100,11 @@ impl StreamTranslator {
         // arrives together into one chunk).
         if !chunk.delta.is_empty() {
             out.push(self.object(chunk, json!({ "content": chunk.delta }), None));
+        }
+        // Each piece of a tool call in an object of its own, as OpenAI streams them.
+        for piece in &chunk.tool_calls {
+            let pieces = tool_call_deltas_json(std::slice::from_ref(piece));
+            out.push(self.object(chunk, json!({ "tool_calls": pieces }), None));
         }
         if chunk.kind == ReplyKind::Delta {
             return Translated::More(out);
@@ -243,6 +248,34 @@ mod tests {
         assert!(last
             .iter()
             .all(|o| o["id"] == "chatcmpl-1" && o["created"] == 7 && o["model"] == "sim-small"));
+        // Tool calls: each piece in an object of its own, then finish_reason tool_calls.
+        let mut t = StreamTranslator::new("chatcmpl-2", 7, false);
+        let mut call = ReplyChunk::new(&request, "sim-small", 0, ReplyKind::Done);
+        call.finish_reason = Some("tool_calls".into());
+        for (id, arguments) in [(Some("call_1"), ""), (None, "{}")] {
+            call.tool_calls.push(sluice_schemas::ToolCallDelta {
+                index: 0,
+                id: id.map(str::to_owned),
+                name: id.map(|_| "lookup".to_owned()),
+                arguments: arguments.into(),
+            });
+        }
+        let Translated::Finished(objects) = t.translate(&call) else {
+            panic!("finished")
+        };
+        assert_eq!(objects.len(), 4, "role, two pieces, finish");
+        let first = &objects[1]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(
+            (first["id"].as_str(), first["function"]["name"].as_str()),
+            (Some("call_1"), Some("lookup"))
+        );
+        let second = &objects[2]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(
+            second,
+            &json!({"index": 0, "function": {"arguments": "{}"}})
+        );
+        assert_eq!(objects[3]["choices"][0]["finish_reason"], "tool_calls");
+
         let error = ReplyChunk::error(&request, "m", 0, 429, "upstream_rate_limited", "slow down");
         let Translated::Failed(e) = StreamTranslator::new("x", 0, false).translate(&error) else {
             panic!("failed")

@@ -54,7 +54,7 @@ use crate::{
     auth::{self, Caller},
     chat, cors,
     error::ApiError,
-    openai::{self, usage_json},
+    openai::{self, tool_call_deltas_json, usage_json},
     resume::{StreamId, StreamReader},
     stream::{chunk_error, next_chunk, OpenStream},
     EdgeState,
@@ -574,9 +574,10 @@ async fn authenticate(
     }
 }
 
-/// The frame for one reply chunk of `stream`.
+/// The frame for one reply chunk of `stream`; pieces of tool calls travel in `tool_calls`, in
+/// the shape of OpenAI's streamed `delta.tool_calls`.
 fn chunk_frame(stream: &str, chunk: &ReplyChunk) -> Value {
-    match chunk.kind {
+    let mut frame = match chunk.kind {
         ReplyKind::Delta => json!({
             "type": "delta", "stream": stream, "seq": chunk.seq, "content": chunk.delta,
         }),
@@ -586,11 +587,17 @@ fn chunk_frame(stream: &str, chunk: &ReplyChunk) -> Value {
             "finish_reason": chunk.finish_reason.as_deref().unwrap_or("stop"),
             "usage": usage_json(chunk.input_tokens, chunk.output_tokens),
         }),
-        ReplyKind::Error => json!({
-            "type": "error", "stream": stream, "seq": chunk.seq,
-            "error": chunk_error(chunk).body()["error"],
-        }),
+        ReplyKind::Error => {
+            return json!({
+                "type": "error", "stream": stream, "seq": chunk.seq,
+                "error": chunk_error(chunk).body()["error"],
+            })
+        }
+    };
+    if !chunk.tool_calls.is_empty() {
+        frame["tool_calls"] = tool_call_deltas_json(&chunk.tool_calls);
     }
+    frame
 }
 
 /// A `chat` frame: submits the request and streams its reply.
@@ -612,7 +619,7 @@ async fn run_chat(
     let parsed = serde_json::to_vec(&request)
         .map_err(|e| ApiError::invalid(format!("`request` is not a JSON object: {e}")))
         .and_then(|body| openai::parse(&body));
-    let (mut request, messages) = match parsed {
+    let (mut request, prompt) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
             outbox.error(None, reference, &e).await;
@@ -622,7 +629,7 @@ async fn run_chat(
     // Over a socket every reply streams.
     request.stream = Some(true);
     let session = request.user.clone();
-    let submitted = match chat::submit(state, caller, &request, messages, session, None).await {
+    let submitted = match chat::submit(state, caller, &request, prompt, session, None).await {
         Ok(submitted) => submitted,
         Err(e) => {
             outbox.error(None, reference, &e).await;
@@ -759,6 +766,23 @@ mod tests {
         assert_eq!(frame["type"], "done");
         assert_eq!(frame["finish_reason"], "stop");
         assert_eq!(frame["usage"]["total_tokens"], 4);
+        assert!(
+            frame.get("tool_calls").is_none(),
+            "only when there are some"
+        );
+        done.finish_reason = Some("tool_calls".into());
+        done.tool_calls.push(sluice_schemas::ToolCallDelta {
+            index: 0,
+            id: Some("call_1".into()),
+            name: Some("lookup".into()),
+            arguments: "{}".into(),
+        });
+        let frame = chunk_frame("s", &done);
+        assert_eq!(frame["finish_reason"], "tool_calls");
+        assert_eq!(
+            frame["tool_calls"],
+            json!([{"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}])
+        );
         let error = ReplyChunk::error(&request, "m", 2, 429, "upstream_rate_limited", "slow down");
         let frame = chunk_frame("s", &error);
         assert_eq!(frame["error"]["code"], "upstream_rate_limited");

@@ -81,22 +81,72 @@ macro_rules! record {
 }
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// The text; empty for an assistant message that only called tools.
     pub content: String,
     pub name: Option<String>,
+    /// The functions an assistant message called.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message with text only.
+    pub fn text(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.into(),
+            name: None,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A function an assistant message called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, as the model wrote them.
+    pub arguments: String,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolDefinition {
+    pub name: String,
+    pub description: Option<String>,
+    /// JSON Schema of the arguments, as JSON text.
+    pub parameters_json: Option<String>,
+    pub strict: Option<bool>,
+}
+
+/// The form a reply must take (OpenAI's `response_format`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFormat {
+    /// `text`, `json_object` or `json_schema`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `json_schema`: OpenAI's `json_schema` object, as JSON text.
+    #[serde(default)]
+    pub json_schema_json: Option<String>,
 }
 
 /// Where a reply must be written: the replies partition of the edge instance holding the caller.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplyAddress {
     pub topic: String,
     pub partition: i32,
 }
 
 /// A tenant's chat request (`sluice.requests`, keyed by `session_id`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
     pub request_id: String,
     pub tenant_id: String,
@@ -117,18 +167,32 @@ pub struct ChatRequest {
     /// The user whose session made the request (`None` for an API key).
     #[serde(default)]
     pub user_id: Option<String>,
+    /// Functions the model may call.
+    #[serde(default)]
+    pub tools: Vec<ToolDefinition>,
+    /// `none`, `auto`, `required` or `function` (`None`: the provider's default).
+    #[serde(default)]
+    pub tool_choice: Option<String>,
+    /// The function the model must call when `tool_choice` is `function`.
+    #[serde(default)]
+    pub tool_choice_function: Option<String>,
+    /// Whether the model may call several tools in one reply (`None`: the provider's default).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// The form the reply must take (`None`: text).
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    /// Further sampling parameters as a JSON object, for an OpenAI-compatible upstream.
+    #[serde(default)]
+    pub options_json: Option<String>,
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
 impl ChatRequest {
-    /// What the prompt costs in Sluice's [tokens](crate::tokens): each message's content plus
-    /// 4 for its role and framing.
+    /// What the prompt costs in Sluice's [tokens](crate::tokens::count_prompt): its messages,
+    /// the tool calls in them and the tools offered.
     pub fn prompt_tokens(&self) -> i64 {
-        let count = crate::tokens::count_prompt(
-            self.messages
-                .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str())),
-        );
+        let count = crate::tokens::count_prompt(&self.messages, &self.tools);
         i64::try_from(count).unwrap_or(i64::MAX)
     }
 }
@@ -156,6 +220,18 @@ record!(
     "sluice.v1.RoutedRequest",
     "routed_request.avsc"
 );
+
+/// A piece of one of a reply's tool calls: the first piece of a call names its id and
+/// function, every piece may append to its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which of the reply's calls (0, 1, ...).
+    pub index: i32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    /// JSON text appended to the call's arguments.
+    pub arguments: String,
+}
 
 /// What a reply chunk carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +264,9 @@ pub struct ReplyChunk {
     /// Of `input_tokens`, those served from the provider's prompt cache.
     #[serde(default)]
     pub cached_input_tokens: i64,
+    /// Pieces of the tool calls the model makes, in order.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 record!(ReplyChunk, "sluice.v1.ReplyChunk", "reply_chunk.avsc");
 
@@ -208,6 +287,7 @@ impl ReplyChunk {
             error_message: None,
             error_status: 0,
             cached_input_tokens: 0,
+            tool_calls: Vec::new(),
         }
     }
 
@@ -327,11 +407,7 @@ mod tests {
             tenant_id: "t-1".into(),
             session_id: "s-1".into(),
             model: "auto".into(),
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "hello".into(),
-                name: None,
-            }],
+            messages: vec![ChatMessage::text("user", "hello")],
             max_tokens: Some(16),
             temperature: None,
             stream: true,
@@ -343,6 +419,12 @@ mod tests {
             allowed_models: None,
             key_id: None,
             user_id: None,
+            tools: Vec::new(),
+            tool_choice: None,
+            tool_choice_function: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            options_json: None,
         }
     }
 
@@ -356,8 +438,33 @@ mod tests {
     fn every_record_round_trips_through_its_schema() {
         let request = sample_request();
         round_trip(request.clone());
+        let mut with_tools = request.clone();
+        let mut called = ChatMessage::text("assistant", "");
+        called.tool_calls.push(ToolCall {
+            id: "call_1".into(),
+            name: "lookup_order".into(),
+            arguments: r#"{"order_id":"A-1"}"#.into(),
+        });
+        let mut answer = ChatMessage::text("tool", r#"{"status":"shipped"}"#);
+        answer.tool_call_id = Some("call_1".into());
+        with_tools.messages.extend([called, answer]);
+        with_tools.tools.push(ToolDefinition {
+            name: "lookup_order".into(),
+            description: Some("Find an order".into()),
+            parameters_json: Some(r#"{"type":"object"}"#.into()),
+            strict: Some(true),
+        });
+        with_tools.tool_choice = Some("function".into());
+        with_tools.tool_choice_function = Some("lookup_order".into());
+        with_tools.parallel_tool_calls = Some(false);
+        with_tools.response_format = Some(ResponseFormat {
+            kind: "json_object".into(),
+            json_schema_json: None,
+        });
+        with_tools.options_json = Some(r#"{"top_p":0.5}"#.into());
+        round_trip(with_tools.clone());
         round_trip(RoutedRequest {
-            request: request.clone(),
+            request: with_tools,
             decision: RoutingDecision {
                 model: "sim-small".into(),
                 provider: "sim".into(),
@@ -369,7 +476,13 @@ mod tests {
             },
         });
         let mut chunk = ReplyChunk::new(&request, "sim-small", 2, ReplyKind::Done);
-        chunk.finish_reason = Some("stop".into());
+        chunk.finish_reason = Some("tool_calls".into());
+        chunk.tool_calls.push(ToolCallDelta {
+            index: 0,
+            id: Some("call_1".into()),
+            name: Some("lookup_order".into()),
+            arguments: "{".into(),
+        });
         round_trip(chunk);
         round_trip(ReplyChunk::error(
             &request,

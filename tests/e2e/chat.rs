@@ -210,6 +210,82 @@ except Exception as e:
     assert_eq!(lines[4], "NotFoundError 404");
 }
 
+/// Runs `script` with the official OpenAI Python SDK pointed at `sluice` as `key`; its output.
+fn python_sdk(sluice: &Sluice, key: &str, script: &str) -> String {
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .env("OPENAI_BASE_URL", sluice.v1(""))
+        .env("OPENAI_API_KEY", key)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn function_calling_works_through_the_official_python_sdk() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    // An agent's loop: the model calls a tool (whole, then streamed), the caller runs it and
+    // sends the result, the model answers in text. Then JSON mode, and what Sluice refuses.
+    let script = r#"
+import json
+from openai import OpenAI, BadRequestError
+client = OpenAI()
+tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}]
+messages = [{"role": "user", "content": "Where is order A-17? Please lookup order."}]
+r = client.chat.completions.create(model="sim-small", messages=messages, tools=tools, tool_choice="required")
+call = r.choices[0].message.tool_calls[0]
+print(r.choices[0].finish_reason, call.function.name, json.loads(call.function.arguments)["order_id"], r.usage.completion_tokens)
+calls = {}
+finish = None
+for chunk in client.chat.completions.create(model="sim-small", messages=messages, tools=tools, stream=True, stream_options={"include_usage": True}):
+    if chunk.choices:
+        for piece in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            if piece.id: entry["id"] = piece.id
+            if piece.function and piece.function.name: entry["name"] = piece.function.name
+            if piece.function and piece.function.arguments: entry["arguments"] += piece.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+print(finish, calls[0]["id"] == call.id, calls[0]["name"], calls[0]["arguments"] == call.function.arguments)
+messages.append(r.choices[0].message.model_dump(exclude_none=True))
+messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"status": "shipped"})})
+r = client.chat.completions.create(model="sim-small", messages=messages, tools=tools)
+print(r.choices[0].finish_reason, bool(r.choices[0].message.content), r.choices[0].message.tool_calls)
+r = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "json please"}], response_format={"type": "json_object"})
+print(sorted(json.loads(r.choices[0].message.content)))
+for bad in [dict(tools=[{"type": "code_interpreter"}]), dict(logprobs=True), dict(tool_choice="auto")]:
+    try:
+        client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "x"}], **bad)
+        print("accepted")
+    except BadRequestError as e:
+        print(e.status_code, e.body["param"])
+"#;
+    let stdout = python_sdk(&sluice, &tenant.key, script);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let said = "Where is order A-17? Please lookup order.";
+    let arguments = serde_json::json!({"order_id": said}).to_string();
+    let billed =
+        sluice_schemas::tokens::count("lookup_order") + sluice_schemas::tokens::count(&arguments);
+    assert_eq!(lines[0], format!("tool_calls lookup_order {said} {billed}"));
+    assert_eq!(
+        lines[1], "tool_calls True lookup_order True",
+        "streamed, the same call"
+    );
+    assert_eq!(lines[2], "stop True None", "after the tool's result, text");
+    assert_eq!(lines[3], "['reply']");
+    assert_eq!(lines[4], "400 tools[0].type");
+    assert_eq!(lines[5], "400 logprobs");
+    assert_eq!(lines[6], "400 tool_choice");
+}
+
 #[tokio::test]
 async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
     // The upstream is a second, independent Sluice: a real OpenAI-compatible server on loopback.
@@ -263,6 +339,46 @@ async fn the_openai_provider_streams_from_an_openai_compatible_upstream() {
     assert_eq!(
         relayed["usage"], direct["usage"],
         "billed by the upstream's own counts"
+    );
+
+    // Function calling passes through: the tools, the choice and the conversation go upstream,
+    // the calls come back (streamed from the upstream, whole to this caller).
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}}}}]);
+    let ask_tools = |model: &str| {
+        json!({"model": model, "tools": tools, "parallel_tool_calls": false,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "messages": [{"role": "user", "content": "weather?"}]})
+    };
+    let (status, relayed) = chat(&sluice, &tenant.key, ask_tools(&model)).await;
+    assert_eq!(status, 200, "{relayed}");
+    let (_, direct) = chat(&upstream, &upstream_tenant.key, ask_tools("sim-small")).await;
+    assert_eq!(relayed["choices"][0]["finish_reason"], "tool_calls");
+    let call = &relayed["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["arguments"], r#"{"unit":"celsius"}"#);
+    assert_eq!(
+        relayed["choices"][0]["message"], direct["choices"][0]["message"],
+        "the upstream's calls, ids and all"
+    );
+    assert_eq!(relayed["usage"], direct["usage"]);
+    // The follow-up with the tool's result reaches the upstream, which answers in text.
+    let follow_up = |model: &str| {
+        let mut body = ask_tools(model);
+        body["tool_choice"] = json!("auto");
+        body["messages"] = json!([
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+        ]);
+        body
+    };
+    let (status, relayed) = chat(&sluice, &tenant.key, follow_up(&model)).await;
+    assert_eq!(status, 200, "{relayed}");
+    let (_, direct) = chat(&upstream, &upstream_tenant.key, follow_up("sim-small")).await;
+    assert_eq!(relayed["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        relayed["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
     );
 
     let ask = |model: &str| json!({"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]});

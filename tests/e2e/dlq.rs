@@ -50,6 +50,7 @@ async fn poison_requests_land_in_the_dlq_and_the_stream_keeps_going() {
                 allowed_models: None,
                 key_id: None,
                 user_id: None,
+                ..Default::default()
             };
             let bytes = codec.encode(&request).unwrap();
             bytes[..bytes.len() / 2].to_vec()

@@ -33,11 +33,7 @@ async fn records_of_one_key_leave_the_router_in_the_order_they_came() {
                 tenant_id: "ordering".into(),
                 session_id: session.into(),
                 model: "sim-small".into(),
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: format!("turn {turn}"),
-                    name: None,
-                }],
+                messages: vec![ChatMessage::text("user", format!("turn {turn}"))],
                 max_tokens: Some(1),
                 temperature: None,
                 stream: false,
@@ -49,6 +45,7 @@ async fn records_of_one_key_leave_the_router_in_the_order_they_came() {
                 allowed_models: None,
                 key_id: None,
                 user_id: None,
+                ..Default::default()
             };
             let bytes = codec.encode(&request).unwrap();
             let record = FutureRecord::to(&requests_topic)

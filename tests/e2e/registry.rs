@@ -230,12 +230,12 @@ async fn written_with_older_schema(
 async fn records_written_with_an_older_schema_decode_with_defaults() {
     let sluice = Sluice::start();
     let codec = Codec::new(RegistryClient::new(&sluice.registry_url).unwrap());
-    // An older ReplyChunk without `delta`, `error_status` and `cached_input_tokens`: all have
-    // defaults now.
+    // An older ReplyChunk without `delta`, `error_status`, `cached_input_tokens` and
+    // `tool_calls`: all have defaults now.
     let framed = written_with_older_schema(
         &sluice,
         ReplyChunk::AVSC,
-        &["delta", "error_status", "cached_input_tokens"],
+        &["delta", "error_status", "cached_input_tokens", "tool_calls"],
         Avro::Record(vec![
             ("request_id".into(), Avro::String("r".into())),
             ("tenant_id".into(), Avro::String("t".into())),
@@ -259,6 +259,7 @@ async fn records_written_with_an_older_schema_decode_with_defaults() {
     assert_eq!(chunk.delta, "", "filled from the default");
     assert_eq!(chunk.error_status, 0, "filled from the default");
     assert_eq!(chunk.cached_input_tokens, 0, "filled from the default");
+    assert!(chunk.tool_calls.is_empty(), "filled from the default");
     assert_eq!(chunk.finish_reason.as_deref(), Some("stop"));
 
     // A usage event from before `latency_ms` (and who called, cached tokens and the trace)

@@ -11,7 +11,8 @@
 //! # Records per reply
 //! Text that arrives together travels together: a streamed reply sends its first text at once
 //! (time to first token), then whatever has arrived each time it would otherwise wait; a whole
-//! (not streamed) reply is one DONE chunk carrying the text. So a fast upstream costs two reply
+//! (not streamed) reply is one DONE chunk carrying the text. Tool calls travel the same way, as
+//! pieces in the chunks' `tool_calls` (pieces of one call that arrive together are joined). So a fast upstream costs two reply
 //! records per streamed request and one per whole one, not one per token.
 
 pub mod providers;
@@ -20,7 +21,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{Emitter, ProcessError, RecordContext, RecordOperator, Topics};
-use sluice_schemas::{tokens, ReplyChunk, ReplyKind, RoutedRequest, UsageEvent};
+use sluice_schemas::{tokens, ReplyChunk, ReplyKind, RoutedRequest, ToolCallDelta, UsageEvent};
 use sluice_stores::ProviderKind;
 
 use providers::{
@@ -33,20 +34,82 @@ use providers::{
 /// keeps hearing from a long generation.
 const WHOLE_REPLY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Sends the text held in `pending` (if any) as DELTA chunk `seq` of `routed`'s reply, to the
+/// What a reply holds that the edge has not been sent yet: text, and pieces of tool calls.
+#[derive(Default)]
+struct Pending {
+    text: String,
+    tool_calls: Vec<ToolCallDelta>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.tool_calls.is_empty()
+    }
+
+    /// Adds a piece of a tool call; one that only continues the arguments of the piece before
+    /// it joins that piece.
+    fn push_tool_call(&mut self, piece: ToolCallDelta) {
+        if let Some(last) = self.tool_calls.last_mut() {
+            if last.index == piece.index && piece.id.is_none() && piece.name.is_none() {
+                last.arguments.push_str(&piece.arguments);
+                return;
+            }
+        }
+        self.tool_calls.push(piece);
+    }
+
+    /// Moves what is held into `chunk`.
+    fn fill(&mut self, chunk: &mut ReplyChunk) {
+        chunk.delta = std::mem::take(&mut self.text);
+        chunk.tool_calls = std::mem::take(&mut self.tool_calls);
+    }
+}
+
+/// The tool calls a reply has made so far, whole: what Sluice's token counter bills when the
+/// provider reports no usage.
+#[derive(Default)]
+struct CallsMade {
+    calls: Vec<(String, String)>,
+}
+
+impl CallsMade {
+    fn push(&mut self, piece: &ToolCallDelta) {
+        let Ok(index) = usize::try_from(piece.index) else {
+            return;
+        };
+        if self.calls.len() <= index {
+            self.calls.resize(index + 1, (String::new(), String::new()));
+        }
+        let (name, arguments) = &mut self.calls[index];
+        if let Some(called) = &piece.name {
+            name.clone_from(called);
+        }
+        arguments.push_str(&piece.arguments);
+    }
+
+    /// Their tokens: each function's name and arguments.
+    fn tokens(&self) -> usize {
+        self.calls
+            .iter()
+            .map(|(name, arguments)| tokens::count(name) + tokens::count(arguments))
+            .sum()
+    }
+}
+
+/// Sends what `pending` holds (if anything) as DELTA chunk `seq` of `routed`'s reply, to the
 /// edge waiting for it; empties `pending` and moves `seq` on.
 async fn send_pending(
     out: &mut Emitter,
     routed: &RoutedRequest,
     seq: &mut i32,
-    pending: &mut String,
+    pending: &mut Pending,
 ) -> Result<(), ProcessError> {
     if pending.is_empty() {
         return Ok(());
     }
     let request = &routed.request;
     let mut chunk = ReplyChunk::new(request, &routed.decision.model, *seq, ReplyKind::Delta);
-    chunk.delta = std::mem::take(pending);
+    pending.fill(&mut chunk);
     out.emit(
         &request.reply_to.topic,
         Some(request.reply_to.partition),
@@ -107,14 +170,9 @@ impl Orchestrator {
             })?),
             None => None,
         };
-        let call = ModelCall {
-            upstream_model: decision.upstream_model.clone(),
-            messages: request.messages.clone(),
-            max_tokens: request.max_tokens,
-            temperature: request.temperature,
-            base_url: decision.base_url.clone(),
-            api_key,
-        };
+        let mut call = ModelCall::for_request(request, &decision.upstream_model);
+        call.base_url.clone_from(&decision.base_url);
+        call.api_key = api_key;
         // A decision from a newer router may name a kind this build does not know.
         let kind: ProviderKind = decision.provider.parse().map_err(|e| ProviderError {
             status: 500,
@@ -208,8 +266,9 @@ impl RecordOperator for Orchestrator {
         };
 
         let mut text = String::new();
-        // Text received but not yet sent to the edge.
-        let mut pending = String::new();
+        let mut calls_made = CallsMade::default();
+        // What was received but not yet sent to the edge.
+        let mut pending = Pending::default();
         let mut last_sent = std::time::Instant::now();
         let mut finish: Option<(String, Option<i64>, Option<i64>)> = None;
         let mut cached: Option<i64> = None;
@@ -239,8 +298,15 @@ impl RecordOperator for Orchestrator {
             match event {
                 Some(Ok(ProviderEvent::Delta(delta))) => {
                     text.push_str(&delta);
-                    pending.push_str(&delta);
+                    pending.text.push_str(&delta);
                     // The first text of a streamed reply leaves at once: time to first token.
+                    if request.stream && seq == 0 {
+                        send_pending(out, &routed, &mut seq, &mut pending).await?;
+                    }
+                }
+                Some(Ok(ProviderEvent::ToolCall(piece))) => {
+                    calls_made.push(&piece);
+                    pending.push_tool_call(piece);
                     if request.stream && seq == 0 {
                         send_pending(out, &routed, &mut seq, &mut pending).await?;
                     }
@@ -272,8 +338,9 @@ impl RecordOperator for Orchestrator {
             .clone()
             .unwrap_or_else(|| ("error".into(), None, None));
         let input_tokens = reported_in.unwrap_or_else(|| request.prompt_tokens());
-        let output_tokens =
-            reported_out.unwrap_or_else(|| i64::try_from(tokens::count(&text)).unwrap_or(i64::MAX));
+        let output_tokens = reported_out.unwrap_or_else(|| {
+            i64::try_from(tokens::count(&text) + calls_made.tokens()).unwrap_or(i64::MAX)
+        });
         if finish.is_some() && (reported_in.is_none() || reported_out.is_none()) {
             tracing::info!(model = %decision.model, "upstream reported no usage; billed by Sluice's token counter");
         }
@@ -309,7 +376,7 @@ impl RecordOperator for Orchestrator {
             }
             None => {
                 let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
-                done.delta = std::mem::take(&mut pending);
+                pending.fill(&mut done);
                 done.finish_reason = Some(finish_reason);
                 done.input_tokens = input_tokens;
                 done.output_tokens = output_tokens;

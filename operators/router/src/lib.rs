@@ -252,11 +252,7 @@ mod tests {
             tenant_id: "t".into(),
             session_id: "s".into(),
             model: model.into(),
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: vec!["word"; words].join(" "),
-                name: None,
-            }],
+            messages: vec![ChatMessage::text("user", vec!["word"; words].join(" "))],
             max_tokens,
             temperature: None,
             stream: false,
@@ -268,6 +264,7 @@ mod tests {
             allowed_models: None,
             key_id: None,
             user_id: None,
+            ..Default::default()
         }
     }
 

@@ -79,11 +79,7 @@ fn sample(i: u64, record_bytes: usize) -> ChatRequest {
         tenant_id: "00000000-0000-0000-0000-000000000000".into(),
         session_id: format!("session-{}", i % 1024),
         model: "sim-small".into(),
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content,
-            name: None,
-        }],
+        messages: vec![ChatMessage::text("user", content)],
         max_tokens: Some(64),
         temperature: None,
         stream: false,
@@ -95,6 +91,7 @@ fn sample(i: u64, record_bytes: usize) -> ChatRequest {
         allowed_models: None,
         key_id: None,
         user_id: None,
+        ..Default::default()
     }
 }
 

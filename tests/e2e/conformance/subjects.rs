@@ -47,11 +47,7 @@ fn chat_request(world: &World, key: &str, seq: u32) -> ChatRequest {
         tenant_id: "00000000-0000-0000-0000-00000000c0de".into(),
         session_id: key.to_owned(),
         model: "sim-small".into(),
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: format!("turn {seq}"),
-            name: None,
-        }],
+        messages: vec![ChatMessage::text("user", format!("turn {seq}"))],
         max_tokens: Some(1),
         temperature: None,
         stream: false,
@@ -63,6 +59,7 @@ fn chat_request(world: &World, key: &str, seq: u32) -> ChatRequest {
         allowed_models: None,
         key_id: None,
         user_id: None,
+        ..Default::default()
     }
 }
 

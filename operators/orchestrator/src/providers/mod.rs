@@ -11,7 +11,8 @@ pub mod openai;
 pub mod sim;
 
 use futures::stream::BoxStream;
-use sluice_schemas::ChatMessage;
+use serde_json::{Map, Value};
+use sluice_schemas::{ChatMessage, ChatRequest, ResponseFormat, ToolCallDelta, ToolDefinition};
 
 /// One model call.
 #[derive(Debug, Clone)]
@@ -25,6 +26,42 @@ pub struct ModelCall {
     pub base_url: Option<String>,
     /// The upstream API key (read from the environment variable the catalogue names).
     pub api_key: Option<String>,
+    /// Functions the model may call.
+    pub tools: Vec<ToolDefinition>,
+    /// `none`, `auto`, `required` or `function` (then `tool_choice_function` names it).
+    pub tool_choice: Option<String>,
+    pub tool_choice_function: Option<String>,
+    pub parallel_tool_calls: Option<bool>,
+    /// The form the reply must take.
+    pub response_format: Option<ResponseFormat>,
+    /// Further sampling parameters, for an OpenAI-compatible upstream.
+    pub options: Map<String, Value>,
+}
+
+impl ModelCall {
+    /// The call of `request` to `upstream_model`, with no upstream address or key.
+    pub fn for_request(request: &ChatRequest, upstream_model: &str) -> Self {
+        // The edge wrote the options as a JSON object; anything else carries none.
+        let options = request
+            .options_json
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
+            .unwrap_or_default();
+        Self {
+            upstream_model: upstream_model.to_owned(),
+            messages: request.messages.clone(),
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            base_url: None,
+            api_key: None,
+            tools: request.tools.clone(),
+            tool_choice: request.tool_choice.clone(),
+            tool_choice_function: request.tool_choice_function.clone(),
+            parallel_tool_calls: request.parallel_tool_calls,
+            response_format: request.response_format.clone(),
+            options,
+        }
+    }
 }
 
 /// What a provider streams back.
@@ -32,6 +69,8 @@ pub struct ModelCall {
 pub enum ProviderEvent {
     /// More reply text.
     Delta(String),
+    /// A piece of a tool call the model makes.
+    ToolCall(ToolCallDelta),
     /// The reply is complete. Token counts are the provider's own when it reports them.
     Done {
         finish_reason: String,

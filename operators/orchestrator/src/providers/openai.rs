@@ -11,6 +11,8 @@ use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use sluice_schemas::ToolCallDelta;
+
 use super::{EventStream, ModelCall, ProviderError, ProviderEvent};
 
 /// Settings for calls to OpenAI-compatible upstreams.
@@ -57,22 +59,7 @@ impl OpenAiProvider {
             .as_deref()
             .ok_or_else(|| ProviderError::upstream("model has no base_url in the catalogue"))?;
         let url = format!("{}/chat/completions", base.trim_end_matches('/'));
-        let mut body = json!({
-            "model": call.upstream_model,
-            "messages": call.messages.iter().map(|m| {
-                let mut msg = json!({ "role": m.role, "content": m.content });
-                if let Some(name) = &m.name { msg["name"] = json!(name); }
-                msg
-            }).collect::<Vec<_>>(),
-            "stream": true,
-            "stream_options": { "include_usage": true },
-        });
-        if let Some(max) = call.max_tokens {
-            body["max_tokens"] = json!(max);
-        }
-        if let Some(t) = call.temperature {
-            body["temperature"] = json!(t);
-        }
+        let body = request_body(call);
         let mut request = self.http.post(&url).json(&body);
         if let Some(key) = &call.api_key {
             request = request.bearer_auth(key);
@@ -141,10 +128,20 @@ impl OpenAiProvider {
                         usage = Some(u);
                     }
                     if let Some(choice) = chunk.choices.into_iter().flatten().next() {
-                        if let Some(text) = choice.delta.and_then(|d| d.content) {
+                        let delta = choice.delta.unwrap_or_default();
+                        if let Some(text) = delta.content {
                             if !text.is_empty() {
                                 out.push(ProviderEvent::Delta(text));
                             }
+                        }
+                        for piece in delta.tool_calls.into_iter().flatten() {
+                            let function = piece.function.unwrap_or_default();
+                            out.push(ProviderEvent::ToolCall(ToolCallDelta {
+                                index: piece.index,
+                                id: piece.id,
+                                name: function.name,
+                                arguments: function.arguments.unwrap_or_default(),
+                            }));
                         }
                         if let Some(reason) = choice.finish_reason {
                             finish_reason = Some(reason);
@@ -182,10 +179,121 @@ struct ChunkChoice {
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct ChunkDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ChunkToolCall>>,
+}
+
+/// A piece of a streamed tool call.
+#[derive(Deserialize)]
+struct ChunkToolCall {
+    #[serde(default)]
+    index: i32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<ChunkFunction>,
+}
+
+#[derive(Default, Deserialize)]
+struct ChunkFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// The body of `call` as an OpenAI chat completion request, streamed with usage: the
+/// conversation with its tool calls, the tools, the tool choice, the response format and the
+/// caller's sampling parameters.
+pub fn request_body(call: &ModelCall) -> Value {
+    let messages: Vec<Value> = call
+        .messages
+        .iter()
+        .map(|m| {
+            let mut message = json!({ "role": m.role, "content": m.content });
+            if let Some(name) = &m.name {
+                message["name"] = json!(name);
+            }
+            if !m.tool_calls.is_empty() {
+                // A message that only called tools has no content.
+                if m.content.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }))
+                    .collect();
+            }
+            if let Some(id) = &m.tool_call_id {
+                message["tool_call_id"] = json!(id);
+            }
+            message
+        })
+        .collect();
+    let mut body = json!({
+        "model": call.upstream_model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    if let Some(max) = call.max_tokens {
+        body["max_tokens"] = json!(max);
+    }
+    if let Some(t) = call.temperature {
+        body["temperature"] = json!(t);
+    }
+    if !call.tools.is_empty() {
+        body["tools"] = call
+            .tools
+            .iter()
+            .map(|t| {
+                let mut function = json!({ "name": t.name });
+                if let Some(description) = &t.description {
+                    function["description"] = json!(description);
+                }
+                if let Some(parameters) = t.parameters_json.as_deref().and_then(parse_json) {
+                    function["parameters"] = parameters;
+                }
+                if let Some(strict) = t.strict {
+                    function["strict"] = json!(strict);
+                }
+                json!({ "type": "function", "function": function })
+            })
+            .collect();
+    }
+    match (call.tool_choice.as_deref(), &call.tool_choice_function) {
+        (Some("function"), Some(name)) => {
+            body["tool_choice"] = json!({ "type": "function", "function": { "name": name } });
+        }
+        (Some(mode), _) => body["tool_choice"] = json!(mode),
+        (None, _) => {}
+    }
+    if let Some(parallel) = call.parallel_tool_calls {
+        body["parallel_tool_calls"] = json!(parallel);
+    }
+    if let Some(format) = &call.response_format {
+        let mut value = json!({ "type": format.kind });
+        if let Some(spec) = format.json_schema_json.as_deref().and_then(parse_json) {
+            value["json_schema"] = spec;
+        }
+        body["response_format"] = value;
+    }
+    // The caller's sampling parameters; never one Sluice sets itself.
+    if let Value::Object(fields) = &mut body {
+        for (name, value) in &call.options {
+            fields.entry(name.clone()).or_insert_with(|| value.clone());
+        }
+    }
+    body
+}
+
+fn parse_json(text: &str) -> Option<Value> {
+    serde_json::from_str(text).ok()
 }
 
 #[derive(Deserialize)]
@@ -334,5 +442,85 @@ mod tests {
             assert!(chunk.choices.into_iter().flatten().next().is_none());
             assert!(chunk.usage.is_none());
         }
+    }
+    #[test]
+    fn the_request_body_carries_tools_choice_format_and_options() {
+        let mut request = sluice_schemas::ChatRequest {
+            messages: vec![sluice_schemas::ChatMessage::text("user", "weather?")],
+            tools: vec![sluice_schemas::ToolDefinition {
+                name: "get_weather".into(),
+                description: Some("Weather now".into()),
+                parameters_json: Some(r#"{"type":"object"}"#.into()),
+                strict: Some(true),
+            }],
+            tool_choice: Some("function".into()),
+            tool_choice_function: Some("get_weather".into()),
+            parallel_tool_calls: Some(false),
+            response_format: Some(sluice_schemas::ResponseFormat {
+                kind: "json_schema".into(),
+                json_schema_json: Some(r#"{"name":"w","schema":{"type":"object"}}"#.into()),
+            }),
+            // A caller's option never overrides what Sluice sets itself.
+            options_json: Some(r#"{"top_p":0.5,"stream":false}"#.into()),
+            ..Default::default()
+        };
+        let mut called = sluice_schemas::ChatMessage::text("assistant", "");
+        called.tool_calls.push(sluice_schemas::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: "{}".into(),
+        });
+        let mut result = sluice_schemas::ChatMessage::text("tool", "sunny");
+        result.tool_call_id = Some("call_1".into());
+        request.messages.extend([called, result]);
+        let body = request_body(&ModelCall::for_request(&request, "gpt-x"));
+        assert_eq!(
+            body["tools"],
+            json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object"}, "strict": true}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "function", "function": {"name": "get_weather"}})
+        );
+        assert_eq!(body["parallel_tool_calls"], false);
+        assert_eq!(
+            body["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}})
+        );
+        assert_eq!(body["top_p"], 0.5);
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["messages"][1]["content"], Value::Null);
+        assert_eq!(body["messages"][1]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(body["messages"][2]["tool_call_id"], "call_1");
+        let plain = request_body(&ModelCall::for_request(
+            &sluice_schemas::ChatRequest::default(),
+            "m",
+        ));
+        for absent in [
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+        ] {
+            assert!(plain.get(absent).is_none(), "{absent}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_reads_tool_call_pieces() {
+        let chunk: StreamChunk = serde_json::from_str(
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"id":"call_b","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}"#,
+        )
+        .expect("a valid chunk");
+        let delta = chunk
+            .choices
+            .into_iter()
+            .flatten()
+            .next()
+            .and_then(|c| c.delta)
+            .unwrap();
+        let piece = delta.tool_calls.into_iter().flatten().next().unwrap();
+        assert_eq!((piece.index, piece.id.as_deref()), (1, Some("call_b")));
+        assert_eq!(piece.function.and_then(|f| f.name).as_deref(), Some("f"));
     }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sluice_schemas::tokens;
+use sluice_schemas::{tokens, ToolCallDelta};
 
 use super::{EventStream, ModelCall, ProviderEvent};
 
@@ -78,9 +79,9 @@ const WORDS: &[&str] = &[
     "current",
 ];
 
-/// The reply the simulator gives to `call`: its pieces (each exactly one token) and whether it
-/// was cut by `max_tokens`.
-pub fn reply_pieces(call: &ModelCall, config: &SimConfig) -> (Vec<String>, bool) {
+/// The conversation's digest: what makes the simulator's reply depend on the model and every
+/// message.
+fn digest(call: &ModelCall) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(call.upstream_model.as_bytes());
     for m in &call.messages {
@@ -88,17 +89,19 @@ pub fn reply_pieces(call: &ModelCall, config: &SimConfig) -> (Vec<String>, bool)
         hasher.update([0]);
         hasher.update(m.content.as_bytes());
         hasher.update([0]);
+        for c in &m.tool_calls {
+            hasher.update(c.id.as_bytes());
+            hasher.update([0]);
+            hasher.update(c.arguments.as_bytes());
+            hasher.update([0]);
+        }
     }
-    let digest = hasher.finalize();
-    // `reply_tokens` tokens in all: words, then a closing '.'.
-    let words = usize::try_from(config.reply_tokens)
-        .unwrap_or(24)
-        .saturating_sub(1)
-        .max(1);
-    let limit = call
-        .max_tokens
-        .and_then(|m| usize::try_from(m).ok())
-        .unwrap_or(usize::MAX);
+    hasher.finalize().into()
+}
+
+/// The sentence the simulator writes: `words` words from its vocabulary, then a full stop, as
+/// pieces of one token each.
+fn sentence(digest: &[u8; 32], words: usize) -> Vec<String> {
     let mut pieces = Vec::with_capacity(words + 1);
     for i in 0..words {
         let word = WORDS[(digest[i % digest.len()] as usize + i) % WORDS.len()];
@@ -109,10 +112,187 @@ pub fn reply_pieces(call: &ModelCall, config: &SimConfig) -> (Vec<String>, bool)
         });
     }
     pieces.push(".".to_owned());
+    pieces
+}
+
+/// The reply the simulator gives to `call`: its pieces (each exactly one token) and whether it
+/// was cut by `max_tokens`. Text by default; with `response_format` `json_object`, the object
+/// `{"reply": <the text>}`; with `json_schema`, an instance of the schema (see [`instance`]).
+pub fn reply_pieces(call: &ModelCall, config: &SimConfig) -> (Vec<String>, bool) {
+    let digest = digest(call);
+    // `reply_tokens` tokens of text in all: words, then a closing '.'.
+    let words = usize::try_from(config.reply_tokens)
+        .unwrap_or(24)
+        .saturating_sub(1)
+        .max(1);
+    let text = sentence(&digest, words);
+    let mut pieces = match &call.response_format {
+        Some(format) if format.kind == "json_object" => {
+            split_tokens(&serde_json::json!({ "reply": text.concat() }).to_string())
+        }
+        Some(format) if format.kind == "json_schema" => {
+            let schema = format
+                .json_schema_json
+                .as_deref()
+                .and_then(|spec| serde_json::from_str::<Value>(spec).ok())
+                .map(|spec| spec["schema"].clone())
+                .unwrap_or(Value::Null);
+            split_tokens(&instance(&schema, &text.concat(), 0).to_string())
+        }
+        _ => text,
+    };
+    let limit = call
+        .max_tokens
+        .and_then(|m| usize::try_from(m).ok())
+        .unwrap_or(usize::MAX);
     let truncated = pieces.len() > limit;
     pieces.truncate(limit);
     (pieces, truncated)
 }
+
+/// Splits `text` into pieces of exactly one token each, whitespace going with the token after
+/// it.
+fn split_tokens(text: &str) -> Vec<String> {
+    let mut pieces: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            if !in_word && tokens::count(&current) > 0 {
+                pieces.push(std::mem::take(&mut current));
+            }
+            in_word = true;
+        } else {
+            in_word = false;
+            if !c.is_whitespace() && tokens::count(&current) > 0 {
+                pieces.push(std::mem::take(&mut current));
+            }
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        match pieces.last_mut() {
+            Some(last) if tokens::count(&current) == 0 => last.push_str(&current),
+            _ => pieces.push(current),
+        }
+    }
+    pieces
+}
+
+/// A value that fits the JSON Schema `schema`, the same every time: an object with each of its
+/// properties (in name order), the first of an `enum`, a `const`, the first choice of
+/// `anyOf`/`oneOf`, the first non-null of a list of types, `text` for a string, the minimum (or
+/// 1) for a number, true for a boolean, a one-item array. A schema it cannot read gives `{}`.
+pub fn instance(schema: &Value, text: &str, depth: usize) -> Value {
+    if depth > 8 {
+        return Value::Null;
+    }
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    for choice in ["anyOf", "oneOf"] {
+        if let Some(first) = schema.get(choice).and_then(|c| c.get(0)) {
+            return instance(first, text, depth + 1);
+        }
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null")
+            .unwrap_or("null"),
+        _ => "object",
+    };
+    let minimum = schema.get("minimum").and_then(Value::as_f64);
+    match kind {
+        "string" => Value::String(text.to_owned()),
+        "integer" => serde_json::json!(minimum.map_or(1, |m| m.ceil() as i64)),
+        "number" => serde_json::json!(minimum.unwrap_or(1.0)),
+        "boolean" => Value::Bool(true),
+        "null" => Value::Null,
+        "array" => Value::Array(vec![instance(
+            schema.get("items").unwrap_or(&Value::Null),
+            text,
+            depth + 1,
+        )]),
+        _ => {
+            let mut object = serde_json::Map::new();
+            if let Some(Value::Object(properties)) = schema.get("properties") {
+                for (name, property) in properties {
+                    object.insert(name.clone(), instance(property, text, depth + 1));
+                }
+            }
+            Value::Object(object)
+        }
+    }
+}
+
+/// The tool calls the simulator makes for `call`, if it makes any: `(id, name, arguments)`.
+///
+/// With tools offered and `tool_choice` not `none`, a conversation whose last message is not a
+/// tool's result gets tool calls instead of text: the function `tool_choice` names; otherwise
+/// every tool whose name appears in the last user message (case aside, `_` and `-` read as
+/// spaces too), in the order offered — only the first when `parallel_tool_calls` is false —
+/// and when none does, the first tool. Arguments are an [`instance`] of the tool's parameter
+/// schema, with the last user message as every string. After a tool's result, it writes text.
+pub fn tool_calls(call: &ModelCall) -> Vec<(String, String, String)> {
+    if call.tools.is_empty() || call.tool_choice.as_deref() == Some("none") {
+        return Vec::new();
+    }
+    if call.messages.last().is_some_and(|m| m.role == "tool") {
+        return Vec::new();
+    }
+    let said = call
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.trim().to_owned())
+        .unwrap_or_default();
+    let lowered = said.to_lowercase();
+    let chosen: Vec<_> = match (call.tool_choice.as_deref(), &call.tool_choice_function) {
+        (Some("function"), Some(name)) => call.tools.iter().filter(|t| &t.name == name).collect(),
+        _ => {
+            let mentioned = |name: &str| {
+                let name = name.to_lowercase();
+                lowered.contains(&name) || lowered.contains(&name.replace(['_', '-'], " "))
+            };
+            let mut named: Vec<_> = call.tools.iter().filter(|t| mentioned(&t.name)).collect();
+            if named.is_empty() {
+                named.extend(call.tools.first());
+            }
+            if call.parallel_tool_calls == Some(false) {
+                named.truncate(1);
+            }
+            named
+        }
+    };
+    let digest = digest(call);
+    chosen
+        .into_iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let mut id = Sha256::new();
+            id.update(digest);
+            id.update(i.to_le_bytes());
+            let id = format!("call_{}", &hex::encode(id.finalize())[..24]);
+            let schema = tool
+                .parameters_json
+                .as_deref()
+                .and_then(|text| serde_json::from_str::<Value>(text).ok())
+                .unwrap_or_else(|| serde_json::json!({ "type": "object" }));
+            let arguments = instance(&schema, &said, 0).to_string();
+            (id, tool.name.clone(), arguments)
+        })
+        .collect()
+}
+
+/// Pieces of at most this many characters carry a tool call's arguments.
+const ARGUMENT_PIECE_CHARS: usize = 16;
 
 fn capitalise(word: &str) -> String {
     let mut chars = word.chars();
@@ -124,31 +304,59 @@ fn capitalise(word: &str) -> String {
 
 /// Streams the simulated reply to `call`.
 pub fn complete(call: &ModelCall, config: &SimConfig) -> EventStream {
-    let (pieces, truncated) = reply_pieces(call, config);
-    let input_tokens = tokens::count_prompt(
-        call.messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str())),
-    );
-    let output_tokens: usize = pieces.iter().map(|p| tokens::count(p)).sum();
+    let input_tokens = tokens::count_prompt(&call.messages, &call.tools);
     let first = Duration::from_millis(config.first_token_ms);
     let gap = if config.tokens_per_second > 0.0 {
         Duration::from_secs_f64(1.0 / config.tokens_per_second)
     } else {
         Duration::ZERO
     };
+    let calls = tool_calls(call);
+    let (events, output_tokens, finish_reason) = if calls.is_empty() {
+        let (pieces, truncated) = reply_pieces(call, config);
+        let output_tokens: usize = pieces.iter().map(|p| tokens::count(p)).sum();
+        let events: Vec<ProviderEvent> = pieces.into_iter().map(ProviderEvent::Delta).collect();
+        (
+            events,
+            output_tokens,
+            if truncated { "length" } else { "stop" },
+        )
+    } else {
+        let mut events = Vec::new();
+        let mut output_tokens = 0;
+        for (index, (id, name, arguments)) in calls.into_iter().enumerate() {
+            let index = i32::try_from(index).unwrap_or(i32::MAX);
+            output_tokens += tokens::count(&name) + tokens::count(&arguments);
+            events.push(ProviderEvent::ToolCall(ToolCallDelta {
+                index,
+                id: Some(id),
+                name: Some(name),
+                arguments: String::new(),
+            }));
+            let chars: Vec<char> = arguments.chars().collect();
+            for piece in chars.chunks(ARGUMENT_PIECE_CHARS) {
+                events.push(ProviderEvent::ToolCall(ToolCallDelta {
+                    index,
+                    id: None,
+                    name: None,
+                    arguments: piece.iter().collect(),
+                }));
+            }
+        }
+        (events, output_tokens, "tool_calls")
+    };
     let done = ProviderEvent::Done {
-        finish_reason: if truncated { "length" } else { "stop" }.to_owned(),
+        finish_reason: finish_reason.to_owned(),
         input_tokens: i64::try_from(input_tokens).ok(),
         output_tokens: i64::try_from(output_tokens).ok(),
         cached_input_tokens: None,
     };
-    let deltas = stream::iter(pieces.into_iter().enumerate()).then(move |(i, piece)| async move {
+    let deltas = stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
         let wait = if i == 0 { first } else { gap };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        Ok(ProviderEvent::Delta(piece))
+        Ok(event)
     });
     deltas.chain(stream::once(async move { Ok(done) })).boxed()
 }
@@ -159,18 +367,12 @@ mod tests {
     use sluice_schemas::ChatMessage;
 
     fn call(content: &str, max_tokens: Option<i32>) -> ModelCall {
-        ModelCall {
-            upstream_model: "sim-small".into(),
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: content.into(),
-                name: None,
-            }],
+        let request = sluice_schemas::ChatRequest {
+            messages: vec![ChatMessage::text("user", content)],
             max_tokens,
-            temperature: None,
-            base_url: None,
-            api_key: None,
-        }
+            ..Default::default()
+        };
+        ModelCall::for_request(&request, "sim-small")
     }
 
     #[tokio::test]
@@ -225,5 +427,175 @@ mod tests {
             pieces.iter().map(|p| tokens::count(p)).sum::<usize>(),
             pieces.len()
         );
+    }
+    fn with_tools(content: &str) -> ModelCall {
+        let mut call = call(content, None);
+        for (name, parameters) in [
+            (
+                "lookup_order",
+                r#"{"type":"object","properties":{"order_id":{"type":"string"},"verbose":{"type":"boolean"},"limit":{"type":"integer","minimum":5}},"required":["order_id"]}"#,
+            ),
+            (
+                "get_weather",
+                r#"{"type":"object","properties":{"unit":{"enum":["celsius","fahrenheit"]}}}"#,
+            ),
+        ] {
+            call.tools.push(sluice_schemas::ToolDefinition {
+                name: name.into(),
+                description: None,
+                parameters_json: Some(parameters.into()),
+                strict: None,
+            });
+        }
+        call
+    }
+
+    async fn events(call: &ModelCall) -> Vec<ProviderEvent> {
+        let config = SimConfig {
+            first_token_ms: 0,
+            tokens_per_second: 0.0,
+            reply_tokens: 8,
+        };
+        complete(call, &config)
+            .map(|e| e.expect("the simulator does not fail"))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn with_tools_it_calls_them_deterministically_in_pieces() {
+        let call = with_tools("Can you get weather for Paris?");
+        let calls = tool_calls(&call);
+        assert_eq!(calls, tool_calls(&call), "the same every time");
+        let names: Vec<&str> = calls.iter().map(|(_, name, _)| name.as_str()).collect();
+        assert_eq!(names, ["get_weather"], "only the tool the message names");
+        let arguments: Value = serde_json::from_str(&calls[0].2).unwrap();
+        assert_eq!(arguments, serde_json::json!({"unit": "celsius"}));
+
+        let call = with_tools("lookup order A-1 and get weather");
+        let calls = tool_calls(&call);
+        assert_eq!(calls.len(), 2, "every tool named, in the order offered");
+        assert_ne!(calls[0].0, calls[1].0, "ids of their own");
+        let arguments: Value = serde_json::from_str(&calls[0].2).unwrap();
+        assert_eq!(
+            arguments,
+            serde_json::json!({"limit": 5, "order_id": "lookup order A-1 and get weather", "verbose": true})
+        );
+        let events = events(&call).await;
+        let mut whole: Vec<(String, String, String)> = Vec::new();
+        for event in &events[..events.len() - 1] {
+            let ProviderEvent::ToolCall(piece) = event else {
+                panic!("only tool calls: {event:?}")
+            };
+            let index = usize::try_from(piece.index).unwrap();
+            if whole.len() <= index {
+                whole.push(Default::default());
+            }
+            if let (Some(id), Some(name)) = (&piece.id, &piece.name) {
+                whole[index].0.clone_from(id);
+                whole[index].1.clone_from(name);
+            }
+            whole[index].2.push_str(&piece.arguments);
+        }
+        assert_eq!(whole, calls, "the pieces join into the calls");
+        assert!(events.len() > 4, "arguments arrive in several pieces");
+        let ProviderEvent::Done {
+            finish_reason,
+            output_tokens,
+            input_tokens,
+            ..
+        } = events.last().unwrap()
+        else {
+            panic!("done last")
+        };
+        assert_eq!(finish_reason, "tool_calls");
+        let billed: usize = calls
+            .iter()
+            .map(|(_, name, arguments)| tokens::count(name) + tokens::count(arguments))
+            .sum();
+        assert_eq!(*output_tokens, Some(billed as i64));
+        assert_eq!(
+            *input_tokens,
+            Some(tokens::count_prompt(&call.messages, &call.tools) as i64),
+            "the tools offered are part of the prompt"
+        );
+
+        let mut one = call.clone();
+        one.parallel_tool_calls = Some(false);
+        assert_eq!(tool_calls(&one).len(), 1);
+        let mut unnamed = with_tools("hello");
+        assert_eq!(
+            tool_calls(&unnamed)[0].1,
+            "lookup_order",
+            "none named: the first"
+        );
+        unnamed.tool_choice = Some("function".into());
+        unnamed.tool_choice_function = Some("get_weather".into());
+        assert_eq!(tool_calls(&unnamed)[0].1, "get_weather");
+        unnamed.tool_choice = Some("none".into());
+        assert!(tool_calls(&unnamed).is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_a_tools_result_it_answers_in_text() {
+        let mut call = with_tools("lookup order A-1");
+        let (id, name, arguments) = tool_calls(&call).remove(0);
+        let mut called = ChatMessage::text("assistant", "");
+        called.tool_calls.push(sluice_schemas::ToolCall {
+            id: id.clone(),
+            name,
+            arguments,
+        });
+        let mut result = ChatMessage::text("tool", r#"{"status":"shipped"}"#);
+        result.tool_call_id = Some(id);
+        call.messages.extend([called, result]);
+        assert!(tool_calls(&call).is_empty());
+        let events = events(&call).await;
+        assert!(matches!(events[0], ProviderEvent::Delta(_)));
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done { finish_reason, .. }) if finish_reason == "stop"
+        ));
+    }
+
+    #[test]
+    fn json_modes_reply_with_json_one_token_a_piece() {
+        let config = SimConfig::default();
+        let mut json_mode = call("answer in json", None);
+        json_mode.response_format = Some(sluice_schemas::ResponseFormat {
+            kind: "json_object".into(),
+            json_schema_json: None,
+        });
+        let (pieces, truncated) = reply_pieces(&json_mode, &config);
+        assert!(!truncated);
+        let reply: Value = serde_json::from_str(&pieces.concat()).unwrap();
+        assert!(reply["reply"].as_str().is_some_and(|r| r.ends_with('.')));
+        assert!(pieces.iter().all(|p| tokens::count(p) == 1), "{pieces:?}");
+
+        let mut schema = json_mode.clone();
+        schema.response_format = Some(sluice_schemas::ResponseFormat {
+            kind: "json_schema".into(),
+            json_schema_json: Some(
+                r#"{"name":"answer","schema":{"type":"object","properties":{"city":{"type":"string"},"days":{"type":"array","items":{"type":"number"}},"ok":{"type":["null","boolean"]}}}}"#.into(),
+            ),
+        });
+        let (pieces, _) = reply_pieces(&schema, &config);
+        let reply: Value = serde_json::from_str(&pieces.concat()).unwrap();
+        assert!(reply["city"].is_string());
+        assert_eq!(reply["days"], serde_json::json!([1.0]));
+        assert_eq!(reply["ok"], true);
+        assert!(pieces.iter().all(|p| tokens::count(p) == 1), "{pieces:?}");
+
+        let (cut, truncated) = reply_pieces(&call("x", Some(2)), &config);
+        assert!(truncated && cut.len() == 2);
+    }
+
+    #[test]
+    fn split_tokens_keeps_the_text_and_gives_one_token_a_piece() {
+        for text in [r#"{"a b": [1, 2.5], "c": "x y."}"#, "  lead", "trail  ", ""] {
+            let pieces = split_tokens(text);
+            assert_eq!(pieces.concat(), text);
+            assert!(pieces.iter().all(|p| tokens::count(p) == 1) || text.trim().is_empty());
+        }
     }
 }

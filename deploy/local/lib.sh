@@ -106,9 +106,9 @@ install_missing() {
     postgresql-client redis-server redis-tools curl python3 patch
   command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup first"
   [ -x "$TANSU" ] || install_tansu
-  if ! python3 -c 'import openai' 2>/dev/null; then
-    say "installing the OpenAI Python SDK (pip), for the SDK example and its test"
-    python3 -m pip install --quiet --disable-pip-version-check openai
+  if ! python3 -c 'import openai, jsonschema' 2>/dev/null; then
+    say "installing the OpenAI Python SDK and jsonschema (pip), for the SDK example and its tests"
+    python3 -m pip install --quiet --disable-pip-version-check openai jsonschema
   fi
   if ! command -v cargo-nextest >/dev/null; then
     say "installing cargo-nextest"

@@ -234,7 +234,7 @@ async fn function_calling_works_through_the_official_python_sdk() {
     let tenant = create_tenant(&sluice.prefix);
     // An agent's loop: the model calls a tool (whole, then streamed), the caller runs it and
     // sends the result, the model answers in text. Then JSON mode, and what Sluice refuses.
-    let script = r#"
+    let script = r##"
 import json
 from openai import OpenAI, BadRequestError
 client = OpenAI()
@@ -261,13 +261,23 @@ r = client.chat.completions.create(model="sim-small", messages=messages, tools=t
 print(r.choices[0].finish_reason, bool(r.choices[0].message.content), r.choices[0].message.tool_calls)
 r = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "json please"}], response_format={"type": "json_object"})
 print(sorted(json.loads(r.choices[0].message.content)))
+import jsonschema
+schema = {"type": "object", "$defs": {"when": {"type": "string", "format": "date"}}, "additionalProperties": False,
+    "required": ["day", "code", "qty", "tags", "unit"],
+    "properties": {"day": {"$ref": "#/$defs/when"}, "code": {"type": "string", "maxLength": 3},
+        "qty": {"type": "integer", "exclusiveMinimum": 4, "maximum": 9}, "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "unit": {"enum": ["kg", "lb"]}, "note": {"type": ["string", "null"], "minLength": 40}}}
+booking = [{"type": "function", "function": {"name": "book", "parameters": schema}}]
+r = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "book it"}], tools=booking)
+jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments), schema, format_checker=jsonschema.FormatChecker())
+print("valid")
 for bad in [dict(tools=[{"type": "code_interpreter"}]), dict(logprobs=True), dict(tool_choice="auto")]:
     try:
         client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "x"}], **bad)
         print("accepted")
     except BadRequestError as e:
         print(e.status_code, e.body["param"])
-"#;
+"##;
     let stdout = python_sdk(&sluice, &tenant.key, script);
     let lines: Vec<&str> = stdout.lines().collect();
     let said = "Where is order A-17? Please lookup order.";
@@ -281,9 +291,13 @@ for bad in [dict(tools=[{"type": "code_interpreter"}]), dict(logprobs=True), dic
     );
     assert_eq!(lines[2], "stop True None", "after the tool's result, text");
     assert_eq!(lines[3], "['reply']");
-    assert_eq!(lines[4], "400 tools[0].type");
-    assert_eq!(lines[5], "400 logprobs");
-    assert_eq!(lines[6], "400 tool_choice");
+    assert_eq!(
+        lines[4], "valid",
+        "the arguments validate against the tool's schema"
+    );
+    assert_eq!(lines[5], "400 tools[0].type");
+    assert_eq!(lines[6], "400 logprobs");
+    assert_eq!(lines[7], "400 tool_choice");
 }
 
 #[tokio::test]

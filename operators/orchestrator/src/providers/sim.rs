@@ -137,7 +137,7 @@ pub fn reply_pieces(call: &ModelCall, config: &SimConfig) -> (Vec<String>, bool)
                 .and_then(|spec| serde_json::from_str::<Value>(spec).ok())
                 .map(|spec| spec["schema"].clone())
                 .unwrap_or(Value::Null);
-            split_tokens(&instance(&schema, &text.concat(), 0).to_string())
+            split_tokens(&instance(&schema, &text.concat()).to_string())
         }
         _ => text,
     };
@@ -179,66 +179,153 @@ fn split_tokens(text: &str) -> Vec<String> {
     pieces
 }
 
-/// A value that fits the JSON Schema `schema`, the same every time: an object with each of its
-/// properties (in name order), the first of an `enum`, a `const`, the first choice of
-/// `anyOf`/`oneOf`, the first non-null of a list of types, `text` for a string, the minimum (or
-/// 1) for a number, true for a boolean, a one-item array. A schema it cannot read gives `{}`.
-pub fn instance(schema: &Value, text: &str, depth: usize) -> Value {
-    if depth > 8 {
-        return Value::Null;
-    }
-    if let Some(value) = schema.get("const") {
-        return value.clone();
-    }
-    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
-        return first.clone();
-    }
-    for choice in ["anyOf", "oneOf"] {
-        if let Some(first) = schema.get(choice).and_then(|c| c.get(0)) {
-            return instance(first, text, depth + 1);
+/// A value that fits the JSON Schema `schema`, the same every time, `text` standing in for
+/// every free string. See [`Instance::of`].
+pub fn instance(schema: &Value, text: &str) -> Value {
+    Instance { root: schema, text }.of(schema, 0)
+}
+
+/// Builds values of a schema whose local references (`#/$defs/…`, `#/definitions/…`) resolve
+/// against `root`.
+struct Instance<'a> {
+    root: &'a Value,
+    text: &'a str,
+}
+
+impl Instance<'_> {
+    /// A value of `schema`: an object with each of its properties (in name order), a `const`,
+    /// the first of an `enum`, the first choice of `anyOf`/`oneOf`, every part of `allOf`
+    /// merged, the first non-null of a list of types; a string is the text (cut to
+    /// `maxLength`, padded to `minLength`) or an example of its `format` (date, date-time, time,
+    /// email, uri, uuid); a number is 1 moved inside its bounds; an array holds `minItems` (at
+    /// least one, at most `maxItems`) values of its items. A schema it cannot read gives `{}`.
+    fn of(&self, schema: &Value, depth: usize) -> Value {
+        if depth > 16 {
+            return Value::Null;
         }
-    }
-    let kind = match schema.get("type") {
-        Some(Value::String(kind)) => kind.as_str(),
-        Some(Value::Array(kinds)) => kinds
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|k| *k != "null")
-            .unwrap_or("null"),
-        _ => "object",
-    };
-    let minimum = schema.get("minimum").and_then(Value::as_f64);
-    match kind {
-        "string" => Value::String(text.to_owned()),
-        "integer" => serde_json::json!(minimum.map_or(1, |m| m.ceil() as i64)),
-        "number" => serde_json::json!(minimum.unwrap_or(1.0)),
-        "boolean" => Value::Bool(true),
-        "null" => Value::Null,
-        "array" => Value::Array(vec![instance(
-            schema.get("items").unwrap_or(&Value::Null),
-            text,
-            depth + 1,
-        )]),
-        _ => {
-            let mut object = serde_json::Map::new();
-            if let Some(Value::Object(properties)) = schema.get("properties") {
-                for (name, property) in properties {
-                    object.insert(name.clone(), instance(property, text, depth + 1));
+        if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
+            return match self.resolve(target) {
+                Some(found) => self.of(found, depth + 1),
+                None => Value::Object(serde_json::Map::new()),
+            };
+        }
+        if let Some(value) = schema.get("const") {
+            return value.clone();
+        }
+        if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+            return first.clone();
+        }
+        for choice in ["anyOf", "oneOf"] {
+            if let Some(first) = schema.get(choice).and_then(|c| c.get(0)) {
+                return self.of(first, depth + 1);
+            }
+        }
+        if let Some(Value::Array(parts)) = schema.get("allOf") {
+            let mut merged = serde_json::Map::new();
+            for part in parts {
+                match self.of(part, depth + 1) {
+                    Value::Object(fields) => merged.extend(fields),
+                    other => return other,
                 }
             }
-            Value::Object(object)
+            return Value::Object(merged);
         }
+        let kind = match schema.get("type") {
+            Some(Value::String(kind)) => kind.as_str(),
+            Some(Value::Array(kinds)) => kinds
+                .iter()
+                .filter_map(Value::as_str)
+                .find(|k| *k != "null")
+                .unwrap_or("null"),
+            _ => "object",
+        };
+        let bound = |name: &str| schema.get(name).and_then(Value::as_f64);
+        let count = |name: &str| {
+            schema
+                .get(name)
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        match kind {
+            "string" => self.string(schema, count("minLength"), count("maxLength")),
+            "integer" | "number" => {
+                let integer = kind == "integer";
+                let step = if integer { 1.0 } else { 0.5 };
+                let mut value: f64 = 1.0;
+                if let Some(low) = bound("minimum") {
+                    value = value.max(low);
+                }
+                if let Some(low) = bound("exclusiveMinimum") {
+                    value = value.max(low + step);
+                }
+                if let Some(high) = bound("maximum") {
+                    value = value.min(high);
+                }
+                if let Some(high) = bound("exclusiveMaximum") {
+                    value = value.min(high - step);
+                }
+                if integer {
+                    serde_json::json!(value.ceil() as i64)
+                } else {
+                    serde_json::json!(value)
+                }
+            }
+            "boolean" => Value::Bool(true),
+            "null" => Value::Null,
+            "array" => {
+                let items = schema.get("items").unwrap_or(&Value::Null);
+                let wanted = count("minItems").unwrap_or(1).max(1);
+                let wanted = count("maxItems").map_or(wanted, |most| wanted.min(most));
+                Value::Array((0..wanted).map(|_| self.of(items, depth + 1)).collect())
+            }
+            _ => {
+                let mut object = serde_json::Map::new();
+                if let Some(Value::Object(properties)) = schema.get("properties") {
+                    for (name, property) in properties {
+                        object.insert(name.clone(), self.of(property, depth + 1));
+                    }
+                }
+                Value::Object(object)
+            }
+        }
+    }
+
+    fn string(&self, schema: &Value, least: Option<usize>, most: Option<usize>) -> Value {
+        let example = match schema.get("format").and_then(Value::as_str) {
+            Some("date") => Some("2026-01-01"),
+            Some("date-time") => Some("2026-01-01T00:00:00Z"),
+            Some("time") => Some("00:00:00Z"),
+            Some("email") => Some("someone@example.com"),
+            Some("uri") | Some("url") => Some("https://example.com/"),
+            Some("uuid") => Some("00000000-0000-4000-8000-000000000000"),
+            _ => None,
+        };
+        let mut text: String = match example {
+            Some(example) => example.to_owned(),
+            None => self.text.chars().take(most.unwrap_or(usize::MAX)).collect(),
+        };
+        while text.chars().count() < least.unwrap_or(0) {
+            text.push('x');
+        }
+        Value::String(text)
+    }
+
+    /// What a local reference names, if it is one.
+    fn resolve(&self, target: &str) -> Option<&Value> {
+        let pointer = target.strip_prefix('#')?;
+        self.root.pointer(pointer)
     }
 }
 
 /// The tool calls the simulator makes for `call`, if it makes any: `(id, name, arguments)`.
 ///
 /// With tools offered and `tool_choice` not `none`, a conversation whose last message is not a
-/// tool's result gets tool calls instead of text: the function `tool_choice` names; otherwise
-/// every tool whose name appears in the last user message (case aside, `_` and `-` read as
-/// spaces too), in the order offered — only the first when `parallel_tool_calls` is false —
-/// and when none does, the first tool. Arguments are an [`instance`] of the tool's parameter
-/// schema, with the last user message as every string. After a tool's result, it writes text.
+/// tool's result gets a tool call instead of text: of the function `tool_choice` names;
+/// otherwise of the first tool (in the order offered) whose name appears in the last user
+/// message (case aside, `_` and `-` read as spaces too) — of every such tool when
+/// `parallel_tool_calls` is true — and when none does, of the first tool. Arguments are an
+/// [`instance`] of the tool's parameter schema, with the last user message as every free
+/// string. After a tool's result, it writes text.
 pub fn tool_calls(call: &ModelCall) -> Vec<(String, String, String)> {
     if call.tools.is_empty() || call.tool_choice.as_deref() == Some("none") {
         return Vec::new();
@@ -265,7 +352,7 @@ pub fn tool_calls(call: &ModelCall) -> Vec<(String, String, String)> {
             if named.is_empty() {
                 named.extend(call.tools.first());
             }
-            if call.parallel_tool_calls == Some(false) {
+            if call.parallel_tool_calls != Some(true) {
                 named.truncate(1);
             }
             named
@@ -285,7 +372,7 @@ pub fn tool_calls(call: &ModelCall) -> Vec<(String, String, String)> {
                 .as_deref()
                 .and_then(|text| serde_json::from_str::<Value>(text).ok())
                 .unwrap_or_else(|| serde_json::json!({ "type": "object" }));
-            let arguments = instance(&schema, &said, 0).to_string();
+            let arguments = instance(&schema, &said).to_string();
             (id, tool.name.clone(), arguments)
         })
         .collect()
@@ -472,7 +559,13 @@ mod tests {
         let arguments: Value = serde_json::from_str(&calls[0].2).unwrap();
         assert_eq!(arguments, serde_json::json!({"unit": "celsius"}));
 
-        let call = with_tools("lookup order A-1 and get weather");
+        let mut call = with_tools("lookup order A-1 and get weather");
+        assert_eq!(
+            tool_calls(&call).len(),
+            1,
+            "one call unless parallel calls are asked for"
+        );
+        call.parallel_tool_calls = Some(true);
         let calls = tool_calls(&call);
         assert_eq!(calls.len(), 2, "every tool named, in the order offered");
         assert_ne!(calls[0].0, calls[1].0, "ids of their own");
@@ -523,6 +616,7 @@ mod tests {
         let mut one = call.clone();
         one.parallel_tool_calls = Some(false);
         assert_eq!(tool_calls(&one).len(), 1);
+        assert_eq!(tool_calls(&one)[0], calls[0]);
         let mut unnamed = with_tools("hello");
         assert_eq!(
             tool_calls(&unnamed)[0].1,
@@ -597,5 +691,21 @@ mod tests {
             assert_eq!(pieces.concat(), text);
             assert!(pieces.iter().all(|p| tokens::count(p) == 1) || text.trim().is_empty());
         }
+    }
+    #[test]
+    fn instances_keep_to_their_schema() {
+        let schema: Value = serde_json::from_str(
+            r##"{"type":"object","$defs":{"when":{"type":"string","format":"date"}},
+                "properties":{"day":{"$ref":"#/$defs/when"},"code":{"type":"string","maxLength":3},
+                "pin":{"type":"string","minLength":6},"qty":{"type":"integer","exclusiveMinimum":4,"maximum":9},
+                "ratio":{"type":"number","maximum":0.25},"tags":{"type":"array","items":{"type":"string"},"minItems":2},
+                "both":{"allOf":[{"properties":{"a":{"const":1}}},{"properties":{"b":{"type":"boolean"}}}]}}}"##,
+        )
+        .unwrap();
+        assert_eq!(
+            instance(&schema, "hello"),
+            serde_json::json!({"both": {"a": 1, "b": true}, "code": "hel", "day": "2026-01-01",
+                "pin": "hellox", "qty": 5, "ratio": 0.25, "tags": ["hello", "hello"]})
+        );
     }
 }

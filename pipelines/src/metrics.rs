@@ -84,6 +84,18 @@ pub const WEBHOOK_ATTEMPTS: &str = "sluice_webhook_attempts_total";
 /// Notifications (webhook events) a process put on `sluice.notifications`, by `type`, total.
 pub const NOTIFICATIONS: &str = "sluice_notifications_total";
 
+/// Tool calls, by `tool` and `outcome`: `ok`, `failed` (refused by the tool, not retried),
+/// `exhausted` (retriable failures until no attempt was left), `breaker_open` and
+/// `bulkhead_full` (turned away before reaching the tool), total.
+pub const TOOL_CALLS: &str = "sluice_tool_calls_total";
+/// Attempts at a tool call after its first, by `tool`, total.
+pub const TOOL_RETRIES: &str = "sluice_tool_retries_total";
+/// Circuit breakers (one per tool and tenant) in each state, by `tool` and `state` (`open`,
+/// `half_open`; a breaker not counted is closed).
+pub const TOOL_BREAKERS: &str = "sluice_tool_breakers";
+/// Seconds a tool call took, retries and backoff included, by `tool`.
+pub const TOOL_SECONDS: &str = "sluice_tool_call_seconds";
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -120,6 +132,10 @@ pub struct Metrics {
     pub auth_changes: IntCounter,
     pub webhook_attempts: IntCounterVec,
     pub notifications: IntCounterVec,
+    pub tool_calls: IntCounterVec,
+    pub tool_retries: IntCounterVec,
+    pub tool_breakers: IntGaugeVec,
+    pub tool_seconds: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -255,6 +271,26 @@ impl Metrics {
                 WEBHOOK_ATTEMPTS,
                 "Webhook delivery attempts, by outcome.",
                 &["outcome"],
+            )?,
+            tool_calls: counter(
+                TOOL_CALLS,
+                "Tool calls, by tool and outcome.",
+                &["tool", "outcome"],
+            )?,
+            tool_retries: counter(
+                TOOL_RETRIES,
+                "Attempts at a tool call after its first, by tool.",
+                &["tool"],
+            )?,
+            tool_breakers: gauge(
+                TOOL_BREAKERS,
+                "Circuit breakers (per tool and tenant) open or half-open, by tool and state.",
+                &["tool", "state"],
+            )?,
+            tool_seconds: histogram(
+                TOOL_SECONDS,
+                "Seconds a tool call took, retries included, by tool.",
+                &["tool"],
             )?,
             notifications: counter(
                 NOTIFICATIONS,

@@ -24,5 +24,6 @@ mod registry;
 mod replay;
 mod scaling;
 mod sql;
+mod tool_adapters;
 mod webhooks;
 mod websocket;

@@ -16,6 +16,7 @@
 //! records per streamed request and one per whole one, not one per token.
 
 pub mod providers;
+pub mod tools;
 
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};

@@ -1,0 +1,206 @@
+//! The HTTP tool: calls an endpoint a tenant configures (its `tools` row, kind `http`) with a
+//! call's arguments, and returns the JSON it answers.
+//!
+//! Arguments map onto the request: `{name}` in the URL is replaced by that argument
+//! (percent-encoded); the rest go as query parameters for `GET` and `DELETE` and as a JSON body
+//! otherwise. `result_pointer` (a JSON Pointer) picks the part of the answer the model sees.
+//! A write (any method but `GET`) carries the call's `Idempotency-Key`, the same on every
+//! attempt. Failures are judged for [`Resilience`](super::resilience::Resilience): no answer,
+//! 408, 425, 429 and 5xx are worth retrying; any other refusal is not.
+
+use std::collections::BTreeMap;
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::resilience::Failure;
+
+/// An HTTP tool's settings (the `config` of its `tools` row).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToolConfig {
+    /// The endpoint; `{name}` stands for the argument `name`.
+    pub url: String,
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// The environment variable holding a bearer token for the endpoint (never the token).
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+    /// Further headers sent as they are.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The part of the answer to return, as a JSON Pointer (`/data/order`); the whole answer
+    /// if unset.
+    #[serde(default)]
+    pub result_pointer: Option<String>,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+/// An HTTP tool, checked and ready to call.
+#[derive(Debug, Clone)]
+pub struct HttpTool {
+    config: HttpToolConfig,
+    method: Method,
+}
+
+impl HttpTool {
+    /// Checks `config`: a known method and an `http(s)` URL.
+    pub fn new(config: HttpToolConfig) -> Result<Self, String> {
+        let method = match config.method.to_ascii_uppercase().as_str() {
+            "GET" => Method::GET,
+            "POST" => Method::POST,
+            "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
+            other => return Err(format!("unsupported HTTP method {other:?}")),
+        };
+        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
+            return Err(format!("the URL {:?} is not http(s)", config.url));
+        }
+        Ok(Self { config, method })
+    }
+
+    /// Makes one attempt at a call with `arguments` (a JSON object).
+    pub async fn call(
+        &self,
+        http: &reqwest::Client,
+        arguments: &Value,
+        idempotency_key: &str,
+    ) -> Result<Value, Failure> {
+        let empty = Map::new();
+        let arguments = match arguments {
+            Value::Object(fields) => fields,
+            Value::Null => &empty,
+            _ => {
+                return Err(Failure::Permanent(
+                    "the arguments are not a JSON object".into(),
+                ))
+            }
+        };
+        let (url, rest) = fill_url(&self.config.url, arguments);
+        let mut request = http.request(self.method.clone(), &url);
+        if matches!(self.method, Method::GET | Method::DELETE) {
+            let query: Vec<(String, String)> = rest
+                .iter()
+                .map(|(name, value)| (name.clone(), scalar_text(value)))
+                .collect();
+            request = request.query(&query);
+        } else {
+            request = request.json(&Value::Object(rest));
+        }
+        if self.method != Method::GET {
+            request = request.header("Idempotency-Key", idempotency_key);
+        }
+        for (name, value) in &self.config.headers {
+            request = request.header(name, value);
+        }
+        if let Some(var) = &self.config.bearer_token_env {
+            let token = std::env::var(var).map_err(|_| {
+                Failure::Permanent(format!(
+                    "the token variable {var} is not set on this server"
+                ))
+            })?;
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Failure::Retriable(format!("{url}: {e}")))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Failure::Retriable(format!("{url}: reading the answer: {e}")))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.chars().take(500).collect();
+            let message = format!("{url} answered {status}: {text}");
+            return Err(match status.as_u16() {
+                408 | 425 | 429 | 500..=599 => Failure::Retriable(message),
+                _ => Failure::Permanent(message),
+            });
+        }
+        if body.is_empty() {
+            return Ok(Value::Null);
+        }
+        let answer: Value = serde_json::from_slice(&body)
+            .map_err(|e| Failure::Permanent(format!("{url} answered with no JSON: {e}")))?;
+        match &self.config.result_pointer {
+            None => Ok(answer),
+            Some(pointer) => answer.pointer(pointer).cloned().ok_or_else(|| {
+                Failure::Permanent(format!("the answer of {url} has nothing at {pointer}"))
+            }),
+        }
+    }
+}
+
+/// `template` with each `{name}` replaced by argument `name` (percent-encoded), and the
+/// arguments it did not use.
+fn fill_url(template: &str, arguments: &Map<String, Value>) -> (String, Map<String, Value>) {
+    let mut url = template.to_owned();
+    let mut rest = Map::new();
+    for (name, value) in arguments {
+        let placeholder = format!("{{{name}}}");
+        if url.contains(&placeholder) {
+            url = url.replace(&placeholder, &percent_encode(&scalar_text(value)));
+        } else {
+            rest.insert(name.clone(), value.clone());
+        }
+    }
+    (url, rest)
+}
+
+/// A value as text in a URL: a string as it is, anything else as JSON.
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_fill_the_url_and_the_rest_is_left() {
+        let arguments = serde_json::json!({"order_id": "A/1 b", "n": 2, "verbose": true});
+        let (url, rest) = fill_url(
+            "http://127.0.0.1:1/orders/{order_id}?n={n}",
+            arguments.as_object().unwrap(),
+        );
+        assert_eq!(url, "http://127.0.0.1:1/orders/A%2F1%20b?n=2");
+        assert_eq!(Value::Object(rest), serde_json::json!({"verbose": true}));
+        let bad = |method: &str, url: &str| {
+            HttpTool::new(HttpToolConfig {
+                url: url.into(),
+                method: method.into(),
+                bearer_token_env: None,
+                headers: BTreeMap::new(),
+                result_pointer: None,
+            })
+            .is_err()
+        };
+        assert!(bad("TRACE", "http://x/"));
+        assert!(bad("GET", "file:///etc/passwd"));
+        assert!(!bad("get", "https://x/"));
+    }
+}

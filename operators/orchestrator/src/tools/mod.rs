@@ -1,0 +1,12 @@
+//! Tool adapters: how a workflow's tool calls reach the systems they act on, and what guards
+//! each call ([`resilience`]: bulkhead, circuit breaker per tool and tenant, timeout, retries
+//! with backoff and jitter for retriable failures only, idempotency keys kept across attempts).
+//!
+//! - [`http`]: an endpoint a tenant configures (URL template, method, bearer token from the
+//!   environment, JSON arguments and result).
+
+pub mod http;
+pub mod resilience;
+
+pub use http::{HttpTool, HttpToolConfig};
+pub use resilience::{BreakerState, Failure, Resilience, ResilienceConfig, ToolError};

@@ -1,0 +1,420 @@
+//! Tool adapters against a real HTTP server on loopback that fails on command: retries with the
+//! same idempotency key, refusals not retried, timeouts, the circuit breaker per tool and tenant
+//! (open, half-open, closed again), and the bulkhead. No stack needed.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    Router,
+};
+use serde_json::{json, Value};
+use sluice_orchestrator::tools::{
+    BreakerState, Failure, HttpTool, HttpToolConfig, Resilience, ResilienceConfig, ToolError,
+};
+use sluice_pipelines::metrics::Metrics;
+
+/// What the server answers next: a status, after a delay.
+#[derive(Clone, Copy)]
+struct Step {
+    status: u16,
+    delay_ms: u64,
+}
+
+/// One request the server received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    uri: String,
+    idempotency_key: Option<String>,
+    body: String,
+}
+
+#[derive(Default)]
+struct Script {
+    steps: VecDeque<Step>,
+    seen: Vec<Seen>,
+}
+
+/// A local HTTP server that answers each request with the next scripted step (200 with
+/// `{"ok": true, "order": {"id": …}}` when none is left) and records what it received.
+struct FlakyServer {
+    url: String,
+    script: Arc<Mutex<Script>>,
+}
+
+impl FlakyServer {
+    async fn start() -> Self {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let app = Router::new().fallback(answer).with_state(script.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, script }
+    }
+
+    /// Answers the next requests with these steps, in order.
+    fn fail_with(&self, steps: &[(u16, u64)]) {
+        let mut script = self.script.lock().unwrap();
+        script.steps.extend(
+            steps
+                .iter()
+                .map(|&(status, delay_ms)| Step { status, delay_ms }),
+        );
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.script.lock().unwrap().seen.clone()
+    }
+}
+
+async fn answer(
+    State(script): State<Arc<Mutex<Script>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let step = {
+        let mut script = script.lock().unwrap();
+        script.seen.push(Seen {
+            method: method.to_string(),
+            uri: uri.to_string(),
+            idempotency_key: headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        script.steps.pop_front()
+    };
+    let step = step.unwrap_or(Step {
+        status: 200,
+        delay_ms: 0,
+    });
+    tokio::time::sleep(Duration::from_millis(step.delay_ms)).await;
+    let status = StatusCode::from_u16(step.status).unwrap();
+    let body = if status.is_success() {
+        json!({"ok": true, "order": {"id": "A-17", "status": "shipped"}}).to_string()
+    } else {
+        format!("scripted {}", step.status)
+    };
+    (status, body).into_response()
+}
+
+fn tool(url: String, method: &str) -> HttpTool {
+    HttpTool::new(HttpToolConfig {
+        url,
+        method: method.into(),
+        bearer_token_env: None,
+        headers: BTreeMap::new(),
+        result_pointer: None,
+    })
+    .unwrap()
+}
+
+fn quick() -> ResilienceConfig {
+    ResilienceConfig {
+        timeout_ms: 1_000,
+        max_attempts: 3,
+        backoff_base_ms: 5,
+        backoff_max_ms: 20,
+        breaker_failures: 100,
+        breaker_open_ms: 150,
+        bulkhead: 8,
+    }
+}
+
+/// One guarded call of `tool` named `name` for `tenant`.
+async fn call(
+    resilience: &Resilience,
+    tool: &HttpTool,
+    name: &str,
+    tenant: &str,
+    key: &str,
+) -> Result<Value, ToolError> {
+    let http = reqwest::Client::new();
+    let arguments = json!({"order_id": "A-17", "quantity": 2});
+    resilience
+        .call(name, tenant, |_attempt| tool.call(&http, &arguments, key))
+        .await
+}
+
+#[tokio::test]
+async fn retriable_failures_are_retried_with_the_same_idempotency_key_until_one_succeeds() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let resilience = Resilience::new(quick(), metrics.clone());
+    let orders = tool(format!("{}/orders", server.url), "POST");
+    server.fail_with(&[(503, 0), (500, 0)]);
+    let answer = call(&resilience, &orders, "create_order", "t1", "run-1:step-2")
+        .await
+        .unwrap();
+    assert_eq!(answer["order"]["id"], "A-17");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 3, "two failures, then the answer");
+    assert!(seen
+        .iter()
+        .all(|s| s.idempotency_key.as_deref() == Some("run-1:step-2") && s.method == "POST"));
+    let body: Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!(body, json!({"order_id": "A-17", "quantity": 2}));
+    assert_eq!(
+        metrics
+            .tool_retries
+            .with_label_values(&["create_order"])
+            .get(),
+        2
+    );
+    assert_eq!(
+        metrics
+            .tool_calls
+            .with_label_values(&["create_order", "ok"])
+            .get(),
+        1
+    );
+
+    // Every attempt failing: exhausted, with the last failure.
+    server.fail_with(&[(503, 0), (429, 0), (502, 0)]);
+    let e = call(&resilience, &orders, "create_order", "t1", "run-1:step-3")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ToolError::Exhausted { attempts: 3, message } if message.contains("502")),
+        "{e:?}"
+    );
+    assert_eq!(
+        metrics
+            .tool_calls
+            .with_label_values(&["create_order", "exhausted"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_is_not_retried() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let resilience = Resilience::new(quick(), metrics.clone());
+    let orders = tool(format!("{}/orders", server.url), "POST");
+    server.fail_with(&[(400, 0)]);
+    let e = call(&resilience, &orders, "create_order", "t1", "k")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ToolError::Refused { attempts: 1, message } if message.contains("400")),
+        "{e:?}"
+    );
+    assert_eq!(server.seen().len(), 1);
+    assert_eq!(
+        metrics
+            .tool_retries
+            .with_label_values(&["create_order"])
+            .get(),
+        0
+    );
+    assert_eq!(
+        resilience.breaker("create_order", "t1"),
+        BreakerState::Closed { failures: 0 },
+        "a refusal says nothing about the tool's health"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_answer_times_out_and_is_retried() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let config = ResilienceConfig {
+        timeout_ms: 500,
+        ..quick()
+    };
+    let resilience = Resilience::new(config, metrics);
+    let lookup = tool(format!("{}/orders/{{order_id}}", server.url), "GET");
+    server.fail_with(&[(200, 3_000)]);
+    let answer = call(&resilience, &lookup, "lookup_order", "t1", "k")
+        .await
+        .unwrap();
+    assert_eq!(answer["order"]["status"], "shipped");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "the slow attempt, then one in time");
+    assert_eq!(seen[1].uri, "/orders/A-17?quantity=2");
+    assert_eq!(seen[1].idempotency_key, None, "a read carries no key");
+}
+
+#[tokio::test]
+async fn the_breaker_opens_per_tool_and_tenant_and_closes_after_a_good_probe() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    // Open long enough that a loaded machine cannot outlast it between two calls.
+    let config = ResilienceConfig {
+        max_attempts: 1,
+        breaker_failures: 2,
+        breaker_open_ms: 1_000,
+        ..quick()
+    };
+    let resilience = Resilience::new(config, metrics.clone());
+    let orders = tool(format!("{}/orders", server.url), "POST");
+    let open = || {
+        metrics
+            .tool_breakers
+            .with_label_values(&["create_order", "open"])
+            .get()
+    };
+
+    server.fail_with(&[(503, 0), (503, 0)]);
+    for _ in 0..2 {
+        let e = call(&resilience, &orders, "create_order", "t1", "k").await;
+        assert!(matches!(e, Err(ToolError::Exhausted { .. })), "{e:?}");
+    }
+    assert!(matches!(
+        resilience.breaker("create_order", "t1"),
+        BreakerState::Open { .. }
+    ));
+    assert_eq!(open(), 1);
+    // Open: turned away without reaching the tool.
+    let e = call(&resilience, &orders, "create_order", "t1", "k").await;
+    assert_eq!(e, Err(ToolError::BreakerOpen));
+    assert_eq!(server.seen().len(), 2);
+    // Another tenant's calls, and another tool's, are not affected.
+    assert!(call(&resilience, &orders, "create_order", "t2", "k")
+        .await
+        .is_ok());
+    assert!(call(&resilience, &orders, "lookup_order", "t1", "k")
+        .await
+        .is_ok());
+    assert_eq!(
+        metrics
+            .tool_calls
+            .with_label_values(&["create_order", "breaker_open"])
+            .get(),
+        1
+    );
+
+    // Its time up, one probe goes through; it fails, and the breaker opens again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    server.fail_with(&[(503, 0)]);
+    let e = call(&resilience, &orders, "create_order", "t1", "k").await;
+    assert!(matches!(e, Err(ToolError::Exhausted { .. })), "{e:?}");
+    assert_eq!(
+        call(&resilience, &orders, "create_order", "t1", "k").await,
+        Err(ToolError::BreakerOpen)
+    );
+    // Next time the probe succeeds and the breaker closes.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(call(&resilience, &orders, "create_order", "t1", "k")
+        .await
+        .is_ok());
+    assert_eq!(
+        resilience.breaker("create_order", "t1"),
+        BreakerState::Closed { failures: 0 }
+    );
+    assert_eq!(open(), 0);
+    assert_eq!(
+        metrics
+            .tool_breakers
+            .with_label_values(&["create_order", "half_open"])
+            .get(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_probe_whose_caller_goes_away_lets_the_next_call_probe() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let config = ResilienceConfig {
+        max_attempts: 1,
+        breaker_failures: 1,
+        breaker_open_ms: 50,
+        ..quick()
+    };
+    let resilience = Resilience::new(config, metrics);
+    let orders = tool(format!("{}/orders", server.url), "POST");
+    server.fail_with(&[(500, 0)]);
+    assert!(call(&resilience, &orders, "t", "t1", "k").await.is_err());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    // The probe hangs; its caller gives up on it.
+    server.fail_with(&[(200, 2_000)]);
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        call(&resilience, &orders, "t", "t1", "k"),
+    )
+    .await;
+    assert!(abandoned.is_err());
+    assert!(call(&resilience, &orders, "t", "t1", "k").await.is_ok());
+}
+
+#[tokio::test]
+async fn the_bulkhead_turns_away_calls_beyond_its_bound() {
+    let server = FlakyServer::start().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let config = ResilienceConfig {
+        bulkhead: 1,
+        ..quick()
+    };
+    let resilience = Arc::new(Resilience::new(config, metrics.clone()));
+    let orders = Arc::new(tool(format!("{}/orders", server.url), "POST"));
+    server.fail_with(&[(200, 1_500)]);
+    let slow = {
+        let (resilience, orders) = (resilience.clone(), orders.clone());
+        tokio::spawn(async move { call(&resilience, &orders, "create_order", "t1", "a").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        call(&resilience, &orders, "create_order", "t2", "b").await,
+        Err(ToolError::BulkheadFull)
+    );
+    assert!(slow.await.unwrap().is_ok());
+    assert!(call(&resilience, &orders, "create_order", "t2", "b")
+        .await
+        .is_ok());
+    assert_eq!(
+        metrics
+            .tool_calls
+            .with_label_values(&["create_order", "bulkhead_full"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_answer_is_picked_by_its_pointer_and_an_unreachable_tool_is_retriable() {
+    let server = FlakyServer::start().await;
+    let picked = HttpTool::new(HttpToolConfig {
+        url: format!("{}/orders/{{order_id}}", server.url),
+        method: "GET".into(),
+        bearer_token_env: None,
+        headers: BTreeMap::new(),
+        result_pointer: Some("/order/status".into()),
+    })
+    .unwrap();
+    let http = reqwest::Client::new();
+    let answer = picked
+        .call(&http, &json!({"order_id": "A-17"}), "k")
+        .await
+        .unwrap();
+    assert_eq!(answer, json!("shipped"));
+    // A port nobody listens on.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let gone = tool(format!("http://127.0.0.1:{closed}/x"), "POST");
+    assert!(matches!(
+        gone.call(&http, &json!({}), "k").await,
+        Err(Failure::Retriable(_))
+    ));
+    assert!(matches!(
+        gone.call(&http, &json!([1]), "k").await,
+        Err(Failure::Permanent(_))
+    ));
+}

@@ -8,7 +8,7 @@ use sluice_stores::{
     postgres::{
         self,
         audit::{self, Action},
-        keys, models, origins,
+        business, keys, models, origins,
         plans::{self, Limits, LimitsChange},
         tenants,
         users::{self, Role},
@@ -99,6 +99,36 @@ pub async fn tenant(config: Config, command: TenantCommand) -> anyhow::Result<()
                 out.write_all(&piece?)?;
             }
             writeln!(out)?;
+            return Ok(());
+        }
+        TenantCommand::Load { name, file } => {
+            #[derive(serde::Deserialize)]
+            struct Data {
+                #[serde(default)]
+                customers: Vec<business::Customer>,
+                #[serde(default)]
+                orders: Vec<business::Order>,
+            }
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let data: Data = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not business data: {e}", file.display()))?;
+            let tenant = tenant_named(&admin, &name).await?;
+            let mut tx = admin.begin().await?;
+            for customer in &data.customers {
+                business::upsert_customer(&mut tx, tenant.id, customer).await?;
+            }
+            for order in &data.orders {
+                business::upsert_order(&mut tx, tenant.id, order).await?;
+            }
+            tx.commit().await?;
+            let counts = json!({ "customers": data.customers.len(), "orders": data.orders.len() });
+            audit_cli(&admin, Some(tenant.id), "tenant.load", &name, counts).await?;
+            println!(
+                "loaded {} customers and {} orders into {name}",
+                data.customers.len(),
+                data.orders.len()
+            );
             return Ok(());
         }
         TenantCommand::Origins { name, set, clear } => {

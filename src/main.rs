@@ -305,6 +305,10 @@ pub(crate) enum TenantCommand {
     Plan { name: String, plan: String },
     /// Print everything a tenant owns as one JSON document.
     Export { name: String },
+    /// Load the business data a tenant's built-in tools act on (customers, then orders) from a
+    /// JSON file shaped like the export's `customers` and `orders`; rows with an existing id are
+    /// replaced.
+    Load { name: String, file: PathBuf },
     /// Print the browser origins a tenant's keys may be used from (CORS), or replace them.
     Origins {
         name: String,

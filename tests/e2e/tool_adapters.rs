@@ -21,6 +21,8 @@ use sluice_orchestrator::tools::{
 };
 use sluice_pipelines::metrics::Metrics;
 
+use crate::harness::{app_database_url, create_tenant, run_cli, unique};
+
 /// What the server answers next: a status, after a delay.
 #[derive(Clone, Copy)]
 struct Step {
@@ -417,4 +419,162 @@ async fn the_answer_is_picked_by_its_pointer_and_an_unreachable_tool_is_retriabl
         gone.call(&http, &json!([1]), "k").await,
         Err(Failure::Permanent(_))
     ));
+}
+
+/// Loads a customer with two orders into tenant `name` through `sluice tenant load`.
+fn seed(prefix: &str, name: &str, customer: &str) {
+    let data = json!({
+        "customers": [{"id": customer, "name": "Ada Lovelace", "email": "Ada@Example.com"}],
+        "orders": [
+            {"id": "A-1", "customer_id": customer, "status": "shipped", "total_minor": 2999,
+             "items": [{"sku": "kettle", "quantity": 1, "unit_price_minor": 2999}], "tracking": "TRACK-A-1"},
+            {"id": "A-2", "customer_id": customer, "status": "pending"},
+        ],
+    });
+    let file = std::env::temp_dir().join(format!("{}.json", unique("business-")));
+    std::fs::write(&file, data.to_string()).unwrap();
+    let out = run_cli(prefix, &["tenant", "load", name, file.to_str().unwrap()]);
+    assert!(out.contains("loaded 1 customers and 2 orders"), "{out}");
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test]
+async fn built_in_tools_read_and_write_a_tenants_own_data_once_per_key() {
+    use sluice_orchestrator::tools::BuiltinTools;
+    let prefix = unique("t");
+    let alice = create_tenant(&prefix);
+    let bob = create_tenant(&prefix);
+    let (alice_id, bob_id) = (
+        alice.id.parse::<uuid::Uuid>().unwrap(),
+        bob.id.parse::<uuid::Uuid>().unwrap(),
+    );
+    let app = sqlx::PgPool::connect(&app_database_url()).await.unwrap();
+    seed(&prefix, &alice.name, "c-1");
+    let tools = BuiltinTools::new(app.clone());
+
+    let order = tools
+        .call(alice_id, "lookup_order", &json!({"order_id": "A-1"}), "k")
+        .await
+        .unwrap();
+    assert_eq!(order["found"], true);
+    assert_eq!(order["order"]["tracking"], "TRACK-A-1");
+    let customer = tools
+        .call(
+            alice_id,
+            "lookup_customer",
+            &json!({"email": "ada@example.COM"}),
+            "k",
+        )
+        .await
+        .unwrap();
+    assert_eq!(customer["customer"]["id"], "c-1");
+    let listed = tools
+        .call(
+            alice_id,
+            "list_orders",
+            &json!({"customer_id": "c-1", "limit": 1}),
+            "k",
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed["orders"].as_array().unwrap().len(), 1);
+    // Another tenant finds none of it, and cannot change it.
+    for (tool, arguments) in [
+        ("lookup_order", json!({"order_id": "A-1"})),
+        ("lookup_customer", json!({"customer_id": "c-1"})),
+        (
+            "update_order_status",
+            json!({"order_id": "A-1", "status": "cancelled"}),
+        ),
+    ] {
+        let answer = tools
+            .call(bob_id, tool, &arguments, &unique("k"))
+            .await
+            .unwrap();
+        assert_eq!(answer, json!({"found": false}), "{tool}");
+    }
+    let listed = tools
+        .call(bob_id, "list_orders", &json!({"customer_id": "c-1"}), "k")
+        .await
+        .unwrap();
+    assert_eq!(listed, json!({"orders": []}));
+
+    // A write retried or redelivered with its key happens once, even when the two race.
+    let ticket = json!({"subject": "Kettle broken", "body": "It leaks.", "priority": "high", "customer_id": "c-1"});
+    let key = unique("run-1:step-");
+    let (first, second) = tokio::join!(
+        tools.call(alice_id, "create_ticket", &ticket, &key),
+        tools.call(alice_id, "create_ticket", &ticket, &key),
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first, second);
+    let again = tools
+        .call(alice_id, "create_ticket", &ticket, &key)
+        .await
+        .unwrap();
+    assert_eq!(again["ticket"]["id"], first["ticket"]["id"]);
+    let other = tools
+        .call(alice_id, "create_ticket", &ticket, &unique("run-2:step-"))
+        .await
+        .unwrap();
+    assert_ne!(other["ticket"]["id"], first["ticket"]["id"]);
+    let mut tx = sluice_stores::postgres::tenant_transaction(&app, alice_id)
+        .await
+        .unwrap();
+    let tickets = sluice_stores::postgres::business::tickets(&mut tx, 100)
+        .await
+        .unwrap();
+    assert_eq!(tickets.len(), 2, "one per key");
+    tx.rollback().await.unwrap();
+    let bob_tx_tickets = {
+        let mut tx = sluice_stores::postgres::tenant_transaction(&app, bob_id)
+            .await
+            .unwrap();
+        sluice_stores::postgres::business::tickets(&mut tx, 100)
+            .await
+            .unwrap()
+    };
+    assert!(bob_tx_tickets.is_empty());
+
+    let key = unique("run-3:step-");
+    let cancelled = tools
+        .call(
+            alice_id,
+            "update_order_status",
+            &json!({"order_id": "A-2", "status": "cancelled"}),
+            &key,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled["order"]["status"], "cancelled");
+
+    // The caller's mistakes are refusals, not retried.
+    for (tool, arguments, key) in [
+        ("lookup_order", json!({}), unique("k")),
+        ("lookup_order", json!({"order_id": 7}), unique("k")),
+        (
+            "update_order_status",
+            json!({"order_id": "A-1", "status": "lost"}),
+            unique("k"),
+        ),
+        (
+            "create_ticket",
+            json!({"subject": "x", "body": "y", "priority": "whenever"}),
+            unique("k"),
+        ),
+        (
+            "list_orders",
+            json!({"customer_id": "c-1", "limit": 500}),
+            unique("k"),
+        ),
+        ("no_such_tool", json!({}), unique("k")),
+        // A key one tool used cannot be used by another.
+        ("create_ticket", ticket.clone(), key),
+    ] {
+        let e = tools.call(alice_id, tool, &arguments, &key).await;
+        assert!(
+            matches!(e, Err(Failure::Permanent(_))),
+            "{tool} {arguments}: {e:?}"
+        );
+    }
 }

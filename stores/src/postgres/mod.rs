@@ -7,6 +7,7 @@
 //! a query that forgets its tenant filter still sees only that tenant's rows.
 
 pub mod audit;
+pub mod business;
 pub mod claims;
 pub mod flags;
 pub mod followed;
@@ -92,6 +93,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 12,
         name: "webhooks",
         sql: include_str!("../../migrations/0012_webhooks.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "business_data",
+        sql: include_str!("../../migrations/0013_business_data.sql"),
     },
 ];
 

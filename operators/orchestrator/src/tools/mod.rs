@@ -2,11 +2,14 @@
 //! each call ([`resilience`]: bulkhead, circuit breaker per tool and tenant, timeout, retries
 //! with backoff and jitter for retriable failures only, idempotency keys kept across attempts).
 //!
+//! - [`builtin`]: lookups and writes of a tenant's customers, orders and tickets in PostgreSQL.
 //! - [`http`]: an endpoint a tenant configures (URL template, method, bearer token from the
 //!   environment, JSON arguments and result).
 
+pub mod builtin;
 pub mod http;
 pub mod resilience;
 
+pub use builtin::BuiltinTools;
 pub use http::{HttpTool, HttpToolConfig};
 pub use resilience::{BreakerState, Failure, Resilience, ResilienceConfig, ToolError};

@@ -94,7 +94,17 @@ impl StreamTranslator {
         let mut out = Vec::with_capacity(3);
         if !self.started {
             self.started = true;
-            out.push(self.object(chunk, json!({ "role": "assistant", "content": "" }), None));
+            // A reply that opens with tool calls has no content, as OpenAI streams it.
+            let content = if chunk.delta.is_empty() && !chunk.tool_calls.is_empty() {
+                Value::Null
+            } else {
+                json!("")
+            };
+            out.push(self.object(
+                chunk,
+                json!({ "role": "assistant", "content": content }),
+                None,
+            ));
         }
         // A DONE chunk may carry the reply's last text (the orchestrator joins text that
         // arrives together into one chunk).
@@ -264,6 +274,7 @@ mod tests {
             panic!("finished")
         };
         assert_eq!(objects.len(), 4, "role, two pieces, finish");
+        assert_eq!(objects[0]["choices"][0]["delta"]["content"], Value::Null);
         let first = &objects[1]["choices"][0]["delta"]["tool_calls"][0];
         assert_eq!(
             (first["id"].as_str(), first["function"]["name"].as_str()),

@@ -233,6 +233,12 @@ pub struct ToolCallDelta {
     pub arguments: String,
 }
 
+impl ToolCallDelta {
+    /// The highest `index` a reply's tool calls may have: a reply makes at most 128 calls
+    /// (as many as a request may offer tools). A piece beyond it is an upstream's error.
+    pub const MAX_INDEX: i32 = 127;
+}
+
 /// What a reply chunk carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplyKind {

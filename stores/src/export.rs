@@ -99,7 +99,7 @@ pub async fn tenant_export(
             break;
         }
     }
-    let business = business::export(&mut *conn).await?;
+    let business = business::export(&mut *conn, tenant_id).await?;
     let events = usage::tenant_events(clickhouse, &tenant_id.to_string())?;
     let head = json!({
         "object": "tenant.export",

@@ -74,6 +74,11 @@ impl FlakyServer {
         );
     }
 
+    /// Forgets the steps not yet used.
+    fn clear(&self) {
+        self.script.lock().unwrap().steps.clear();
+    }
+
     fn seen(&self) -> Vec<Seen> {
         self.script.lock().unwrap().seen.clone()
     }
@@ -229,6 +234,22 @@ async fn a_refusal_is_not_retried() {
         BreakerState::Closed { failures: 0 },
         "a refusal says nothing about the tool's health"
     );
+    // Nor does it wipe out failures in a row.
+    let config = ResilienceConfig {
+        max_attempts: 1,
+        ..quick()
+    };
+    let one_shot = Resilience::new(config, Arc::new(Metrics::new().unwrap()));
+    server.fail_with(&[(503, 0), (400, 0)]);
+    for _ in 0..2 {
+        assert!(call(&one_shot, &orders, "create_order", "t1", "k")
+            .await
+            .is_err());
+    }
+    assert_eq!(
+        one_shot.breaker("create_order", "t1"),
+        BreakerState::Closed { failures: 1 }
+    );
 }
 
 #[tokio::test]
@@ -352,6 +373,9 @@ async fn a_probe_whose_caller_goes_away_lets_the_next_call_probe() {
     )
     .await;
     assert!(abandoned.is_err());
+    // (If the abandoned probe never reached the server, its slow answer must not wait for the
+    // next call.)
+    server.clear();
     assert!(call(&resilience, &orders, "t", "t1", "k").await.is_ok());
 }
 
@@ -372,11 +396,15 @@ async fn the_bulkhead_turns_away_calls_beyond_its_bound() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        call(&resilience, &orders, "create_order", "t2", "b").await,
+        call(&resilience, &orders, "create_order", "t1", "b").await,
         Err(ToolError::BulkheadFull)
     );
+    // Another tenant's calls of the same tool have places of their own.
+    assert!(call(&resilience, &orders, "create_order", "t2", "c")
+        .await
+        .is_ok());
     assert!(slow.await.unwrap().is_ok());
-    assert!(call(&resilience, &orders, "create_order", "t2", "b")
+    assert!(call(&resilience, &orders, "create_order", "t1", "b")
         .await
         .is_ok());
     assert_eq!(
@@ -521,7 +549,7 @@ async fn built_in_tools_read_and_write_a_tenants_own_data_once_per_key() {
     let mut tx = sluice_stores::postgres::tenant_transaction(&app, alice_id)
         .await
         .unwrap();
-    let tickets = sluice_stores::postgres::business::tickets(&mut tx, 100)
+    let tickets = sluice_stores::postgres::business::tickets(&mut tx, alice_id, 100)
         .await
         .unwrap();
     assert_eq!(tickets.len(), 2, "one per key");
@@ -530,13 +558,29 @@ async fn built_in_tools_read_and_write_a_tenants_own_data_once_per_key() {
         let mut tx = sluice_stores::postgres::tenant_transaction(&app, bob_id)
             .await
             .unwrap();
-        sluice_stores::postgres::business::tickets(&mut tx, 100)
+        // Asked for Alice's, in Bob's transaction: row-level security shows none.
+        sluice_stores::postgres::business::tickets(&mut tx, alice_id, 100)
             .await
             .unwrap()
     };
     assert!(bob_tx_tickets.is_empty());
 
     let key = unique("run-3:step-");
+    // An operator's export (as the owner, whom row-level security does not bind) holds the
+    // tenant's own business data only.
+    seed(&prefix, &bob.name, "c-bob");
+    let export: Value =
+        serde_json::from_str(&run_cli(&prefix, &["tenant", "export", &alice.name])).unwrap();
+    let customers: Vec<&str> = export["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(customers, ["c-1"]);
+    assert_eq!(export["orders"].as_array().unwrap().len(), 2);
+    assert_eq!(export["tickets"].as_array().unwrap().len(), 2);
+
     let cancelled = tools
         .call(
             alice_id,

@@ -364,9 +364,14 @@ pub struct ToolCallAssembler {
 }
 
 impl ToolCallAssembler {
-    /// Adds pieces: a piece for a call not seen before starts it.
+    /// Adds pieces: a piece for a call not seen before starts it; an id or name that is empty
+    /// does not replace one already known, and a piece beyond the last possible call is
+    /// dropped (the orchestrator refuses such an upstream reply).
     pub fn push(&mut self, pieces: &[ToolCallDelta]) {
         for piece in pieces {
+            if piece.index > ToolCallDelta::MAX_INDEX {
+                continue;
+            }
             let Ok(index) = usize::try_from(piece.index) else {
                 continue;
             };
@@ -378,10 +383,10 @@ impl ToolCallAssembler {
                 });
             }
             let call = &mut self.calls[index];
-            if let Some(id) = &piece.id {
+            if let Some(id) = piece.id.as_ref().filter(|id| !id.is_empty()) {
                 call.id.clone_from(id);
             }
-            if let Some(name) = &piece.name {
+            if let Some(name) = piece.name.as_ref().filter(|name| !name.is_empty()) {
                 call.name.clone_from(name);
             }
             call.arguments.push_str(&piece.arguments);

@@ -18,6 +18,7 @@
 pub mod providers;
 pub mod tools;
 
+
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,9 @@ struct CallsMade {
 
 impl CallsMade {
     fn push(&mut self, piece: &ToolCallDelta) {
+        if piece.index > ToolCallDelta::MAX_INDEX {
+            return;
+        }
         let Ok(index) = usize::try_from(piece.index) else {
             return;
         };
@@ -82,7 +86,7 @@ impl CallsMade {
             self.calls.resize(index + 1, (String::new(), String::new()));
         }
         let (name, arguments) = &mut self.calls[index];
-        if let Some(called) = &piece.name {
+        if let Some(called) = piece.name.as_ref().filter(|n| !n.is_empty()) {
             name.clone_from(called);
         }
         arguments.push_str(&piece.arguments);

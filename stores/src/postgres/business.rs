@@ -2,7 +2,7 @@
 //! support tickets (`customers`, `orders`, `tickets`), and the record of every tool write by its
 //! idempotency key (`tool_writes`). Every function runs on a connection in the tenant's
 //! transaction ([`super::tenant_transaction`]), so row-level security shows that tenant's rows
-//! only.
+//! only, and names the tenant in its SQL as well, so it holds run as the owner too.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -125,16 +125,18 @@ fn check_status(status: &str) -> Result<()> {
 /// The customer with `id`, or with `email` (case aside).
 pub async fn find_customer(
     conn: &mut PgConnection,
+    tenant_id: Uuid,
     id: Option<&str>,
     email: Option<&str>,
 ) -> Result<Option<Customer>> {
     let row = sqlx::query(
-        "SELECT id, name, email, phone FROM customers \
-         WHERE ($1::text IS NOT NULL AND id = $1) OR ($2::text IS NOT NULL AND lower(email) = lower($2)) \
+        "SELECT id, name, email, phone FROM customers WHERE tenant_id = $3 \
+         AND (($1::text IS NOT NULL AND id = $1) OR ($2::text IS NOT NULL AND lower(email) = lower($2))) \
          ORDER BY id LIMIT 1",
     )
     .bind(id)
     .bind(email)
+    .bind(tenant_id)
     .fetch_optional(conn)
     .await?;
     row.map(|row| {
@@ -163,25 +165,35 @@ fn order_of(row: &sqlx::postgres::PgRow) -> Result<Order> {
 }
 
 /// The order with `id`.
-pub async fn find_order(conn: &mut PgConnection, id: &str) -> Result<Option<Order>> {
-    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+pub async fn find_order(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: &str,
+) -> Result<Option<Order>> {
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE tenant_id = $2 AND id = $1"
+    ))
+    .bind(id)
+    .bind(tenant_id)
+    .fetch_optional(conn)
+    .await?;
     row.as_ref().map(order_of).transpose()
 }
 
 /// A customer's latest `limit` orders, newest first.
 pub async fn customer_orders(
     conn: &mut PgConnection,
+    tenant_id: Uuid,
     customer_id: &str,
     limit: i64,
 ) -> Result<Vec<Order>> {
     let rows = sqlx::query(&format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 ORDER BY created_at DESC, id LIMIT $2"
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE tenant_id = $3 AND customer_id = $1 \
+         ORDER BY created_at DESC, id LIMIT $2"
     ))
     .bind(customer_id)
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(conn)
     .await?;
     rows.iter().map(order_of).collect()
@@ -190,15 +202,18 @@ pub async fn customer_orders(
 /// Sets an order's status; `None` if there is no such order.
 pub async fn set_order_status(
     conn: &mut PgConnection,
+    tenant_id: Uuid,
     id: &str,
     status: &str,
 ) -> Result<Option<Order>> {
     check_status(status)?;
     let row = sqlx::query(&format!(
-        "UPDATE orders SET status = $2, updated_at = now() WHERE id = $1 RETURNING {ORDER_COLUMNS}"
+        "UPDATE orders SET status = $2, updated_at = now() WHERE tenant_id = $3 AND id = $1 \
+         RETURNING {ORDER_COLUMNS}"
     ))
     .bind(id)
     .bind(status)
+    .bind(tenant_id)
     .fetch_optional(conn)
     .await?;
     row.as_ref().map(order_of).transpose()
@@ -241,12 +256,13 @@ pub async fn open_ticket(
 }
 
 /// The tenant's tickets, newest first (at most `limit`).
-pub async fn tickets(conn: &mut PgConnection, limit: i64) -> Result<Vec<Ticket>> {
+pub async fn tickets(conn: &mut PgConnection, tenant_id: Uuid, limit: i64) -> Result<Vec<Ticket>> {
     let rows = sqlx::query(
         "SELECT id, customer_id, subject, body, priority, status FROM tickets \
-         ORDER BY created_at DESC, id LIMIT $1",
+         WHERE tenant_id = $2 ORDER BY created_at DESC, id LIMIT $1",
     )
     .bind(limit)
+    .bind(tenant_id)
     .fetch_all(conn)
     .await?;
     rows.iter()
@@ -317,27 +333,34 @@ pub async fn finish_write(
     Ok(())
 }
 
-/// Everything for the tenant's export: its customers, orders and tickets.
-pub async fn export(conn: &mut PgConnection) -> Result<Value> {
-    let customers = sqlx::query("SELECT id, name, email, phone FROM customers ORDER BY id")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(Customer {
-                id: row.try_get(0)?,
-                name: row.try_get(1)?,
-                email: row.try_get(2)?,
-                phone: row.try_get(3)?,
-            })
+/// Everything for the tenant's export: its customers, orders and tickets (filtered by tenant
+/// as well, so that it holds run as the owner, whom row-level security does not bind).
+pub async fn export(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Value> {
+    let customers = sqlx::query(
+        "SELECT id, name, email, phone FROM customers WHERE tenant_id = $1 ORDER BY id",
+    )
+    .bind(tenant_id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(Customer {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            email: row.try_get(2)?,
+            phone: row.try_get(3)?,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let orders = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders ORDER BY id"))
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(order_of)
-        .collect::<Result<Vec<_>>>()?;
-    let tickets = tickets(conn, i64::MAX).await?;
+    })
+    .collect::<Result<Vec<_>>>()?;
+    let orders = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE tenant_id = $1 ORDER BY id"
+    ))
+    .bind(tenant_id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(order_of)
+    .collect::<Result<Vec<_>>>()?;
+    let tickets = tickets(conn, tenant_id, i64::MAX).await?;
     Ok(serde_json::json!({ "customers": customers, "orders": orders, "tickets": tickets }))
 }

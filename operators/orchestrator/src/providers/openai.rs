@@ -135,6 +135,12 @@ impl OpenAiProvider {
                             }
                         }
                         for piece in delta.tool_calls.into_iter().flatten() {
+                            if !(0..=ToolCallDelta::MAX_INDEX).contains(&piece.index) {
+                                return Err(ProviderError::upstream(format!(
+                                    "upstream sent a tool call with index {}",
+                                    piece.index
+                                )));
+                            }
                             let function = piece.function.unwrap_or_default();
                             out.push(ProviderEvent::ToolCall(ToolCallDelta {
                                 index: piece.index,

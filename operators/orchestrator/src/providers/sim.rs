@@ -182,14 +182,27 @@ fn split_tokens(text: &str) -> Vec<String> {
 /// A value that fits the JSON Schema `schema`, the same every time, `text` standing in for
 /// every free string. See [`Instance::of`].
 pub fn instance(schema: &Value, text: &str) -> Value {
-    Instance { root: schema, text }.of(schema, 0)
+    Instance {
+        root: schema,
+        text,
+        left: std::cell::Cell::new(MAX_INSTANCE_VALUES),
+    }
+    .of(schema, 0)
 }
 
+/// Most values one [`instance`] holds: a caller's schema cannot make the simulator build more
+/// (references that fan out, large `minItems`); past it, what is left is null.
+const MAX_INSTANCE_VALUES: usize = 2_000;
+/// The most items an array, and characters a string, of an [`instance`] is given.
+const MAX_INSTANCE_ITEMS: usize = 8;
+const MAX_INSTANCE_CHARS: usize = 1024;
+
 /// Builds values of a schema whose local references (`#/$defs/…`, `#/definitions/…`) resolve
-/// against `root`.
+/// against `root`, within a budget of values.
 struct Instance<'a> {
     root: &'a Value,
     text: &'a str,
+    left: std::cell::Cell<usize>,
 }
 
 impl Instance<'_> {
@@ -200,9 +213,11 @@ impl Instance<'_> {
     /// email, uri, uuid); a number is 1 moved inside its bounds; an array holds `minItems` (at
     /// least one, at most `maxItems`) values of its items. A schema it cannot read gives `{}`.
     fn of(&self, schema: &Value, depth: usize) -> Value {
-        if depth > 16 {
+        let left = self.left.get();
+        if depth > 16 || left == 0 {
             return Value::Null;
         }
+        self.left.set(left - 1);
         if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
             return match self.resolve(target) {
                 Some(found) => self.of(found, depth + 1),
@@ -265,7 +280,13 @@ impl Instance<'_> {
                     value = value.min(high - step);
                 }
                 if integer {
-                    serde_json::json!(value.ceil() as i64)
+                    // The whole number nearest inside the bounds.
+                    let whole = value.ceil();
+                    let whole = match bound("maximum") {
+                        Some(high) if whole > high => value.floor(),
+                        _ => whole,
+                    };
+                    serde_json::json!(whole as i64)
                 } else {
                     serde_json::json!(value)
                 }
@@ -274,7 +295,7 @@ impl Instance<'_> {
             "null" => Value::Null,
             "array" => {
                 let items = schema.get("items").unwrap_or(&Value::Null);
-                let wanted = count("minItems").unwrap_or(1).max(1);
+                let wanted = count("minItems").unwrap_or(1).clamp(1, MAX_INSTANCE_ITEMS);
                 let wanted = count("maxItems").map_or(wanted, |most| wanted.min(most));
                 Value::Array((0..wanted).map(|_| self.of(items, depth + 1)).collect())
             }
@@ -300,13 +321,13 @@ impl Instance<'_> {
             Some("uuid") => Some("00000000-0000-4000-8000-000000000000"),
             _ => None,
         };
-        let mut text: String = match example {
-            Some(example) => example.to_owned(),
-            None => self.text.chars().take(most.unwrap_or(usize::MAX)).collect(),
-        };
-        while text.chars().count() < least.unwrap_or(0) {
-            text.push('x');
-        }
+        let most = most.unwrap_or(usize::MAX).min(MAX_INSTANCE_CHARS);
+        let mut text: String = example.unwrap_or(self.text).chars().take(most).collect();
+        let short = least
+            .unwrap_or(0)
+            .min(MAX_INSTANCE_CHARS)
+            .saturating_sub(text.chars().count());
+        text.push_str(&"x".repeat(short));
         Value::String(text)
     }
 
@@ -707,5 +728,24 @@ mod tests {
             serde_json::json!({"both": {"a": 1, "b": true}, "code": "hel", "day": "2026-01-01",
                 "pin": "hellox", "qty": 5, "ratio": 0.25, "tags": ["hello", "hello"]})
         );
+    }
+    #[test]
+    fn a_schema_cannot_make_the_simulator_build_without_bound() {
+        let fan_out: Value = serde_json::from_str(
+            r##"{"type":"object","properties":{"a":{"$ref":"#"},"b":{"$ref":"#"},"c":{"$ref":"#"},
+                "d":{"$ref":"#"},"e":{"$ref":"#"},"f":{"$ref":"#"},"g":{"$ref":"#"},"h":{"$ref":"#"}}}"##,
+        )
+        .unwrap();
+        let built = instance(&fan_out, "x").to_string();
+        assert!(built.len() < 100_000, "{} bytes", built.len());
+        let huge: Value = serde_json::json!({"type": "array", "minItems": 1_000_000_000u64,
+            "items": {"type": "string", "minLength": 1_000_000_000u64}});
+        let built = instance(&huge, "x");
+        assert_eq!(built.as_array().unwrap().len(), MAX_INSTANCE_ITEMS);
+        assert_eq!(built[0].as_str().unwrap().len(), MAX_INSTANCE_CHARS);
+        let below_one = serde_json::json!({"type": "integer", "maximum": 0.5});
+        assert_eq!(instance(&below_one, "x"), serde_json::json!(0));
+        let short_date = serde_json::json!({"type": "string", "format": "date", "maxLength": 4});
+        assert_eq!(instance(&short_date, "x"), serde_json::json!("2026"));
     }
 }

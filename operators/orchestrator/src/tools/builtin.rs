@@ -110,14 +110,14 @@ impl BuiltinTools {
                         "lookup_customer needs customer_id or email".into(),
                     ));
                 }
-                let found = business::find_customer(&mut tx, id, email)
+                let found = business::find_customer(&mut tx, tenant, id, email)
                     .await
                     .map_err(store_failure)?;
                 found_or_not("customer", found)
             }
             "lookup_order" => {
                 let id = args.required("order_id")?;
-                let found = business::find_order(&mut tx, id)
+                let found = business::find_order(&mut tx, tenant, id)
                     .await
                     .map_err(store_failure)?;
                 found_or_not("order", found)
@@ -135,14 +135,14 @@ impl BuiltinTools {
                             })?
                     }
                 };
-                let orders = business::customer_orders(&mut tx, customer, limit)
+                let orders = business::customer_orders(&mut tx, tenant, customer, limit)
                     .await
                     .map_err(store_failure)?;
                 json!({ "orders": orders })
             }
             "update_order_status" => {
                 let (id, status) = (args.required("order_id")?, args.required("status")?);
-                let found = business::set_order_status(&mut tx, id, status)
+                let found = business::set_order_status(&mut tx, tenant, id, status)
                     .await
                     .map_err(store_failure)?;
                 found_or_not("order", found)

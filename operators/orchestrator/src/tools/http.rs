@@ -25,7 +25,9 @@ pub struct HttpToolConfig {
     /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
     #[serde(default = "default_method")]
     pub method: String,
-    /// The environment variable holding a bearer token for the endpoint (never the token).
+    /// The environment variable holding a bearer token for the endpoint (never the token); its
+    /// name must start with `SLUICE_TOOL_SECRET_`, so a tool cannot send the server's other
+    /// secrets to its endpoint.
     #[serde(default)]
     pub bearer_token_env: Option<String>,
     /// Further headers sent as they are.
@@ -36,6 +38,12 @@ pub struct HttpToolConfig {
     #[serde(default)]
     pub result_pointer: Option<String>,
 }
+
+/// What the name of a tool's token variable starts with.
+pub const TOKEN_VARIABLE_PREFIX: &str = "SLUICE_TOOL_SECRET_";
+
+/// The largest answer read from an endpoint.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 fn default_method() -> String {
     "POST".to_owned()
@@ -61,6 +69,13 @@ impl HttpTool {
         };
         if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
             return Err(format!("the URL {:?} is not http(s)", config.url));
+        }
+        if let Some(var) = &config.bearer_token_env {
+            if !var.starts_with(TOKEN_VARIABLE_PREFIX) || var.len() == TOKEN_VARIABLE_PREFIX.len() {
+                return Err(format!(
+                    "the token variable {var:?} must be named {TOKEN_VARIABLE_PREFIX}<something>"
+                ));
+            }
         }
         Ok(Self { config, method })
     }
@@ -107,15 +122,27 @@ impl HttpTool {
             })?;
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Failure::Retriable(format!("{url}: {e}")))?;
+        let mut response = request.send().await.map_err(|e| {
+            if e.is_builder() {
+                Failure::Permanent(format!("{url}: {e}"))
+            } else {
+                Failure::Retriable(format!("{url}: {e}"))
+            }
+        })?;
         let status = response.status();
-        let body = response
-            .bytes()
+        let mut body = Vec::new();
+        while let Some(piece) = response
+            .chunk()
             .await
-            .map_err(|e| Failure::Retriable(format!("{url}: reading the answer: {e}")))?;
+            .map_err(|e| Failure::Retriable(format!("{url}: reading the answer: {e}")))?
+        {
+            if body.len() + piece.len() > MAX_ANSWER_BYTES {
+                return Err(Failure::Permanent(format!(
+                    "{url} answered with more than {MAX_ANSWER_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&piece);
+        }
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
             let text: String = text.chars().take(500).collect();
@@ -200,6 +227,19 @@ mod tests {
             .is_err()
         };
         assert!(bad("TRACE", "http://x/"));
+        let secret = |var: &str| {
+            HttpTool::new(HttpToolConfig {
+                url: "https://x/".into(),
+                method: "POST".into(),
+                bearer_token_env: Some(var.into()),
+                headers: BTreeMap::new(),
+                result_pointer: None,
+            })
+            .is_ok()
+        };
+        assert!(!secret("DATABASE_URL"), "only variables meant for tools");
+        assert!(!secret("SLUICE_TOOL_SECRET_"));
+        assert!(secret("SLUICE_TOOL_SECRET_ACME_CRM"));
         assert!(bad("GET", "file:///etc/passwd"));
         assert!(!bad("get", "https://x/"));
     }

@@ -1,5 +1,5 @@
 //! What stands between a workflow and a tool that fails: every call runs behind a bulkhead
-//! (bounded concurrency per tool), a circuit breaker per tool and tenant (closed, open,
+//! (bounded concurrency per tool and tenant), a circuit breaker per tool and tenant (closed, open,
 //! half-open), a timeout per attempt, and retries with exponential backoff and full jitter for
 //! retriable failures only. The caller's idempotency key stays the same across attempts, so a
 //! write the tool honours the key for happens once however often it is retried.
@@ -35,7 +35,8 @@ pub struct ResilienceConfig {
     pub breaker_failures: u32,
     /// Milliseconds an open breaker turns calls away before letting one probe through.
     pub breaker_open_ms: u64,
-    /// Calls of one tool in flight at once, all tenants together; more are turned away.
+    /// Calls of one tool for one tenant in flight at once; more are turned away (so a tenant
+    /// whose endpoint hangs holds its own places, not other tenants').
     pub bulkhead: usize,
 }
 
@@ -182,7 +183,7 @@ impl Drop for Probe<'_> {
 pub struct Resilience {
     config: ResilienceConfig,
     breakers: Mutex<HashMap<(String, String), BreakerState>>,
-    bulkheads: Mutex<HashMap<String, Arc<Semaphore>>>,
+    bulkheads: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -245,7 +246,7 @@ impl Resilience {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let bulkhead = self.bulkhead(tool);
+        let bulkhead = self.bulkhead(tool, tenant);
         let Ok(_place) = bulkhead.try_acquire_owned() else {
             return Err(ToolError::BulkheadFull);
         };
@@ -275,8 +276,8 @@ impl Resilience {
                 }
                 Ok(Err(Failure::Permanent(message))) => {
                     // The caller's mistake, not the tool's health: the breaker does not count it
-                    // (a half-open probe that reached the tool shows it answers).
-                    self.record(tool, tenant, true);
+                    // either way, except that a half-open probe the tool answered closes it.
+                    self.record_refusal(tool, tenant);
                     return Err(ToolError::Refused {
                         message,
                         attempts: n,
@@ -299,13 +300,13 @@ impl Resilience {
         })
     }
 
-    fn bulkhead(&self, tool: &str) -> Arc<Semaphore> {
+    fn bulkhead(&self, tool: &str, tenant: &str) -> Arc<Semaphore> {
         let mut bulkheads = match self.bulkheads.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
         bulkheads
-            .entry(tool.to_owned())
+            .entry((tool.to_owned(), tenant.to_owned()))
             .or_insert_with(|| Arc::new(Semaphore::new(self.config.bulkhead)))
             .clone()
     }
@@ -343,6 +344,15 @@ impl Resilience {
                 },
             };
             (next, ())
+        })
+    }
+
+    /// Notes that the tool answered an attempt with a refusal: it is up, so a probe closes the
+    /// breaker; otherwise the breaker stays as it is (failures in a row still count).
+    fn record_refusal(&self, tool: &str, tenant: &str) {
+        self.update(tool, tenant, |state| match state {
+            BreakerState::HalfOpen => (BreakerState::Closed { failures: 0 }, ()),
+            other => (other, ()),
         })
     }
 

@@ -115,6 +115,11 @@ enum Command {
         #[command(subcommand)]
         command: BudgetCommand,
     },
+    /// Workflow definitions (`workflows/*.yaml`).
+    Workflow {
+        #[command(subcommand)]
+        command: WorkflowCommand,
+    },
     /// Invoices: close a month, preview the current one, read and export them.
     Invoices {
         #[command(subcommand)]
@@ -286,6 +291,14 @@ pub(crate) enum BenchCommand {
         #[arg(long, env = "SLUICE_CLICKHOUSE_TCP_PORT", default_value_t = 19000)]
         clickhouse_port: u16,
     },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum WorkflowCommand {
+    /// Check definitions: each file, or each `.yaml` in each folder, given (default: the
+    /// workflows Sluice ships). Prints every mistake with its file, line, column and field, and
+    /// fails if there is one.
+    Check { paths: Vec<PathBuf> },
 }
 
 #[derive(Subcommand)]
@@ -667,6 +680,61 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(cli.command, config))
 }
 
+/// `sluice workflow check`.
+fn check_workflows(paths: &[PathBuf]) -> anyhow::Result<()> {
+    use sluice_orchestrator::workflow;
+    let mut files: Vec<(String, String)> = Vec::new();
+    if paths.is_empty() {
+        files.extend(
+            workflow::SHIPPED
+                .iter()
+                .map(|(name, text)| ((*name).to_owned(), (*text).to_owned())),
+        );
+    }
+    for path in paths {
+        let mut found = Vec::new();
+        if path.is_dir() {
+            for entry in
+                std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+            {
+                let entry = entry?.path();
+                if entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                    found.push(entry);
+                }
+            }
+            found.sort();
+        } else {
+            found.push(path.clone());
+        }
+        for file in found {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            files.push((file.display().to_string(), text));
+        }
+    }
+    let mut mistakes = 0;
+    for (file, text) in &files {
+        match workflow::load(file, text) {
+            Ok(w) => println!(
+                "ok {file}: {} v{}, {} steps",
+                w.name,
+                w.version,
+                w.steps.len()
+            ),
+            Err(errors) => {
+                mistakes += errors.len();
+                for error in errors {
+                    println!("{error}");
+                }
+            }
+        }
+    }
+    if mistakes > 0 {
+        anyhow::bail!("{mistakes} mistake(s) in {} file(s) checked", files.len());
+    }
+    Ok(())
+}
+
 fn init_logging(config: &Config) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -711,6 +779,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             json,
         } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
+        Command::Workflow {
+            command: WorkflowCommand::Check { paths },
+        } => check_workflows(&paths),
         Command::Price { command } => billing::price(config, command).await,
         Command::Budget { command } => billing::budget(config, command).await,
         Command::Invoices { command } => billing::invoices(config, command).await,

@@ -27,3 +27,4 @@ mod sql;
 mod tool_adapters;
 mod webhooks;
 mod websocket;
+mod workflows;

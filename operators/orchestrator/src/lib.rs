@@ -17,7 +17,7 @@
 
 pub mod providers;
 pub mod tools;
-
+pub mod workflow;
 
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};

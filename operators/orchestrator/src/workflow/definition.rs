@@ -1,0 +1,1245 @@
+//! Workflow definitions: the YAML schema of `workflows/*.yaml` (documented in
+//! `workflows/README.md`), read and checked whole at load time. Every mistake — invalid YAML, an
+//! unknown field or step kind, a tool that does not exist, an argument of the wrong type, a
+//! reference to an input or step that is not there, a step nothing leads to — is reported with
+//! its file, line, column and field, all of them at once; a definition that loads cannot fail
+//! for any of these reasons mid-run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fmt,
+};
+
+use marked_yaml::{
+    types::{MarkedMappingNode, MarkedScalarNode},
+    LoadError, Node, Span,
+};
+use serde_json::Value;
+
+use crate::tools::builtin;
+
+/// One thing wrong with a definition, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// The field at fault, e.g. `steps[2].arguments.order_id`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.field, self.message
+        )
+    }
+}
+
+/// The type of an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+    Array,
+}
+
+impl ValueType {
+    const NAMES: &'static [&'static str] =
+        &["string", "integer", "number", "boolean", "object", "array"];
+
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "string" => Self::String,
+            "integer" => Self::Integer,
+            "number" => Self::Number,
+            "boolean" => Self::Boolean,
+            "object" => Self::Object,
+            "array" => Self::Array,
+            _ => return None,
+        })
+    }
+}
+
+/// An input a run starts with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub name: String,
+    pub kind: ValueType,
+    pub required: bool,
+    pub description: Option<String>,
+}
+
+/// A loaded, checked workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    pub name: String,
+    pub version: u32,
+    pub description: String,
+    /// Intents the router may map to this workflow.
+    pub intents: Vec<String>,
+    pub inputs: Vec<Input>,
+    /// Tenant tools (beyond the built-in ones) the steps call.
+    pub tools: Vec<String>,
+    pub steps: Vec<Step>,
+}
+
+/// One step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub id: String,
+    pub kind: StepKind,
+    /// Where to go after it (the next step in the file when unset; the run ends after the last).
+    pub next: Option<String>,
+    /// Where to go when it fails (a tool's refusal or exhaustion); unset: the run fails, and a
+    /// saga's completed steps are compensated in reverse order.
+    pub on_error: Option<String>,
+    /// The line it starts on.
+    pub line: usize,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKind {
+    /// Call a tool; `compensate` undoes it if a later step fails (a saga).
+    Tool {
+        tool: String,
+        arguments: BTreeMap<String, Value>,
+        compensate: Option<Compensation>,
+    },
+    /// Call a model (a catalogue model or `auto`) with a prompt; its answer is `text`, or with
+    /// `json: true` a JSON object at `json`.
+    Model {
+        model: String,
+        system: Option<String>,
+        prompt: String,
+        json: bool,
+    },
+    /// Go to the first case whose condition holds (the last case has none).
+    Branch { cases: Vec<Case> },
+    /// Run these steps at once; the run goes on when all have ended.
+    Parallel { steps: Vec<String> },
+    /// Wait for an external event; after `timeout_s` go to `on_timeout`.
+    Wait {
+        event: String,
+        timeout_s: u64,
+        on_timeout: String,
+    },
+    /// Hand the conversation to a human: a ticket in `queue` with a summary.
+    Handoff {
+        queue: String,
+        priority: String,
+        summary: String,
+    },
+    /// End the run, replying with `reply`.
+    End { reply: Option<String> },
+}
+
+/// A saga step's undo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compensation {
+    pub tool: String,
+    pub arguments: BTreeMap<String, Value>,
+}
+
+/// A branch case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    pub condition: Option<Condition>,
+    pub next: String,
+}
+
+/// A branch condition: a reference, alone (it holds when the value is true, a non-empty string,
+/// a non-zero number, a non-empty list or object) or compared with a literal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub reference: String,
+    pub test: Test,
+}
+
+/// How a condition tests its reference.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Test {
+    Truthy,
+    Equals(Value),
+    NotEquals(Value),
+}
+
+const STEP_KINDS: &[&str] = &[
+    "tool", "model", "branch", "parallel", "wait", "handoff", "end",
+];
+
+/// Reads and checks the definition in `text`, from the file named `file` (for the errors).
+pub fn load(file: &str, text: &str) -> Result<Workflow, Vec<DefinitionError>> {
+    let mut reader = Reader {
+        file: file.to_owned(),
+        errors: Vec::new(),
+    };
+    let root = match marked_yaml::parse_yaml(0, text) {
+        Ok(root) => root,
+        Err(e) => {
+            let (line, column) = load_error_place(&e);
+            return Err(vec![DefinitionError {
+                file: file.to_owned(),
+                line,
+                column,
+                field: "(file)".into(),
+                message: format!("invalid YAML: {}", load_error_text(&e)),
+            }]);
+        }
+    };
+    let workflow = reader.workflow(&root, file);
+    match workflow {
+        Some(workflow) if reader.errors.is_empty() => Ok(workflow),
+        _ => {
+            reader
+                .errors
+                .sort_by_key(|e| (e.line, e.column, e.field.clone()));
+            Err(reader.errors)
+        }
+    }
+}
+
+fn load_error_place(e: &LoadError) -> (usize, usize) {
+    let marker = match e {
+        LoadError::TopLevelMustBeMapping(m)
+        | LoadError::TopLevelMustBeSequence(m)
+        | LoadError::UnexpectedAnchor(m)
+        | LoadError::MappingKeyMustBeScalar(m)
+        | LoadError::UnexpectedTag(m)
+        | LoadError::ScanError(m, _) => Some(*m),
+        LoadError::DuplicateKey(inner) => inner.key.span().start().copied(),
+    };
+    marker.map_or((1, 1), |m| (m.line(), m.column()))
+}
+
+fn load_error_text(e: &LoadError) -> String {
+    // The loader's own text starts with its marker, which the error's place already gives.
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((place, rest)) if place.contains(':') && !rest.is_empty() => rest.to_owned(),
+        _ => text,
+    }
+}
+
+/// Walks the YAML tree, collecting every error.
+struct Reader {
+    file: String,
+    errors: Vec<DefinitionError>,
+}
+
+/// Where a node starts.
+fn place(span: &Span) -> (usize, usize) {
+    span.start().map_or((1, 1), |m| (m.line(), m.column()))
+}
+
+impl Reader {
+    fn error(&mut self, span: &Span, field: &str, message: impl Into<String>) {
+        let (line, column) = place(span);
+        self.errors.push(DefinitionError {
+            file: self.file.clone(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// `node` as a mapping whose keys are all among `allowed`.
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        field: &str,
+        allowed: &[&str],
+    ) -> Option<&'n MarkedMappingNode> {
+        let Some(map) = node.as_mapping() else {
+            self.error(node.span(), field, "expected a mapping");
+            return None;
+        };
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                self.error(
+                    key.span(),
+                    &join(field, key.as_str()),
+                    format!("unknown field; expected one of {}", allowed.join(", ")),
+                );
+            }
+        }
+        Some(map)
+    }
+
+    /// The scalar at `key` of `map` as text (`None` and an error if required and missing).
+    fn text<'n>(
+        &mut self,
+        map: &'n MarkedMappingNode,
+        key: &str,
+        field: &str,
+        required: bool,
+    ) -> Option<&'n MarkedScalarNode> {
+        let field = join(field, key);
+        match map.get_node(key) {
+            None if required => {
+                self.error(map.span(), &field, "missing");
+                None
+            }
+            None => None,
+            Some(node) => match node.as_scalar() {
+                Some(scalar) => Some(scalar),
+                None => {
+                    self.error(node.span(), &field, "expected a single value");
+                    None
+                }
+            },
+        }
+    }
+
+    fn name(&mut self, scalar: &MarkedScalarNode, field: &str) -> Option<String> {
+        let text = scalar.as_str();
+        let ok = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Some(text.to_owned())
+        } else {
+            self.error(
+                scalar.span(),
+                field,
+                format!("{text:?} must be 1 to 64 of a-z, 0-9 and _"),
+            );
+            None
+        }
+    }
+
+    fn workflow(&mut self, root: &Node, file: &str) -> Option<Workflow> {
+        let map = self.mapping(
+            root,
+            "",
+            &[
+                "name",
+                "version",
+                "description",
+                "intents",
+                "inputs",
+                "tools",
+                "steps",
+            ],
+        )?;
+        let name = self
+            .text(map, "name", "", true)
+            .and_then(|n| self.name(n, "name").map(|name| (name, *n.span())));
+        if let Some((name, span)) = &name {
+            let stem = std::path::Path::new(file)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("");
+            if stem != name {
+                self.error(
+                    span,
+                    "name",
+                    format!("{name:?} must be the file's name ({stem:?})"),
+                );
+            }
+        }
+        let version = self.text(map, "version", "", true).and_then(|v| {
+            let parsed = v.as_u32().filter(|n| *n >= 1);
+            if parsed.is_none() {
+                self.error(v.span(), "version", "must be a whole number from 1");
+            }
+            parsed
+        });
+        let description = self
+            .text(map, "description", "", true)
+            .map(|d| d.as_str().to_owned());
+        let intents = self.names(map, "intents");
+        let tools = self.names(map, "tools");
+        for (tool, span) in &tools {
+            if builtin::NAMES.contains(&tool.as_str()) {
+                self.error(
+                    span,
+                    "tools",
+                    format!("{tool:?} is a built-in tool; list only tenant tools here"),
+                );
+            }
+        }
+        let inputs = self.inputs(map);
+        let known_tools: BTreeSet<String> = builtin::NAMES
+            .iter()
+            .map(|n| (*n).to_owned())
+            .chain(tools.iter().map(|(n, _)| n.clone()))
+            .collect();
+        let steps = self.steps(map, &inputs, &known_tools);
+        Some(Workflow {
+            name: name?.0,
+            version: version?,
+            description: description?,
+            intents: intents.into_iter().map(|(n, _)| n).collect(),
+            inputs,
+            tools: tools.into_iter().map(|(n, _)| n).collect(),
+            steps: steps?,
+        })
+    }
+
+    /// A list of names at `key`.
+    fn names(&mut self, map: &MarkedMappingNode, key: &str) -> Vec<(String, Span)> {
+        let Some(node) = map.get_node(key) else {
+            return Vec::new();
+        };
+        let Some(list) = node.as_sequence() else {
+            self.error(node.span(), key, "expected a list of names");
+            return Vec::new();
+        };
+        let mut names = Vec::new();
+        for (i, item) in list.iter().enumerate() {
+            let field = format!("{key}[{i}]");
+            match item.as_scalar() {
+                Some(scalar) => {
+                    if let Some(name) = self.name(scalar, &field) {
+                        names.push((name, *scalar.span()));
+                    }
+                }
+                None => self.error(item.span(), &field, "expected a name"),
+            }
+        }
+        names
+    }
+
+    fn inputs(&mut self, map: &MarkedMappingNode) -> Vec<Input> {
+        let Some(node) = map.get_node("inputs") else {
+            return Vec::new();
+        };
+        let Some(inputs) = node.as_mapping() else {
+            self.error(node.span(), "inputs", "expected a mapping of input names");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in inputs.iter() {
+            let field = format!("inputs.{}", key.as_str());
+            let Some(name) = self.name(key, &field) else {
+                continue;
+            };
+            if name == "message" {
+                self.error(
+                    key.span(),
+                    &field,
+                    "`message` is always an input (the caller's message)",
+                );
+                continue;
+            }
+            let Some(spec) = self.mapping(value, &field, &["type", "required", "description"])
+            else {
+                continue;
+            };
+            let kind = self.text(spec, "type", &field, true).and_then(|t| {
+                let kind = ValueType::parse(t.as_str());
+                if kind.is_none() {
+                    self.error(
+                        t.span(),
+                        &join(&field, "type"),
+                        format!("expected one of {}", ValueType::NAMES.join(", ")),
+                    );
+                }
+                kind
+            });
+            let required = match self.text(spec, "required", &field, false) {
+                None => true,
+                Some(r) => r.as_bool().unwrap_or_else(|| {
+                    self.error(
+                        r.span(),
+                        &join(&field, "required"),
+                        "expected true or false",
+                    );
+                    true
+                }),
+            };
+            let description = self
+                .text(spec, "description", &field, false)
+                .map(|d| d.as_str().to_owned());
+            if let Some(kind) = kind {
+                out.push(Input {
+                    name,
+                    kind,
+                    required,
+                    description,
+                });
+            }
+        }
+        out
+    }
+
+    fn steps(
+        &mut self,
+        map: &MarkedMappingNode,
+        inputs: &[Input],
+        tools: &BTreeSet<String>,
+    ) -> Option<Vec<Step>> {
+        let Some(node) = map.get_node("steps") else {
+            self.error(map.span(), "steps", "missing");
+            return None;
+        };
+        let Some(list) = node.as_sequence().filter(|l| !l.is_empty()) else {
+            self.error(node.span(), "steps", "expected a list of at least one step");
+            return None;
+        };
+        // Ids first, so references can be checked against every step.
+        let mut ids: Vec<Option<String>> = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            let field = format!("steps[{i}]");
+            let id = item
+                .as_mapping()
+                .and_then(|m| self.text(m, "id", &field, true))
+                .and_then(|id| {
+                    let name = self.name(id, &join(&field, "id"))?;
+                    if ids.iter().flatten().any(|seen| seen == &name) {
+                        self.error(id.span(), &join(&field, "id"), "another step has this id");
+                        return None;
+                    }
+                    Some(name)
+                });
+            ids.push(id);
+        }
+        let scope = Scope {
+            inputs,
+            ids: &ids,
+            list,
+        };
+        let mut steps = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            steps.push(self.step(item, i, &scope, tools));
+        }
+        let steps: Option<Vec<Step>> = steps.into_iter().collect();
+        let steps = steps?;
+        for step in &steps {
+            let StepKind::Parallel { steps: members } = &step.kind else {
+                continue;
+            };
+            for (i, member) in steps.iter().enumerate() {
+                if members.contains(&member.id)
+                    && (member.next.is_some() || member.on_error.is_some())
+                {
+                    if let Some(node) = list.get(i) {
+                        self.error(node.span(), &format!("steps[{i}]"), format!("{:?} runs in parallel step {:?}: it returns there, so it has no `next` or `on_error`", member.id, step.id));
+                    }
+                }
+            }
+        }
+        self.reachable(&steps, list);
+        Some(steps)
+    }
+
+    fn step(
+        &mut self,
+        node: &Node,
+        i: usize,
+        scope: &Scope,
+        tools: &BTreeSet<String>,
+    ) -> Option<Step> {
+        let field = format!("steps[{i}]");
+        let mut allowed = vec!["id", "next", "on_error"];
+        allowed.extend_from_slice(STEP_KINDS);
+        allowed.extend_from_slice(&[
+            "arguments",
+            "compensate",
+            "system",
+            "prompt",
+            "json",
+            "on_timeout",
+        ]);
+        let map = self.mapping(node, &field, &allowed)?;
+        let kinds: Vec<&str> = STEP_KINDS
+            .iter()
+            .copied()
+            .filter(|k| map.get_node(k).is_some())
+            .collect();
+        let kind = match kinds.as_slice() {
+            [kind] => *kind,
+            [] => {
+                self.error(
+                    map.span(),
+                    &field,
+                    format!("a step needs one of {}", STEP_KINDS.join(", ")),
+                );
+                return None;
+            }
+            [_, ..] => {
+                self.error(
+                    map.span(),
+                    &field,
+                    format!("a step is one kind, not {}", kinds.join(" and ")),
+                );
+                return None;
+            }
+        };
+        // Fields that belong to another kind of step.
+        let own: &[&str] = match kind {
+            "tool" => &["arguments", "compensate"],
+            "model" => &["system", "prompt", "json"],
+            "wait" => &["on_timeout"],
+            _ => &[],
+        };
+        for key in [
+            "arguments",
+            "compensate",
+            "system",
+            "prompt",
+            "json",
+            "on_timeout",
+        ] {
+            if let Some(found) = map.get_node(key) {
+                if !own.contains(&key) {
+                    self.error(
+                        found.span(),
+                        &join(&field, key),
+                        format!("not a field of a {kind} step"),
+                    );
+                }
+            }
+        }
+        let kind_node = map.get_node(kind)?;
+        let here = i;
+        let target = |reader: &mut Reader, key: &str| -> Option<String> {
+            let scalar = reader.text(map, key, &field, false)?;
+            reader.target(scalar, &join(&field, key), scope)
+        };
+        let next = target(self, "next");
+        let on_error = target(self, "on_error");
+        let kind = match kind {
+            "tool" => {
+                let tool = self.tool_name(kind_node, &join(&field, "tool"), tools)?;
+                let arguments = self.arguments(
+                    map.get_node("arguments"),
+                    &tool,
+                    &join(&field, "arguments"),
+                    scope,
+                    here,
+                );
+                let compensate = match map.get_node("compensate") {
+                    None => None,
+                    Some(node) => {
+                        let cfield = join(&field, "compensate");
+                        let c = self.mapping(node, &cfield, &["tool", "arguments"])?;
+                        let tool_node = c.get_node("tool").or_else(|| {
+                            self.error(c.span(), &join(&cfield, "tool"), "missing");
+                            None
+                        })?;
+                        let undo = self.tool_name(tool_node, &join(&cfield, "tool"), tools)?;
+                        // The undo may use what the step itself answered.
+                        let arguments = self.arguments(
+                            c.get_node("arguments"),
+                            &undo,
+                            &join(&cfield, "arguments"),
+                            scope,
+                            here + 1,
+                        );
+                        Some(Compensation {
+                            tool: undo,
+                            arguments,
+                        })
+                    }
+                };
+                StepKind::Tool {
+                    tool,
+                    arguments,
+                    compensate,
+                }
+            }
+            "model" => {
+                let model = match kind_node.as_scalar() {
+                    Some(m) if !m.as_str().is_empty() => m.as_str().to_owned(),
+                    _ => {
+                        self.error(
+                            kind_node.span(),
+                            &join(&field, "model"),
+                            "expected a model name or auto",
+                        );
+                        return None;
+                    }
+                };
+                let prompt = self.text(map, "prompt", &field, true)?;
+                self.template(prompt, &join(&field, "prompt"), scope, here);
+                let system = self.text(map, "system", &field, false);
+                if let Some(system) = system {
+                    self.template(system, &join(&field, "system"), scope, here);
+                }
+                let json = match self.text(map, "json", &field, false) {
+                    None => false,
+                    Some(j) => j.as_bool().unwrap_or_else(|| {
+                        self.error(j.span(), &join(&field, "json"), "expected true or false");
+                        false
+                    }),
+                };
+                StepKind::Model {
+                    model,
+                    system: system.map(|s| s.as_str().to_owned()),
+                    prompt: prompt.as_str().to_owned(),
+                    json,
+                }
+            }
+            "branch" => {
+                let bfield = join(&field, "branch");
+                let Some(list) = kind_node.as_sequence().filter(|l| !l.is_empty()) else {
+                    self.error(kind_node.span(), &bfield, "expected a list of cases");
+                    return None;
+                };
+                let mut cases = Vec::new();
+                for (c, case) in list.iter().enumerate() {
+                    let cfield = format!("{bfield}[{c}]");
+                    let case_map = self.mapping(case, &cfield, &["if", "next"])?;
+                    let condition = self
+                        .text(case_map, "if", &cfield, false)
+                        .and_then(|cond| self.condition(cond, &join(&cfield, "if"), scope, here));
+                    let last = c + 1 == list.len();
+                    if case_map.get_node("if").is_none() && !last {
+                        self.error(
+                            case_map.span(),
+                            &cfield,
+                            "only the last case may have no `if`",
+                        );
+                    }
+                    if last && case_map.get_node("if").is_some() {
+                        self.error(case_map.span(), &cfield, "the last case has no `if`: it is where the run goes when no other case holds");
+                    }
+                    let to = self.text(case_map, "next", &cfield, true)?;
+                    let to = self.target(to, &join(&cfield, "next"), scope)?;
+                    cases.push(Case {
+                        condition,
+                        next: to,
+                    });
+                }
+                if map.get_node("next").is_some() {
+                    self.error(
+                        map.span(),
+                        &join(&field, "next"),
+                        "a branch goes where its cases say",
+                    );
+                }
+                StepKind::Branch { cases }
+            }
+            "parallel" => {
+                let pfield = join(&field, "parallel");
+                let Some(list) = kind_node.as_sequence().filter(|l| l.len() >= 2) else {
+                    self.error(
+                        kind_node.span(),
+                        &pfield,
+                        "expected a list of at least two step ids",
+                    );
+                    return None;
+                };
+                let mut members = Vec::new();
+                for (m, member) in list.iter().enumerate() {
+                    let mfield = format!("{pfield}[{m}]");
+                    let Some(scalar) = member.as_scalar() else {
+                        self.error(member.span(), &mfield, "expected a step id");
+                        continue;
+                    };
+                    if let Some(id) = self.target(scalar, &mfield, scope) {
+                        let member_kind = scope.kind_of(&id);
+                        if !matches!(member_kind, Some("tool" | "model")) {
+                            self.error(
+                                scalar.span(),
+                                &mfield,
+                                "a parallel step runs tool and model steps only",
+                            );
+                        }
+                        members.push(id);
+                    }
+                }
+                if map.get_node("next").is_none() {
+                    self.error(
+                        map.span(),
+                        &join(&field, "next"),
+                        "a parallel step names where the run goes once all its steps have ended",
+                    );
+                }
+                StepKind::Parallel { steps: members }
+            }
+            "wait" => {
+                let wfield = join(&field, "wait");
+                let w = self.mapping(kind_node, &wfield, &["event", "timeout_s"])?;
+                let event = self
+                    .text(w, "event", &wfield, true)
+                    .and_then(|e| self.name(e, &join(&wfield, "event")));
+                let timeout_s = self.text(w, "timeout_s", &wfield, true).and_then(|t| {
+                    let n = t.as_u64().filter(|n| *n >= 1);
+                    if n.is_none() {
+                        self.error(
+                            t.span(),
+                            &join(&wfield, "timeout_s"),
+                            "must be a whole number of seconds from 1",
+                        );
+                    }
+                    n
+                });
+                let on_timeout = self
+                    .text(map, "on_timeout", &field, true)
+                    .and_then(|t| self.target(t, &join(&field, "on_timeout"), scope));
+                StepKind::Wait {
+                    event: event?,
+                    timeout_s: timeout_s?,
+                    on_timeout: on_timeout?,
+                }
+            }
+            "handoff" => {
+                let hfield = join(&field, "handoff");
+                let h = self.mapping(kind_node, &hfield, &["queue", "priority", "summary"])?;
+                let queue = self
+                    .text(h, "queue", &hfield, true)
+                    .and_then(|q| self.name(q, &join(&hfield, "queue")));
+                let priority = self.text(h, "priority", &hfield, true).and_then(|p| {
+                    if business_priority(p.as_str()) {
+                        Some(p.as_str().to_owned())
+                    } else {
+                        self.error(
+                            p.span(),
+                            &join(&hfield, "priority"),
+                            "expected low, normal, high or urgent",
+                        );
+                        None
+                    }
+                });
+                let summary = self.text(h, "summary", &hfield, true);
+                if let Some(summary) = summary {
+                    self.template(summary, &join(&hfield, "summary"), scope, here);
+                }
+                StepKind::Handoff {
+                    queue: queue?,
+                    priority: priority?,
+                    summary: summary?.as_str().to_owned(),
+                }
+            }
+            _ => {
+                let efield = join(&field, "end");
+                let reply = match kind_node {
+                    // `end: {}` or `end: {reply: …}`
+                    Node::Mapping(_) => {
+                        let e = self.mapping(kind_node, &efield, &["reply"])?;
+                        let reply = self.text(e, "reply", &efield, false);
+                        if let Some(reply) = reply {
+                            self.template(reply, &join(&efield, "reply"), scope, here);
+                        }
+                        reply.map(|r| r.as_str().to_owned())
+                    }
+                    _ => {
+                        self.error(
+                            kind_node.span(),
+                            &efield,
+                            "expected a mapping (`{}` or `{reply: …}`)",
+                        );
+                        return None;
+                    }
+                };
+                if map.get_node("next").is_some() {
+                    self.error(
+                        map.span(),
+                        &join(&field, "next"),
+                        "an end step ends the run",
+                    );
+                }
+                StepKind::End { reply }
+            }
+        };
+        let id = scope.ids.get(i).cloned().flatten()?;
+        let line = place(map.span()).0;
+        Some(Step {
+            id,
+            kind,
+            next,
+            on_error,
+            line,
+        })
+    }
+
+    /// A tool name that exists.
+    fn tool_name(&mut self, node: &Node, field: &str, tools: &BTreeSet<String>) -> Option<String> {
+        let Some(scalar) = node.as_scalar() else {
+            self.error(node.span(), field, "expected a tool name");
+            return None;
+        };
+        let name = scalar.as_str();
+        if tools.contains(name) {
+            Some(name.to_owned())
+        } else {
+            self.error(
+                scalar.span(),
+                field,
+                format!(
+                    "no tool named {name:?}: the built-in tools are {}; a tenant's own must be listed under `tools`",
+                    builtin::NAMES.join(", ")
+                ),
+            );
+            None
+        }
+    }
+
+    /// A step id that exists.
+    fn target(&mut self, scalar: &MarkedScalarNode, field: &str, scope: &Scope) -> Option<String> {
+        let id = scalar.as_str();
+        if scope.ids.iter().flatten().any(|known| known == id) {
+            Some(id.to_owned())
+        } else {
+            self.error(scalar.span(), field, format!("no step has the id {id:?}"));
+            None
+        }
+    }
+
+    /// A tool's arguments: for a built-in tool, each one it takes, of its type, with every one
+    /// it needs; values may refer to inputs and to steps above step `before`.
+    fn arguments(
+        &mut self,
+        node: Option<&Node>,
+        tool: &str,
+        field: &str,
+        scope: &Scope,
+        before: usize,
+    ) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        let schema = builtin::definitions()
+            .into_iter()
+            .find(|d| d.name == tool)
+            .and_then(|d| d.parameters_json)
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+        let map = match node {
+            None => None,
+            Some(node) => match node.as_mapping() {
+                Some(map) => Some(map),
+                None => {
+                    self.error(node.span(), field, "expected a mapping of argument names");
+                    return out;
+                }
+            },
+        };
+        if let (Some(schema), Some(map_node)) = (&schema, map) {
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap_or_default();
+                if map_node.get_node(required).is_none() {
+                    self.error(
+                        map_node.span(),
+                        &join(field, required),
+                        format!("{tool} needs this argument"),
+                    );
+                }
+            }
+        } else if let (Some(schema), None) = (&schema, map) {
+            if schema["required"].as_array().is_some_and(|r| !r.is_empty()) {
+                self.error(&Span::new_blank(), field, format!("{tool} needs arguments"));
+            }
+        }
+        let Some(map) = map else {
+            return out;
+        };
+        for (key, value) in map.iter() {
+            let afield = join(field, key.as_str());
+            let property = schema.as_ref().map(|s| &s["properties"][key.as_str()]);
+            if let Some(property) = property {
+                if property.is_null() {
+                    self.error(
+                        key.span(),
+                        &afield,
+                        format!("{tool} takes no such argument"),
+                    );
+                    continue;
+                }
+            }
+            let json = self.literal(value, &afield, scope, before);
+            if let (Some(property), Some(json)) = (property, &json) {
+                if !fits(property, json) {
+                    self.error(
+                        value.span(),
+                        &afield,
+                        format!("expected {}", describe(property)),
+                    );
+                }
+            }
+            if let Some(json) = json {
+                out.insert(key.as_str().to_owned(), json);
+            }
+        }
+        out
+    }
+
+    /// A YAML value as JSON; strings holding `${…}` references are checked (and left as text).
+    fn literal(&mut self, node: &Node, field: &str, scope: &Scope, before: usize) -> Option<Value> {
+        match node {
+            Node::Scalar(scalar) => {
+                if scalar.as_str().contains("${") {
+                    self.template(scalar, field, scope, before);
+                    return Some(Value::String(scalar.as_str().to_owned()));
+                }
+                Some(scalar_json(scalar))
+            }
+            Node::Sequence(list) => Some(Value::Array(
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| {
+                        self.literal(item, &format!("{field}[{i}]"), scope, before)
+                    })
+                    .collect(),
+            )),
+            Node::Mapping(map) => Some(Value::Object(
+                map.iter()
+                    .filter_map(|(k, v)| {
+                        let value = self.literal(v, &join(field, k.as_str()), scope, before)?;
+                        Some((k.as_str().to_owned(), value))
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    /// Checks every `${…}` in a text: each refers to an input or to a step above step `before`.
+    fn template(&mut self, scalar: &MarkedScalarNode, field: &str, scope: &Scope, before: usize) {
+        let mut rest = scalar.as_str();
+        while let Some(start) = rest.find("${") {
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                self.error(scalar.span(), field, "a `${` is not closed with `}`");
+                return;
+            };
+            let reference = after[..end].trim();
+            if let Err(message) = scope.check(reference, before) {
+                self.error(scalar.span(), field, message);
+            }
+            rest = &after[end + 1..];
+        }
+    }
+
+    /// A branch condition: `${ref}`, `${ref} == literal` or `${ref} != literal`.
+    fn condition(
+        &mut self,
+        scalar: &MarkedScalarNode,
+        field: &str,
+        scope: &Scope,
+        before: usize,
+    ) -> Option<Condition> {
+        let text = scalar.as_str().trim();
+        let parsed = parse_condition(text);
+        let Some((reference, test)) = parsed else {
+            self.error(
+                scalar.span(),
+                field,
+                "expected `${reference}`, `${reference} == value` or `${reference} != value` (value: a quoted string, a number, true, false or null)",
+            );
+            return None;
+        };
+        if let Err(message) = scope.check(&reference, before) {
+            self.error(scalar.span(), field, message);
+            return None;
+        }
+        Some(Condition { reference, test })
+    }
+
+    /// Every step must be reachable from the first.
+    fn reachable(&mut self, steps: &[Step], list: &[Node]) {
+        let index: BTreeMap<&str, usize> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        let mut seen = vec![false; steps.len()];
+        let mut queue = VecDeque::from([0usize]);
+        while let Some(i) = queue.pop_front() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            let step = &steps[i];
+            let mut targets: Vec<&str> = step.next.iter().map(String::as_str).collect();
+            targets.extend(step.on_error.as_deref());
+            match &step.kind {
+                StepKind::Branch { cases } => targets.extend(cases.iter().map(|c| c.next.as_str())),
+                StepKind::Parallel { steps } => targets.extend(steps.iter().map(String::as_str)),
+                StepKind::Wait { on_timeout, .. } => targets.push(on_timeout),
+                _ => {}
+            }
+            let falls_through = step.next.is_none()
+                && !matches!(step.kind, StepKind::Branch { .. } | StepKind::End { .. });
+            if falls_through && i + 1 < steps.len() {
+                queue.push_back(i + 1);
+            }
+            queue.extend(targets.iter().filter_map(|t| index.get(t)).copied());
+        }
+        for (i, reached) in seen.iter().enumerate() {
+            if !reached {
+                if let Some(node) = list.get(i) {
+                    self.error(
+                        node.span(),
+                        &format!("steps[{i}]"),
+                        format!("no step leads to {:?}", steps[i].id),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What references may name.
+struct Scope<'a> {
+    inputs: &'a [Input],
+    ids: &'a [Option<String>],
+    list: &'a [Node],
+}
+
+impl Scope<'_> {
+    /// The kind of the step `id` (its kind key).
+    fn kind_of(&self, id: &str) -> Option<&'static str> {
+        let i = self
+            .ids
+            .iter()
+            .position(|known| known.as_deref() == Some(id))?;
+        let map = self.list.get(i)?.as_mapping()?;
+        STEP_KINDS
+            .iter()
+            .copied()
+            .find(|k| map.get_node(k).is_some())
+    }
+
+    /// Checks a reference: `message`, `inputs.<name>`, `run.id`, `tenant.id`, or
+    /// `steps.<id>[.<field>…]` naming a step above step `before` that answers something.
+    fn check(&self, reference: &str, before: usize) -> Result<(), String> {
+        let mut parts = reference.split('.');
+        match (parts.next(), parts.next()) {
+            (Some("message"), None) | (Some("run"), Some("id")) | (Some("tenant"), Some("id")) => {
+                Ok(())
+            }
+            (Some("inputs"), Some(name)) => {
+                if name == "message" || self.inputs.iter().any(|i| i.name == name) {
+                    Ok(())
+                } else {
+                    Err(format!("`${{{reference}}}`: no input named {name:?}"))
+                }
+            }
+            (Some("steps"), Some(id)) => {
+                let Some(i) = self.ids.iter().position(|known| known.as_deref() == Some(id)) else {
+                    return Err(format!("`${{{reference}}}`: no step has the id {id:?}"));
+                };
+                if i >= before {
+                    return Err(format!(
+                        "`${{{reference}}}`: a step may refer only to steps listed above it"
+                    ));
+                }
+                match self.kind_of(id) {
+                    Some("tool" | "wait" | "handoff") => Ok(()),
+                    Some("model") => match parts.next() {
+                        Some("text" | "json") => Ok(()),
+                        _ => Err(format!(
+                            "`${{{reference}}}`: a model step answers `text` (or `json` with json: true)"
+                        )),
+                    },
+                    _ => Err(format!("`${{{reference}}}`: step {id:?} answers nothing")),
+                }
+            }
+            _ => Err(format!(
+                "`${{{reference}}}`: a reference names `message`, `inputs.<name>`, `steps.<id>…`, `run.id` or `tenant.id`"
+            )),
+        }
+    }
+}
+
+fn join(field: &str, key: &str) -> String {
+    if field.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{field}.{key}")
+    }
+}
+
+fn business_priority(priority: &str) -> bool {
+    sluice_stores::postgres::business::TICKET_PRIORITIES.contains(&priority)
+}
+
+/// A plain YAML scalar as JSON: a number, a boolean or null when it reads as one (and was not
+/// quoted), else text.
+fn scalar_json(scalar: &MarkedScalarNode) -> Value {
+    if let Some(b) = scalar.as_bool() {
+        return Value::Bool(b);
+    }
+    if let Some(n) = scalar.as_i64() {
+        return Value::from(n);
+    }
+    if let Some(f) = scalar.as_f64().filter(|f| f.is_finite()) {
+        if scalar.may_coerce() && scalar.as_str().chars().any(|c| c.is_ascii_digit()) {
+            return Value::from(f);
+        }
+    }
+    if scalar.may_coerce() && matches!(scalar.as_str(), "null" | "~") {
+        return Value::Null;
+    }
+    Value::String(scalar.as_str().to_owned())
+}
+
+/// Whether `value` fits the JSON Schema `property` (its `type` or `enum`); a text holding a
+/// reference fits anything, as its value is known only when the run gets there.
+fn fits(property: &Value, value: &Value) -> bool {
+    if value.as_str().is_some_and(|s| s.contains("${")) {
+        return true;
+    }
+    if let Some(choices) = property["enum"].as_array() {
+        return choices.contains(value);
+    }
+    match property["type"].as_str() {
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        _ => true,
+    }
+}
+
+fn describe(property: &Value) -> String {
+    if let Some(choices) = property["enum"].as_array() {
+        let choices: Vec<String> = choices.iter().map(Value::to_string).collect();
+        return format!("one of {}", choices.join(", "));
+    }
+    match property["type"].as_str() {
+        Some(kind @ ("integer" | "object" | "array")) => format!("an {kind}"),
+        Some(kind) => format!("a {kind}"),
+        None => "a value".to_owned(),
+    }
+}
+
+/// `${ref}`, `${ref} == literal` or `${ref} != literal`.
+fn parse_condition(text: &str) -> Option<(String, Test)> {
+    let rest = text.strip_prefix("${")?;
+    let end = rest.find('}')?;
+    let reference = rest[..end].trim().to_owned();
+    if reference.is_empty() {
+        return None;
+    }
+    let tail = rest[end + 1..].trim();
+    if tail.is_empty() {
+        return Some((reference, Test::Truthy));
+    }
+    let (op, literal) = if let Some(l) = tail.strip_prefix("==") {
+        ("==", l.trim())
+    } else if let Some(l) = tail.strip_prefix("!=") {
+        ("!=", l.trim())
+    } else {
+        return None;
+    };
+    let value = if let Some(inner) = literal
+        .strip_prefix('\'')
+        .and_then(|l| l.strip_suffix('\''))
+    {
+        Value::String(inner.to_owned())
+    } else {
+        match serde_json::from_str::<Value>(literal) {
+            Ok(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_) | Value::Null)) => v,
+            _ => return None,
+        }
+    };
+    Some((
+        reference,
+        if op == "==" {
+            Test::Equals(value)
+        } else {
+            Test::NotEquals(value)
+        },
+    ))
+}

@@ -1,0 +1,26 @@
+//! Workflows: multi-step runs of model calls, tool calls, branches, parallel fan-out, waits and
+//! hand-offs, defined in YAML (`workflows/*.yaml`). [`definition`] reads and checks a
+//! definition; the shipped ones are compiled in ([`SHIPPED`]).
+
+pub mod definition;
+
+pub use definition::{load, DefinitionError, Workflow};
+
+/// The workflows Sluice ships, as `(file name, YAML)`.
+pub const SHIPPED: &[(&str, &str)] = &[
+    (
+        "workflows/create_order.yaml",
+        include_str!("../../../../workflows/create_order.yaml"),
+    ),
+    (
+        "workflows/customer_support.yaml",
+        include_str!("../../../../workflows/customer_support.yaml"),
+    ),
+    (
+        "workflows/track_order.yaml",
+        include_str!("../../../../workflows/track_order.yaml"),
+    ),
+];
+
+#[cfg(test)]
+mod tests;

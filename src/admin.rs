@@ -24,7 +24,7 @@ use crate::{
 
 /// Records an operator's action in the audit log: who (`cli:` and the operator's login name),
 /// from where (this host).
-async fn audit_cli(
+pub(crate) async fn audit_cli(
     admin: &PgPool,
     tenant_id: Option<Uuid>,
     action: &str,

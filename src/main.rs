@@ -13,6 +13,7 @@ mod config;
 mod process;
 mod setup;
 mod stages;
+mod workflows;
 
 use std::path::PathBuf;
 
@@ -299,6 +300,33 @@ pub(crate) enum WorkflowCommand {
     /// workflows Sluice ships). Prints every mistake with its file, line, column and field, and
     /// fails if there is one.
     Check { paths: Vec<PathBuf> },
+    /// Check a definition and publish it as its workflow's next version (unless its latest
+    /// version is the same text): a tenant's own, or with no tenant a built-in one.
+    Publish {
+        file: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The workflows a tenant sees (with no tenant, the built-in ones), at their latest
+    /// versions.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a workflow on for a tenant (workflows are on unless turned off).
+    Enable {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Turn a workflow off for a tenant: the router no longer picks it for an intent.
+    Disable {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -680,61 +708,6 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(cli.command, config))
 }
 
-/// `sluice workflow check`.
-fn check_workflows(paths: &[PathBuf]) -> anyhow::Result<()> {
-    use sluice_orchestrator::workflow;
-    let mut files: Vec<(String, String)> = Vec::new();
-    if paths.is_empty() {
-        files.extend(
-            workflow::SHIPPED
-                .iter()
-                .map(|(name, text)| ((*name).to_owned(), (*text).to_owned())),
-        );
-    }
-    for path in paths {
-        let mut found = Vec::new();
-        if path.is_dir() {
-            for entry in
-                std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
-            {
-                let entry = entry?.path();
-                if entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                    found.push(entry);
-                }
-            }
-            found.sort();
-        } else {
-            found.push(path.clone());
-        }
-        for file in found {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            files.push((file.display().to_string(), text));
-        }
-    }
-    let mut mistakes = 0;
-    for (file, text) in &files {
-        match workflow::load(file, text) {
-            Ok(w) => println!(
-                "ok {file}: {} v{}, {} steps",
-                w.name,
-                w.version,
-                w.steps.len()
-            ),
-            Err(errors) => {
-                mistakes += errors.len();
-                for error in errors {
-                    println!("{error}");
-                }
-            }
-        }
-    }
-    if mistakes > 0 {
-        anyhow::bail!("{mistakes} mistake(s) in {} file(s) checked", files.len());
-    }
-    Ok(())
-}
-
 fn init_logging(config: &Config) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -779,9 +752,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             json,
         } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
-        Command::Workflow {
-            command: WorkflowCommand::Check { paths },
-        } => check_workflows(&paths),
+        Command::Workflow { command } => workflows::workflow(config, command).await,
         Command::Price { command } => billing::price(config, command).await,
         Command::Budget { command } => billing::budget(config, command).await,
         Command::Invoices { command } => billing::invoices(config, command).await,

@@ -25,6 +25,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .await?;
     migrated.context("creating ClickHouse tables")?;
     println!("clickhouse: database {} ready", config.clickhouse.database);
+    crate::workflows::publish_shipped(&admin).await?;
     Ok(())
 }
 

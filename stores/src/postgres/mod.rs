@@ -19,6 +19,7 @@ pub mod registry;
 pub mod tenants;
 pub mod users;
 pub mod webhooks;
+pub mod workflows;
 
 use sha2::{Digest, Sha256};
 use sqlx::{postgres::PgPoolOptions, types::Uuid, PgPool, Postgres, Transaction};
@@ -98,6 +99,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 13,
         name: "business_data",
         sql: include_str!("../../migrations/0013_business_data.sql"),
+    },
+    Migration {
+        version: 14,
+        name: "workflow_registry",
+        sql: include_str!("../../migrations/0014_workflow_registry.sql"),
     },
 ];
 

@@ -129,6 +129,11 @@ fn tool(url: String, method: &str) -> HttpTool {
     .unwrap()
 }
 
+/// The count of `tool`'s calls that ended with `outcome`.
+fn calls(metrics: &Metrics, tool: &str, outcome: &str) -> u64 {
+    metrics.tool_calls.with_label_values(&[tool, outcome]).get()
+}
+
 fn quick() -> ResilienceConfig {
     ResilienceConfig {
         timeout_ms: 1_000,
@@ -181,13 +186,7 @@ async fn retriable_failures_are_retried_with_the_same_idempotency_key_until_one_
             .get(),
         2
     );
-    assert_eq!(
-        metrics
-            .tool_calls
-            .with_label_values(&["create_order", "ok"])
-            .get(),
-        1
-    );
+    assert_eq!(calls(&metrics, "create_order", "ok"), 1);
 
     // Every attempt failing: exhausted, with the last failure.
     server.fail_with(&[(503, 0), (429, 0), (502, 0)]);
@@ -198,13 +197,7 @@ async fn retriable_failures_are_retried_with_the_same_idempotency_key_until_one_
         matches!(&e, ToolError::Exhausted { attempts: 3, message } if message.contains("502")),
         "{e:?}"
     );
-    assert_eq!(
-        metrics
-            .tool_calls
-            .with_label_values(&["create_order", "exhausted"])
-            .get(),
-        1
-    );
+    assert_eq!(calls(&metrics, "create_order", "exhausted"), 1);
 }
 
 #[tokio::test]
@@ -314,13 +307,7 @@ async fn the_breaker_opens_per_tool_and_tenant_and_closes_after_a_good_probe() {
     assert!(call(&resilience, &orders, "lookup_order", "t1", "k")
         .await
         .is_ok());
-    assert_eq!(
-        metrics
-            .tool_calls
-            .with_label_values(&["create_order", "breaker_open"])
-            .get(),
-        1
-    );
+    assert_eq!(calls(&metrics, "create_order", "breaker_open"), 1);
 
     // Its time up, one probe goes through; it fails, and the breaker opens again.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -407,13 +394,7 @@ async fn the_bulkhead_turns_away_calls_beyond_its_bound() {
     assert!(call(&resilience, &orders, "create_order", "t1", "b")
         .await
         .is_ok());
-    assert_eq!(
-        metrics
-            .tool_calls
-            .with_label_values(&["create_order", "bulkhead_full"])
-            .get(),
-        1
-    );
+    assert_eq!(calls(&metrics, "create_order", "bulkhead_full"), 1);
 }
 
 #[tokio::test]

@@ -712,13 +712,7 @@ impl Reader {
                         next: to,
                     });
                 }
-                if map.get_node("next").is_some() {
-                    self.error(
-                        map.span(),
-                        &join(&field, "next"),
-                        "a branch goes where its cases say",
-                    );
-                }
+                self.refuse_next(map, &field, "a branch goes where its cases say");
                 StepKind::Branch { cases }
             }
             "parallel" => {
@@ -834,13 +828,7 @@ impl Reader {
                         return None;
                     }
                 };
-                if map.get_node("next").is_some() {
-                    self.error(
-                        map.span(),
-                        &join(&field, "next"),
-                        "an end step ends the run",
-                    );
-                }
+                self.refuse_next(map, &field, "an end step ends the run");
                 StepKind::End { reply }
             }
         };
@@ -853,6 +841,13 @@ impl Reader {
             on_error,
             line,
         })
+    }
+
+    /// Refuses a `next` on a step whose kind decides where the run goes.
+    fn refuse_next(&mut self, map: &MarkedMappingNode, field: &str, why: &str) {
+        if map.get_node("next").is_some() {
+            self.error(map.span(), &join(field, "next"), why);
+        }
     }
 
     /// A tool name that exists.

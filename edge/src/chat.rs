@@ -79,6 +79,22 @@ pub async fn submit(
         )
         .with_param("model"));
     }
+    // A session's memory goes before the new turn (it needs the session named).
+    let (messages, remembered) = match (prompt.memory, &session_id) {
+        (false, _) => (prompt.messages, 0),
+        (true, None) => {
+            return Err(ApiError::invalid(
+                "Conversation memory needs a session: send X-Session-Id (or `user`).",
+            ))
+        }
+        (true, Some(session)) => {
+            let config = &state.config.memory;
+            let turns =
+                crate::memory::latest_turns(&state.app_pool, tenant.0, session, config).await?;
+            crate::memory::with_history(prompt.messages, turns, config)
+        }
+    };
+    openai::check_tool_answers(&messages, usize::try_from(remembered).unwrap_or(0))?;
     let request_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let received_at_ms = now_ms();
     let max_tokens = request
@@ -90,7 +106,7 @@ pub async fn submit(
         tenant_id: tenant.0.to_string(),
         session_id: session_id.unwrap_or_else(|| request_id.clone()),
         model: request.model.clone(),
-        messages: prompt.messages,
+        messages,
         max_tokens,
         temperature: request.temperature,
         stream: request.stream.unwrap_or(false),
@@ -108,6 +124,8 @@ pub async fn submit(
         parallel_tool_calls: prompt.parallel_tool_calls,
         response_format: prompt.response_format,
         options_json: prompt.options_json,
+        memory: prompt.memory,
+        remembered,
     };
     let admission = state
         .limits
@@ -175,7 +193,12 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     openai::require_json(&headers)?;
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let (request, prompt) = openai::parse(&body)?;
+    let (request, mut prompt) = openai::parse(&body)?;
+    prompt.memory = crate::memory::requested(
+        headers
+            .get(crate::memory::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    )?;
     let session = headers
         .get("x-session-id")
         .and_then(|v| v.to_str().ok())

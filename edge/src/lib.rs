@@ -28,6 +28,7 @@ pub mod cors;
 pub mod error;
 pub mod invoices;
 pub mod limits;
+pub mod memory;
 pub mod notify;
 pub mod openai;
 pub mod platform;
@@ -126,6 +127,8 @@ pub struct EdgeConfig {
     pub drain_secs: u64,
     /// Chat over a WebSocket.
     pub websocket: ws::WebSocketConfig,
+    /// Conversation memory.
+    pub memory: memory::MemoryConfig,
 }
 
 impl Default for EdgeConfig {
@@ -142,6 +145,7 @@ impl Default for EdgeConfig {
             refresh_token_days: 30,
             drain_secs: 30,
             websocket: ws::WebSocketConfig::default(),
+            memory: memory::MemoryConfig::default(),
         }
     }
 }

@@ -151,6 +151,10 @@ enum ClientFrame {
         request: Value,
         #[serde(rename = "ref")]
         reference: Option<String>,
+        /// Keep the session's memory (as `X-Sluice-Memory: on`); the session is the request's
+        /// `user`.
+        #[serde(default)]
+        memory: bool,
     },
     Resume {
         stream: String,
@@ -514,9 +518,13 @@ async fn read_frames(
         };
         let (state, outbox) = (state.clone(), outbox.clone());
         match frame {
-            ClientFrame::Chat { request, reference } => {
+            ClientFrame::Chat {
+                request,
+                reference,
+                memory,
+            } => {
                 streams.spawn(async move {
-                    run_chat(&state, &caller, request, reference, &outbox).await
+                    run_chat(&state, &caller, request, reference, memory, &outbox).await
                 });
             }
             ClientFrame::Resume {
@@ -606,6 +614,7 @@ async fn run_chat(
     caller: &Caller,
     request: Value,
     reference: Option<String>,
+    memory: bool,
     outbox: &Outbox,
 ) {
     let reference = reference.as_deref();
@@ -619,7 +628,7 @@ async fn run_chat(
     let parsed = serde_json::to_vec(&request)
         .map_err(|e| ApiError::invalid(format!("`request` is not a JSON object: {e}")))
         .and_then(|body| openai::parse(&body));
-    let (mut request, prompt) = match parsed {
+    let (mut request, mut prompt) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
             outbox.error(None, reference, &e).await;
@@ -628,6 +637,7 @@ async fn run_chat(
     };
     // Over a socket every reply streams.
     request.stream = Some(true);
+    prompt.memory = memory;
     let session = request.user.clone();
     let submitted = match chat::submit(state, caller, &request, prompt, session, None).await {
         Ok(submitted) => submitted,

@@ -185,6 +185,13 @@ pub struct ChatRequest {
     /// Further sampling parameters as a JSON object, for an OpenAI-compatible upstream.
     #[serde(default)]
     pub options_json: Option<String>,
+    /// Whether the turn this request makes is recorded in its session's memory.
+    #[serde(default)]
+    pub memory: bool,
+    /// How many messages after the leading system and developer ones came from the session's
+    /// memory.
+    #[serde(default)]
+    pub remembered: i32,
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
@@ -431,6 +438,8 @@ mod tests {
             parallel_tool_calls: None,
             response_format: None,
             options_json: None,
+            memory: false,
+            remembered: 0,
         }
     }
 
@@ -468,6 +477,8 @@ mod tests {
             json_schema_json: None,
         });
         with_tools.options_json = Some(r#"{"top_p":0.5}"#.into());
+        with_tools.memory = true;
+        with_tools.remembered = 2;
         round_trip(with_tools.clone());
         round_trip(RoutedRequest {
             request: with_tools,

@@ -9,10 +9,15 @@ use sluice_pipelines::{runtime::StageSpec, Runnable};
 
 use crate::config::Config;
 
-pub fn build(config: &Config) -> anyhow::Result<Runnable> {
+pub async fn build(config: &Config) -> anyhow::Result<Runnable> {
     let topics = config.kafka.topics();
+    // Sessions' memory is written where their turns are answered.
+    let app =
+        sluice_stores::postgres::connect(&config.postgres.url, config.postgres.max_connections)
+            .await?;
     let orchestrator = Orchestrator::new(config.orchestrator.clone(), topics.clone())
-        .context("building the orchestrator's model providers")?;
+        .context("building the orchestrator's model providers")?
+        .with_memory(app);
     let orchestrator = Arc::new(orchestrator);
     let mut spec = StageSpec::new(config.kafka.wiring("orchestrator", &topics.routed));
     spec.max_in_flight = config.stages.orchestrator_max_in_flight;

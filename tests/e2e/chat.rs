@@ -482,3 +482,168 @@ async fn models_lists_auto_and_the_catalogue_to_authenticated_callers() {
     let (status, body) = get_json(&sluice.v1("/models"), "sk-sluice-not-a-key").await;
     assert_eq!(status, 401, "{body}");
 }
+
+/// A chat with `X-Sluice-Memory: on` in `session`; the status and body.
+async fn remembered_chat(
+    sluice: &Sluice,
+    key: &str,
+    session: Option<&str>,
+    messages: Value,
+) -> (u16, Value) {
+    let mut request = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(key)
+        .header("X-Sluice-Memory", "on")
+        .json(&json!({"model": "sim-small", "max_tokens": 6, "messages": messages}));
+    if let Some(session) = session {
+        request = request.header("X-Session-Id", session);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json::<Value>().await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_session_with_memory_needs_only_its_new_turn() {
+    use sluice_schemas::{tokens::count_prompt, ChatMessage};
+    let prefix = unique("t");
+    let sluice = Sluice::start_with(
+        &prefix,
+        vec![("SLUICE_EDGE__MEMORY__MAX_TURNS".into(), "2".into())],
+    );
+    let alice = create_tenant(&sluice.prefix);
+    let bob = create_tenant(&sluice.prefix);
+    let session = unique("session-");
+    let prompt_of = |messages: &[ChatMessage]| count_prompt(messages, &[]) as i64;
+
+    let first = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."}]);
+    let (status, one) = remembered_chat(&sluice, &alice.key, Some(&session), first).await;
+    assert_eq!(status, 200, "{one}");
+    let reply_one = one["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The second turn sends only itself; the model sees the first (its system message is the
+    // first turn's own, not remembered).
+    let (status, two) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&session),
+        json!([{"role": "user", "content": "What is my name?"}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{two}");
+    let seen = [
+        ChatMessage::text("user", "My name is Ada."),
+        ChatMessage::text("assistant", reply_one.clone()),
+        ChatMessage::text("user", "What is my name?"),
+    ];
+    assert_eq!(two["usage"]["prompt_tokens"], prompt_of(&seen));
+    let reply_two = two["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Without the header the same session is not remembered; another tenant's same session id
+    // finds nothing of Alice's.
+    let (_, plain) = chat(&sluice, &alice.key, json!({"model": "sim-small", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]})).await;
+    assert_eq!(plain["usage"]["prompt_tokens"], 5);
+    let (status, other) = remembered_chat(
+        &sluice,
+        &bob.key,
+        Some(&session),
+        json!([{"role": "user", "content": "Hi"}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{other}");
+    assert_eq!(
+        other["usage"]["prompt_tokens"], 5,
+        "Bob's session is his own"
+    );
+
+    // At most two turns are remembered: the fourth sees the second and the third only.
+    let (_, three) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&session),
+        json!([{"role": "user", "content": "Thanks."}]),
+    )
+    .await;
+    let reply_three = three["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, four) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&session),
+        json!([{"role": "user", "content": "Bye."}]),
+    )
+    .await;
+    let seen = [
+        ChatMessage::text("user", "What is my name?"),
+        ChatMessage::text("assistant", reply_two),
+        ChatMessage::text("user", "Thanks."),
+        ChatMessage::text("assistant", reply_three),
+        ChatMessage::text("user", "Bye."),
+    ];
+    assert_eq!(four["usage"]["prompt_tokens"], prompt_of(&seen));
+
+    // Memory needs a session.
+    let (status, body) = remembered_chat(
+        &sluice,
+        &alice.key,
+        None,
+        json!([{"role": "user", "content": "x"}]),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    // A tool's result may answer a call the model made in a remembered turn.
+    let tools = json!([{"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}}]);
+    let agent = unique("agent-");
+    let ask = |messages: Value| json!({"model": "sim-small", "tools": tools, "messages": messages});
+    let send = |body: Value| {
+        let (url, key, agent) = (
+            sluice.v1("/chat/completions"),
+            alice.key.clone(),
+            agent.clone(),
+        );
+        async move {
+            let response = http()
+                .post(url)
+                .bearer_auth(key)
+                .header("X-Sluice-Memory", "on")
+                .header("X-Session-Id", agent)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, called) = send(ask(
+        json!([{"role": "user", "content": "Where is order A-17?"}]),
+    ))
+    .await;
+    assert_eq!(status, 200, "{called}");
+    let id = called["choices"][0]["message"]["tool_calls"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, answered) = send(ask(
+        json!([{"role": "tool", "tool_call_id": id, "content": "{\"status\":\"shipped\"}"}]),
+    ))
+    .await;
+    assert_eq!(status, 200, "{answered}");
+    assert_eq!(
+        answered["choices"][0]["finish_reason"], "stop",
+        "after the tool's result, text"
+    );
+}

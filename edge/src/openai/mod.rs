@@ -101,6 +101,8 @@ pub struct Prompt {
     pub response_format: Option<ResponseFormat>,
     /// Sampling parameters for the model, as a JSON object's text.
     pub options_json: Option<String>,
+    /// Whether the session's memory is kept (see [`crate::memory`]).
+    pub memory: bool,
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -166,6 +168,7 @@ pub fn parse(body: &[u8]) -> Result<(CompletionRequest, Prompt), ApiError> {
         parallel_tool_calls: request.parallel_tool_calls,
         response_format,
         options_json,
+        memory: false,
     };
     Ok((request, prompt))
 }
@@ -216,19 +219,9 @@ fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
             }
         };
         let tool_call_id = match (m.role.as_str(), &m.tool_call_id) {
-            ("tool", Some(id)) => {
-                let answered = messages
-                    .iter()
-                    .any(|earlier| earlier.tool_calls.iter().any(|c| &c.id == id));
-                if !answered {
-                    return Err(ApiError::invalid(format!(
-                        "A tool message must answer a call of an earlier assistant message; no \
-                         call has the id {id:?}."
-                    ))
-                    .with_param(format!("messages[{i}].tool_call_id")));
-                }
-                Some(id.clone())
-            }
+            // That it answers an earlier call is checked once a session's memory is in
+            // ([`check_tool_answers`]).
+            ("tool", Some(id)) => Some(id.clone()),
             ("tool", None) => {
                 return Err(ApiError::invalid(
                     "A tool message needs the `tool_call_id` it answers.",
@@ -252,6 +245,41 @@ fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
         });
     }
     Ok(messages)
+}
+
+/// Checks that every tool message answers a call an earlier assistant message made (OpenAI's
+/// rule). `remembered` messages from a session's memory follow the leading system and developer
+/// ones; a message at fault is named by its place in the caller's own list.
+pub fn check_tool_answers(messages: &[ChatMessage], remembered: usize) -> Result<(), ApiError> {
+    let leading = messages
+        .iter()
+        .take_while(|m| matches!(m.role.as_str(), "system" | "developer"))
+        .count();
+    for (i, message) in messages.iter().enumerate() {
+        let Some(id) = message
+            .tool_call_id
+            .as_ref()
+            .filter(|_| message.role == "tool")
+        else {
+            continue;
+        };
+        let answered = messages[..i]
+            .iter()
+            .any(|earlier| earlier.tool_calls.iter().any(|c| &c.id == id));
+        if !answered {
+            let own = if i >= leading + remembered {
+                i - remembered
+            } else {
+                i
+            };
+            return Err(ApiError::invalid(format!(
+                "A tool message must answer a call of an earlier assistant message; no call has \
+                 the id {id:?}."
+            ))
+            .with_param(format!("messages[{own}].tool_call_id")));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the `Content-Type` is JSON (415 otherwise).
@@ -629,11 +657,36 @@ mod tests {
             ),
         ] {
             let body = json!({"model": "m", "messages": messages});
-            let e = parse(body.to_string().as_bytes()).unwrap_err();
+            let e = parse(body.to_string().as_bytes())
+                .and_then(|(_, prompt)| check_tool_answers(&prompt.messages, 0))
+                .unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
         let body = json!({"model": "m", "messages": [call, {"role": "tool", "tool_call_id": "c1", "content": "r"}]});
-        assert!(parse(body.to_string().as_bytes()).is_ok());
+        let (_, prompt) = parse(body.to_string().as_bytes()).unwrap();
+        assert!(check_tool_answers(&prompt.messages, 0).is_ok());
+        // Answering a call from the session's memory: the call is in the remembered messages.
+        let mut remembered = vec![
+            ChatMessage::text("system", "s"),
+            ChatMessage::text("assistant", ""),
+        ];
+        remembered[1].tool_calls.push(ToolCall {
+            id: "c7".into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        });
+        let mut answer = ChatMessage::text("tool", "r");
+        answer.tool_call_id = Some("c7".into());
+        remembered.push(answer.clone());
+        assert!(check_tool_answers(&remembered, 1).is_ok());
+        answer.tool_call_id = Some("c8".into());
+        remembered.push(answer);
+        let e = check_tool_answers(&remembered, 1).unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[2].tool_call_id"),
+            "the caller's own place"
+        );
     }
 
     #[test]

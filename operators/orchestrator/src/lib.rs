@@ -23,7 +23,9 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{Emitter, ProcessError, RecordContext, RecordOperator, Topics};
-use sluice_schemas::{tokens, ReplyChunk, ReplyKind, RoutedRequest, ToolCallDelta, UsageEvent};
+use sluice_schemas::{
+    tokens, ChatMessage, ReplyChunk, ReplyKind, RoutedRequest, ToolCall, ToolCallDelta, UsageEvent,
+};
 use sluice_stores::ProviderKind;
 
 use providers::{
@@ -71,7 +73,7 @@ impl Pending {
 /// provider reports no usage.
 #[derive(Default)]
 struct CallsMade {
-    calls: Vec<(String, String)>,
+    calls: Vec<ToolCall>,
 }
 
 impl CallsMade {
@@ -82,21 +84,28 @@ impl CallsMade {
         let Ok(index) = usize::try_from(piece.index) else {
             return;
         };
-        if self.calls.len() <= index {
-            self.calls.resize(index + 1, (String::new(), String::new()));
+        while self.calls.len() <= index {
+            self.calls.push(ToolCall {
+                id: String::new(),
+                name: String::new(),
+                arguments: String::new(),
+            });
         }
-        let (name, arguments) = &mut self.calls[index];
+        let call = &mut self.calls[index];
+        if let Some(id) = piece.id.as_ref().filter(|id| !id.is_empty()) {
+            call.id.clone_from(id);
+        }
         if let Some(called) = piece.name.as_ref().filter(|n| !n.is_empty()) {
-            name.clone_from(called);
+            call.name.clone_from(called);
         }
-        arguments.push_str(&piece.arguments);
+        call.arguments.push_str(&piece.arguments);
     }
 
     /// Their tokens: each function's name and arguments.
     fn tokens(&self) -> usize {
         self.calls
             .iter()
-            .map(|(name, arguments)| tokens::count(name) + tokens::count(arguments))
+            .map(|c| tokens::count(&c.name) + tokens::count(&c.arguments))
             .sum()
     }
 }
@@ -148,6 +157,8 @@ pub struct Orchestrator {
     config: OrchestratorConfig,
     openai: OpenAiProvider,
     topics: Topics,
+    /// Where sessions' memory is recorded (the runtime role's pool), if anywhere.
+    memory: Option<sqlx::PgPool>,
 }
 
 impl Orchestrator {
@@ -158,7 +169,65 @@ impl Orchestrator {
             config,
             openai,
             topics,
+            memory: None,
         })
+    }
+
+    /// Records the turns of requests that keep their session's memory in `app`'s
+    /// `conversation_turns`.
+    pub fn with_memory(mut self, app: sqlx::PgPool) -> Self {
+        self.memory = Some(app);
+        self
+    }
+
+    /// Records the turn `routed` made — the caller's new messages and the reply — in its
+    /// session's memory, once per request. Tried a few times; a turn that cannot be recorded is
+    /// logged and left out of the memory, not held against the reply.
+    async fn remember(&self, routed: &RoutedRequest, reply: ChatMessage) {
+        let request = &routed.request;
+        let (Some(app), true) = (&self.memory, request.memory) else {
+            return;
+        };
+        let Ok(tenant) = request.tenant_id.parse::<sqlx::types::Uuid>() else {
+            return;
+        };
+        let leading = request
+            .messages
+            .iter()
+            .take_while(|m| matches!(m.role.as_str(), "system" | "developer"))
+            .count();
+        let skip = leading + usize::try_from(request.remembered).unwrap_or(0);
+        let mut turn: Vec<ChatMessage> = request.messages.iter().skip(skip).cloned().collect();
+        turn.push(reply);
+        let Ok(messages) = serde_json::to_value(&turn) else {
+            return;
+        };
+        for attempt in 1..=3u32 {
+            let recorded = async {
+                let mut tx = sluice_stores::postgres::tenant_transaction(app, tenant).await?;
+                sluice_stores::postgres::memory::record_turn(
+                    &mut tx,
+                    tenant,
+                    &request.session_id,
+                    &request.request_id,
+                    &messages,
+                )
+                .await?;
+                tx.commit().await.map_err(sluice_stores::Error::from)
+            }
+            .await;
+            match recorded {
+                Ok(()) => return,
+                Err(e) if attempt < 3 && e.is_retriable() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %request.request_id, session = %request.session_id, error = %e, "cannot record the turn in the session's memory");
+                    return;
+                }
+            }
+        }
     }
 
     async fn start_call(&self, routed: &RoutedRequest) -> Result<EventStream, ProviderError> {
@@ -380,6 +449,10 @@ impl RecordOperator for Orchestrator {
                 error
             }
             None => {
+                // Before the reply's end reaches the caller, so its next turn finds this one.
+                let mut reply = ChatMessage::text("assistant", text);
+                reply.tool_calls = calls_made.calls;
+                self.remember(&routed, reply).await;
                 let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
                 pending.fill(&mut done);
                 done.finish_reason = Some(finish_reason);

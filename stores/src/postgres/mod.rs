@@ -12,6 +12,7 @@ pub mod claims;
 pub mod flags;
 pub mod followed;
 pub mod keys;
+pub mod memory;
 pub mod models;
 pub mod origins;
 pub mod plans;
@@ -104,6 +105,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 14,
         name: "workflow_registry",
         sql: include_str!("../../migrations/0014_workflow_registry.sql"),
+    },
+    Migration {
+        version: 15,
+        name: "conversation_memory",
+        sql: include_str!("../../migrations/0015_conversation_memory.sql"),
     },
 ];
 

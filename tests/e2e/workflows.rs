@@ -12,7 +12,15 @@ fn workflow_check_passes_the_shipped_definitions_and_names_each_mistake() {
         .unwrap();
     let out = String::from_utf8_lossy(&shipped.stdout);
     assert!(shipped.status.success(), "{out}");
-    for name in ["create_order", "customer_support", "track_order"] {
+    for name in [
+        "complaint_handling",
+        "create_order",
+        "customer_support",
+        "lead_capture",
+        "order_management",
+        "technical_support",
+        "track_order",
+    ] {
         assert!(out.contains(&format!("ok workflows/{name}.yaml")), "{out}");
     }
 

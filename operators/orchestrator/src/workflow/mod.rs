@@ -9,12 +9,28 @@ pub use definition::{load, DefinitionError, Workflow};
 /// The workflows Sluice ships, as `(file name, YAML)`.
 pub const SHIPPED: &[(&str, &str)] = &[
     (
+        "workflows/complaint_handling.yaml",
+        include_str!("../../../../workflows/complaint_handling.yaml"),
+    ),
+    (
         "workflows/create_order.yaml",
         include_str!("../../../../workflows/create_order.yaml"),
     ),
     (
         "workflows/customer_support.yaml",
         include_str!("../../../../workflows/customer_support.yaml"),
+    ),
+    (
+        "workflows/lead_capture.yaml",
+        include_str!("../../../../workflows/lead_capture.yaml"),
+    ),
+    (
+        "workflows/order_management.yaml",
+        include_str!("../../../../workflows/order_management.yaml"),
+    ),
+    (
+        "workflows/technical_support.yaml",
+        include_str!("../../../../workflows/technical_support.yaml"),
     ),
     (
         "workflows/track_order.yaml",

@@ -519,7 +519,7 @@ mod tests {
             "tools": weather_tool(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
             "parallel_tool_calls": false,
             "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}},
-            "top_p": 0.5, "stop": ["\n"], "user": "u-1"});
+            "top_p": 0.5, "stop": ["\n"], "user": "u-1", "max_completion_tokens": 9});
         let (_, prompt) = parse(body.to_string().as_bytes()).unwrap();
         assert_eq!(prompt.tools.len(), 1);
         assert_eq!(prompt.tools[0].name, "get_weather");
@@ -540,7 +540,7 @@ mod tests {
         let options: Value = serde_json::from_str(prompt.options_json.as_deref().unwrap()).unwrap();
         assert_eq!(
             options,
-            json!({"top_p": 0.5, "stop": ["\n"], "user": "u-1"})
+            json!({"top_p": 0.5, "stop": ["\n"], "user": "u-1", "max_completion_tokens": 9})
         );
     }
 

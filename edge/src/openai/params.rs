@@ -75,7 +75,10 @@ const READ_HERE: &[&str] = &[
 ];
 
 /// Sampling parameters passed to the model as they came (after the checks in [`options`]).
+/// `max_completion_tokens` is read here too (it bounds the reply as `max_tokens` does) and goes
+/// on under its own name, which reasoning models require.
 const PASSED_ON: &[&str] = &[
+    "max_completion_tokens",
     "top_p",
     "stop",
     "seed",
@@ -152,6 +155,7 @@ fn check_option(name: &str, value: &Value) -> Result<(), ApiError> {
         "top_p" => number_in(0.0, 1.0),
         "presence_penalty" | "frequency_penalty" => number_in(-2.0, 2.0),
         "seed" => value.is_i64() || value.is_u64(),
+        "max_completion_tokens" => value.as_u64().is_some_and(|n| n >= 1),
         "stop" => match value {
             Value::String(_) => true,
             Value::Array(items) => items.len() <= 4 && items.iter().all(Value::is_string),
@@ -171,6 +175,7 @@ fn check_option(name: &str, value: &Value) -> Result<(), ApiError> {
         "top_p" => "a number between 0 and 1",
         "presence_penalty" | "frequency_penalty" => "a number between -2 and 2",
         "seed" => "an integer",
+        "max_completion_tokens" => "a whole number from 1",
         "stop" => "a string or a list of at most 4 strings",
         "logit_bias" => "an object mapping token ids to numbers between -100 and 100",
         _ => "a string",

@@ -247,7 +247,12 @@ pub fn request_body(call: &ModelCall) -> Value {
         "stream": true,
         "stream_options": { "include_usage": true },
     });
-    if let Some(max) = call.max_tokens {
+    // A caller that bounded the reply with `max_completion_tokens` has it sent under that name
+    // (with the options below): reasoning models refuse `max_tokens`.
+    if let Some(max) = call
+        .max_tokens
+        .filter(|_| !call.options.contains_key("max_completion_tokens"))
+    {
         body["max_tokens"] = json!(max);
     }
     if let Some(t) = call.temperature {
@@ -495,6 +500,18 @@ mod tests {
         );
         assert_eq!(body["top_p"], 0.5);
         assert_eq!(body["stream"], true);
+        let mut reasoning = request.clone();
+        reasoning.max_tokens = Some(64);
+        reasoning.options_json = Some(r#"{"max_completion_tokens":64}"#.into());
+        let body = request_body(&ModelCall::for_request(&reasoning, "o-x"));
+        assert_eq!(body["max_completion_tokens"], 64);
+        assert!(
+            body.get("max_tokens").is_none(),
+            "reasoning models refuse it"
+        );
+        reasoning.options_json = None;
+        let body = request_body(&ModelCall::for_request(&reasoning, "gpt-x"));
+        assert_eq!(body["max_tokens"], 64);
         assert_eq!(body["messages"][1]["content"], Value::Null);
         assert_eq!(body["messages"][1]["tool_calls"][0]["id"], "call_1");
         assert_eq!(body["messages"][2]["tool_call_id"], "call_1");

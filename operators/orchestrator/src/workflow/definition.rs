@@ -6,7 +6,7 @@
 //! for any of these reasons mid-run.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     fmt,
 };
 
@@ -180,8 +180,28 @@ pub fn load(file: &str, text: &str) -> Result<Workflow, Vec<DefinitionError>> {
     let mut reader = Reader {
         file: file.to_owned(),
         errors: Vec::new(),
+        step_refs: Vec::new(),
     };
-    let root = match marked_yaml::parse_yaml(0, text) {
+    let too = |message: String| {
+        Err(vec![DefinitionError {
+            file: file.to_owned(),
+            line: 1,
+            column: 1,
+            field: "(file)".into(),
+            message,
+        }])
+    };
+    if text.len() > MAX_DEFINITION_BYTES {
+        return too(format!("larger than {MAX_DEFINITION_BYTES} bytes"));
+    }
+    if nesting(text) > MAX_NESTING {
+        return too(format!("nested more than {MAX_NESTING} levels deep"));
+    }
+    // Keys appear once, and only plain (unquoted) scalars read as numbers or booleans.
+    let options = marked_yaml::LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
+    let root = match marked_yaml::parse_yaml_with_options(0, text, options) {
         Ok(root) => root,
         Err(e) => {
             let (line, column) = load_error_place(&e);
@@ -232,6 +252,47 @@ fn load_error_text(e: &LoadError) -> String {
 struct Reader {
     file: String,
     errors: Vec<DefinitionError>,
+    /// References to steps, checked once the steps are known: that the step named has run.
+    step_refs: Vec<StepRef>,
+}
+
+/// A `${steps.<id>…}` in a step's text, and where.
+struct StepRef {
+    /// The step holding it.
+    from: usize,
+    /// Whether it may name `from` itself (a compensation uses its step's answer).
+    own: bool,
+    id: String,
+    reference: String,
+    span: Span,
+    field: String,
+}
+
+/// The largest definition read (bytes), and the deepest nesting.
+const MAX_DEFINITION_BYTES: usize = 1 << 20;
+const MAX_NESTING: usize = 64;
+
+/// How deep `text` nests, roughly (indentation, list dashes and brackets): enough to refuse a
+/// file that would make the YAML parser recurse without bound.
+fn nesting(text: &str) -> usize {
+    let mut deepest = 0;
+    let mut brackets = 0usize;
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let dashes = line.trim_start().matches("- ").count();
+        deepest = deepest.max(indent / 2 + dashes);
+    }
+    for c in text.chars() {
+        match c {
+            '[' | '{' => {
+                brackets += 1;
+                deepest = deepest.max(brackets);
+            }
+            ']' | '}' => brackets = brackets.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Where a node starts.
@@ -348,9 +409,13 @@ impl Reader {
             }
         }
         let version = self.text(map, "version", "", true).and_then(|v| {
-            let parsed = v.as_u32().filter(|n| *n >= 1);
+            let parsed = v.as_u32().filter(|n| *n >= 1 && i32::try_from(*n).is_ok());
             if parsed.is_none() {
-                self.error(v.span(), "version", "must be a whole number from 1");
+                self.error(
+                    v.span(),
+                    "version",
+                    "must be a whole number from 1 to 2147483647",
+                );
             }
             parsed
         });
@@ -529,7 +594,7 @@ impl Reader {
                 }
             }
         }
-        self.reachable(&steps, list);
+        self.flow(&steps, list);
         Some(steps)
     }
 
@@ -617,7 +682,8 @@ impl Reader {
                     &tool,
                     &join(&field, "arguments"),
                     scope,
-                    here,
+                    (here, false),
+                    map.span(),
                 );
                 let compensate = match map.get_node("compensate") {
                     None => None,
@@ -635,7 +701,8 @@ impl Reader {
                             &undo,
                             &join(&cfield, "arguments"),
                             scope,
-                            here + 1,
+                            (here, true),
+                            c.span(),
                         );
                         Some(Compensation {
                             tool: undo,
@@ -662,10 +729,10 @@ impl Reader {
                     }
                 };
                 let prompt = self.text(map, "prompt", &field, true)?;
-                self.template(prompt, &join(&field, "prompt"), scope, here);
+                self.template(prompt, &join(&field, "prompt"), scope, (here, false));
                 let system = self.text(map, "system", &field, false);
                 if let Some(system) = system {
-                    self.template(system, &join(&field, "system"), scope, here);
+                    self.template(system, &join(&field, "system"), scope, (here, false));
                 }
                 let json = match self.text(map, "json", &field, false) {
                     None => false,
@@ -691,9 +758,9 @@ impl Reader {
                 for (c, case) in list.iter().enumerate() {
                     let cfield = format!("{bfield}[{c}]");
                     let case_map = self.mapping(case, &cfield, &["if", "next"])?;
-                    let condition = self
-                        .text(case_map, "if", &cfield, false)
-                        .and_then(|cond| self.condition(cond, &join(&cfield, "if"), scope, here));
+                    let condition = self.text(case_map, "if", &cfield, false).and_then(|cond| {
+                        self.condition(cond, &join(&cfield, "if"), scope, (here, false))
+                    });
                     let last = c + 1 == list.len();
                     if case_map.get_node("if").is_none() && !last {
                         self.error(
@@ -799,7 +866,7 @@ impl Reader {
                 });
                 let summary = self.text(h, "summary", &hfield, true);
                 if let Some(summary) = summary {
-                    self.template(summary, &join(&hfield, "summary"), scope, here);
+                    self.template(summary, &join(&hfield, "summary"), scope, (here, false));
                 }
                 StepKind::Handoff {
                     queue: queue?,
@@ -815,7 +882,7 @@ impl Reader {
                         let e = self.mapping(kind_node, &efield, &["reply"])?;
                         let reply = self.text(e, "reply", &efield, false);
                         if let Some(reply) = reply {
-                            self.template(reply, &join(&efield, "reply"), scope, here);
+                            self.template(reply, &join(&efield, "reply"), scope, (here, false));
                         }
                         reply.map(|r| r.as_str().to_owned())
                     }
@@ -891,7 +958,8 @@ impl Reader {
         tool: &str,
         field: &str,
         scope: &Scope,
-        before: usize,
+        at: Origin,
+        owner: &Span,
     ) -> BTreeMap<String, Value> {
         let mut out = BTreeMap::new();
         let schema = builtin::definitions()
@@ -922,7 +990,7 @@ impl Reader {
             }
         } else if let (Some(schema), None) = (&schema, map) {
             if schema["required"].as_array().is_some_and(|r| !r.is_empty()) {
-                self.error(&Span::new_blank(), field, format!("{tool} needs arguments"));
+                self.error(owner, field, format!("{tool} needs arguments"));
             }
         }
         let Some(map) = map else {
@@ -941,7 +1009,7 @@ impl Reader {
                     continue;
                 }
             }
-            let json = self.literal(value, &afield, scope, before);
+            let json = self.literal(value, &afield, scope, at);
             if let (Some(property), Some(json)) = (property, &json) {
                 if !fits(property, json) {
                     self.error(
@@ -959,11 +1027,11 @@ impl Reader {
     }
 
     /// A YAML value as JSON; strings holding `${…}` references are checked (and left as text).
-    fn literal(&mut self, node: &Node, field: &str, scope: &Scope, before: usize) -> Option<Value> {
+    fn literal(&mut self, node: &Node, field: &str, scope: &Scope, at: Origin) -> Option<Value> {
         match node {
             Node::Scalar(scalar) => {
                 if scalar.as_str().contains("${") {
-                    self.template(scalar, field, scope, before);
+                    self.template(scalar, field, scope, at);
                     return Some(Value::String(scalar.as_str().to_owned()));
                 }
                 Some(scalar_json(scalar))
@@ -971,15 +1039,13 @@ impl Reader {
             Node::Sequence(list) => Some(Value::Array(
                 list.iter()
                     .enumerate()
-                    .filter_map(|(i, item)| {
-                        self.literal(item, &format!("{field}[{i}]"), scope, before)
-                    })
+                    .filter_map(|(i, item)| self.literal(item, &format!("{field}[{i}]"), scope, at))
                     .collect(),
             )),
             Node::Mapping(map) => Some(Value::Object(
                 map.iter()
                     .filter_map(|(k, v)| {
-                        let value = self.literal(v, &join(field, k.as_str()), scope, before)?;
+                        let value = self.literal(v, &join(field, k.as_str()), scope, at)?;
                         Some((k.as_str().to_owned(), value))
                     })
                     .collect(),
@@ -988,7 +1054,7 @@ impl Reader {
     }
 
     /// Checks every `${…}` in a text: each refers to an input or to a step above step `before`.
-    fn template(&mut self, scalar: &MarkedScalarNode, field: &str, scope: &Scope, before: usize) {
+    fn template(&mut self, scalar: &MarkedScalarNode, field: &str, scope: &Scope, at: Origin) {
         let mut rest = scalar.as_str();
         while let Some(start) = rest.find("${") {
             let after = &rest[start + 2..];
@@ -997,9 +1063,7 @@ impl Reader {
                 return;
             };
             let reference = after[..end].trim();
-            if let Err(message) = scope.check(reference, before) {
-                self.error(scalar.span(), field, message);
-            }
+            self.reference(reference, scalar.span(), field, scope, at);
             rest = &after[end + 1..];
         }
     }
@@ -1010,7 +1074,7 @@ impl Reader {
         scalar: &MarkedScalarNode,
         field: &str,
         scope: &Scope,
-        before: usize,
+        at: Origin,
     ) -> Option<Condition> {
         let text = scalar.as_str().trim();
         let parsed = parse_condition(text);
@@ -1022,51 +1086,196 @@ impl Reader {
             );
             return None;
         };
-        if let Err(message) = scope.check(&reference, before) {
-            self.error(scalar.span(), field, message);
+        if !self.reference(&reference, scalar.span(), field, scope, at) {
             return None;
         }
         Some(Condition { reference, test })
     }
 
-    /// Every step must be reachable from the first.
-    fn reachable(&mut self, steps: &[Step], list: &[Node]) {
-        let index: BTreeMap<&str, usize> = steps
+    /// Checks a reference's form; one to a step is kept to check, once every step is known,
+    /// that the step named has run. Whether its form is right.
+    fn reference(
+        &mut self,
+        reference: &str,
+        span: &Span,
+        field: &str,
+        scope: &Scope,
+        (from, own): Origin,
+    ) -> bool {
+        match scope.check(reference) {
+            Err(message) => {
+                self.error(span, field, message);
+                false
+            }
+            Ok(None) => true,
+            Ok(Some(id)) => {
+                self.step_refs.push(StepRef {
+                    from,
+                    own,
+                    id,
+                    reference: reference.to_owned(),
+                    span: *span,
+                    field: field.to_owned(),
+                });
+                true
+            }
+        }
+    }
+
+    /// Checks how the run moves: every step reachable from the first, no loops, a parallel
+    /// step's steps distinct and reached only through it, no `on_error` where nothing can fail,
+    /// and every `${steps.<id>…}` naming a step that has answered on every way to it.
+    fn flow(&mut self, steps: &[Step], list: &[Node]) {
+        let n = steps.len();
+        let field = |i: usize| format!("steps[{i}]");
+        let span = |i: usize| {
+            list.get(i)
+                .map(|node| *node.span())
+                .unwrap_or_else(Span::new_blank)
+        };
+        for (i, step) in steps.iter().enumerate() {
+            if step.on_error.is_some()
+                && matches!(step.kind, StepKind::End { .. } | StepKind::Branch { .. })
+            {
+                self.error(
+                    &span(i),
+                    &join(&field(i), "on_error"),
+                    "this kind of step cannot fail",
+                );
+            }
+            if let StepKind::Parallel { steps: run } = &step.kind {
+                let distinct: BTreeSet<&String> = run.iter().collect();
+                if distinct.len() != run.len() {
+                    self.error(&span(i), &join(&field(i), "parallel"), "names a step twice");
+                }
+            }
+        }
+        let edges = edges(steps);
+        // A parallel step's steps are reached through it alone.
+        let owner: BTreeMap<usize, usize> = steps
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
+            .flat_map(|(p, s)| match &s.kind {
+                StepKind::Parallel { steps: run } => run
+                    .iter()
+                    .filter_map(|m| steps.iter().position(|t| &t.id == m))
+                    .map(|m| (m, p))
+                    .collect(),
+                _ => Vec::new(),
+            })
             .collect();
-        let mut seen = vec![false; steps.len()];
-        let mut queue = VecDeque::from([0usize]);
-        while let Some(i) = queue.pop_front() {
-            if std::mem::replace(&mut seen[i], true) {
-                continue;
+        for &(from, to, _) in &edges {
+            if owner.get(&to).is_some_and(|p| *p != from) {
+                self.error(
+                    &span(to),
+                    &field(to),
+                    format!(
+                        "{:?} runs in a parallel step, so only that step may lead to it (step {:?} does)",
+                        steps[to].id, steps[from].id
+                    ),
+                );
             }
-            let step = &steps[i];
-            let mut targets: Vec<&str> = step.next.iter().map(String::as_str).collect();
-            targets.extend(step.on_error.as_deref());
-            match &step.kind {
-                StepKind::Branch { cases } => targets.extend(cases.iter().map(|c| c.next.as_str())),
-                StepKind::Parallel { steps } => targets.extend(steps.iter().map(String::as_str)),
-                StepKind::Wait { on_timeout, .. } => targets.push(on_timeout),
-                _ => {}
-            }
-            let falls_through = step.next.is_none()
-                && !matches!(step.kind, StepKind::Branch { .. } | StepKind::End { .. });
-            if falls_through && i + 1 < steps.len() {
-                queue.push_back(i + 1);
-            }
-            queue.extend(targets.iter().filter_map(|t| index.get(t)).copied());
         }
-        for (i, reached) in seen.iter().enumerate() {
-            if !reached {
-                if let Some(node) = list.get(i) {
-                    self.error(
-                        node.span(),
-                        &format!("steps[{i}]"),
-                        format!("no step leads to {:?}", steps[i].id),
-                    );
+        // Reachable, without loops (a depth-first walk from the first step).
+        let mut state = vec![0u8; n]; // 0 unseen, 1 on the path, 2 done
+        let mut stack = vec![(0usize, 0usize)];
+        let mut looped = false;
+        if n > 0 {
+            state[0] = 1;
+        }
+        while let Some(&mut (at, ref mut next)) = stack.last_mut() {
+            let out: Vec<usize> = edges.iter().filter(|e| e.0 == at).map(|e| e.1).collect();
+            if let Some(&to) = out.get(*next) {
+                *next += 1;
+                match state[to] {
+                    0 => {
+                        state[to] = 1;
+                        stack.push((to, 0));
+                    }
+                    1 if !looped => {
+                        looped = true;
+                        self.error(
+                            &span(at),
+                            &field(at),
+                            format!(
+                                "the run would loop back from {:?} to {:?}: workflows do not loop",
+                                steps[at].id, steps[to].id
+                            ),
+                        );
+                    }
+                    _ => {}
                 }
+            } else {
+                state[at] = 2;
+                stack.pop();
+            }
+        }
+        for (i, seen) in state.iter().enumerate() {
+            if *seen == 0 {
+                self.error(
+                    &span(i),
+                    &field(i),
+                    format!("no step leads to {:?}", steps[i].id),
+                );
+            }
+        }
+        if looped {
+            return;
+        }
+        // The steps that have answered on every way to each step (a fixed point: each step's
+        // set is what all the ways into it have in common).
+        let all: BTreeSet<usize> = (0..n).collect();
+        let mut before: Vec<BTreeSet<usize>> = vec![all.clone(); n];
+        if n > 0 {
+            before[0] = BTreeSet::new();
+        }
+        loop {
+            let mut changed = false;
+            for to in 1..n {
+                let mut common: Option<BTreeSet<usize>> = None;
+                for &(from, _, answered) in edges.iter().filter(|e| e.1 == to && state[e.0] == 2) {
+                    let mut carried = before[from].clone();
+                    if answered {
+                        carried.insert(from);
+                        // A parallel step's way on carries what its steps answered.
+                        if let StepKind::Parallel { steps: run } = &steps[from].kind {
+                            carried.extend(
+                                run.iter()
+                                    .filter_map(|m| steps.iter().position(|t| &t.id == m)),
+                            );
+                        }
+                    }
+                    common = Some(match common {
+                        None => carried,
+                        Some(c) => c.intersection(&carried).copied().collect(),
+                    });
+                }
+                let common = common.unwrap_or_else(|| all.clone());
+                if common != before[to] {
+                    before[to] = common;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let refs = std::mem::take(&mut self.step_refs);
+        for r in refs {
+            let Some(target) = steps.iter().position(|s| s.id == r.id) else {
+                continue;
+            };
+            let has_run = before.get(r.from).is_some_and(|b| b.contains(&target))
+                || (r.own && target == r.from);
+            if !has_run {
+                self.error(
+                    &r.span,
+                    &r.field,
+                    format!(
+                        "`${{{}}}`: step {:?} has not answered on every way to here",
+                        r.reference, r.id
+                    ),
+                );
             }
         }
     }
@@ -1093,34 +1302,34 @@ impl Scope<'_> {
             .find(|k| map.get_node(k).is_some())
     }
 
-    /// Checks a reference: `message`, `inputs.<name>`, `run.id`, `tenant.id`, or
-    /// `steps.<id>[.<field>…]` naming a step above step `before` that answers something.
-    fn check(&self, reference: &str, before: usize) -> Result<(), String> {
+    /// Checks a reference's form: `message`, `inputs.<name>`, `run.id`, `tenant.id`, or
+    /// `steps.<id>[.<field>…]` naming a step that answers something (a model step's `text`, or
+    /// its `json` with `json: true`). The step's id, for a step reference.
+    fn check(&self, reference: &str) -> Result<Option<String>, String> {
         let mut parts = reference.split('.');
         match (parts.next(), parts.next()) {
             (Some("message"), None) | (Some("run"), Some("id")) | (Some("tenant"), Some("id")) => {
-                Ok(())
+                Ok(None)
             }
             (Some("inputs"), Some(name)) => {
                 if name == "message" || self.inputs.iter().any(|i| i.name == name) {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(format!("`${{{reference}}}`: no input named {name:?}"))
                 }
             }
             (Some("steps"), Some(id)) => {
-                let Some(i) = self.ids.iter().position(|known| known.as_deref() == Some(id)) else {
+                if !self.ids.iter().any(|known| known.as_deref() == Some(id)) {
                     return Err(format!("`${{{reference}}}`: no step has the id {id:?}"));
-                };
-                if i >= before {
-                    return Err(format!(
-                        "`${{{reference}}}`: a step may refer only to steps listed above it"
-                    ));
                 }
                 match self.kind_of(id) {
-                    Some("tool" | "wait" | "handoff") => Ok(()),
+                    Some("tool" | "wait" | "handoff") => Ok(Some(id.to_owned())),
                     Some("model") => match parts.next() {
-                        Some("text" | "json") => Ok(()),
+                        Some("text") => Ok(Some(id.to_owned())),
+                        Some("json") if self.model_answers_json(id) => Ok(Some(id.to_owned())),
+                        Some("json") => Err(format!(
+                            "`${{{reference}}}`: step {id:?} answers `json` only with `json: true`"
+                        )),
                         _ => Err(format!(
                             "`${{{reference}}}`: a model step answers `text` (or `json` with json: true)"
                         )),
@@ -1133,6 +1342,77 @@ impl Scope<'_> {
             )),
         }
     }
+
+    /// Whether model step `id` says `json: true`.
+    fn model_answers_json(&self, id: &str) -> bool {
+        let Some(i) = self
+            .ids
+            .iter()
+            .position(|known| known.as_deref() == Some(id))
+        else {
+            return false;
+        };
+        self.list
+            .get(i)
+            .and_then(Node::as_mapping)
+            .and_then(|m| m.get_scalar("json"))
+            .and_then(MarkedScalarNode::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// Where a reference is: the step holding it, and whether it may name that step itself.
+type Origin = (usize, bool);
+
+/// How the run moves between steps: `(from, to, whether `from` has answered)` — a step's failure
+/// (`on_error`) or a wait's timeout moves on without its answer.
+fn edges(steps: &[Step]) -> Vec<(usize, usize, bool)> {
+    let index: BTreeMap<&str, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    let members: BTreeSet<&str> = steps
+        .iter()
+        .flat_map(|s| match &s.kind {
+            StepKind::Parallel { steps } => steps.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let to = |id: &str| index.get(id).copied();
+    let mut out = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let mut answered: Vec<usize> = Vec::new();
+        let mut unanswered: Vec<usize> = Vec::new();
+        unanswered.extend(step.on_error.as_deref().and_then(to));
+        match &step.kind {
+            StepKind::Branch { cases } => answered.extend(cases.iter().filter_map(|c| to(&c.next))),
+            StepKind::Parallel { steps: run } => {
+                unanswered.extend(run.iter().filter_map(|m| to(m)));
+                answered.extend(step.next.as_deref().and_then(to));
+            }
+            StepKind::Wait { on_timeout, .. } => {
+                unanswered.extend(to(on_timeout));
+                answered.extend(step.next.as_deref().and_then(to).or(Some(i + 1)));
+            }
+            StepKind::End { .. } => {}
+            _ if members.contains(step.id.as_str()) => {}
+            _ => answered.extend(step.next.as_deref().and_then(to).or(Some(i + 1))),
+        }
+        out.extend(
+            answered
+                .into_iter()
+                .filter(|t| *t < steps.len())
+                .map(|t| (i, t, true)),
+        );
+        out.extend(
+            unanswered
+                .into_iter()
+                .filter(|t| *t < steps.len())
+                .map(|t| (i, t, false)),
+        );
+    }
+    out
 }
 
 fn join(field: &str, key: &str) -> String {

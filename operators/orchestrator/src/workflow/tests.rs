@@ -141,7 +141,7 @@ fn mistakes_are_refused_with_their_line_and_field() {
         &format!("{HEAD}steps:\n  - id: a\n    model: auto\n    prompt: ${{steps.b.text}}\n  - id: b\n    model: auto\n    prompt: x\n"),
         7,
         "steps[0].prompt",
-        "listed above it",
+        "has not answered on every way to here",
     );
     assert_error(
         &format!("{HEAD}steps:\n  - id: a\n    model: auto\n    prompt: x\n    next: nowhere\n"),
@@ -195,4 +195,80 @@ fn every_mistake_is_reported_at_once() {
         "{HEAD}steps:\n  - id: a\n    tool: nope\n  - id: a\n    model: auto\n"
     ));
     assert!(found.len() >= 3, "{found:#?}");
+}
+
+#[test]
+fn the_run_s_ways_are_checked() {
+    // A step a branch may skip has not answered on every way.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: pick\n    branch:\n      - if: ${{message}} == \"x\"\n        next: look\n      - next: say\n  - id: look\n    tool: lookup_order\n    arguments: {{order_id: A}}\n  - id: say\n    end:\n      reply: ${{steps.look.order}}\n"),
+        15,
+        "steps[2].end.reply",
+        "has not answered on every way",
+    );
+    // A failed step's answer is not there on its on_error way.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: look\n    tool: lookup_order\n    arguments: {{order_id: A}}\n    on_error: sorry\n  - id: done\n    end: {{}}\n  - id: sorry\n    end:\n      reply: ${{steps.look.found}}\n"),
+        13,
+        "steps[2].end.reply",
+        "has not answered",
+    );
+    // No loops.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: a\n    model: auto\n    prompt: x\n  - id: b\n    model: auto\n    prompt: y\n    next: a\n"),
+        8,
+        "steps[1]",
+        "workflows do not loop",
+    );
+    // A parallel step's steps are reached only through it, and named once.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: p\n    parallel: [a, a]\n    next: d\n  - id: a\n    model: auto\n    prompt: x\n  - id: d\n    end: {{}}\n"),
+        5,
+        "steps[0].parallel",
+        "names a step twice",
+    );
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: s\n    branch:\n      - if: ${{message}} == \"1\"\n        next: p\n      - next: x\n  - id: p\n    parallel: [a, b]\n    next: d\n  - id: x\n    model: auto\n    prompt: x\n  - id: a\n    model: auto\n    prompt: x\n  - id: b\n    model: auto\n    prompt: y\n  - id: d\n    end: {{}}\n"),
+        16,
+        "steps[3]",
+        "only that step may lead to it (step \"x\" does)",
+    );
+    // Nothing to fail, nowhere to go on failure.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: a\n    end: {{}}\n    on_error: a\n"),
+        5,
+        "steps[0].on_error",
+        "cannot fail",
+    );
+    // `json` only from a model step that answers JSON.
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: m\n    model: auto\n    prompt: x\n  - id: e\n    end:\n      reply: ${{steps.m.json.a}}\n"),
+        10,
+        "steps[1].end.reply",
+        "only with `json: true`",
+    );
+}
+
+#[test]
+fn keys_appear_once_and_quoted_values_stay_text() {
+    assert_error(
+        &format!("{HEAD}steps:\n  - id: a\n    end: {{}}\n    end: {{}}\n"),
+        7,
+        "(file)",
+        "Duplicate key",
+    );
+    // A quoted number is text: an order id.
+    let quoted = format!("{HEAD}steps:\n  - id: a\n    tool: lookup_order\n    arguments:\n      order_id: \"1001\"\n");
+    assert!(errors(&quoted).is_empty(), "{:#?}", errors(&quoted));
+    let plain = format!(
+        "{HEAD}steps:\n  - id: a\n    tool: lookup_order\n    arguments:\n      order_id: 1001\n"
+    );
+    assert_error(
+        &plain,
+        8,
+        "steps[0].arguments.order_id",
+        "expected a string",
+    );
+    let deep = format!("{HEAD}steps:\n{}", "  ".repeat(100) + "- x\n");
+    assert_error(&deep, 1, "(file)", "nested more than");
 }

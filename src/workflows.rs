@@ -60,8 +60,13 @@ pub async fn workflow(config: Config, command: WorkflowCommand) -> anyhow::Resul
                 return Ok(());
             }
             for e in entries {
+                let missing = if e.ready {
+                    ""
+                } else {
+                    " (its tools are missing)"
+                };
                 println!(
-                    "{:<24} v{:<4} {:<8} {:<3} intents: {}",
+                    "{:<24} v{:<4} {:<8} {:<3} intents: {}{missing}",
                     e.name,
                     e.version,
                     if e.own { "own" } else { "built-in" },
@@ -129,6 +134,7 @@ pub async fn publish(
             version,
             description: &checked.description,
             intents: &checked.intents,
+            tools: &checked.tools,
             definition: text,
         },
     )

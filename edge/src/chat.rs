@@ -88,9 +88,15 @@ pub async fn submit(
             ))
         }
         (true, Some(session)) => {
+            crate::memory::check_session(session)?;
             let config = &state.config.memory;
+            let owner = sluice_stores::postgres::memory::owner(
+                caller.key_id().as_deref(),
+                caller.user_id().as_deref(),
+            );
             let turns =
-                crate::memory::latest_turns(&state.app_pool, tenant.0, session, config).await?;
+                crate::memory::latest_turns(&state.app_pool, tenant.0, &owner, session, config)
+                    .await?;
             crate::memory::with_history(prompt.messages, turns, config)
         }
     };

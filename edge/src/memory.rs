@@ -53,7 +53,9 @@ fn leads(message: &ChatMessage) -> bool {
 }
 
 /// `messages` with the remembered `turns` (newest first) put in by the rule above, and how many
-/// messages were put in.
+/// messages were put in. Tool calls stay whole: an oldest turn that opens with tools' results
+/// (their calls left out) is left out too, and calls the newest turn made that the new messages
+/// do not answer are left out of it, so a remembered message never makes a request invalid.
 pub fn with_history(
     messages: Vec<ChatMessage>,
     turns: Vec<Vec<ChatMessage>>,
@@ -69,7 +71,35 @@ pub fn with_history(
         spent += cost;
         picked.push(turn);
     }
+    while picked
+        .last()
+        .and_then(|oldest| oldest.first())
+        .is_some_and(|m| m.role == "tool")
+    {
+        picked.pop();
+    }
     let leading = messages.iter().take_while(|m| leads(m)).count();
+    let answers: Vec<&str> = messages[leading..]
+        .iter()
+        .take_while(|m| m.role == "tool")
+        .filter_map(|m| m.tool_call_id.as_deref())
+        .collect();
+    if let Some(newest) = picked.first_mut() {
+        let open = newest.last().is_some_and(|last| {
+            last.tool_calls
+                .iter()
+                .any(|call| !answers.contains(&call.id.as_str()))
+        });
+        if open {
+            if let Some(mut last) = newest.pop() {
+                last.tool_calls.clear();
+                if !last.content.is_empty() {
+                    newest.push(last);
+                }
+            }
+        }
+    }
+
     let mut out = Vec::with_capacity(messages.len() + picked.iter().map(Vec::len).sum::<usize>());
     let mut messages = messages.into_iter();
     out.extend(messages.by_ref().take(leading));
@@ -82,10 +112,24 @@ pub fn with_history(
     (out, i32::try_from(remembered).unwrap_or(i32::MAX))
 }
 
-/// The latest turns of `session` (newest first).
+/// Checks a session id memory can keep (not empty, at most 200 characters).
+pub fn check_session(session: &str) -> Result<(), ApiError> {
+    let chars = session.chars().count();
+    if chars == 0 || chars > memory::MAX_SESSION_CHARS {
+        return Err(ApiError::invalid(format!(
+            "A session id for conversation memory has 1 to {} characters.",
+            memory::MAX_SESSION_CHARS
+        )));
+    }
+    Ok(())
+}
+
+/// The latest turns of `caller`'s `session` (newest first), up to the first one that does not
+/// read (older ones are left out with it, so no gap opens in the history).
 pub async fn latest_turns(
     app: &PgPool,
     tenant: Uuid,
+    caller: &str,
     session: &str,
     config: &MemoryConfig,
 ) -> Result<Vec<Vec<ChatMessage>>, ApiError> {
@@ -95,9 +139,15 @@ pub async fn latest_turns(
         ))
     };
     let mut tx = tenant_transaction(app, tenant).await.map_err(unavailable)?;
-    let rows = memory::latest_turns(&mut tx, tenant, session, i64::from(config.max_turns))
-        .await
-        .map_err(unavailable)?;
+    let rows = memory::latest_turns(
+        &mut tx,
+        tenant,
+        caller,
+        session,
+        i64::from(config.max_turns),
+    )
+    .await
+    .map_err(unavailable)?;
     tx.rollback()
         .await
         .map_err(|e| unavailable(sluice_stores::Error::from(e)))?;
@@ -106,7 +156,8 @@ pub async fn latest_turns(
         match serde_json::from_value::<Vec<ChatMessage>>(row) {
             Ok(turn) => turns.push(turn),
             Err(e) => {
-                tracing::warn!(%tenant, session, error = %e, "a remembered turn does not read; left out")
+                tracing::warn!(%tenant, session, error = %e, "a remembered turn does not read; it and older ones left out");
+                break;
             }
         }
     }
@@ -158,6 +209,39 @@ mod tests {
         assert_eq!(remembered, 2);
         let (messages, remembered) = with_history(new.clone(), Vec::new(), &few_tokens);
         assert_eq!((messages, remembered), (new, 0));
+    }
+
+    #[test]
+    fn tool_calls_stay_whole() {
+        let mut call = ChatMessage::text("assistant", "");
+        call.tool_calls.push(sluice_schemas::ToolCall {
+            id: "c1".into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        });
+        let mut result = ChatMessage::text("tool", "r");
+        result.tool_call_id = Some("c1".into());
+        // Newest first: the call, then (older) a turn that opens with an earlier call's result.
+        let turns = vec![
+            vec![ChatMessage::text("user", "look it up"), call.clone()],
+            vec![result.clone(), ChatMessage::text("assistant", "done")],
+        ];
+        let config = MemoryConfig::default();
+        // The new turn answers the call: it stays; the turn opening with a result is left out.
+        let (messages, remembered) = with_history(vec![result.clone()], turns.clone(), &config);
+        assert_eq!(remembered, 2);
+        assert_eq!(messages[1].tool_calls.len(), 1);
+        // The new turn does not answer it: the unanswered call is left out.
+        let (messages, remembered) = with_history(
+            vec![ChatMessage::text("user", "never mind")],
+            turns,
+            &config,
+        );
+        assert_eq!(remembered, 1);
+        assert_eq!(messages[0].content, "look it up");
+        assert!(check_session("").is_err());
+        assert!(check_session(&"s".repeat(201)).is_err());
+        assert!(check_session("ada-1").is_ok());
     }
 
     #[test]

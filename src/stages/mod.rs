@@ -65,7 +65,7 @@ impl Stage {
     ) -> anyhow::Result<Vec<Runnable>> {
         Ok(match self {
             Stage::Router => vec![router::build(config, process).await?],
-            Stage::Orchestrator => vec![orchestrator::build(config).await?],
+            Stage::Orchestrator => vec![orchestrator::build(config)?],
             Stage::Metering => vec![metering::build(config)],
             Stage::Sql => sql::build(config, process).await?,
             Stage::Webhooks => vec![webhooks::build(config, process).await?],

@@ -9,12 +9,15 @@ use sluice_pipelines::{runtime::StageSpec, Runnable};
 
 use crate::config::Config;
 
-pub async fn build(config: &Config) -> anyhow::Result<Runnable> {
+pub fn build(config: &Config) -> anyhow::Result<Runnable> {
     let topics = config.kafka.topics();
-    // Sessions' memory is written where their turns are answered.
-    let app =
-        sluice_stores::postgres::connect(&config.postgres.url, config.postgres.max_connections)
-            .await?;
+    // Sessions' memory is written where their turns are answered; the stage answers while
+    // PostgreSQL is down (those turns are left out of the memory).
+    let app = sluice_stores::postgres::connect_lazy(
+        &config.postgres.url,
+        config.postgres.max_connections,
+        std::time::Duration::from_millis(500),
+    )?;
     let orchestrator = Orchestrator::new(config.orchestrator.clone(), topics.clone())
         .context("building the orchestrator's model providers")?
         .with_memory(app);

@@ -1,9 +1,10 @@
--- The workflow registry: each published version keeps the intents it answers and its
--- description (read from the definition when it is published), and a tenant may turn any
--- workflow it sees — a built-in one or its own — off or on again.
+-- The workflow registry: each published version keeps the intents it answers, its description
+-- and the tenant tools its steps call (read from the definition when it is published), and a
+-- tenant may turn any workflow it sees — a built-in one or its own — off or on again.
 
 ALTER TABLE workflows ADD COLUMN description text NOT NULL DEFAULT '';
 ALTER TABLE workflows ADD COLUMN intents text[] NOT NULL DEFAULT '{}';
+ALTER TABLE workflows ADD COLUMN tools text[] NOT NULL DEFAULT '{}';
 
 CREATE TABLE workflow_settings (
     tenant_id   uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,

@@ -563,6 +563,22 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         other["usage"]["prompt_tokens"], 5,
         "Bob's session is his own"
     );
+    // So is another key's of Alice's tenant.
+    let second: Value =
+        serde_json::from_str(&run_cli(&prefix, &["tenant", "key", &alice.name, "--json"])).unwrap();
+    let second_key = second["api_key"].as_str().unwrap();
+    let (status, other) = remembered_chat(
+        &sluice,
+        second_key,
+        Some(&session),
+        json!([{"role": "user", "content": "Hi"}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{other}");
+    assert_eq!(
+        other["usage"]["prompt_tokens"], 5,
+        "a session belongs to its key"
+    );
 
     // At most two turns are remembered: the fourth sees the second and the third only.
     let (_, three) = remembered_chat(

@@ -1,7 +1,9 @@
 //! `sluice workflow check`: the shipped definitions pass; a wrong one is refused with its file,
 //! line and field, and the command fails.
 
-use crate::harness::{app_database_url, create_tenant, run_cli, sluice, unique};
+use crate::harness::{
+    admin_database_url, app_database_url, create_tenant, run_cli, sluice, unique,
+};
 
 #[test]
 fn workflow_check_passes_the_shipped_definitions_and_names_each_mistake() {
@@ -177,6 +179,43 @@ async fn the_registry_keeps_versions_per_tenant_and_turns_workflows_off_per_tena
         .unwrap()
         .is_some());
     tx.rollback().await.unwrap();
+    // A workflow that calls the tenant's own tools is picked only once the tenant has them.
+    let mut tx = tenant_transaction(&app, alice_id).await.unwrap();
+    assert!(workflows::for_intent(&mut tx, alice_id, "create_order")
+        .await
+        .unwrap()
+        .is_none());
+    tx.rollback().await.unwrap();
+    let admin = sqlx::PgPool::connect(&admin_database_url()).await.unwrap();
+    for tool in [
+        "reserve_stock",
+        "release_stock",
+        "charge_payment",
+        "refund_payment",
+    ] {
+        sqlx::query(
+            "INSERT INTO tools (tenant_id, name, kind, config) VALUES ($1, $2, 'http', '{}')",
+        )
+        .bind(alice_id)
+        .bind(tool)
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+    let mut tx = tenant_transaction(&app, alice_id).await.unwrap();
+    let entry = workflows::for_intent(&mut tx, alice_id, "create_order")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.name, "create_order");
+    tx.rollback().await.unwrap();
+    let mut tx = tenant_transaction(&app, bob_id).await.unwrap();
+    assert!(workflows::for_intent(&mut tx, bob_id, "create_order")
+        .await
+        .unwrap()
+        .is_none());
+    tx.rollback().await.unwrap();
+
     run_cli(
         &prefix,
         &["workflow", "enable", "track_order", "--tenant", &alice.name],

@@ -34,6 +34,9 @@ use providers::{
     EventStream, ModelCall, ProviderError, ProviderEvent,
 };
 
+/// The longest the end of a reply waits for its turn to be recorded in the session's memory.
+const MEMORY_WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The longest a whole (not streamed) reply's text is held before it is sent on, so the edge
 /// keeps hearing from a long generation.
 const WHOLE_REPLY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -202,31 +205,47 @@ impl Orchestrator {
         let Ok(messages) = serde_json::to_value(&turn) else {
             return;
         };
-        for attempt in 1..=3u32 {
-            let recorded = async {
-                let mut tx = sluice_stores::postgres::tenant_transaction(app, tenant).await?;
-                sluice_stores::postgres::memory::record_turn(
-                    &mut tx,
-                    tenant,
-                    &request.session_id,
-                    &request.request_id,
-                    &messages,
-                )
-                .await?;
-                tx.commit().await.map_err(sluice_stores::Error::from)
-            }
-            .await;
-            match recorded {
-                Ok(()) => return,
-                Err(e) if attempt < 3 && e.is_retriable() => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+        let owner = sluice_stores::postgres::memory::owner(
+            request.key_id.as_deref(),
+            request.user_id.as_deref(),
+        );
+        // At most a second: the reply's end waits for this.
+        let recording = async {
+            for attempt in 1..=3u32 {
+                let recorded = async {
+                    let mut tx = sluice_stores::postgres::tenant_transaction(app, tenant).await?;
+                    sluice_stores::postgres::memory::record_turn(
+                        &mut tx,
+                        tenant,
+                        &owner,
+                        &request.session_id,
+                        &request.request_id,
+                        &messages,
+                    )
+                    .await?;
+                    tx.commit().await.map_err(sluice_stores::Error::from)
+                }
+                .await;
+                match recorded {
+                    Ok(()) => return,
+                    Err(e) if attempt < 3 && e.is_retriable() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            100 * u64::from(attempt),
+                        ))
                         .await;
-                }
-                Err(e) => {
-                    tracing::error!(request_id = %request.request_id, session = %request.session_id, error = %e, "cannot record the turn in the session's memory");
-                    return;
+                    }
+                    Err(e) => {
+                        tracing::error!(request_id = %request.request_id, session = %request.session_id, error = %e, "cannot record the turn in the session's memory");
+                        return;
+                    }
                 }
             }
+        };
+        if tokio::time::timeout(MEMORY_WRITE_DEADLINE, recording)
+            .await
+            .is_err()
+        {
+            tracing::error!(request_id = %request.request_id, session = %request.session_id, "recording the turn in the session's memory took too long; left out");
         }
     }
 

@@ -1,26 +1,42 @@
 //! Conversation memory (`conversation_turns`): the turns of sessions whose callers asked Sluice
 //! to remember them. Each turn is the caller's new messages and the assistant's reply, written
-//! once per request; a session's history is its latest turns. Every query names the tenant (and
-//! runs in its transaction, under row-level security).
+//! once per request; a session's history is its latest turns. A session is its caller's (the
+//! key or user, [`owner`]): another caller of the tenant naming the same id has its own. Every
+//! query names the tenant (and runs in its transaction, under row-level security).
 
 use serde_json::Value;
 use sqlx::{types::Uuid, PgConnection, Row};
 
 use crate::Result;
 
-/// Records a turn of `session` (once per `request_id`: a redelivered request adds nothing).
+/// The longest session id memory keeps.
+pub const MAX_SESSION_CHARS: usize = 200;
+
+/// Whose sessions a request's are: its API key's, else its user's.
+pub fn owner(key_id: Option<&str>, user_id: Option<&str>) -> String {
+    match (key_id, user_id) {
+        (Some(key), _) => format!("key:{key}"),
+        (None, Some(user)) => format!("user:{user}"),
+        (None, None) => "tenant".to_owned(),
+    }
+}
+
+/// Records a turn of `caller`'s `session` (once per `request_id`: a redelivered request adds
+/// nothing).
 pub async fn record_turn(
     conn: &mut PgConnection,
     tenant: Uuid,
+    caller: &str,
     session: &str,
     request_id: &str,
     messages: &Value,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO conversation_turns (tenant_id, session_id, request_id, messages) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, request_id) DO NOTHING",
+        "INSERT INTO conversation_turns (tenant_id, caller, session_id, request_id, messages) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, request_id) DO NOTHING",
     )
     .bind(tenant)
+    .bind(caller)
     .bind(session)
     .bind(request_id)
     .bind(messages)
@@ -29,18 +45,22 @@ pub async fn record_turn(
     Ok(())
 }
 
-/// The latest `turns` turns of `session`, newest first: each its messages (a JSON array).
+/// The latest `turns` turns of `caller`'s `session`, newest first: each its messages (a JSON
+/// array).
 pub async fn latest_turns(
     conn: &mut PgConnection,
     tenant: Uuid,
+    caller: &str,
     session: &str,
     turns: i64,
 ) -> Result<Vec<Value>> {
     let rows = sqlx::query(
-        "SELECT messages FROM conversation_turns WHERE tenant_id = $1 AND session_id = $2 \
-         ORDER BY created_at DESC, request_id DESC LIMIT $3",
+        "SELECT messages FROM conversation_turns \
+         WHERE tenant_id = $1 AND caller = $2 AND session_id = $3 \
+         ORDER BY created_at DESC, request_id DESC LIMIT $4",
     )
     .bind(tenant)
+    .bind(caller)
     .bind(session)
     .bind(turns)
     .fetch_all(conn)

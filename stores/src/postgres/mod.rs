@@ -113,6 +113,19 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// A pool for `url` that connects when first used (so a process starts while PostgreSQL is
+/// down), waiting at most `acquire` for a connection.
+pub fn connect_lazy(
+    url: &str,
+    max_connections: u32,
+    acquire: std::time::Duration,
+) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire)
+        .connect_lazy(url)?)
+}
+
 /// Connects a pool to `url`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(PgPoolOptions::new()

@@ -17,6 +17,8 @@ pub struct Publication<'a> {
     pub version: i32,
     pub description: &'a str,
     pub intents: &'a [String],
+    /// The tenant tools its steps call.
+    pub tools: &'a [String],
     /// The definition's YAML, as written.
     pub definition: &'a str,
 }
@@ -31,6 +33,9 @@ pub struct Entry {
     /// Whether it is the tenant's own (else built-in).
     pub own: bool,
     pub enabled: bool,
+    /// The tenant tools it calls, and whether the tenant has each of them (enabled).
+    pub tools: Vec<String>,
+    pub ready: bool,
 }
 
 /// Publishes `publication` for `tenant` (`None`: built-in) under its own version; returns
@@ -82,8 +87,8 @@ pub async fn publish(
         )));
     }
     sqlx::query(
-        "INSERT INTO workflows (tenant_id, name, version, definition, description, intents) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO workflows (tenant_id, name, version, definition, description, intents, tools) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(tenant)
     .bind(publication.name)
@@ -91,6 +96,7 @@ pub async fn publish(
     .bind(publication.definition)
     .bind(publication.description)
     .bind(publication.intents)
+    .bind(publication.tools)
     .execute(conn)
     .await?;
     Ok(true)
@@ -101,7 +107,10 @@ pub async fn publish(
 pub async fn list(conn: &mut PgConnection, tenant: Option<Uuid>) -> Result<Vec<Entry>> {
     let rows = sqlx::query(
         "SELECT DISTINCT ON (w.name) w.name, w.version, w.description, w.intents, \
-                w.tenant_id IS NOT NULL, coalesce(s.enabled, true) \
+                w.tenant_id IS NOT NULL, coalesce(s.enabled, true), w.tools, \
+                NOT EXISTS (SELECT 1 FROM unnest(w.tools) AS needed(name) WHERE NOT EXISTS ( \
+                    SELECT 1 FROM tools t WHERE t.name = needed.name AND t.enabled \
+                       AND (t.tenant_id IS NULL OR t.tenant_id = $1))) \
            FROM workflows w \
            LEFT JOIN workflow_settings s ON s.tenant_id = $1 AND s.name = w.name \
           WHERE w.tenant_id IS NULL OR w.tenant_id = $1 \
@@ -119,6 +128,8 @@ pub async fn list(conn: &mut PgConnection, tenant: Option<Uuid>) -> Result<Vec<E
                 intents: row.try_get(3)?,
                 own: row.try_get(4)?,
                 enabled: row.try_get(5)?,
+                tools: row.try_get(6)?,
+                ready: row.try_get(7)?,
             })
         })
         .collect()
@@ -147,7 +158,8 @@ pub async fn definition(
         .transpose()
 }
 
-/// The enabled workflow `tenant` runs for `intent`: its own before built-in ones, then by name.
+/// The workflow `tenant` runs for `intent`: one it has on and whose tenant tools it has, its own
+/// before built-in ones, then by name.
 pub async fn for_intent(
     conn: &mut PgConnection,
     tenant: Uuid,
@@ -156,7 +168,7 @@ pub async fn for_intent(
     let entries = list(conn, Some(tenant)).await?;
     let mut candidates: Vec<Entry> = entries
         .into_iter()
-        .filter(|e| e.enabled && e.intents.iter().any(|i| i == intent))
+        .filter(|e| e.enabled && e.ready && e.intents.iter().any(|i| i == intent))
         .collect();
     candidates.sort_by(|a, b| b.own.cmp(&a.own).then_with(|| a.name.cmp(&b.name)));
     Ok(candidates.into_iter().next())

@@ -60,6 +60,7 @@ impl Modify for Bearer {
         crate::usage::models,
         crate::usage::usage,
         crate::usage::me,
+        crate::memory::forget,
         crate::control::register,
         crate::control::login,
         crate::control::refresh,

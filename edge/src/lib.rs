@@ -487,6 +487,10 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route("/v1/models", get(usage::models))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/me", get(usage::me))
+        .route(
+            "/v1/sessions/{session}/memory",
+            axum::routing::delete(memory::forget),
+        )
         .route("/v1/auth/register", post(control::register))
         .route("/v1/auth/login", post(control::login))
         .route("/v1/auth/refresh", post(control::refresh))

@@ -8,12 +8,19 @@
 //! the first turn that does not fit, and every older one, is left out. They go after the
 //! request's leading system and developer messages and before the rest of it, oldest first.
 
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, State},
+    Json,
+};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use sluice_schemas::{tokens, ChatMessage};
 use sluice_stores::postgres::{memory, tenant_transaction};
 use sqlx::{types::Uuid, PgPool};
 
-use crate::error::ApiError;
+use crate::{auth::Caller, error::ApiError, EdgeState};
 
 /// Memory settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -122,6 +129,39 @@ pub fn check_session(session: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// `DELETE /v1/sessions/{session}/memory`: forgets the caller's session (its key's or user's).
+#[utoipa::path(delete, path = "/v1/sessions/{session}/memory", tag = "openai", security(("bearer" = [])),
+    params(("session" = String, Path, description = "The session id (`X-Session-Id`)")),
+    responses((status = 200, description = "`{\"object\": \"session.memory.deleted\", \"session\": …, \"deleted_turns\": n}`", body = Object), (status = 400, description = "Invalid session id", body = crate::api_doc::ErrorBody), (status = 401, description = "No or wrong key or token", body = crate::api_doc::ErrorBody), (status = 503, description = "PostgreSQL is unavailable (with Retry-After)", body = crate::api_doc::ErrorBody)))]
+pub async fn forget(
+    State(state): State<Arc<EdgeState>>,
+    caller: Caller,
+    Path(session): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_session(&session)?;
+    let owner = memory::owner(caller.key_id().as_deref(), caller.user_id().as_deref());
+    let unavailable = |e: sluice_stores::Error| {
+        ApiError::unavailable(format!(
+            "Sluice cannot change the session's memory right now: {e}"
+        ))
+    };
+    let tenant = caller.tenant.0;
+    let mut tx = tenant_transaction(&state.app_pool, tenant)
+        .await
+        .map_err(unavailable)?;
+    let deleted = memory::forget(&mut tx, tenant, &owner, &session)
+        .await
+        .map_err(unavailable)?;
+    tx.commit()
+        .await
+        .map_err(|e| unavailable(sluice_stores::Error::from(e)))?;
+    Ok(Json(json!({
+        "object": "session.memory.deleted",
+        "session": session,
+        "deleted_turns": deleted,
+    })))
 }
 
 /// The latest turns of `caller`'s `session` (newest first), up to the first one that does not

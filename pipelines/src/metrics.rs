@@ -372,6 +372,10 @@ pub const ALL: &[&str] = &[
     AUTH_CHANGES,
     WEBHOOK_ATTEMPTS,
     NOTIFICATIONS,
+    TOOL_CALLS,
+    TOOL_RETRIES,
+    TOOL_BREAKERS,
+    TOOL_SECONDS,
 ];
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A tenant's data export: everything it owns, as one JSON document — its record and plan, its
 //! keys (prefixes, never secrets), its users (never password hashes), its CORS origins, its
-//! audit log, the business data its tools act on (customers, orders, tickets), and its usage
-//! facts. The control-plane part is read at once; the usage facts,
+//! audit log, the business data its tools act on (customers, orders, tickets), its remembered
+//! conversations, and its usage facts. The control-plane part is read at once; the usage facts,
 //! which grow with the tenant's traffic, stream from ClickHouse as the document is written, so
 //! a large tenant's export never sits whole in memory.
 
@@ -12,7 +12,7 @@ use sqlx::{types::Uuid, PgConnection, Row};
 
 use crate::{
     clickhouse::usage::{self, UsageRow},
-    postgres::{audit, business, keys, origins, users},
+    postgres::{audit, business, keys, memory, origins, users},
     ClickHouse, Error, Result,
 };
 
@@ -100,6 +100,7 @@ pub async fn tenant_export(
         }
     }
     let business = business::export(&mut *conn, tenant_id).await?;
+    let conversations = memory::export(&mut *conn, tenant_id).await?;
     let events = usage::tenant_events(clickhouse, &tenant_id.to_string())?;
     let head = json!({
         "object": "tenant.export",
@@ -118,6 +119,7 @@ pub async fn tenant_export(
         "customers": business["customers"],
         "orders": business["orders"],
         "tickets": business["tickets"],
+        "conversation_turns": conversations,
     });
     let mut head = serde_json::to_vec(&head).map_err(|e| Error::Corrupt(e.to_string()))?;
     // The object stays open for its last member, the usage facts.

@@ -608,6 +608,39 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
     ];
     assert_eq!(four["usage"]["prompt_tokens"], prompt_of(&seen));
 
+    // The caller forgets the session: the next turn stands alone. Bob's forgetting his own
+    // session of the same id leaves Alice's alone.
+    let forget = |key: String| {
+        let url = sluice.v1(&format!("/sessions/{session}/memory"));
+        async move {
+            let response = http().delete(url).bearer_auth(key).send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, gone) = forget(bob.key.clone()).await;
+    assert_eq!(
+        (status, gone["deleted_turns"].as_u64()),
+        (200, Some(1)),
+        "{gone}"
+    );
+    let (status, gone) = forget(alice.key.clone()).await;
+    assert_eq!(
+        (status, gone["deleted_turns"].as_u64()),
+        (200, Some(4)),
+        "{gone}"
+    );
+    let (_, alone) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&session),
+        json!([{"role": "user", "content": "Hi"}]),
+    )
+    .await;
+    assert_eq!(alone["usage"]["prompt_tokens"], 5);
+
     // Memory needs a session.
     let (status, body) = remembered_chat(
         &sluice,

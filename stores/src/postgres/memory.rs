@@ -67,3 +67,45 @@ pub async fn latest_turns(
     .await?;
     rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
 }
+
+/// Forgets `caller`'s `session`: deletes its turns, and returns how many there were.
+pub async fn forget(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    caller: &str,
+    session: &str,
+) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM conversation_turns WHERE tenant_id = $1 AND caller = $2 AND session_id = $3",
+    )
+    .bind(tenant)
+    .bind(caller)
+    .bind(session)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Every remembered turn of the tenant, for its export: caller, session, request, messages and
+/// when, oldest first.
+pub async fn export(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<Value>> {
+    let rows = sqlx::query(
+        "SELECT caller, session_id, request_id, messages, \
+                (extract(epoch FROM created_at) * 1000)::bigint \
+           FROM conversation_turns WHERE tenant_id = $1 ORDER BY created_at, request_id",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(serde_json::json!({
+                "caller": row.try_get::<String, _>(0)?,
+                "session": row.try_get::<String, _>(1)?,
+                "request_id": row.try_get::<String, _>(2)?,
+                "messages": row.try_get::<Value, _>(3)?,
+                "created_at_ms": row.try_get::<i64, _>(4)?,
+            }))
+        })
+        .collect()
+}

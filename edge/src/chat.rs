@@ -13,13 +13,13 @@ use axum::{
     Json,
 };
 use sluice_pipelines::{now_ms, trace::TraceContext};
-use sluice_schemas::{ChatRequest, ReplyAddress, ReplyKind};
+use sluice_schemas::{ChatRequest, ReplyAddress, ReplyKind, ToolCallAssembler};
 use sluice_stores::AUTO_MODEL;
 
 use crate::{
     auth::Caller,
     error::ApiError,
-    openai::{self, CompletionRequest, Prompt, ToolCallAssembler},
+    openai::{self, CompletionRequest, Prompt},
     replies::Subscription,
     stream::{chunk_error, next_chunk, sse_body, ReplyStream},
     EdgeState,

@@ -445,6 +445,7 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/models",
     "/v1/usage",
     "/v1/me",
+    "/v1/sessions/{session}/memory",
     "/v1/auth/register",
     "/v1/auth/login",
     "/v1/auth/refresh",

@@ -14,8 +14,8 @@ pub mod wire;
 pub use codec::Codec;
 pub use records::{
     ChatMessage, ChatRequest, DeadLetter, Notification, Record, ReplyAddress, ReplyChunk,
-    ReplyKind, ResponseFormat, RoutedRequest, RoutingDecision, ToolCall, ToolCallDelta,
-    ToolDefinition, UsageEvent, WindowResult,
+    ReplyKind, ResponseFormat, RoutedRequest, RoutingDecision, ToolCall, ToolCallAssembler,
+    ToolCallDelta, ToolDefinition, UsageEvent, WindowResult,
 };
 pub use registry::RegistryClient;
 

@@ -488,13 +488,13 @@ async fn remembered_chat(
     sluice: &Sluice,
     key: &str,
     session: Option<&str>,
-    messages: Value,
+    body: Value,
 ) -> (u16, Value) {
     let mut request = http()
         .post(sluice.v1("/chat/completions"))
         .bearer_auth(key)
         .header("X-Sluice-Memory", "on")
-        .json(&json!({"model": "sim-small", "max_tokens": 6, "messages": messages}));
+        .json(&body);
     if let Some(session) = session {
         request = request.header("X-Session-Id", session);
     }
@@ -503,6 +503,11 @@ async fn remembered_chat(
         response.status().as_u16(),
         response.json::<Value>().await.unwrap(),
     )
+}
+
+/// A short chat body holding `messages`.
+fn turn(messages: Value) -> Value {
+    json!({"model": "sim-small", "max_tokens": 6, "messages": messages})
 }
 
 #[tokio::test]
@@ -519,7 +524,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
     let prompt_of = |messages: &[ChatMessage]| count_prompt(messages, &[]) as i64;
 
     let first = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."}]);
-    let (status, one) = remembered_chat(&sluice, &alice.key, Some(&session), first).await;
+    let (status, one) = remembered_chat(&sluice, &alice.key, Some(&session), turn(first)).await;
     assert_eq!(status, 200, "{one}");
     let reply_one = one["choices"][0]["message"]["content"]
         .as_str()
@@ -655,40 +660,24 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
     let tools = json!([{"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}}]);
     let agent = unique("agent-");
     let ask = |messages: Value| json!({"model": "sim-small", "tools": tools, "messages": messages});
-    let send = |body: Value| {
-        let (url, key, agent) = (
-            sluice.v1("/chat/completions"),
-            alice.key.clone(),
-            agent.clone(),
-        );
-        async move {
-            let response = http()
-                .post(url)
-                .bearer_auth(key)
-                .header("X-Sluice-Memory", "on")
-                .header("X-Session-Id", agent)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
-        }
-    };
-    let (status, called) = send(ask(
-        json!([{"role": "user", "content": "Where is order A-17?"}]),
-    ))
+    let (status, called) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&agent),
+        ask(json!([{"role": "user", "content": "Where is order A-17?"}])),
+    )
     .await;
     assert_eq!(status, 200, "{called}");
     let id = called["choices"][0]["message"]["tool_calls"][0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, answered) = send(ask(
-        json!([{"role": "tool", "tool_call_id": id, "content": "{\"status\":\"shipped\"}"}]),
-    ))
+    let (status, answered) = remembered_chat(
+        &sluice,
+        &alice.key,
+        Some(&agent),
+        ask(json!([{"role": "tool", "tool_call_id": id, "content": "{\"status\":\"shipped\"}"}])),
+    )
     .await;
     assert_eq!(status, 200, "{answered}");
     assert_eq!(

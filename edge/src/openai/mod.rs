@@ -385,51 +385,10 @@ pub fn tool_call_deltas_json(pieces: &[ToolCallDelta]) -> Value {
         .collect()
 }
 
-/// Joins a reply's tool-call pieces, in the order they came, into whole calls.
-#[derive(Debug, Default)]
-pub struct ToolCallAssembler {
-    calls: Vec<ToolCall>,
-}
-
-impl ToolCallAssembler {
-    /// Adds pieces: a piece for a call not seen before starts it; an id or name that is empty
-    /// does not replace one already known, and a piece beyond the last possible call is
-    /// dropped (the orchestrator refuses such an upstream reply).
-    pub fn push(&mut self, pieces: &[ToolCallDelta]) {
-        for piece in pieces {
-            if piece.index > ToolCallDelta::MAX_INDEX {
-                continue;
-            }
-            let Ok(index) = usize::try_from(piece.index) else {
-                continue;
-            };
-            while self.calls.len() <= index {
-                self.calls.push(ToolCall {
-                    id: String::new(),
-                    name: String::new(),
-                    arguments: String::new(),
-                });
-            }
-            let call = &mut self.calls[index];
-            if let Some(id) = piece.id.as_ref().filter(|id| !id.is_empty()) {
-                call.id.clone_from(id);
-            }
-            if let Some(name) = piece.name.as_ref().filter(|name| !name.is_empty()) {
-                call.name.clone_from(name);
-            }
-            call.arguments.push_str(&piece.arguments);
-        }
-    }
-
-    /// The calls so far.
-    pub fn calls(&self) -> &[ToolCall] {
-        &self.calls
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_schemas::ToolCallAssembler;
 
     #[test]
     fn parses_openai_requests_and_rejects_bad_ones() {

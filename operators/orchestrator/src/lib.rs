@@ -24,7 +24,8 @@ use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sluice_pipelines::{Emitter, ProcessError, RecordContext, RecordOperator, Topics};
 use sluice_schemas::{
-    tokens, ChatMessage, ReplyChunk, ReplyKind, RoutedRequest, ToolCall, ToolCallDelta, UsageEvent,
+    tokens, ChatMessage, ReplyChunk, ReplyKind, RoutedRequest, ToolCallAssembler, ToolCallDelta,
+    UsageEvent,
 };
 use sluice_stores::ProviderKind;
 
@@ -73,40 +74,19 @@ impl Pending {
 }
 
 /// The tool calls a reply has made so far, whole: what Sluice's token counter bills when the
-/// provider reports no usage.
+/// provider reports no usage, and what a session's memory records.
 #[derive(Default)]
-struct CallsMade {
-    calls: Vec<ToolCall>,
-}
+struct CallsMade(ToolCallAssembler);
 
 impl CallsMade {
     fn push(&mut self, piece: &ToolCallDelta) {
-        if piece.index > ToolCallDelta::MAX_INDEX {
-            return;
-        }
-        let Ok(index) = usize::try_from(piece.index) else {
-            return;
-        };
-        while self.calls.len() <= index {
-            self.calls.push(ToolCall {
-                id: String::new(),
-                name: String::new(),
-                arguments: String::new(),
-            });
-        }
-        let call = &mut self.calls[index];
-        if let Some(id) = piece.id.as_ref().filter(|id| !id.is_empty()) {
-            call.id.clone_from(id);
-        }
-        if let Some(called) = piece.name.as_ref().filter(|n| !n.is_empty()) {
-            call.name.clone_from(called);
-        }
-        call.arguments.push_str(&piece.arguments);
+        self.0.push(std::slice::from_ref(piece));
     }
 
     /// Their tokens: each function's name and arguments.
     fn tokens(&self) -> usize {
-        self.calls
+        self.0
+            .calls()
             .iter()
             .map(|c| tokens::count(&c.name) + tokens::count(&c.arguments))
             .sum()
@@ -470,7 +450,7 @@ impl RecordOperator for Orchestrator {
             None => {
                 // Before the reply's end reaches the caller, so its next turn finds this one.
                 let mut reply = ChatMessage::text("assistant", text);
-                reply.tool_calls = calls_made.calls;
+                reply.tool_calls = calls_made.0.into_calls();
                 self.remember(&routed, reply).await;
                 let mut done = ReplyChunk::new(request, &decision.model, seq, ReplyKind::Done);
                 pending.fill(&mut done);

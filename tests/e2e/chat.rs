@@ -537,7 +537,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &alice.key,
         Some(&session),
-        json!([{"role": "user", "content": "What is my name?"}]),
+        turn(json!([{"role": "user", "content": "What is my name?"}])),
     )
     .await;
     assert_eq!(status, 200, "{two}");
@@ -560,7 +560,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &bob.key,
         Some(&session),
-        json!([{"role": "user", "content": "Hi"}]),
+        turn(json!([{"role": "user", "content": "Hi"}])),
     )
     .await;
     assert_eq!(status, 200, "{other}");
@@ -576,7 +576,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         second_key,
         Some(&session),
-        json!([{"role": "user", "content": "Hi"}]),
+        turn(json!([{"role": "user", "content": "Hi"}])),
     )
     .await;
     assert_eq!(status, 200, "{other}");
@@ -590,7 +590,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &alice.key,
         Some(&session),
-        json!([{"role": "user", "content": "Thanks."}]),
+        turn(json!([{"role": "user", "content": "Thanks."}])),
     )
     .await;
     let reply_three = three["choices"][0]["message"]["content"]
@@ -601,7 +601,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &alice.key,
         Some(&session),
-        json!([{"role": "user", "content": "Bye."}]),
+        turn(json!([{"role": "user", "content": "Bye."}])),
     )
     .await;
     let seen = [
@@ -641,7 +641,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &alice.key,
         Some(&session),
-        json!([{"role": "user", "content": "Hi"}]),
+        turn(json!([{"role": "user", "content": "Hi"}])),
     )
     .await;
     assert_eq!(alone["usage"]["prompt_tokens"], 5);
@@ -651,7 +651,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         &sluice,
         &alice.key,
         None,
-        json!([{"role": "user", "content": "x"}]),
+        turn(json!([{"role": "user", "content": "x"}])),
     )
     .await;
     assert_eq!(status, 400, "{body}");

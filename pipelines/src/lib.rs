@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod config;
 pub mod dlq;
+pub mod egress;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

@@ -17,7 +17,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 use sluice_orchestrator::tools::{
-    BreakerState, Failure, HttpTool, HttpToolConfig, Resilience, ResilienceConfig, ToolError,
+    BreakerState, Failure, HttpTool, HttpToolConfig, Reach, Resilience, ResilienceConfig, ToolError,
 };
 use sluice_pipelines::metrics::Metrics;
 
@@ -118,6 +118,7 @@ async fn answer(
     (status, body).into_response()
 }
 
+/// A tool calling `url` (on loopback: allowed to reach any address).
 fn tool(url: String, method: &str) -> HttpTool {
     HttpTool::new(HttpToolConfig {
         url,
@@ -127,6 +128,7 @@ fn tool(url: String, method: &str) -> HttpTool {
         result_pointer: None,
     })
     .unwrap()
+    .reaching(Reach::Any)
 }
 
 /// The count of `tool`'s calls that ended with `outcome`.
@@ -154,10 +156,9 @@ async fn call(
     tenant: &str,
     key: &str,
 ) -> Result<Value, ToolError> {
-    let http = reqwest::Client::new();
     let arguments = json!({"order_id": "A-17", "quantity": 2});
     resilience
-        .call(name, tenant, |_attempt| tool.call(&http, &arguments, key))
+        .call(name, tenant, |_attempt| tool.call(&arguments, key))
         .await
 }
 
@@ -407,10 +408,10 @@ async fn the_answer_is_picked_by_its_pointer_and_an_unreachable_tool_is_retriabl
         headers: BTreeMap::new(),
         result_pointer: Some("/order/status".into()),
     })
-    .unwrap();
-    let http = reqwest::Client::new();
+    .unwrap()
+    .reaching(Reach::Any);
     let answer = picked
-        .call(&http, &json!({"order_id": "A-17"}), "k")
+        .call(&json!({"order_id": "A-17"}), "k")
         .await
         .unwrap();
     assert_eq!(answer, json!("shipped"));
@@ -421,11 +422,11 @@ async fn the_answer_is_picked_by_its_pointer_and_an_unreachable_tool_is_retriabl
     };
     let gone = tool(format!("http://127.0.0.1:{closed}/x"), "POST");
     assert!(matches!(
-        gone.call(&http, &json!({}), "k").await,
+        gone.call(&json!({}), "k").await,
         Err(Failure::Retriable(_))
     ));
     assert!(matches!(
-        gone.call(&http, &json!([1]), "k").await,
+        gone.call(&json!([1]), "k").await,
         Err(Failure::Permanent(_))
     ));
 }

@@ -16,13 +16,10 @@
 //!   for a lease).
 //! - **Not into the platform's own network.** Unless `allow_private_networks` is set, a URL whose
 //!   host resolves to a loopback, private, link-local or unspecified address is refused, and the
-//!   request goes to the address that was checked.
+//!   request goes to the address that was checked ([`sluice_pipelines::egress`], which the HTTP
+//!   tools share).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use hmac::{Mac, SimpleHmac};
@@ -323,33 +320,14 @@ async fn send_unbounded(
     timeout: Duration,
 ) -> Result<u16, String> {
     let url = reqwest::Url::parse(&attempt.url).map_err(|_| "the URL does not parse")?;
-    // An IPv6 literal is looked up without its brackets.
-    let host = url
-        .host_str()
-        .ok_or("the URL has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = url.port_or_known_default().ok_or("the URL has no port")?;
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|_| "the host does not resolve".to_owned())?
-        .collect();
-    if addresses.is_empty() {
-        return Err("the host has no address".into());
-    }
-    if !config.allow_private_networks && addresses.iter().any(|a| is_private(a.ip())) {
-        // Which address is not said: the log is the tenant's, the network is not.
-        return Err("the host resolves to an address endpoints may not use: refused".into());
-    }
     // To the addresses just checked, not to what a second lookup (or a proxy) might say.
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .resolve_to_addrs(&host, &addresses)
-        .build()
-        .map_err(|e| format!("building the HTTP client: {}", e.without_url()))?;
+    let client = sluice_pipelines::egress::pinned_client(
+        &url,
+        config.allow_private_networks,
+        reqwest::Client::builder().timeout(timeout),
+    )
+    .await
+    .map_err(|refusal| refusal.to_string())?;
     let timestamp = sluice_pipelines::now_ms().div_euclid(1000);
     let response = client
         .post(url)
@@ -367,53 +345,6 @@ async fn send_unbounded(
         // The URL may carry credentials: never in the log.
         .map_err(|e| format!("sending failed: {}", e.without_url()))?;
     Ok(response.status().as_u16())
-}
-
-/// Whether `ip` is one a tenant's endpoint must not point at: this network (0.0.0.0/8),
-/// loopback, private, link-local, carrier-grade NAT, benchmarking (198.18.0.0/15), multicast and
-/// broadcast; in IPv6 also unique-local and link-local, and any address that embeds an IPv4 one
-/// (mapped, compatible, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) judged by that address.
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            a == 0
-                || v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (a == 100 && (b & 0xc0) == 64)
-                || (a == 198 && (b & 0xfe) == 18)
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let embedded = |hi: u16, lo: u16| {
-                IpAddr::V4(std::net::Ipv4Addr::new(
-                    (hi >> 8) as u8,
-                    hi as u8,
-                    (lo >> 8) as u8,
-                    lo as u8,
-                ))
-            };
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private(IpAddr::V4(v4));
-            }
-            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d).
-            if s[..6] == [0; 6] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                return is_private(embedded(s[6], s[7]));
-            }
-            // 6to4: 2002:aabb:ccdd::.
-            if s[0] == 0x2002 {
-                return is_private(embedded(s[1], s[2]));
-            }
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-        }
-    }
 }
 
 #[cfg(test)]
@@ -475,41 +406,6 @@ mod tests {
         };
         let failed = send(&open, &attempt).await.unwrap_err();
         assert!(failed.starts_with("sending failed"), "{failed}");
-    }
-
-    #[test]
-    fn private_addresses_are_refused() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "0.1.2.3",
-            "100.64.0.1",
-            "198.18.0.1",
-            "224.0.0.1",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "ff02::1",
-            "::ffff:127.0.0.1",
-            "::127.0.0.1",
-            "64:ff9b::a9fe:a9fe",
-            "2002:0a00:0001::1",
-        ] {
-            assert!(is_private(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in [
-            "93.184.216.34",
-            "2606:4700::1111",
-            "100.128.0.1",
-            "64:ff9b::5db8:d822",
-            "2002:5db8:d822::1",
-        ] {
-            assert!(!is_private(ip.parse().unwrap()), "{ip}");
-        }
     }
 
     #[test]

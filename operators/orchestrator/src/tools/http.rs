@@ -14,6 +14,8 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use sluice_pipelines::egress::{self, Refusal};
+
 use super::resilience::Failure;
 
 /// An HTTP tool's settings (the `config` of its `tools` row).
@@ -49,11 +51,24 @@ fn default_method() -> String {
     "POST".to_owned()
 }
 
+/// Which addresses an HTTP tool may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reach {
+    /// Public addresses only (the default): a tenant's endpoint that resolves to an address in
+    /// the platform's own network ([`egress::is_private`]) is refused, so a tool cannot be
+    /// pointed at Sluice's own network.
+    #[default]
+    Public,
+    /// Any address: for deployments whose tools live on a private network, and for tests.
+    Any,
+}
+
 /// An HTTP tool, checked and ready to call.
 #[derive(Debug, Clone)]
 pub struct HttpTool {
     config: HttpToolConfig,
     method: Method,
+    reach: Reach,
 }
 
 impl HttpTool {
@@ -77,16 +92,23 @@ impl HttpTool {
                 ));
             }
         }
-        Ok(Self { config, method })
+        Ok(Self {
+            config,
+            method,
+            reach: Reach::default(),
+        })
     }
 
-    /// Makes one attempt at a call with `arguments` (a JSON object).
-    pub async fn call(
-        &self,
-        http: &reqwest::Client,
-        arguments: &Value,
-        idempotency_key: &str,
-    ) -> Result<Value, Failure> {
+    /// The tool, allowed to reach `reach`.
+    pub fn reaching(mut self, reach: Reach) -> Self {
+        self.reach = reach;
+        self
+    }
+
+    /// Makes one attempt at a call with `arguments` (a JSON object). The endpoint's host is
+    /// resolved for the attempt and the request goes to the addresses checked
+    /// ([`sluice_pipelines::egress`]), without redirects.
+    pub async fn call(&self, arguments: &Value, idempotency_key: &str) -> Result<Value, Failure> {
         let empty = Map::new();
         let arguments = match arguments {
             Value::Object(fields) => fields,
@@ -98,6 +120,18 @@ impl HttpTool {
             }
         };
         let (url, rest) = fill_url(&self.config.url, arguments);
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| Failure::Permanent(format!("{url} is not a URL: {e}")))?;
+        let http = egress::pinned_client(
+            &parsed,
+            self.reach == Reach::Any,
+            reqwest::Client::builder().tcp_nodelay(true),
+        )
+        .await
+        .map_err(|refusal| match refusal {
+            Refusal::Unresolvable => Failure::Retriable(format!("{url}: {refusal}")),
+            other => Failure::Permanent(format!("{url}: {other}")),
+        })?;
         let mut request = http.request(self.method.clone(), &url);
         if matches!(self.method, Method::GET | Method::DELETE) {
             let query: Vec<(String, String)> = rest
@@ -206,6 +240,26 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_tool_cannot_reach_a_private_address_unless_allowed() {
+        let tool = HttpTool::new(HttpToolConfig {
+            url: "http://localhost:1/x".into(),
+            method: "POST".into(),
+            bearer_token_env: None,
+            headers: BTreeMap::new(),
+            result_pointer: None,
+        })
+        .unwrap();
+        let refused = tool.call(&Value::Null, "k").await;
+        assert!(
+            matches!(&refused, Err(Failure::Permanent(m)) if m.contains("may not use")),
+            "{refused:?}"
+        );
+        // Allowed, it is tried (and nobody listens there).
+        let tried = tool.reaching(Reach::Any).call(&Value::Null, "k").await;
+        assert!(matches!(tried, Err(Failure::Retriable(_))), "{tried:?}");
+    }
 
     #[test]
     fn arguments_fill_the_url_and_the_rest_is_left() {

@@ -11,5 +11,5 @@ pub mod http;
 pub mod resilience;
 
 pub use builtin::BuiltinTools;
-pub use http::{HttpTool, HttpToolConfig};
+pub use http::{HttpTool, HttpToolConfig, Reach};
 pub use resilience::{BreakerState, Failure, Resilience, ResilienceConfig, ToolError};

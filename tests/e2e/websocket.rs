@@ -523,3 +523,45 @@ async fn socket_chats_share_the_edges_places_and_a_revoked_key_closes_its_socket
     };
     assert_eq!(code, Some(4401));
 }
+
+#[tokio::test]
+async fn a_socket_chat_keeps_its_sessions_memory() {
+    use sluice_schemas::{tokens::count_prompt, ChatMessage};
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let mut ws = Ws::open(&sluice.url, &tenant.key).await;
+    let session = unique("socket-session-");
+    // One remembered turn over the socket: its reply, whole, and its last frame.
+    let mut ask = async |content: &str| -> (String, Value) {
+        ws.send(json!({
+            "type": "chat", "ref": content, "memory": true,
+            "request": {"model": "sim-small", "max_tokens": 4, "user": session,
+                        "messages": [{"role": "user", "content": content}]},
+        }))
+        .await;
+        let mut received = Received::default();
+        loop {
+            let frame = ws.frame().await;
+            match frame["type"].as_str().unwrap() {
+                "started" => {}
+                "delta" | "done" => received.take(&frame),
+                other => panic!("unexpected frame {other}: {frame}"),
+            }
+            if let Some(done) = received.done.take() {
+                return (received.text, done);
+            }
+        }
+    };
+    let (first_reply, _) = ask("My name is Ada.").await;
+    let (_, done) = ask("What is my name?").await;
+    let seen = [
+        ChatMessage::text("user", "My name is Ada."),
+        ChatMessage::text("assistant", first_reply),
+        ChatMessage::text("user", "What is my name?"),
+    ];
+    assert_eq!(
+        done["usage"]["prompt_tokens"],
+        count_prompt(&seen, &[]) as i64,
+        "the second turn saw the first"
+    );
+}

@@ -1011,12 +1011,23 @@ impl Reader {
             }
             let json = self.literal(value, &afield, scope, at);
             if let (Some(property), Some(json)) = (property, &json) {
-                if !fits(property, json) {
-                    self.error(
-                        value.span(),
-                        &afield,
-                        format!("expected {}", describe(property)),
-                    );
+                // A value that is one reference has the type of what it names, where known.
+                let named = json.as_str().and_then(|text| scope.type_of(text));
+                let problem = match named {
+                    Some(kind) if !type_fits(property, kind) => Some(format!(
+                        "type mismatch: {} is {}, the argument takes {}",
+                        json.as_str().unwrap_or_default(),
+                        article(kind),
+                        describe(property)
+                    )),
+                    Some(_) => None,
+                    None if !fits(property, json) => {
+                        Some(format!("expected {}", describe(property)))
+                    }
+                    None => None,
+                };
+                if let Some(problem) = problem {
+                    self.error(value.span(), &afield, problem);
                 }
             }
             if let Some(json) = json {
@@ -1343,6 +1354,30 @@ impl Scope<'_> {
         }
     }
 
+    /// The type of the value `text` names when `text` is exactly one reference whose type is
+    /// known: `${message}`, `${run.id}` and `${tenant.id}` are strings, `${inputs.<name>}` has its
+    /// declared type, and a model step's `${steps.<id>.text}` is a string.
+    fn type_of(&self, text: &str) -> Option<ValueType> {
+        let reference = text.trim().strip_prefix("${")?.strip_suffix('}')?.trim();
+        if reference.contains("${") {
+            return None;
+        }
+        let mut parts = reference.split('.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("message"), None, _) | (Some("run" | "tenant"), Some("id"), None) => {
+                Some(ValueType::String)
+            }
+            (Some("inputs"), Some("message"), None) => Some(ValueType::String),
+            (Some("inputs"), Some(name), None) => {
+                self.inputs.iter().find(|i| i.name == name).map(|i| i.kind)
+            }
+            (Some("steps"), Some(id), Some("text")) if self.kind_of(id) == Some("model") => {
+                parts.next().is_none().then_some(ValueType::String)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether model step `id` says `json: true`.
     fn model_answers_json(&self, id: &str) -> bool {
         let Some(i) = self
@@ -1464,6 +1499,51 @@ fn fits(property: &Value, value: &Value) -> bool {
         Some("object") => value.is_object(),
         Some("array") => value.is_array(),
         _ => true,
+    }
+}
+
+/// Whether a value of type `kind` fits the JSON Schema `property` (an `enum` takes strings).
+fn type_fits(property: &Value, kind: ValueType) -> bool {
+    let wanted = match property["type"].as_str() {
+        Some(wanted) => wanted,
+        None if property["enum"].is_array() => {
+            return property["enum"]
+                .as_array()
+                .is_some_and(|choices| choices.iter().any(|c| value_of_type(c, kind)))
+        }
+        None => return true,
+    };
+    matches!(
+        (wanted, kind),
+        ("string", ValueType::String)
+            | ("integer", ValueType::Integer)
+            | ("number", ValueType::Integer | ValueType::Number)
+            | ("boolean", ValueType::Boolean)
+            | ("object", ValueType::Object)
+            | ("array", ValueType::Array)
+    )
+}
+
+fn value_of_type(value: &Value, kind: ValueType) -> bool {
+    match kind {
+        ValueType::String => value.is_string(),
+        ValueType::Integer => value.is_i64() || value.is_u64(),
+        ValueType::Number => value.is_number(),
+        ValueType::Boolean => value.is_boolean(),
+        ValueType::Object => value.is_object(),
+        ValueType::Array => value.is_array(),
+    }
+}
+
+fn article(kind: ValueType) -> String {
+    let name = ValueType::NAMES
+        .iter()
+        .copied()
+        .find(|n| ValueType::parse(n) == Some(kind))
+        .unwrap_or("value");
+    match kind {
+        ValueType::Integer | ValueType::Object | ValueType::Array => format!("an {name}"),
+        _ => format!("a {name}"),
     }
 }
 

@@ -272,3 +272,22 @@ fn keys_appear_once_and_quoted_values_stay_text() {
     let deep = format!("{HEAD}steps:\n{}", "  ".repeat(100) + "- x\n");
     assert_error(&deep, 1, "(file)", "nested more than");
 }
+
+#[test]
+fn a_reference_of_the_wrong_type_is_a_type_mismatch() {
+    let yaml = format!(
+        "{HEAD}inputs:\n  count:\n    type: integer\n  who:\n    type: string\nsteps:\n  - id: a\n    tool: list_orders\n    arguments:\n      customer_id: ${{inputs.count}}\n      limit: ${{inputs.who}}\n"
+    );
+    assert_error(
+        &yaml,
+        13,
+        "steps[0].arguments.customer_id",
+        "type mismatch: ${inputs.count} is an integer, the argument takes a string",
+    );
+    assert_error(&yaml, 14, "steps[0].arguments.limit", "type mismatch");
+    // Of the right types, or of a type known only at run time, it loads.
+    let fine = format!(
+        "{HEAD}inputs:\n  count:\n    type: integer\nsteps:\n  - id: a\n    tool: list_orders\n    arguments:\n      customer_id: ${{message}}\n      limit: ${{inputs.count}}\n  - id: b\n    tool: update_order_status\n    arguments:\n      order_id: ${{steps.a.orders}}\n      status: ${{run.id}}\n"
+    );
+    assert!(errors(&fine).is_empty(), "{:#?}", errors(&fine));
+}

@@ -546,4 +546,42 @@ mod tests {
         assert_eq!((piece.index, piece.id.as_deref()), (1, Some("call_b")));
         assert_eq!(piece.function.and_then(|f| f.name).as_deref(), Some("f"));
     }
+    /// Serves one streamed reply made of `events` (SSE data lines) on loopback; its base URL.
+    async fn one_reply_upstream(events: &'static [&'static str]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 65536];
+            let _ = socket.read(&mut request).await;
+            let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn an_upstream_tool_call_index_out_of_range_fails_the_call() {
+        use futures::StreamExt;
+        let base = one_reply_upstream(&[
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":2147483647,"function":{"arguments":"{}"}}]}}]}"#,
+            "[DONE]",
+        ])
+        .await;
+        let mut call = ModelCall::for_request(&sluice_schemas::ChatRequest::default(), "m");
+        call.base_url = Some(base);
+        let provider = OpenAiProvider::new(&OpenAiConfig::default()).unwrap();
+        let events: Vec<_> = provider.complete(&call).await.unwrap().collect().await;
+        // The stream ends in the upstream's error, whatever arrived with it.
+        assert!(
+            matches!(events.last(), Some(Err(e)) if e.status == 502 && e.message.contains("index 2147483647")),
+            "{events:?}"
+        );
+    }
 }

@@ -505,6 +505,14 @@ async fn remembered_chat(
     )
 }
 
+/// The text of a whole reply.
+fn reply_text(body: &Value) -> String {
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a text reply: {body}"))
+        .to_owned()
+}
+
 /// A short chat body holding `messages`.
 fn turn(messages: Value) -> Value {
     json!({"model": "sim-small", "max_tokens": 6, "messages": messages})
@@ -526,10 +534,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
     let first = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."}]);
     let (status, one) = remembered_chat(&sluice, &alice.key, Some(&session), turn(first)).await;
     assert_eq!(status, 200, "{one}");
-    let reply_one = one["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reply_one = reply_text(&one);
 
     // The second turn sends only itself; the model sees the first (its system message is the
     // first turn's own, not remembered).
@@ -547,10 +552,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         ChatMessage::text("user", "What is my name?"),
     ];
     assert_eq!(two["usage"]["prompt_tokens"], prompt_of(&seen));
-    let reply_two = two["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reply_two = reply_text(&two);
 
     // Without the header the same session is not remembered; another tenant's same session id
     // finds nothing of Alice's.
@@ -593,10 +595,7 @@ async fn a_session_with_memory_needs_only_its_new_turn() {
         turn(json!([{"role": "user", "content": "Thanks."}])),
     )
     .await;
-    let reply_three = three["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reply_three = reply_text(&three);
     let (_, four) = remembered_chat(
         &sluice,
         &alice.key,

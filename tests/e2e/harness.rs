@@ -98,6 +98,13 @@ pub struct Tenant {
     pub key: String,
 }
 
+impl Tenant {
+    /// The tenant's id, as the stores take it.
+    pub fn uuid(&self) -> uuid::Uuid {
+        self.id.parse().expect("a tenant id is a UUID")
+    }
+}
+
 /// Creates a tenant through the CLI.
 pub fn create_tenant(prefix: &str) -> Tenant {
     let name = unique("tenant-");

@@ -454,10 +454,7 @@ async fn built_in_tools_read_and_write_a_tenants_own_data_once_per_key() {
     let prefix = unique("t");
     let alice = create_tenant(&prefix);
     let bob = create_tenant(&prefix);
-    let (alice_id, bob_id) = (
-        alice.id.parse::<uuid::Uuid>().unwrap(),
-        bob.id.parse::<uuid::Uuid>().unwrap(),
-    );
+    let (alice_id, bob_id) = (alice.uuid(), bob.uuid());
     let app = sqlx::PgPool::connect(&app_database_url()).await.unwrap();
     seed(&prefix, &alice.name, "c-1");
     let tools = BuiltinTools::new(app.clone());

@@ -54,10 +54,7 @@ async fn the_registry_keeps_versions_per_tenant_and_turns_workflows_off_per_tena
     let prefix = unique("t");
     let alice = create_tenant(&prefix);
     let bob = create_tenant(&prefix);
-    let (alice_id, bob_id) = (
-        alice.id.parse::<uuid::Uuid>().unwrap(),
-        bob.id.parse::<uuid::Uuid>().unwrap(),
-    );
+    let (alice_id, bob_id) = (alice.uuid(), bob.uuid());
     let listed = |tenant: &str| -> Vec<serde_json::Value> {
         serde_json::from_str(&run_cli(
             &prefix,

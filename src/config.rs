@@ -98,6 +98,9 @@ pub struct StagesConfig {
     /// Requests the orchestrator works on at once, most of them waiting on a model: one
     /// session's turns in order, different sessions' calls concurrently.
     pub orchestrator_max_in_flight: usize,
+    /// Workflow steps the workflow stage runs at once: one run's steps in order, different
+    /// runs' steps concurrently.
+    pub workflows_max_in_flight: usize,
     /// Largest batch the metering sink takes from the topic at once; under light traffic
     /// `metering_linger_ms` closes a batch first.
     pub metering_max_batch: usize,
@@ -136,6 +139,7 @@ impl Default for StagesConfig {
         Self {
             router_max_in_flight: 1024,
             orchestrator_max_in_flight: 4096,
+            workflows_max_in_flight: 256,
             metering_max_batch: 50_000,
             metering_max_batch_bytes: 2 << 20,
             metering_linger_ms: 200,
@@ -280,6 +284,7 @@ impl Config {
         }
         if self.stages.router_max_in_flight == 0
             || self.stages.orchestrator_max_in_flight == 0
+            || self.stages.workflows_max_in_flight == 0
             || self.stages.metering_max_batch == 0
             || self.stages.metering_max_batch_bytes == 0
             || self.stages.metering_max_insert_events == 0

@@ -13,6 +13,7 @@ mod config;
 mod process;
 mod setup;
 mod stages;
+mod tools;
 mod workflows;
 
 use std::path::PathBuf;
@@ -120,6 +121,11 @@ enum Command {
     Workflow {
         #[command(subcommand)]
         command: WorkflowCommand,
+    },
+    /// A tenant's own tools: the HTTP endpoints its workflows call.
+    Tool {
+        #[command(subcommand)]
+        command: ToolCommand,
     },
     /// Invoices: close a month, preview the current one, read and export them.
     Invoices {
@@ -291,6 +297,51 @@ pub(crate) enum BenchCommand {
         /// password are the configured ones).
         #[arg(long, env = "SLUICE_CLICKHOUSE_TCP_PORT", default_value_t = 19000)]
         clickhouse_port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ToolCommand {
+    /// Add an HTTP tool for a tenant, or change it (and turn it on). `{name}` in the URL stands
+    /// for the call's argument `name`; the other arguments go as the JSON body (as query
+    /// parameters for GET and DELETE).
+    Add {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        url: String,
+        /// GET, POST, PUT, PATCH or DELETE.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// The environment variable (SLUICE_TOOL_SECRET_…) holding a bearer token for it.
+        #[arg(long)]
+        token_env: Option<String>,
+        /// The part of the answer to keep, as a JSON Pointer (`/data/order`).
+        #[arg(long)]
+        result_pointer: Option<String>,
+        /// A header sent as it is, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
+    /// A tenant's tools.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a tenant's tool on.
+    Enable {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Turn a tenant's tool off: workflows that call it no longer run for the tenant.
+    Disable {
+        name: String,
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -753,6 +804,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         } => admin::audit(config, tenant, limit, json).await,
         Command::Model { command } => admin::model(config, command).await,
         Command::Workflow { command } => workflows::workflow(config, command).await,
+        Command::Tool { command } => tools::tool(config, command).await,
         Command::Price { command } => billing::price(config, command).await,
         Command::Budget { command } => billing::budget(config, command).await,
         Command::Invoices { command } => billing::invoices(config, command).await,

@@ -48,6 +48,30 @@ impl Submitted {
     }
 }
 
+/// Whether `tenant` may run workflow `name`: it is in the tenant's registry (its own or a
+/// built-in one), turned on, and the tenant has the tools it calls.
+async fn runnable_workflow(
+    state: &EdgeState,
+    tenant: uuid::Uuid,
+    name: &str,
+) -> Result<bool, ApiError> {
+    let found = async {
+        let mut tx = sluice_stores::postgres::tenant_transaction(&state.app_pool, tenant).await?;
+        let entries = sluice_stores::postgres::workflows::list(&mut tx, Some(tenant)).await?;
+        tx.commit().await?;
+        Ok::<_, sluice_stores::Error>(
+            entries
+                .into_iter()
+                .any(|e| e.name == name && e.enabled && e.ready),
+        )
+    }
+    .await;
+    found.map_err(|e| {
+        tracing::warn!(error = %e, "cannot read the workflow registry");
+        ApiError::unavailable("Sluice cannot read the workflow registry right now; try again.")
+    })
+}
+
 /// Validates the model, admits the request against the caller's limits, sends it to
 /// `sluice.requests` and returns its reply stream.
 pub async fn submit(
@@ -66,8 +90,15 @@ pub async fn submit(
             "Chat completions are turned off for your organization.",
         ));
     }
-    let unknown =
-        state.catalog.find(&request.model).is_none() || !caller.grant.allows(&request.model);
+    let unknown = match request.model.strip_prefix(openai::WORKFLOW_PREFIX) {
+        Some(name) => {
+            !caller.grant.allows(&request.model)
+                || !runnable_workflow(state, tenant.0, name).await?
+        }
+        None => {
+            state.catalog.find(&request.model).is_none() || !caller.grant.allows(&request.model)
+        }
+    };
     if request.model != AUTO_MODEL && unknown {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -132,6 +163,7 @@ pub async fn submit(
         options_json: prompt.options_json,
         memory: prompt.memory,
         remembered,
+        workflow_inputs_json: prompt.workflow_inputs_json,
     };
     let admission = state
         .limits

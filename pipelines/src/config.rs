@@ -120,6 +120,12 @@ pub struct Topics {
     pub dlq: String,
     /// What tenants are told through their webhooks, keyed by tenant.
     pub notifications: String,
+    /// Workflow runs' step transitions, keyed by run.
+    pub workflow_events: String,
+    /// Tool calls workflow runs make, keyed by run.
+    pub tool_calls: String,
+    /// How those tool calls ended, keyed by run.
+    pub tool_results: String,
 }
 
 impl Topics {
@@ -139,11 +145,14 @@ impl Topics {
             usage: name("usage"),
             dlq: name("dlq"),
             notifications: name("notifications"),
+            workflow_events: name("workflow-events"),
+            tool_calls: name("tool-calls"),
+            tool_results: name("tool-results"),
         }
     }
 
     /// Every topic, for creation.
-    pub fn all(&self) -> [&str; 6] {
+    pub fn all(&self) -> [&str; 9] {
         [
             &self.requests,
             &self.routed,
@@ -151,6 +160,9 @@ impl Topics {
             &self.usage,
             &self.dlq,
             &self.notifications,
+            &self.workflow_events,
+            &self.tool_calls,
+            &self.tool_results,
         ]
     }
 }

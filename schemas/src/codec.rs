@@ -107,6 +107,9 @@ impl Codec {
         self.register::<crate::DeadLetter>().await?;
         self.register::<crate::WindowResult>().await?;
         self.register::<crate::Notification>().await?;
+        self.register::<crate::WorkflowEvent>().await?;
+        self.register::<crate::ToolInvocation>().await?;
+        self.register::<crate::ToolOutcome>().await?;
         Ok(())
     }
 

@@ -15,7 +15,8 @@ pub use codec::Codec;
 pub use records::{
     ChatMessage, ChatRequest, DeadLetter, Notification, Record, ReplyAddress, ReplyChunk,
     ReplyKind, ResponseFormat, RoutedRequest, RoutingDecision, ToolCall, ToolCallAssembler,
-    ToolCallDelta, ToolDefinition, UsageEvent, WindowResult,
+    ToolCallDelta, ToolDefinition, ToolInvocation, ToolOutcome, UsageEvent, WindowResult,
+    WorkflowEvent,
 };
 pub use registry::RegistryClient;
 

@@ -192,6 +192,9 @@ pub struct ChatRequest {
     /// memory.
     #[serde(default)]
     pub remembered: i32,
+    /// For a workflow run: its inputs, as a JSON object.
+    #[serde(default)]
+    pub workflow_inputs_json: Option<String>,
 }
 record!(ChatRequest, "sluice.v1.ChatRequest", "chat_request.avsc");
 
@@ -456,6 +459,84 @@ pub struct WindowResult {
 }
 record!(WindowResult, "sluice.v1.WindowResult", "window_result.avsc");
 
+/// One step transition of a workflow run (`sluice.workflow-events`, keyed by run): the step,
+/// what happened, where the run goes next, and the run's whole state after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowEvent {
+    pub run_id: String,
+    pub seq: i32,
+    pub tenant_id: String,
+    pub workflow: String,
+    pub version: i32,
+    pub kind: String,
+    #[serde(default)]
+    pub step: Option<String>,
+    #[serde(default)]
+    pub detail_json: Option<String>,
+    #[serde(default)]
+    pub next_step: Option<String>,
+    pub state_json: String,
+    pub occurred_at_ms: i64,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+record!(
+    WorkflowEvent,
+    "sluice.v1.WorkflowEvent",
+    "workflow_event.avsc"
+);
+
+impl WorkflowEvent {
+    /// Whether the event ends its run (no step follows it).
+    pub fn ends_run(&self) -> bool {
+        self.next_step.is_none() && self.kind != "started"
+    }
+}
+
+/// A tool call a workflow run makes (`sluice.tool-calls`, keyed by run), written before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolInvocation {
+    pub run_id: String,
+    pub step: String,
+    pub tenant_id: String,
+    pub tool: String,
+    pub idempotency_key: String,
+    #[serde(default)]
+    pub compensation: bool,
+    pub arguments_json: String,
+    pub occurred_at_ms: i64,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+record!(
+    ToolInvocation,
+    "sluice.v1.ToolInvocation",
+    "tool_invocation.avsc"
+);
+
+/// How a workflow run's tool call ended (`sluice.tool-results`, keyed by run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolOutcome {
+    pub run_id: String,
+    pub step: String,
+    pub tenant_id: String,
+    pub tool: String,
+    pub idempotency_key: String,
+    #[serde(default)]
+    pub compensation: bool,
+    pub outcome: String,
+    pub attempts: i32,
+    pub latency_ms: i64,
+    #[serde(default)]
+    pub result_json: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub occurred_at_ms: i64,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+record!(ToolOutcome, "sluice.v1.ToolOutcome", "tool_outcome.avsc");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,6 +568,7 @@ mod tests {
             options_json: None,
             memory: false,
             remembered: 0,
+            workflow_inputs_json: None,
         }
     }
 
@@ -582,6 +664,46 @@ mod tests {
             key: Some(b"k".to_vec()),
             payload: None,
             failed_at_ms: 9,
+        });
+        round_trip(WorkflowEvent {
+            run_id: "req-1".into(),
+            seq: 2,
+            tenant_id: "t-1".into(),
+            workflow: "track_order".into(),
+            version: 1,
+            kind: "step_completed".into(),
+            step: Some("lookup".into()),
+            detail_json: Some(r#"{"found":true}"#.into()),
+            next_step: Some("answer".into()),
+            state_json: "{}".into(),
+            occurred_at_ms: 4,
+            trace_id: Some("ab".into()),
+        });
+        round_trip(ToolInvocation {
+            run_id: "req-1".into(),
+            step: "lookup".into(),
+            tenant_id: "t-1".into(),
+            tool: "lookup_order".into(),
+            idempotency_key: "req-1:lookup".into(),
+            compensation: false,
+            arguments_json: r#"{"order_id":"A-1"}"#.into(),
+            occurred_at_ms: 5,
+            trace_id: None,
+        });
+        round_trip(ToolOutcome {
+            run_id: "req-1".into(),
+            step: "lookup".into(),
+            tenant_id: "t-1".into(),
+            tool: "lookup_order".into(),
+            idempotency_key: "req-1:lookup".into(),
+            compensation: true,
+            outcome: "ok".into(),
+            attempts: 1,
+            latency_ms: 3,
+            result_json: Some("{}".into()),
+            error: None,
+            occurred_at_ms: 6,
+            trace_id: None,
         });
     }
 

@@ -8,6 +8,7 @@ mod orchestrator;
 mod router;
 mod sql;
 mod webhooks;
+mod workflows;
 
 use sluice_pipelines::Runnable;
 
@@ -27,13 +28,17 @@ pub enum Stage {
     Sql,
     /// Delivers notifications to tenants' webhook endpoints (`sluice.notifications` → HTTP).
     Webhooks,
+    /// Runs workflows one step per event (`sluice.workflow-events` → the next event, tool
+    /// calls and results, usage, replies).
+    Workflows,
 }
 
 impl Stage {
     /// Every stage, in the order `sluice up` starts them.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Router,
         Stage::Orchestrator,
+        Stage::Workflows,
         Stage::Metering,
         Stage::Sql,
         Stage::Webhooks,
@@ -43,7 +48,11 @@ impl Stage {
     pub fn runs_in_up(self, config: &Config) -> bool {
         match self {
             Stage::Sql => config.sql.enabled,
-            Stage::Router | Stage::Orchestrator | Stage::Metering | Stage::Webhooks => true,
+            Stage::Router
+            | Stage::Orchestrator
+            | Stage::Metering
+            | Stage::Webhooks
+            | Stage::Workflows => true,
         }
     }
 
@@ -52,6 +61,7 @@ impl Stage {
         match self {
             Stage::Sql => Some(sql::NOT_REPLAYED),
             Stage::Webhooks => Some(webhooks::NOT_REPLAYED),
+            Stage::Workflows => Some(workflows::NOT_REPLAYED),
             Stage::Router | Stage::Orchestrator | Stage::Metering => None,
         }
     }
@@ -69,6 +79,7 @@ impl Stage {
             Stage::Metering => vec![metering::build(config)],
             Stage::Sql => sql::build(config, process).await?,
             Stage::Webhooks => vec![webhooks::build(config, process).await?],
+            Stage::Workflows => vec![workflows::build(config, process).await?],
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use sluice_orchestrator::Orchestrator;
+use sluice_orchestrator::{workflow::Definitions, Orchestrator};
 use sluice_pipelines::{runtime::StageSpec, Runnable};
 
 use crate::config::Config;
@@ -20,7 +20,8 @@ pub fn build(config: &Config) -> anyhow::Result<Runnable> {
     )?;
     let orchestrator = Orchestrator::new(config.orchestrator.clone(), topics.clone())
         .context("building the orchestrator's model providers")?
-        .with_memory(app);
+        .with_memory(app.clone())
+        .with_workflows(Arc::new(Definitions::new(app)));
     let orchestrator = Arc::new(orchestrator);
     let mut spec = StageSpec::new(config.kafka.wiring("orchestrator", &topics.routed));
     spec.max_in_flight = config.stages.orchestrator_max_in_flight;

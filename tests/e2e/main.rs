@@ -27,4 +27,5 @@ mod sql;
 mod tool_adapters;
 mod webhooks;
 mod websocket;
+mod workflow_runs;
 mod workflows;

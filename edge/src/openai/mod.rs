@@ -47,6 +47,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub response_format: Option<Value>,
+    /// A workflow run's inputs (`model: "workflow/<name>"` only), e.g. `{"order_id": "A-1001"}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub inputs: Option<serde_json::Map<String, Value>>,
 }
 
 /// `stream_options`.
@@ -103,9 +107,14 @@ pub struct Prompt {
     pub options_json: Option<String>,
     /// Whether the session's memory is kept (see [`crate::memory`]).
     pub memory: bool,
+    /// A workflow run's inputs, as a JSON object's text.
+    pub workflow_inputs_json: Option<String>,
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// What the model name of a workflow run starts with.
+pub const WORKFLOW_PREFIX: &str = "workflow/";
 
 /// Parses and validates a request body into a [`CompletionRequest`] and the [`Prompt`] it
 /// carries.
@@ -160,6 +169,23 @@ pub fn parse(body: &[u8]) -> Result<(CompletionRequest, Prompt), ApiError> {
         .with_param("parallel_tool_calls"));
     }
     let response_format = params::response_format(request.response_format.as_ref())?;
+    let workflow = request.model.starts_with(WORKFLOW_PREFIX);
+    let workflow_inputs_json = match &request.inputs {
+        Some(_) if !workflow => {
+            return Err(ApiError::invalid(
+                "`inputs` is for workflow runs (`model: \"workflow/<name>\"`).",
+            )
+            .with_param("inputs"))
+        }
+        Some(inputs) => Some(Value::Object(inputs.clone()).to_string()),
+        None => None,
+    };
+    if workflow && !tools.is_empty() {
+        return Err(ApiError::invalid(
+            "A workflow run calls its own tools: `tools` cannot be sent with `model: \"workflow/<name>\"`.",
+        )
+        .with_param("tools"));
+    }
     let messages = messages(&request.messages)?;
     let prompt = Prompt {
         messages,
@@ -169,6 +195,7 @@ pub fn parse(body: &[u8]) -> Result<(CompletionRequest, Prompt), ApiError> {
         response_format,
         options_json,
         memory: false,
+        workflow_inputs_json,
     };
     Ok((request, prompt))
 }

@@ -72,6 +72,7 @@ const READ_HERE: &[&str] = &[
     "tool_choice",
     "parallel_tool_calls",
     "response_format",
+    "inputs",
 ];
 
 /// Sampling parameters passed to the model as they came (after the checks in [`options`]).

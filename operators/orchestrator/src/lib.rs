@@ -126,12 +126,39 @@ pub struct OrchestratorConfig {
     pub sim: SimConfig,
     /// Calls to OpenAI-compatible upstreams.
     pub openai: OpenAiConfig,
+    /// How workflow runs call tools.
+    pub tools: ToolsConfig,
+}
+
+/// How workflow runs call tools.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    /// The guard around every call: timeout, retries, circuit breaker, bulkhead.
+    pub resilience: tools::ResilienceConfig,
+    /// Whether tenants' HTTP tools may reach private and loopback addresses. Off (the default),
+    /// an endpoint that resolves into the platform's own network is refused; turn it on only
+    /// where tenants' tools live on a private network the platform trusts them with.
+    pub private_network: bool,
+}
+
+impl ToolsConfig {
+    /// Which addresses tenants' HTTP tools may reach.
+    pub fn reach(&self) -> tools::Reach {
+        if self.private_network {
+            tools::Reach::Any
+        } else {
+            tools::Reach::Public
+        }
+    }
 }
 
 impl OrchestratorConfig {
     /// Every problem with the settings.
     pub fn validate(&self) -> Vec<String> {
-        self.sim.validate()
+        let mut problems = self.sim.validate();
+        problems.extend(self.tools.resilience.validate());
+        problems
     }
 }
 
@@ -142,6 +169,8 @@ pub struct Orchestrator {
     topics: Topics,
     /// Where sessions' memory is recorded (the runtime role's pool), if anywhere.
     memory: Option<sqlx::PgPool>,
+    /// The workflow registry, for requests that start a run.
+    workflows: Option<std::sync::Arc<workflow::Definitions>>,
 }
 
 impl Orchestrator {
@@ -153,7 +182,85 @@ impl Orchestrator {
             openai,
             topics,
             memory: None,
+            workflows: None,
         })
+    }
+
+    /// Starts workflow runs (`model: "workflow/<name>"`) from `definitions`.
+    pub fn with_workflows(mut self, definitions: std::sync::Arc<workflow::Definitions>) -> Self {
+        self.workflows = Some(definitions);
+        self
+    }
+
+    /// Starts the run `routed` asks for: its `started` event on `sluice.workflow-events`, or,
+    /// when it cannot start, an ERROR reply saying why.
+    async fn start_workflow(
+        &self,
+        routed: &RoutedRequest,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let request = &routed.request;
+        let name = routed.decision.upstream_model.as_str();
+        let started = match (
+            &self.workflows,
+            request.tenant_id.parse::<sqlx::types::Uuid>(),
+        ) {
+            (None, _) => Err((
+                503,
+                "workflows_unavailable",
+                "This server does not run workflows.".to_owned(),
+            )),
+            (_, Err(_)) => Err((
+                400,
+                "invalid_request_error",
+                "The request's tenant is not valid.".to_owned(),
+            )),
+            (Some(definitions), Ok(tenant)) => match definitions.get(tenant, name, None).await {
+                Err(e) if e.is_retriable() => return Err(ProcessError::from(e)),
+                Err(e) => {
+                    tracing::error!(workflow = name, error = %e, "a stored workflow does not load");
+                    Err((
+                        500,
+                        "workflow_invalid",
+                        format!("Workflow {name} cannot run: {e}"),
+                    ))
+                }
+                Ok(None) => Err((
+                    404,
+                    "model_not_found",
+                    format!(
+                        "The model `{}` does not exist or you do not have access to it.",
+                        request.model
+                    ),
+                )),
+                Ok(Some(definition)) => {
+                    workflow::engine::start(routed, &definition, ctx.trace.trace_id_hex())
+                        .map_err(|r| (r.status, r.code, r.message))
+                }
+            },
+        };
+        match started {
+            Ok(event) => {
+                out.emit(
+                    &self.topics.workflow_events,
+                    None,
+                    event.run_id.as_bytes(),
+                    &event,
+                )
+                .await
+            }
+            Err((status, code, message)) => {
+                let chunk = ReplyChunk::error(request, &request.model, 0, status, code, message);
+                out.emit(
+                    &request.reply_to.topic,
+                    Some(request.reply_to.partition),
+                    request.request_id.as_bytes(),
+                    &chunk,
+                )
+                .await
+            }
+        }
     }
 
     /// Records the turns of requests that keep their session's memory in `app`'s
@@ -229,7 +336,10 @@ impl Orchestrator {
         }
     }
 
-    async fn start_call(&self, routed: &RoutedRequest) -> Result<EventStream, ProviderError> {
+    pub(crate) async fn start_call(
+        &self,
+        routed: &RoutedRequest,
+    ) -> Result<EventStream, ProviderError> {
         let request = &routed.request;
         let decision = &routed.decision;
         let api_key = match decision.api_key_env.as_deref() {
@@ -308,6 +418,9 @@ impl RecordOperator for Orchestrator {
         ctx: &RecordContext,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
+        if routed.decision.provider == workflow::engine::PROVIDER {
+            return self.start_workflow(&routed, ctx, out).await;
+        }
         let request = &routed.request;
         let decision = &routed.decision;
         let reply_topic = request.reply_to.topic.as_str();

@@ -14,6 +14,9 @@
 //!   feature flag `model.<name>` (an operator's kill switch for one model, globally or for one
 //!   tenant, followed live): another is `model_not_found`, as if it did not exist.
 //!
+//! - `workflow/<name>` runs that workflow: the decision names the provider `workflow` and the
+//!   orchestrator starts the run (each model step is routed by this same rule as it runs).
+//!
 //! A request the router refuses gets an ERROR reply chunk on its reply address, so the caller
 //! hears why at once; nothing goes to `sluice.routed`.
 
@@ -31,6 +34,12 @@ use uuid::Uuid;
 
 /// The model name that asks the router to choose.
 pub const AUTO: &str = sluice_stores::AUTO_MODEL;
+
+/// What the model name of a workflow run starts with (`workflow/<name>`).
+pub const WORKFLOW_PREFIX: &str = "workflow/";
+
+/// The provider a decision to run a workflow names: the orchestrator starts the run.
+pub const WORKFLOW_PROVIDER: &str = "workflow";
 
 /// Router settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,6 +110,33 @@ pub fn decide(
             .is_none_or(|names| names.contains(&m.name))
             && usable(m)
     };
+    if let Some(name) = request.model.strip_prefix(WORKFLOW_PREFIX) {
+        // The edge found the workflow in the tenant's registry; its models are chosen step by
+        // step as the run goes.
+        let allowed = request
+            .allowed_models
+            .as_ref()
+            .is_none_or(|names| names.contains(&request.model));
+        if !allowed || name.is_empty() {
+            return Err(Refusal {
+                status: 404,
+                code: "model_not_found",
+                message: format!(
+                    "The model `{}` does not exist or you do not have access to it.",
+                    request.model
+                ),
+            });
+        }
+        return Ok(RoutingDecision {
+            model: request.model.clone(),
+            provider: WORKFLOW_PROVIDER.to_owned(),
+            upstream_model: name.to_owned(),
+            base_url: None,
+            api_key_env: None,
+            reason: "workflow requested explicitly".to_owned(),
+            decided_at_ms: now_ms,
+        });
+    }
     if request.model == AUTO {
         return models
             .iter()

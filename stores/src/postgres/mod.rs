@@ -18,6 +18,7 @@ pub mod origins;
 pub mod plans;
 pub mod registry;
 pub mod tenants;
+pub mod tools;
 pub mod users;
 pub mod webhooks;
 pub mod workflows;

@@ -60,7 +60,7 @@ impl ResilienceConfig {
         let mut problems = Vec::new();
         let mut need = |ok: bool, what: &str| {
             if !ok {
-                problems.push(format!("orchestrator.tools.{what}"));
+                problems.push(format!("orchestrator.tools.resilience.{what}"));
             }
         };
         need(self.timeout_ms > 0, "timeout_ms must be at least 1");

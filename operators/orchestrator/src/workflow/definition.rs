@@ -54,6 +54,18 @@ impl ValueType {
     const NAMES: &'static [&'static str] =
         &["string", "integer", "number", "boolean", "object", "array"];
 
+    /// The type's name, as a definition writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Integer => "integer",
+            Self::Number => "number",
+            Self::Boolean => "boolean",
+            Self::Object => "object",
+            Self::Array => "array",
+        }
+    }
+
     fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "string" => Self::String,
@@ -1524,7 +1536,7 @@ fn type_fits(property: &Value, kind: ValueType) -> bool {
     )
 }
 
-fn value_of_type(value: &Value, kind: ValueType) -> bool {
+pub(crate) fn value_of_type(value: &Value, kind: ValueType) -> bool {
     match kind {
         ValueType::String => value.is_string(),
         ValueType::Integer => value.is_i64() || value.is_u64(),

@@ -1,10 +1,14 @@
 //! Workflows: multi-step runs of model calls, tool calls, branches, parallel fan-out, waits and
 //! hand-offs, defined in YAML (`workflows/*.yaml`). [`definition`] reads and checks a
-//! definition; the shipped ones are compiled in ([`SHIPPED`]).
+//! definition; the shipped ones are compiled in ([`SHIPPED`]); [`engine`] runs them one step per
+//! event on `sluice.workflow-events`, with the run's state ([`run`]) in every event.
 
 pub mod definition;
+pub mod engine;
+pub mod run;
 
 pub use definition::{load, DefinitionError, Workflow};
+pub use engine::{Definitions, WorkflowEngine};
 
 /// The workflows Sluice ships, as `(file name, YAML)`.
 pub const SHIPPED: &[(&str, &str)] = &[

@@ -1,0 +1,1209 @@
+//! The workflow engine: runs a definition one step per event.
+//!
+//! A run starts when the orchestrator takes a request for `workflow/<name>` off `sluice.routed`:
+//! it fixes the definition's version, checks the inputs, and writes the run's `started` event
+//! ([`start`]). The workflow stage reads `sluice.workflow-events`; for each event that leads to a
+//! step it runs that step — a tool call, a model call, a branch, a parallel fan-out, a hand-off,
+//! an end — and writes the next event, which carries the run's whole state after it
+//! ([`RunState`]). So a run is resumed from its latest event alone, and every transition is a
+//! record.
+//!
+//! # Exactly once
+//! An event's offset is committed only once the event it leads to is acknowledged. After a
+//! crash the last event is read again and its step runs again: a tool call with the same
+//! idempotency key (`<run>:<step>`; built-in writes and HTTP tools honour it), a model call
+//! whose usage event has the same id (`<run>:<step>`, counted once by the meters), a reply
+//! chunk with the same sequence number (dropped by the edge). The run follows the first event
+//! written for each sequence number: a repeat of a sequence number already handled is ignored.
+//!
+//! # Sagas
+//! A step that fails writes `step_failed` first; the steps with a `compensate` the run has
+//! completed are then undone in reverse order (`compensated`), each compensation once per run
+//! (its key is `<run>:<step>:undo`), and the run goes to the failed step's `on_error` or fails.
+//! A crash between the two events undoes again with the same keys; a run never ends half-done
+//! without an event that says so.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use sluice_pipelines::{now_ms, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
+use sluice_schemas::{
+    tokens, ChatMessage, ChatRequest, ReplyAddress, ReplyChunk, ReplyKind, ResponseFormat,
+    RoutedRequest, ToolInvocation, ToolOutcome, UsageEvent, WorkflowEvent,
+};
+use sluice_stores::{postgres::tenant_transaction, ModelCatalog};
+use sqlx::{types::Uuid, PgPool};
+
+use super::{
+    definition::{Step, StepKind, Workflow},
+    run::{Caller, RunState, MAX_STATE_BYTES},
+};
+use crate::{
+    providers::ProviderEvent,
+    tools::{BuiltinTools, HttpTool, HttpToolConfig, Reach, Resilience, ToolError},
+    Orchestrator,
+};
+
+/// The provider name of a routing decision that starts a workflow run.
+pub const PROVIDER: &str = sluice_router::WORKFLOW_PROVIDER;
+
+/// What a model name for a workflow starts with.
+pub const MODEL_PREFIX: &str = sluice_router::WORKFLOW_PREFIX;
+
+/// How long a run's last handled sequence number is remembered after its latest event, to
+/// ignore repeats of its events read again after a crash (they come right after a restart).
+const REMEMBER_QUIET: Duration = Duration::from_secs(600);
+
+/// Definitions by (tenant, name, version), read from the registry once each: versions never
+/// change once published.
+pub struct Definitions {
+    app: PgPool,
+    cache: Mutex<HashMap<(Uuid, String, i32), Arc<Workflow>>>,
+}
+
+impl Definitions {
+    pub fn new(app: PgPool) -> Self {
+        Self {
+            app,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The definition of `name` that `tenant` runs, at `version` (`None`: the latest); `None`
+    /// if there is none. A stored definition that no longer loads (a newer build's checks) is
+    /// an error naming it.
+    pub async fn get(
+        &self,
+        tenant: Uuid,
+        name: &str,
+        version: Option<i32>,
+    ) -> Result<Option<Arc<Workflow>>, sluice_stores::Error> {
+        if let Some(v) = version {
+            if let Some(found) = self.cached(tenant, name, v) {
+                return Ok(Some(found));
+            }
+        }
+        let mut tx = tenant_transaction(&self.app, tenant).await?;
+        let found =
+            sluice_stores::postgres::workflows::definition(&mut tx, tenant, name, version).await?;
+        tx.commit().await?;
+        let Some((version, text)) = found else {
+            return Ok(None);
+        };
+        let workflow = super::load(&format!("{name}.yaml"), &text).map_err(|errors| {
+            let first = errors.first().map(ToString::to_string).unwrap_or_default();
+            sluice_stores::Error::Invalid(format!("stored workflow {name} v{version}: {first}"))
+        })?;
+        let workflow = Arc::new(workflow);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert((tenant, name.to_owned(), version), workflow.clone());
+        }
+        Ok(Some(workflow))
+    }
+
+    fn cached(&self, tenant: Uuid, name: &str, version: i32) -> Option<Arc<Workflow>> {
+        self.cache
+            .lock()
+            .ok()?
+            .get(&(tenant, name.to_owned(), version))
+            .cloned()
+    }
+}
+
+/// Why a run cannot start: the HTTP status, code and message the caller gets, and the
+/// parameter at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRefusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl StartRefusal {
+    fn invalid(message: String, param: Option<String>) -> Self {
+        Self {
+            status: 400,
+            code: "invalid_request_error",
+            message,
+            param,
+        }
+    }
+}
+
+/// The `started` event of the run `routed` asks for, following `workflow`: the inputs checked
+/// against the ones it declares.
+pub fn start(
+    routed: &RoutedRequest,
+    workflow: &Workflow,
+    trace_id: String,
+) -> Result<WorkflowEvent, StartRefusal> {
+    let request = &routed.request;
+    let inputs: Map<String, Value> = match request.workflow_inputs_json.as_deref() {
+        None => Map::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(inputs)) => inputs,
+            _ => {
+                return Err(StartRefusal::invalid(
+                    "`inputs` must be a JSON object.".into(),
+                    Some("inputs".into()),
+                ))
+            }
+        },
+    };
+    for name in inputs.keys() {
+        if !workflow.inputs.iter().any(|i| &i.name == name) {
+            let known: Vec<&str> = workflow.inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(StartRefusal::invalid(
+                format!(
+                    "Workflow {} takes no input `{name}` (it takes: {}).",
+                    workflow.name,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+                Some(format!("inputs.{name}")),
+            ));
+        }
+    }
+    for input in &workflow.inputs {
+        match inputs.get(&input.name) {
+            None | Some(Value::Null) if input.required => {
+                return Err(StartRefusal::invalid(
+                    format!(
+                        "Workflow {} needs the input `{}`.",
+                        workflow.name, input.name
+                    ),
+                    Some(format!("inputs.{}", input.name)),
+                ))
+            }
+            Some(value)
+                if !value.is_null() && !super::definition::value_of_type(value, input.kind) =>
+            {
+                return Err(StartRefusal::invalid(
+                    format!(
+                        "The input `{}` of workflow {} must be of type {}.",
+                        input.name,
+                        workflow.name,
+                        input.kind.name()
+                    ),
+                    Some(format!("inputs.{}", input.name)),
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(step) = workflow
+        .steps
+        .iter()
+        .find(|s| matches!(s.kind, StepKind::Wait { .. }))
+    {
+        return Err(StartRefusal {
+            status: 400,
+            code: "unsupported_workflow",
+            message: format!(
+                "Workflow {} waits for an external event (step {}); this release does not run waits.",
+                workflow.name, step.id
+            ),
+            param: Some("model".into()),
+        });
+    }
+    let Some(first) = workflow.steps.first() else {
+        return Err(StartRefusal::invalid(
+            format!("Workflow {} has no steps.", workflow.name),
+            Some("model".into()),
+        ));
+    };
+    let message = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
+    let state = RunState {
+        run_id: request.request_id.clone(),
+        tenant_id: request.tenant_id.clone(),
+        workflow: workflow.name.clone(),
+        version: i32::try_from(workflow.version).unwrap_or(i32::MAX),
+        caller: Caller {
+            session_id: request.session_id.clone(),
+            key_id: request.key_id.clone(),
+            user_id: request.user_id.clone(),
+            stream: request.stream,
+            reply_topic: request.reply_to.topic.clone(),
+            reply_partition: request.reply_to.partition,
+            received_at_ms: request.received_at_ms,
+            allowed_models: request.allowed_models.clone(),
+        },
+        message,
+        inputs,
+        ..RunState::default()
+    };
+    let state_json = serde_json::to_string(&state).map_err(|e| {
+        StartRefusal::invalid(format!("the run's state cannot be written: {e}"), None)
+    })?;
+    if state_json.len() > MAX_STATE_BYTES {
+        return Err(StartRefusal::invalid(
+            format!("The message and inputs take more than {MAX_STATE_BYTES} bytes."),
+            Some("inputs".into()),
+        ));
+    }
+    Ok(WorkflowEvent {
+        run_id: state.run_id.clone(),
+        seq: 0,
+        tenant_id: state.tenant_id.clone(),
+        workflow: state.workflow.clone(),
+        version: state.version,
+        kind: "started".into(),
+        step: None,
+        detail_json: None,
+        next_step: Some(first.id.clone()),
+        state_json,
+        occurred_at_ms: now_ms(),
+        trace_id: Some(trace_id),
+    })
+}
+
+/// What a step did: the event it leads to.
+struct Transition {
+    kind: &'static str,
+    step: String,
+    detail: Value,
+    next: Option<String>,
+}
+
+/// What a tool or model step answered, or why it failed.
+type Acted = Result<Value, String>;
+
+/// Records a step's work puts on the topics besides its event.
+#[derive(Default)]
+struct Records {
+    outcomes: Vec<ToolOutcome>,
+    usage: Vec<UsageEvent>,
+}
+
+/// The workflow stage's operator: `sluice.workflow-events` → the next event, with tool calls,
+/// tool results, usage and the run's reply on their topics.
+pub struct WorkflowEngine {
+    definitions: Arc<Definitions>,
+    builtin: BuiltinTools,
+    app: PgPool,
+    resilience: Resilience,
+    reach: Reach,
+    models: Arc<Orchestrator>,
+    catalog: Arc<ModelCatalog>,
+    topics: Topics,
+    /// Each run's last handled sequence number, and when an event of it was last seen.
+    handled: Mutex<HashMap<String, (i32, Instant)>>,
+}
+
+impl WorkflowEngine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        definitions: Arc<Definitions>,
+        app: PgPool,
+        resilience: Resilience,
+        reach: Reach,
+        models: Arc<Orchestrator>,
+        catalog: Arc<ModelCatalog>,
+        topics: Topics,
+    ) -> Self {
+        Self {
+            definitions,
+            builtin: BuiltinTools::new(app.clone()),
+            app,
+            resilience,
+            reach,
+            models,
+            catalog,
+            topics,
+            handled: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `event` was handled already (a repeat read after a crash).
+    fn already_handled(&self, event: &WorkflowEvent) -> bool {
+        self.handled
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&event.run_id).map(|(seq, _)| *seq >= event.seq))
+            .unwrap_or(false)
+    }
+
+    /// Remembers that `event` is handled; forgets runs not heard of for a while.
+    fn mark_handled(&self, event: &WorkflowEvent) {
+        let Ok(mut handled) = self.handled.lock() else {
+            return;
+        };
+        let entry = handled
+            .entry(event.run_id.clone())
+            .or_insert((event.seq, Instant::now()));
+        *entry = (entry.0.max(event.seq), Instant::now());
+        if handled.len() > 1024 {
+            handled.retain(|_, (_, seen)| seen.elapsed() < REMEMBER_QUIET);
+        }
+    }
+
+    /// A tenant's HTTP tool `name` (an enabled row of its `tools`, kind `http`).
+    /// A store that cannot be read is a failure worth retrying (the step fails only once the
+    /// record's own retries give up); a tool that is missing or set up wrong is a refusal.
+    async fn http_tool(&self, tenant: Uuid, name: &str) -> Result<HttpTool, ToolError> {
+        let refused = |message: String| ToolError::Refused {
+            message,
+            attempts: 0,
+        };
+        let found = async {
+            let mut tx = tenant_transaction(&self.app, tenant).await?;
+            let found = sluice_stores::postgres::tools::find(&mut tx, tenant, name).await?;
+            tx.commit().await?;
+            Ok::<_, sluice_stores::Error>(found)
+        }
+        .await
+        .map_err(|e| ToolError::Exhausted {
+            message: format!("reading tool {name}: {e}"),
+            attempts: 0,
+        })?;
+        match found {
+            Some(tool) if tool.kind == "http" => {
+                let config: HttpToolConfig = serde_json::from_value(tool.config)
+                    .map_err(|e| refused(format!("tool {name} is not set up right: {e}")))?;
+                Ok(HttpTool::new(config)
+                    .map_err(|e| refused(format!("tool {name} is not set up right: {e}")))?
+                    .reaching(self.reach))
+            }
+            Some(tool) => Err(refused(format!(
+                "tool {name} is of kind {}, not http",
+                tool.kind
+            ))),
+            None => Err(refused(format!(
+                "the tenant has no enabled tool named {name}"
+            ))),
+        }
+    }
+
+    /// Calls `tool` with `arguments` under the tool's guard; the call's outcome record and,
+    /// when it answered, its billable usage event go into `records`.
+    async fn call_tool(
+        &self,
+        state: &RunState,
+        invocation: &ToolInvocation,
+        arguments: &Value,
+        records: &mut Records,
+    ) -> Acted {
+        let tool = invocation.tool.as_str();
+        let key = invocation.idempotency_key.as_str();
+        let started = Instant::now();
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let tenant = Uuid::parse_str(&state.tenant_id).map_err(|e| e.to_string());
+        let result = match tenant {
+            Err(e) => Err(ToolError::Refused {
+                message: format!("the run's tenant is not a UUID: {e}"),
+                attempts: 0,
+            }),
+            Ok(tenant) if crate::tools::builtin::NAMES.contains(&tool) => {
+                self.resilience
+                    .call(tool, &state.tenant_id, |n| {
+                        attempts.store(n, std::sync::atomic::Ordering::Relaxed);
+                        self.builtin.call(tenant, tool, arguments, key)
+                    })
+                    .await
+            }
+            Ok(tenant) => match self.http_tool(tenant, tool).await {
+                Err(e) => Err(e),
+                Ok(http) => {
+                    let http = &http;
+                    self.resilience
+                        .call(tool, &state.tenant_id, |n| {
+                            attempts.store(n, std::sync::atomic::Ordering::Relaxed);
+                            http.call(arguments, key)
+                        })
+                        .await
+                }
+            },
+        };
+        let (outcome, answer, error) = match &result {
+            Ok(answer) => ("ok", Some(answer.to_string()), None),
+            Err(e) => (e.outcome(), None, Some(e.to_string())),
+        };
+        records.outcomes.push(ToolOutcome {
+            run_id: invocation.run_id.clone(),
+            step: invocation.step.clone(),
+            tenant_id: invocation.tenant_id.clone(),
+            tool: tool.to_owned(),
+            idempotency_key: key.to_owned(),
+            compensation: invocation.compensation,
+            outcome: outcome.to_owned(),
+            attempts: i32::try_from(attempts.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(i32::MAX),
+            latency_ms: elapsed_ms(started),
+            result_json: answer,
+            error,
+            occurred_at_ms: now_ms(),
+            trace_id: invocation.trace_id.clone(),
+        });
+        if result.is_ok() {
+            let mut usage = usage_of(state, key, &format!("tool:{tool}"), "tool");
+            usage.latency_ms = Some(elapsed_ms(started));
+            usage.trace_id.clone_from(&invocation.trace_id);
+            records.usage.push(usage);
+        }
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Calls the model of a model step; its usage event goes into `records`, its tokens into
+    /// the answer (`text`, and `json` when the step asks for JSON).
+    #[allow(clippy::too_many_arguments)]
+    async fn call_model(
+        &self,
+        state: &RunState,
+        step: &str,
+        model: &str,
+        system: Option<&str>,
+        prompt: &str,
+        json_answer: bool,
+        trace_id: &str,
+        records: &mut Records,
+    ) -> Acted {
+        let mut messages = Vec::new();
+        if let Some(system) = system {
+            messages.push(ChatMessage::text("system", state.render_text(system)));
+        }
+        messages.push(ChatMessage::text("user", state.render_text(prompt)));
+        let request = ChatRequest {
+            request_id: format!("{}:{step}", state.run_id),
+            tenant_id: state.tenant_id.clone(),
+            session_id: state.caller.session_id.clone(),
+            model: model.to_owned(),
+            messages,
+            reply_to: ReplyAddress {
+                topic: state.caller.reply_topic.clone(),
+                partition: state.caller.reply_partition,
+            },
+            received_at_ms: state.caller.received_at_ms,
+            key_id: state.caller.key_id.clone(),
+            user_id: state.caller.user_id.clone(),
+            allowed_models: state.caller.allowed_models.clone(),
+            response_format: json_answer.then(|| ResponseFormat {
+                kind: "json_object".into(),
+                json_schema_json: None,
+            }),
+            ..ChatRequest::default()
+        };
+        let models = self.catalog.snapshot();
+        let decision = sluice_router::decide(
+            &request,
+            &models,
+            |_| true,
+            &sluice_router::RouterConfig::default(),
+            now_ms(),
+        )
+        .map_err(|refusal| format!("model {model}: {}", refusal.message))?;
+        let routed = RoutedRequest { request, decision };
+        let started = Instant::now();
+        let key = format!("{}:{step}", state.run_id);
+        let mut usage = usage_of(
+            state,
+            &key,
+            &routed.decision.model,
+            &routed.decision.provider,
+        );
+        usage.trace_id = Some(trace_id.to_owned());
+        let mut events = match self.models.start_call(&routed).await {
+            Ok(events) => events,
+            Err(e) => {
+                usage.billable = false;
+                usage.outcome = Some(e.code.clone());
+                records.usage.push(usage);
+                return Err(format!("model {}: {}", routed.decision.model, e.message));
+            }
+        };
+        let mut text = String::new();
+        let mut reported = (None, None);
+        let mut failure = None;
+        let mut finished = false;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(ProviderEvent::Delta(delta)) => text.push_str(&delta),
+                Ok(ProviderEvent::ToolCall(_)) => {}
+                Ok(ProviderEvent::Done {
+                    input_tokens,
+                    output_tokens,
+                    ..
+                }) => {
+                    reported = (input_tokens, output_tokens);
+                    finished = true;
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let input = reported.0.unwrap_or_else(|| routed.request.prompt_tokens());
+        let output = reported
+            .1
+            .unwrap_or_else(|| i64::try_from(tokens::count(&text)).unwrap_or(i64::MAX));
+        usage.latency_ms = Some(elapsed_ms(started));
+        usage.billable = finished || output > 0;
+        if usage.billable {
+            usage.input_tokens = input;
+            usage.output_tokens = output;
+        }
+        if !finished {
+            let why = failure
+                .map(|e| e.message)
+                .unwrap_or_else(|| "the model's stream ended without finishing".into());
+            usage.outcome = Some("upstream_error".into());
+            records.usage.push(usage);
+            return Err(format!("model {}: {why}", routed.decision.model));
+        }
+        records.usage.push(usage);
+        let mut answer = json!({ "text": text, "model": routed.decision.model,
+                                 "input_tokens": input, "output_tokens": output });
+        if json_answer {
+            match json_object_in(&text) {
+                Some(object) => answer["json"] = object,
+                None => {
+                    return Err(format!(
+                        "model {} did not answer with a JSON object",
+                        routed.decision.model
+                    ))
+                }
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Runs a tool or model step (alone or as a member of a parallel step); the caller has
+    /// put a tool call's record on `sluice.tool-calls` before.
+    async fn act(
+        &self,
+        state: &RunState,
+        step: &Step,
+        trace_id: &str,
+        records: &mut Records,
+    ) -> Acted {
+        match &step.kind {
+            StepKind::Tool {
+                tool, arguments, ..
+            } => {
+                let arguments = state.arguments(arguments);
+                let invocation = invocation(state, &step.id, tool, &arguments, false, trace_id);
+                self.call_tool(state, &invocation, &arguments, records)
+                    .await
+            }
+            StepKind::Model {
+                model,
+                system,
+                prompt,
+                json,
+            } => {
+                self.call_model(
+                    state,
+                    &step.id,
+                    model,
+                    system.as_deref(),
+                    prompt,
+                    *json,
+                    trace_id,
+                    records,
+                )
+                .await
+            }
+            _ => Err(format!("step {} is not a tool or model step", step.id)),
+        }
+    }
+
+    /// Keeps what a tool or model step answered in the state.
+    fn keep(state: &mut RunState, step: &Step, answer: Value) {
+        if let StepKind::Model { .. } = step.kind {
+            state.last_text = answer
+                .get("text")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            state.input_tokens += answer
+                .get("input_tokens")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            state.output_tokens += answer
+                .get("output_tokens")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+        }
+        if let StepKind::Tool {
+            compensate: Some(_),
+            ..
+        } = step.kind
+        {
+            state.to_undo.push(step.id.clone());
+        }
+        state.answers.insert(step.id.clone(), answer);
+    }
+
+    /// The transition after step `index` failed with `error`: to `step_failed`, whose handling
+    /// undoes the saga's completed steps, or straight on when there is nothing to undo.
+    fn failed(
+        workflow: &Workflow,
+        state: &mut RunState,
+        index: usize,
+        error: String,
+    ) -> Transition {
+        let step = workflow.steps.get(index);
+        let id = step.map(|s| s.id.clone()).unwrap_or_default();
+        let on_error = step.and_then(|s| s.on_error.clone());
+        state.failure = Some(super::run::Failure {
+            step: id.clone(),
+            error: error.clone(),
+            then: on_error.clone(),
+        });
+        if state.to_undo.is_empty() {
+            state.failure = None;
+            return match on_error {
+                Some(next) => Transition {
+                    kind: "step_failed",
+                    step: id,
+                    detail: json!({ "error": error }),
+                    next: Some(next),
+                },
+                None => Transition {
+                    kind: "failed",
+                    step: id,
+                    detail: json!({ "error": error }),
+                    next: None,
+                },
+            };
+        }
+        Transition {
+            kind: "step_failed",
+            step: id.clone(),
+            detail: json!({ "error": error, "undoing": state.to_undo }),
+            // The failed step again: its event's handling is the undoing (`state.failure`).
+            next: Some(id),
+        }
+    }
+
+    /// Undoes the run's completed saga steps in reverse order, then goes on as the failure
+    /// said.
+    async fn undo(
+        &self,
+        workflow: &Workflow,
+        state: &mut RunState,
+        trace_id: &str,
+        out: &mut Emitter,
+    ) -> Result<Transition, ProcessError> {
+        let Some(failure) = state.failure.take() else {
+            return Err(ProcessError::Poison("nothing to undo".into()));
+        };
+        let mut undone = Vec::new();
+        let mut records = Records::default();
+        for id in std::mem::take(&mut state.to_undo).iter().rev() {
+            let Some((
+                _,
+                Step {
+                    kind:
+                        StepKind::Tool {
+                            compensate: Some(compensation),
+                            ..
+                        },
+                    ..
+                },
+            )) = workflow.step(id)
+            else {
+                continue;
+            };
+            let arguments = state.arguments(&compensation.arguments);
+            let invocation = invocation(state, id, &compensation.tool, &arguments, true, trace_id);
+            out.emit_batched(
+                &self.topics.tool_calls,
+                None,
+                state.run_id.as_bytes(),
+                &invocation,
+            )
+            .await?;
+            let result = self
+                .call_tool(state, &invocation, &arguments, &mut records)
+                .await;
+            undone.push(match result {
+                Ok(answer) => json!({ "step": id, "tool": compensation.tool, "ok": true, "answer": answer }),
+                Err(error) => {
+                    tracing::error!(run = %state.run_id, step = %id, tool = %compensation.tool, %error, "a saga's compensation failed");
+                    json!({ "step": id, "tool": compensation.tool, "ok": false, "error": error })
+                }
+            });
+        }
+        self.emit_records(state, records, out).await?;
+        let all_undone = undone.iter().all(|u| u["ok"] == json!(true));
+        let detail =
+            json!({ "error": failure.error, "compensated": undone, "all_undone": all_undone });
+        Ok(match failure.then {
+            Some(next) => Transition {
+                kind: "compensated",
+                step: failure.step,
+                detail,
+                next: Some(next),
+            },
+            None => Transition {
+                kind: "failed",
+                step: failure.step,
+                detail,
+                next: None,
+            },
+        })
+    }
+
+    async fn emit_records(
+        &self,
+        state: &RunState,
+        records: Records,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        for outcome in &records.outcomes {
+            out.emit_batched(
+                &self.topics.tool_results,
+                None,
+                state.run_id.as_bytes(),
+                outcome,
+            )
+            .await?;
+        }
+        for usage in &records.usage {
+            out.emit_batched(&self.topics.usage, None, usage.tenant_id.as_bytes(), usage)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs step `index` of `workflow` on `state`.
+    async fn run_step(
+        &self,
+        workflow: &Workflow,
+        index: usize,
+        state: &mut RunState,
+        trace_id: &str,
+        out: &mut Emitter,
+    ) -> Result<Transition, ProcessError> {
+        let Some(step) = workflow.steps.get(index) else {
+            return Err(ProcessError::Poison(format!("no step {index}")));
+        };
+        let completed = |next: Option<String>, detail: Value| Transition {
+            kind: "step_completed",
+            step: step.id.clone(),
+            detail,
+            next,
+        };
+        match &step.kind {
+            StepKind::Tool { .. } | StepKind::Model { .. } => {
+                if let StepKind::Tool {
+                    tool, arguments, ..
+                } = &step.kind
+                {
+                    let arguments = state.arguments(arguments);
+                    let invocation = invocation(state, &step.id, tool, &arguments, false, trace_id);
+                    out.emit_batched(
+                        &self.topics.tool_calls,
+                        None,
+                        state.run_id.as_bytes(),
+                        &invocation,
+                    )
+                    .await?;
+                }
+                let mut records = Records::default();
+                let acted = self.act(state, step, trace_id, &mut records).await;
+                self.emit_records(state, records, out).await?;
+                Ok(match acted {
+                    Ok(answer) => {
+                        Self::keep(state, step, answer.clone());
+                        let transition = completed(None, answer);
+                        self.after(workflow, index, state, transition, trace_id, out)
+                            .await?
+                    }
+                    Err(error) => Self::failed(workflow, state, index, error),
+                })
+            }
+            StepKind::Branch { cases } => {
+                let chosen = cases
+                    .iter()
+                    .find(|c| c.condition.as_ref().is_none_or(|c| state.holds(c)))
+                    .map(|c| c.next.clone());
+                Ok(Transition {
+                    kind: "branched",
+                    step: step.id.clone(),
+                    detail: json!({ "to": chosen }),
+                    next: chosen,
+                })
+            }
+            StepKind::Parallel { steps } => {
+                let members: Vec<&Step> = steps
+                    .iter()
+                    .filter_map(|id| workflow.step(id).map(|(_, s)| s))
+                    .collect();
+                for member in &members {
+                    if let StepKind::Tool {
+                        tool, arguments, ..
+                    } = &member.kind
+                    {
+                        let arguments = state.arguments(arguments);
+                        let invocation =
+                            invocation(state, &member.id, tool, &arguments, false, trace_id);
+                        out.emit_batched(
+                            &self.topics.tool_calls,
+                            None,
+                            state.run_id.as_bytes(),
+                            &invocation,
+                        )
+                        .await?;
+                    }
+                }
+                let snapshot = state.clone();
+                let results = futures::future::join_all(members.iter().map(|member| {
+                    let snapshot = &snapshot;
+                    async move {
+                        let mut records = Records::default();
+                        let acted = self.act(snapshot, member, trace_id, &mut records).await;
+                        (*member, acted, records)
+                    }
+                }))
+                .await;
+                let mut errors = Vec::new();
+                let mut answers = Map::new();
+                for (member, acted, records) in results {
+                    self.emit_records(state, records, out).await?;
+                    match acted {
+                        Ok(answer) => {
+                            answers.insert(member.id.clone(), answer.clone());
+                            Self::keep(state, member, answer);
+                        }
+                        Err(error) => errors.push(format!("{}: {error}", member.id)),
+                    }
+                }
+                if errors.is_empty() {
+                    Ok(completed(step.next.clone(), Value::Object(answers)))
+                } else {
+                    Ok(Self::failed(workflow, state, index, errors.join("; ")))
+                }
+            }
+            StepKind::Handoff {
+                queue,
+                priority,
+                summary,
+            } => {
+                let arguments = json!({
+                    "subject": format!("Hand-off to {queue}"),
+                    "body": state.render_text(summary),
+                    "priority": priority,
+                });
+                let invocation = invocation(
+                    state,
+                    &step.id,
+                    "create_ticket",
+                    &arguments,
+                    false,
+                    trace_id,
+                );
+                out.emit_batched(
+                    &self.topics.tool_calls,
+                    None,
+                    state.run_id.as_bytes(),
+                    &invocation,
+                )
+                .await?;
+                let mut records = Records::default();
+                let acted = self
+                    .call_tool(state, &invocation, &arguments, &mut records)
+                    .await;
+                self.emit_records(state, records, out).await?;
+                match acted {
+                    Ok(answer) => {
+                        let ticket = answer
+                            .pointer("/ticket/id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned();
+                        state.answers.insert(step.id.clone(), answer.clone());
+                        let reply = format!(
+                            "I have passed this to a colleague ({queue}, {priority} priority); your ticket is {ticket}."
+                        );
+                        self.finish(state, Ok(reply), trace_id, out).await?;
+                        Ok(Transition {
+                            kind: "handed_off",
+                            step: step.id.clone(),
+                            detail: answer,
+                            next: None,
+                        })
+                    }
+                    Err(error) => Ok(Self::failed(workflow, state, index, error)),
+                }
+            }
+            StepKind::End { reply } => {
+                let reply = reply
+                    .as_deref()
+                    .map(|r| state.render_text(r))
+                    .or_else(|| state.last_text.clone())
+                    .unwrap_or_default();
+                self.finish(state, Ok(reply.clone()), trace_id, out).await?;
+                Ok(Transition {
+                    kind: "ended",
+                    step: step.id.clone(),
+                    detail: json!({ "reply": reply }),
+                    next: None,
+                })
+            }
+            StepKind::Wait { .. } => Err(ProcessError::Poison(format!(
+                "step {} waits for an event; this release does not run waits",
+                step.id
+            ))),
+        }
+    }
+
+    /// The transition after step `index` answered: on to the step after it, or — after the
+    /// last step — the run ends, replying with the latest model text.
+    async fn after(
+        &self,
+        workflow: &Workflow,
+        index: usize,
+        state: &mut RunState,
+        mut transition: Transition,
+        trace_id: &str,
+        out: &mut Emitter,
+    ) -> Result<Transition, ProcessError> {
+        match workflow.after(index) {
+            Some(next) => transition.next = Some(next),
+            None => {
+                let reply = state.last_text.clone().unwrap_or_default();
+                self.finish(state, Ok(reply), trace_id, out).await?;
+                transition.kind = "ended";
+            }
+        }
+        Ok(transition)
+    }
+
+    /// Ends the run towards its caller: the reply (or the error), and the run's usage event.
+    async fn finish(
+        &self,
+        state: &RunState,
+        reply: Result<String, String>,
+        trace_id: &str,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let model = format!("{MODEL_PREFIX}{}", state.workflow);
+        let addressed = ChatRequest {
+            request_id: state.run_id.clone(),
+            tenant_id: state.tenant_id.clone(),
+            ..ChatRequest::default()
+        };
+        let mut usage = usage_of(
+            state,
+            &format!("{}:run", state.run_id),
+            &format!("workflow:{}", state.workflow),
+            PROVIDER,
+        );
+        usage.trace_id = Some(trace_id.to_owned());
+        let chunk = match reply {
+            Ok(text) => {
+                let mut done = ReplyChunk::new(&addressed, &model, 0, ReplyKind::Done);
+                done.delta = text;
+                done.finish_reason = Some("stop".into());
+                done.input_tokens = state.input_tokens;
+                done.output_tokens = state.output_tokens;
+                done
+            }
+            Err(message) => {
+                usage.billable = false;
+                usage.outcome = Some("workflow_failed".into());
+                let mut error =
+                    ReplyChunk::error(&addressed, &model, 0, 502, "workflow_failed", message);
+                error.input_tokens = state.input_tokens;
+                error.output_tokens = state.output_tokens;
+                error
+            }
+        };
+        out.emit_batched(&self.topics.usage, None, usage.tenant_id.as_bytes(), &usage)
+            .await?;
+        out.emit(
+            &state.caller.reply_topic,
+            Some(state.caller.reply_partition),
+            state.run_id.as_bytes(),
+            &chunk,
+        )
+        .await
+    }
+}
+
+/// The tool call record of `tool` for `step` (a compensation when `compensation`).
+fn invocation(
+    state: &RunState,
+    step: &str,
+    tool: &str,
+    arguments: &Value,
+    compensation: bool,
+    trace_id: &str,
+) -> ToolInvocation {
+    let key = if compensation {
+        format!("{}:{step}:undo", state.run_id)
+    } else {
+        format!("{}:{step}", state.run_id)
+    };
+    ToolInvocation {
+        run_id: state.run_id.clone(),
+        step: step.to_owned(),
+        tenant_id: state.tenant_id.clone(),
+        tool: tool.to_owned(),
+        idempotency_key: key,
+        compensation,
+        arguments_json: arguments.to_string(),
+        occurred_at_ms: now_ms(),
+        trace_id: (!trace_id.is_empty()).then(|| trace_id.to_owned()),
+    }
+}
+
+/// A usage event of the run, billable, with no tokens: `event_id` and what it is for.
+fn usage_of(state: &RunState, event_id: &str, model: &str, provider: &str) -> UsageEvent {
+    UsageEvent {
+        event_id: event_id.to_owned(),
+        request_id: state.run_id.clone(),
+        tenant_id: state.tenant_id.clone(),
+        model: model.to_owned(),
+        provider: provider.to_owned(),
+        input_tokens: 0,
+        output_tokens: 0,
+        occurred_at_ms: state.caller.received_at_ms,
+        latency_ms: None,
+        key_id: state.caller.key_id.clone(),
+        user_id: state.caller.user_id.clone(),
+        cached_input_tokens: None,
+        trace_id: None,
+        outcome: None,
+        billable: true,
+    }
+}
+
+fn elapsed_ms(since: Instant) -> i64 {
+    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The JSON object a model answered: the whole text, or the first `{` to the last `}` (a
+/// model may wrap it in prose or a code fence).
+fn json_object_in(text: &str) -> Option<Value> {
+    let parsed = |t: &str| {
+        serde_json::from_str::<Value>(t)
+            .ok()
+            .filter(Value::is_object)
+    };
+    parsed(text.trim()).or_else(|| {
+        let (start, end) = (text.find('{')?, text.rfind('}')?);
+        parsed(text.get(start..=end)?)
+    })
+}
+
+#[async_trait]
+impl RecordOperator for WorkflowEngine {
+    type Input = WorkflowEvent;
+
+    async fn process(
+        &self,
+        event: WorkflowEvent,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        if event.ends_run() || self.already_handled(&event) {
+            self.mark_handled(&event);
+            return Ok(());
+        }
+        let Some(next) = event.next_step.as_deref() else {
+            return Ok(());
+        };
+        let mut state: RunState = serde_json::from_str(&event.state_json)
+            .map_err(|e| ProcessError::Poison(format!("the run's state does not read: {e}")))?;
+        let tenant = Uuid::parse_str(&event.tenant_id)
+            .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
+        let workflow = self
+            .definitions
+            .get(tenant, &event.workflow, Some(event.version))
+            .await?
+            .ok_or_else(|| {
+                ProcessError::Poison(format!(
+                    "workflow {} v{} is not in the registry",
+                    event.workflow, event.version
+                ))
+            })?;
+        let Some((index, _)) = workflow.step(next) else {
+            return Err(ProcessError::Poison(format!(
+                "workflow {} v{} has no step {next}",
+                event.workflow, event.version
+            )));
+        };
+        let trace_id = event
+            .trace_id
+            .clone()
+            .unwrap_or_else(|| ctx.trace.trace_id_hex());
+        let started = Instant::now();
+        let mut transition = if state.failure.is_some() {
+            self.undo(&workflow, &mut state, &trace_id, out).await?
+        } else {
+            self.run_step(&workflow, index, &mut state, &trace_id, out)
+                .await?
+        };
+        let mut state_json = serde_json::to_string(&state)
+            .map_err(|e| ProcessError::Poison(format!("the run's state cannot be written: {e}")))?;
+        if state_json.len() > MAX_STATE_BYTES && transition.next.is_some() {
+            // The answer does not fit: the step fails instead (its answer is not kept).
+            state.answers.remove(&transition.step);
+            let error = format!(
+                "the run's state would take more than {MAX_STATE_BYTES} bytes with step {}'s answer",
+                transition.step
+            );
+            transition = Self::failed(&workflow, &mut state, index, error);
+            state_json = serde_json::to_string(&state).map_err(|e| {
+                ProcessError::Poison(format!("the run's state cannot be written: {e}"))
+            })?;
+        }
+        if transition.kind == "failed" {
+            let error = transition.detail["error"]
+                .as_str()
+                .unwrap_or("a step failed")
+                .to_owned();
+            self.finish(
+                &state,
+                Err(format!("Step {} failed: {error}", transition.step)),
+                &trace_id,
+                out,
+            )
+            .await?;
+        }
+        tracing::debug!(run = %state.run_id, step = %transition.step, kind = transition.kind,
+                        ms = started.elapsed().as_millis() as u64, "workflow step");
+        let following = WorkflowEvent {
+            run_id: event.run_id.clone(),
+            seq: event.seq + 1,
+            tenant_id: event.tenant_id.clone(),
+            workflow: event.workflow.clone(),
+            version: event.version,
+            kind: transition.kind.to_owned(),
+            step: Some(transition.step),
+            detail_json: Some(transition.detail.to_string()),
+            next_step: transition.next,
+            state_json,
+            occurred_at_ms: now_ms(),
+            trace_id: Some(trace_id),
+        };
+        out.emit(
+            &self.topics.workflow_events,
+            None,
+            event.run_id.as_bytes(),
+            &following,
+        )
+        .await?;
+        self.mark_handled(&event);
+        Ok(())
+    }
+}

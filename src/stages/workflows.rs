@@ -1,0 +1,46 @@
+//! The workflow stage: `sluice.workflow-events` → the next event of each run, with its tool
+//! calls (`sluice.tool-calls`, `sluice.tool-results`), usage (`sluice.usage`) and, when a run
+//! ends, its reply (`sluice.replies`); keyed by run: one run's steps in order, different runs'
+//! steps concurrently.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use sluice_orchestrator::{
+    tools::Resilience,
+    workflow::{Definitions, WorkflowEngine},
+    Orchestrator,
+};
+use sluice_pipelines::{runtime::StageSpec, Runnable};
+
+use crate::{config::Config, process::Process};
+
+/// Why `sluice replay workflows` is refused.
+pub const NOT_REPLAYED: &str =
+    "workflow runs go on from their latest event: replaying the topic would run their steps again";
+
+pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Runnable> {
+    let topics = config.kafka.topics();
+    let catalog = process.catalog(config).await?;
+    let app = sluice_stores::postgres::connect_lazy(
+        &config.postgres.url,
+        config.postgres.max_connections,
+        std::time::Duration::from_millis(500),
+    )?;
+    // The model steps' calls go through the orchestrator's providers.
+    let models = Orchestrator::new(config.orchestrator.clone(), topics.clone())
+        .context("building the model providers of workflow runs")?;
+    let tools = &config.orchestrator.tools;
+    let engine = WorkflowEngine::new(
+        Arc::new(Definitions::new(app.clone())),
+        app,
+        Resilience::new(tools.resilience.clone(), process.metrics.clone()),
+        tools.reach(),
+        Arc::new(models),
+        catalog,
+        topics.clone(),
+    );
+    let mut spec = StageSpec::new(config.kafka.wiring("workflows", &topics.workflow_events));
+    spec.max_in_flight = config.stages.workflows_max_in_flight;
+    Ok(Runnable::record_operator(Arc::new(engine), spec))
+}

@@ -221,6 +221,26 @@ pub(crate) enum BenchCommand {
         #[arg(long, conflicts_with = "limits")]
         compare_limits: bool,
     },
+    /// Workflow runs (`customer_support` on the simulated model) through the broker: runs/s
+    /// and latency per run and per step against one broker hop, beside plain chat completions;
+    /// and what the tool guard (bulkhead, breaker, timeout) adds to a tool call.
+    Workflows {
+        /// Concurrent clients per level, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 50])]
+        clients: Vec<usize>,
+        /// Measured seconds per level and path.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Unmeasured seconds before each measurement.
+        #[arg(long, default_value_t = 1)]
+        warmup_seconds: u64,
+        /// Calls timed with and without the tool guard.
+        #[arg(long, default_value_t = 200_000)]
+        guard_calls: u64,
+        /// Samples of the one-hop broker latency.
+        #[arg(long, default_value_t = 200)]
+        hop_samples: usize,
+    },
     /// Streaming WebSocket sessions held by one edge and the memory each costs, vs. a bare
     /// WebSocket server on the same stack.
     Websocket {

@@ -95,6 +95,12 @@ pub const TOOL_RETRIES: &str = "sluice_tool_retries_total";
 pub const TOOL_BREAKERS: &str = "sluice_tool_breakers";
 /// Seconds a tool call took, retries and backoff included, by `tool`.
 pub const TOOL_SECONDS: &str = "sluice_tool_call_seconds";
+/// Workflow step transitions written, by `workflow` and `kind` (`step_completed`, `branched`,
+/// `step_failed`, `compensated`, and the run's end: `ended`, `handed_off`, `failed`), total.
+pub const WORKFLOW_STEPS: &str = "sluice_workflow_steps_total";
+/// Seconds the workflow stage took to run one step (its tool or model calls included, the
+/// broker hop to the next event not), by `workflow`.
+pub const WORKFLOW_STEP_SECONDS: &str = "sluice_workflow_step_seconds";
 
 /// The process's metrics.
 pub struct Metrics {
@@ -136,6 +142,8 @@ pub struct Metrics {
     pub tool_retries: IntCounterVec,
     pub tool_breakers: IntGaugeVec,
     pub tool_seconds: HistogramVec,
+    pub workflow_steps: IntCounterVec,
+    pub workflow_step_seconds: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -292,6 +300,16 @@ impl Metrics {
                 "Seconds a tool call took, retries included, by tool.",
                 &["tool"],
             )?,
+            workflow_steps: counter(
+                WORKFLOW_STEPS,
+                "Workflow step transitions written, by workflow and kind.",
+                &["workflow", "kind"],
+            )?,
+            workflow_step_seconds: histogram(
+                WORKFLOW_STEP_SECONDS,
+                "Seconds the workflow stage took to run one step, by workflow.",
+                &["workflow"],
+            )?,
             notifications: counter(
                 NOTIFICATIONS,
                 "Notifications put on the notifications topic, by type.",
@@ -376,6 +394,8 @@ pub const ALL: &[&str] = &[
     TOOL_RETRIES,
     TOOL_BREAKERS,
     TOOL_SECONDS,
+    WORKFLOW_STEPS,
+    WORKFLOW_STEP_SECONDS,
 ];
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! `sluice bench`: each benchmark measures Sluice against the limit on the same machine in the
 //! same run and prints both: `passthrough`, `window` and `sink` print `ratio=<measured/limit>`
 //! last, `invoices` `ratio=<run time ÷ GROUP BY time>`, `gateway` `max_rps=<n>
-//! p99_tax_ms_c10=<x>`.
+//! p99_tax_ms_c10=<x>`, `workflows` `runs_per_s=<n> step_p50_ms=<x> guard_ns_per_call=<n>
+//! ratio=<one broker hop ÷ a step>`.
 
 mod gateway;
 mod invoices;
@@ -9,6 +10,7 @@ mod load;
 mod under_test;
 mod upstream;
 mod websocket;
+mod workflows;
 
 use sluice_pipelines::bench::{passthrough, Summary};
 use sluice_stores::ClickHouse;
@@ -65,6 +67,22 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
                 compare_limits,
             };
             gateway::run(&config, &options).await?;
+        }
+        BenchCommand::Workflows {
+            clients,
+            seconds,
+            warmup_seconds,
+            guard_calls,
+            hop_samples,
+        } => {
+            let options = workflows::WorkflowOptions {
+                clients,
+                seconds,
+                warmup_seconds,
+                guard_calls,
+                hop_samples,
+            };
+            workflows::run(&config, &options).await?;
         }
         BenchCommand::Websocket {
             sessions,

@@ -34,11 +34,14 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
     let engine = WorkflowEngine::new(
         Arc::new(Definitions::new(app.clone())),
         app,
-        Resilience::new(tools.resilience.clone(), process.metrics.clone()),
-        tools.reach(),
+        (
+            Resilience::new(tools.resilience.clone(), process.metrics.clone()),
+            tools.reach(),
+        ),
         Arc::new(models),
         catalog,
         topics.clone(),
+        process.metrics.clone(),
     );
     let mut spec = StageSpec::new(config.kafka.wiring("workflows", &topics.workflow_events));
     spec.max_in_flight = config.stages.workflows_max_in_flight;

@@ -252,3 +252,56 @@ async fn invoice_benchmark_checks_its_invoices_and_leaves_only_them_behind() {
     .unwrap();
     assert_eq!((tenants, invoices), (0, 30), "{out}");
 }
+
+#[tokio::test]
+async fn workflow_benchmark_runs_workflows_through_the_broker_and_prices_the_guard() {
+    let sluice = Sluice::start();
+    let args = [
+        "bench",
+        "workflows",
+        "--clients",
+        "1,3",
+        "--seconds",
+        "1",
+        "--warmup-seconds",
+        "0",
+        "--guard-calls",
+        "2000",
+        "--hop-samples",
+        "20",
+    ];
+    let out = sluice.cli(&args);
+    assert!(out.contains("one broker hop"), "{out}");
+    assert!(out.contains("tool guard (2000 calls"), "{out}");
+    assert!(!out.contains("a run failed"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 2, "a row per level: {out}");
+    let last = out.lines().last().unwrap_or_default();
+    let fields: Vec<(&str, f64)> = last
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k, v.parse().unwrap()))
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        names,
+        ["runs_per_s", "step_p50_ms", "guard_ns_per_call", "ratio"],
+        "{out}"
+    );
+    assert!(fields[0].1 > 0.0 && fields[3].1 > 0.0, "{out}");
+    assert!(fields.iter().all(|(_, v)| v.is_finite()), "{out}");
+    assert_topics_gone(
+        &out,
+        &[
+            "hop",
+            "requests",
+            "routed",
+            "replies",
+            "usage",
+            "workflow-events",
+        ],
+    );
+}

@@ -420,13 +420,16 @@ impl Shop {
             .collect()
     }
 
-    /// Adds the saga's four tools to `tenant`, pointing here.
+    /// Adds the tenant tools the shipped workflows call (the saga's four, the lead's two) to
+    /// `tenant`, pointing here.
     fn register(&self, prefix: &str, tenant: &Tenant) {
         for (tool, action) in [
             ("reserve_stock", "reserve"),
             ("release_stock", "release"),
             ("charge_payment", "charge"),
             ("refund_payment", "refund"),
+            ("store_lead", "lead"),
+            ("notify_sales", "notify"),
         ] {
             let url = format!("{}/{action}", self.url);
             let out = run_cli(
@@ -466,11 +469,11 @@ async fn shop_answer(
     if decline {
         return (axum::http::StatusCode::PAYMENT_REQUIRED, "card declined").into_response();
     }
-    let id = format!("{action}-{}", key.len());
     Json(match action.as_str() {
         "reserve" => json!({"reservation_id": format!("res-{key}")}),
         "charge" => json!({"charge_id": format!("ch-{key}")}),
-        _ => json!({"ok": true, "id": id}),
+        "lead" => json!({"lead_id": format!("lead-{key}")}),
+        _ => json!({"ok": true}),
     })
     .into_response()
 }
@@ -633,4 +636,111 @@ async fn a_run_killed_mid_saga_finishes_once_after_a_restart() {
             format!("{run}:run"),
         ]
     );
+}
+
+/// One line per event a run followed: `seq kind step -> next`.
+fn transcript(events: &[WorkflowEvent]) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    events
+        .iter()
+        .filter(|e| seen.insert(e.seq))
+        .map(|e| {
+            format!(
+                "{} {} {} -> {}\n",
+                e.seq,
+                e.kind,
+                e.step.as_deref().unwrap_or("-"),
+                e.next_step.as_deref().unwrap_or("end")
+            )
+        })
+        .collect()
+}
+
+/// Each shipped workflow's reference run on the simulated model and the real stores follows the
+/// event sequence in `workflows/golden/<name>.events`. `SLUICE_BLESS_GOLDEN=1` writes the files
+/// from this run instead (then read the difference before committing it).
+#[tokio::test]
+async fn every_shipped_workflow_follows_its_golden_event_sequence() {
+    let sluice = Sluice::start_with(&unique("t"), private_tools());
+    let tenant = create_tenant(&sluice.prefix);
+    seed_orders(&sluice.prefix, &tenant);
+    let shop = Shop::start().await;
+    shop.register(&sluice.prefix, &tenant);
+    let runs = [
+        (
+            "track_order",
+            json!({"order_id": "A-1"}),
+            "Where is my kettle?",
+        ),
+        (
+            "create_order",
+            json!({"order_id": "A-2", "payment_method": "pm_card"}),
+            "Place my order",
+        ),
+        (
+            "order_management",
+            json!({"order_id": "A-2", "action": "cancel"}),
+            "Cancel it, please",
+        ),
+        ("customer_support", json!({}), "How do I descale my kettle?"),
+        (
+            "complaint_handling",
+            json!({"customer_id": "c-1"}),
+            "The kettle arrived broken.",
+        ),
+        (
+            "technical_support",
+            json!({}),
+            "The kettle does not switch on.",
+        ),
+        (
+            "lead_capture",
+            json!({}),
+            "I am Grace from Navy Labs, grace@navy.example; we want 500 kettles.",
+        ),
+    ];
+    let bless = std::env::var("SLUICE_BLESS_GOLDEN").is_ok_and(|v| v == "1");
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/golden");
+    let mut shipped: Vec<String> = sluice_orchestrator::workflow::SHIPPED
+        .iter()
+        .map(|(file, _)| {
+            file.trim_start_matches("workflows/")
+                .trim_end_matches(".yaml")
+                .to_owned()
+        })
+        .collect();
+    shipped.sort();
+    let mut covered: Vec<String> = runs.iter().map(|(name, _, _)| (*name).to_owned()).collect();
+    covered.sort();
+    assert_eq!(
+        covered, shipped,
+        "every shipped workflow has a reference run"
+    );
+    for (name, inputs, message) in runs {
+        let (status, body) = chat(
+            &sluice,
+            &tenant.key,
+            json!({"model": format!("workflow/{name}"), "inputs": inputs,
+                   "messages": [{"role": "user", "content": message}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{name}: {body}");
+        let run = body["id"].as_str().unwrap().to_owned();
+        let got = transcript(&run_events(&sluice, &run).await);
+        let file = folder.join(format!("{name}.events"));
+        if bless {
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(&file, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+            panic!("{}: {e} (SLUICE_BLESS_GOLDEN=1 writes it)", file.display())
+        });
+        assert_eq!(
+            got,
+            want,
+            "{name}'s run left its golden sequence ({})",
+            file.display()
+        );
+    }
 }

@@ -132,6 +132,9 @@ pub enum StepKind {
         system: Option<String>,
         prompt: String,
         json: bool,
+        /// The JSON Schema the answer must follow (implies `json`): the model is asked for it
+        /// (OpenAI's `json_schema` response format).
+        schema: Option<Value>,
     },
     /// Go to the first case whose condition holds (the last case has none).
     Branch { cases: Vec<Case> },
@@ -626,6 +629,7 @@ impl Reader {
             "system",
             "prompt",
             "json",
+            "schema",
             "on_timeout",
         ]);
         let map = self.mapping(node, &field, &allowed)?;
@@ -656,7 +660,7 @@ impl Reader {
         // Fields that belong to another kind of step.
         let own: &[&str] = match kind {
             "tool" => &["arguments", "compensate"],
-            "model" => &["system", "prompt", "json"],
+            "model" => &["system", "prompt", "json", "schema"],
             "wait" => &["on_timeout"],
             _ => &[],
         };
@@ -666,6 +670,7 @@ impl Reader {
             "system",
             "prompt",
             "json",
+            "schema",
             "on_timeout",
         ] {
             if let Some(found) = map.get_node(key) {
@@ -746,18 +751,43 @@ impl Reader {
                 if let Some(system) = system {
                     self.template(system, &join(&field, "system"), scope, (here, false));
                 }
-                let json = match self.text(map, "json", &field, false) {
-                    None => false,
-                    Some(j) => j.as_bool().unwrap_or_else(|| {
+                let json = self.text(map, "json", &field, false).map(|j| {
+                    j.as_bool().unwrap_or_else(|| {
                         self.error(j.span(), &join(&field, "json"), "expected true or false");
                         false
-                    }),
+                    })
+                });
+                let schema = match map.get_node("schema") {
+                    None => None,
+                    Some(node) => {
+                        let sfield = join(&field, "schema");
+                        let schema = self.literal(node, &sfield, scope, (here, false));
+                        let is_object_schema = schema.as_ref().is_some_and(|s| {
+                            s.get("type") == Some(&Value::String("object".into()))
+                        });
+                        if !is_object_schema {
+                            self.error(
+                                node.span(),
+                                &sfield,
+                                "expected a JSON Schema of an object (`type: object`)",
+                            );
+                        }
+                        if json == Some(false) {
+                            self.error(
+                                node.span(),
+                                &sfield,
+                                "a schema asks for a JSON answer: drop `json: false`",
+                            );
+                        }
+                        schema
+                    }
                 };
                 StepKind::Model {
                     model,
                     system: system.map(|s| s.as_str().to_owned()),
                     prompt: prompt.as_str().to_owned(),
-                    json,
+                    json: json.unwrap_or(false) || schema.is_some(),
+                    schema,
                 }
             }
             "branch" => {
@@ -1351,7 +1381,7 @@ impl Scope<'_> {
                         Some("text") => Ok(Some(id.to_owned())),
                         Some("json") if self.model_answers_json(id) => Ok(Some(id.to_owned())),
                         Some("json") => Err(format!(
-                            "`${{{reference}}}`: step {id:?} answers `json` only with `json: true`"
+                            "`${{{reference}}}`: step {id:?} answers `json` only with `json: true` or a `schema`"
                         )),
                         _ => Err(format!(
                             "`${{{reference}}}`: a model step answers `text` (or `json` with json: true)"
@@ -1399,12 +1429,12 @@ impl Scope<'_> {
         else {
             return false;
         };
-        self.list
-            .get(i)
-            .and_then(Node::as_mapping)
-            .and_then(|m| m.get_scalar("json"))
-            .and_then(MarkedScalarNode::as_bool)
-            .unwrap_or(false)
+        let step = self.list.get(i).and_then(Node::as_mapping);
+        step.is_some_and(|m| m.get_node("schema").is_some())
+            || step
+                .and_then(|m| m.get_scalar("json"))
+                .and_then(MarkedScalarNode::as_bool)
+                .unwrap_or(false)
     }
 }
 

@@ -32,7 +32,9 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
-use sluice_pipelines::{now_ms, Emitter, ProcessError, RecordContext, RecordOperator, Topics};
+use sluice_pipelines::{
+    metrics::Metrics, now_ms, Emitter, ProcessError, RecordContext, RecordOperator, Topics,
+};
 use sluice_schemas::{
     tokens, ChatMessage, ChatRequest, ReplyAddress, ReplyChunk, ReplyKind, ResponseFormat,
     RoutedRequest, ToolInvocation, ToolOutcome, UsageEvent, WorkflowEvent,
@@ -281,6 +283,14 @@ struct Transition {
     next: Option<String>,
 }
 
+/// What a model step asks: the model (or `auto`), its texts, and the form of the answer.
+struct ModelAsk<'a> {
+    model: &'a str,
+    system: Option<&'a str>,
+    prompt: &'a str,
+    format: Option<ResponseFormat>,
+}
+
 /// What a tool or model step answered, or why it failed.
 type Acted = Result<Value, String>;
 
@@ -302,22 +312,23 @@ pub struct WorkflowEngine {
     models: Arc<Orchestrator>,
     catalog: Arc<ModelCatalog>,
     topics: Topics,
+    metrics: Arc<Metrics>,
     /// Each run's last handled sequence number, and when an event of it was last seen.
     handled: Mutex<HashMap<String, (i32, Instant)>>,
 }
 
 impl WorkflowEngine {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         definitions: Arc<Definitions>,
         app: PgPool,
-        resilience: Resilience,
-        reach: Reach,
+        (resilience, reach): (Resilience, Reach),
         models: Arc<Orchestrator>,
         catalog: Arc<ModelCatalog>,
         topics: Topics,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             definitions,
             builtin: BuiltinTools::new(app.clone()),
             app,
@@ -461,18 +472,21 @@ impl WorkflowEngine {
 
     /// Calls the model of a model step; its usage event goes into `records`, its tokens into
     /// the answer (`text`, and `json` when the step asks for JSON).
-    #[allow(clippy::too_many_arguments)]
     async fn call_model(
         &self,
         state: &RunState,
         step: &str,
-        model: &str,
-        system: Option<&str>,
-        prompt: &str,
-        json_answer: bool,
+        asked: ModelAsk<'_>,
         trace_id: &str,
         records: &mut Records,
     ) -> Acted {
+        let ModelAsk {
+            model,
+            system,
+            prompt,
+            format,
+        } = asked;
+        let json_answer = format.is_some();
         let mut messages = Vec::new();
         if let Some(system) = system {
             messages.push(ChatMessage::text("system", state.render_text(system)));
@@ -492,10 +506,7 @@ impl WorkflowEngine {
             key_id: state.caller.key_id.clone(),
             user_id: state.caller.user_id.clone(),
             allowed_models: state.caller.allowed_models.clone(),
-            response_format: json_answer.then(|| ResponseFormat {
-                kind: "json_object".into(),
-                json_schema_json: None,
-            }),
+            response_format: format,
             ..ChatRequest::default()
         };
         let models = self.catalog.snapshot();
@@ -607,18 +618,28 @@ impl WorkflowEngine {
                 system,
                 prompt,
                 json,
+                schema,
             } => {
-                self.call_model(
-                    state,
-                    &step.id,
+                let format = match schema {
+                    Some(schema) => Some(ResponseFormat {
+                        kind: "json_schema".into(),
+                        json_schema_json: Some(
+                            json!({"name": step.id, "schema": schema}).to_string(),
+                        ),
+                    }),
+                    None => json.then(|| ResponseFormat {
+                        kind: "json_object".into(),
+                        json_schema_json: None,
+                    }),
+                };
+                let asked = ModelAsk {
                     model,
-                    system.as_deref(),
+                    system: system.as_deref(),
                     prompt,
-                    *json,
-                    trace_id,
-                    records,
-                )
-                .await
+                    format,
+                };
+                self.call_model(state, &step.id, asked, trace_id, records)
+                    .await
             }
             _ => Err(format!("step {} is not a tool or model step", step.id)),
         }
@@ -1180,8 +1201,15 @@ impl RecordOperator for WorkflowEngine {
             )
             .await?;
         }
-        tracing::debug!(run = %state.run_id, step = %transition.step, kind = transition.kind,
-                        ms = started.elapsed().as_millis() as u64, "workflow step");
+        self.metrics
+            .workflow_steps
+            .with_label_values(&[&event.workflow, transition.kind])
+            .inc();
+        self.metrics
+            .workflow_step_seconds
+            .with_label_values(&[&event.workflow])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(run = %state.run_id, step = %transition.step, kind = transition.kind, "workflow step");
         let following = WorkflowEvent {
             run_id: event.run_id.clone(),
             seq: event.seq + 1,

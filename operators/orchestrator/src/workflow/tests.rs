@@ -291,3 +291,46 @@ fn a_reference_of_the_wrong_type_is_a_type_mismatch() {
     );
     assert!(errors(&fine).is_empty(), "{:#?}", errors(&fine));
 }
+
+#[test]
+fn a_model_step_may_name_the_schema_of_its_answer() {
+    let with = |schema: &str| {
+        format!(
+            "{HEAD}steps:\n  - id: m\n    model: auto\n    prompt: hi\n{schema}  - id: e\n    end:\n      reply: ${{steps.m.json.intent}}\n"
+        )
+    };
+    let ok = load(
+        "workflows/w.yaml",
+        &with(
+            "    schema:\n      type: object\n      properties:\n        intent: {enum: [a, b]}\n",
+        ),
+    )
+    .unwrap();
+    let StepKind::Model { json, schema, .. } = &ok.steps[0].kind else {
+        panic!("a model step")
+    };
+    assert!(*json, "a schema implies a JSON answer");
+    assert_eq!(
+        schema.as_ref().unwrap()["properties"]["intent"]["enum"],
+        serde_json::json!(["a", "b"])
+    );
+    assert_error(
+        &with("    schema: {type: string}\n"),
+        8,
+        "steps[0].schema",
+        "JSON Schema of an object",
+    );
+    assert_error(
+        &with("    json: false\n    schema: {type: object}\n"),
+        9,
+        "steps[0].schema",
+        "drop `json: false`",
+    );
+    // Without a schema or `json: true`, `json` is not there to refer to.
+    assert_error(
+        &with(""),
+        10,
+        "steps[1].end.reply",
+        "answers `json` only with `json: true` or a `schema`",
+    );
+}

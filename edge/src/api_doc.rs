@@ -61,6 +61,10 @@ impl Modify for Bearer {
         crate::usage::usage,
         crate::usage::me,
         crate::memory::forget,
+        crate::documents::put,
+        crate::documents::delete,
+        crate::documents::list,
+        crate::documents::search,
         crate::control::register,
         crate::control::login,
         crate::control::refresh,
@@ -110,6 +114,7 @@ impl Modify for Bearer {
         (name = "platform", description = "Plans and tenants, for platform admins"),
         (name = "billing", description = "Invoices, their preview and finance's exports, and spend budgets, for a tenant's admins (a platform admin's period export covers every tenant)"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their delivery log, for its admins"),
+        (name = "knowledge", description = "A tenant's documents, searched by its workflows (the built-in tool search_knowledge)"),
     )
 )]
 pub struct ApiDoc;

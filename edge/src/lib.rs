@@ -25,6 +25,7 @@ pub mod budgets;
 pub mod chat;
 pub mod control;
 pub mod cors;
+pub mod documents;
 pub mod error;
 pub mod invoices;
 pub mod limits;
@@ -446,6 +447,9 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/usage",
     "/v1/me",
     "/v1/sessions/{session}/memory",
+    "/v1/documents",
+    "/v1/documents/search",
+    "/v1/documents/{id}",
     "/v1/auth/register",
     "/v1/auth/login",
     "/v1/auth/refresh",
@@ -491,6 +495,12 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
         .route(
             "/v1/sessions/{session}/memory",
             axum::routing::delete(memory::forget),
+        )
+        .route("/v1/documents", get(documents::list))
+        .route("/v1/documents/search", get(documents::search))
+        .route(
+            "/v1/documents/{id}",
+            axum::routing::put(documents::put).delete(documents::delete),
         )
         .route("/v1/auth/register", post(control::register))
         .route("/v1/auth/login", post(control::login))

@@ -126,6 +126,8 @@ pub struct Topics {
     pub tool_calls: String,
     /// How those tool calls ended, keyed by run.
     pub tool_results: String,
+    /// Tenants' documents for their knowledge, in chunks, keyed by tenant and document.
+    pub documents: String,
 }
 
 impl Topics {
@@ -148,11 +150,12 @@ impl Topics {
             workflow_events: name("workflow-events"),
             tool_calls: name("tool-calls"),
             tool_results: name("tool-results"),
+            documents: name("documents"),
         }
     }
 
     /// Every topic, for creation.
-    pub fn all(&self) -> [&str; 9] {
+    pub fn all(&self) -> [&str; 10] {
         [
             &self.requests,
             &self.routed,
@@ -163,6 +166,7 @@ impl Topics {
             &self.workflow_events,
             &self.tool_calls,
             &self.tool_results,
+            &self.documents,
         ]
     }
 }

@@ -110,6 +110,7 @@ impl Codec {
         self.register::<crate::WorkflowEvent>().await?;
         self.register::<crate::ToolInvocation>().await?;
         self.register::<crate::ToolOutcome>().await?;
+        self.register::<crate::Document>().await?;
         Ok(())
     }
 

@@ -13,10 +13,10 @@ pub mod wire;
 
 pub use codec::Codec;
 pub use records::{
-    ChatMessage, ChatRequest, DeadLetter, Notification, Record, ReplyAddress, ReplyChunk,
-    ReplyKind, ResponseFormat, RoutedRequest, RoutingDecision, ToolCall, ToolCallAssembler,
-    ToolCallDelta, ToolDefinition, ToolInvocation, ToolOutcome, UsageEvent, WindowResult,
-    WorkflowEvent,
+    ChatMessage, ChatRequest, DeadLetter, Document, DocumentChunk, Notification, Record,
+    ReplyAddress, ReplyChunk, ReplyKind, ResponseFormat, RoutedRequest, RoutingDecision, ToolCall,
+    ToolCallAssembler, ToolCallDelta, ToolDefinition, ToolInvocation, ToolOutcome, UsageEvent,
+    WindowResult, WorkflowEvent,
 };
 pub use registry::RegistryClient;
 

@@ -537,6 +537,32 @@ pub struct ToolOutcome {
 }
 record!(ToolOutcome, "sluice.v1.ToolOutcome", "tool_outcome.avsc");
 
+/// A tenant's document for its knowledge, in chunks, or its deletion (`sluice.documents`,
+/// keyed by tenant and document).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    pub tenant_id: String,
+    pub document_id: String,
+    pub title: String,
+    pub format: String,
+    pub version_ms: i64,
+    #[serde(default)]
+    pub deleted: bool,
+    #[serde(default)]
+    pub chunks: Vec<DocumentChunk>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+record!(Document, "sluice.v1.Document", "document.avsc");
+
+/// A part of a document: a few paragraphs under one heading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentChunk {
+    #[serde(default)]
+    pub heading: Option<String>,
+    pub text: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +714,19 @@ mod tests {
             compensation: false,
             arguments_json: r#"{"order_id":"A-1"}"#.into(),
             occurred_at_ms: 5,
+            trace_id: None,
+        });
+        round_trip(Document {
+            tenant_id: "t-1".into(),
+            document_id: "descaling".into(),
+            title: "Descaling".into(),
+            format: "markdown".into(),
+            version_ms: 7,
+            deleted: false,
+            chunks: vec![DocumentChunk {
+                heading: Some("Kettles".into()),
+                text: "Use citric acid.".into(),
+            }],
             trace_id: None,
         });
         round_trip(ToolOutcome {

@@ -6,8 +6,9 @@
 //! 2. One broker hop, produce → consume: no step can beat it (each step is one event).
 //! 3. A `sluice up` of its own on fresh topics, with the simulated model answering at once: at
 //!    each concurrency level, closed-loop clients run `workflow/customer_support` (a model
-//!    triage, a branch, a model answer, an end: four steps, five events), then, in the same run,
-//!    a plain chat completion on the same model: runs/s, p50/p99 per run, and per step.
+//!    triage, a branch, a knowledge search, a branch, a model answer, an end: six steps, seven
+//!    events), then, in the same run, a plain chat completion on the same model: runs/s,
+//!    p50/p99 per run, and per step.
 //!
 //! The last line is `runs_per_s=<best> step_p50_ms=<at 10 clients> guard_ns_per_call=<n>
 //! ratio=<one hop ÷ a step's p50 at 10 clients>`.
@@ -20,7 +21,7 @@ use std::{
 use serde_json::json;
 use sluice_orchestrator::tools::{BuiltinTools, Failure, Resilience, ResilienceConfig};
 use sluice_pipelines::{bench::hop, kafka, metrics::Metrics};
-use sluice_stores::postgres::{self, business, tenants};
+use sluice_stores::postgres::{self, business, knowledge, tenants};
 
 use super::{
     load::{self, Target},
@@ -28,9 +29,10 @@ use super::{
 };
 use crate::config::Config;
 
-/// Steps of the benchmark's run of `customer_support` on the simulated model (triage, route,
-/// faq, done: its golden sequence).
-const STEPS_PER_RUN: f64 = 4.0;
+/// Steps of the benchmark's run of `customer_support` on the simulated model, with one document
+/// in the tenant's knowledge (triage, route, faq search, faq_known, faq_answer, faq_cited: its
+/// golden sequence, `workflows/golden/customer_support.events`).
+const STEPS_PER_RUN: f64 = 6.0;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -103,6 +105,15 @@ pub async fn run(config: &Config, options: &WorkflowOptions) -> anyhow::Result<(
             tracking: None,
         };
         business::upsert_order(&mut conn, tenant.id, &order).await?;
+        let document = knowledge::Version {
+            id: "descaling",
+            title: "Descaling your kettle",
+            format: "text",
+            version_ms: 1,
+            deleted: false,
+            chunks: vec![(None, "Fill the kettle with water and citric acid, boil, rinse twice.")],
+        };
+        knowledge::apply(&mut conn, tenant.id, &document).await?;
         drop(conn);
         let app = postgres::connect(&config.postgres.url, 2).await?;
         let builtin = BuiltinTools::new(app);

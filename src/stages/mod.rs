@@ -3,6 +3,7 @@
 //! run <stage>` and `sluice replay <stage>` all go through [`Stage::build`]. A new stage is a
 //! variant here and a file beside this one.
 
+mod knowledge;
 mod metering;
 mod orchestrator;
 mod router;
@@ -31,17 +32,20 @@ pub enum Stage {
     /// Runs workflows one step per event (`sluice.workflow-events` → the next event, tool
     /// calls and results, usage, replies).
     Workflows,
+    /// Indexes tenants' documents for their knowledge (`sluice.documents` → PostgreSQL).
+    Knowledge,
 }
 
 impl Stage {
     /// Every stage, in the order `sluice up` starts them.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Router,
         Stage::Orchestrator,
         Stage::Workflows,
         Stage::Metering,
         Stage::Sql,
         Stage::Webhooks,
+        Stage::Knowledge,
     ];
 
     /// Whether `sluice up` runs the stage with this configuration.
@@ -52,7 +56,8 @@ impl Stage {
             | Stage::Orchestrator
             | Stage::Metering
             | Stage::Webhooks
-            | Stage::Workflows => true,
+            | Stage::Workflows
+            | Stage::Knowledge => true,
         }
     }
 
@@ -62,7 +67,7 @@ impl Stage {
             Stage::Sql => Some(sql::NOT_REPLAYED),
             Stage::Webhooks => Some(webhooks::NOT_REPLAYED),
             Stage::Workflows => Some(workflows::NOT_REPLAYED),
-            Stage::Router | Stage::Orchestrator | Stage::Metering => None,
+            Stage::Router | Stage::Orchestrator | Stage::Metering | Stage::Knowledge => None,
         }
     }
 
@@ -80,6 +85,7 @@ impl Stage {
             Stage::Sql => sql::build(config, process).await?,
             Stage::Webhooks => vec![webhooks::build(config, process).await?],
             Stage::Workflows => vec![workflows::build(config, process).await?],
+            Stage::Knowledge => vec![knowledge::build(config)?],
         })
     }
 }

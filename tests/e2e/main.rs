@@ -18,6 +18,7 @@ mod dlq;
 mod failover;
 mod invoices;
 mod isolation;
+mod knowledge;
 mod limits;
 mod ordering;
 mod registry;

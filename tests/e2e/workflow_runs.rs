@@ -666,6 +666,14 @@ async fn every_shipped_workflow_follows_its_golden_event_sequence() {
     seed_orders(&sluice.prefix, &tenant);
     let shop = Shop::start().await;
     shop.register(&sluice.prefix, &tenant);
+    crate::knowledge::store_document(
+        &sluice,
+        &tenant.key,
+        "descaling",
+        json!({"title": "Descaling your kettle", "format": "markdown",
+               "content": "# Descaling\n\nFill the kettle with water and citric acid, boil, and rinse twice."}),
+    )
+    .await;
     let runs = [
         (
             "track_order",
@@ -683,6 +691,7 @@ async fn every_shipped_workflow_follows_its_golden_event_sequence() {
             "Cancel it, please",
         ),
         ("customer_support", json!({}), "How do I descale my kettle?"),
+        ("faq", json!({}), "How do I descale my kettle?"),
         (
             "complaint_handling",
             json!({"customer_id": "c-1"}),

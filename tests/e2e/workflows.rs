@@ -18,6 +18,7 @@ fn workflow_check_passes_the_shipped_definitions_and_names_each_mistake() {
         "complaint_handling",
         "create_order",
         "customer_support",
+        "faq",
         "lead_capture",
         "order_management",
         "technical_support",

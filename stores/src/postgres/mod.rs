@@ -12,6 +12,7 @@ pub mod claims;
 pub mod flags;
 pub mod followed;
 pub mod keys;
+pub mod knowledge;
 pub mod memory;
 pub mod models;
 pub mod origins;
@@ -111,6 +112,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 15,
         name: "conversation_memory",
         sql: include_str!("../../migrations/0015_conversation_memory.sql"),
+    },
+    Migration {
+        version: 16,
+        name: "knowledge",
+        sql: include_str!("../../migrations/0016_knowledge.sql"),
     },
 ];
 

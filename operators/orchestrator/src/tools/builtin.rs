@@ -1,5 +1,6 @@
-//! The built-in tools: lookups and writes of a tenant's customers, orders and tickets in
-//! PostgreSQL, each call in the tenant's own transaction under row-level security.
+//! The built-in tools: lookups and writes of a tenant's customers, orders and tickets, and
+//! searches of its knowledge, in PostgreSQL, each call in the tenant's own transaction under
+//! row-level security.
 //!
 //! | tool | arguments | answers |
 //! |---|---|---|
@@ -8,6 +9,7 @@
 //! | `list_orders` | `customer_id`, `limit` (1–50, 10) | `{"orders": […]}`, newest first |
 //! | `update_order_status` | `order_id`, `status` | `{"found": true, "order": {…}}` or `{"found": false}` |
 //! | `create_ticket` | `subject`, `body`, `priority` (low, normal, high, urgent), `customer_id` | `{"ticket": {…}}` |
+//! | `search_knowledge` | `query`, `limit` (1–10, 3) | `{"found": bool, "passages": [{"document_id", "title", "chunk", "heading", "text", "score"}…], "citations": "[1] Title (document_id) …"}`, best first |
 //!
 //! The writes (`update_order_status`, `create_ticket`) happen once per idempotency key: the
 //! key is claimed in `tool_writes` in the write's own transaction, and a call with a key
@@ -15,7 +17,7 @@
 
 use serde_json::{json, Value};
 use sluice_schemas::ToolDefinition;
-use sluice_stores::postgres::{business, tenant_transaction};
+use sluice_stores::postgres::{business, knowledge, tenant_transaction};
 use sqlx::{types::Uuid, PgPool};
 
 use super::resilience::Failure;
@@ -27,6 +29,7 @@ pub const NAMES: &[&str] = &[
     "list_orders",
     "update_order_status",
     "create_ticket",
+    "search_knowledge",
 ];
 
 /// The built-in tools as a model sees them: name, description and the JSON Schema of their
@@ -59,6 +62,11 @@ pub fn definitions() -> Vec<ToolDefinition> {
             "update_order_status",
             "Change an order's status.",
             json!({"type": "object", "properties": {"order_id": text, "status": {"enum": business::ORDER_STATUSES}}, "required": ["order_id", "status"], "additionalProperties": false}),
+        ),
+        tool(
+            "search_knowledge",
+            "Search the organisation's own documents (help articles, policies, manuals) for passages that answer a question.",
+            json!({"type": "object", "properties": {"query": text, "limit": {"type": "integer", "minimum": 1, "maximum": 10}}, "required": ["query"], "additionalProperties": false}),
         ),
         tool(
             "create_ticket",
@@ -146,6 +154,33 @@ impl BuiltinTools {
                     .await
                     .map_err(store_failure)?;
                 found_or_not("order", found)
+            }
+            "search_knowledge" => {
+                let query = args.required("query")?;
+                let limit = match arguments.get("limit") {
+                    None | Some(Value::Null) => 3,
+                    Some(limit) => {
+                        limit
+                            .as_i64()
+                            .filter(|n| (1..=10).contains(n))
+                            .ok_or_else(|| {
+                                Failure::Permanent("limit must be an integer from 1 to 10".into())
+                            })?
+                    }
+                };
+                let passages = knowledge::search(&mut tx, tenant, query, limit)
+                    .await
+                    .map_err(store_failure)?;
+                let citations: Vec<String> = passages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| format!("[{}] {} ({})", i + 1, p.title, p.document_id))
+                    .collect();
+                json!({
+                    "found": !passages.is_empty(),
+                    "passages": passages,
+                    "citations": citations.join("\n"),
+                })
             }
             "create_ticket" => {
                 let ticket = business::open_ticket(

@@ -25,6 +25,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../../../../workflows/customer_support.yaml"),
     ),
     (
+        "workflows/faq.yaml",
+        include_str!("../../../../workflows/faq.yaml"),
+    ),
+    (
         "workflows/lead_capture.yaml",
         include_str!("../../../../workflows/lead_capture.yaml"),
     ),

@@ -135,7 +135,7 @@ impl Process {
     }
 
     /// The process's producers, one per profile, shared by its edge and stages.
-    fn producers(&mut self, config: &Config) -> anyhow::Result<Producers> {
+    pub(crate) fn producers(&mut self, config: &Config) -> anyhow::Result<Producers> {
         if let Some(producers) = &self.producers {
             return Ok(producers.clone());
         }
@@ -183,6 +183,19 @@ impl Process {
 
     fn spawn(&mut self, name: &str, task: impl Part) {
         spawn_named(&mut self.tasks, name, task);
+    }
+
+    /// Runs `task` beside the stages (a loop a stage keeps, such as a timeout sweep); it is
+    /// given the token that stops the stages.
+    pub(crate) fn spawn_beside<F>(&mut self, name: &str, task: impl FnOnce(CancellationToken) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let running = task(self.cancel.clone());
+        self.spawn(name, async move {
+            running.await;
+            Ok(())
+        });
     }
 
     /// Spawns a part that accepts work from outside; it stops first at shutdown.

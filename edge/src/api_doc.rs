@@ -65,6 +65,8 @@ impl Modify for Bearer {
         crate::documents::delete,
         crate::documents::list,
         crate::documents::search,
+        crate::runs::show,
+        crate::runs::signal,
         crate::control::register,
         crate::control::login,
         crate::control::refresh,
@@ -114,6 +116,7 @@ impl Modify for Bearer {
         (name = "platform", description = "Plans and tenants, for platform admins"),
         (name = "billing", description = "Invoices, their preview and finance's exports, and spend budgets, for a tenant's admins (a platform admin's period export covers every tenant)"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their delivery log, for its admins"),
+        (name = "workflows", description = "Workflow runs: their status, and the external events they wait for"),
         (name = "knowledge", description = "A tenant's documents, searched by its workflows (the built-in tool search_knowledge)"),
     )
 )]

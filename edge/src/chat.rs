@@ -83,6 +83,7 @@ pub async fn submit(
     parent_trace: Option<TraceContext>,
 ) -> Result<Submitted, ApiError> {
     let tenant = caller.tenant;
+    openai::check_workflow_fields(&request.model, &prompt)?;
     if !state.flags.enabled(CHAT_FLAG, Some(tenant.0), true) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -231,7 +232,17 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     openai::require_json(&headers)?;
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let (request, mut prompt) = openai::parse(&body)?;
+    let (mut request, mut prompt) = openai::parse(&body)?;
+    if let Some(name) = headers.get(openai::WORKFLOW_HEADER) {
+        let name = name
+            .to_str()
+            .ok()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                ApiError::invalid("X-Sluice-Workflow names a workflow.").with_param("model")
+            })?;
+        request.model = format!("{}{name}", openai::WORKFLOW_PREFIX);
+    }
     prompt.memory = crate::memory::requested(
         headers
             .get(crate::memory::HEADER)

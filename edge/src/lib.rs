@@ -36,6 +36,7 @@ pub mod platform;
 pub mod registry;
 pub mod replies;
 pub mod resume;
+pub mod runs;
 pub mod sessions;
 pub mod stream;
 pub mod usage;
@@ -450,6 +451,8 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/documents",
     "/v1/documents/search",
     "/v1/documents/{id}",
+    "/v1/workflows/runs/{run}",
+    "/v1/workflows/runs/{run}/events",
     "/v1/auth/register",
     "/v1/auth/login",
     "/v1/auth/refresh",
@@ -502,6 +505,8 @@ pub fn app(state: Arc<EdgeState>, metrics: Arc<Metrics>, readiness: Readiness) -
             "/v1/documents/{id}",
             axum::routing::put(documents::put).delete(documents::delete),
         )
+        .route("/v1/workflows/runs/{run}", get(runs::show))
+        .route("/v1/workflows/runs/{run}/events", post(runs::signal))
         .route("/v1/auth/register", post(control::register))
         .route("/v1/auth/login", post(control::login))
         .route("/v1/auth/refresh", post(control::refresh))

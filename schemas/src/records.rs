@@ -487,9 +487,12 @@ record!(
 );
 
 impl WorkflowEvent {
-    /// Whether the event ends its run (no step follows it).
+    /// The kinds of event that end a run.
+    pub const ENDS: [&'static str; 3] = ["ended", "handed_off", "failed"];
+
+    /// Whether the event ends its run.
     pub fn ends_run(&self) -> bool {
-        self.next_step.is_none() && self.kind != "started"
+        Self::ENDS.contains(&self.kind.as_str())
     }
 }
 

@@ -188,7 +188,12 @@ async fn measure(
             .in_force(&format!("model:{}", row.model), period.start_ms())
             .with_context(|| format!("{} has no price in force", row.model))?;
         expected = expected
-            + version.tokens_cost(row.input_tokens, row.output_tokens, row.cached_input_tokens);
+            + version.usage_cost(
+                row.requests,
+                row.input_tokens,
+                row.output_tokens,
+                row.cached_input_tokens,
+            );
     }
     let invoiced: Exact = report
         .written

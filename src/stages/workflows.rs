@@ -31,6 +31,7 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
     let models = Orchestrator::new(config.orchestrator.clone(), topics.clone())
         .context("building the model providers of workflow runs")?;
     let tools = &config.orchestrator.tools;
+    let app_for_sweep = app.clone();
     let engine = WorkflowEngine::new(
         Arc::new(Definitions::new(app.clone())),
         app,
@@ -43,6 +44,23 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
         topics.clone(),
         process.metrics.clone(),
     );
+    // Waits whose deadline passed are resumed through a record on the events topic.
+    let (producer, codec) = (
+        process
+            .producers(config)?
+            .get(sluice_pipelines::kafka::ProducerProfile::Latency)
+            .clone(),
+        crate::process::codec(config)?,
+    );
+    let (sweep_app, sweep_topic) = (app_for_sweep, topics.workflow_events.clone());
+    process.spawn_beside("workflow timeouts", move |cancel| {
+        sluice_orchestrator::workflow::engine::sweep_due_waits(
+            sweep_app,
+            (producer, codec),
+            sweep_topic,
+            cancel,
+        )
+    });
     let mut spec = StageSpec::new(config.kafka.wiring("workflows", &topics.workflow_events));
     spec.max_in_flight = config.stages.workflows_max_in_flight;
     Ok(Runnable::record_operator(Arc::new(engine), spec))

@@ -232,6 +232,24 @@ async fn a_workflow_runs_one_step_per_event_with_its_tool_calls_usage_and_reply_
         "I could not find an order Z-9. Could you check the number?"
     );
 
+    // The X-Sluice-Workflow header runs the workflow whatever `model` says (an SDK must send one).
+    let response = http()
+        .post(sluice.v1("/chat/completions"))
+        .bearer_auth(&tenant.key)
+        .header("X-Sluice-Workflow", "track_order")
+        .json(&json!({"model": "gpt-4o", "inputs": {"order_id": "Z-9"},
+                      "messages": [{"role": "user", "content": "Where is it?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["model"], "workflow/track_order");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "I could not find an order Z-9. Could you check the number?"
+    );
+
     // Streamed, the reply comes as server-sent events like any chat reply.
     let response = http()
         .post(sluice.v1("/chat/completions"))
@@ -510,6 +528,21 @@ async fn a_saga_places_the_order_or_undoes_its_steps_in_reverse_when_one_fails()
     seed_orders(&sluice.prefix, &tenant);
     let shop = Shop::start().await;
     shop.register(&sluice.prefix, &tenant);
+    // Tool calls and runs are priced per unit from now on (these items are used by no other test's invoices).
+    run_cli(
+        &sluice.prefix,
+        &["price", "set", "tool:reserve_stock", "--per-unit", "0.05"],
+    );
+    run_cli(
+        &sluice.prefix,
+        &[
+            "price",
+            "set",
+            "workflow:create_order",
+            "--per-unit",
+            "0.25",
+        ],
+    );
     let place = json!({"model": "workflow/create_order",
                        "inputs": {"order_id": "A-2", "payment_method": "pm_card"},
                        "messages": [{"role": "user", "content": "Place my order"}]});
@@ -564,6 +597,47 @@ async fn a_saga_places_the_order_or_undoes_its_steps_in_reverse_when_one_fails()
     );
     assert_eq!(order_status(&tenant, "A-1").await, "paid");
     assert_eq!(shop.calls("refund").len(), 0);
+
+    // Both runs and both reservations are on the month's invoice, each at its price per unit.
+    let preview = eventually(60, "the runs on the invoice preview", || {
+        let prefix = sluice.prefix.clone();
+        let name = tenant.name.clone();
+        async move {
+            let preview: Value =
+                serde_json::from_str(&run_cli(&prefix, &["invoices", "preview", &name, "--json"]))
+                    .ok()?;
+            let runs = preview["lines"]
+                .as_array()?
+                .iter()
+                .find(|l| l["model"] == "workflow:create_order")?;
+            (runs["requests"] == 2).then_some(preview)
+        }
+    })
+    .await;
+    let line = |model: &str| {
+        preview["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["model"] == model)
+            .unwrap_or_else(|| panic!("no {model} line in {preview}"))
+            .clone()
+    };
+    let reserve = line("tool:reserve_stock");
+    assert_eq!(
+        (&reserve["requests"], &reserve["amount"]),
+        (&json!(2), &json!("0.10")),
+        "{reserve}"
+    );
+    let runs = line("workflow:create_order");
+    assert_eq!(runs["amount"], "0.50", "{runs}");
+    assert!(
+        runs["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("workflow:create_order: 2 runs at 0.25 USD each"),
+        "{runs}"
+    );
 }
 
 #[tokio::test]
@@ -752,4 +826,139 @@ async fn every_shipped_workflow_follows_its_golden_event_sequence() {
             file.display()
         );
     }
+}
+
+/// Publishes a tenant's own workflow that waits for `approved` at most `timeout_s` seconds.
+fn publish_approval(prefix: &str, tenant: &Tenant, name: &str, timeout_s: u64) {
+    let folder = std::env::temp_dir().join(unique("approval-"));
+    std::fs::create_dir_all(&folder).unwrap();
+    let file = folder.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}\nversion: 1\ndescription: Waits for a manager's approval.\ninputs:\n  amount:\n    type: integer\n\
+             steps:\n  - id: approve\n    wait:\n      event: approved\n      timeout_s: {timeout_s}\n    on_timeout: expired\n\
+             \x20 - id: done\n    end:\n      reply: Approved by ${{steps.approve.by}} for ${{inputs.amount}}.\n\
+             \x20 - id: expired\n    end:\n      reply: No approval came in time.\n"
+        ),
+    )
+    .unwrap();
+    let out = run_cli(
+        prefix,
+        &[
+            "workflow",
+            "publish",
+            file.to_str().unwrap(),
+            "--tenant",
+            &tenant.name,
+        ],
+    );
+    assert!(out.contains(&format!("published {name} v1")), "{out}");
+    let _ = std::fs::remove_dir_all(folder);
+}
+
+/// The run's status once `done` accepts it (at most 30 s).
+async fn run_status(sluice: &Sluice, key: &str, run: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually(30, "the run's status", || {
+        let url = sluice.v1(&format!("/workflows/runs/{run}"));
+        let key = key.to_owned();
+        let done = &done;
+        async move {
+            let (status, body) = crate::harness::get_json(&url, &key).await;
+            (status == 200 && done(&body)).then_some(body)
+        }
+    })
+    .await
+}
+
+async fn signal(sluice: &Sluice, key: &str, run: &str, body: Value) -> (u16, Value) {
+    let response = http()
+        .post(sluice.v1(&format!("/workflows/runs/{run}/events")))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_waiting_run_goes_on_when_its_event_comes_or_when_its_timeout_passes() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let other = create_tenant(&sluice.prefix);
+    publish_approval(&sluice.prefix, &tenant, "approval", 300);
+    publish_approval(&sluice.prefix, &tenant, "approval_quick", 1);
+    let start = |name: &str| {
+        json!({"model": format!("workflow/{name}"), "inputs": {"amount": 50},
+               "messages": [{"role": "user", "content": "Please approve."}]})
+    };
+
+    // The caller hears at once that the run waits, and where its outcome will be.
+    let (status, body) = chat(&sluice, &tenant.key, start("approval")).await;
+    assert_eq!(status, 200, "{body}");
+    let run = body["id"].as_str().unwrap().to_owned();
+    let reply = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(reply.contains("waiting for the event approved"), "{reply}");
+    assert!(
+        reply.contains(&format!("/v1/workflows/runs/{run}")),
+        "{reply}"
+    );
+    let waiting = run_status(&sluice, &tenant.key, &run, |b| b["status"] == "waiting").await;
+    assert_eq!(waiting["waiting_event"], "approved");
+
+    // Another tenant cannot see or signal it; another event is not the one it waits for.
+    let (status, _) =
+        crate::harness::get_json(&sluice.v1(&format!("/workflows/runs/{run}")), &other.key).await;
+    assert_eq!(status, 404);
+    let (status, _) = signal(&sluice, &other.key, &run, json!({"event": "approved"})).await;
+    assert_eq!(status, 404);
+    let (status, body) = signal(&sluice, &tenant.key, &run, json!({"event": "rejected"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("run_not_waiting")),
+        "{body}"
+    );
+
+    // The event comes: the run goes on with its data, and ends.
+    let (status, body) = signal(
+        &sluice,
+        &tenant.key,
+        &run,
+        json!({"event": "approved", "data": {"by": "Ada"}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let ended = run_status(&sluice, &tenant.key, &run, |b| b["status"] == "ended").await;
+    assert_eq!(ended["reply"], "Approved by Ada for 50.");
+    let (status, _) = signal(&sluice, &tenant.key, &run, json!({"event": "approved"})).await;
+    assert_eq!(status, 409, "a run resumes once");
+    let events = run_events(&sluice, &run).await;
+    assert_eq!(
+        path(&events),
+        expected(&[
+            ("started", ""),
+            ("waiting", "approve"),
+            ("event_received", "approve"),
+            ("ended", "done"),
+        ])
+    );
+
+    // Nobody answers: after its timeout the run takes its on_timeout way.
+    let (status, body) = chat(&sluice, &tenant.key, start("approval_quick")).await;
+    assert_eq!(status, 200, "{body}");
+    let run = body["id"].as_str().unwrap().to_owned();
+    let ended = run_status(&sluice, &tenant.key, &run, |b| b["status"] == "ended").await;
+    assert_eq!(ended["reply"], "No approval came in time.");
+    let events = run_events(&sluice, &run).await;
+    assert_eq!(
+        path(&events),
+        expected(&[
+            ("started", ""),
+            ("waiting", "approve"),
+            ("timed_out", "approve"),
+            ("ended", "expired"),
+        ])
+    );
 }

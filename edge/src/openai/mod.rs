@@ -116,6 +116,28 @@ const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 /// What the model name of a workflow run starts with.
 pub const WORKFLOW_PREFIX: &str = "workflow/";
 
+/// The header that runs a workflow whatever the body's `model` says.
+pub const WORKFLOW_HEADER: &str = "x-sluice-workflow";
+
+/// Checks what only a workflow run takes, or does not take, once the model is known: `inputs`
+/// only with a workflow, `tools` never with one.
+pub fn check_workflow_fields(model: &str, prompt: &Prompt) -> Result<(), ApiError> {
+    let workflow = model.starts_with(WORKFLOW_PREFIX);
+    if prompt.workflow_inputs_json.is_some() && !workflow {
+        return Err(ApiError::invalid(
+            "`inputs` is for workflow runs (`model: \"workflow/<name>\"` or the X-Sluice-Workflow header).",
+        )
+        .with_param("inputs"));
+    }
+    if workflow && !prompt.tools.is_empty() {
+        return Err(ApiError::invalid(
+            "A workflow run calls its own tools: `tools` cannot be sent with a workflow.",
+        )
+        .with_param("tools"));
+    }
+    Ok(())
+}
+
 /// Parses and validates a request body into a [`CompletionRequest`] and the [`Prompt`] it
 /// carries.
 pub fn parse(body: &[u8]) -> Result<(CompletionRequest, Prompt), ApiError> {
@@ -169,23 +191,10 @@ pub fn parse(body: &[u8]) -> Result<(CompletionRequest, Prompt), ApiError> {
         .with_param("parallel_tool_calls"));
     }
     let response_format = params::response_format(request.response_format.as_ref())?;
-    let workflow = request.model.starts_with(WORKFLOW_PREFIX);
-    let workflow_inputs_json = match &request.inputs {
-        Some(_) if !workflow => {
-            return Err(ApiError::invalid(
-                "`inputs` is for workflow runs (`model: \"workflow/<name>\"`).",
-            )
-            .with_param("inputs"))
-        }
-        Some(inputs) => Some(Value::Object(inputs.clone()).to_string()),
-        None => None,
-    };
-    if workflow && !tools.is_empty() {
-        return Err(ApiError::invalid(
-            "A workflow run calls its own tools: `tools` cannot be sent with `model: \"workflow/<name>\"`.",
-        )
-        .with_param("tools"));
-    }
+    let workflow_inputs_json = request
+        .inputs
+        .as_ref()
+        .map(|inputs| Value::Object(inputs.clone()).to_string());
     let messages = messages(&request.messages)?;
     let prompt = Prompt {
         messages,

@@ -290,7 +290,8 @@ async fn spending(
         let Some(price) = book.in_force(&model_item(&slice.model), start) else {
             continue;
         };
-        let cost = price.tokens_cost(
+        let cost = price.usage_cost(
+            slice.requests,
             slice.input_tokens,
             slice.output_tokens,
             slice.cached_input_tokens,
@@ -313,7 +314,7 @@ pub fn request_cost(
     cached: u64,
 ) -> Option<u64> {
     let price = book.in_force(&model_item(model), at_ms)?;
-    Some(price.tokens_cost(input, output, cached).micros_up())
+    Some(price.usage_cost(1, input, output, cached).micros_up())
 }
 
 #[cfg(test)]

@@ -858,7 +858,14 @@ pub async fn usage_by_key_model_day(
         };
         let exact = book
             .in_force(&model_item(&s.model), start)
-            .map(|v| v.tokens_cost(s.input_tokens, s.output_tokens, s.cached_input_tokens))
+            .map(|v| {
+                v.usage_cost(
+                    s.requests,
+                    s.input_tokens,
+                    s.output_tokens,
+                    s.cached_input_tokens,
+                )
+            })
             .unwrap_or_default();
         let entry = rows.entry((s.day, s.caller, s.model)).or_default();
         entry.0.requests += count(s.requests);

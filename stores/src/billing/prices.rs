@@ -14,9 +14,15 @@ use crate::{
     Error, Result,
 };
 
-/// What a price is for: `model:<name>`, `tool:<name>`, `workflow:<name>`, `plan:<name>`.
+/// The price book's item a usage fact's `model` is priced by: a tool's call (`tool:<name>`)
+/// and a workflow's run (`workflow:<name>`) by their own items, a model's tokens by
+/// `model:<name>`.
 pub fn model_item(model: &str) -> String {
-    format!("model:{model}")
+    if model.starts_with("tool:") || model.starts_with("workflow:") {
+        model.to_owned()
+    } else {
+        format!("model:{model}")
+    }
 }
 
 /// The price book's key for a plan's fees.
@@ -47,6 +53,13 @@ pub struct PriceVersion {
 impl PriceVersion {
     /// What `input`, `output` and `cached` tokens cost at this version. Cached input tokens
     /// are a part of the input tokens, priced at the cached rate instead.
+    /// What `requests` usage facts with these tokens cost: the tokens at the per-million
+    /// prices, plus `per_unit` for each (a tool's call, a workflow's run).
+    pub fn usage_cost(&self, requests: u64, input: u64, output: u64, cached: u64) -> Exact {
+        let per_call = Exact::micros(self.per_unit).0 * i128::from(requests);
+        self.tokens_cost(input, output, cached) + Exact(per_call)
+    }
+
     pub fn tokens_cost(&self, input: u64, output: u64, cached: u64) -> Exact {
         let cached = cached.min(input);
         Exact::tokens(input - cached, self.input_per_mtok)
@@ -92,8 +105,14 @@ impl PriceBook {
     }
 
     /// The version of `item` in force at `at_ms`.
+    /// A tool or workflow without versions of its own is priced by `tool:*` / `workflow:*`.
     pub fn in_force(&self, item: &str, at_ms: i64) -> Option<&PriceVersion> {
-        let versions = self.by_item.get(item)?;
+        let versions = self.by_item.get(item).or_else(|| {
+            let kind = ["tool:", "workflow:"]
+                .into_iter()
+                .find(|kind| item.starts_with(kind))?;
+            self.by_item.get(&format!("{kind}*"))
+        })?;
         let after = versions.partition_point(|v| v.valid_from_ms <= at_ms);
         after.checked_sub(1).map(|i| &versions[i])
     }
@@ -253,6 +272,25 @@ mod tests {
             valid_from_ms: from,
             created_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn tools_and_workflows_without_a_price_of_their_own_take_the_catch_all() {
+        let book = PriceBook::new(
+            Currency::new("USD").unwrap(),
+            vec![
+                version(1, "tool:*", 0, 0),
+                version(2, "tool:lookup_order", 0, 0),
+                version(3, "workflow:*", 0, 0),
+            ],
+        );
+        assert_eq!(book.in_force("tool:lookup_order", 5).map(|v| v.id), Some(2));
+        assert_eq!(
+            book.in_force("tool:create_ticket", 5).map(|v| v.id),
+            Some(1)
+        );
+        assert_eq!(book.in_force("workflow:faq", 5).map(|v| v.id), Some(3));
+        assert_eq!(book.in_force("model:sim-small", 5), None);
     }
 
     #[test]

@@ -119,9 +119,13 @@ impl Line {
         (self.kind, self.item.clone(), self.price_version_id)
     }
 
-    /// The model a usage line bills.
+    /// The model a usage line bills (a tool's `tool:<name>` or a workflow's `workflow:<name>`
+    /// as usage facts name them).
     pub fn model(&self) -> Option<&str> {
-        self.item.as_deref()?.strip_prefix("model:")
+        let item = self.item.as_deref()?;
+        item.strip_prefix("model:").or_else(|| {
+            (item.starts_with("tool:") || item.starts_with("workflow:")).then_some(item)
+        })
     }
 }
 
@@ -179,7 +183,8 @@ pub fn period_lines(
         let q = u.quantities;
         let exact = version
             .map(|v| {
-                v.tokens_cost(
+                v.usage_cost(
+                    non_negative(q.requests),
                     non_negative(q.input_tokens),
                     non_negative(q.output_tokens),
                     non_negative(q.cached_input_tokens),
@@ -188,17 +193,19 @@ pub fn period_lines(
             .unwrap_or_default();
         let amount = exact.round(currency);
         usage_total = usage_total + amount;
-        let priced = match version {
-            Some(v) => {
-                format!(
-                    "{} input + {} output tokens",
-                    q.input_tokens, q.output_tokens
-                ) + &price_note(v, currency)
-            }
-            None => format!(
-                "{} input + {} output tokens (no price in force: not charged)",
+        let counted = if u.model.starts_with("tool:") {
+            format!("{} calls", q.requests)
+        } else if u.model.starts_with("workflow:") {
+            format!("{} runs", q.requests)
+        } else {
+            format!(
+                "{} input + {} output tokens",
                 q.input_tokens, q.output_tokens
-            ),
+            )
+        };
+        let priced = match version {
+            Some(v) => counted + &price_note(v, currency),
+            None => format!("{counted} (no price in force: not charged)"),
         };
         lines.push(Line {
             kind: LineKind::Usage,
@@ -237,6 +244,13 @@ pub fn period_lines(
 }
 
 fn price_note(v: &PriceVersion, currency: Currency) -> String {
+    if v.item.starts_with("tool:") || v.item.starts_with("workflow:") {
+        return format!(
+            " at {} {currency} each (price version {})",
+            super::money::micros_text(v.per_unit),
+            v.id
+        );
+    }
     format!(
         " at {}/{} {currency} per million (price version {})",
         super::money::micros_text(v.input_per_mtok),
@@ -406,6 +420,42 @@ mod tests {
             version: Some(plan),
         };
         (book, fees)
+    }
+
+    #[test]
+    fn tool_calls_and_workflow_runs_are_billed_per_unit() {
+        let mut tool = v(3, "tool:lookup_order", 0, 0, 0);
+        tool.per_unit = 2_500; // $0.0025 a call
+        let mut run = v(4, "workflow:track_order", 0, 0, 0);
+        run.per_unit = 10_000; // $0.01 a run
+        let book = PriceBook::new(usd(), vec![tool, run]);
+        let p = Period::parse("2026-11").unwrap();
+        let mut calls = usage("tool:lookup_order", Some(3), 0, 0);
+        calls.quantities.requests = 400;
+        let mut runs = usage("workflow:track_order", Some(4), 0, 0);
+        runs.quantities.requests = 3;
+        let lines = period_lines(&book, p, None, &[calls, runs]);
+        let got: Vec<(&str, i64, Option<&str>)> = lines
+            .iter()
+            .map(|l| (l.description.as_str(), l.amount.0, l.model()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "tool:lookup_order: 400 calls at 0.0025 USD each (price version 3)",
+                    100,
+                    Some("tool:lookup_order")
+                ),
+                (
+                    "workflow:track_order: 3 runs at 0.01 USD each (price version 4)",
+                    3,
+                    Some("workflow:track_order")
+                ),
+            ]
+        );
+        assert_eq!(model_item("tool:lookup_order"), "tool:lookup_order");
+        assert_eq!(model_item("sim-small"), "model:sim-small");
     }
 
     #[test]

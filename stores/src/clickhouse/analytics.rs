@@ -288,7 +288,12 @@ fn assemble(
         let at = row.bucket.max(after_change);
         if let Some(price) = book.in_force(&model_item(&row.model), at) {
             f.exact = f.exact
-                + price.tokens_cost(row.input_tokens, row.output_tokens, row.cached_input_tokens);
+                + price.usage_cost(
+                    row.requests,
+                    row.input_tokens,
+                    row.output_tokens,
+                    row.cached_input_tokens,
+                );
         }
         f.requests += row.requests;
         f.errors += row.broken;

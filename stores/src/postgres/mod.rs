@@ -22,6 +22,7 @@ pub mod tenants;
 pub mod tools;
 pub mod users;
 pub mod webhooks;
+pub mod workflow_runs;
 pub mod workflows;
 
 use sha2::{Digest, Sha256};
@@ -117,6 +118,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 16,
         name: "knowledge",
         sql: include_str!("../../migrations/0016_knowledge.sql"),
+    },
+    Migration {
+        version: 17,
+        name: "workflow_runs",
+        sql: include_str!("../../migrations/0017_workflow_runs.sql"),
     },
 ];
 

@@ -39,7 +39,10 @@ use sluice_schemas::{
     tokens, ChatMessage, ChatRequest, ReplyAddress, ReplyChunk, ReplyKind, ResponseFormat,
     RoutedRequest, ToolInvocation, ToolOutcome, UsageEvent, WorkflowEvent,
 };
-use sluice_stores::{postgres::tenant_transaction, ModelCatalog};
+use sluice_stores::{
+    postgres::{tenant_transaction, workflow_runs},
+    ModelCatalog,
+};
 use sqlx::{types::Uuid, PgPool};
 
 use super::{
@@ -202,21 +205,6 @@ pub fn start(
             }
             _ => {}
         }
-    }
-    if let Some(step) = workflow
-        .steps
-        .iter()
-        .find(|s| matches!(s.kind, StepKind::Wait { .. }))
-    {
-        return Err(StartRefusal {
-            status: 400,
-            code: "unsupported_workflow",
-            message: format!(
-                "Workflow {} waits for an external event (step {}); this release does not run waits.",
-                workflow.name, step.id
-            ),
-            param: Some("model".into()),
-        });
     }
     let Some(first) = workflow.steps.first() else {
         return Err(StartRefusal::invalid(
@@ -979,10 +967,23 @@ impl WorkflowEngine {
                     next: None,
                 })
             }
-            StepKind::Wait { .. } => Err(ProcessError::Poison(format!(
-                "step {} waits for an event; this release does not run waits",
-                step.id
-            ))),
+            StepKind::Wait {
+                event, timeout_s, ..
+            } => {
+                let timeout_ms = i64::try_from(timeout_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+                let deadline_ms = now_ms().saturating_add(timeout_ms);
+                let reply = format!(
+                    "Run {} is waiting for the event {event} (at most {timeout_s} s); its outcome will be at /v1/workflows/runs/{}.",
+                    state.run_id, state.run_id
+                );
+                self.reply(state, Ok(reply), out).await?;
+                Ok(Transition {
+                    kind: "waiting",
+                    step: step.id.clone(),
+                    detail: json!({ "event": event, "timeout_s": timeout_s, "deadline_ms": deadline_ms }),
+                    next: None,
+                })
+            }
         }
     }
 
@@ -1008,12 +1009,40 @@ impl WorkflowEngine {
         Ok(transition)
     }
 
-    /// Ends the run towards its caller: the reply (or the error), and the run's usage event.
+    /// Ends the run towards its caller: the reply (or the error), and the run's usage event
+    /// (billed when the run ended or was handed off; recorded unbilled when it failed).
     async fn finish(
+        &self,
+        state: &mut RunState,
+        reply: Result<String, String>,
+        trace_id: &str,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let mut usage = usage_of(
+            state,
+            &format!("{}:run", state.run_id),
+            &format!("workflow:{}", state.workflow),
+            PROVIDER,
+        );
+        usage.trace_id = Some(trace_id.to_owned());
+        if reply.is_err() {
+            usage.billable = false;
+            usage.outcome = Some("workflow_failed".into());
+        }
+        out.emit_batched(&self.topics.usage, None, usage.tenant_id.as_bytes(), &usage)
+            .await?;
+        state.reply = Some(match &reply {
+            Ok(text) | Err(text) => text.clone(),
+        });
+        self.reply(state, reply, out).await
+    }
+
+    /// Tells the run's caller `reply` (or the error): one chunk that ends its request. A run
+    /// that goes on after it (a wait) ends its request here; its outcome is in its status.
+    async fn reply(
         &self,
         state: &RunState,
         reply: Result<String, String>,
-        trace_id: &str,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
         let model = format!("{MODEL_PREFIX}{}", state.workflow);
@@ -1022,13 +1051,6 @@ impl WorkflowEngine {
             tenant_id: state.tenant_id.clone(),
             ..ChatRequest::default()
         };
-        let mut usage = usage_of(
-            state,
-            &format!("{}:run", state.run_id),
-            &format!("workflow:{}", state.workflow),
-            PROVIDER,
-        );
-        usage.trace_id = Some(trace_id.to_owned());
         let chunk = match reply {
             Ok(text) => {
                 let mut done = ReplyChunk::new(&addressed, &model, 0, ReplyKind::Done);
@@ -1039,8 +1061,6 @@ impl WorkflowEngine {
                 done
             }
             Err(message) => {
-                usage.billable = false;
-                usage.outcome = Some("workflow_failed".into());
                 let mut error =
                     ReplyChunk::error(&addressed, &model, 0, 502, "workflow_failed", message);
                 error.input_tokens = state.input_tokens;
@@ -1048,8 +1068,6 @@ impl WorkflowEngine {
                 error
             }
         };
-        out.emit_batched(&self.topics.usage, None, usage.tenant_id.as_bytes(), &usage)
-            .await?;
         out.emit(
             &state.caller.reply_topic,
             Some(state.caller.reply_partition),
@@ -1126,6 +1144,293 @@ fn json_object_in(text: &str) -> Option<Value> {
     })
 }
 
+/// Where a run is when an event of it is handled: its state, definition and the step next.
+struct At {
+    state: RunState,
+    tenant: Uuid,
+    workflow: Arc<Workflow>,
+    index: usize,
+    /// The sequence number of the event the run is at.
+    seq: i32,
+    trace_id: String,
+    /// Whether the run was waiting until now (its status goes back to running).
+    resumed: bool,
+}
+
+impl WorkflowEngine {
+    /// The definition `event`'s run follows.
+    async fn definition(
+        &self,
+        tenant: Uuid,
+        name: &str,
+        version: i32,
+    ) -> Result<Arc<Workflow>, ProcessError> {
+        self.definitions
+            .get(tenant, name, Some(version))
+            .await?
+            .ok_or_else(|| {
+                ProcessError::Poison(format!("workflow {name} v{version} is not in the registry"))
+            })
+    }
+
+    /// Writes the event that `transition` of the run `at` leads to (its state after it), and
+    /// keeps the run's status where callers and the timeout sweep read it: when it starts, waits
+    /// or ends.
+    async fn advance(
+        &self,
+        mut at: At,
+        mut transition: Transition,
+        out: &mut Emitter,
+        started: Instant,
+    ) -> Result<(), ProcessError> {
+        let poison = |e: serde_json::Error| {
+            ProcessError::Poison(format!("the run's state cannot be written: {e}"))
+        };
+        let mut state_json = serde_json::to_string(&at.state).map_err(poison)?;
+        if state_json.len() > MAX_STATE_BYTES && transition.next.is_some() {
+            // The answer does not fit: the step fails instead (its answer is not kept).
+            at.state.answers.remove(&transition.step);
+            let error = format!(
+                "the run's state would take more than {MAX_STATE_BYTES} bytes with step {}'s answer",
+                transition.step
+            );
+            transition = Self::failed(&at.workflow, &mut at.state, at.index, error);
+            state_json = serde_json::to_string(&at.state).map_err(poison)?;
+        }
+        if transition.kind == "failed" {
+            let error = transition.detail["error"]
+                .as_str()
+                .unwrap_or("a step failed")
+                .to_owned();
+            let message = format!("Step {} failed: {error}", transition.step);
+            self.finish(&mut at.state, Err(message), &at.trace_id, out)
+                .await?;
+            state_json = serde_json::to_string(&at.state).map_err(poison)?;
+        }
+        let workflow = at.workflow.name.clone();
+        self.metrics
+            .workflow_steps
+            .with_label_values(&[&workflow, transition.kind])
+            .inc();
+        self.metrics
+            .workflow_step_seconds
+            .with_label_values(&[&workflow])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(run = %at.state.run_id, step = %transition.step, kind = transition.kind, "workflow step");
+        let seq = at.seq + 1;
+        let following = WorkflowEvent {
+            run_id: at.state.run_id.clone(),
+            seq,
+            tenant_id: at.state.tenant_id.clone(),
+            workflow: workflow.clone(),
+            version: at.state.version,
+            kind: transition.kind.to_owned(),
+            step: Some(transition.step.clone()),
+            detail_json: Some(transition.detail.to_string()),
+            next_step: transition.next.clone(),
+            state_json,
+            occurred_at_ms: now_ms(),
+            trace_id: Some(at.trace_id.clone()),
+        };
+        out.emit(
+            &self.topics.workflow_events,
+            None,
+            following.run_id.as_bytes(),
+            &following,
+        )
+        .await?;
+        let status = |name: &'static str| workflow_runs::Status {
+            run_id: &following.run_id,
+            workflow: &following.workflow,
+            version: following.version,
+            status: name,
+            step: following.step.as_deref(),
+            seq,
+            reply: at.state.reply.as_deref(),
+        };
+        let ends = following.ends_run();
+        if ends || transition.kind == "waiting" || at.seq == 0 || at.resumed {
+            // The status follows the event: written once the event is on the broker.
+            out.flush().await?;
+            let mut tx = tenant_transaction(&self.app, at.tenant).await?;
+            if transition.kind == "waiting" {
+                let event = transition.detail["event"].as_str().unwrap_or_default();
+                let deadline = transition.detail["deadline_ms"]
+                    .as_i64()
+                    .unwrap_or_default();
+                workflow_runs::wait(
+                    &mut tx,
+                    at.tenant,
+                    &status("waiting"),
+                    (event, deadline, &following.state_json),
+                )
+                .await?;
+            } else if ends {
+                workflow_runs::record(&mut tx, at.tenant, &status(transition.kind)).await?;
+            } else {
+                workflow_runs::record(&mut tx, at.tenant, &status("running")).await?;
+            }
+            tx.commit().await.map_err(sluice_stores::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Resumes a waiting run: `event` is a `signal` (the event it waits for came, with its data)
+    /// or a `timeout` (its deadline passed). Anything else — a run not waiting, another event,
+    /// a deadline not reached — is left alone: a signal and a timeout, or two signals, resume a
+    /// run once.
+    async fn resume(
+        &self,
+        event: &WorkflowEvent,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        let tenant = Uuid::parse_str(&event.tenant_id)
+            .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
+        let mut tx = tenant_transaction(&self.app, tenant).await?;
+        let waiting = workflow_runs::waiting(&mut tx, tenant, &event.run_id).await?;
+        tx.commit().await.map_err(sluice_stores::Error::from)?;
+        let Some(waiting) = waiting else {
+            return Ok(());
+        };
+        let detail: Value = event
+            .detail_json
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or(Value::Null);
+        let signal = event.kind == "signal";
+        if signal && detail["event"].as_str() != Some(waiting.event.as_str()) {
+            return Ok(());
+        }
+        if !signal && waiting.deadline_ms > now_ms() {
+            return Ok(());
+        }
+        let mut state: RunState = serde_json::from_str(&waiting.state_json)
+            .map_err(|e| ProcessError::Poison(format!("the run's state does not read: {e}")))?;
+        let workflow = self
+            .definition(tenant, &waiting.workflow, waiting.version)
+            .await?;
+        let Some((
+            index,
+            Step {
+                kind: StepKind::Wait { on_timeout, .. },
+                ..
+            },
+        )) = workflow.step(&waiting.step)
+        else {
+            return Err(ProcessError::Poison(format!(
+                "run {} waits at {}, which is not a wait step",
+                event.run_id, waiting.step
+            )));
+        };
+        let trace_id = event
+            .trace_id
+            .clone()
+            .unwrap_or_else(|| ctx.trace.trace_id_hex());
+        let transition = if signal {
+            let data = detail.get("data").cloned().unwrap_or(Value::Null);
+            state.answers.insert(waiting.step.clone(), data.clone());
+            let transition = Transition {
+                kind: "event_received",
+                step: waiting.step.clone(),
+                detail: json!({ "event": waiting.event, "data": data }),
+                next: None,
+            };
+            self.after(&workflow, index, &mut state, transition, &trace_id, out)
+                .await?
+        } else {
+            Transition {
+                kind: "timed_out",
+                step: waiting.step.clone(),
+                detail: json!({ "event": waiting.event, "deadline_ms": waiting.deadline_ms }),
+                next: Some(on_timeout.clone()),
+            }
+        };
+        let at = At {
+            state,
+            tenant,
+            workflow: workflow.clone(),
+            index,
+            seq: waiting.seq,
+            trace_id,
+            resumed: true,
+        };
+        // A run's records are handled one at a time, in order (they share a key): once this
+        // advance has written its status, a second signal or the timeout finds it not waiting.
+        self.advance(at, transition, out, started).await
+    }
+}
+
+/// Puts a `timeout` record on `topic` for each waiting run whose deadline has passed, every
+/// second until `cancel` fires; the workflow stage resumes each once (several sweepers, one per
+/// stage instance, may find the same run).
+pub async fn sweep_due_waits(
+    app: PgPool,
+    (producer, codec): (
+        sluice_pipelines::kafka::Producer,
+        Arc<sluice_schemas::Codec>,
+    ),
+    topic: String,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut registered = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !registered {
+            match codec.register::<WorkflowEvent>().await {
+                Ok(_) => registered = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the timeout sweep cannot register its schema yet");
+                    continue;
+                }
+            }
+        }
+        let due = match workflow_runs::due(&app, 100).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "the timeout sweep cannot read the waiting runs");
+                continue;
+            }
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let mut out = Emitter::new(
+            producer.clone(),
+            codec.clone(),
+            sluice_pipelines::trace::TraceContext::new_root(),
+        );
+        for (tenant, run) in &due {
+            let timeout = WorkflowEvent {
+                run_id: run.clone(),
+                seq: 0,
+                tenant_id: tenant.to_string(),
+                workflow: String::new(),
+                version: 0,
+                kind: "timeout".into(),
+                step: None,
+                detail_json: None,
+                next_step: None,
+                state_json: "{}".into(),
+                occurred_at_ms: now_ms(),
+                trace_id: None,
+            };
+            if let Err(e) = out.emit(&topic, None, run.as_bytes(), &timeout).await {
+                tracing::warn!(error = %e, "the timeout sweep cannot write");
+            }
+        }
+        if let Err(e) = out.flush().await {
+            tracing::warn!(error = %e, "the timeout sweep's records were not acknowledged");
+        }
+        // A run stays due until the stage resumes it: give it time before looking again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 #[async_trait]
 impl RecordOperator for WorkflowEngine {
     type Input = WorkflowEvent;
@@ -1136,27 +1441,26 @@ impl RecordOperator for WorkflowEngine {
         ctx: &RecordContext,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
+        if matches!(event.kind.as_str(), "signal" | "timeout") {
+            return self.resume(&event, ctx, out).await;
+        }
         if event.ends_run() || self.already_handled(&event) {
             self.mark_handled(&event);
             return Ok(());
         }
+        // A waiting run goes on from its status row, when a signal or its timeout comes.
         let Some(next) = event.next_step.as_deref() else {
+            self.mark_handled(&event);
             return Ok(());
         };
+        let started = Instant::now();
         let mut state: RunState = serde_json::from_str(&event.state_json)
             .map_err(|e| ProcessError::Poison(format!("the run's state does not read: {e}")))?;
         let tenant = Uuid::parse_str(&event.tenant_id)
             .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
         let workflow = self
-            .definitions
-            .get(tenant, &event.workflow, Some(event.version))
-            .await?
-            .ok_or_else(|| {
-                ProcessError::Poison(format!(
-                    "workflow {} v{} is not in the registry",
-                    event.workflow, event.version
-                ))
-            })?;
+            .definition(tenant, &event.workflow, event.version)
+            .await?;
         let Some((index, _)) = workflow.step(next) else {
             return Err(ProcessError::Poison(format!(
                 "workflow {} v{} has no step {next}",
@@ -1167,70 +1471,22 @@ impl RecordOperator for WorkflowEngine {
             .trace_id
             .clone()
             .unwrap_or_else(|| ctx.trace.trace_id_hex());
-        let started = Instant::now();
-        let mut transition = if state.failure.is_some() {
+        let transition = if state.failure.is_some() {
             self.undo(&workflow, &mut state, &trace_id, out).await?
         } else {
             self.run_step(&workflow, index, &mut state, &trace_id, out)
                 .await?
         };
-        let mut state_json = serde_json::to_string(&state)
-            .map_err(|e| ProcessError::Poison(format!("the run's state cannot be written: {e}")))?;
-        if state_json.len() > MAX_STATE_BYTES && transition.next.is_some() {
-            // The answer does not fit: the step fails instead (its answer is not kept).
-            state.answers.remove(&transition.step);
-            let error = format!(
-                "the run's state would take more than {MAX_STATE_BYTES} bytes with step {}'s answer",
-                transition.step
-            );
-            transition = Self::failed(&workflow, &mut state, index, error);
-            state_json = serde_json::to_string(&state).map_err(|e| {
-                ProcessError::Poison(format!("the run's state cannot be written: {e}"))
-            })?;
-        }
-        if transition.kind == "failed" {
-            let error = transition.detail["error"]
-                .as_str()
-                .unwrap_or("a step failed")
-                .to_owned();
-            self.finish(
-                &state,
-                Err(format!("Step {} failed: {error}", transition.step)),
-                &trace_id,
-                out,
-            )
-            .await?;
-        }
-        self.metrics
-            .workflow_steps
-            .with_label_values(&[&event.workflow, transition.kind])
-            .inc();
-        self.metrics
-            .workflow_step_seconds
-            .with_label_values(&[&event.workflow])
-            .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(run = %state.run_id, step = %transition.step, kind = transition.kind, "workflow step");
-        let following = WorkflowEvent {
-            run_id: event.run_id.clone(),
-            seq: event.seq + 1,
-            tenant_id: event.tenant_id.clone(),
-            workflow: event.workflow.clone(),
-            version: event.version,
-            kind: transition.kind.to_owned(),
-            step: Some(transition.step),
-            detail_json: Some(transition.detail.to_string()),
-            next_step: transition.next,
-            state_json,
-            occurred_at_ms: now_ms(),
-            trace_id: Some(trace_id),
+        let at = At {
+            state,
+            tenant,
+            workflow,
+            index,
+            seq: event.seq,
+            trace_id,
+            resumed: false,
         };
-        out.emit(
-            &self.topics.workflow_events,
-            None,
-            event.run_id.as_bytes(),
-            &following,
-        )
-        .await?;
+        self.advance(at, transition, out, started).await?;
         self.mark_handled(&event);
         Ok(())
     }

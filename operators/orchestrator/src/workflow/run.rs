@@ -56,6 +56,8 @@ pub struct RunState {
     pub output_tokens: i64,
     /// A step that failed while saga steps were done: they are undone next.
     pub failure: Option<Failure>,
+    /// What the run told its caller when it ended (or why it failed).
+    pub reply: Option<String>,
 }
 
 /// A failed step whose saga is being undone, and where the run goes after.

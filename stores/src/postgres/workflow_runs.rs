@@ -1,0 +1,170 @@
+//! Workflow runs as callers see them (`workflow_runs`): status, last step, reply; and the waits
+//! for external events, with the state each resumes from. Every query names the tenant.
+
+use serde::Serialize;
+use sqlx::{types::Uuid, PgConnection, PgPool, Row};
+
+use crate::Result;
+
+/// A run as its caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunEntry {
+    pub run_id: String,
+    pub workflow: String,
+    pub version: i32,
+    pub status: String,
+    pub step: Option<String>,
+    pub seq: i32,
+    pub reply: Option<String>,
+    pub waiting_event: Option<String>,
+    /// The wait's deadline (Unix milliseconds).
+    pub wait_deadline_ms: Option<i64>,
+    pub updated_at_ms: i64,
+}
+
+/// What a run is at sequence number `seq`.
+pub struct Status<'a> {
+    pub run_id: &'a str,
+    pub workflow: &'a str,
+    pub version: i32,
+    pub status: &'a str,
+    pub step: Option<&'a str>,
+    pub seq: i32,
+    pub reply: Option<&'a str>,
+}
+
+/// Records `status` for `tenant`'s run, unless a later event's is there already.
+pub async fn record(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workflow_runs (tenant_id, run_id, workflow, version, status, step, seq, reply) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (tenant_id, run_id) DO UPDATE SET status = EXCLUDED.status, \
+             step = EXCLUDED.step, seq = EXCLUDED.seq, reply = EXCLUDED.reply, \
+             waiting_event = NULL, wait_deadline = NULL, state_json = NULL, updated_at = now() \
+           WHERE workflow_runs.seq <= EXCLUDED.seq",
+    )
+    .bind(tenant)
+    .bind(status.run_id)
+    .bind(status.workflow)
+    .bind(status.version)
+    .bind(status.status)
+    .bind(status.step)
+    .bind(status.seq)
+    .bind(status.reply)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records that `tenant`'s run waits (from its event `status.seq`) for `event` until
+/// `deadline_ms`, resuming from `state_json`.
+pub async fn wait(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    status: &Status<'_>,
+    (event, deadline_ms, state_json): (&str, i64, &str),
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workflow_runs (tenant_id, run_id, workflow, version, status, step, seq, \
+                waiting_event, wait_deadline, state_json) \
+         VALUES ($1, $2, $3, $4, 'waiting', $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9) \
+         ON CONFLICT (tenant_id, run_id) DO UPDATE SET status = 'waiting', step = EXCLUDED.step, \
+             seq = EXCLUDED.seq, reply = NULL, waiting_event = EXCLUDED.waiting_event, \
+             wait_deadline = EXCLUDED.wait_deadline, state_json = EXCLUDED.state_json, \
+             updated_at = now() \
+           WHERE workflow_runs.seq <= EXCLUDED.seq",
+    )
+    .bind(tenant)
+    .bind(status.run_id)
+    .bind(status.workflow)
+    .bind(status.version)
+    .bind(status.step)
+    .bind(status.seq)
+    .bind(event)
+    .bind(deadline_ms)
+    .bind(state_json)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A waiting run: the step it waits at, the sequence number of its waiting event, the event it
+/// waits for, and the state to resume from.
+pub struct Waiting {
+    pub workflow: String,
+    pub version: i32,
+    pub step: String,
+    pub seq: i32,
+    pub event: String,
+    pub deadline_ms: i64,
+    pub state_json: String,
+}
+
+/// `tenant`'s run `run_id` if it is waiting.
+pub async fn waiting(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    run_id: &str,
+) -> Result<Option<Waiting>> {
+    let row = sqlx::query(
+        "SELECT workflow, version, step, seq, waiting_event, \
+                (extract(epoch FROM wait_deadline) * 1000)::bigint, state_json \
+           FROM workflow_runs \
+          WHERE tenant_id = $1 AND run_id = $2 AND status = 'waiting'",
+    )
+    .bind(tenant)
+    .bind(run_id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| {
+        Ok(Waiting {
+            workflow: row.try_get(0)?,
+            version: row.try_get(1)?,
+            step: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+            seq: row.try_get(3)?,
+            event: row.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
+            deadline_ms: row.try_get::<Option<i64>, _>(5)?.unwrap_or_default(),
+            state_json: row.try_get::<Option<String>, _>(6)?.unwrap_or_default(),
+        })
+    })
+    .transpose()
+}
+
+/// `tenant`'s run `run_id`.
+pub async fn find(conn: &mut PgConnection, tenant: Uuid, run_id: &str) -> Result<Option<RunEntry>> {
+    let row = sqlx::query(
+        "SELECT run_id, workflow, version, status, step, seq, reply, waiting_event, \
+                (extract(epoch FROM wait_deadline) * 1000)::bigint, \
+                (extract(epoch FROM updated_at) * 1000)::bigint \
+           FROM workflow_runs WHERE tenant_id = $1 AND run_id = $2",
+    )
+    .bind(tenant)
+    .bind(run_id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| {
+        Ok(RunEntry {
+            run_id: row.try_get(0)?,
+            workflow: row.try_get(1)?,
+            version: row.try_get(2)?,
+            status: row.try_get(3)?,
+            step: row.try_get(4)?,
+            seq: row.try_get(5)?,
+            reply: row.try_get(6)?,
+            waiting_event: row.try_get(7)?,
+            wait_deadline_ms: row.try_get(8)?,
+            updated_at_ms: row.try_get(9)?,
+        })
+    })
+    .transpose()
+}
+
+/// Runs past their wait's deadline, across tenants: `(tenant, run)`.
+pub async fn due(app: &PgPool, limit: i32) -> Result<Vec<(Uuid, String)>> {
+    let rows =
+        sqlx::query_as::<_, (Uuid, String)>("SELECT tenant_id, run_id FROM sluice_due_waits($1)")
+            .bind(limit)
+            .fetch_all(app)
+            .await?;
+    Ok(rows)
+}

@@ -1,7 +1,8 @@
 //! A tenant's data export: everything it owns, as one JSON document — its record and plan, its
 //! keys (prefixes, never secrets), its users (never password hashes), its CORS origins, its
 //! audit log, the business data its tools act on (customers, orders, tickets), its remembered
-//! conversations, and its usage facts. The control-plane part is read at once; the usage facts,
+//! conversations, its documents, its own tools (their settings: a token's variable name, never
+//! a token) and workflow runs, and its usage facts. The control-plane part is read at once; the usage facts,
 //! which grow with the tenant's traffic, stream from ClickHouse as the document is written, so
 //! a large tenant's export never sits whole in memory.
 
@@ -12,7 +13,7 @@ use sqlx::{types::Uuid, PgConnection, Row};
 
 use crate::{
     clickhouse::usage::{self, UsageRow},
-    postgres::{audit, business, keys, memory, origins, users},
+    postgres::{audit, business, keys, knowledge, memory, origins, tools, users, workflow_runs},
     ClickHouse, Error, Result,
 };
 
@@ -101,6 +102,9 @@ pub async fn tenant_export(
     }
     let business = business::export(&mut *conn, tenant_id).await?;
     let conversations = memory::export(&mut *conn, tenant_id).await?;
+    let documents = knowledge::export(&mut *conn, tenant_id).await?;
+    let own_tools = tools::list(&mut *conn, tenant_id).await?;
+    let runs = workflow_runs::export(&mut *conn, tenant_id).await?;
     let events = usage::tenant_events(clickhouse, &tenant_id.to_string())?;
     let head = json!({
         "object": "tenant.export",
@@ -120,6 +124,9 @@ pub async fn tenant_export(
         "orders": business["orders"],
         "tickets": business["tickets"],
         "conversation_turns": conversations,
+        "documents": documents,
+        "tools": own_tools,
+        "workflow_runs": runs,
     });
     let mut head = serde_json::to_vec(&head).map_err(|e| Error::Corrupt(e.to_string()))?;
     // The object stays open for its last member, the usage facts.

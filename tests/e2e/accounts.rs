@@ -420,7 +420,15 @@ async fn a_tenant_exports_everything_it_owns_and_deletes_itself() {
     assert_eq!(export["users"][0]["email"], admin.email.as_str());
     assert_eq!(export["api_keys"].as_array().unwrap().len(), 1);
     assert!(!export["audit_log"].as_array().unwrap().is_empty());
-    for business in ["customers", "orders", "tickets", "conversation_turns"] {
+    for business in [
+        "customers",
+        "orders",
+        "tickets",
+        "conversation_turns",
+        "documents",
+        "tools",
+        "workflow_runs",
+    ] {
         assert!(export[business].is_array(), "{business} in the export");
     }
     let text = export.to_string();

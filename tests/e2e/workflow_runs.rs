@@ -390,6 +390,8 @@ struct ShopScript {
     decline_charge: bool,
     /// Hold each charge this long before answering.
     charge_delay_ms: u64,
+    /// Answer every stock check with 503 (an outage).
+    stock_down: bool,
     /// Every request: (path, idempotency key, body).
     seen: Vec<(String, String, Value)>,
 }
@@ -470,27 +472,33 @@ async fn shop_answer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let (decline, delay) = {
+    let (decline, delay, down) = {
         let mut script = script.lock().unwrap();
         script.seen.push((action.clone(), key.clone(), body));
         let decline = action == "charge" && std::mem::take(&mut script.decline_charge);
-        (
-            decline,
-            if action == "charge" {
-                script.charge_delay_ms
-            } else {
-                0
-            },
-        )
+        let delay = if action == "charge" {
+            script.charge_delay_ms
+        } else {
+            0
+        };
+        (decline, delay, action == "stock" && script.stock_down)
     };
     tokio::time::sleep(Duration::from_millis(delay)).await;
     if decline {
         return (axum::http::StatusCode::PAYMENT_REQUIRED, "card declined").into_response();
     }
+    if down {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "stock service down",
+        )
+            .into_response();
+    }
     Json(match action.as_str() {
         "reserve" => json!({"reservation_id": format!("res-{key}")}),
         "charge" => json!({"charge_id": format!("ch-{key}")}),
         "lead" => json!({"lead_id": format!("lead-{key}")}),
+        "stock" => json!({"in_stock": true}),
         _ => json!({"ok": true}),
     })
     .into_response()
@@ -961,4 +969,112 @@ async fn a_waiting_run_goes_on_when_its_event_comes_or_when_its_timeout_passes()
             ("ended", "expired"),
         ])
     );
+}
+
+#[tokio::test]
+async fn a_tool_outage_opens_its_breaker_for_the_tenant_and_a_probe_closes_it_again() {
+    let guard = [
+        ("MAX_ATTEMPTS", "1"),
+        ("BREAKER_FAILURES", "2"),
+        ("BREAKER_OPEN_MS", "1500"),
+        ("TIMEOUT_MS", "2000"),
+    ];
+    let mut env = private_tools();
+    env.extend(guard.iter().map(|(k, v)| {
+        (
+            format!("SLUICE_ORCHESTRATOR__TOOLS__RESILIENCE__{k}"),
+            (*v).to_owned(),
+        )
+    }));
+    let sluice = Sluice::start_with(&unique("t"), env);
+    let tenant = create_tenant(&sluice.prefix);
+    let shop = Shop::start().await;
+    let url = format!("{}/stock", shop.url);
+    run_cli(
+        &sluice.prefix,
+        &[
+            "tool",
+            "add",
+            "check_stock",
+            "--tenant",
+            &tenant.name,
+            "--url",
+            &url,
+        ],
+    );
+    let folder = std::env::temp_dir().join(unique("stock-"));
+    std::fs::create_dir_all(&folder).unwrap();
+    let file = folder.join("stock.yaml");
+    std::fs::write(
+        &file,
+        "name: stock\nversion: 1\ndescription: Checks the stock.\ntools: [check_stock]\nsteps:\n\
+         \x20 - id: check\n    tool: check_stock\n    arguments:\n      sku: kettle\n    on_error: down\n\
+         \x20 - id: known\n    end:\n      reply: In stock.\n\
+         \x20 - id: down\n    end:\n      reply: The stock service is down.\n",
+    )
+    .unwrap();
+    run_cli(
+        &sluice.prefix,
+        &[
+            "workflow",
+            "publish",
+            file.to_str().unwrap(),
+            "--tenant",
+            &tenant.name,
+        ],
+    );
+    let _ = std::fs::remove_dir_all(folder);
+    let ask = || async {
+        let body = json!({"model": "workflow/stock", "messages": [{"role": "user", "content": "Any kettles?"}]});
+        let (status, body) = chat(&sluice, &tenant.key, body).await;
+        assert_eq!(status, 200, "{body}");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    let outcome = |run: String| {
+        let sluice = &sluice;
+        async move {
+            let found = records_until(
+                sluice,
+                "tool-results",
+                30,
+                |r: &ToolOutcome| r.run_id == run,
+                |found| !found.is_empty(),
+            )
+            .await;
+            found[0].outcome.clone()
+        }
+    };
+
+    // Down: two calls fail and open the breaker; the third is turned away without a call.
+    shop.script.lock().unwrap().stock_down = true;
+    for _ in 0..2 {
+        let (run, reply) = ask().await;
+        assert_eq!(reply, "The stock service is down.");
+        assert_eq!(outcome(run).await, "exhausted");
+    }
+    let calls = shop.calls("stock").len();
+    let (run, reply) = ask().await;
+    assert_eq!(reply, "The stock service is down.");
+    assert_eq!(outcome(run).await, "breaker_open");
+    assert_eq!(
+        shop.calls("stock").len(),
+        calls,
+        "an open breaker makes no call"
+    );
+
+    // Up again: once the breaker's time is over, a probe goes through and closes it.
+    shop.script.lock().unwrap().stock_down = false;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    for _ in 0..2 {
+        let (run, reply) = ask().await;
+        assert_eq!(reply, "In stock.");
+        assert_eq!(outcome(run).await, "ok");
+    }
+    assert_eq!(shop.calls("stock").len(), calls + 2);
 }

@@ -151,3 +151,30 @@ pub async fn search(
         })
         .collect()
 }
+
+/// `tenant`'s documents with their chunks, for its export.
+pub async fn export(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<serde_json::Value>> {
+    let rows = sqlx::query(
+        "SELECT d.id, d.title, d.format, d.version_ms, \
+                coalesce(jsonb_agg(jsonb_build_object('heading', c.heading, 'text', c.body) \
+                         ORDER BY c.chunk) FILTER (WHERE c.chunk IS NOT NULL), '[]'::jsonb) \
+           FROM documents d \
+           LEFT JOIN document_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id \
+          WHERE d.tenant_id = $1 AND NOT d.deleted \
+          GROUP BY d.id, d.title, d.format, d.version_ms ORDER BY d.id",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(serde_json::json!({
+                "id": row.try_get::<String, _>(0)?,
+                "title": row.try_get::<String, _>(1)?,
+                "format": row.try_get::<String, _>(2)?,
+                "version_ms": row.try_get::<i64, _>(3)?,
+                "chunks": row.try_get::<serde_json::Value, _>(4)?,
+            }))
+        })
+        .collect()
+}

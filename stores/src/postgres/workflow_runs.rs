@@ -142,21 +142,22 @@ pub async fn find(conn: &mut PgConnection, tenant: Uuid, run_id: &str) -> Result
     .bind(run_id)
     .fetch_optional(conn)
     .await?;
-    row.map(|row| {
-        Ok(RunEntry {
-            run_id: row.try_get(0)?,
-            workflow: row.try_get(1)?,
-            version: row.try_get(2)?,
-            status: row.try_get(3)?,
-            step: row.try_get(4)?,
-            seq: row.try_get(5)?,
-            reply: row.try_get(6)?,
-            waiting_event: row.try_get(7)?,
-            wait_deadline_ms: row.try_get(8)?,
-            updated_at_ms: row.try_get(9)?,
-        })
+    row.as_ref().map(entry).transpose()
+}
+
+fn entry(row: &sqlx::postgres::PgRow) -> Result<RunEntry> {
+    Ok(RunEntry {
+        run_id: row.try_get(0)?,
+        workflow: row.try_get(1)?,
+        version: row.try_get(2)?,
+        status: row.try_get(3)?,
+        step: row.try_get(4)?,
+        seq: row.try_get(5)?,
+        reply: row.try_get(6)?,
+        waiting_event: row.try_get(7)?,
+        wait_deadline_ms: row.try_get(8)?,
+        updated_at_ms: row.try_get(9)?,
     })
-    .transpose()
 }
 
 /// Runs past their wait's deadline, across tenants: `(tenant, run)`.
@@ -167,4 +168,18 @@ pub async fn due(app: &PgPool, limit: i32) -> Result<Vec<(Uuid, String)>> {
             .fetch_all(app)
             .await?;
     Ok(rows)
+}
+
+/// `tenant`'s runs, newest first, for its export.
+pub async fn export(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<RunEntry>> {
+    let rows = sqlx::query(
+        "SELECT run_id, workflow, version, status, step, seq, reply, waiting_event, \
+                (extract(epoch FROM wait_deadline) * 1000)::bigint, \
+                (extract(epoch FROM updated_at) * 1000)::bigint \
+           FROM workflow_runs WHERE tenant_id = $1 ORDER BY created_at DESC, run_id",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(entry).collect()
 }

@@ -49,7 +49,8 @@ impl Submitted {
 }
 
 /// Whether `tenant` may run workflow `name`: it is in the tenant's registry (its own or a
-/// built-in one), turned on, and the tenant has the tools it calls.
+/// built-in one), turned on, and the tenant has the tools it calls; for `auto`, whether it has
+/// such a workflow for the triage intent.
 async fn runnable_workflow(
     state: &EdgeState,
     tenant: uuid::Uuid,
@@ -57,13 +58,19 @@ async fn runnable_workflow(
 ) -> Result<bool, ApiError> {
     let found = async {
         let mut tx = sluice_stores::postgres::tenant_transaction(&state.app_pool, tenant).await?;
-        let entries = sluice_stores::postgres::workflows::list(&mut tx, Some(tenant)).await?;
-        tx.commit().await?;
-        Ok::<_, sluice_stores::Error>(
+        let runnable = if name == AUTO_MODEL {
+            let intent = sluice_stores::postgres::workflows::AUTO_INTENT;
+            sluice_stores::postgres::workflows::for_intent(&mut tx, tenant, intent)
+                .await?
+                .is_some()
+        } else {
+            let entries = sluice_stores::postgres::workflows::list(&mut tx, Some(tenant)).await?;
             entries
                 .into_iter()
-                .any(|e| e.name == name && e.enabled && e.ready),
-        )
+                .any(|e| e.name == name && e.enabled && e.ready)
+        };
+        tx.commit().await?;
+        Ok::<_, sluice_stores::Error>(runnable)
     }
     .await;
     found.map_err(|e| {

@@ -341,6 +341,12 @@ async fn a_workflow_request_that_cannot_run_gets_a_clear_4xx() {
         "{body}"
     );
 
+    // `workflow/auto` leaves the choice to the registry: the tenant's triage workflow.
+    let (status, body) = chat(&sluice, &tenant.key, ask("workflow/auto", Value::Null)).await;
+    assert_eq!(status, 200, "{body}");
+    let events = run_events(&sluice, body["id"].as_str().unwrap()).await;
+    assert_eq!(events[0].workflow, "customer_support");
+
     // A tenant's own workflow is its own: another tenant gets model_not_found.
     let folder = std::env::temp_dir().join(unique("own-flow-"));
     std::fs::create_dir_all(&folder).unwrap();

@@ -201,7 +201,19 @@ impl Orchestrator {
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
         let request = &routed.request;
-        let name = routed.decision.upstream_model.as_str();
+        let mut name = routed.decision.upstream_model.clone();
+        if let (true, Some(definitions), Ok(tenant)) = (
+            name == sluice_stores::AUTO_MODEL,
+            &self.workflows,
+            request.tenant_id.parse::<sqlx::types::Uuid>(),
+        ) {
+            // `workflow/auto`: the tenant's workflow for the triage intent.
+            let intent = sluice_stores::postgres::workflows::AUTO_INTENT;
+            if let Some(entry) = definitions.for_intent(tenant, intent).await? {
+                name = entry;
+            }
+        }
+        let name = name.as_str();
         let started = match (
             &self.workflows,
             request.tenant_id.parse::<sqlx::types::Uuid>(),

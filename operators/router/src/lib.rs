@@ -15,7 +15,9 @@
 //!   tenant, followed live): another is `model_not_found`, as if it did not exist.
 //!
 //! - `workflow/<name>` runs that workflow: the decision names the provider `workflow` and the
-//!   orchestrator starts the run (each model step is routed by this same rule as it runs).
+//!   orchestrator starts the run (each model step is routed by this same rule as it runs);
+//!   `workflow/auto` leaves the choice to the tenant's registry: the workflow of the intent
+//!   `support` (`sluice_stores::postgres::workflows::AUTO_INTENT`), which triages the message.
 //!
 //! A request the router refuses gets an ERROR reply chunk on its reply address, so the caller
 //! hears why at once; nothing goes to `sluice.routed`.

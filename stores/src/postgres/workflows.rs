@@ -9,6 +9,10 @@ use sqlx::{types::Uuid, PgConnection, Row};
 
 use crate::{Error, Result};
 
+/// The intent whose workflow `workflow/auto` runs: the tenant's entry point that triages a
+/// message to the right way (the built-in `customer_support`, unless the tenant has its own).
+pub const AUTO_INTENT: &str = "support";
+
 /// What is published: a definition already checked, with what the registry keeps of it.
 #[derive(Debug, Clone)]
 pub struct Publication<'a> {

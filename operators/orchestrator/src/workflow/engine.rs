@@ -112,6 +112,18 @@ impl Definitions {
         Ok(Some(workflow))
     }
 
+    /// The name of the workflow `tenant` runs for `intent`, if it has one on.
+    pub async fn for_intent(
+        &self,
+        tenant: Uuid,
+        intent: &str,
+    ) -> Result<Option<String>, sluice_stores::Error> {
+        let mut tx = tenant_transaction(&self.app, tenant).await?;
+        let found = sluice_stores::postgres::workflows::for_intent(&mut tx, tenant, intent).await?;
+        tx.commit().await?;
+        Ok(found.map(|entry| entry.name))
+    }
+
     fn cached(&self, tenant: Uuid, name: &str, version: i32) -> Option<Arc<Workflow>> {
         self.cache
             .lock()

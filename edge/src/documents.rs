@@ -31,6 +31,8 @@ pub const MAX_CHUNK_CHARS: usize = 1200;
 pub const MAX_CONTENT_BYTES: usize = 512 * 1024;
 /// The most chunks of one document.
 pub const MAX_CHUNKS: usize = 2000;
+/// The most characters of a heading (each chunk under it carries it).
+pub const MAX_HEADING_CHARS: usize = 200;
 
 /// A document to store (`PUT /v1/documents/{id}`).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -220,8 +222,9 @@ pub async fn list(
 pub async fn search(
     State(state): State<Arc<EdgeState>>,
     caller: Caller,
-    Query(query): Query<SearchQuery>,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
     let limit = query.limit.unwrap_or(3);
     if !(1..=10).contains(&limit) {
         return Err(ApiError::invalid("`limit` is from 1 to 10.").with_param("limit"));
@@ -286,7 +289,7 @@ pub fn chunks(content: &str, markdown: bool) -> Vec<DocumentChunk> {
         if let Some(title) = title {
             add_paragraph(&mut paragraph, &mut current, &heading, &mut out);
             flush_chunk(&mut current, &heading, &mut out);
-            heading = Some(title.to_owned());
+            heading = Some(title.chars().take(MAX_HEADING_CHARS).collect());
         } else if trimmed.is_empty() {
             add_paragraph(&mut paragraph, &mut current, &heading, &mut out);
         } else {
@@ -335,6 +338,8 @@ fn split_long(text: &str) -> Vec<&str> {
 /// HTML read as Markdown-like text: tags dropped (`script` and `style` with their content),
 /// block elements ending lines, `h1`–`h6` as `#` headings, the common entities decoded.
 pub fn html_to_markdown(html: &str) -> String {
+    // ASCII lowercasing keeps every byte offset, so one lowered copy serves every search.
+    let lowered = html.to_ascii_lowercase();
     let mut out = String::with_capacity(html.len());
     let mut rest = html;
     while let Some(open) = rest.find('<') {
@@ -355,8 +360,8 @@ pub fn html_to_markdown(html: &str) -> String {
         match name.as_str() {
             "script" | "style" if !closing => {
                 let end = format!("</{name}");
-                let lower = rest.to_ascii_lowercase();
-                rest = match lower.find(&end) {
+                let offset = html.len() - rest.len();
+                rest = match lowered.get(offset..).and_then(|l| l.find(&end)) {
                     Some(at) => rest.get(at..).unwrap_or(""),
                     None => "",
                 };
@@ -435,6 +440,13 @@ mod tests {
             chunks[0].text,
             "Within 30 days & unused.\n\nKeep the receipt."
         );
+    }
+
+    #[test]
+    fn a_long_heading_is_cut() {
+        let doc = format!("# {}\n\ntext", "h".repeat(5000));
+        let chunks = chunks(&doc, true);
+        assert_eq!(chunks[0].heading.as_ref().unwrap().len(), MAX_HEADING_CHARS);
     }
 
     #[test]

@@ -58,7 +58,16 @@ async fn find(
     tx.commit()
         .await
         .map_err(|e| unavailable(sluice_stores::Error::from(e)))?;
-    found.ok_or_else(|| not_found(run))
+    // A key limited to some models sees only the runs of the workflows its list names.
+    found
+        .filter(|entry| {
+            caller.grant.allows(&format!(
+                "{}{}",
+                crate::openai::WORKFLOW_PREFIX,
+                entry.workflow
+            ))
+        })
+        .ok_or_else(|| not_found(run))
 }
 
 /// `GET /v1/workflows/runs/{run}`: a run of the caller's tenant: its status (`running`,
@@ -114,7 +123,10 @@ pub async fn signal(
         version: entry.version,
         kind: "signal".into(),
         step: None,
-        detail_json: Some(json!({ "event": form.event, "data": form.data }).to_string()),
+        // The wait it answers: a signal sent again resumes no later wait of the run.
+        detail_json: Some(
+            json!({ "event": form.event, "data": form.data, "seq": entry.seq }).to_string(),
+        ),
         next_step: None,
         state_json: "{}".into(),
         occurred_at_ms: now_ms(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use sluice_orchestrator::{
     tools::Resilience,
-    workflow::{Definitions, WorkflowEngine},
+    workflow::{engine::ModelSteps, Definitions, WorkflowEngine},
     Orchestrator,
 };
 use sluice_pipelines::{runtime::StageSpec, Runnable};
@@ -39,8 +39,12 @@ pub async fn build(config: &Config, process: &mut Process) -> anyhow::Result<Run
             Resilience::new(tools.resilience.clone(), process.metrics.clone()),
             tools.reach(),
         ),
-        Arc::new(models),
-        catalog,
+        ModelSteps {
+            providers: Arc::new(models),
+            catalog,
+            flags: process.flags(config).await?,
+            router: config.router.clone(),
+        },
         topics.clone(),
         process.metrics.clone(),
     );

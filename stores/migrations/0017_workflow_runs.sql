@@ -18,6 +18,9 @@ CREATE TABLE workflow_runs (
     waiting_event   text,
     wait_deadline   timestamptz,
     state_json      text,
+    -- When the timeout sweep last asked the stage to resume it (it asks again only after a
+    -- while, so a lagging stage is not flooded).
+    timeout_sent_at timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, run_id)
@@ -27,22 +30,29 @@ ALTER TABLE workflow_runs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON workflow_runs
     USING (tenant_id = nullif(current_setting('sluice.tenant_id', true), '')::uuid);
 
--- The waits past their deadline, across tenants, for the timeout sweep (which then reads and
--- resumes each run in its tenant's own transaction).
-CREATE FUNCTION sluice_due_waits(p_limit integer)
-    RETURNS TABLE (tenant_id uuid, run_id text)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public AS $$
-    SELECT tenant_id, run_id FROM workflow_runs
-     WHERE status = 'waiting' AND wait_deadline <= now()
-     ORDER BY wait_deadline LIMIT p_limit
+-- Claims the waits past their deadline, across tenants, for the timeout sweep: each at most
+-- once every `p_again_s` seconds (the stage resumes it in its tenant's own transaction; a
+-- sweep of another instance skips the rows this one holds).
+CREATE FUNCTION sluice_due_waits(p_limit integer, p_again_s integer)
+    RETURNS TABLE (tenant_id uuid, run_id text, seq integer)
+    LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = public AS $$
+    UPDATE workflow_runs r SET timeout_sent_at = now()
+      FROM (SELECT w.tenant_id, w.run_id FROM workflow_runs w
+             WHERE w.status = 'waiting' AND w.wait_deadline <= now()
+               AND (w.timeout_sent_at IS NULL
+                    OR w.timeout_sent_at < now() - make_interval(secs => p_again_s))
+             ORDER BY w.wait_deadline LIMIT p_limit
+             FOR UPDATE SKIP LOCKED) due
+     WHERE r.tenant_id = due.tenant_id AND r.run_id = due.run_id
+    RETURNING r.tenant_id, r.run_id, r.seq
 $$;
-REVOKE ALL ON FUNCTION sluice_due_waits(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sluice_due_waits(integer, integer) FROM PUBLIC;
 
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sluice_app') THEN
         GRANT SELECT, INSERT, UPDATE ON workflow_runs TO sluice_app;
-        GRANT EXECUTE ON FUNCTION sluice_due_waits(integer) TO sluice_app;
+        GRANT EXECUTE ON FUNCTION sluice_due_waits(integer, integer) TO sluice_app;
     END IF;
 END
 $$;

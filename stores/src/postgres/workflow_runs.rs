@@ -1,8 +1,11 @@
-//! Workflow runs as callers see them (`workflow_runs`): status, last step, reply; and the waits
-//! for external events, with the state each resumes from. Every query names the tenant.
+//! Workflow runs as callers see them (`workflow_runs`): status, last step and event, reply; and
+//! the waits for external events, with the state each resumes from. The row's `seq` is the
+//! latest event the run has written: the workflow stage checks it before running a step, so
+//! an event read again after a crash or a rebalance, after its step's event was written, runs
+//! nothing. Every query names the tenant.
 
 use serde::Serialize;
-use sqlx::{types::Uuid, PgConnection, PgPool, Row};
+use sqlx::{postgres::PgRow, types::Uuid, PgConnection, PgPool, Row};
 
 use crate::Result;
 
@@ -22,26 +25,29 @@ pub struct RunEntry {
     pub updated_at_ms: i64,
 }
 
-/// What a run is at sequence number `seq`.
+/// What a run is after its event `seq`.
 pub struct Status<'a> {
     pub run_id: &'a str,
     pub workflow: &'a str,
     pub version: i32,
+    /// `running`, `ended`, `handed_off` or `failed` (waits are recorded by [`wait`]).
     pub status: &'a str,
     pub step: Option<&'a str>,
     pub seq: i32,
     pub reply: Option<&'a str>,
 }
 
-/// Records `status` for `tenant`'s run, unless a later event's is there already.
-pub async fn record(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) -> Result<()> {
-    sqlx::query(
+/// Records `status` for `tenant`'s run, unless its event's, or a later one's, is there already
+/// (the first status written for an event stands); whether it was recorded.
+pub async fn record(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) -> Result<bool> {
+    let done = sqlx::query(
         "INSERT INTO workflow_runs (tenant_id, run_id, workflow, version, status, step, seq, reply) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (tenant_id, run_id) DO UPDATE SET status = EXCLUDED.status, \
              step = EXCLUDED.step, seq = EXCLUDED.seq, reply = EXCLUDED.reply, \
-             waiting_event = NULL, wait_deadline = NULL, state_json = NULL, updated_at = now() \
-           WHERE workflow_runs.seq <= EXCLUDED.seq",
+             waiting_event = NULL, wait_deadline = NULL, state_json = NULL, \
+             timeout_sent_at = NULL, updated_at = now() \
+           WHERE workflow_runs.seq < EXCLUDED.seq",
     )
     .bind(tenant)
     .bind(status.run_id)
@@ -53,26 +59,26 @@ pub async fn record(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) 
     .bind(status.reply)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
 }
 
-/// Records that `tenant`'s run waits (from its event `status.seq`) for `event` until
-/// `deadline_ms`, resuming from `state_json`.
+/// Records that `tenant`'s run waits, from its event `status.seq`, for `event` until
+/// `deadline_ms`, resuming from `state_json` (the same guard as [`record`]).
 pub async fn wait(
     conn: &mut PgConnection,
     tenant: Uuid,
     status: &Status<'_>,
     (event, deadline_ms, state_json): (&str, i64, &str),
-) -> Result<()> {
-    sqlx::query(
+) -> Result<bool> {
+    let done = sqlx::query(
         "INSERT INTO workflow_runs (tenant_id, run_id, workflow, version, status, step, seq, \
                 waiting_event, wait_deadline, state_json) \
          VALUES ($1, $2, $3, $4, 'waiting', $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9) \
          ON CONFLICT (tenant_id, run_id) DO UPDATE SET status = 'waiting', step = EXCLUDED.step, \
              seq = EXCLUDED.seq, reply = NULL, waiting_event = EXCLUDED.waiting_event, \
              wait_deadline = EXCLUDED.wait_deadline, state_json = EXCLUDED.state_json, \
-             updated_at = now() \
-           WHERE workflow_runs.seq <= EXCLUDED.seq",
+             timeout_sent_at = NULL, updated_at = now() \
+           WHERE workflow_runs.seq < EXCLUDED.seq",
     )
     .bind(tenant)
     .bind(status.run_id)
@@ -85,7 +91,22 @@ pub async fn wait(
     .bind(state_json)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
+}
+
+/// The latest event `tenant`'s run has recorded, if any.
+pub async fn recorded_seq(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    run_id: &str,
+) -> Result<Option<i32>> {
+    Ok(
+        sqlx::query_scalar("SELECT seq FROM workflow_runs WHERE tenant_id = $1 AND run_id = $2")
+            .bind(tenant)
+            .bind(run_id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// A waiting run: the step it waits at, the sequence number of its waiting event, the event it
@@ -97,6 +118,8 @@ pub struct Waiting {
     pub seq: i32,
     pub event: String,
     pub deadline_ms: i64,
+    /// Whether its deadline has passed (by the database's clock, as the sweep judges it).
+    pub due: bool,
     pub state_json: String,
 }
 
@@ -108,7 +131,8 @@ pub async fn waiting(
 ) -> Result<Option<Waiting>> {
     let row = sqlx::query(
         "SELECT workflow, version, step, seq, waiting_event, \
-                (extract(epoch FROM wait_deadline) * 1000)::bigint, state_json \
+                (extract(epoch FROM wait_deadline) * 1000)::bigint, state_json, \
+                wait_deadline <= now() \
            FROM workflow_runs \
           WHERE tenant_id = $1 AND run_id = $2 AND status = 'waiting'",
     )
@@ -125,27 +149,18 @@ pub async fn waiting(
             event: row.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
             deadline_ms: row.try_get::<Option<i64>, _>(5)?.unwrap_or_default(),
             state_json: row.try_get::<Option<String>, _>(6)?.unwrap_or_default(),
+            due: row.try_get::<Option<bool>, _>(7)?.unwrap_or(false),
         })
     })
     .transpose()
 }
 
-/// `tenant`'s run `run_id`.
-pub async fn find(conn: &mut PgConnection, tenant: Uuid, run_id: &str) -> Result<Option<RunEntry>> {
-    let row = sqlx::query(
-        "SELECT run_id, workflow, version, status, step, seq, reply, waiting_event, \
-                (extract(epoch FROM wait_deadline) * 1000)::bigint, \
-                (extract(epoch FROM updated_at) * 1000)::bigint \
-           FROM workflow_runs WHERE tenant_id = $1 AND run_id = $2",
-    )
-    .bind(tenant)
-    .bind(run_id)
-    .fetch_optional(conn)
-    .await?;
-    row.as_ref().map(entry).transpose()
-}
+const ENTRY: &str = "SELECT run_id, workflow, version, status, step, seq, reply, waiting_event, \
+                            (extract(epoch FROM wait_deadline) * 1000)::bigint, \
+                            (extract(epoch FROM updated_at) * 1000)::bigint \
+                       FROM workflow_runs WHERE tenant_id = $1";
 
-fn entry(row: &sqlx::postgres::PgRow) -> Result<RunEntry> {
+fn entry(row: &PgRow) -> Result<RunEntry> {
     Ok(RunEntry {
         run_id: row.try_get(0)?,
         workflow: row.try_get(1)?,
@@ -160,26 +175,50 @@ fn entry(row: &sqlx::postgres::PgRow) -> Result<RunEntry> {
     })
 }
 
-/// Runs past their wait's deadline, across tenants: `(tenant, run)`.
-pub async fn due(app: &PgPool, limit: i32) -> Result<Vec<(Uuid, String)>> {
-    let rows =
-        sqlx::query_as::<_, (Uuid, String)>("SELECT tenant_id, run_id FROM sluice_due_waits($1)")
-            .bind(limit)
-            .fetch_all(app)
-            .await?;
-    Ok(rows)
+/// `tenant`'s run `run_id`.
+pub async fn find(conn: &mut PgConnection, tenant: Uuid, run_id: &str) -> Result<Option<RunEntry>> {
+    let row = sqlx::query(&format!("{ENTRY} AND run_id = $2"))
+        .bind(tenant)
+        .bind(run_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(entry).transpose()
 }
 
 /// `tenant`'s runs, newest first, for its export.
 pub async fn export(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<RunEntry>> {
-    let rows = sqlx::query(
-        "SELECT run_id, workflow, version, status, step, seq, reply, waiting_event, \
-                (extract(epoch FROM wait_deadline) * 1000)::bigint, \
-                (extract(epoch FROM updated_at) * 1000)::bigint \
-           FROM workflow_runs WHERE tenant_id = $1 ORDER BY created_at DESC, run_id",
+    let rows = sqlx::query(&format!("{ENTRY} ORDER BY created_at DESC, run_id"))
+        .bind(tenant)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(entry).collect()
+}
+
+/// Claims runs past their wait's deadline, across tenants, each at most once every `again_s`
+/// seconds: `(tenant, run, the sequence number of its waiting event)`.
+pub async fn due(app: &PgPool, limit: i32, again_s: i32) -> Result<Vec<(Uuid, String, i32)>> {
+    let rows = sqlx::query_as::<_, (Uuid, String, i32)>(
+        "SELECT tenant_id, run_id, seq FROM sluice_due_waits($1, $2)",
+    )
+    .bind(limit)
+    .bind(again_s)
+    .fetch_all(app)
+    .await?;
+    Ok(rows)
+}
+
+/// Marks `tenant`'s run failed with `why`, whatever it was doing: it cannot go on (its
+/// definition no longer loads, its state does not read).
+pub async fn fail(conn: &mut PgConnection, tenant: Uuid, run_id: &str, why: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE workflow_runs SET status = 'failed', reply = $3, waiting_event = NULL, \
+                wait_deadline = NULL, state_json = NULL, updated_at = now() \
+          WHERE tenant_id = $1 AND run_id = $2 AND status IN ('running', 'waiting')",
     )
     .bind(tenant)
-    .fetch_all(conn)
+    .bind(run_id)
+    .bind(why)
+    .execute(conn)
     .await?;
-    rows.iter().map(entry).collect()
+    Ok(())
 }

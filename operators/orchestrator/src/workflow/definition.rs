@@ -186,6 +186,9 @@ pub enum Test {
     NotEquals(Value),
 }
 
+/// The longest a `wait` step may wait: 90 days.
+pub const MAX_WAIT_S: u64 = 90 * 24 * 3600;
+
 const STEP_KINDS: &[&str] = &[
     "tool", "model", "branch", "parallel", "wait", "handoff", "end",
 ];
@@ -869,12 +872,12 @@ impl Reader {
                     .text(w, "event", &wfield, true)
                     .and_then(|e| self.name(e, &join(&wfield, "event")));
                 let timeout_s = self.text(w, "timeout_s", &wfield, true).and_then(|t| {
-                    let n = t.as_u64().filter(|n| *n >= 1);
+                    let n = t.as_u64().filter(|n| (1..=MAX_WAIT_S).contains(n));
                     if n.is_none() {
                         self.error(
                             t.span(),
                             &join(&wfield, "timeout_s"),
-                            "must be a whole number of seconds from 1",
+                            format!("must be a whole number of seconds from 1 to {MAX_WAIT_S} (90 days)"),
                         );
                     }
                     n

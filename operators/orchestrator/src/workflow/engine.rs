@@ -9,12 +9,16 @@
 //! record.
 //!
 //! # Exactly once
-//! An event's offset is committed only once the event it leads to is acknowledged. After a
-//! crash the last event is read again and its step runs again: a tool call with the same
-//! idempotency key (`<run>:<step>`; built-in writes and HTTP tools honour it), a model call
-//! whose usage event has the same id (`<run>:<step>`, counted once by the meters), a reply
-//! chunk with the same sequence number (dropped by the edge). The run follows the first event
-//! written for each sequence number: a repeat of a sequence number already handled is ignored.
+//! An event's offset is committed only once the event it leads to is acknowledged and the
+//! run's status row in PostgreSQL (`workflow_runs`) names that event. Before running a step the
+//! stage checks that row (and its own memory of the runs it wrote lately): an event whose next
+//! one is recorded already runs nothing, whoever reads it — this process again, or another after
+//! a crash or rebalance. A step cut short between its event and its status (a crash) runs
+//! again: a tool call with the same idempotency key (`<run>:<step>`; built-in writes and HTTP
+//! tools honour it), a model call whose usage event has the same id (`<run>:<step>`, counted
+//! once by the meters), a reply chunk with the same sequence number (dropped by the edge); the
+//! first event recorded for a sequence number is the one the run follows. A retry of the record
+//! after a failed status write writes only the status, never runs the step again.
 //!
 //! # Sagas
 //! A step that fails writes `step_failed` first; the steps with a `compensate` the run has
@@ -40,7 +44,7 @@ use sluice_schemas::{
     RoutedRequest, ToolInvocation, ToolOutcome, UsageEvent, WorkflowEvent,
 };
 use sluice_stores::{
-    postgres::{tenant_transaction, workflow_runs},
+    postgres::{flags::Flags, tenant_transaction, workflow_runs},
     ModelCatalog,
 };
 use sqlx::{types::Uuid, PgPool};
@@ -61,9 +65,15 @@ pub const PROVIDER: &str = sluice_router::WORKFLOW_PROVIDER;
 /// What a model name for a workflow starts with.
 pub const MODEL_PREFIX: &str = sluice_router::WORKFLOW_PREFIX;
 
-/// How long a run's last handled sequence number is remembered after its latest event, to
-/// ignore repeats of its events read again after a crash (they come right after a restart).
+/// How long the latest event this process wrote for a run is remembered after the run was
+/// last heard of (past it, PostgreSQL's record of the run answers).
 const REMEMBER_QUIET: Duration = Duration::from_secs(600);
+/// How often runs not heard of for a while are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// The largest answer of one step the run keeps (every later event carries it).
+pub const MAX_ANSWER_BYTES: usize = 128 * 1024;
+/// The most of a tool's answer its result record carries.
+const MAX_RESULT_RECORD_BYTES: usize = 64 * 1024;
 
 /// Definitions by (tenant, name, version), read from the registry once each: versions never
 /// change once published.
@@ -313,8 +323,51 @@ pub struct WorkflowEngine {
     catalog: Arc<ModelCatalog>,
     topics: Topics,
     metrics: Arc<Metrics>,
-    /// Each run's last handled sequence number, and when an event of it was last seen.
-    handled: Mutex<HashMap<String, (i32, Instant)>>,
+    /// `model.<name>` switches, and the router's settings: model steps are routed as the
+    /// router routes requests.
+    flags: Arc<Flags>,
+    router: sluice_router::RouterConfig,
+    /// What this process has written for each run lately.
+    written: Mutex<Written>,
+}
+
+/// The latest event this process wrote for each run, and its status when PostgreSQL has not
+/// taken it yet (a retry of the record then writes only that, never runs the step again).
+#[derive(Default)]
+struct Written {
+    runs: HashMap<String, Latest>,
+    pruned: Option<Instant>,
+}
+
+struct Latest {
+    seq: i32,
+    pending: Option<StatusWrite>,
+    seen: Instant,
+}
+
+/// A run's status after an event, to write to PostgreSQL, and the reply that follows it (a
+/// wait's, sent only once the row it points the caller to exists).
+#[derive(Clone)]
+struct StatusWrite {
+    tenant: Uuid,
+    run_id: String,
+    workflow: String,
+    version: i32,
+    status: &'static str,
+    step: Option<String>,
+    seq: i32,
+    reply: Option<String>,
+    wait: Option<(String, i64, String)>,
+    then: Option<(String, i32, ReplyChunk)>,
+}
+
+/// How model steps are called: routed as the router routes requests (the catalogue, the
+/// `model.<name>` switches, the router's settings), through the orchestrator's providers.
+pub struct ModelSteps {
+    pub providers: Arc<Orchestrator>,
+    pub catalog: Arc<ModelCatalog>,
+    pub flags: Arc<Flags>,
+    pub router: sluice_router::RouterConfig,
 }
 
 impl WorkflowEngine {
@@ -322,13 +375,20 @@ impl WorkflowEngine {
         definitions: Arc<Definitions>,
         app: PgPool,
         (resilience, reach): (Resilience, Reach),
-        models: Arc<Orchestrator>,
-        catalog: Arc<ModelCatalog>,
+        model_steps: ModelSteps,
         topics: Topics,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let ModelSteps {
+            providers: models,
+            catalog,
+            flags,
+            router,
+        } = model_steps;
         Self {
             metrics,
+            flags,
+            router,
             definitions,
             builtin: BuiltinTools::new(app.clone()),
             app,
@@ -337,31 +397,102 @@ impl WorkflowEngine {
             models,
             catalog,
             topics,
-            handled: Mutex::new(HashMap::new()),
+            written: Mutex::new(Written::default()),
         }
     }
 
-    /// Whether `event` was handled already (a repeat read after a crash).
-    fn already_handled(&self, event: &WorkflowEvent) -> bool {
-        self.handled
-            .lock()
-            .ok()
-            .and_then(|h| h.get(&event.run_id).map(|(seq, _)| *seq >= event.seq))
-            .unwrap_or(false)
+    /// The latest event this process wrote for `run`, and its status if still to be written.
+    fn latest(&self, run: &str) -> Option<(i32, Option<StatusWrite>)> {
+        let written = self.written.lock().ok()?;
+        written
+            .runs
+            .get(run)
+            .map(|latest| (latest.seq, latest.pending.clone()))
     }
 
-    /// Remembers that `event` is handled; forgets runs not heard of for a while.
-    fn mark_handled(&self, event: &WorkflowEvent) {
-        let Ok(mut handled) = self.handled.lock() else {
+    /// Remembers that this process wrote event `seq` of `run`, with its status `pending` until
+    /// it is in PostgreSQL; now and then forgets runs not heard of for a while.
+    fn remember(&self, run: &str, seq: i32, pending: Option<StatusWrite>) {
+        let Ok(mut written) = self.written.lock() else {
             return;
         };
-        let entry = handled
-            .entry(event.run_id.clone())
-            .or_insert((event.seq, Instant::now()));
-        *entry = (entry.0.max(event.seq), Instant::now());
-        if handled.len() > 1024 {
-            handled.retain(|_, (_, seen)| seen.elapsed() < REMEMBER_QUIET);
+        let now = Instant::now();
+        let latest = written.runs.entry(run.to_owned()).or_insert(Latest {
+            seq,
+            pending: None,
+            seen: now,
+        });
+        if seq >= latest.seq {
+            latest.seq = seq;
+            latest.pending = pending;
         }
+        latest.seen = now;
+        if written.pruned.is_none_or(|at| at.elapsed() > PRUNE_EVERY) {
+            written.pruned = Some(now);
+            written
+                .runs
+                .retain(|_, latest| latest.seen.elapsed() < REMEMBER_QUIET);
+        }
+    }
+
+    /// Writes a run's status to PostgreSQL, then the reply that waits for it.
+    async fn write_status(
+        &self,
+        write: StatusWrite,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let status = workflow_runs::Status {
+            run_id: &write.run_id,
+            workflow: &write.workflow,
+            version: write.version,
+            status: write.status,
+            step: write.step.as_deref(),
+            seq: write.seq,
+            reply: write.reply.as_deref(),
+        };
+        let mut tx = tenant_transaction(&self.app, write.tenant).await?;
+        match &write.wait {
+            Some((event, deadline, state_json)) => {
+                workflow_runs::wait(
+                    &mut tx,
+                    write.tenant,
+                    &status,
+                    (event, *deadline, state_json),
+                )
+                .await?
+            }
+            None => workflow_runs::record(&mut tx, write.tenant, &status).await?,
+        };
+        tx.commit().await.map_err(sluice_stores::Error::from)?;
+        if let Some((topic, partition, chunk)) = &write.then {
+            out.emit(topic, Some(*partition), write.run_id.as_bytes(), chunk)
+                .await?;
+        }
+        self.remember(&write.run_id, write.seq, None);
+        Ok(())
+    }
+
+    /// Whether the step `event` leads to has run already: this process, or another before a
+    /// crash or rebalance, wrote the event after it (then only its status may be left to write).
+    async fn ran_already(
+        &self,
+        event: &WorkflowEvent,
+        tenant: Uuid,
+        out: &mut Emitter,
+    ) -> Result<bool, ProcessError> {
+        if let Some((seq, pending)) = self.latest(&event.run_id) {
+            if seq > event.seq {
+                if let Some(write) = pending.filter(|w| w.seq > event.seq) {
+                    self.write_status(write, out).await?;
+                }
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let mut tx = tenant_transaction(&self.app, tenant).await?;
+        let recorded = workflow_runs::recorded_seq(&mut tx, tenant, &event.run_id).await?;
+        tx.commit().await.map_err(sluice_stores::Error::from)?;
+        Ok(recorded.is_some_and(|seq| seq > event.seq))
     }
 
     /// A tenant's HTTP tool `name` (an enabled row of its `tools`, kind `http`).
@@ -442,7 +573,15 @@ impl WorkflowEngine {
             },
         };
         let (outcome, answer, error) = match &result {
-            Ok(answer) => ("ok", Some(answer.to_string()), None),
+            Ok(answer) => {
+                let text = answer.to_string();
+                let kept = if text.len() > MAX_RESULT_RECORD_BYTES {
+                    json!({ "truncated": true, "bytes": text.len() }).to_string()
+                } else {
+                    text
+                };
+                ("ok", Some(kept), None)
+            }
             Err(e) => (e.outcome(), None, Some(e.to_string())),
         };
         records.outcomes.push(ToolOutcome {
@@ -510,14 +649,17 @@ impl WorkflowEngine {
             ..ChatRequest::default()
         };
         let models = self.catalog.snapshot();
-        let decision = sluice_router::decide(
-            &request,
-            &models,
-            |_| true,
-            &sluice_router::RouterConfig::default(),
-            now_ms(),
-        )
-        .map_err(|refusal| format!("model {model}: {}", refusal.message))?;
+        let flags = self.flags.get();
+        let tenant = Uuid::parse_str(&state.tenant_id).ok();
+        let usable = |m: &sluice_stores::ModelSpec| {
+            flags.enabled(
+                &sluice_stores::postgres::flags::model_flag(&m.name),
+                tenant,
+                true,
+            )
+        };
+        let decision = sluice_router::decide(&request, &models, usable, &self.router, now_ms())
+            .map_err(|refusal| format!("model {model}: {}", refusal.message))?;
         let routed = RoutedRequest { request, decision };
         let started = Instant::now();
         let key = format!("{}:{step}", state.run_id);
@@ -598,6 +740,24 @@ impl WorkflowEngine {
     /// Runs a tool or model step (alone or as a member of a parallel step); the caller has
     /// put a tool call's record on `sluice.tool-calls` before.
     async fn act(
+        &self,
+        state: &RunState,
+        step: &Step,
+        trace_id: &str,
+        records: &mut Records,
+    ) -> Acted {
+        let answer = self.act_unchecked(state, step, trace_id, records).await?;
+        let bytes = answer.to_string().len();
+        if bytes > MAX_ANSWER_BYTES {
+            return Err(format!(
+                "step {} answered {bytes} bytes; a step's answer is kept only up to {MAX_ANSWER_BYTES}",
+                step.id
+            ));
+        }
+        Ok(answer)
+    }
+
+    async fn act_unchecked(
         &self,
         state: &RunState,
         step: &Step,
@@ -843,8 +1003,9 @@ impl WorkflowEngine {
                 self.emit_records(state, records, out).await?;
                 Ok(match acted {
                     Ok(answer) => {
-                        Self::keep(state, step, answer.clone());
-                        let transition = completed(None, answer);
+                        let detail = summary(step, &answer);
+                        Self::keep(state, step, answer);
+                        let transition = completed(None, detail);
                         self.after(workflow, index, state, transition, trace_id, out)
                             .await?
                     }
@@ -901,7 +1062,7 @@ impl WorkflowEngine {
                     self.emit_records(state, records, out).await?;
                     match acted {
                         Ok(answer) => {
-                            answers.insert(member.id.clone(), answer.clone());
+                            answers.insert(member.id.clone(), summary(member, &answer));
                             Self::keep(state, member, answer);
                         }
                         Err(error) => errors.push(format!("{}: {error}", member.id)),
@@ -984,15 +1145,16 @@ impl WorkflowEngine {
             } => {
                 let timeout_ms = i64::try_from(timeout_s.saturating_mul(1000)).unwrap_or(i64::MAX);
                 let deadline_ms = now_ms().saturating_add(timeout_ms);
+                // The caller is told once the run's status row exists ([`Self::advance`]).
                 let reply = format!(
                     "Run {} is waiting for the event {event} (at most {timeout_s} s); its outcome will be at /v1/workflows/runs/{}.",
                     state.run_id, state.run_id
                 );
-                self.reply(state, Ok(reply), out).await?;
                 Ok(Transition {
                     kind: "waiting",
                     step: step.id.clone(),
-                    detail: json!({ "event": event, "timeout_s": timeout_s, "deadline_ms": deadline_ms }),
+                    detail: json!({ "event": event, "timeout_s": timeout_s,
+                                    "deadline_ms": deadline_ms, "reply": reply }),
                     next: None,
                 })
             }
@@ -1049,37 +1211,14 @@ impl WorkflowEngine {
         self.reply(state, reply, out).await
     }
 
-    /// Tells the run's caller `reply` (or the error): one chunk that ends its request. A run
-    /// that goes on after it (a wait) ends its request here; its outcome is in its status.
+    /// Tells the run's caller `reply` (or the error): one chunk that ends its request.
     async fn reply(
         &self,
         state: &RunState,
         reply: Result<String, String>,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
-        let model = format!("{MODEL_PREFIX}{}", state.workflow);
-        let addressed = ChatRequest {
-            request_id: state.run_id.clone(),
-            tenant_id: state.tenant_id.clone(),
-            ..ChatRequest::default()
-        };
-        let chunk = match reply {
-            Ok(text) => {
-                let mut done = ReplyChunk::new(&addressed, &model, 0, ReplyKind::Done);
-                done.delta = text;
-                done.finish_reason = Some("stop".into());
-                done.input_tokens = state.input_tokens;
-                done.output_tokens = state.output_tokens;
-                done
-            }
-            Err(message) => {
-                let mut error =
-                    ReplyChunk::error(&addressed, &model, 0, 502, "workflow_failed", message);
-                error.input_tokens = state.input_tokens;
-                error.output_tokens = state.output_tokens;
-                error
-            }
-        };
+        let chunk = reply_chunk(state, reply);
         out.emit(
             &state.caller.reply_topic,
             Some(state.caller.reply_partition),
@@ -1088,6 +1227,28 @@ impl WorkflowEngine {
         )
         .await
     }
+}
+
+/// The chunk that ends a run's request: its reply, or its error.
+fn reply_chunk(state: &RunState, reply: Result<String, String>) -> ReplyChunk {
+    let model = format!("{MODEL_PREFIX}{}", state.workflow);
+    let addressed = ChatRequest {
+        request_id: state.run_id.clone(),
+        tenant_id: state.tenant_id.clone(),
+        ..ChatRequest::default()
+    };
+    let mut chunk = match reply {
+        Ok(text) => {
+            let mut done = ReplyChunk::new(&addressed, &model, 0, ReplyKind::Done);
+            done.delta = text;
+            done.finish_reason = Some("stop".into());
+            done
+        }
+        Err(message) => ReplyChunk::error(&addressed, &model, 0, 502, "workflow_failed", message),
+    };
+    chunk.input_tokens = state.input_tokens;
+    chunk.output_tokens = state.output_tokens;
+    chunk
 }
 
 /// The tool call record of `tool` for `step` (a compensation when `compensation`).
@@ -1127,7 +1288,8 @@ fn usage_of(state: &RunState, event_id: &str, model: &str, provider: &str) -> Us
         provider: provider.to_owned(),
         input_tokens: 0,
         output_tokens: 0,
-        occurred_at_ms: state.caller.received_at_ms,
+        // When it happened: a step after a wait happens long after the request came.
+        occurred_at_ms: now_ms(),
         latency_ms: None,
         key_id: state.caller.key_id.clone(),
         user_id: state.caller.user_id.clone(),
@@ -1140,6 +1302,20 @@ fn usage_of(state: &RunState, event_id: &str, model: &str, provider: &str) -> Us
 
 fn elapsed_ms(since: Instant) -> i64 {
     i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What an event says of a step's answer (the answer itself is in the run's state): a tool's
+/// name, a model's name and tokens.
+fn summary(step: &Step, answer: &Value) -> Value {
+    match &step.kind {
+        StepKind::Tool { tool, .. } => json!({ "tool": tool }),
+        StepKind::Model { .. } => json!({
+            "model": answer.get("model"),
+            "input_tokens": answer.get("input_tokens"),
+            "output_tokens": answer.get("output_tokens"),
+        }),
+        _ => json!({}),
+    }
 }
 
 /// The JSON object a model answered: the whole text, or the first `{` to the last `}` (a
@@ -1165,12 +1341,10 @@ struct At {
     /// The sequence number of the event the run is at.
     seq: i32,
     trace_id: String,
-    /// Whether the run was waiting until now (its status goes back to running).
-    resumed: bool,
 }
 
 impl WorkflowEngine {
-    /// The definition `event`'s run follows.
+    /// The definition a run follows.
     async fn definition(
         &self,
         tenant: Uuid,
@@ -1185,9 +1359,9 @@ impl WorkflowEngine {
             })
     }
 
-    /// Writes the event that `transition` of the run `at` leads to (its state after it), and
-    /// keeps the run's status where callers and the timeout sweep read it: when it starts, waits
-    /// or ends.
+    /// Writes the event that `transition` of the run `at` leads to (with the run's state after
+    /// it), then the run's status in PostgreSQL (which marks the step done: an event read again
+    /// runs nothing) and, for a wait, the reply that points the caller to that status.
     async fn advance(
         &self,
         mut at: At,
@@ -1230,6 +1404,7 @@ impl WorkflowEngine {
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(run = %at.state.run_id, step = %transition.step, kind = transition.kind, "workflow step");
         let seq = at.seq + 1;
+        let waiting = transition.kind == "waiting";
         let following = WorkflowEvent {
             run_id: at.state.run_id.clone(),
             seq,
@@ -1251,53 +1426,64 @@ impl WorkflowEngine {
             &following,
         )
         .await?;
-        let status = |name: &'static str| workflow_runs::Status {
-            run_id: &following.run_id,
-            workflow: &following.workflow,
-            version: following.version,
-            status: name,
-            step: following.step.as_deref(),
-            seq,
-            reply: at.state.reply.as_deref(),
+        let status = if following.ends_run() {
+            transition.kind
+        } else if waiting {
+            "waiting"
+        } else {
+            "running"
         };
-        let ends = following.ends_run();
-        if ends || transition.kind == "waiting" || at.seq == 0 || at.resumed {
-            // The status follows the event: written once the event is on the broker.
-            out.flush().await?;
-            let mut tx = tenant_transaction(&self.app, at.tenant).await?;
-            if transition.kind == "waiting" {
-                let event = transition.detail["event"].as_str().unwrap_or_default();
-                let deadline = transition.detail["deadline_ms"]
-                    .as_i64()
-                    .unwrap_or_default();
-                workflow_runs::wait(
-                    &mut tx,
-                    at.tenant,
-                    &status("waiting"),
-                    (event, deadline, &following.state_json),
+        let then = waiting.then(|| {
+            let text = transition.detail["reply"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (
+                at.state.caller.reply_topic.clone(),
+                at.state.caller.reply_partition,
+                reply_chunk(&at.state, Ok(text)),
+            )
+        });
+        let write = StatusWrite {
+            tenant: at.tenant,
+            run_id: following.run_id.clone(),
+            workflow,
+            version: following.version,
+            status,
+            step: following.step.clone(),
+            seq,
+            reply: at.state.reply.clone(),
+            wait: waiting.then(|| {
+                (
+                    transition.detail["event"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    transition.detail["deadline_ms"]
+                        .as_i64()
+                        .unwrap_or_default(),
+                    following.state_json.clone(),
                 )
-                .await?;
-            } else if ends {
-                workflow_runs::record(&mut tx, at.tenant, &status(transition.kind)).await?;
-            } else {
-                workflow_runs::record(&mut tx, at.tenant, &status("running")).await?;
-            }
-            tx.commit().await.map_err(sluice_stores::Error::from)?;
-        }
-        Ok(())
+            }),
+            then,
+        };
+        // The status follows the event, once the event is on the broker; if it cannot be
+        // written, a retry of the record writes only it.
+        out.flush().await?;
+        self.remember(&following.run_id, seq, Some(write.clone()));
+        self.write_status(write, out).await
     }
 
     /// Resumes a waiting run: `event` is a `signal` (the event it waits for came, with its data)
-    /// or a `timeout` (its deadline passed). Anything else — a run not waiting, another event,
-    /// a deadline not reached — is left alone: a signal and a timeout, or two signals, resume a
-    /// run once.
+    /// or a `timeout` (its deadline passed), each naming the waiting event it answers. Anything
+    /// else — a run not waiting, or waiting at another step, another event, a deadline not
+    /// reached — is left alone: a run resumes once.
     async fn resume(
         &self,
         event: &WorkflowEvent,
         ctx: &RecordContext,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
-        let started = Instant::now();
         let tenant = Uuid::parse_str(&event.tenant_id)
             .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
         let mut tx = tenant_transaction(&self.app, tenant).await?;
@@ -1312,12 +1498,35 @@ impl WorkflowEngine {
             .and_then(|d| serde_json::from_str(d).ok())
             .unwrap_or(Value::Null);
         let signal = event.kind == "signal";
-        if signal && detail["event"].as_str() != Some(waiting.event.as_str()) {
+        let answers_this_wait = detail["seq"].as_i64() == Some(i64::from(waiting.seq));
+        if !answers_this_wait
+            || (signal && detail["event"].as_str() != Some(waiting.event.as_str()))
+            || (!signal && !waiting.due)
+        {
             return Ok(());
         }
-        if !signal && waiting.deadline_ms > now_ms() {
-            return Ok(());
+        let resumed = self
+            .resume_waiting(tenant, event, ctx, waiting, &detail, out)
+            .await;
+        if let Err(ProcessError::Poison(why)) = &resumed {
+            // It can never go on: say so where its caller looks, instead of asking again.
+            let mut tx = tenant_transaction(&self.app, tenant).await?;
+            workflow_runs::fail(&mut tx, tenant, &event.run_id, why).await?;
+            tx.commit().await.map_err(sluice_stores::Error::from)?;
         }
+        resumed
+    }
+
+    async fn resume_waiting(
+        &self,
+        tenant: Uuid,
+        event: &WorkflowEvent,
+        ctx: &RecordContext,
+        waiting: workflow_runs::Waiting,
+        detail: &Value,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        let started = Instant::now();
         let mut state: RunState = serde_json::from_str(&waiting.state_json)
             .map_err(|e| ProcessError::Poison(format!("the run's state does not read: {e}")))?;
         let workflow = self
@@ -1340,13 +1549,13 @@ impl WorkflowEngine {
             .trace_id
             .clone()
             .unwrap_or_else(|| ctx.trace.trace_id_hex());
-        let transition = if signal {
+        let transition = if event.kind == "signal" {
             let data = detail.get("data").cloned().unwrap_or(Value::Null);
-            state.answers.insert(waiting.step.clone(), data.clone());
+            state.answers.insert(waiting.step.clone(), data);
             let transition = Transition {
                 kind: "event_received",
                 step: waiting.step.clone(),
-                detail: json!({ "event": waiting.event, "data": data }),
+                detail: json!({ "event": waiting.event }),
                 next: None,
             };
             self.after(&workflow, index, &mut state, transition, &trace_id, out)
@@ -1366,110 +1575,69 @@ impl WorkflowEngine {
             index,
             seq: waiting.seq,
             trace_id,
-            resumed: true,
         };
-        // A run's records are handled one at a time, in order (they share a key): once this
-        // advance has written its status, a second signal or the timeout finds it not waiting.
         self.advance(at, transition, out, started).await
     }
-}
 
-/// Puts a `timeout` record on `topic` for each waiting run whose deadline has passed, every
-/// second until `cancel` fires; the workflow stage resumes each once (several sweepers, one per
-/// stage instance, may find the same run).
-pub async fn sweep_due_waits(
-    app: PgPool,
-    (producer, codec): (
-        sluice_pipelines::kafka::Producer,
-        Arc<sluice_schemas::Codec>,
-    ),
-    topic: String,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    let mut registered = false;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if !registered {
-            match codec.register::<WorkflowEvent>().await {
-                Ok(_) => registered = true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the timeout sweep cannot register its schema yet");
-                    continue;
-                }
-            }
-        }
-        let due = match workflow_runs::due(&app, 100).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!(error = %e, "the timeout sweep cannot read the waiting runs");
-                continue;
-            }
-        };
-        if due.is_empty() {
-            continue;
-        }
-        let mut out = Emitter::new(
-            producer.clone(),
-            codec.clone(),
-            sluice_pipelines::trace::TraceContext::new_root(),
-        );
-        for (tenant, run) in &due {
-            let timeout = WorkflowEvent {
-                run_id: run.clone(),
-                seq: 0,
-                tenant_id: tenant.to_string(),
-                workflow: String::new(),
-                version: 0,
-                kind: "timeout".into(),
-                step: None,
-                detail_json: None,
+    /// Ends a run that cannot go on (its event does not read, its definition no longer
+    /// loads): the caller hears why, the run's status says so, and a `failed` event records it.
+    /// Best effort: what cannot be done is logged.
+    async fn fail_run(&self, event: &WorkflowEvent, why: &str, out: &mut Emitter) {
+        tracing::error!(run = %event.run_id, workflow = %event.workflow, error = %why, "a workflow run cannot go on");
+        let message = format!("The run cannot go on: {why}");
+        if let Ok(mut state) = serde_json::from_str::<RunState>(&event.state_json) {
+            state.reply = Some(message.clone());
+            let _ = self.reply(&state, Err(message.clone()), out).await;
+            let failed = WorkflowEvent {
+                seq: event.seq + 1,
+                kind: "failed".into(),
+                detail_json: Some(json!({ "error": why }).to_string()),
                 next_step: None,
-                state_json: "{}".into(),
+                state_json: serde_json::to_string(&state).unwrap_or_default(),
                 occurred_at_ms: now_ms(),
-                trace_id: None,
+                ..event.clone()
             };
-            if let Err(e) = out.emit(&topic, None, run.as_bytes(), &timeout).await {
-                tracing::warn!(error = %e, "the timeout sweep cannot write");
+            let _ = out
+                .emit(
+                    &self.topics.workflow_events,
+                    None,
+                    event.run_id.as_bytes(),
+                    &failed,
+                )
+                .await;
+        }
+        if let Ok(tenant) = Uuid::parse_str(&event.tenant_id) {
+            let failed = async {
+                let mut tx = tenant_transaction(&self.app, tenant).await?;
+                workflow_runs::fail(&mut tx, tenant, &event.run_id, &message).await?;
+                tx.commit().await.map_err(sluice_stores::Error::from)
+            };
+            if let Err(e) = failed.await {
+                tracing::error!(run = %event.run_id, error = %e, "cannot record that the run failed");
             }
         }
-        if let Err(e) = out.flush().await {
-            tracing::warn!(error = %e, "the timeout sweep's records were not acknowledged");
-        }
-        // A run stays due until the stage resumes it: give it time before looking again.
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-}
 
-#[async_trait]
-impl RecordOperator for WorkflowEngine {
-    type Input = WorkflowEvent;
-
-    async fn process(
+    /// Runs the step `event` leads to, unless it ran already.
+    async fn handle(
         &self,
-        event: WorkflowEvent,
+        event: &WorkflowEvent,
         ctx: &RecordContext,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
-        if matches!(event.kind.as_str(), "signal" | "timeout") {
-            return self.resume(&event, ctx, out).await;
-        }
-        if event.ends_run() || self.already_handled(&event) {
-            self.mark_handled(&event);
-            return Ok(());
-        }
-        // A waiting run goes on from its status row, when a signal or its timeout comes.
+        // A waiting run goes on from its status row, when a signal or its timeout comes; an
+        // ended one goes nowhere.
         let Some(next) = event.next_step.as_deref() else {
-            self.mark_handled(&event);
             return Ok(());
         };
+        let tenant = Uuid::parse_str(&event.tenant_id)
+            .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
+        if self.ran_already(event, tenant, out).await? {
+            return Ok(());
+        }
         let started = Instant::now();
         let mut state: RunState = serde_json::from_str(&event.state_json)
             .map_err(|e| ProcessError::Poison(format!("the run's state does not read: {e}")))?;
-        let tenant = Uuid::parse_str(&event.tenant_id)
-            .map_err(|e| ProcessError::Poison(format!("tenant id {:?}: {e}", event.tenant_id)))?;
         let workflow = self
             .definition(tenant, &event.workflow, event.version)
             .await?;
@@ -1496,10 +1664,102 @@ impl RecordOperator for WorkflowEngine {
             index,
             seq: event.seq,
             trace_id,
-            resumed: false,
         };
-        self.advance(at, transition, out, started).await?;
-        self.mark_handled(&event);
-        Ok(())
+        self.advance(at, transition, out, started).await
+    }
+}
+
+/// How long a due wait's timeout is not asked for again while the stage resumes it.
+const TIMEOUT_AGAIN_S: i32 = 30;
+
+/// Puts a `timeout` record on `topic` for each waiting run whose deadline has passed, looking
+/// every second until `cancel` fires. Each run is claimed in PostgreSQL, so it is asked for at
+/// most once every [`TIMEOUT_AGAIN_S`] seconds, by one sweep of all the stage's instances; the
+/// stage resumes it once.
+pub async fn sweep_due_waits(
+    app: PgPool,
+    (producer, codec): (
+        sluice_pipelines::kafka::Producer,
+        Arc<sluice_schemas::Codec>,
+    ),
+    topic: String,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut registered = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !registered {
+            match codec.register::<WorkflowEvent>().await {
+                Ok(_) => registered = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the timeout sweep cannot register its schema yet");
+                    continue;
+                }
+            }
+        }
+        let due = match workflow_runs::due(&app, 100, TIMEOUT_AGAIN_S).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "the timeout sweep cannot read the waiting runs");
+                continue;
+            }
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let mut out = Emitter::new(
+            producer.clone(),
+            codec.clone(),
+            sluice_pipelines::trace::TraceContext::new_root(),
+        );
+        for (tenant, run, seq) in &due {
+            let timeout = WorkflowEvent {
+                run_id: run.clone(),
+                seq: 0,
+                tenant_id: tenant.to_string(),
+                workflow: String::new(),
+                version: 0,
+                kind: "timeout".into(),
+                step: None,
+                detail_json: Some(json!({ "seq": seq }).to_string()),
+                next_step: None,
+                state_json: "{}".into(),
+                occurred_at_ms: now_ms(),
+                trace_id: None,
+            };
+            if let Err(e) = out.emit(&topic, None, run.as_bytes(), &timeout).await {
+                tracing::warn!(error = %e, "the timeout sweep cannot write");
+            }
+        }
+        if let Err(e) = out.flush().await {
+            tracing::warn!(error = %e, "the timeout sweep's records were not acknowledged");
+        }
+    }
+}
+
+#[async_trait]
+impl RecordOperator for WorkflowEngine {
+    type Input = WorkflowEvent;
+
+    async fn process(
+        &self,
+        event: WorkflowEvent,
+        ctx: &RecordContext,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        if matches!(event.kind.as_str(), "signal" | "timeout") {
+            return self.resume(&event, ctx, out).await;
+        }
+        if event.ends_run() {
+            return Ok(());
+        }
+        let handled = self.handle(&event, ctx, out).await;
+        if let Err(ProcessError::Poison(why)) = &handled {
+            self.fail_run(&event, why, out).await;
+        }
+        handled
     }
 }

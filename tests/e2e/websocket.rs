@@ -565,3 +565,33 @@ async fn a_socket_chat_keeps_its_sessions_memory() {
         "the second turn saw the first"
     );
 }
+
+#[tokio::test]
+async fn a_socket_runs_a_workflow_like_a_chat() {
+    let sluice = Sluice::start();
+    let tenant = create_tenant(&sluice.prefix);
+    let mut ws = Ws::open(&sluice.url, &tenant.key).await;
+    ws.send(json!({
+        "type": "chat", "ref": "track",
+        "request": {"model": "workflow/track_order", "inputs": {"order_id": "Z-9"},
+                    "messages": [{"role": "user", "content": "Where is my order?"}]},
+    }))
+    .await;
+    let mut received = Received::default();
+    let done = loop {
+        let frame = ws.frame().await;
+        match frame["type"].as_str().unwrap() {
+            "started" => {}
+            "delta" | "done" => received.take(&frame),
+            other => panic!("unexpected frame {other}: {frame}"),
+        }
+        if let Some(done) = received.done.take() {
+            break done;
+        }
+    };
+    assert_eq!(
+        received.text,
+        "I could not find an order Z-9. Could you check the number?"
+    );
+    assert_eq!(done["finish_reason"], "stop", "{done}");
+}

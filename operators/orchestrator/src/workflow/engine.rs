@@ -915,7 +915,7 @@ impl WorkflowEngine {
                 .call_tool(state, &invocation, &arguments, &mut records)
                 .await;
             undone.push(match result {
-                Ok(answer) => json!({ "step": id, "tool": compensation.tool, "ok": true, "answer": answer }),
+                Ok(_) => json!({ "step": id, "tool": compensation.tool, "ok": true }),
                 Err(error) => {
                     tracing::error!(run = %state.run_id, step = %id, tool = %compensation.tool, %error, "a saga's compensation failed");
                     json!({ "step": id, "tool": compensation.tool, "ok": false, "error": error })

@@ -279,67 +279,59 @@ async fn a_workflow_request_that_cannot_run_gets_a_clear_4xx() {
         }
         body
     };
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        ask("workflow/track_order", Value::Null),
-    )
-    .await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(
-        body["error"]["message"],
-        "Workflow track_order needs the input `order_id`."
-    );
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        ask("workflow/track_order", json!({"order_id": 17})),
-    )
-    .await;
-    assert_eq!(status, 400, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("must be of type string"),
-        "{body}"
-    );
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        ask("workflow/track_order", json!({"order": "A-1"})),
-    )
-    .await;
-    assert_eq!(status, 400, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("takes no input `order`"),
-        "{body}"
-    );
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        ask("sim-small", json!({"order_id": "A-1"})),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["param"].as_str()),
-        (400, Some("inputs")),
-        "{body}"
-    );
-    let (status, body) = chat(
-        &sluice,
-        &tenant.key,
-        ask("workflow/no_such_flow", Value::Null),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("model_not_found")),
-        "{body}"
-    );
+    // Each refusal: (model, inputs) → status, the error's param, words its message holds.
+    let refusals = [
+        (
+            "workflow/track_order",
+            Value::Null,
+            400,
+            "inputs.order_id",
+            "Workflow track_order needs the input `order_id`.",
+        ),
+        (
+            "workflow/track_order",
+            json!({"order_id": 17}),
+            400,
+            "inputs.order_id",
+            "must be of type string",
+        ),
+        (
+            "workflow/track_order",
+            json!({"order": "A-1"}),
+            400,
+            "inputs.order",
+            "takes no input `order`",
+        ),
+        (
+            "sim-small",
+            json!({"order_id": "A-1"}),
+            400,
+            "inputs",
+            "`inputs` is for workflow runs",
+        ),
+        (
+            "workflow/no_such_flow",
+            Value::Null,
+            404,
+            "model",
+            "does not exist",
+        ),
+    ];
+    for (model, inputs, want_status, param, says) in refusals {
+        let (status, body) = chat(&sluice, &tenant.key, ask(model, inputs)).await;
+        let error = &body["error"];
+        assert_eq!(status, want_status, "{body}");
+        assert!(error["message"].as_str().unwrap().contains(says), "{body}");
+        if param != "model" && param.starts_with("inputs.") {
+            // The run's own checks come back as an error chunk: the message names the input.
+            assert!(error["message"]
+                .as_str()
+                .unwrap()
+                .contains(&param["inputs.".len()..]));
+        } else {
+            assert_eq!(error["param"].as_str(), Some(param), "{body}");
+        }
+    }
 
     // `workflow/auto` leaves the choice to the registry: the tenant's triage workflow.
     let (status, body) = chat(&sluice, &tenant.key, ask("workflow/auto", Value::Null)).await;

@@ -904,13 +904,7 @@ impl WorkflowEngine {
             };
             let arguments = state.arguments(&compensation.arguments);
             let invocation = invocation(state, id, &compensation.tool, &arguments, true, trace_id);
-            out.emit_batched(
-                &self.topics.tool_calls,
-                None,
-                state.run_id.as_bytes(),
-                &invocation,
-            )
-            .await?;
+            self.announce(&invocation, out).await?;
             let result = self
                 .call_tool(state, &invocation, &arguments, &mut records)
                 .await;
@@ -940,6 +934,21 @@ impl WorkflowEngine {
                 next: None,
             },
         })
+    }
+
+    /// Puts a tool call's record on `sluice.tool-calls`, before the call.
+    async fn announce(
+        &self,
+        invocation: &ToolInvocation,
+        out: &mut Emitter,
+    ) -> Result<(), ProcessError> {
+        out.emit_batched(
+            &self.topics.tool_calls,
+            None,
+            invocation.run_id.as_bytes(),
+            invocation,
+        )
+        .await
     }
 
     async fn emit_records(
@@ -990,13 +999,7 @@ impl WorkflowEngine {
                 {
                     let arguments = state.arguments(arguments);
                     let invocation = invocation(state, &step.id, tool, &arguments, false, trace_id);
-                    out.emit_batched(
-                        &self.topics.tool_calls,
-                        None,
-                        state.run_id.as_bytes(),
-                        &invocation,
-                    )
-                    .await?;
+                    self.announce(&invocation, out).await?;
                 }
                 let mut records = Records::default();
                 let acted = self.act(state, step, trace_id, &mut records).await;
@@ -1037,13 +1040,7 @@ impl WorkflowEngine {
                         let arguments = state.arguments(arguments);
                         let invocation =
                             invocation(state, &member.id, tool, &arguments, false, trace_id);
-                        out.emit_batched(
-                            &self.topics.tool_calls,
-                            None,
-                            state.run_id.as_bytes(),
-                            &invocation,
-                        )
-                        .await?;
+                        self.announce(&invocation, out).await?;
                     }
                 }
                 let snapshot = state.clone();
@@ -1092,13 +1089,7 @@ impl WorkflowEngine {
                     false,
                     trace_id,
                 );
-                out.emit_batched(
-                    &self.topics.tool_calls,
-                    None,
-                    state.run_id.as_bytes(),
-                    &invocation,
-                )
-                .await?;
+                self.announce(&invocation, out).await?;
                 let mut records = Records::default();
                 let acted = self
                     .call_tool(state, &invocation, &arguments, &mut records)

@@ -178,7 +178,7 @@ async fn the_faq_workflow_answers_from_the_tenants_documents_with_citations_or_s
     assert_eq!(status, 200, "{body}");
     let reply = body["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(
-        reply.ends_with("Sources:\n[1] Descaling your kettle (descaling)"),
+        reply.ends_with("Sources:\n[1] Descaling your kettle, Descaling (descaling)"),
         "{reply}"
     );
     // Nothing matches: it says so. Another tenant's documents are not its own.

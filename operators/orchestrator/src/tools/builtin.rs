@@ -9,7 +9,7 @@
 //! | `list_orders` | `customer_id`, `limit` (1–50, 10) | `{"orders": […]}`, newest first |
 //! | `update_order_status` | `order_id`, `status` | `{"found": true, "order": {…}}` or `{"found": false}` |
 //! | `create_ticket` | `subject`, `body`, `priority` (low, normal, high, urgent), `customer_id` | `{"ticket": {…}}` |
-//! | `search_knowledge` | `query`, `limit` (1–10, 3) | `{"found": bool, "passages": [{"document_id", "title", "chunk", "heading", "text", "score"}…], "citations": "[1] Title (document_id) …"}`, best first |
+//! | `search_knowledge` | `query`, `limit` (1–10, 3) | `{"found": bool, "passages": [{"document_id", "title", "chunk", "heading", "text", "score"}…], "citations": "[1] Title, Heading (document_id) …"}`, best first |
 //!
 //! The writes (`update_order_status`, `create_ticket`) happen once per idempotency key: the
 //! key is claimed in `tool_writes` in the write's own transaction, and a call with a key
@@ -174,7 +174,12 @@ impl BuiltinTools {
                 let citations: Vec<String> = passages
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| format!("[{}] {} ({})", i + 1, p.title, p.document_id))
+                    .map(|(i, p)| match &p.heading {
+                        Some(heading) => {
+                            format!("[{}] {}, {heading} ({})", i + 1, p.title, p.document_id)
+                        }
+                        None => format!("[{}] {} ({})", i + 1, p.title, p.document_id),
+                    })
                     .collect();
                 json!({
                     "found": !passages.is_empty(),

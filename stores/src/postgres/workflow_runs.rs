@@ -26,6 +26,7 @@ pub struct RunEntry {
 }
 
 /// What a run is after its event `seq`.
+#[derive(Clone, Copy)]
 pub struct Status<'a> {
     pub run_id: &'a str,
     pub workflow: &'a str,
@@ -207,18 +208,17 @@ pub async fn due(app: &PgPool, limit: i32, again_s: i32) -> Result<Vec<(Uuid, St
     Ok(rows)
 }
 
-/// Marks `tenant`'s run failed with `why`, whatever it was doing: it cannot go on (its
-/// definition no longer loads, its state does not read).
-pub async fn fail(conn: &mut PgConnection, tenant: Uuid, run_id: &str, why: &str) -> Result<()> {
-    sqlx::query(
-        "UPDATE workflow_runs SET status = 'failed', reply = $3, waiting_event = NULL, \
-                wait_deadline = NULL, state_json = NULL, updated_at = now() \
-          WHERE tenant_id = $1 AND run_id = $2 AND status IN ('running', 'waiting')",
+/// Records `tenant`'s run as failed at its event `status.seq` with the reason as its reply,
+/// whatever it was doing: it cannot go on (its definition no longer loads, its state does not
+/// read). The same guard as [`record`]: a later event's status stands.
+pub async fn fail(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) -> Result<bool> {
+    record(
+        conn,
+        tenant,
+        &Status {
+            status: "failed",
+            ..*status
+        },
     )
-    .bind(tenant)
-    .bind(run_id)
-    .bind(why)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .await
 }

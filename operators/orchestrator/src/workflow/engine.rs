@@ -480,6 +480,8 @@ impl WorkflowEngine {
         tenant: Uuid,
         out: &mut Emitter,
     ) -> Result<bool, ProcessError> {
+        // The memory is trusted only when it says the step ran: another instance may have run
+        // it since, while the partition was away.
         if let Some((seq, pending)) = self.latest(&event.run_id) {
             if seq > event.seq {
                 if let Some(write) = pending.filter(|w| w.seq > event.seq) {
@@ -487,7 +489,6 @@ impl WorkflowEngine {
                 }
                 return Ok(true);
             }
-            return Ok(false);
         }
         let mut tx = tenant_transaction(&self.app, tenant).await?;
         let recorded = workflow_runs::recorded_seq(&mut tx, tenant, &event.run_id).await?;
@@ -1483,6 +1484,13 @@ impl WorkflowEngine {
         let Some(waiting) = waiting else {
             return Ok(());
         };
+        // Resumed already by this process (its status is written above, when it was pending).
+        if self
+            .latest(&event.run_id)
+            .is_some_and(|(seq, _)| seq > waiting.seq)
+        {
+            return Ok(());
+        }
         let detail: Value = event
             .detail_json
             .as_deref()
@@ -1496,13 +1504,28 @@ impl WorkflowEngine {
         {
             return Ok(());
         }
+        let (waiting_workflow, waiting_version, waiting_step, waiting_seq) = (
+            waiting.workflow.clone(),
+            waiting.version,
+            waiting.step.clone(),
+            waiting.seq,
+        );
         let resumed = self
             .resume_waiting(tenant, event, ctx, waiting, &detail, out)
             .await;
         if let Err(ProcessError::Poison(why)) = &resumed {
             // It can never go on: say so where its caller looks, instead of asking again.
+            let status = workflow_runs::Status {
+                run_id: &event.run_id,
+                workflow: &waiting_workflow,
+                version: waiting_version,
+                status: "failed",
+                step: Some(&waiting_step),
+                seq: waiting_seq + 1,
+                reply: Some(why),
+            };
             let mut tx = tenant_transaction(&self.app, tenant).await?;
-            workflow_runs::fail(&mut tx, tenant, &event.run_id, why).await?;
+            workflow_runs::fail(&mut tx, tenant, &status).await?;
             tx.commit().await.map_err(sluice_stores::Error::from)?;
         }
         resumed
@@ -1598,9 +1621,18 @@ impl WorkflowEngine {
                 .await;
         }
         if let Ok(tenant) = Uuid::parse_str(&event.tenant_id) {
+            let status = workflow_runs::Status {
+                run_id: &event.run_id,
+                workflow: &event.workflow,
+                version: event.version,
+                status: "failed",
+                step: event.next_step.as_deref(),
+                seq: event.seq + 1,
+                reply: Some(&message),
+            };
             let failed = async {
                 let mut tx = tenant_transaction(&self.app, tenant).await?;
-                workflow_runs::fail(&mut tx, tenant, &event.run_id, &message).await?;
+                workflow_runs::fail(&mut tx, tenant, &status).await?;
                 tx.commit().await.map_err(sluice_stores::Error::from)
             };
             if let Err(e) = failed.await {
@@ -1741,6 +1773,14 @@ impl RecordOperator for WorkflowEngine {
         ctx: &RecordContext,
         out: &mut Emitter,
     ) -> Result<(), ProcessError> {
+        // A status this process could not write (its record gave up) is written with the
+        // next record of the run: a wait's or an end's event leads to no step that would.
+        if let Some((_, Some(write))) = self.latest(&event.run_id) {
+            let resuming = matches!(event.kind.as_str(), "signal" | "timeout");
+            if resuming || write.seq <= event.seq {
+                self.write_status(write, out).await?;
+            }
+        }
         if matches!(event.kind.as_str(), "signal" | "timeout") {
             return self.resume(&event, ctx, out).await;
         }
@@ -1749,7 +1789,13 @@ impl RecordOperator for WorkflowEngine {
         }
         let handled = self.handle(&event, ctx, out).await;
         if let Err(ProcessError::Poison(why)) = &handled {
-            self.fail_run(&event, why, out).await;
+            // Unless the step's event is out already (then the run goes on from it).
+            let ran = self
+                .latest(&event.run_id)
+                .is_some_and(|(seq, _)| seq > event.seq);
+            if !ran {
+                self.fail_run(&event, why, out).await;
+            }
         }
         handled
     }

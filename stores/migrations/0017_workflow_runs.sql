@@ -21,6 +21,9 @@ CREATE TABLE workflow_runs (
     -- When the timeout sweep last asked the stage to resume it (it asks again only after a
     -- while, so a lagging stage is not flooded).
     timeout_sent_at timestamptz,
+    -- The events topic of the deployment running it (deployments that share this database
+    -- under other topic prefixes leave its timeout alone).
+    events_topic    text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, run_id)
@@ -33,12 +36,12 @@ CREATE POLICY tenant_isolation ON workflow_runs
 -- Claims the waits past their deadline, across tenants, for the timeout sweep: each at most
 -- once every `p_again_s` seconds (the stage resumes it in its tenant's own transaction; a
 -- sweep of another instance skips the rows this one holds).
-CREATE FUNCTION sluice_due_waits(p_limit integer, p_again_s integer)
+CREATE FUNCTION sluice_due_waits(p_limit integer, p_again_s integer, p_topic text)
     RETURNS TABLE (tenant_id uuid, run_id text, seq integer)
     LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = public AS $$
     UPDATE workflow_runs r SET timeout_sent_at = now()
       FROM (SELECT w.tenant_id, w.run_id FROM workflow_runs w
-             WHERE w.status = 'waiting' AND w.wait_deadline <= now()
+             WHERE w.status = 'waiting' AND w.wait_deadline <= now() AND w.events_topic = p_topic
                AND (w.timeout_sent_at IS NULL
                     OR w.timeout_sent_at < now() - make_interval(secs => p_again_s))
              ORDER BY w.wait_deadline LIMIT p_limit
@@ -46,13 +49,13 @@ CREATE FUNCTION sluice_due_waits(p_limit integer, p_again_s integer)
      WHERE r.tenant_id = due.tenant_id AND r.run_id = due.run_id
     RETURNING r.tenant_id, r.run_id, r.seq
 $$;
-REVOKE ALL ON FUNCTION sluice_due_waits(integer, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sluice_due_waits(integer, integer, text) FROM PUBLIC;
 
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sluice_app') THEN
         GRANT SELECT, INSERT, UPDATE ON workflow_runs TO sluice_app;
-        GRANT EXECUTE ON FUNCTION sluice_due_waits(integer, integer) TO sluice_app;
+        GRANT EXECUTE ON FUNCTION sluice_due_waits(integer, integer, text) TO sluice_app;
     END IF;
 END
 $$;

@@ -64,21 +64,22 @@ pub async fn record(conn: &mut PgConnection, tenant: Uuid, status: &Status<'_>) 
 }
 
 /// Records that `tenant`'s run waits, from its event `status.seq`, for `event` until
-/// `deadline_ms`, resuming from `state_json` (the same guard as [`record`]).
+/// `deadline_ms`, resuming from `state_json`, its events on `topic` (the same guard as
+/// [`record`]).
 pub async fn wait(
     conn: &mut PgConnection,
     tenant: Uuid,
     status: &Status<'_>,
-    (event, deadline_ms, state_json): (&str, i64, &str),
+    (event, deadline_ms, state_json, topic): (&str, i64, &str, &str),
 ) -> Result<bool> {
     let done = sqlx::query(
         "INSERT INTO workflow_runs (tenant_id, run_id, workflow, version, status, step, seq, \
-                waiting_event, wait_deadline, state_json) \
-         VALUES ($1, $2, $3, $4, 'waiting', $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9) \
+                waiting_event, wait_deadline, state_json, events_topic) \
+         VALUES ($1, $2, $3, $4, 'waiting', $5, $6, $7, to_timestamp($8::bigint / 1000.0), $9, $10) \
          ON CONFLICT (tenant_id, run_id) DO UPDATE SET status = 'waiting', step = EXCLUDED.step, \
              seq = EXCLUDED.seq, reply = NULL, waiting_event = EXCLUDED.waiting_event, \
              wait_deadline = EXCLUDED.wait_deadline, state_json = EXCLUDED.state_json, \
-             timeout_sent_at = NULL, updated_at = now() \
+             events_topic = EXCLUDED.events_topic, timeout_sent_at = NULL, updated_at = now() \
            WHERE workflow_runs.seq < EXCLUDED.seq",
     )
     .bind(tenant)
@@ -90,6 +91,7 @@ pub async fn wait(
     .bind(event)
     .bind(deadline_ms)
     .bind(state_json)
+    .bind(topic)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() > 0)
@@ -195,14 +197,20 @@ pub async fn export(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<RunEntr
     rows.iter().map(entry).collect()
 }
 
-/// Claims runs past their wait's deadline, across tenants, each at most once every `again_s`
-/// seconds: `(tenant, run, the sequence number of its waiting event)`.
-pub async fn due(app: &PgPool, limit: i32, again_s: i32) -> Result<Vec<(Uuid, String, i32)>> {
+/// Claims runs past their wait's deadline whose events are on `topic`, across tenants, each at
+/// most once every `again_s` seconds: `(tenant, run, the sequence number of its waiting event)`.
+pub async fn due(
+    app: &PgPool,
+    limit: i32,
+    again_s: i32,
+    topic: &str,
+) -> Result<Vec<(Uuid, String, i32)>> {
     let rows = sqlx::query_as::<_, (Uuid, String, i32)>(
-        "SELECT tenant_id, run_id, seq FROM sluice_due_waits($1, $2)",
+        "SELECT tenant_id, run_id, seq FROM sluice_due_waits($1, $2, $3)",
     )
     .bind(limit)
     .bind(again_s)
+    .bind(topic)
     .fetch_all(app)
     .await?;
     Ok(rows)

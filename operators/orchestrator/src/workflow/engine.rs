@@ -457,7 +457,7 @@ impl WorkflowEngine {
                     &mut tx,
                     write.tenant,
                     &status,
-                    (event, *deadline, state_json),
+                    (event, *deadline, state_json, &self.topics.workflow_events),
                 )
                 .await?
             }
@@ -1723,7 +1723,7 @@ pub async fn sweep_due_waits(
                 }
             }
         }
-        let due = match workflow_runs::due(&app, 100, TIMEOUT_AGAIN_S).await {
+        let due = match workflow_runs::due(&app, 100, TIMEOUT_AGAIN_S, &topic).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "the timeout sweep cannot read the waiting runs");

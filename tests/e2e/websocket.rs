@@ -589,9 +589,6 @@ async fn a_socket_runs_a_workflow_like_a_chat() {
             break done;
         }
     };
-    assert_eq!(
-        received.text,
-        "I could not find an order Z-9. Could you check the number?"
-    );
+    assert_eq!(received.text, crate::workflow_runs::UNKNOWN_ORDER_REPLY);
     assert_eq!(done["finish_reason"], "stop", "{done}");
 }

@@ -19,6 +19,9 @@ use crate::harness::{
     Sluice, Tenant,
 };
 
+/// What `track_order` answers for the order Z-9, which no tenant has.
+pub const UNKNOWN_ORDER_REPLY: &str = "I could not find an order Z-9. Could you check the number?";
+
 /// Loads a customer and its orders into `tenant` through `sluice tenant load`.
 fn seed_orders(prefix: &str, tenant: &Tenant) {
     let data = json!({
@@ -229,7 +232,7 @@ async fn a_workflow_runs_one_step_per_event_with_its_tool_calls_usage_and_reply_
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["choices"][0]["message"]["content"],
-        "I could not find an order Z-9. Could you check the number?"
+        UNKNOWN_ORDER_REPLY
     );
 
     // The X-Sluice-Workflow header runs the workflow whatever `model` says (an SDK must send one).
@@ -247,7 +250,7 @@ async fn a_workflow_runs_one_step_per_event_with_its_tool_calls_usage_and_reply_
     assert_eq!(body["model"], "workflow/track_order");
     assert_eq!(
         body["choices"][0]["message"]["content"],
-        "I could not find an order Z-9. Could you check the number?"
+        UNKNOWN_ORDER_REPLY
     );
 
     // Streamed, the reply comes as server-sent events like any chat reply.
